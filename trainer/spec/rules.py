@@ -1,0 +1,384 @@
+"""Cross-field validation rules, declared once.
+
+Each rule names the field it reports on (wire path relative to the job spec), says its rule in words, checks
+it in Python against the resolved spec, and, where CEL can express it, carries the CEL expression that the CRD
+puts in `x-kubernetes-validations` so `kubectl apply` rejects the spec server-side. The placeholder `{world}`
+in a CEL expression stands for the total number of processes, which only the Kubernetes resource knows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from .job import JobSpec
+from .resolve import ResolvedArchitecture, checkpoint_formats, resolve_architecture, schedule
+
+
+@dataclass(frozen=True)
+class Context:
+    spec: JobSpec
+    arch: ResolvedArchitecture
+    world_size: Optional[int]
+
+    @property
+    def p(self):
+        return self.spec.parallelism
+
+    @property
+    def t(self):
+        return self.spec.training
+
+    @property
+    def data_parallel(self) -> Optional[int]:
+        mp = self.p.tensor * self.p.pipeline * self.p.context
+        if self.world_size is None or self.world_size % mp:
+            return None
+        return self.world_size // mp
+
+
+@dataclass(frozen=True)
+class Rule:
+    path: str
+    summary: str
+    check: Callable[[Context], Optional[str]]  # returns a message when the rule is broken
+    cel: Optional[str] = None
+    needs_world: bool = False
+
+
+def _describe(ctx: Context) -> str:
+    return f"{ctx.spec.model.family} {ctx.spec.model.size}"
+
+
+def _tp_divides_groups(c: Context):
+    g, tp = c.arch.num_query_groups, c.p.tensor
+    if g % tp:
+        return f"tensor parallel size {tp} must divide the {g} query groups of {_describe(c)}"
+
+
+def _tp_divides_heads(c: Context):
+    h, tp = c.arch.num_attention_heads, c.p.tensor
+    if h % tp:
+        return f"tensor parallel size {tp} must divide the {h} attention heads of {_describe(c)}"
+
+
+def _groups_divide_heads(c: Context):
+    h, g = c.arch.num_attention_heads, c.arch.num_query_groups
+    if h % g:
+        return f"the {g} query groups must divide the {h} attention heads"
+
+
+def _tp_divides_vocab(c: Context):
+    v, tp = c.arch.vocab_size, c.p.tensor
+    if v % tp:
+        return f"tensor parallel size {tp} must divide the padded vocabulary of {v}"
+
+
+def _pipeline_layers(c: Context):
+    layers, pp, first = c.arch.num_layers, c.p.pipeline, c.p.first_stage_layers
+    if first is None:
+        if layers % pp:
+            return f"pipeline parallel size {pp} must divide the {layers} layers (or set parallelism.firstStageLayers)"
+        return None
+    if pp > 1 and (first >= layers or (layers - first) % (pp - 1)):
+        return f"the {layers - first} layers after the first stage must split evenly over the other {pp - 1} stages"
+
+
+def _first_stage_needs_pp(c: Context):
+    if c.p.first_stage_layers is not None and c.p.pipeline < 2:
+        return "firstStageLayers needs pipeline parallel size > 1"
+
+
+def _vpp(c: Context):
+    v = c.p.virtual_pipeline_layers
+    if v is None:
+        return None
+    if c.p.pipeline < 2:
+        return "virtualPipelineLayers needs pipeline parallel size > 1"
+    per_stage = c.arch.num_layers // c.p.pipeline
+    if c.p.first_stage_layers is None and per_stage % v:
+        return f"virtualPipelineLayers {v} must divide the {per_stage} layers per pipeline stage"
+
+
+def _experts_divisible(c: Context):
+    if c.arch.moe is None:
+        if c.p.expert > 1 or c.p.expert_tensor > 1:
+            return "expert parallelism needs an MoE model (a MoE size or model.moe.numExperts)"
+        return None
+    e, ep = c.arch.moe.num_experts, c.p.expert
+    if e % ep:
+        return f"expert parallel size {ep} must divide the {e} experts"
+
+
+def _topk(c: Context):
+    m = c.arch.moe
+    if m is not None and m.top_k > m.num_experts:
+        return f"topK {m.top_k} exceeds the {m.num_experts} experts"
+
+
+def _world_model_parallel(c: Context):
+    mp = c.p.tensor * c.p.pipeline * c.p.context
+    if c.world_size % mp:
+        return f"the {c.world_size} GPUs (nodes x gpusPerNode) must be a multiple of tensor x pipeline x context = {mp}"
+
+
+def _world_expert(c: Context):
+    block = c.p.pipeline * c.p.expert * c.p.expert_tensor
+    if c.world_size % block:
+        return (
+            f"the {c.world_size} GPUs must be a multiple of pipeline x expert x expertTensor = {block}"
+            " (megatron-core folds expert parallelism into the data-parallel ranks)"
+        )
+
+
+def _global_batch(c: Context):
+    dp = c.data_parallel
+    if dp is None:
+        return None
+    step = c.t.micro_batch_size * dp
+    if c.t.global_batch_size % step:
+        return (
+            f"global batch size {c.t.global_batch_size} must be a multiple of micro batch size x data parallel"
+            f" size = {c.t.micro_batch_size} x {dp} = {step}"
+        )
+
+
+def _sequence_parallel(c: Context):
+    if c.p.sequence_parallel and c.p.tensor < 2:
+        return "sequence parallelism needs tensor parallel size > 1"
+
+
+def _megablocks_dist_opt(c: Context):
+    if c.spec.model.backend == "megablocks" and c.p.distributed_optimizer:
+        return "megablocks does not support the distributed optimizer; set parallelism.distributedOptimizer: false"
+
+
+def _megablocks_te(c: Context):
+    if c.spec.model.backend == "megablocks" and c.t.transformer_engine:
+        return "megablocks does not support Transformer Engine; set training.transformerEngine: false"
+
+
+def _megablocks_moe(c: Context):
+    if c.spec.model.backend == "megablocks" and c.arch.moe is None:
+        return "the megablocks backend trains an MoE model: set model.moe.numExperts (and upcycling for a dense source)"
+
+
+def _megablocks_ep(c: Context):
+    if c.spec.model.backend != "megablocks" or c.p.expert == 1:
+        return None
+    dp = c.data_parallel
+    if dp is not None and c.p.expert != dp:
+        return f"megablocks shards experts over the whole data-parallel group: expert must be 1 or {dp}"
+
+
+def _megatron_lm_dense(c: Context):
+    if c.spec.model.backend == "megatron-lm" and c.arch.moe is not None:
+        return "the megatron-lm backend trains dense models; use megatron-core or megablocks for MoE"
+
+
+def _fp8_needs_te(c: Context):
+    if c.t.precision == "fp8" and not c.t.transformer_engine:
+        return "fp8 needs Transformer Engine; set training.transformerEngine: true"
+
+
+def _tp_overlap(c: Context):
+    if c.p.tp_comm_overlap and not (c.t.transformer_engine and c.p.sequence_parallel):
+        return "tpCommOverlap needs Transformer Engine and sequence parallelism"
+
+
+def _offload_needs_do(c: Context):
+    if c.t.optimizer_offload_fraction > 0 and not c.p.distributed_optimizer:
+        return "optimizer offload needs the distributed optimizer"
+
+
+def _one_length(c: Context):
+    given = [n for n, v in (("trainTokens", c.t.train_tokens), ("trainIters", c.t.train_iters), ("epochs", c.t.epochs)) if v is not None]
+    if len(given) > 1:
+        return f"set only one of trainTokens, trainIters, epochs (got {', '.join(given)})"
+
+
+def _warmup_basis(c: Context):
+    if c.t.warmup_tokens is not None and c.t.train_tokens is None:
+        return "warmupTokens goes with trainTokens; use warmupIters with trainIters or epochs"
+    if c.t.warmup_iters is not None and c.t.train_tokens is not None:
+        return "warmupIters goes with trainIters or epochs; use warmupTokens with trainTokens"
+
+
+def _train_tokens_enough(c: Context):
+    s = schedule(c.spec)
+    if s.basis == "tokens" and s.train_iters == 0:
+        return "trainTokens is less than one step (globalBatchSize x seqLength tokens)"
+    if s.train_iters is not None and s.warmup_iters >= s.train_iters:
+        return f"warmup ({s.warmup_iters} steps) must be shorter than training ({s.train_iters} steps)"
+
+
+def _min_lr(c: Context):
+    if c.t.min_lr > c.t.lr:
+        return f"minLr {c.t.min_lr} must not exceed lr {c.t.lr}"
+
+
+def _packing(c: Context):
+    sft = c.spec.data.sft
+    if sft is not None and sft.packing and (c.t.micro_batch_size != 1 or c.p.context != 1):
+        return "SFT packing needs microBatchSize 1 and context parallel size 1"
+
+
+def _recompute_layers(c: Context):
+    ac = c.t.activation_checkpointing
+    per_stage = c.arch.num_layers // c.p.pipeline
+    if ac.mode in ("full", "offload") and per_stage % ac.layers:
+        return f"activationCheckpointing.layers {ac.layers} must divide the {per_stage} layers per pipeline stage"
+
+
+def _context_seq(c: Context):
+    if c.p.context > 1 and c.t.seq_length % (2 * c.p.context):
+        return f"seqLength {c.t.seq_length} must be a multiple of 2 x context parallel size"
+
+
+def _stage_needs(stage: str, what: str, present: Callable[[JobSpec], bool]):
+    def check(c: Context):
+        if c.spec.stage == stage and not present(c.spec):
+            return f"the {stage} stage needs {what}"
+
+    return check
+
+
+def _length_given(s: JobSpec) -> bool:
+    return any(v is not None for v in (s.training.train_tokens, s.training.train_iters, s.training.epochs))
+
+
+def _formats(c: Context):
+    src, out = checkpoint_formats(c.spec)
+    stage = c.spec.stage
+    if stage == "convert" and src == out == "hf":
+        return "convert needs a Megatron format on one side; to reshard Hugging Face weights there is nothing to do"
+    if stage == "export" and out != "hf":
+        return "export writes Hugging Face format; checkpoint.output.format must be hf"
+    if stage == "export" and src == "hf":
+        return "export reads a Megatron-format checkpoint; checkpoint.source.format must not be hf"
+
+
+def _upcycling(c: Context):
+    moe = c.spec.model.moe
+    if moe is None or not moe.upcycling.enabled:
+        return None
+    if moe.num_experts is None:
+        return "upcycling needs model.moe.numExperts"
+    if c.spec.model.size.startswith("A"):
+        return "upcycling starts from a dense size, not an MoE preset"
+    ffn = c.arch.ffn_hidden_size
+    if ffn % moe.upcycling.num_splits:
+        return f"numSplits {moe.upcycling.num_splits} must divide the dense FFN size {ffn}"
+
+
+S = "self"
+RULES: tuple[Rule, ...] = (
+    Rule("parallelism.tensor", "tensor parallel size must divide the attention heads", _tp_divides_heads),
+    Rule("parallelism.tensor", "tensor parallel size must divide the query groups", _tp_divides_groups),
+    Rule("model.architecture.numQueryGroups", "query groups must divide the attention heads", _groups_divide_heads),
+    Rule("parallelism.tensor", "tensor parallel size must divide the padded vocabulary", _tp_divides_vocab),
+    Rule("parallelism.pipeline", "pipeline stages must split the layers evenly", _pipeline_layers),
+    Rule(
+        "parallelism.firstStageLayers",
+        "firstStageLayers needs pipeline parallel size > 1",
+        _first_stage_needs_pp,
+        f"!has({S}.parallelism.firstStageLayers) || {S}.parallelism.pipeline > 1",
+    ),
+    Rule("parallelism.virtualPipelineLayers", "virtual pipeline needs pipeline > 1 and must divide the stage's layers", _vpp,
+         f"!has({S}.parallelism.virtualPipelineLayers) || {S}.parallelism.pipeline > 1"),
+    Rule("parallelism.expert", "expert parallel size must divide the experts", _experts_divisible,
+         f"!has({S}.model.moe) || !has({S}.model.moe.numExperts) || {S}.model.moe.numExperts % {S}.parallelism.expert == 0"),
+    Rule("model.moe.topK", "topK must not exceed the number of experts", _topk,
+         f"!has({S}.model.moe) || !has({S}.model.moe.numExperts) || !has({S}.model.moe.topK) || {S}.model.moe.topK <= {S}.model.moe.numExperts"),
+    Rule("resources.gpusPerNode", "GPUs must be a multiple of tensor x pipeline x context", _world_model_parallel,
+         f"({{world}}) % ({S}.parallelism.tensor * {S}.parallelism.pipeline * {S}.parallelism.context) == 0", needs_world=True),
+    Rule("parallelism.expert", "GPUs must be a multiple of pipeline x expert x expertTensor", _world_expert,
+         f"({{world}}) % ({S}.parallelism.pipeline * {S}.parallelism.expert * {S}.parallelism.expertTensor) == 0", needs_world=True),
+    Rule("training.globalBatchSize", "global batch size must be a multiple of micro batch x data parallel size", _global_batch,
+         f"({{world}}) % ({S}.parallelism.tensor * {S}.parallelism.pipeline * {S}.parallelism.context) != 0 || "
+         f"{S}.training.globalBatchSize % ({S}.training.microBatchSize * (({{world}}) / ({S}.parallelism.tensor * {S}.parallelism.pipeline * {S}.parallelism.context))) == 0",
+         needs_world=True),
+    Rule("parallelism.sequenceParallel", "sequence parallelism needs tensor parallel size > 1", _sequence_parallel,
+         f"!{S}.parallelism.sequenceParallel || {S}.parallelism.tensor > 1"),
+    Rule("parallelism.distributedOptimizer", "megablocks does not support the distributed optimizer", _megablocks_dist_opt,
+         f"{S}.model.backend != 'megablocks' || !{S}.parallelism.distributedOptimizer"),
+    Rule("training.transformerEngine", "megablocks does not support Transformer Engine", _megablocks_te,
+         f"{S}.model.backend != 'megablocks' || !{S}.training.transformerEngine"),
+    Rule("model.moe.numExperts", "the megablocks backend needs an MoE model", _megablocks_moe),
+    Rule("parallelism.expert", "megablocks expert parallelism spans the data-parallel group", _megablocks_ep),
+    Rule("model.backend", "the megatron-lm backend trains dense models", _megatron_lm_dense),
+    Rule("training.precision", "fp8 needs Transformer Engine", _fp8_needs_te,
+         f"{S}.training.precision != 'fp8' || {S}.training.transformerEngine"),
+    Rule("parallelism.tpCommOverlap", "tpCommOverlap needs Transformer Engine and sequence parallelism", _tp_overlap,
+         f"!{S}.parallelism.tpCommOverlap || ({S}.training.transformerEngine && {S}.parallelism.sequenceParallel)"),
+    Rule("training.optimizerOffloadFraction", "optimizer offload needs the distributed optimizer", _offload_needs_do,
+         f"{S}.training.optimizerOffloadFraction == 0.0 || {S}.parallelism.distributedOptimizer"),
+    Rule("training", "set only one of trainTokens, trainIters, epochs", _one_length,
+         f"[has({S}.training.trainTokens), has({S}.training.trainIters), has({S}.training.epochs)].filter(x, x).size() <= 1"),
+    Rule("training", "warmupTokens goes with trainTokens, warmupIters with trainIters or epochs", _warmup_basis,
+         f"(!has({S}.training.warmupTokens) || has({S}.training.trainTokens)) && (!has({S}.training.warmupIters) || !has({S}.training.trainTokens))"),
+    Rule("training", "training must last at least one step beyond warmup", _train_tokens_enough),
+    Rule("training.minLr", "minLr must not exceed lr", _min_lr, f"{S}.training.minLr <= {S}.training.lr"),
+    Rule("data.sft.packing", "SFT packing needs microBatchSize 1 and context parallel size 1", _packing,
+         f"!has({S}.data.sft) || !{S}.data.sft.packing || ({S}.training.microBatchSize == 1 && {S}.parallelism.context == 1)"),
+    Rule("training.activationCheckpointing.layers", "recompute layers must divide the layers per stage", _recompute_layers),
+    Rule("training.seqLength", "seqLength must be a multiple of 2 x context parallel size", _context_seq,
+         f"{S}.parallelism.context == 1 || {S}.training.seqLength % (2 * {S}.parallelism.context) == 0"),
+    Rule("data.pretrain", "the pretrain stage needs data.pretrain", _stage_needs("pretrain", "data.pretrain", lambda s: s.data.pretrain is not None),
+         f"{S}.stage != 'pretrain' || has({S}.data.pretrain)"),
+    Rule("data.sft", "the finetune stage needs data.sft", _stage_needs("finetune", "data.sft", lambda s: s.data.sft is not None),
+         f"{S}.stage != 'finetune' || has({S}.data.sft)"),
+    Rule("training.trainTokens", "pretrain needs trainTokens or trainIters",
+         _stage_needs("pretrain", "training.trainTokens or training.trainIters",
+                      lambda s: s.training.train_tokens is not None or s.training.train_iters is not None),
+         f"{S}.stage != 'pretrain' || has({S}.training.trainTokens) || has({S}.training.trainIters)"),
+    Rule("training.trainIters", "finetune needs trainIters, epochs or trainTokens", _stage_needs("finetune", "training.trainIters, training.epochs or training.trainTokens", _length_given),
+         f"{S}.stage != 'finetune' || has({S}.training.trainTokens) || has({S}.training.trainIters) || has({S}.training.epochs)"),
+    *(
+        Rule("checkpoint.output", f"the {st} stage needs checkpoint.output",
+             _stage_needs(st, "checkpoint.output", lambda s: s.checkpoint.output is not None),
+             f"{S}.stage != '{st}' || has({S}.checkpoint.output)")
+        for st in ("convert", "pretrain", "finetune", "export")
+    ),
+    *(
+        Rule("checkpoint.source", f"the {st} stage needs checkpoint.source",
+             _stage_needs(st, "checkpoint.source", lambda s: s.checkpoint.source is not None),
+             f"{S}.stage != '{st}' || has({S}.checkpoint.source)")
+        for st in ("convert", "export", "evaluate")
+    ),
+    Rule("evaluate.tasks", "the evaluate stage needs evaluate.tasks",
+         _stage_needs("evaluate", "at least one task in evaluate.tasks", lambda s: len(s.evaluate.tasks) > 0),
+         f"{S}.stage != 'evaluate' || size({S}.evaluate.tasks) > 0"),
+    Rule("checkpoint.output.format", "the stage's checkpoint formats must fit it", _formats),
+    Rule("model.moe.upcycling", "upcycling needs numExperts, a dense size and a numSplits dividing the FFN", _upcycling),
+)
+
+
+def check_rules(spec: JobSpec, world_size: Optional[int] = None) -> list[tuple[str, str]]:
+    """Every broken rule as (path, message), in declaration order."""
+    ctx = Context(spec, resolve_architecture(spec), world_size)
+    problems: list[tuple[str, str]] = []
+    for rule in RULES:
+        if rule.needs_world and world_size is None:
+            continue
+        message = rule.check(ctx)
+        if message:
+            problems.append((rule.path, message))
+    return problems
+
+
+def cel_rules(world_expression: str) -> list[dict]:
+    """The CEL-expressible rules as x-kubernetes-validations entries for the object holding the job spec."""
+    out = []
+    for rule in RULES:
+        if rule.cel is None:
+            continue
+        out.append(
+            {
+                "rule": rule.cel.replace("{world}", world_expression),
+                "message": f"{rule.path}: {rule.summary}",
+                "fieldPath": "." + rule.path,
+                "reason": "FieldValueInvalid",
+            }
+        )
+    return out

@@ -1,0 +1,91 @@
+"""Optimisation, schedule, precision, kernels and intervals."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field
+
+from .base import PositiveInt, SpecModel
+
+
+class ActivationCheckpointing(SpecModel):
+    """Recompute activations in the backward pass to save memory."""
+
+    mode: Literal["selective", "full", "offload", "none"] = "selective"
+    """selective (attention core only), full (whole layers), offload (activations to host memory) or none."""
+    layers: PositiveInt = 1
+    """Layers per recompute or offload block (full and offload modes)."""
+
+
+class Training(SpecModel):
+    """Batch, schedule and optimiser. Exactly one of trainTokens, trainIters or epochs sets the length."""
+
+    precision: Literal["fp16", "bf16", "fp8"] = "bf16"
+    """Parameter and compute precision; fp8 runs bf16 with FP8 GEMMs through Transformer Engine."""
+    fp8_recipe: Literal["hybrid", "blockwise", "delayed"] = "hybrid"
+    """FP8 scaling recipe (fp8 only)."""
+    micro_batch_size: PositiveInt = 1
+    """Sequences per GPU per forward pass."""
+    global_batch_size: PositiveInt = 8
+    """Sequences per optimiser step over all data-parallel ranks."""
+    seq_length: PositiveInt = 2048
+    """Tokens per sequence."""
+    pad_length: Optional[PositiveInt] = None
+    """Pad SFT samples to this many tokens (defaults to seqLength)."""
+    extra_vocab_size: Optional[int] = Field(default=None, ge=0)
+    """Rows added to the 151643-entry vocabulary (293 -> 151936, 421 -> 152064); defaults to the preset's."""
+    lr: float = Field(default=1e-5, gt=0)
+    """Peak learning rate."""
+    min_lr: float = Field(default=1e-6, ge=0)
+    """Learning rate at the end of the decay."""
+    lr_decay_style: Optional[Literal["cosine", "linear", "constant"]] = None
+    """Decay after warmup; defaults to linear for megatron-lm (as its scripts do) and cosine otherwise."""
+    weight_decay: float = Field(default=0.1, ge=0)
+    """AdamW weight decay."""
+    adam_beta1: float = Field(default=0.9, gt=0, lt=1)
+    """AdamW beta1."""
+    adam_beta2: float = Field(default=0.95, gt=0, lt=1)
+    """AdamW beta2."""
+    adam_eps: float = Field(default=1e-8, gt=0)
+    """AdamW epsilon."""
+    clip_grad: float = Field(default=1.0, ge=0)
+    """Gradient-norm clipping (0 disables)."""
+    init_method_std: Optional[float] = Field(default=None, gt=0)
+    """Std of weight init for fresh parameters; defaults to 0.006 (megatron-lm) or 0.008."""
+    attention_dropout: float = Field(default=0.0, ge=0, lt=1)
+    """Dropout on attention probabilities."""
+    hidden_dropout: float = Field(default=0.0, ge=0, lt=1)
+    """Dropout on hidden states."""
+    seed: int = 1234
+    """Random seed for initialisation, data order and dropout."""
+    train_tokens: Optional[PositiveInt] = None
+    """Train for this many tokens (iterations = tokens / globalBatchSize / seqLength)."""
+    warmup_tokens: Optional[int] = Field(default=None, ge=0)
+    """Warm the learning rate up over this many tokens (with trainTokens)."""
+    train_iters: Optional[PositiveInt] = None
+    """Train for this many optimiser steps."""
+    warmup_iters: Optional[int] = Field(default=None, ge=0)
+    """Warmup steps (with trainIters or epochs)."""
+    epochs: Optional[PositiveInt] = None
+    """Train for this many passes over the SFT data."""
+    activation_checkpointing: ActivationCheckpointing = Field(default_factory=ActivationCheckpointing)
+    """Activation recomputation."""
+    flash_attention: bool = True
+    """Use flash attention where the kernels exist."""
+    transformer_engine: bool = False
+    """Use Transformer Engine layers (needed for fp8)."""
+    optimizer_offload_fraction: float = Field(default=0.0, ge=0, le=1)
+    """Fraction of optimizer state kept in host memory (0 = none)."""
+    save_interval: PositiveInt = 1000
+    """Save a checkpoint every this many steps (and at the end)."""
+    eval_interval: PositiveInt = 10000
+    """Evaluate on the validation split every this many steps."""
+    eval_iters: int = Field(default=10, ge=0)
+    """Validation batches per evaluation."""
+    log_interval: PositiveInt = 1
+    """Log a line every this many steps."""
+    keep_last_n: Optional[PositiveInt] = None
+    """Keep only this many most recent checkpoints (unset keeps all)."""
+    num_workers: int = Field(default=2, ge=0)
+    """Data-loader worker processes per rank."""
