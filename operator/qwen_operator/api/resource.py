@@ -1,0 +1,138 @@
+"""The QwenTrainingJob custom resource: the trainer's job spec plus Kubernetes placement, and its status."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+from pydantic import Field
+
+from trainer.spec import JobSpec, Problem, SpecError, semantic_problems
+from trainer.spec.base import SpecModel
+from trainer.spec.problems import parse
+
+from .placement import EnvVar, Image, Nccl, Resources, RunPolicy, Scheduling, VolumeMount
+
+GROUP = "training.qwen.dev"
+VERSION = "v1alpha1"
+KIND = "QwenTrainingJob"
+PLURAL = "qwentrainingjobs"
+SINGULAR = "qwentrainingjob"
+SHORT_NAMES = ["qtj"]
+API_VERSION = f"{GROUP}/{VERSION}"
+
+# Fields a user may change after creation; everything else is fixed once the job exists, because the
+# PyTorchJob and the checkpoints on disk were made from it.
+MUTABLE_FIELDS = ("suspend",)
+
+
+class QwenTrainingJobSpec(JobSpec):
+    """A Qwen training stage and where it runs."""
+
+    image: Image = Field(default_factory=Image)
+    """Trainer image."""
+    resources: Resources = Field(default_factory=Resources)
+    """Pods, GPUs and host resources."""
+    volumes: list[VolumeMount] = Field(default_factory=list, max_length=16)
+    """PersistentVolumeClaims mounted into every pod."""
+    env: list[EnvVar] = Field(default_factory=list, max_length=64)
+    """Extra environment variables for the trainer."""
+    scheduling: Scheduling = Field(default_factory=Scheduling)
+    """Node selection, tolerations, affinity, priority, Kueue queue, gang scheduling."""
+    service_account_name: Optional[str] = Field(default=None, max_length=253)
+    """ServiceAccount of the pods (needs the progress-reporter Role to patch status)."""
+    suspend: bool = False
+    """Create the PyTorchJob suspended, or suspend a running one (Kueue also sets this)."""
+    run_policy: RunPolicy = Field(default_factory=RunPolicy)
+    """Restart and cleanup policy."""
+    nccl: Nccl = Field(default_factory=Nccl)
+    """NCCL and distributed settings."""
+
+    def world_size(self) -> int:
+        return self.resources.nodes * self.resources.processes()
+
+    def job_spec(self) -> JobSpec:
+        """The part the trainer reads."""
+        return JobSpec.model_validate(self.model_dump(include=set(JobSpec.model_fields)))
+
+
+class Condition(SpecModel):
+    """A Kubernetes API convention condition."""
+
+    type: str = Field(max_length=316)
+    """Condition type."""
+    status: Literal["True", "False", "Unknown"]
+    """True, False or Unknown."""
+    reason: str = Field(max_length=1024)
+    """One-word CamelCase reason."""
+    message: str = Field(default="", max_length=32768)
+    """Human-readable detail."""
+    last_transition_time: str
+    """When the status last changed (RFC 3339)."""
+    observed_generation: Optional[int] = None
+    """The spec generation this condition was computed from."""
+
+
+class ReplicaCounts(SpecModel):
+    """Pod counts of one PyTorchJob replica type."""
+
+    active: int = 0
+    """Running pods."""
+    succeeded: int = 0
+    """Pods that finished successfully."""
+    failed: int = 0
+    """Pods that failed."""
+
+
+class Progress(SpecModel):
+    """Training progress reported by the trainer's rank 0."""
+
+    iteration: Optional[int] = None
+    """Last completed optimiser step."""
+    train_iters: Optional[int] = None
+    """Total steps."""
+    loss: Optional[float] = None
+    """Latest training loss."""
+    tokens_per_second: Optional[float] = None
+    """Throughput of the whole job."""
+    checkpoint: Optional[str] = None
+    """Newest complete checkpoint."""
+    engine: Optional[str] = None
+    """Engine that ran the stage (megatron or cpu)."""
+    summary: Optional[str] = None
+    """One-line progress for kubectl get."""
+    updated: Optional[str] = None
+    """When the trainer last reported (RFC 3339)."""
+
+
+class QwenTrainingJobStatus(SpecModel):
+    """Observed state of the job."""
+
+    phase: Optional[str] = None
+    """Display summary for kubectl get: Pending, Created, Running, Restarting, Suspended, Succeeded, Failed or Invalid."""
+    observed_generation: Optional[int] = None
+    """The spec generation the status reflects."""
+    conditions: list[Condition] = Field(default_factory=list)
+    """Conditions keyed by type."""
+    pytorch_job: Optional[str] = None
+    """Name of the child PyTorchJob."""
+    config_map: Optional[str] = None
+    """Name of the ConfigMap holding the resolved job spec."""
+    replicas: dict[str, ReplicaCounts] = Field(default_factory=dict)
+    """Pod counts by replica type (Master, Worker)."""
+    start_time: Optional[str] = None
+    """When the PyTorchJob started running."""
+    completion_time: Optional[str] = None
+    """When it finished."""
+    derived: Optional[dict[str, Any]] = None
+    """Values computed from the spec: iterations, world and data-parallel sizes, padded vocabulary."""
+    progress: Optional[Progress] = None
+    """Trainer-reported progress."""
+
+
+def validate_resource_spec(data: Any, prefix: str = "spec") -> QwenTrainingJobSpec:
+    """Structural then semantic validation of a resource's spec; raises SpecError naming fields under `prefix`."""
+    spec = parse(QwenTrainingJobSpec, data, prefix)
+    problems: list[Problem] = semantic_problems(spec.job_spec(), spec.world_size(), prefix)
+    if problems:
+        raise SpecError(problems)
+    return spec
