@@ -91,7 +91,6 @@ def memory_per_gpu(
 ) -> MemoryEstimate:
     """Bytes per GPU on the busiest pipeline stage, mixed precision with fp32 main weights and Adam."""
     total, _ = parameter_counts(a)
-    mlp_total, _ = _mlp_params(a)
     expert_params = 0
     if a.moe is not None:
         expert_params = a.num_layers * a.moe.num_experts * 3 * a.hidden_size * a.moe.ffn_hidden_size
@@ -114,4 +113,4 @@ def memory_per_gpu(
     # logits in fp32 on the last stage
     act += 4 * s * b * a.vocab_size / tensor
     parts = [weights / GIB, grads / GIB, optim / GIB, act / GIB]
-    return MemoryEstimate(*[round(x, 2) for x in parts], total_gib=round(sum(parts), 2))
+    return MemoryEstimate(*[round(x, 3) for x in parts], total_gib=round(sum(parts), 3))

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Optional
 
+from pydantic.alias_generators import to_camel
+
 from . import presets
 from .job import JobSpec
 
@@ -201,7 +203,8 @@ class Derived:
     active_parameters: int
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """camelCase keys, as users read them in status and `qwenctl explain`."""
+        return {to_camel(k): v for k, v in asdict(self).items()}
 
 
 def derive(spec: JobSpec, world_size: Optional[int] = None) -> Derived:

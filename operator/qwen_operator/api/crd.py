@@ -57,9 +57,7 @@ def _structural(node: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"cannot express a union of {len(options)} types structurally: {options}")
         merged = dict(options[0])
         merged.update({k: v for k, v in node.items() if k != "default" or v is not None})
-        node = merged
-        if node.get("default", "absent") is None:
-            node.pop("default")
+        return _structural(merged)
     if "const" in node:
         node["enum"] = [node.pop("const")]
     if node.get("type") == "object":
@@ -74,10 +72,11 @@ def _structural(node: dict[str, Any]) -> dict[str, Any]:
             node["properties"] = {k: _structural(v) for k, v in props.items()}
             node.pop("additionalProperties", None)
             for name, sub in node["properties"].items():
-                # default_factory objects: let the API server fill nested defaults too
-                if sub.get("type") == "object" and "default" not in sub and name not in node.get("required", []):
-                    if "properties" in sub:
-                        sub["default"] = {}
+                # A field with a default_factory has no default in pydantic's schema (Optional fields carry
+                # default None): give such objects `{}` so the API server fills their nested defaults too.
+                optional_or_required = "default" in props[name] or name in node.get("required", [])
+                if sub.get("type") == "object" and "properties" in sub and not optional_or_required:
+                    sub["default"] = {}
     if node.get("type") == "array" and "items" in node:
         node["items"] = _structural(node["items"])
         node.setdefault("maxItems", 64)
