@@ -1,0 +1,130 @@
+"""Operator configuration from command-line flags and environment variables (flags win).
+
+| flag | environment | default |
+|---|---|---|
+| `-n/--namespace NS` (repeatable, or comma-separated) | `QWEN_OPERATOR_NAMESPACES=a,b` | all namespaces |
+| `-A/--all-namespaces` | `QWEN_OPERATOR_NAMESPACES=*` | |
+| `--liveness URL` | `QWEN_OPERATOR_LIVENESS` | `http://0.0.0.0:8080/healthz` |
+| `--metrics-port N` (0 turns it off) | `QWEN_OPERATOR_METRICS_PORT` | 9090 |
+| `--metrics-host H` | `QWEN_OPERATOR_METRICS_HOST` | `0.0.0.0` |
+| `--peering NAME` | `QWEN_OPERATOR_PEERING` | none: kopf's auto-detection |
+| `--standalone` | `QWEN_OPERATOR_STANDALONE=true` | false |
+| `--priority N` | `QWEN_OPERATOR_PRIORITY` | random when peering is on |
+| `--workers N` | `QWEN_OPERATOR_WORKERS` | 16 |
+| `--log-format json|plain` | `QWEN_OPERATOR_LOG_FORMAT` | json |
+| `--verbose`, `--debug` | `QWEN_OPERATOR_LOG_LEVEL=debug` | info |
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Sequence
+
+
+def _bool(value: Optional[str]) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclass
+class OperatorConfig:
+    namespaces: list[str] = field(default_factory=list)  # empty: all namespaces
+    liveness: Optional[str] = "http://0.0.0.0:8080/healthz"
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = 9090
+    peering: Optional[str] = None
+    standalone: bool = False
+    priority: Optional[int] = None
+    workers: int = 16
+    log_format: str = "json"
+    verbose: bool = False
+    debug: bool = False
+
+    @property
+    def clusterwide(self) -> bool:
+        return not self.namespaces
+
+    @property
+    def explicit_namespaces(self) -> bool:
+        """Namespaces given by exact name (no globs), so kopf need not scan namespaces."""
+        return bool(self.namespaces) and not any(set(ns) & set("*?[]!") for ns in self.namespaces)
+
+    def effective_priority(self) -> int:
+        # Equal priorities freeze all kopf peers, so replicas pick distinct random ones unless told otherwise.
+        if self.priority is None:
+            self.priority = random.SystemRandom().randint(1, 2**31 - 1)
+        return self.priority
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> "OperatorConfig":
+        cfg = cls()
+        ns = env.get("QWEN_OPERATOR_NAMESPACES", "").strip()
+        if ns and ns != "*":
+            cfg.namespaces = [n.strip() for n in ns.split(",") if n.strip()]
+        if "QWEN_OPERATOR_LIVENESS" in env:
+            cfg.liveness = env["QWEN_OPERATOR_LIVENESS"] or None
+        if env.get("QWEN_OPERATOR_METRICS_PORT"):
+            cfg.metrics_port = int(env["QWEN_OPERATOR_METRICS_PORT"])
+        if env.get("QWEN_OPERATOR_METRICS_HOST"):
+            cfg.metrics_host = env["QWEN_OPERATOR_METRICS_HOST"]
+        cfg.peering = env.get("QWEN_OPERATOR_PEERING") or None
+        cfg.standalone = _bool(env.get("QWEN_OPERATOR_STANDALONE"))
+        if env.get("QWEN_OPERATOR_PRIORITY"):
+            cfg.priority = int(env["QWEN_OPERATOR_PRIORITY"])
+        if env.get("QWEN_OPERATOR_WORKERS"):
+            cfg.workers = int(env["QWEN_OPERATOR_WORKERS"])
+        if env.get("QWEN_OPERATOR_LOG_FORMAT"):
+            cfg.log_format = env["QWEN_OPERATOR_LOG_FORMAT"]
+        level = env.get("QWEN_OPERATOR_LOG_LEVEL", "").lower()
+        cfg.debug = level == "debug"
+        return cfg
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qwen-operator", description="Reconcile QwenTrainingJobs into Kubeflow PyTorchJobs.")
+    scope = p.add_mutually_exclusive_group()
+    scope.add_argument("-n", "--namespace", action="append", default=None, metavar="NS",
+                       help="watch this namespace (repeatable, or comma-separated); default: all")
+    scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch all namespaces")
+    p.add_argument("--liveness", default=None, metavar="URL", help="kopf liveness endpoint ('' turns it off)")
+    p.add_argument("--metrics-port", type=int, default=None, help="port of /metrics and /readyz (0 turns it off)")
+    p.add_argument("--metrics-host", default=None)
+    peer = p.add_mutually_exclusive_group()
+    peer.add_argument("--peering", default=None, metavar="NAME", help="kopf peering object (makes peering mandatory)")
+    peer.add_argument("--standalone", action="store_true", default=None, help="no peering: the only replica")
+    p.add_argument("--priority", type=int, default=None, help="peering priority (default: random)")
+    p.add_argument("--workers", type=int, default=None, help="threads for handlers and API calls")
+    p.add_argument("--log-format", choices=["json", "plain", "full"], default=None)
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--debug", action="store_true")
+    return p
+
+
+def from_args(argv: Optional[Sequence[str]] = None, env: Mapping[str, str] = os.environ) -> OperatorConfig:
+    args = parser().parse_args(argv)
+    cfg = OperatorConfig.from_env(env)
+    if args.all_namespaces:
+        cfg.namespaces = []
+    elif args.namespace:
+        cfg.namespaces = [n.strip() for item in args.namespace for n in item.split(",") if n.strip()]
+    if args.liveness is not None:
+        cfg.liveness = args.liveness or None
+    if args.metrics_port is not None:
+        cfg.metrics_port = args.metrics_port
+    if args.metrics_host is not None:
+        cfg.metrics_host = args.metrics_host
+    if args.peering is not None:
+        cfg.peering, cfg.standalone = args.peering, False
+    if args.standalone:
+        cfg.standalone, cfg.peering = True, None
+    if args.priority is not None:
+        cfg.priority = args.priority
+    if args.workers is not None:
+        cfg.workers = args.workers
+    if args.log_format is not None:
+        cfg.log_format = args.log_format
+    cfg.verbose = cfg.verbose or args.verbose
+    cfg.debug = cfg.debug or args.debug
+    return cfg

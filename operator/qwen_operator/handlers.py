@@ -1,0 +1,344 @@
+"""kopf handlers: read, call the pure functions in `render` and `status`, write. Importable on its own for
+`kopf run -m qwen_operator.handlers` (configured from QWEN_OPERATOR_* environment variables), or started by
+`qwen-operator` (flags).
+
+* create/resume: validate and render, create-or-get the ConfigMap and the PyTorchJob by deterministic name,
+  adopt children that carry our controller owner reference, report hand-made changes, write status.
+* update of spec.suspend: propagate the user's change to the PyTorchJob's runPolicy.suspend (Kueue moves that
+  field too; the operator never reverts it on its own). Any other spec change is refused (the CRD's CEL rules
+  reject it already) and reported.
+* PyTorchJob watch events (status-only changes never reach update handlers): map the child's status.
+* No finalizer and no delete handler: deletion cascades through owner references (the garbage collector).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import logging
+from typing import Any, Optional
+
+import kopf
+
+from trainer.spec import SpecError, derive
+
+from . import status as st
+from .api import GROUP, KIND, PLURAL, VERSION, validate_resource_spec
+from .config import OperatorConfig
+from .drift import child_drift
+from .kube import Kube
+from .metrics import CHILDREN_CREATED, PhaseTracker, Readiness, observe, start_server
+from .render import HASH_ANNOTATION, LABEL_MANAGED_BY, MANAGED_BY, PYTORCHJOB_KIND, render
+
+FINALIZER = "training.qwen.dev/finalizer"  # declared for completeness; no handler here needs a finalizer
+ANNOTATION_PREFIX = "training.qwen.dev"
+
+# Replaced by qwen_operator.main before kopf starts; `kopf run -m qwen_operator.handlers` uses the environment.
+CONFIG: OperatorConfig = OperatorConfig.from_env()
+
+log = logging.getLogger("qwen_operator")
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def apply_settings(settings: kopf.OperatorSettings, cfg: OperatorConfig) -> None:
+    """Every kopf setting the operator relies on, pinned in one place (see docs/operator.md)."""
+    # No finalizer: nothing needs to run before a QwenTrainingJob goes away (children are garbage-collected
+    # through owner references), and a finalizer would block deletion whenever the operator is down.
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=ANNOTATION_PREFIX, key="last-handled-configuration")
+    settings.persistence.consistency_timeout = 5.0
+    settings.posting.enabled = True
+    settings.posting.level = logging.WARNING
+    settings.posting.reporting_component = "qwen-operator"
+    settings.posting.event_name_prefix = "qwen-operator-"
+    settings.watching.connect_timeout = 10
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.watching.inactivity_timeout = 70
+    settings.watching.reconnect_backoff = 1.0
+    settings.networking.request_timeout = 60
+    settings.networking.connect_timeout = 10
+    settings.execution.max_workers = cfg.workers
+    settings.execution.default_backoff = 10
+    settings.scanning.disabled = cfg.explicit_namespaces
+    # Peering (HA): only set here what the configuration names explicitly, so `kopf run` flags keep working.
+    settings.peering.stealth = True
+    if cfg.standalone:
+        settings.peering.standalone = True
+    elif cfg.peering:
+        settings.peering.name = cfg.peering
+        settings.peering.mandatory = True
+        settings.peering.standalone = False
+    if not settings.peering.standalone and (cfg.peering or cfg.priority is not None):
+        settings.peering.priority = cfg.effective_priority()
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    cfg = CONFIG
+    apply_settings(settings, cfg)
+    memo.kube = Kube.connect(pool_size=cfg.workers + 4)
+    memo.phases = PhaseTracker()
+    readiness = memo.readiness = getattr(memo, "readiness", None) or Readiness()
+    readiness.attach()
+    if cfg.metrics_port:
+        memo.metrics_server = await start_server(cfg.metrics_host, cfg.metrics_port, readiness)
+    readiness.started = True
+    logger.info("qwen-operator started: namespaces=%s peering=%s priority=%s",
+                cfg.namespaces or "*", "standalone" if settings.peering.standalone else settings.peering.name,
+                settings.peering.priority)
+
+
+@kopf.on.cleanup()
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    server = getattr(memo, "metrics_server", None)
+    if server is not None:
+        await server.cleanup()
+
+
+@kopf.on.probe(id="ready")
+def probe_ready(memo: kopf.Memo, **_: Any) -> bool:
+    readiness = getattr(memo, "readiness", None)
+    return bool(readiness and readiness.ready)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _plain(body: Any) -> dict[str, Any]:
+    return copy.deepcopy({k: body[k] for k in body})
+
+
+def _controller(obj: dict[str, Any]) -> Optional[dict[str, Any]]:
+    for ref in (obj.get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("controller"):
+            return ref
+    return None
+
+
+def _owner_of(child: dict[str, Any]) -> Optional[dict[str, Any]]:
+    ref = _controller(child)
+    if ref and ref.get("kind") == KIND and str(ref.get("apiVersion", "")).startswith(GROUP + "/"):
+        return ref
+    return None
+
+
+def _ref(body: dict[str, Any]) -> dict[str, Any]:
+    meta = body["metadata"]
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND,
+            "metadata": {"name": meta["name"], "namespace": meta["namespace"], "uid": meta["uid"]}}
+
+
+def _drift_state(desired: dict[str, Any], live: dict[str, Any]) -> Optional[tuple[str, str]]:
+    """(reason, message) when a live child no longer matches what we render, else None."""
+    kind, name = desired["kind"], desired["metadata"]["name"]
+    live_hash = ((live.get("metadata") or {}).get("annotations") or {}).get(HASH_ANNOTATION)
+    if live_hash != desired["metadata"]["annotations"][HASH_ANNOTATION]:
+        return (st.SPEC_CHANGE_IGNORED,
+                f"{kind} {name} was rendered from a different spec (or operator version); only spec.suspend is "
+                f"applied to an existing job: delete and recreate the QwenTrainingJob to change anything else")
+    paths = child_drift(desired, live)
+    if paths:
+        shown = ", ".join(paths[:10]) + (f" (+{len(paths) - 10} more)" if len(paths) > 10 else "")
+        return st.CHILD_MODIFIED, f"{kind} {name} was changed by hand and no longer matches the spec: {shown}"
+    return None
+
+
+# ------------------------------------------------------------------------------------ create/resume
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL, id="reconcile-resume")
+@kopf.on.create(GROUP, VERSION, PLURAL, id="reconcile", retries=20, backoff=5)
+def reconcile(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    with observe("reconcile"):
+        _reconcile(_plain(body), memo, logger)
+
+
+def _reconcile(body: dict[str, Any], memo: kopf.Memo, logger: logging.Logger) -> None:
+    kube: Kube = memo.kube
+    meta = body["metadata"]
+    ns, name, generation = meta["namespace"], meta["name"], meta.get("generation")
+    previous = body.get("status") or {}
+    if st.is_terminal(previous):
+        return
+    if meta.get("deletionTimestamp"):
+        return
+
+    try:
+        cm, pj = render(body)
+    except SpecError as err:
+        problems = [str(p) for p in err.problems]
+        kube.update_status(ns, name, lambda res: st.invalid(res.get("status"), problems,
+                                                              res["metadata"].get("generation"), now()), body=body)
+        kopf.warn(_ref(body), reason=st.INVALID_SPEC, message="; ".join(problems)[:1024])
+        logger.warning("invalid spec, nothing created: %s", "; ".join(problems))
+        return
+
+    spec = validate_resource_spec(body["spec"])
+    derived = derive(spec.job_spec(), spec.world_size()).to_dict()
+    synced: tuple[str, str, str] = ("True", st.IN_SYNC, "")
+    created: list[str] = []
+    warnings: list[tuple[str, str]] = []
+
+    # A PyTorchJob this resource already created and that is gone now was deleted by someone: do not rerun it.
+    if previous.get("pytorchJob") and kube.get_child(pj) is None:
+        kube.update_status(ns, name, lambda res: st.child_deleted(res.get("status"), res["metadata"].get("generation"),
+                                                                  now(), pj["metadata"]["name"]))
+        kopf.warn(_ref(body), reason=st.CHILD_DELETED, message=f"PyTorchJob {pj['metadata']['name']} was deleted")
+        return
+
+    for desired in (cm, pj):  # ConfigMap first: the pods mount it
+        live, was_created = kube.create_or_get(desired)
+        kind, child = desired["kind"], desired["metadata"]["name"]
+        if was_created:
+            created.append(f"{kind} {child}")
+            CHILDREN_CREATED.labels(kind).inc()
+            continue
+        owner = _controller(live)
+        if owner is None or owner.get("uid") != meta["uid"]:
+            if owner is not None and owner.get("kind") == KIND:
+                # Left over from an earlier resource of the same name; the garbage collector removes it soon.
+                raise kopf.TemporaryError(f"{kind} {child} still belongs to an earlier {KIND} {owner.get('uid')}",
+                                          delay=2)
+            message = f"{kind} {child} exists and is not owned by this {KIND}; it is left alone"
+            synced = ("False", st.NAME_CONFLICT, message)
+            warnings.append((st.NAME_CONFLICT, message))
+            break
+        drift = _drift_state(desired, live)
+        if drift is not None and synced[0] == "True":
+            synced = ("False", drift[0], drift[1])
+            warnings.append(drift)
+
+    pj_name = pj["metadata"]["name"] if synced[1] != st.NAME_CONFLICT else None
+    kube.update_status(ns, name, lambda res: st.reconciled(
+        res.get("status"), res["metadata"].get("generation"), now(),
+        pytorch_job=pj_name, config_map=cm["metadata"]["name"], derived=derived, synced=synced))
+    if created:
+        kopf.event(_ref(body), type="Normal", reason="Created", message="created " + ", ".join(created))
+    for reason, message in warnings:
+        kopf.warn(_ref(body), reason=reason, message=message[:1024])
+        logger.warning(message)
+    if synced[1] == st.NAME_CONFLICT:
+        raise kopf.TemporaryError(synced[2], delay=30)
+
+
+# ---------------------------------------------------------------------------------------- updates
+
+
+@kopf.on.update(GROUP, VERSION, PLURAL, id="suspend", field="spec.suspend", retries=20, backoff=5)
+def suspend_changed(body: kopf.Body, new: Any, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    with observe("suspend"):
+        resource = _plain(body)
+        if st.is_terminal(resource.get("status")):
+            return
+        name = (resource.get("status") or {}).get("pytorchJob")
+        if not name:
+            return  # not created yet: the create handler renders the current value
+        try:
+            memo.kube.set_suspend(resource["metadata"]["namespace"], name, bool(new))
+        except Exception as err:
+            if getattr(err, "status", None) == 404:
+                return
+            raise
+        logger.info("PyTorchJob %s: runPolicy.suspend=%s", name, bool(new))
+
+
+@kopf.on.update(GROUP, VERSION, PLURAL, id="immutable")
+def spec_changed(body: kopf.Body, diff: kopf.Diff, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    """The CRD's CEL rules refuse these changes; without them (an older CRD) the change is reported and ignored."""
+    with observe("immutable"):
+        fields = sorted({".".join(str(p) for p in d[1]) for d in diff
+                         if len(d[1]) >= 1 and d[1][0] == "spec" and tuple(d[1][:2]) != ("spec", "suspend")})
+        if not fields:
+            return
+        resource = _plain(body)
+        message = ("only spec.suspend may change after creation; ignored changes to " + ", ".join(fields))
+        meta = resource["metadata"]
+        memo.kube.update_status(meta["namespace"], meta["name"], lambda res: st.reconciled(
+            res.get("status"), res["metadata"].get("generation"), now(),
+            synced=("False", st.SPEC_CHANGE_IGNORED, message)))
+        kopf.warn(_ref(resource), reason=st.SPEC_CHANGE_IGNORED, message=message[:1024])
+        logger.warning(message)
+
+
+# --------------------------------------------------------------------------------- child watching
+
+
+@kopf.on.event("kubeflow.org", "v1", "pytorchjobs", labels={LABEL_MANAGED_BY: MANAGED_BY})
+def pytorchjob_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, logger: logging.Logger,
+                     **_: Any) -> None:
+    with observe("child-status"):
+        child = _plain(body)
+        owner = _owner_of(child)
+        if owner is None:
+            return
+        ns, child_name = child["metadata"]["namespace"], child["metadata"]["name"]
+        kube: Kube = memo.kube
+
+        def ours(res: dict[str, Any]) -> bool:
+            return res["metadata"].get("uid") == owner.get("uid") and not res["metadata"].get("deletionTimestamp")
+
+        if event.get("type") == "DELETED":
+            def on_delete(res: dict[str, Any]) -> Optional[dict[str, Any]]:
+                if not ours(res) or (res.get("status") or {}).get("pytorchJob") != child_name:
+                    return None
+                return st.child_deleted(res.get("status"), res["metadata"].get("generation"), now(), child_name)
+            written = kube.update_status(ns, owner["name"], on_delete)
+            if written is not None and written.get("phase") == "Failed" and \
+                    (st.get_condition(written, "Failed") or {}).get("reason") == st.CHILD_DELETED:
+                kopf.warn({"apiVersion": owner["apiVersion"], "kind": KIND,
+                           "metadata": {"name": owner["name"], "namespace": ns, "uid": owner["uid"]}},
+                          reason=st.CHILD_DELETED, message=f"PyTorchJob {child_name} was deleted before it finished")
+            return
+
+        warning: list[tuple[str, str]] = []
+
+        def on_change(res: dict[str, Any]) -> Optional[dict[str, Any]]:
+            if not ours(res):
+                return None
+            new = st.from_child(child.get("status"), res.get("status"), res["metadata"].get("generation"), now())
+            # A spec change of the child after creation (generation > 1): check it still matches the rendering.
+            if (child["metadata"].get("generation") or 1) > 1 and not st.is_terminal(new):
+                try:
+                    desired = render(res)[1]
+                except SpecError:
+                    return new
+                drift = _drift_state(desired, child)
+                synced = st.get_condition(new, st.SYNCED) or {}
+                if drift is not None and synced.get("reason") != drift[0]:
+                    new = st.reconciled(new, res["metadata"].get("generation"), now(),
+                                        synced=("False", drift[0], drift[1]))
+                    warning[:] = [drift]
+                elif drift is None and synced.get("reason") in (st.CHILD_MODIFIED,):
+                    new = st.reconciled(new, res["metadata"].get("generation"), now())
+            return new
+
+        kube.update_status(ns, owner["name"], on_change)
+        for reason, message in warning:
+            kopf.warn({"apiVersion": owner["apiVersion"], "kind": KIND,
+                       "metadata": {"name": owner["name"], "namespace": ns, "uid": owner["uid"]}},
+                      reason=reason, message=message[:1024])
+            logger.warning(message)
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+def job_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    """Keeps the jobs-by-phase gauge."""
+    obj = event.get("object") or {}
+    meta = obj.get("metadata") or {}
+    tracker: Optional[PhaseTracker] = getattr(memo, "phases", None)
+    if tracker is None or not meta.get("name"):
+        return
+    if event.get("type") == "DELETED":
+        tracker.forget(meta.get("namespace", ""), meta["name"])
+    else:
+        tracker.set(meta.get("namespace", ""), meta["name"], (obj.get("status") or {}).get("phase"))
+
+
+__all__ = ["CONFIG", "apply_settings", "reconcile", "pytorchjob_event", "suspend_changed", "spec_changed",
+           "PYTORCHJOB_KIND"]

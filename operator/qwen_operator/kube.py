@@ -1,0 +1,136 @@
+"""The few API calls the handlers make, on the official `kubernetes` client (kopf is not a client).
+
+Every write is idempotent: children are created by deterministic name and read back on 409; status writes
+are merge patches with a resourceVersion precondition, recomputed from a fresh read on conflict, so two
+handlers writing status concurrently never overwrite each other's view.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable, Optional
+
+import kubernetes
+from kubernetes.client.exceptions import ApiException
+
+from .api import GROUP, PLURAL, VERSION
+from .render import PYTORCHJOB_KIND
+
+MERGE_PATCH = "application/merge-patch+json"
+log = logging.getLogger("qwen_operator.kube")
+
+
+class Conflict(Exception):
+    """The status write lost a race more often than allowed."""
+
+
+class Kube:
+    def __init__(self, api_client: kubernetes.client.ApiClient):
+        self.client = api_client
+        self.custom = kubernetes.client.CustomObjectsApi(api_client)
+        self.core = kubernetes.client.CoreV1Api(api_client)
+
+    @classmethod
+    def connect(cls, pool_size: int = 16) -> "Kube":
+        configuration = kubernetes.client.Configuration()
+        if os.environ.get("KUBERNETES_SERVICE_HOST") and not os.environ.get("KUBECONFIG"):
+            kubernetes.config.load_incluster_config(client_configuration=configuration)
+        else:
+            kubernetes.config.load_kube_config(client_configuration=configuration)
+        configuration.connection_pool_maxsize = pool_size
+        return cls(kubernetes.client.ApiClient(configuration))
+
+    # ------------------------------------------------------------------------------------------- reads
+
+    def get_job(self, namespace: str, name: str) -> Optional[dict[str, Any]]:
+        try:
+            return self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def get_child(self, obj: dict[str, Any]) -> Optional[dict[str, Any]]:
+        ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
+        try:
+            if obj["kind"] == PYTORCHJOB_KIND:
+                return self.custom.get_namespaced_custom_object("kubeflow.org", "v1", ns, "pytorchjobs", name)
+            return self.client.sanitize_for_serialization(self.core.read_namespaced_config_map(name, ns))
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+
+    # ------------------------------------------------------------------------------------------ writes
+
+    def create(self, obj: dict[str, Any]) -> dict[str, Any]:
+        ns = obj["metadata"]["namespace"]
+        if obj["kind"] == PYTORCHJOB_KIND:
+            return self.custom.create_namespaced_custom_object("kubeflow.org", "v1", ns, "pytorchjobs", obj)
+        return self.client.sanitize_for_serialization(self.core.create_namespaced_config_map(ns, obj))
+
+    def create_or_get(self, obj: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        """(live object, created?). A name that already exists is read back, never created twice."""
+        existing = self.get_child(obj)
+        if existing is not None:
+            return existing, False
+        try:
+            return self.create(obj), True
+        except ApiException as e:
+            if e.status != 409:
+                raise
+        existing = self.get_child(obj)
+        if existing is None:  # deleted between our create and get; let the handler retry
+            raise kubernetes.client.exceptions.ApiException(status=409, reason="Conflict")
+        return existing, False
+
+    def set_suspend(self, namespace: str, name: str, suspend: bool) -> None:
+        self.custom.patch_namespaced_custom_object(
+            "kubeflow.org", "v1", namespace, "pytorchjobs", name,
+            {"spec": {"runPolicy": {"suspend": suspend}}}, _content_type=MERGE_PATCH)
+
+    def update_status(self, namespace: str, name: str,
+                      compute: Callable[[dict[str, Any]], Optional[dict[str, Any]]],
+                      attempts: int = 8, body: Optional[dict[str, Any]] = None) -> Optional[dict[str, Any]]:
+        """Read-compute-write of the resource's status with optimistic locking.
+
+        `compute(resource)` returns the complete new status, or None to write nothing. Returns the status written
+        (or None when the resource is gone or nothing changed)."""
+        for _ in range(attempts):
+            resource = body if body is not None else self.get_job(namespace, name)
+            body = None  # a given body is only a first guess; conflicts re-read
+            if resource is None:
+                return None
+            new = compute(resource)
+            if new is None or new == (resource.get("status") or {}):
+                return None
+            patch = {"metadata": {"resourceVersion": resource["metadata"]["resourceVersion"]},
+                     "status": _merge_patch(resource.get("status") or {}, new)}
+            try:
+                self.custom.patch_namespaced_custom_object_status(
+                    GROUP, VERSION, namespace, PLURAL, name, patch, _content_type=MERGE_PATCH)
+                return new
+            except ApiException as e:
+                if e.status == 404:
+                    return None
+                if e.status != 409:
+                    raise
+                log.debug("status write for %s/%s conflicted; retrying", namespace, name)
+        raise Conflict(f"status of {namespace}/{name} kept changing; gave up after {attempts} attempts")
+
+
+def _merge_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """A JSON merge patch turning `old` into `new` (keys that disappeared become null)."""
+    patch: dict[str, Any] = {}
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(old.get(key), dict):
+            sub = _merge_patch(old[key], value)
+            if sub:
+                patch[key] = sub
+        elif old.get(key) != value:
+            patch[key] = value
+    for key in old:
+        if key not in new:
+            patch[key] = None
+    return patch

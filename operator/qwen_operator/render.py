@@ -1,0 +1,359 @@
+"""Render a QwenTrainingJob into the objects that run it: a ConfigMap with the resolved job spec and a
+Kubeflow PyTorchJob.
+
+Everything here is a pure function of the resource: no API calls, no clock, no randomness, so the operator,
+`qwenctl render` and the tests all see the same objects, and rendering twice gives equal output.
+
+Layout of the PyTorchJob:
+
+* one pod per node: a `Master` (node rank 0) plus `nodes - 1` `Worker`s, container `pytorch`;
+* `spec.nprocPerNode` is the integer number of processes per pod, so the training-operator's injected
+  `WORLD_SIZE` is the total process count and `PET_NPROC_PER_NODE` agrees with the command line;
+* the container runs `torchrun` with the rendezvous taken from the variables the training-operator injects
+  (`PET_NNODES`, `PET_NODE_RANK`, `PET_MASTER_ADDR`, `PET_MASTER_PORT`), expanded by the kubelet through
+  `$(VAR)` references, and then `python -m trainer run --spec /etc/qwen/job.yaml`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Any, Optional
+
+import yaml
+
+from trainer.spec import JobSpec, Problem, SpecError, derive
+
+from .api import API_VERSION, KIND, QwenTrainingJobSpec, validate_resource_spec
+
+PYTORCHJOB_API_VERSION = "kubeflow.org/v1"
+PYTORCHJOB_KIND = "PyTorchJob"
+CONTAINER_NAME = "pytorch"  # the training-operator requires this name
+PORT_NAME = "pytorchjob-port"
+DEFAULT_PORT = 23456  # the training-operator's default; rendered explicitly so defaulting changes nothing
+
+SPEC_DIR = "/etc/qwen"
+SPEC_FILE = "job.yaml"
+SPEC_PATH = f"{SPEC_DIR}/{SPEC_FILE}"
+SPEC_VOLUME = "qwen-job-spec"
+SHM_VOLUME = "qwen-dshm"
+RESERVED_VOLUMES = (SPEC_VOLUME, SHM_VOLUME)
+
+MANAGED_BY = "qwen-operator"
+APP_NAME = "qwen-training-job"
+LABEL_JOB = "training.qwen.dev/job"
+LABEL_STAGE = "training.qwen.dev/stage"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+# Hash of what was rendered (suspend excluded): tells a changed resource spec apart from a hand-edited child.
+HASH_ANNOTATION = "training.qwen.dev/rendered-hash"
+
+GANG_SCHEDULER_NAMES = {"volcano": "volcano", "scheduler-plugins": "scheduler-plugins-scheduler"}
+
+# PyTorchJob names must be DNS-1035 labels (the training-operator's webhook), and pod and Service names
+# append `-worker-<index>`; 45 characters leave room for that suffix (the CRD enforces it on the resource).
+MAX_CHILD_NAME = 45
+_DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+
+# ----------------------------------------------------------------------------------------------- names
+
+
+def child_name(name: str) -> str:
+    """The PyTorchJob's name: the resource's own name when it is a valid short DNS-1035 label, otherwise a
+    deterministic sanitised form with a hash suffix so distinct names never collide."""
+    if len(name) <= MAX_CHILD_NAME and _DNS1035.match(name):
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    base = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
+    if not base or not base[0].isalpha():
+        base = "q-" + base
+    base = base[: MAX_CHILD_NAME - len(digest) - 1].rstrip("-")
+    return f"{base}-{digest}"
+
+
+def configmap_name(name: str) -> str:
+    return f"{child_name(name)}-spec"
+
+
+def common_labels(name: str, stage: str) -> dict[str, str]:
+    instance = child_name(name)  # label values are limited to 63 characters of [A-Za-z0-9._-]
+    return {
+        "app.kubernetes.io/name": APP_NAME,
+        "app.kubernetes.io/instance": instance,
+        LABEL_MANAGED_BY: MANAGED_BY,
+        LABEL_JOB: instance,
+        LABEL_STAGE: stage,
+    }
+
+
+def owner_reference(resource: dict[str, Any]) -> Optional[dict[str, Any]]:
+    meta = resource.get("metadata") or {}
+    if not meta.get("uid"):
+        return None  # rendered offline (qwenctl render without a cluster)
+    return {
+        "apiVersion": resource.get("apiVersion", API_VERSION),
+        "kind": resource.get("kind", KIND),
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(resource: dict[str, Any], name: str, labels: dict[str, str]) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "labels": labels}
+    namespace = (resource.get("metadata") or {}).get("namespace")
+    if namespace:
+        meta["namespace"] = namespace
+    owner = owner_reference(resource)
+    if owner:
+        meta["ownerReferences"] = [owner]
+    return meta
+
+
+# ------------------------------------------------------------------------------------------- job spec
+
+
+def job_document(spec: QwenTrainingJobSpec) -> dict[str, Any]:
+    """What the trainer reads from /etc/qwen/job.yaml."""
+    job: JobSpec = spec.job_spec()
+    world = spec.world_size()
+    return {"spec": job.to_wire(), "derived": derive(job, world).to_dict(), "worldSize": world}
+
+
+def job_yaml(spec: QwenTrainingJobSpec) -> str:
+    return yaml.safe_dump(job_document(spec), sort_keys=True, width=120)
+
+
+def render_configmap(resource: dict[str, Any], spec: QwenTrainingJobSpec) -> dict[str, Any]:
+    name = resource["metadata"]["name"]
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(resource, configmap_name(name), common_labels(name, spec.stage)),
+        "data": {SPEC_FILE: job_yaml(spec)},
+    }
+
+
+# ------------------------------------------------------------------------------------------ container
+
+
+def torchrun_command(processes_per_node: int) -> list[str]:
+    return [
+        "torchrun",
+        "--nnodes=$(PET_NNODES)",
+        "--node-rank=$(PET_NODE_RANK)",
+        f"--nproc-per-node={processes_per_node}",
+        "--master-addr=$(PET_MASTER_ADDR)",
+        "--master-port=$(PET_MASTER_PORT)",
+        "-m",
+        "trainer",
+        "run",
+        "--spec",
+        SPEC_PATH,
+    ]
+
+
+def _env(resource: dict[str, Any], spec: QwenTrainingJobSpec) -> list[dict[str, Any]]:
+    meta = resource["metadata"]
+    namespace = meta.get("namespace", "default")
+    ours: list[dict[str, Any]] = [
+        {"name": "CUDA_DEVICE_MAX_CONNECTIONS", "value": "1"},
+        {"name": "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "value": "true"},
+        {"name": "QWEN_DIST_TIMEOUT_SECONDS", "value": str(spec.nccl.timeout_seconds)},
+        {"name": "QWEN_STATUS_RESOURCE", "value": f"{namespace}/{meta['name']}"},
+        {"name": "QWEN_JOB_SPEC", "value": SPEC_PATH},
+    ]
+    n = spec.nccl
+    if n.debug is not None:
+        ours.append({"name": "NCCL_DEBUG", "value": n.debug})
+    if n.socket_ifname is not None:
+        ours.append({"name": "NCCL_SOCKET_IFNAME", "value": n.socket_ifname})
+    if n.ib_disable is not None:
+        ours.append({"name": "NCCL_IB_DISABLE", "value": "1" if n.ib_disable else "0"})
+    if n.ib_hca is not None:
+        ours.append({"name": "NCCL_IB_HCA", "value": n.ib_hca})
+    for key in sorted(n.extra):
+        ours.append({"name": key, "value": n.extra[key]})
+    user = []
+    for e in spec.env:
+        item: dict[str, Any] = {"name": e.name}
+        if e.value_from is not None:
+            item["valueFrom"] = e.value_from
+        else:
+            item["value"] = e.value if e.value is not None else ""
+        user.append(item)
+    overridden = {e["name"] for e in user}
+    # A user's variable replaces ours of the same name instead of shadowing it (duplicates draw API warnings).
+    return [e for e in ours if e["name"] not in overridden] + user
+
+
+def _resources(spec: QwenTrainingJobSpec) -> dict[str, Any]:
+    r = spec.resources
+    limits: dict[str, Any] = {}
+    requests: dict[str, Any] = {}
+    if r.gpus_per_node > 0:
+        limits["nvidia.com/gpu"] = r.gpus_per_node
+    if r.cpu is not None:
+        limits["cpu"] = requests["cpu"] = r.cpu
+    if r.memory is not None:
+        limits["memory"] = requests["memory"] = r.memory
+    out: dict[str, Any] = {}
+    if limits:
+        out["limits"] = limits
+    if requests:
+        out["requests"] = requests
+    return out
+
+
+def _check_volumes(spec: QwenTrainingJobSpec) -> None:
+    problems = []
+    seen: set[str] = set()
+    for i, v in enumerate(spec.volumes):
+        if v.name in RESERVED_VOLUMES:
+            problems.append(Problem(f"spec.volumes[{i}].name", f"{v.name!r} is reserved by the operator"))
+        if v.name in seen:
+            problems.append(Problem(f"spec.volumes[{i}].name", f"duplicate volume name {v.name!r}"))
+        seen.add(v.name)
+        if v.mount_path in (SPEC_DIR, "/dev/shm"):
+            problems.append(Problem(f"spec.volumes[{i}].mountPath", f"{v.mount_path} is used by the operator"))
+    if problems:
+        raise SpecError(problems)
+
+
+def _volumes(spec: QwenTrainingJobSpec, cm_name: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    volumes: list[dict[str, Any]] = [
+        {"name": SPEC_VOLUME, "configMap": {"name": cm_name, "items": [{"key": SPEC_FILE, "path": SPEC_FILE}]}},
+        {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": spec.resources.shared_memory}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": SPEC_VOLUME, "mountPath": SPEC_DIR, "readOnly": True},
+        {"name": SHM_VOLUME, "mountPath": "/dev/shm"},
+    ]
+    for v in spec.volumes:
+        claim: dict[str, Any] = {"claimName": v.claim_name}
+        if v.read_only:
+            claim["readOnly"] = True
+        volumes.append({"name": v.name, "persistentVolumeClaim": claim})
+        mount: dict[str, Any] = {"name": v.name, "mountPath": v.mount_path}
+        if v.read_only:
+            mount["readOnly"] = True
+        if v.sub_path:
+            mount["subPath"] = v.sub_path
+        mounts.append(mount)
+    return volumes, mounts
+
+
+def pod_template(resource: dict[str, Any], spec: QwenTrainingJobSpec) -> dict[str, Any]:
+    name = resource["metadata"]["name"]
+    volumes, mounts = _volumes(spec, configmap_name(name))
+    container: dict[str, Any] = {
+        "name": CONTAINER_NAME,
+        "image": spec.image.name,
+        "imagePullPolicy": spec.image.pull_policy,
+        "command": torchrun_command(spec.resources.processes()),
+        "env": _env(resource, spec),
+        "ports": [{"name": PORT_NAME, "containerPort": DEFAULT_PORT, "protocol": "TCP"}],
+        "volumeMounts": mounts,
+    }
+    resources = _resources(spec)
+    if resources:
+        container["resources"] = resources
+    pod: dict[str, Any] = {"containers": [container], "volumes": volumes}
+    s = spec.scheduling
+    if s.node_selector:
+        pod["nodeSelector"] = dict(s.node_selector)
+    if s.tolerations:
+        pod["tolerations"] = [t.to_wire() for t in s.tolerations]
+    if s.affinity:
+        pod["affinity"] = s.affinity
+    if s.priority_class_name:
+        pod["priorityClassName"] = s.priority_class_name
+    if s.gang.enabled:
+        pod["schedulerName"] = GANG_SCHEDULER_NAMES[s.gang.scheduler]
+    if spec.service_account_name:
+        pod["serviceAccountName"] = spec.service_account_name
+    if spec.image.pull_secrets:
+        pod["imagePullSecrets"] = [{"name": n} for n in spec.image.pull_secrets]
+    return {"metadata": {"labels": common_labels(name, spec.stage)}, "spec": pod}
+
+
+# ------------------------------------------------------------------------------------------ PyTorchJob
+
+
+def run_policy(spec: QwenTrainingJobSpec) -> dict[str, Any]:
+    rp = spec.run_policy
+    out: dict[str, Any] = {
+        "backoffLimit": rp.backoff_limit,
+        "cleanPodPolicy": rp.clean_pod_policy,
+        "suspend": spec.suspend,
+    }
+    if rp.active_deadline_seconds is not None:
+        out["activeDeadlineSeconds"] = rp.active_deadline_seconds
+    if rp.ttl_seconds_after_finished is not None:
+        out["ttlSecondsAfterFinished"] = rp.ttl_seconds_after_finished
+    gang = spec.scheduling.gang
+    if gang.enabled:
+        policy: dict[str, Any] = {"minAvailable": spec.resources.nodes}
+        if gang.schedule_timeout_seconds is not None:
+            policy["scheduleTimeoutSeconds"] = gang.schedule_timeout_seconds
+        if spec.scheduling.priority_class_name:
+            policy["priorityClass"] = spec.scheduling.priority_class_name
+        out["schedulingPolicy"] = policy
+    return out
+
+
+def render_pytorchjob(resource: dict[str, Any], spec: QwenTrainingJobSpec) -> dict[str, Any]:
+    name = resource["metadata"]["name"]
+    labels = common_labels(name, spec.stage)
+    if spec.scheduling.queue_name:
+        labels[KUEUE_QUEUE_LABEL] = spec.scheduling.queue_name
+    template = pod_template(resource, spec)
+    replica = {"replicas": 1, "restartPolicy": spec.run_policy.restart_policy, "template": template}
+    replicas: dict[str, Any] = {"Master": replica}
+    if spec.resources.nodes > 1:
+        # Worker replicas must be >= 1 (the webhook rejects 0), so a one-node job has no Worker spec at all.
+        replicas["Worker"] = {**replica, "replicas": spec.resources.nodes - 1}
+    body = {
+        "apiVersion": PYTORCHJOB_API_VERSION,
+        "kind": PYTORCHJOB_KIND,
+        "metadata": _metadata(resource, child_name(name), labels),
+        "spec": {
+            "nprocPerNode": str(spec.resources.processes()),
+            "runPolicy": run_policy(spec),
+            "pytorchReplicaSpecs": replicas,
+        },
+    }
+    return body
+
+
+# ------------------------------------------------------------------------------------------------ all
+
+
+def rendered_hash(obj: dict[str, Any]) -> str:
+    """A stable digest of what we render for a child, leaving out `runPolicy.suspend` (which Kueue and the
+    user's spec.suspend both move)."""
+    if obj.get("kind") == PYTORCHJOB_KIND:
+        content = json.loads(json.dumps(obj["spec"]))
+        content.get("runPolicy", {}).pop("suspend", None)
+    else:
+        content = obj.get("data", {})
+    blob = json.dumps({"labels": obj["metadata"].get("labels", {}), "content": content}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def render(resource: dict[str, Any]) -> list[dict[str, Any]]:
+    """[ConfigMap, PyTorchJob] for a QwenTrainingJob resource (a dict as read from the API or a YAML file).
+
+    Raises `trainer.spec.SpecError` (one problem per broken rule, each naming its field) if the spec is invalid.
+    """
+    if not isinstance(resource, dict) or not (resource.get("metadata") or {}).get("name"):
+        raise SpecError([Problem("metadata.name", "required field is missing")])
+    spec = validate_resource_spec(resource.get("spec"), prefix="spec")
+    _check_volumes(spec)
+    objs = [render_configmap(resource, spec), render_pytorchjob(resource, spec)]
+    for obj in objs:
+        obj["metadata"]["annotations"] = {HASH_ANNOTATION: rendered_hash(obj)}
+    return objs
