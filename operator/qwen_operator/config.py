@@ -10,6 +10,7 @@
 | `--peering NAME` | `QWEN_OPERATOR_PEERING` | none: kopf's auto-detection |
 | `--standalone` | `QWEN_OPERATOR_STANDALONE=true` | false |
 | `--priority N` | `QWEN_OPERATOR_PRIORITY` | random when peering is on |
+| `--peering-lifetime S` | `QWEN_OPERATOR_PEERING_LIFETIME` | 60 (seconds a silent peer counts as alive) |
 | `--workers N` | `QWEN_OPERATOR_WORKERS` | 16 |
 | `--log-format json|plain` | `QWEN_OPERATOR_LOG_FORMAT` | json |
 | `--verbose`, `--debug` | `QWEN_OPERATOR_LOG_LEVEL=debug` | info |
@@ -37,6 +38,7 @@ class OperatorConfig:
     peering: Optional[str] = None
     standalone: bool = False
     priority: Optional[int] = None
+    peering_lifetime: int = 60
     workers: int = 16
     log_format: str = "json"
     verbose: bool = False
@@ -73,6 +75,8 @@ class OperatorConfig:
         cfg.standalone = _bool(env.get("QWEN_OPERATOR_STANDALONE"))
         if env.get("QWEN_OPERATOR_PRIORITY"):
             cfg.priority = int(env["QWEN_OPERATOR_PRIORITY"])
+        if env.get("QWEN_OPERATOR_PEERING_LIFETIME"):
+            cfg.peering_lifetime = int(env["QWEN_OPERATOR_PEERING_LIFETIME"])
         if env.get("QWEN_OPERATOR_WORKERS"):
             cfg.workers = int(env["QWEN_OPERATOR_WORKERS"])
         if env.get("QWEN_OPERATOR_LOG_FORMAT"):
@@ -95,6 +99,7 @@ def parser() -> argparse.ArgumentParser:
     peer.add_argument("--peering", default=None, metavar="NAME", help="kopf peering object (makes peering mandatory)")
     peer.add_argument("--standalone", action="store_true", default=None, help="no peering: the only replica")
     p.add_argument("--priority", type=int, default=None, help="peering priority (default: random)")
+    p.add_argument("--peering-lifetime", type=int, default=None, help="seconds until a silent peer is presumed dead")
     p.add_argument("--workers", type=int, default=None, help="threads for handlers and API calls")
     p.add_argument("--log-format", choices=["json", "plain", "full"], default=None)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -121,6 +126,8 @@ def from_args(argv: Optional[Sequence[str]] = None, env: Mapping[str, str] = os.
         cfg.standalone, cfg.peering = True, None
     if args.priority is not None:
         cfg.priority = args.priority
+    if args.peering_lifetime is not None:
+        cfg.peering_lifetime = args.peering_lifetime
     if args.workers is not None:
         cfg.workers = args.workers
     if args.log_format is not None:

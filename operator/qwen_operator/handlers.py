@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import datetime
 import logging
+import os
 from typing import Any, Optional
 
 import kopf
@@ -37,6 +38,15 @@ ANNOTATION_PREFIX = "training.qwen.dev"
 CONFIG: OperatorConfig = OperatorConfig.from_env()
 
 log = logging.getLogger("qwen_operator")
+
+
+def failpoint(name: str) -> None:
+    """Crash the process here when QWEN_OPERATOR_FAILPOINT names this point: lets the restart tests kill the
+    operator at an exact step of a reconcile (e.g. between the ConfigMap and the PyTorchJob)."""
+    if os.environ.get("QWEN_OPERATOR_FAILPOINT") == name:
+        logging.getLogger("qwen_operator").error("failpoint %s: exiting", name)
+        logging.shutdown()
+        os._exit(70)
 
 
 def now() -> str:
@@ -68,6 +78,7 @@ def apply_settings(settings: kopf.OperatorSettings, cfg: OperatorConfig) -> None
     settings.scanning.disabled = cfg.explicit_namespaces
     # Peering (HA): only set here what the configuration names explicitly, so `kopf run` flags keep working.
     settings.peering.stealth = True
+    settings.peering.lifetime = cfg.peering_lifetime
     if cfg.standalone:
         settings.peering.standalone = True
     elif cfg.peering:
@@ -198,6 +209,7 @@ def _reconcile(body: dict[str, Any], memo: kopf.Memo, logger: logging.Logger) ->
         if was_created:
             created.append(f"{kind} {child}")
             CHILDREN_CREATED.labels(kind).inc()
+            failpoint(f"after-{kind.lower()}")
             continue
         owner = _controller(live)
         if owner is None or owner.get("uid") != meta["uid"]:

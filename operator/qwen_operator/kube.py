@@ -71,10 +71,8 @@ class Kube:
         return self.client.sanitize_for_serialization(self.core.create_namespaced_config_map(ns, obj))
 
     def create_or_get(self, obj: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-        """(live object, created?). A name that already exists is read back, never created twice."""
-        existing = self.get_child(obj)
-        if existing is not None:
-            return existing, False
+        """(live object, created?). Create first (the common case costs one call); a name that already exists
+        is read back, never created twice."""
         try:
             return self.create(obj), True
         except ApiException as e:
@@ -82,7 +80,7 @@ class Kube:
                 raise
         existing = self.get_child(obj)
         if existing is None:  # deleted between our create and get; let the handler retry
-            raise kubernetes.client.exceptions.ApiException(status=409, reason="Conflict")
+            raise ApiException(status=409, reason=f"{obj['kind']} {obj['metadata']['name']} vanished; retrying")
         return existing, False
 
     def set_suspend(self, namespace: str, name: str, suspend: bool) -> None:

@@ -1,0 +1,266 @@
+"""Operator latency and memory on the local control plane (tools/build-controlplane.sh + qwen_devcluster).
+
+For bursts of N QwenTrainingJobs created at once (default 1, 100, 500), measures:
+
+* create -> PyTorchJob: from the API server acknowledging the resource's creation to the PyTorchJob appearing
+  on a watch;
+* PyTorchJob Running -> resource Running: from the PyTorchJob's Running=True condition appearing on a watch to
+  the resource's status.phase=Running appearing on a watch;
+* the time until all N have a PyTorchJob, and until all N are Running;
+* the operator process's peak RSS (VmHWM).
+
+Prints figures (p50, p99, max); it never passes or fails. The targets it reports against: p99 create ->
+PyTorchJob under 1 s at 100, all 500 reconciled within 60 s, peak RSS under 200 MB.
+
+    python benchmarks/operator_latency.py [--bursts 1,100,500] [--workers 16] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+
+import qwen_devcluster  # noqa: E402
+from kubernetes import client as k, config as kconfig, watch  # noqa: E402
+from kubernetes.client.exceptions import ApiException  # noqa: E402
+from qwen_devcluster.cluster import gpu_node  # noqa: E402
+
+from qwen_operator.api import GROUP, PLURAL, VERSION  # noqa: E402
+from qwen_operator.api.crd import build_crd  # noqa: E402
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    idx = min(len(values) - 1, max(0, int(round(q / 100 * len(values) + 0.5)) - 1))
+    return values[idx]
+
+
+def job(name: str, namespace: str) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": "QwenTrainingJob",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"stage": "convert", "model": {"family": "qwen2.5", "size": "0.5B"},
+                 "checkpoint": {"source": {"path": "/data/hf"}, "output": {"path": "/data/mcore"}},
+                 "image": {"name": "ghcr.io/qwen-k8s/trainer-cpu:0.1.0"},
+                 "training": {"globalBatchSize": 8},
+                 "resources": {"nodes": 1, "gpusPerNode": 0, "processesPerNode": 2, "sharedMemory": "1Gi"}},
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def install_crd(api: k.ApiClient) -> None:
+    ext = k.ApiextensionsV1Api(api)
+    crd = build_crd()
+    try:
+        ext.create_custom_resource_definition(crd)
+    except ApiException as e:
+        if e.status != 409:
+            raise
+    deadline = time.monotonic() + 30
+    custom = k.CustomObjectsApi(api)
+    while time.monotonic() < deadline:
+        try:
+            custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)
+            return
+        except ApiException:
+            time.sleep(0.2)
+    raise RuntimeError("QwenTrainingJob API not served")
+
+
+class Recorder:
+    """First-seen times of PyTorchJobs, their Running condition, and resources' Running phase (one namespace)."""
+
+    def __init__(self, api: k.ApiClient, namespace: str):
+        self.custom = k.CustomObjectsApi(api)
+        self.ns = namespace
+        self.pj_added: dict[str, float] = {}
+        self.pj_running: dict[str, float] = {}
+        self.res_running: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._watch_pj, daemon=True),
+                         threading.Thread(target=self._watch_res, daemon=True)]
+
+    def start(self) -> "Recorder":
+        for t in self._threads:
+            t.start()
+        time.sleep(0.5)  # let both watches connect before the burst
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _stream(self, group: str, version: str, plural: str):
+        w = watch.Watch()
+        while not self._stop.is_set():
+            try:
+                for ev in w.stream(self.custom.list_namespaced_custom_object, group, version, self.ns, plural,
+                                   timeout_seconds=30):
+                    yield time.monotonic(), ev
+                    if self._stop.is_set():
+                        return
+            except Exception:  # a dropped watch: reconnect
+                time.sleep(0.1)
+
+    def _watch_pj(self) -> None:
+        for now, ev in self._stream("kubeflow.org", "v1", "pytorchjobs"):
+            obj = ev["object"]
+            name = obj["metadata"]["name"]
+            self.pj_added.setdefault(name, now)
+            for c in (obj.get("status") or {}).get("conditions") or []:
+                if c.get("type") == "Running" and c.get("status") == "True":
+                    self.pj_running.setdefault(name, now)
+
+    def _watch_res(self) -> None:
+        for now, ev in self._stream(GROUP, VERSION, PLURAL):
+            obj = ev["object"]
+            if (obj.get("status") or {}).get("phase") == "Running":
+                self.res_running.setdefault(obj["metadata"]["name"], now)
+
+
+def burst(api: k.ApiClient, n: int, operator_pid: int, timeout: float) -> dict[str, Any]:
+    core = k.CoreV1Api(api)
+    custom = k.CustomObjectsApi(api)
+    ns = f"bench-{n}-{int(time.time()) % 100000}"
+    core.create_namespace({"metadata": {"name": ns}})
+    deadline = time.monotonic() + 30
+    while True:  # pods are refused until the namespace's default ServiceAccount exists
+        try:
+            core.read_namespaced_service_account("default", ns)
+            break
+        except ApiException:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+    rec = Recorder(api, ns).start()
+    created: dict[str, float] = {}
+    names = [f"j{i:04d}" for i in range(n)]
+
+    def create(name: str) -> None:
+        custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, job(name, ns))
+        created[name] = time.monotonic()
+
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        list(pool.map(create, names))
+    t_created = time.monotonic() - t0
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and (len(rec.pj_added) < n or len(rec.res_running) < n):
+        time.sleep(0.2)
+    rec.stop()
+    to_child = [rec.pj_added[x] - created[x] for x in names if x in rec.pj_added]
+    to_running = [rec.res_running[x] - rec.pj_running[x] for x in names if x in rec.res_running and x in rec.pj_running]
+    all_children = max(rec.pj_added.values()) - t0 if len(rec.pj_added) == n else None
+    all_running = max(rec.res_running.values()) - t0 if len(rec.res_running) == n else None
+    result = {
+        "burst": n,
+        "create_calls_s": round(t_created, 2),
+        "create_to_pytorchjob_s": {"n": len(to_child), "p50": round(pct(to_child, 50), 3),
+                                   "p99": round(pct(to_child, 99), 3), "max": round(max(to_child or [0]), 3)},
+        "pytorchjob_running_to_running_s": {"n": len(to_running), "p50": round(pct(to_running, 50), 3),
+                                            "p99": round(pct(to_running, 99), 3),
+                                            "max": round(max(to_running or [0]), 3)},
+        "all_pytorchjobs_s": round(all_children, 2) if all_children is not None else None,
+        "all_running_s": round(all_running, 2) if all_running is not None else None,
+        "operator_peak_rss_mib": round(peak_rss_mib(operator_pid), 1),
+    }
+    core.delete_namespace(ns)
+    return result
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bursts", default="1,100,500")
+    p.add_argument("--workers", type=int, default=16, help="operator --workers")
+    p.add_argument("--timeout", type=float, default=180, help="seconds to wait for one burst")
+    p.add_argument("--nodes", type=int, default=6, help="fake nodes (110 pods each)")
+    p.add_argument("--json", default=None, help="also write the figures here")
+    args = p.parse_args(argv)
+    bursts = [int(x) for x in args.bursts.split(",")]
+
+    state = tempfile.mkdtemp(prefix="qwen-bench-")
+    cluster = qwen_devcluster.start_cluster(state, gpu_nodes=4)
+    operator = None
+    try:
+        api = kconfig.new_client_from_config(config_file=str(cluster.kubeconfig))
+        core = k.CoreV1Api(api)
+        for i in range(4, args.nodes):  # more fake nodes so every pod of the largest burst fits
+            core.create_node(gpu_node(f"gpu-node-{i}", 8, "96", "1024Gi"))
+        install_crd(api)
+        metrics_port = free_port()
+        log = Path(state) / "operator.log"
+        env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}
+        with open(log, "ab") as fh:
+            operator = subprocess.Popen(
+                [sys.executable, "-m", "qwen_operator.main", "--all-namespaces", "--standalone",
+                 "--workers", str(args.workers), "--metrics-host", "127.0.0.1", "--metrics-port", str(metrics_port),
+                 "--liveness", ""], stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/readyz", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if operator.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"operator did not become ready; see {log}")
+            time.sleep(0.2)
+        print(f"operator ready (pid {operator.pid}, RSS peak {peak_rss_mib(operator.pid):.1f} MiB at idle)")
+        results = []
+        for n in bursts:
+            r = burst(api, n, operator.pid, args.timeout)
+            results.append(r)
+            print(json.dumps(r))
+            time.sleep(3)
+        print()
+        print(f"{'burst':>6} {'create->PJ p50':>15} {'p99':>7} {'PJ Running->Running p50':>24} {'p99':>7} "
+              f"{'all PJs (s)':>11} {'all Running (s)':>15} {'peak RSS MiB':>12}")
+        for r in results:
+            a, b = r["create_to_pytorchjob_s"], r["pytorchjob_running_to_running_s"]
+            print(f"{r['burst']:>6} {a['p50']:>15.3f} {a['p99']:>7.3f} {b['p50']:>24.3f} {b['p99']:>7.3f} "
+                  f"{str(r['all_pytorchjobs_s']):>11} {str(r['all_running_s']):>15} {r['operator_peak_rss_mib']:>12}")
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
+    finally:
+        if operator is not None and operator.poll() is None:
+            operator.send_signal(signal.SIGTERM)
+            try:
+                operator.wait(15)
+            except subprocess.TimeoutExpired:
+                operator.kill()
+        cluster.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

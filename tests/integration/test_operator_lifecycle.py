@@ -1,0 +1,197 @@
+"""The operator against the real control plane: examples render and run, status follows the PyTorchJob, invalid
+specs are refused or reported, suspend propagates, hand edits are reported, deletion cascades."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+from kubernetes.client.exceptions import ApiException
+
+from qwen_operator.drift import child_drift
+from qwen_operator.render import render
+from tests.integration.operator_support import (
+    EXAMPLES, Jobs, OperatorProcess, ensure_pvcs, example, install_crds, tiny_job, wait_for,
+)
+
+ALL_EXAMPLES = sorted(EXAMPLES.glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def crds(kube_client):
+    install_crds(kube_client)
+    return kube_client
+
+
+@pytest.fixture
+def operator(cluster, crds, namespace, tmp_path):
+    op = OperatorProcess(cluster.kubeconfig, tmp_path, "--namespace", namespace, "--standalone").start()
+    op.wait_ready()
+    yield op
+    op.stop()
+    print(op.output()[-3000:])
+
+
+@pytest.fixture
+def jobs(crds, namespace):
+    return Jobs(crds, namespace)
+
+
+def _claims(doc):
+    return {v["claimName"] for v in doc["spec"].get("volumes", [])}
+
+
+@pytest.mark.parametrize("path", ALL_EXAMPLES, ids=[p.stem for p in ALL_EXAMPLES])
+def test_example_runs_created_running_succeeded(cluster, operator, jobs, namespace, path):
+    doc = example(path, namespace)
+    name = doc["metadata"]["name"]
+    ensure_pvcs(jobs.api, namespace, _claims(doc))
+    jobs.create(doc)
+
+    # The PyTorchJob is exactly what render() makes of the live resource.
+    pj = wait_for(lambda: jobs.pytorchjob(name), 30, what="PyTorchJob")
+    live = jobs.get(name)
+    _, desired = render(live)
+    assert child_drift(desired, pj) == []
+    assert pj["metadata"]["ownerReferences"][0]["uid"] == live["metadata"]["uid"]
+    cm = wait_for(lambda: jobs.configmaps(), 10, what="ConfigMap")[0]
+    assert yaml.safe_load(cm.data["job.yaml"])["spec"]["stage"] == doc["spec"]["stage"]
+
+    # The training-operator accepts it and makes one pod per node; kwok runs them.
+    nodes = doc["spec"].get("resources", {}).get("nodes", 1)
+    wait_for(lambda: len(jobs.pods(name)) == nodes and all(p.status.phase == "Running" for p in jobs.pods(name)),
+             60, what="pods Running")
+    running = jobs.wait_phase(name, "Running", 30)
+    conds = {c["type"]: c for c in running["status"]["conditions"]}
+    assert conds["Created"]["status"] == "True" and conds["Running"]["status"] == "True"
+    assert conds["Succeeded"]["status"] == "Unknown"
+    assert running["status"]["pytorchJob"] == name and running["status"]["configMap"] == cm.metadata.name
+    assert running["status"]["derived"]
+    assert running["status"]["observedGeneration"] == running["metadata"]["generation"]
+
+    cluster.set_pod_outcome(namespace, f"training.qwen.dev/job={name}", "succeed", delay="1s")
+    done = jobs.wait_phase(name, "Succeeded", 60)
+    conds = {c["type"]: c for c in done["status"]["conditions"]}
+    assert conds["Succeeded"]["status"] == "True" and conds["Running"]["status"] == "False"
+    assert conds["Created"]["lastTransitionTime"] <= conds["Running"]["lastTransitionTime"] \
+        <= conds["Succeeded"]["lastTransitionTime"]
+    assert done["status"]["replicas"]["Master"]["succeeded"] == 1
+    assert operator.alive()
+
+
+def test_multi_node_job_gets_workers_and_torchrun_env(cluster, operator, jobs, namespace):
+    body = tiny_job("two-nodes", namespace, resources={"nodes": 2, "gpusPerNode": 8}, training={"globalBatchSize": 16},
+                    nccl={"debug": "WARN"})
+    jobs.create(body)
+    wait_for(lambda: len(jobs.pods("two-nodes")) == 2, 60, what="2 pods")
+    pods = {p.metadata.name: p for p in jobs.pods("two-nodes")}
+    assert set(pods) == {"two-nodes-master-0", "two-nodes-worker-0"}
+    for pod in pods.values():
+        c = next(c for c in pod.spec.containers if c.name == "pytorch")
+        env = {e.name: e.value for e in c.env}
+        # Every $(VAR) our command uses is injected by the training-operator.
+        for var in ("PET_NNODES", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT"):
+            assert var in env, var
+        assert env["PET_NNODES"] == "2" and env["PET_NPROC_PER_NODE"] == "8" and env["WORLD_SIZE"] == "16"
+        assert env["NCCL_DEBUG"] == "WARN" and env["QWEN_STATUS_RESOURCE"] == f"{namespace}/two-nodes"
+        assert c.resources.limits["nvidia.com/gpu"] == "8"
+    assert {e.name: e.value for e in pods["two-nodes-worker-0"].spec.containers[0].env}["PET_NODE_RANK"] == "1"
+    jobs.wait_phase("two-nodes", "Running", 30)
+
+
+def test_failing_pod_drives_failed_with_reason(cluster, operator, jobs, namespace):
+    jobs.create(tiny_job("fails", namespace, runPolicy={"restartPolicy": "Never", "backoffLimit": 0}))
+    wait_for(lambda: [p for p in jobs.pods("fails") if p.status.phase == "Running"], 60, what="pod Running")
+    cluster.set_pod_outcome(namespace, "training.qwen.dev/job=fails", "fail", delay="1s", exit_code=1)
+    done = jobs.wait_phase("fails", "Failed", 60)
+    conds = {c["type"]: c for c in done["status"]["conditions"]}
+    assert conds["Failed"]["status"] == "True"
+    assert conds["Failed"]["reason"] and conds["Failed"]["message"]
+    assert conds["Succeeded"]["status"] == "False" and conds["Succeeded"]["reason"] == conds["Failed"]["reason"]
+    # Terminal stays terminal: a later child change does not move the phase.
+    jobs.patch_pytorchjob("fails", {"metadata": {"labels": {"touched": "yes"}}})
+    assert jobs.phase("fails") == "Failed"
+
+
+def test_invalid_spec_rejected_at_apply_time(jobs, namespace, operator):
+    bad = tiny_job("bad-cel", namespace, parallelism={"sequenceParallel": True})  # needs tensor > 1 (CEL)
+    with pytest.raises(ApiException) as err:
+        jobs.create(bad)
+    assert err.value.status == 422
+    assert "spec.parallelism.sequenceParallel" in err.value.body
+    with pytest.raises(ApiException) as err:
+        jobs.create(tiny_job("bad-enum", namespace, stage="nonsense"))  # schema
+    assert err.value.status == 422 and "spec.stage" in err.value.body
+    assert jobs.pytorchjobs() == []
+
+
+def test_invalid_spec_reported_by_condition_and_event(jobs, namespace, operator):
+    # Accepted by the CRD, refused by the operator's rendering (a volume name the operator reserves).
+    bad = tiny_job("bad-volume", namespace, volumes=[{"name": "qwen-dshm", "claimName": "x", "mountPath": "/x"}])
+    jobs.create(bad)
+    jobs.wait_phase("bad-volume", "Invalid", 30)
+    failed = jobs.condition("bad-volume", "Failed")
+    assert failed["status"] == "True" and failed["reason"] == "InvalidSpec"
+    assert "spec.volumes[0].name" in failed["message"]
+    wait_for(lambda: [e for e in jobs.events("bad-volume") if e.reason == "InvalidSpec" and e.type == "Warning"],
+             30, what="InvalidSpec event")
+    assert jobs.pytorchjobs() == [] and jobs.configmaps() == []
+    # The operator keeps running and still reconciles valid jobs.
+    assert operator.alive()
+    jobs.create(tiny_job("fine", namespace))
+    jobs.wait_phase("fine", "Running", 60)
+
+
+def test_suspend_is_propagated_and_other_changes_refused(jobs, namespace, operator):
+    jobs.create(tiny_job("sus", namespace, suspend=True))
+    pj = wait_for(lambda: jobs.pytorchjob("sus"), 30, what="PyTorchJob")
+    assert pj["spec"]["runPolicy"]["suspend"] is True
+    jobs.wait_phase("sus", "Suspended", 30)
+    assert jobs.pods("sus") == []
+
+    jobs.patch("sus", {"spec": {"suspend": False}})
+    wait_for(lambda: jobs.pytorchjob("sus")["spec"]["runPolicy"]["suspend"] is False, 30, what="child resumed")
+    jobs.wait_phase("sus", "Running", 60)
+    assert jobs.condition("sus", "Suspended")["status"] == "False"
+
+    with pytest.raises(ApiException) as err:
+        jobs.patch("sus", {"spec": {"resources": {"nodes": 2}}})
+    assert err.value.status == 422 and "immutable" in err.value.body
+
+
+def test_hand_edited_child_is_reported_not_reverted(jobs, namespace, operator):
+    jobs.create(tiny_job("edited", namespace))
+    jobs.wait_phase("edited", "Running", 60)
+    pj = jobs.pytorchjob("edited")
+    spec = copy.deepcopy(pj["spec"])
+    spec["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["image"] = "someone/else:1"
+    jobs.patch_pytorchjob("edited", {"spec": {"pytorchReplicaSpecs": spec["pytorchReplicaSpecs"]}})
+    synced = wait_for(lambda: (c := jobs.condition("edited", "Synced")).get("reason") == "ChildModified" and c, 30,
+                      what="Synced=False ChildModified")
+    assert synced["status"] == "False" and "image" in synced["message"]
+    wait_for(lambda: [e for e in jobs.events("edited") if e.reason == "ChildModified"], 30, what="ChildModified event")
+    img = jobs.pytorchjob("edited")["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["image"]
+    assert img == "someone/else:1"
+
+
+def test_deletion_cascades_to_children(jobs, namespace, operator):
+    jobs.create(tiny_job("gone", namespace))
+    wait_for(lambda: len(jobs.pods("gone")) == 1, 60, what="pod")
+    jobs.delete("gone")
+    wait_for(lambda: not jobs.pytorchjobs() and not jobs.configmaps() and not jobs.pods("gone"), 60,
+             what="children garbage-collected")
+
+
+def test_metrics_and_probes(jobs, namespace, operator):
+    jobs.create(tiny_job("metered", namespace))
+    jobs.wait_phase("metered", "Running", 60)
+    text = operator.metrics()
+    assert 'qwen_operator_reconciles_total{handler="reconcile",result="ok"}' in text
+    assert "qwen_operator_reconcile_duration_seconds_bucket" in text
+    assert 'qwen_operator_jobs{phase="Running"} 1.0' in text
+    status, body = operator.get("/healthz", port=operator.liveness_port)
+    assert status == 200
+    assert operator.get("/readyz")[0] == 200
+    # Structured logs: one JSON object per line.
+    assert operator.log_records(), operator.output()[-2000:]
