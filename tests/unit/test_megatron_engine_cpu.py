@@ -1,0 +1,249 @@
+"""The megatron engine's pieces that run without a GPU: spec -> TransformerConfig translation, the layer spec with
+our modules, HF weights -> megatron layout, and forward parity with the HF model on CPU in fp32 (dense and MoE),
+plus the chunked cross-entropy and the torch grouped-GEMM stand-in against plain references."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("megatron.core")
+warnings.filterwarnings("ignore")
+
+from trainer.engines import megatron_kernels as kernels  # noqa: E402
+from trainer.engines.megatron_config import (  # noqa: E402
+    Capabilities,
+    EngineOptions,
+    gpt_model_kwargs,
+    layer_spec,
+    plan_model,
+)
+from trainer.engines.megatron_loss import (  # noqa: E402
+    linear_cross_entropy,
+    loss_sum_from_output,
+    make_model_class,
+    reference_cross_entropy,
+)
+from trainer.engines.megatron_testing import hf_loss, hf_reference, job_spec, random_micro_batches  # noqa: E402
+from trainer.engines.megatron_weights import fuse_qkv, load_into  # noqa: E402
+from trainer.errors import UserError  # noqa: E402
+from trainer.spec import resolve_architecture  # noqa: E402
+
+TINY = dict(numLayers=2, hiddenSize=64, numAttentionHeads=4, numQueryGroups=2, ffnHiddenSize=128, vocabSize=512,
+            maxPositionEmbeddings=128)
+CPU = Capabilities()
+
+
+@pytest.fixture(scope="module")
+def megatron_world():
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from trainer.distenv import _free_port
+
+    created = False
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ["MASTER_PORT"] = str(_free_port())
+        dist.init_process_group("gloo", rank=0, world_size=1)
+        created = True
+    parallel_state.initialize_model_parallel()
+    yield
+    parallel_state.destroy_model_parallel()
+    if created:
+        dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+def test_dense_config_follows_family_traits():
+    spec = job_spec("qwen2.5", "1.5B")
+    arch = resolve_architecture(spec)
+    plan = plan_model(arch, spec, EngineOptions(), CPU)
+    kw = plan.config_kwargs
+    assert (kw["num_layers"], kw["hidden_size"], kw["num_query_groups"], kw["kv_channels"]) == (28, 1536, 2, 128)
+    assert kw["add_qkv_bias"] and not kw["qk_layernorm"] and kw["normalization"] == "RMSNorm"
+    assert kw["gated_linear_unit"] and not kw["add_bias_linear"] and kw["bf16"]
+    assert plan.tie_word_embeddings and plan.attention == "sdpa" and plan.fused_rope
+    assert kw["recompute_granularity"] == "selective" and kw["recompute_modules"] == ["core_attn"]
+    assert gpt_model_kwargs(plan)["position_embedding_type"] == "none"
+
+
+def test_qwen3_and_moe_routing_semantics():
+    q3 = job_spec("qwen3", "A3B")
+    kw = plan_model(resolve_architecture(q3), q3, EngineOptions(), CPU).config_kwargs
+    assert kw["qk_layernorm"] and not kw["add_qkv_bias"] and kw["kv_channels"] == 128
+    assert kw["num_moe_experts"] == 128 and kw["moe_router_topk"] == 8 and kw["moe_router_pre_softmax"] is False
+    q15 = job_spec("qwen1.5", "A2.7B")
+    kw = plan_model(resolve_architecture(q15), q15, EngineOptions(), CPU).config_kwargs
+    assert kw["moe_router_pre_softmax"] is True  # softmax over all experts, no renormalisation
+    assert kw["moe_shared_expert_intermediate_size"] == 5632 and kw["moe_shared_expert_gate"] is True
+    assert kw["moe_grouped_gemm"] is False  # no grouped kernels on a CPU: SequentialMLP
+
+
+def test_expert_choice_prefers_grouped_kernels():
+    spec = job_spec("qwen1.5", "A2.7B")
+    arch = resolve_architecture(spec)
+    hopper = Capabilities(cuda=True, torch_grouped_mm=True)
+    plan = plan_model(arch, spec, EngineOptions(), hopper)
+    assert plan.experts == "torch-grouped"
+    assert plan.config_kwargs["moe_grouped_gemm"] and plan.config_kwargs["moe_use_legacy_grouped_gemm"]
+    te = Capabilities(cuda=True, transformer_engine=True, torch_grouped_mm=True)
+    assert plan_model(arch, spec, EngineOptions(), te).experts == "te"
+
+
+def test_parallel_and_recompute_mapping():
+    spec = job_spec("qwen2.5", "7B", parallelism={"tensor": 2, "pipeline": 2, "virtualPipelineLayers": 7,
+                                                  "sequenceParallel": True, "expert": 1},
+                    training={"activationCheckpointing": {"mode": "full", "layers": 2}})
+    kw = plan_model(resolve_architecture(spec), spec, EngineOptions(), CPU).config_kwargs
+    assert kw["tensor_model_parallel_size"] == 2 and kw["pipeline_model_parallel_size"] == 2
+    assert kw["virtual_pipeline_model_parallel_size"] == 2 and kw["sequence_parallel"]
+    assert (kw["recompute_granularity"], kw["recompute_method"], kw["recompute_num_layers"]) == ("full", "uniform", 2)
+
+
+@pytest.mark.parametrize(
+    "patch, message",
+    [
+        (dict(training={"precision": "fp8"}), "fp8 needs Transformer Engine"),
+        (dict(parallelism={"context": 2}), "context parallelism needs Transformer Engine"),
+        (dict(training={"activationCheckpointing": {"mode": "offload"}}), "offload"),
+    ],
+)
+def test_unsupported_without_te_is_one_clear_error(patch, message):
+    spec = job_spec("qwen2.5", "0.5B", **patch)
+    with pytest.raises(UserError, match=message):
+        plan_model(resolve_architecture(spec), spec, EngineOptions(), CPU)
+
+
+def test_megablocks_needs_cuda_and_package():
+    spec = job_spec("qwen3", "A3B", backend="megablocks")
+    arch = resolve_architecture(spec)
+    with pytest.raises(UserError, match="needs a CUDA GPU"):
+        plan_model(arch, spec, EngineOptions(), CPU)
+    with pytest.raises(UserError, match="needs the megablocks package"):
+        plan_model(arch, spec, EngineOptions(), Capabilities(cuda=True))
+
+
+def test_megatron_engine_refuses_cpu():
+    from trainer.engines.megatron import MegatronEngine
+
+    with pytest.raises(UserError, match="needs a CUDA GPU"):
+        MegatronEngine(job_spec("qwen2.5", "0.5B"), capabilities=CPU)
+
+
+# ------------------------------------------------------------------------------------------------ numerics
+
+
+def test_fuse_qkv_groups_heads_per_query_group():
+    heads, groups, d = 4, 2, 3
+    q = torch.arange(heads * d).float()[:, None].expand(-1, 2)
+    k = 100 + torch.arange(groups * d).float()[:, None].expand(-1, 2)
+    v = 200 + torch.arange(groups * d).float()[:, None].expand(-1, 2)
+    fused = fuse_qkv(q, k, v, heads, groups)[:, 0].tolist()
+    assert fused[:12] == [0, 1, 2, 3, 4, 5, 100, 101, 102, 200, 201, 202]  # q heads 0-1, k_0, v_0
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_chunked_cross_entropy_matches_reference(dtype, tol):
+    torch.manual_seed(0)
+    n, h, vocab = 37, 16, 50
+    hidden = torch.randn(n, h, dtype=dtype, requires_grad=True)
+    weight = torch.randn(vocab, h, dtype=dtype, requires_grad=True)
+    labels = torch.randint(0, vocab, (n,))
+    labels[3] = -100
+    mask = (torch.rand(n) > 0.2).float()
+    out = linear_cross_entropy(hidden, weight, labels, mask, chunk_tokens=8)
+    (0.5 * out).backward()
+    h2, w2 = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    ref = reference_cross_entropy(h2, w2, labels, mask)
+    (0.5 * ref).backward()
+    assert abs(out.item() - ref.item()) <= 1e-5 * abs(ref.item())
+    assert torch.allclose(hidden.grad.float(), h2.grad.float(), atol=tol, rtol=tol)
+    assert torch.allclose(weight.grad.float(), w2.grad.float(), atol=tol, rtol=tol)
+
+
+def test_torch_grouped_mm_matches_per_expert_loop():
+    torch.manual_seed(0)
+    a = torch.randn(20, 16, dtype=torch.bfloat16, requires_grad=True)
+    b = torch.randn(3, 16, 8, dtype=torch.bfloat16, requires_grad=True)
+    sizes = torch.tensor([5, 0, 15])
+    out = kernels._TorchGroupedGemmOps.gmm(a, b, sizes)
+    out.sum().backward()  # expanded (stride-0) gradient must be accepted
+    a2, b2 = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    ref = torch.cat([a2[:5] @ b2[0], a2[5:5] @ b2[1], a2[5:] @ b2[2]])
+    ref.sum().backward()
+    assert torch.equal(out, ref) and torch.equal(a.grad, a2.grad) and torch.equal(b.grad, b2.grad)
+    bt = b.detach().transpose(1, 2).contiguous()
+    assert torch.equal(kernels.grouped_mm(a.detach(), bt, sizes, trans_b=True), ref.detach())
+
+
+def _megatron_loss(spec_args, monkeypatch, opts=EngineOptions(), caps=CPU, dtype=torch.float32):
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")  # megatron's router moves weights there
+    spec = job_spec(*spec_args[:2], training={"seqLength": 64}, **spec_args[2])
+    arch = resolve_architecture(spec)
+    opts = opts.replace(use_cpu_initialization=True, grad_accum_fusion=False)
+    plan = plan_model(arch, spec, opts, caps)
+    kw = dict(plan.config_kwargs, recompute_granularity=None, recompute_modules=None)
+    if dtype == torch.float32:
+        kw.update(bf16=False, params_dtype=dtype, pipeline_dtype=dtype, autocast_dtype=dtype)
+    config = TransformerConfig(**kw)
+    block = TransformerBlockSubmodules(layer_specs=[layer_spec(plan, config)] * config.num_layers,
+                                       layer_norm=kernels.rmsnorm_spec(compiled=False))
+    model = make_model_class()(config=config, transformer_layer_spec=block, chunk_tokens=16,
+                               chunked_loss=opts.chunked_cross_entropy, **gpt_model_kwargs(plan))
+    hf, weights = hf_reference(arch)
+    load_into([model], weights, arch, tp_rank=0, tp_size=1, ep_rank=0, ep_size=1, layer_offsets=[0])
+    batches = random_micro_batches(2, 2, 64, arch.vocab_size, seed=1, ignore_first=3)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for mb in batches:
+            mask = (mb.targets >= 0).float()
+            out = model(mb.tokens, mb.position_ids, None, labels=mb.targets.clamp(min=0), loss_mask=mask)
+            total += float(loss_sum_from_output(out, mask))
+            count += int(mask.sum())
+    return total / count, hf_loss(hf, batches, "cpu")
+
+
+DENSE_MOE_CASES = {
+    "qwen2.5-tied-gqa-bias": ("qwen2.5", "1.5B", dict(architecture=TINY)),
+    "qwen2.5-untied": ("qwen2.5", "7B", dict(architecture=dict(TINY, tieWordEmbeddings=False))),
+    "qwen3-qk-norm": ("qwen3", "0.6B", dict(architecture=dict(TINY, kvChannels=16))),
+    "qwen1.5-moe-shared-gate": ("qwen1.5", "A2.7B", dict(
+        architecture=dict(TINY, numQueryGroups=4),
+        moe=dict(numExperts=4, topK=2, ffnHiddenSize=32, sharedExpertFfnHiddenSize=64, tokenDispatcher="allgather"))),
+    "qwen3-moe-norm-topk": ("qwen3", "A3B", dict(
+        architecture=dict(TINY, kvChannels=16),
+        moe=dict(numExperts=4, topK=2, ffnHiddenSize=32, normTopkProb=True, tokenDispatcher="allgather"))),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DENSE_MOE_CASES))
+def test_forward_matches_hf_on_cpu(case, megatron_world, monkeypatch):
+    mine, hf = _megatron_loss(DENSE_MOE_CASES[case], monkeypatch)
+    assert abs(mine - hf) < 1e-5, (mine, hf)
+
+
+def test_stock_norm_and_loss_path_matches_too(megatron_world, monkeypatch):
+    opts = EngineOptions(fused_rmsnorm=False, chunked_cross_entropy=False)
+    mine, hf = _megatron_loss(DENSE_MOE_CASES["qwen2.5-tied-gqa-bias"], monkeypatch, opts)
+    assert abs(mine - hf) < 1e-5, (mine, hf)
+
+
+def test_grouped_experts_match_sequential_in_bf16(megatron_world, monkeypatch):
+    case = DENSE_MOE_CASES["qwen3-moe-norm-topk"]
+    restore = kernels.install_torch_grouped_gemm()
+    try:
+        grouped, _ = _megatron_loss(case, monkeypatch, EngineOptions(experts="torch-grouped"),
+                                    Capabilities(torch_grouped_mm=True), dtype=torch.bfloat16)
+    finally:
+        restore()
+    sequential, hf = _megatron_loss(case, monkeypatch, EngineOptions(experts="sequential"), dtype=torch.bfloat16)
+    assert abs(grouped - sequential) < 2e-2 and abs(grouped - hf) < 5e-2, (grouped, sequential, hf)

@@ -1,0 +1,364 @@
+"""From the job spec to megatron-core objects: `TransformerConfig` arguments, the layer spec and `GPTModel` arguments.
+
+Pure functions of the resolved architecture, the spec and `EngineOptions` (plus what is installed, passed in as
+`Capabilities`), so they are unit-tested on a CPU. Nothing here touches CUDA or process groups.
+
+Family traits map as Megatron-Bridge maps them: RMSNorm, SwiGLU (`gated_linear_unit` + silu), no linear biases
+except the qkv bias of Qwen1.5/2/2.5, q/k RMSNorm for Qwen3, rotary base from the family, untied output layer
+unless the preset ties it. MoE: `moe_router_pre_softmax = not norm_topk_prob` (softmax over all experts then top-k
+without renormalisation is Qwen2-MoE; top-k then softmax over the k is `norm_topk_prob=True`), the shared expert's
+sigmoid gate through `moe_shared_expert_gate`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from trainer.errors import UserError
+from trainer.spec.resolve import ResolvedArchitecture, init_method_std
+
+ATTENTION_CHOICES = ("auto", "te", "flash-attn", "sdpa", "local")
+EXPERT_CHOICES = ("auto", "te", "grouped-gemm", "torch-grouped", "sequential")
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What this process can use. `probe()` fills it from the installed packages and the GPU."""
+
+    cuda: bool = False
+    transformer_engine: bool = False
+    flash_attn: bool = False
+    grouped_gemm: bool = False  # the grouped_gemm package (CUTLASS), used by megatron's legacy GroupedMLP
+    torch_grouped_mm: bool = False  # torch._grouped_mm runs on this GPU (bf16, Hopper)
+    megablocks: bool = False
+    device_name: str = "cpu"
+
+    @classmethod
+    def probe(cls) -> "Capabilities":
+        import importlib.util
+
+        def has(mod: str) -> bool:
+            try:
+                return importlib.util.find_spec(mod) is not None
+            except (ImportError, ValueError):
+                return False
+
+        cuda = torch.cuda.is_available()
+        te = has("transformer_engine") and cuda
+        if te:
+            try:
+                import transformer_engine.pytorch  # noqa: F401
+            except Exception:  # a broken TE install is treated as absent
+                te = False
+        grouped_mm = False
+        if cuda and hasattr(torch, "_grouped_mm"):
+            major, _ = torch.cuda.get_device_capability()
+            grouped_mm = major >= 9
+        return cls(
+            cuda=cuda,
+            transformer_engine=te,
+            flash_attn=has("flash_attn") and cuda,
+            grouped_gemm=has("grouped_gemm") and cuda,
+            torch_grouped_mm=grouped_mm,
+            megablocks=has("megablocks") and cuda,
+            device_name=torch.cuda.get_device_name() if cuda else "cpu",
+        )
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Performance levers of the megatron engine. Defaults are the fastest choice that is exact; each can be turned
+    off on its own (the GPU benchmark's ablation list does exactly that)."""
+
+    attention: str = "auto"
+    """te | flash-attn | sdpa (torch scaled_dot_product_attention, flash backend) | local (megatron's unfused)."""
+    sdpa_backend: Optional[str] = "flash"
+    """Backend SDPA is pinned to (flash | cudnn | efficient | math), or None to let torch pick."""
+    fused_rope: bool = True
+    """Apply rotary embeddings inside the SDPA attention module with one compiled kernel (sdpa only)."""
+    fused_rmsnorm: bool = True
+    """Compiled RMSNorm (one kernel forward, one backward) instead of torch.nn.RMSNorm."""
+    fused_swiglu: bool = True
+    """megatron's fused SwiGLU (`bias_activation_fusion`)."""
+    chunked_cross_entropy: bool = True
+    """Output layer + cross-entropy in token chunks with the gradient computed in the forward pass, so the fp32
+    logits of the whole micro-batch never exist at once."""
+    cross_entropy_chunk_tokens: int = 2048
+    experts: str = "auto"
+    """MoE expert implementation: te | grouped-gemm | torch-grouped | sequential."""
+    grad_accum_fusion: bool = True
+    """Accumulate weight gradients straight into the fp32 gradient buffer (one GEMM with fp32 output)."""
+    fused_adam: bool = True
+    """torch's fused AdamW kernel (megatron falls back to the multi-kernel foreach AdamW without TE/Apex)."""
+    foreach_grad_norm: bool = True
+    """Gradient norm and clipping with torch._foreach ops (megatron's fallback syncs once per tensor)."""
+    overlap_grad_reduce: Optional[bool] = None
+    """None: take spec.parallelism.overlapGradReduce."""
+    recompute: Optional[str] = None
+    """None: take spec.training.activationCheckpointing.mode (selective | full | none)."""
+    bucket_size: Optional[int] = None
+    use_cpu_initialization: bool = False
+    extra_config: dict = field(default_factory=dict)
+    """Extra TransformerConfig fields, applied last (for experiments)."""
+
+    def replace(self, **changes) -> "EngineOptions":
+        return dataclasses.replace(self, **changes)
+
+
+def choose_attention(opts: EngineOptions, caps: Capabilities, context_parallel: int) -> str:
+    choice = opts.attention
+    if choice not in ATTENTION_CHOICES:
+        raise UserError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, got {choice!r}")
+    if choice == "auto":
+        choice = "te" if caps.transformer_engine else "sdpa"
+    if choice == "te" and not caps.transformer_engine:
+        raise UserError("attention 'te' needs Transformer Engine, which is not installed")
+    if choice == "flash-attn" and not caps.flash_attn:
+        raise UserError("attention 'flash-attn' needs the flash-attn package, which is not installed")
+    if context_parallel > 1 and choice != "te":
+        raise UserError("context parallelism needs Transformer Engine's attention", path="spec.parallelism.context")
+    return choice
+
+
+def choose_experts(opts: EngineOptions, caps: Capabilities, use_te: bool) -> str:
+    choice = opts.experts
+    if choice not in EXPERT_CHOICES:
+        raise UserError(f"experts must be one of {', '.join(EXPERT_CHOICES)}, got {choice!r}")
+    if choice == "auto":
+        if use_te:
+            choice = "te"
+        elif caps.grouped_gemm:
+            choice = "grouped-gemm"
+        elif caps.torch_grouped_mm:
+            choice = "torch-grouped"
+        else:
+            choice = "sequential"
+    if choice == "te" and not use_te:
+        raise UserError("experts 'te' needs Transformer Engine layers")
+    if choice == "grouped-gemm" and not caps.grouped_gemm:
+        raise UserError("experts 'grouped-gemm' needs the grouped_gemm package, which is not installed")
+    if choice == "torch-grouped" and not caps.torch_grouped_mm:
+        raise UserError("experts 'torch-grouped' needs torch._grouped_mm on a Hopper (sm90+) GPU")
+    return choice
+
+
+def recompute_mode(spec, opts: EngineOptions) -> str:
+    mode = opts.recompute or spec.training.activation_checkpointing.mode
+    if mode == "offload":
+        raise UserError("activation offload is not supported by the megatron engine; use selective or full",
+                        path="spec.training.activationCheckpointing.mode")
+    return mode
+
+
+def dtype_of(precision: str) -> torch.dtype:
+    return torch.float16 if precision == "fp16" else torch.bfloat16
+
+
+def transformer_config_kwargs(arch: ResolvedArchitecture, spec, opts: EngineOptions, caps: Capabilities,
+                              *, attention: str, experts: str) -> dict[str, Any]:
+    """Keyword arguments of megatron.core.transformer.TransformerConfig for this job."""
+    import torch.nn.functional as F
+
+    t, p = spec.training, spec.parallelism
+    precision = t.precision
+    if precision == "fp8" and not caps.transformer_engine:
+        raise UserError("precision fp8 needs Transformer Engine, which is not installed", path="spec.training.precision")
+    dtype = dtype_of(precision)
+    kw: dict[str, Any] = dict(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups,
+        kv_channels=arch.kv_channels,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=arch.qkv_bias,
+        qk_layernorm=arch.qk_layernorm,
+        hidden_dropout=t.hidden_dropout,
+        attention_dropout=t.attention_dropout,
+        init_method_std=init_method_std(spec),
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        autocast_dtype=dtype,
+        tensor_model_parallel_size=p.tensor,
+        pipeline_model_parallel_size=p.pipeline,
+        context_parallel_size=p.context,
+        expert_model_parallel_size=p.expert,
+        expert_tensor_parallel_size=p.expert_tensor,
+        sequence_parallel=p.sequence_parallel and p.tensor > 1,
+        bias_activation_fusion=opts.fused_swiglu,
+        bias_dropout_fusion=True,
+        masked_softmax_fusion=False,  # needs megatron's CUDA kernels, not in the pip wheel
+        apply_rope_fusion=attention == "te",
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=opts.grad_accum_fusion and caps.cuda,
+        calculate_per_token_loss=True,
+        cross_entropy_loss_fusion=True,
+        use_cpu_initialization=opts.use_cpu_initialization,
+        deallocate_pipeline_outputs=True,
+        attention_softmax_in_fp32=True,
+    )
+    if precision == "fp8":
+        kw.update(fp8="hybrid" if t.fp8_recipe in ("hybrid", "delayed") else "e4m3",
+                  fp8_recipe="blockwise" if t.fp8_recipe == "blockwise" else "delayed")
+    if p.pipeline > 1:
+        if p.virtual_pipeline_layers:
+            stage_layers = (p.first_stage_layers or arch.num_layers // p.pipeline)
+            kw["virtual_pipeline_model_parallel_size"] = max(stage_layers // p.virtual_pipeline_layers, 1)
+        if p.first_stage_layers:
+            kw["num_layers_in_first_pipeline_stage"] = p.first_stage_layers
+    mode = recompute_mode(spec, opts)
+    if mode == "selective":
+        kw.update(recompute_granularity="selective", recompute_modules=["core_attn"])
+    elif mode == "full":
+        layers = t.activation_checkpointing.layers
+        kw.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=layers)
+    moe = arch.moe
+    if moe is not None:
+        kw.update(
+            num_moe_experts=moe.num_experts,
+            moe_router_topk=moe.top_k,
+            moe_ffn_hidden_size=moe.ffn_hidden_size,
+            moe_router_pre_softmax=not moe.norm_topk_prob,
+            moe_router_score_function="softmax",
+            moe_router_dtype="fp32",
+            moe_aux_loss_coeff=moe.aux_loss_coeff if moe.load_balancing_type != "none" else 0.0,
+            moe_router_load_balancing_type=moe.load_balancing_type,
+            moe_expert_capacity_factor=moe.capacity_factor,
+            moe_token_dispatcher_type=spec.model.moe.token_dispatcher if spec.model.moe else "alltoall",
+            moe_grouped_gemm=experts in ("te", "grouped-gemm", "torch-grouped"),
+            moe_use_legacy_grouped_gemm=experts in ("grouped-gemm", "torch-grouped"),
+            moe_permute_fusion=caps.transformer_engine,
+        )
+        if moe.capacity_factor is not None:
+            kw["moe_pad_expert_input_to_capacity"] = False
+            kw["moe_token_drop_policy"] = "probs"
+        if moe.shared_expert_ffn_hidden_size:
+            kw.update(moe_shared_expert_intermediate_size=moe.shared_expert_ffn_hidden_size,
+                      moe_shared_expert_gate=moe.shared_expert_gate)
+            if spec.model.moe is not None and spec.model.moe.shared_expert_overlap:
+                kw["moe_shared_expert_overlap"] = True
+        if spec.model.moe is not None and spec.model.moe.layer_recompute:
+            if kw.get("recompute_granularity") == "selective":
+                kw["recompute_modules"] = ["core_attn", "moe"]
+            else:
+                kw.update(recompute_granularity="selective", recompute_modules=["moe"])
+    kw.update(opts.extra_config)
+    return kw
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """Everything needed to build the model, decided once per process."""
+
+    config_kwargs: dict
+    attention: str
+    experts: str
+    use_te: bool
+    megablocks: bool
+    vocab_size: int
+    max_sequence_length: int
+    tie_word_embeddings: bool
+    rotary_base: int
+    fused_rope: bool
+    options: EngineOptions
+
+
+def plan_model(arch: ResolvedArchitecture, spec, opts: EngineOptions, caps: Capabilities) -> ModelPlan:
+    attention = choose_attention(opts, caps, spec.parallelism.context)
+    use_te = attention == "te" or spec.training.precision == "fp8"
+    if spec.training.transformer_engine and not caps.transformer_engine:
+        raise UserError("transformerEngine is set but Transformer Engine is not installed",
+                        path="spec.training.transformerEngine")
+    megablocks = spec.model.backend == "megablocks"
+    if megablocks:
+        from .megatron_megablocks import require_megablocks
+
+        require_megablocks(caps)
+        experts = "megablocks"
+    else:
+        experts = choose_experts(opts, caps, use_te) if arch.moe is not None else "none"
+    kwargs = transformer_config_kwargs(arch, spec, opts, caps, attention=attention,
+                                       experts=experts if experts != "megablocks" else "sequential")
+    return ModelPlan(
+        config_kwargs=kwargs,
+        attention=attention,
+        experts=experts,
+        use_te=use_te,
+        megablocks=megablocks,
+        vocab_size=arch.vocab_size,
+        max_sequence_length=max(spec.training.seq_length, 1),
+        tie_word_embeddings=arch.tie_word_embeddings,
+        rotary_base=arch.rotary_base,
+        fused_rope=opts.fused_rope and attention == "sdpa",
+        options=opts,
+    )
+
+
+def layer_spec(plan: ModelPlan, config):
+    """The transformer layer spec: megatron's local or TE spec with our modules swapped in where they are faster."""
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    from . import megatron_kernels as kernels
+
+    num_experts = config.num_moe_experts
+    if num_experts:
+        kernels.ensure_moe_without_te()
+    if plan.use_te:
+        return specs.get_gpt_layer_with_transformer_engine_spec(
+            num_experts=num_experts, moe_grouped_gemm=config.moe_grouped_gemm, qk_layernorm=config.qk_layernorm)
+    spec = specs.get_gpt_layer_local_spec(
+        num_experts=num_experts,
+        moe_grouped_gemm=config.moe_grouped_gemm,
+        qk_layernorm=config.qk_layernorm,
+        moe_use_legacy_grouped_gemm=config.moe_use_legacy_grouped_gemm,
+        normalization="RMSNorm",
+    )
+    sub = spec.submodules
+    attn = sub.self_attention.submodules
+    opts = plan.options
+    # torch.nn.RMSNorm (the local default) refuses sequence parallelism and never marks its weight for the
+    # tensor-parallel gradient all-reduce; our RMSNorm does both, compiled or eager.
+    if opts.fused_rmsnorm or config.sequence_parallel:
+        norm = kernels.rmsnorm_spec(compiled=opts.fused_rmsnorm)
+        sub.input_layernorm = norm
+        sub.pre_mlp_layernorm = norm
+        if config.qk_layernorm:
+            attn.q_layernorm = norm
+            attn.k_layernorm = norm
+    if plan.attention == "sdpa":
+        attn.core_attention = kernels.sdpa_attention_spec(
+            rope_base=plan.rotary_base if plan.fused_rope else None, backend=opts.sdpa_backend)
+    elif plan.attention == "flash-attn":
+        attn.core_attention = kernels.flash_attn_spec()
+    if plan.megablocks:
+        from .megatron_megablocks import megablocks_mlp_spec
+
+        sub.mlp = megablocks_mlp_spec()
+    if not config.qk_layernorm:
+        attn.q_layernorm = IdentityOp
+        attn.k_layernorm = IdentityOp
+    return spec
+
+
+def gpt_model_kwargs(plan: ModelPlan) -> dict[str, Any]:
+    return dict(
+        vocab_size=plan.vocab_size,
+        max_sequence_length=plan.max_sequence_length,
+        share_embeddings_and_output_weights=plan.tie_word_embeddings,
+        # With the fused rope the attention module rotates q and k itself; the model then carries no rotary module.
+        position_embedding_type="none" if plan.fused_rope else "rope",
+        rotary_base=plan.rotary_base,
+        parallel_output=True,
+    )

@@ -1,0 +1,137 @@
+"""Output layer and cross-entropy in token chunks, with the gradients computed during the forward pass.
+
+With a 152k vocabulary the stock path keeps the logits of a whole micro-batch in bf16 plus an fp32 copy for the
+softmax (4096 tokens: 1.2 GB + 2.5 GB, and as much again for their gradient). Here each chunk of tokens computes its
+logits, the loss, d(loss)/d(logits) = softmax - onehot, and immediately the two GEMMs that turn that into gradients
+for the hidden states and the output weight; only those gradients are kept for the backward pass, which just
+scales them by the incoming (scalar) gradient. No GEMM is recomputed.
+
+The output is the weighted sum of per-token losses (weights = the loss mask), a scalar; the caller divides by
+the token count (megatron's `calculate_per_token_loss` does it over the whole step). Vocabulary parallelism works
+as in `vocab_parallel_cross_entropy`: max, sum of exponentials and the target logit are all-reduced over the
+tensor-parallel group; the hidden-state gradient is a partial sum over this rank's vocabulary shard, which the
+surrounding region op (copy-to-TP or sequence-parallel gather) reduces in its backward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, loss_weights, chunk_tokens: int, tp_group):
+        n = hidden.shape[0]
+        vocab_local = weight.shape[0]
+        tp_size = dist.get_world_size(tp_group) if tp_group is not None and dist.is_initialized() else 1
+        tp_rank = dist.get_rank(tp_group) if tp_size > 1 else 0
+        vocab_start = tp_rank * vocab_local
+        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(hidden) if needs_grad else None
+        grad_weight = torch.zeros_like(weight) if needs_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, n, chunk_tokens):
+            end = min(start + chunk_tokens, n)
+            h = hidden[start:end]
+            y = labels[start:end]
+            wt = loss_weights[start:end].float()
+            logits = (h @ weight.t()).float()  # [c, V/tp]
+            local = y - vocab_start
+            in_shard = (local >= 0) & (local < vocab_local) & (y >= 0)
+            idx = torch.where(in_shard, local, torch.zeros_like(local))
+            target = torch.where(in_shard, logits.gather(1, idx[:, None]).squeeze(1), torch.zeros_like(wt))
+            row_max = logits.max(dim=-1).values
+            if tp_size > 1:
+                dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=tp_group)
+                dist.all_reduce(target, op=dist.ReduceOp.SUM, group=tp_group)
+            logits.sub_(row_max[:, None]).exp_()
+            sum_exp = logits.sum(dim=-1)
+            if tp_size > 1:
+                dist.all_reduce(sum_exp, op=dist.ReduceOp.SUM, group=tp_group)
+            loss = torch.log(sum_exp) - (target - row_max)
+            wt = torch.where(y >= 0, wt, torch.zeros_like(wt))
+            total += (loss * wt).sum()
+            if needs_grad:
+                probs = logits.div_(sum_exp[:, None])
+                rows = torch.arange(end - start, device=hidden.device)
+                probs[rows, idx] -= in_shard.to(probs.dtype)
+                g = probs.mul_(wt[:, None]).to(hidden.dtype)
+                del probs, logits
+                torch.mm(g, weight, out=grad_hidden[start:end])
+                grad_weight.addmm_(g.t(), h)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        scale = grad_total.to(grad_hidden.dtype)
+        return grad_hidden * scale, grad_weight * scale, None, None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                         loss_weights: torch.Tensor, chunk_tokens: int = 2048, tp_group=None) -> torch.Tensor:
+    """sum_t w_t * CE(hidden_t @ weight.T, labels_t); hidden [n, h], weight [V or V/tp, h], labels/w [n].
+
+    Labels below zero are ignored. Under tensor parallelism `hidden` must be the full sequence on every rank and
+    `weight` this rank's vocabulary shard.
+    """
+    return _LinearCrossEntropy.apply(hidden, weight, labels, loss_weights, int(chunk_tokens), tp_group)
+
+
+def reference_cross_entropy(hidden, weight, labels, loss_weights) -> torch.Tensor:
+    """The same sum computed the plain way (fp32 logits of all tokens), for tests."""
+    logits = (hidden @ weight.t()).float()
+    valid = labels >= 0
+    loss = torch.nn.functional.cross_entropy(logits, torch.where(valid, labels, 0), reduction="none")
+    return (loss * loss_weights.float() * valid).sum()
+
+
+def make_model_class():
+    """`GPTModel` whose post-processing uses the chunked loss; built lazily so importing this module needs no megatron."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.tensor_parallel.mappings import (
+        copy_to_tensor_model_parallel_region,
+        gather_from_sequence_parallel_region,
+    )
+
+    class QwenGPTModel(GPTModel):
+        """GPTModel returning, when given labels and `loss_mask`, the masked loss *sum* (a scalar)."""
+
+        def __init__(self, *args, chunked_loss: bool = True, chunk_tokens: int = 2048, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.chunked_loss = chunked_loss
+            self.chunk_tokens = chunk_tokens
+
+        def _postprocess(self, hidden_states, input_ids, position_ids, labels, rotary_pos_emb, rotary_pos_cos,
+                         rotary_pos_sin, mtp_in_postprocess=None, loss_mask=None, **kwargs):
+            use_chunked = (self.chunked_loss and self.post_process and labels is not None and loss_mask is not None
+                           and not mtp_in_postprocess and self.config.mtp_num_layers is None)
+            if not use_chunked:
+                return super()._postprocess(hidden_states, input_ids, position_ids, labels, rotary_pos_emb,
+                                            rotary_pos_cos, rotary_pos_sin, mtp_in_postprocess=mtp_in_postprocess,
+                                            loss_mask=loss_mask, **kwargs)
+            weight = (self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights
+                      else self.output_layer.weight)
+            tp_group = self.pg_collection.tp
+            tp_size = tp_group.size() if tp_group is not None else 1
+            if tp_size > 1 and self.config.sequence_parallel:
+                hidden_states = gather_from_sequence_parallel_region(hidden_states, True, group=tp_group)
+            elif tp_size > 1:
+                hidden_states = copy_to_tensor_model_parallel_region(hidden_states, group=tp_group)
+            s, b, h = hidden_states.shape
+            flat = hidden_states.reshape(s * b, h)  # [s, b] order
+            y = labels.transpose(0, 1).reshape(-1)
+            w = loss_mask.transpose(0, 1).reshape(-1)
+            return linear_cross_entropy(flat, weight, y, w, self.chunk_tokens, tp_group if tp_size > 1 else None)
+
+    return QwenGPTModel
+
+
+def loss_sum_from_output(output: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """The model's output as a masked loss sum: the chunked path already returns it, the stock path gives [b, s]."""
+    if output.dim() == 0:
+        return output
+    return (output.float() * loss_mask.float()).sum()
+
