@@ -1,0 +1,33 @@
+# syntax=docker/dockerfile:1
+# Operator image: kopf + kubernetes client + the spec models. No torch. Runs as 65532 (non-root) with a
+# read-only root filesystem (the chart mounts an emptyDir at /tmp).
+# Build from the repository root:  docker build -f docker/operator.Dockerfile -t IMAGE .
+ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS build
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+WORKDIR /src
+RUN python -m venv /opt/venv
+COPY pyproject.toml README.md ./
+COPY trainer trainer
+COPY operator operator
+COPY tools/qwen_devcluster tools/qwen_devcluster
+RUN /opt/venv/bin/pip install --no-cache-dir ".[operator]" \
+ && /opt/venv/bin/python -c "import importlib.util as u; assert u.find_spec('torch') is None, 'torch must not be in the operator image'" \
+ && /opt/venv/bin/qwen-operator --help >/dev/null
+
+FROM ${PYTHON_IMAGE}
+COPY --from=build /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    HOME=/tmp
+LABEL org.opencontainers.image.title="qwen-k8s operator" \
+      org.opencontainers.image.source="https://github.com/qwen-k8s/qwen-k8s-trainer" \
+      org.opencontainers.image.licenses="Apache-2.0"
+# 8080: kopf liveness (/healthz); 9090: /metrics and /readyz.
+EXPOSE 8080 9090
+USER 65532:65532
+ENTRYPOINT ["qwen-operator"]

@@ -1,0 +1,226 @@
+"""Training checkpoints: atomic save, keep-last-N, and finding the newest complete one to resume from.
+
+Layout under `checkpoint.output.path` (Megatron's, so Megatron-LM and the converter read it)::
+
+    latest_checkpointed_iteration.txt        tracker, replaced (temp file + rename) after the folder is in place
+    config.json, tokenizer files             the model description the converter needs to export
+    iter_0000100/
+        mp_rank_00[_PPP][_EEE]/model_optim_rng.pt   weights in the backend's layout (or torch_dist files)
+        trainer_state.pt                     engine, iteration, consumed samples, optimiser, scheduler,
+                                             RNG states of every data-parallel rank, spec fingerprint
+    logs/metrics.jsonl, tensorboard/         written by the metrics module
+
+A save writes everything into a hidden scratch folder next to the target, fsyncs the files and the folder,
+renames it to `iter_XXXXXXX` and only then moves the tracker. A crash at any point leaves the previous
+checkpoint untouched; hidden leftovers are removed at the next start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from trainer import faults
+
+from . import weights
+from .layout import TRACKER, atomic_directory, fsync_dir, iteration_dir_name, read_tracker, write_tracker
+
+STATE_FILE = "trainer_state.pt"
+_ITER_RE = re.compile(r"^iter_(\d{7})$")
+
+
+@dataclass
+class TrainState:
+    iteration: int = 0
+    consumed_samples: int = 0
+    consumed_valid_samples: int = 0
+    flops_so_far: float = 0.0
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def _gather_rng(world: int) -> list:
+    mine = rng_state()
+    if world == 1 or not dist.is_initialized():
+        return [mine]
+    out: list = [None] * world
+    dist.all_gather_object(out, mine)
+    return out
+
+
+def complete_iterations(root: Path) -> list[int]:
+    if not root.is_dir():
+        return []
+    out = []
+    for child in root.iterdir():
+        m = _ITER_RE.match(child.name)
+        if m and child.is_dir() and (child / STATE_FILE).is_file():
+            out.append(int(m.group(1)))
+    return sorted(out)
+
+
+def find_latest(root: Path, log: Callable[[str], None] = print) -> Optional[int]:
+    """Newest complete iteration folder. Folders are renamed into place only when complete, so a folder newer
+    than the tracker means a crash between the rename and the tracker update; it is complete and wins."""
+    its = complete_iterations(root)
+    if not its:
+        return None
+    tracker = read_tracker(root)
+    if tracker is not None and tracker.isdigit() and int(tracker) != its[-1]:
+        log(f"checkpoint tracker says {tracker} but iteration {its[-1]} is complete; using {its[-1]}")
+    return its[-1]
+
+
+def clean_leftovers(root: Path, log: Callable[[str], None]) -> None:
+    """Remove hidden scratch folders of interrupted saves (rank 0, before anything is written)."""
+    if not root.is_dir():
+        return
+    for child in root.iterdir():
+        if child.name.startswith(".") and child.is_dir() and (".tmp-" in child.name or child.name.startswith(".scratch-")
+                                                             or ".old-" in child.name):
+            log(f"removing {child.name} left by an interrupted save")
+            shutil.rmtree(child, ignore_errors=True)
+
+
+def write_model_description(root: Path, config, tokenizer_dir: Optional[str]) -> None:
+    """config.json (and tokenizer files) at the checkpoint root, replaced atomically."""
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / ".config.json.tmp"
+    tmp.write_text(config.to_json_string(use_diff=False))
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, root / "config.json")
+    if tokenizer_dir and Path(tokenizer_dir).resolve() != root.resolve():
+        weights.copy_tokenizer(tokenizer_dir, root)
+    fsync_dir(root)
+
+
+def save(root: Path, state: TrainState, engine, *, fmt: str, layout: tuple[int, int, int], scheduler: dict,
+         fingerprint: dict, keep_last: Optional[int], save_optimizer: bool, rank: int, world: int,
+         log: Callable[[str], None]) -> Optional[Path]:
+    """Collective: every rank calls it; rank 0 writes. Returns the folder on rank 0."""
+    t0 = time.time()
+    rngs = _gather_rng(world)
+    target = root / iteration_dir_name(state.iteration)
+    if rank == 0:
+        tp, pp, ep = layout
+        with atomic_directory(target, overwrite=True) as tmp:
+            if engine.writes_megatron_layout:
+                engine.save_model(tmp)
+            else:
+                weights.write_megatron(tmp, engine.checkpoint_weights(), engine.hf_config(), fmt, tp=tp, pp=pp, ep=ep,
+                                       scratch_parent=root)
+            weights.set_iteration(tmp, fmt, state.iteration, {
+                "num_floating_point_operations_so_far": state.flops_so_far,
+                "opt_param_scheduler": scheduler,
+            })
+            payload = {
+                "version": 1,
+                "engine": engine.name,
+                "iteration": state.iteration,
+                "consumed_samples": state.consumed_samples,
+                "consumed_valid_samples": state.consumed_valid_samples,
+                "flops_so_far": state.flops_so_far,
+                "scheduler": scheduler,
+                "optimizer": engine.optimizer_state_dict() if save_optimizer else None,
+                "rng_state": rngs,
+                "fingerprint": fingerprint,
+                "format": fmt,
+                "saved_at": time.time(),
+            }
+            torch.save(payload, tmp / STATE_FILE)
+            faults.hit("save_before_rename", state.iteration, rank)
+        faults.hit("save_before_tracker", state.iteration, rank)
+        write_tracker(root, state.iteration)
+        if keep_last:
+            prune(root, keep_last, log)
+        log(f"saved checkpoint {target} ({fmt}, iteration {state.iteration}) in {time.time() - t0:.2f}s")
+    if world > 1 and dist.is_initialized():
+        dist.barrier()
+    # Saving must not disturb the run: restore this rank's RNG to what it was before the save.
+    set_rng_state(rngs[rank] if len(rngs) > rank else rngs[0])
+    faults.hit("after_save", state.iteration, rank)
+    return target if rank == 0 else None
+
+
+def prune(root: Path, keep_last: int, log: Callable[[str], None]) -> None:
+    its = complete_iterations(root)
+    tracker = read_tracker(root)
+    for it in its[:-keep_last] if len(its) > keep_last else []:
+        if tracker is not None and tracker.isdigit() and int(tracker) == it:
+            continue
+        path = root / iteration_dir_name(it)
+        # Rename first so a crash mid-delete never leaves a half folder that looks complete.
+        doomed = root / f".{path.name}.old-{os.getpid()}"
+        os.replace(path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+        log(f"removed checkpoint {path.name} (keepLastN={keep_last})")
+    fsync_dir(root)
+
+
+@dataclass
+class Loaded:
+    state: TrainState
+    scheduler: dict
+    optimizer: Optional[dict]
+    rng: Optional[dict]
+    fingerprint: dict
+    engine: str
+
+
+def load(root: Path, iteration: int, engine, *, fmt: str, rank: int, load_optimizer: bool,
+         log: Callable[[str], None]) -> Loaded:
+    folder = root / iteration_dir_name(iteration)
+    payload = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
+    saved_fmt = payload.get("format", fmt)
+    if engine.writes_megatron_layout:
+        engine.load_model(folder)
+    else:
+        engine.load_checkpoint_weights(weights.read_weights(folder, saved_fmt, scratch_parent=root))
+    rngs = payload.get("rng_state") or []
+    rng = rngs[rank] if rank < len(rngs) else None
+    optimizer = payload.get("optimizer") if load_optimizer else None
+    if optimizer is not None and payload.get("engine") != engine.name:
+        log(f"optimizer state was saved by engine={payload.get('engine')}; starting the optimizer afresh")
+        optimizer = None
+    state = TrainState(payload["iteration"], payload["consumed_samples"], payload.get("consumed_valid_samples", 0),
+                       payload.get("flops_so_far", 0.0))
+    return Loaded(state, payload.get("scheduler", {}), optimizer, rng, payload.get("fingerprint", {}),
+                  payload.get("engine", "?"))
+
+
+def fingerprint_problems(saved: dict, current: dict) -> list[str]:
+    out = []
+    for key in ("architecture",):
+        if key in saved and saved[key] != current.get(key):
+            diff = [k for k in set(saved[key]) | set(current.get(key, {}))
+                    if saved[key].get(k) != current.get(key, {}).get(k)]
+            out.append(f"the checkpoint was made for a different model ({', '.join(sorted(diff)[:6])} differ)")
+    return out
+
+
+def describe(root: Path) -> str:
+    return json.dumps({"root": str(root), "tracker": read_tracker(root), "iterations": complete_iterations(root)})
+
+
+__all__ = ["TrainState", "save", "load", "find_latest", "clean_leftovers", "prune", "write_model_description",
+           "rng_state", "set_rng_state", "TRACKER", "STATE_FILE"]

@@ -1,0 +1,78 @@
+"""What the training loop needs from an engine.
+
+The loop owns the schedule, the data, logging and checkpoint cadence; an engine owns the model on its device,
+the forward/backward over micro-batches, the gradient reduction over data-parallel ranks, clipping and the
+optimiser. Weights cross the boundary in Hugging Face naming (`checkpoint_weights` / `load_checkpoint_weights`);
+the checkpoint module turns them into the backend's Megatron layout through the converter. An engine that keeps a
+Megatron model (the megatron-core GPU engine) can hand out Megatron shards instead by overriding
+`writes_megatron_layout` and `save_model` / `load_model`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Protocol, Sequence
+
+import torch
+
+from trainer.data.batches import MicroBatch
+from trainer.distenv import DistEnv
+from trainer.spec import JobSpec
+from trainer.spec.resolve import ResolvedArchitecture
+
+# How micro-batch losses combine into the step's loss:
+#   "mean"      average over micro-batches and data-parallel ranks of each micro-batch's token-mean loss
+#               (Megatron's pretraining default);
+#   "per_token" sum over all loss tokens of the global batch divided by their number (Megatron's
+#               --calculate-per-token-loss, which the SFT scripts pass).
+LossMode = str
+
+
+@dataclass
+class EngineContext:
+    spec: JobSpec
+    arch: ResolvedArchitecture
+    dist: DistEnv
+    init_std: float
+    seed: int
+    log: Callable[[str], None]
+
+
+@dataclass
+class StepResult:
+    loss: float  # language-model loss of the global batch
+    aux_loss: Optional[float]  # MoE load-balancing loss (unweighted), None for dense models
+    grad_norm: float  # before clipping
+    loss_tokens: int  # tokens that carried loss, whole global batch
+
+
+class Engine(Protocol):
+    name: str  # "cpu" or "megatron"; logs and status name the engine that ran
+    device: str
+    data_parallel_size: int
+    data_parallel_rank: int
+    writes_megatron_layout: bool  # False: weights go through checkpoint_weights() and the converter
+
+    def build(self, ctx: EngineContext) -> None:
+        """Create the model (random init with ctx.init_std and ctx.seed) and the optimiser."""
+
+    def load_checkpoint_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Replace the weights with HF-named full tensors (initial weights or a resume)."""
+
+    def checkpoint_weights(self) -> dict[str, torch.Tensor]:
+        """Full weights in HF naming, on CPU (called on the rank that writes the checkpoint)."""
+
+    def hf_config(self) -> Any:
+        """The transformers config describing the model (written next to checkpoints, used by export)."""
+
+    def train_step(self, micro_batches: Sequence[MicroBatch], lr: float, loss_mode: LossMode) -> StepResult:
+        """Forward/backward over this rank's micro-batches, reduce gradients, clip, step the optimiser."""
+
+    def eval_step(self, micro_batches: Sequence[MicroBatch]) -> tuple[float, int]:
+        """(summed loss, loss tokens) over the global batch, no gradients."""
+
+    def optimizer_state_dict(self) -> dict:
+        ...
+
+    def load_optimizer_state_dict(self, state: dict) -> None:
+        ...

@@ -1,0 +1,47 @@
+"""Run the stage a job spec names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from trainer.distenv import DistEnv
+from trainer.errors import UserError
+from trainer.spec import JobSpec, resolve_architecture
+from trainer.spec.resolve import checkpoint_formats
+
+
+def run_stage(spec: JobSpec, d: DistEnv, log: Callable[[str], None]) -> int:
+    if spec.stage in ("pretrain", "finetune"):
+        from trainer.train import run_training
+
+        return run_training(spec, d, log)
+    if spec.stage in ("convert", "export"):
+        return run_conversion(spec, d, log)
+    raise UserError(f"the {spec.stage} stage is not part of this trainer build yet", path="stage")
+
+
+def run_conversion(spec: JobSpec, d: DistEnv, log: Callable[[str], None]) -> int:
+    """convert (HF -> Megatron) and export (Megatron -> HF) through trainer.convert, on rank 0 only."""
+    if not d.is_main:
+        return 0
+    from trainer.convert import ConversionError, ParallelLayout, convert
+
+    src_fmt, out_fmt = checkpoint_formats(spec)
+    source, target = Path(spec.checkpoint.source.path), Path(spec.checkpoint.output.path)
+    p = spec.parallelism
+    kwargs = {}
+    if spec.stage == "convert":
+        arch = resolve_architecture(spec)
+        kwargs = dict(layout=ParallelLayout(tp=p.tensor, pp=p.pipeline, ep=p.expert, etp=p.expert_tensor),
+                      padded_vocab_size=arch.vocab_size, transformer_engine_keys=spec.training.transformer_engine)
+    log(f"{spec.stage}: {source} ({src_fmt}) -> {target} ({out_fmt}), dtype {spec.checkpoint.dtype}")
+    try:
+        result = convert(source, src_fmt, target, out_fmt, dtype=spec.checkpoint.dtype,
+                         overwrite=spec.checkpoint.overwrite, verify=spec.checkpoint.verify, progress=False, **kwargs)
+    except ConversionError as err:
+        from trainer.errors import UserErrors
+
+        raise UserErrors([f"checkpoint: {p}" for p in err.problems]) from None
+    log(f"wrote {result.target}: {result.files} files, {result.bytes / 1e6:.1f} MB in {result.seconds:.1f}s")
+    return 0
