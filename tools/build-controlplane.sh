@@ -1,0 +1,210 @@
+#!/usr/bin/env bash
+# Build the local Kubernetes control plane used by the integration tests and the demo
+# from Go modules (no Docker, no downloaded release tarballs):
+#
+#   kube-apiserver, kube-controller-manager, kube-scheduler, etcd   tools/controlplane/k8s
+#   kwok (fake kubelets)                                            tools/controlplane/kwok
+#   training-operator.v1 (Kubeflow PyTorchJob controller)           tools/controlplane/training-operator
+#   helm v3                                                         tools/controlplane/helm
+#
+# Each component is its own Go module (go.mod/go.sum pinned in this repository), so the
+# dependency graphs never mix. Binaries go into a version-keyed cache outside the repo:
+#
+#   ${QWEN_K8S_CACHE:-$HOME/.cache/qwen-k8s}/controlplane/<key>/bin/
+#
+# plus the PyTorchJob CRD and kwok's stock stage files next to it. The script is
+# idempotent: a component whose binary already exists under the key is not rebuilt.
+#
+# Usage: tools/build-controlplane.sh [--print-bin-dir] [--force] [--only COMPONENT]...
+#   --print-bin-dir  print the bin dir for the pinned versions and exit (builds nothing)
+#   --print-key      print the cache key and exit
+#   --force          rebuild even if the binaries exist
+#   --only C         build only component C (k8s, etcd, kwok, training-operator, helm); repeatable
+# The last line of stdout is always the bin dir, so callers can do
+#   BIN=$(tools/build-controlplane.sh | tail -n1)
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+SRC="$ROOT/tools/controlplane"
+CACHE="${QWEN_K8S_CACHE:-$HOME/.cache/qwen-k8s}"
+
+# Bump when the build recipe (flags, copied files) changes in a way that needs a rebuild.
+RECIPE=1
+
+print_only=""
+force=0
+only=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --print-bin-dir) print_only=bin ;;
+    --print-key) print_only=key ;;
+    --force) force=1 ;;
+    --only) only+=("$2"); shift ;;
+    -h|--help) sed -n '2,26p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "build-controlplane: unknown argument: $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+command -v go >/dev/null 2>&1 || { echo "build-controlplane: 'go' is not on PATH (Go >= 1.24 is needed)" >&2; exit 1; }
+
+# Read a required module's version straight from a committed go.mod (no network, no go command).
+modver() { # dir module
+  awk -v m="$2" '($1==m && $2 ~ /^v/){print $2; exit} ($1=="require" && $2==m){print $3; exit}' "$SRC/$1/go.mod"
+}
+K8S_VERSION="$(modver k8s k8s.io/kubernetes)"
+ETCD_VERSION="$(modver k8s go.etcd.io/etcd/server/v3)"
+KWOK_VERSION="$(modver kwok sigs.k8s.io/kwok)"
+TFO_VERSION="$(modver training-operator github.com/kubeflow/training-operator)"
+HELM_VERSION="$(modver helm helm.sh/helm/v3)"
+for v in K8S_VERSION ETCD_VERSION KWOK_VERSION TFO_VERSION HELM_VERSION; do
+  [[ -n "${!v}" ]] || { echo "build-controlplane: could not read $v from $SRC/*/go.mod" >&2; exit 1; }
+done
+
+# A short digest of the pinned module files and this recipe, so that a go.sum change
+# (a different dependency) also gets a fresh directory.
+DIGEST="$( (echo "recipe=$RECIPE"; cat "$SRC"/*/go.mod "$SRC"/*/go.sum) | sha256sum | cut -c1-8)"
+KEY="k8s-${K8S_VERSION}-etcd-${ETCD_VERSION#v}-kwok-${KWOK_VERSION}-tfo-${TFO_VERSION}-helm-${HELM_VERSION}-${DIGEST}"
+OUT="$CACHE/controlplane/$KEY"
+BIN="$OUT/bin"
+
+if [[ "$print_only" == bin ]]; then echo "$BIN"; exit 0; fi
+if [[ "$print_only" == key ]]; then echo "$KEY"; exit 0; fi
+
+mkdir -p "$BIN" "$OUT/crds" "$OUT/kwok-stages" "$OUT/logs"
+# One build at a time per key (CI and a test fixture may both ask); a waiting caller then
+# finds the binaries in place. Left-over staging dirs from an interrupted build are removed.
+if command -v flock >/dev/null 2>&1; then
+  exec 9>"$OUT/.lock"
+  flock 9
+fi
+rm -rf "$OUT"/.build.*
+
+want() { # component
+  [[ ${#only[@]} -eq 0 ]] && return 0
+  local c; for c in "${only[@]}"; do [[ "$c" == "$1" ]] && return 0; done
+  return 1
+}
+have() { # binary...
+  [[ $force -eq 1 ]] && return 1
+  local b; for b in "$@"; do [[ -x "$BIN/$b" ]] || return 1; done
+  return 0
+}
+now() { date +%s; }
+fail() { # component logfile
+  echo "build-controlplane: FAILED to build $1 (log: $2); last lines:" >&2
+  tail -n 30 "$2" >&2 || true
+  exit 1
+}
+# Build into a temporary dir and move into place, so an interrupted build never
+# leaves a half-written binary that a later run would take as done.
+stage_dir() { mktemp -d "$OUT/.build.XXXXXX"; }
+install_bins() { # tmpdir binary...
+  local t="$1"; shift
+  local b; for b in "$@"; do mv -f "$t/$b" "$BIN/$b"; done
+  rm -rf "$t"
+}
+
+export CGO_ENABLED=0
+
+GOBUILD=(go build -trimpath -buildvcs=false)
+
+k8s_minor="${K8S_VERSION#v1.}"; k8s_minor="${k8s_minor%%.*}"
+k8s_ldflags() {
+  local p f="-s -w"
+  for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    f+=" -X $p.gitVersion=$K8S_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$k8s_minor"
+    f+=" -X $p.gitTreeState=clean -X $p.gitCommit=0000000000000000000000000000000000000000"
+    f+=" -X $p.buildDate=1970-01-01T00:00:00Z"
+  done
+  echo "$f"
+}
+
+total_start=$(now)
+built=()
+
+if want k8s && ! have kube-apiserver kube-controller-manager kube-scheduler; then
+  log="$OUT/logs/build-k8s.log"; t="$(stage_dir)"; s=$(now)
+  echo "build-controlplane: building kube-apiserver, kube-controller-manager, kube-scheduler $K8S_VERSION (log: $log)" >&2
+  ( cd "$SRC/k8s" && "${GOBUILD[@]}" -tags=selinux,notest,grpcnotrace -ldflags "$(k8s_ldflags)" -o "$t/" \
+      k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kube-scheduler
+  ) >"$log" 2>&1 || fail "kube-apiserver/kube-controller-manager/kube-scheduler ($K8S_VERSION)" "$log"
+  install_bins "$t" kube-apiserver kube-controller-manager kube-scheduler
+  built+=("k8s:$(( $(now) - s ))s")
+fi
+
+if (want etcd || want k8s) && ! have etcd; then
+  log="$OUT/logs/build-etcd.log"; t="$(stage_dir)"; s=$(now)
+  echo "build-controlplane: building etcd $ETCD_VERSION (log: $log)" >&2
+  ( cd "$SRC/k8s" && "${GOBUILD[@]}" -ldflags "-s -w" -o "$t/etcd" go.etcd.io/etcd/server/v3 ) >"$log" 2>&1 \
+    || fail "etcd ($ETCD_VERSION)" "$log"
+  install_bins "$t" etcd
+  built+=("etcd:$(( $(now) - s ))s")
+fi
+
+if want kwok && ! have kwok; then
+  log="$OUT/logs/build-kwok.log"; t="$(stage_dir)"; s=$(now)
+  echo "build-controlplane: building kwok $KWOK_VERSION (log: $log)" >&2
+  ( cd "$SRC/kwok" && "${GOBUILD[@]}" -ldflags "-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=${KWOK_VERSION#v}" \
+      -o "$t/kwok" sigs.k8s.io/kwok/cmd/kwok ) >"$log" 2>&1 || fail "kwok ($KWOK_VERSION)" "$log"
+  install_bins "$t" kwok
+  built+=("kwok:$(( $(now) - s ))s")
+fi
+
+if want training-operator && ! have training-operator.v1; then
+  log="$OUT/logs/build-training-operator.log"; t="$(stage_dir)"; s=$(now)
+  echo "build-controlplane: building training-operator.v1 $TFO_VERSION (log: $log)" >&2
+  ( cd "$SRC/training-operator" && "${GOBUILD[@]}" -ldflags "-s -w" \
+      -o "$t/training-operator.v1" github.com/kubeflow/training-operator/cmd/training-operator.v1 ) >"$log" 2>&1 \
+    || fail "training-operator ($TFO_VERSION)" "$log"
+  install_bins "$t" training-operator.v1
+  built+=("training-operator:$(( $(now) - s ))s")
+fi
+
+if want helm && ! have helm; then
+  log="$OUT/logs/build-helm.log"; t="$(stage_dir)"; s=$(now)
+  echo "build-controlplane: building helm $HELM_VERSION (log: $log)" >&2
+  hl="-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
+  for p in helm.sh/helm/v3/pkg/chartutil helm.sh/helm/v3/pkg/lint/rules; do
+    hl+=" -X $p.k8sVersionMajor=1 -X $p.k8sVersionMinor=$k8s_minor"
+  done
+  ( cd "$SRC/helm" && "${GOBUILD[@]}" -ldflags "$hl" -o "$t/helm" helm.sh/helm/v3/cmd/helm ) >"$log" 2>&1 \
+    || fail "helm ($HELM_VERSION)" "$log"
+  install_bins "$t" helm
+  built+=("helm:$(( $(now) - s ))s")
+fi
+
+# Data files taken from the module zips (read-only module cache -> our cache dir).
+moddir() { # srcdir module@version
+  ( cd "$SRC/$1" && go mod download -json "$2" ) | awk -F'"' '$2=="Dir"{print $4}'
+}
+crd="$OUT/crds/kubeflow.org_pytorchjobs.yaml"
+if [[ ! -s "$crd" || $force -eq 1 ]] && want training-operator; then
+  d="$(moddir training-operator "github.com/kubeflow/training-operator@$TFO_VERSION")" \
+    || { echo "build-controlplane: FAILED to locate the training-operator module to extract the PyTorchJob CRD" >&2; exit 1; }
+  install -m 0644 "$d/manifests/base/crds/kubeflow.org_pytorchjobs.yaml" "$crd.tmp" && mv -f "$crd.tmp" "$crd"
+fi
+if [[ ! -s "$OUT/kwok-stages/pod-ready.yaml" || $force -eq 1 ]] && want kwok; then
+  d="$(moddir kwok "sigs.k8s.io/kwok@$KWOK_VERSION")" \
+    || { echo "build-controlplane: FAILED to locate the kwok module to extract its stages" >&2; exit 1; }
+  for f in node/fast/node-initialize.yaml node/heartbeat-with-lease/node-heartbeat-with-lease.yaml \
+           pod/fast/pod-ready.yaml pod/fast/pod-complete.yaml pod/fast/pod-delete.yaml; do
+    install -m 0644 "$d/kustomize/stage/$f" "$OUT/kwok-stages/$(basename "$f")"
+  done
+fi
+
+cat >"$OUT/versions.env" <<EOF
+K8S_VERSION=$K8S_VERSION
+ETCD_VERSION=$ETCD_VERSION
+KWOK_VERSION=$KWOK_VERSION
+TRAINING_OPERATOR_VERSION=$TFO_VERSION
+HELM_VERSION=$HELM_VERSION
+KEY=$KEY
+EOF
+
+if [[ ${#built[@]} -gt 0 ]]; then
+  echo "build-controlplane: built ${built[*]} in $(( $(now) - total_start ))s" >&2
+else
+  echo "build-controlplane: up to date ($KEY)" >&2
+fi
+echo "$BIN"

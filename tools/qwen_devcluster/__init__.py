@@ -1,0 +1,108 @@
+"""A real, local Kubernetes control plane for integration tests and the demo, without Docker.
+
+Binaries come from ``tools/build-controlplane.sh`` (built from Go modules into a version-keyed
+cache; ``QWEN_K8S_BIN_DIR`` overrides where they are looked for). ``start_cluster()`` runs, as
+plain processes on 127.0.0.1 with free ports, and in this order:
+
+1. etcd (``--unsafe-no-fsync``), ready on ``/health``;
+2. kube-apiserver: serving certificate from a throw-away CA (openssl), ECDSA service-account
+   signing keys, a static token file (admin is ``system:masters``; the scheduler is
+   ``system:kube-scheduler`` under the RBAC bootstrap roles), ``--authorization-mode=Node,RBAC``;
+   ready on ``/readyz``;
+3. kube-controller-manager with every in-tree controller except node lifecycle and the cloud ones
+   (so garbage collection, namespaces, service accounts, Jobs, ReplicaSets... all work); ready when
+   ``/healthz`` answers and ``default/default`` ServiceAccount exists;
+4. kube-scheduler, ready on ``/healthz``;
+5. kwok managing every node; the harness registers ``gpu_nodes`` fake nodes ``gpu-node-<i>`` with
+   ``nvidia.com/gpu: 8`` (plus cpu, memory, pods) and waits until kwok has made them Ready;
+6. the Kubeflow training-operator (``--enable-scheme=pytorchjob``) out of cluster, after its
+   PyTorchJob CRD (from the training-operator module) is installed and Established; ready on
+   ``/readyz``.
+
+An admin kubeconfig is written to ``<state dir>/kubeconfig``; each process logs to
+``<state dir>/logs/<component>.log``. A component that fails to come up raises
+``ClusterStartError`` naming it, with the tail of its log.
+
+Pod lifecycle convention (kwok stages)
+--------------------------------------
+Scheduled pods become Running (init containers Completed, containers running). What happens next
+is chosen by the test through pod annotations, set in the pod template (a PyTorchJob's
+``replicaSpecs.*.template.metadata.annotations``) or patched onto running pods later (see
+``Cluster.set_pod_outcome``):
+
+``qwen.test/outcome: succeed``
+    the pod goes to ``Succeeded`` (every container terminated, exit code 0).
+``qwen.test/outcome: fail``
+    the pod goes to ``Failed`` (containers terminated, reason ``Error``, exit code from
+    ``qwen.test/exit-code``, default 1; e.g. 137 to exercise the training-operator's ExitCode policy).
+``qwen.test/delay: <Go duration>``
+    how long the pod stays Running before that, e.g. ``"3s"``; default 1s.
+no outcome annotation
+    the pod stays Running forever (like a long training run), except pods owned by a batch Job,
+    which complete as with kwok's stock stage.
+
+Deleted pods are removed at once (kwok clears finalizers), so owner deletion and garbage
+collection finish without a kubelet.
+
+Limits: one cluster with the training-operator per machine at a time, because the operator's
+cert-controller only accepts a fixed ``/tmp/k8s-webhook-server/serving-certs`` (the harness writes a
+self-signed pair there and removes it on stop if it created it). No validating webhook is
+registered for PyTorchJobs (the apiserver could not reach it); no kube-proxy, no real containers.
+
+Use from the command line: ``python -m qwen_devcluster up|down|status --state-dir DIR``.
+"""
+
+from .binaries import BinariesMissing, bin_dir, ensure_built, missing
+from .cluster import (
+    DELAY_ANNOTATION,
+    EXIT_CODE_ANNOTATION,
+    OUTCOME_ANNOTATION,
+    Cluster,
+    ClusterStartError,
+    start_cluster,
+)
+
+__all__ = [
+    "BinariesMissing",
+    "Cluster",
+    "ClusterStartError",
+    "DELAY_ANNOTATION",
+    "EXIT_CODE_ANNOTATION",
+    "OUTCOME_ANNOTATION",
+    "bin_dir",
+    "ensure_built",
+    "missing",
+    "start_cluster",
+    "up",
+    "down",
+    "status",
+]
+
+
+def up(state_dir, *, build: bool = False, **kwargs) -> Cluster:
+    """Start a cluster that outlives this process (``qwenctl dev-cluster up`` calls this)."""
+    bins = ensure_built() if build else None
+    return start_cluster(state_dir, bins, die_with_parent=False, **kwargs)
+
+
+def down(state_dir, keep_logs: bool = False) -> bool:
+    """Stop the cluster recorded in ``state_dir``; False if there was none."""
+    from pathlib import Path
+
+    from .cluster import STATE_FILE
+
+    if not (Path(state_dir) / STATE_FILE).exists():
+        return False
+    Cluster.load(Path(state_dir)).stop(keep_logs=keep_logs)
+    return True
+
+
+def status(state_dir) -> dict | None:
+    """Start-up time, per-component liveness and RSS of the cluster recorded in ``state_dir``."""
+    from pathlib import Path
+
+    from .cluster import STATE_FILE
+
+    if not (Path(state_dir) / STATE_FILE).exists():
+        return None
+    return Cluster.load(Path(state_dir)).measure()

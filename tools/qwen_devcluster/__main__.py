@@ -1,0 +1,55 @@
+"""``python -m qwen_devcluster up|down|status [--state-dir DIR]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from . import BinariesMissing, ClusterStartError, down, status, up
+
+
+def default_state_dir() -> Path:
+    cache = os.environ.get("QWEN_K8S_CACHE") or str(Path.home() / ".cache" / "qwen-k8s")
+    return Path(cache) / "devcluster" / "default"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m qwen_devcluster", description=__doc__)
+    ap.add_argument("command", choices=["up", "down", "status"])
+    ap.add_argument("--state-dir", type=Path, default=default_state_dir(),
+                    help="where the cluster keeps its data, logs and kubeconfig (default: %(default)s)")
+    ap.add_argument("--build", action="store_true", help="up: run tools/build-controlplane.sh first")
+    ap.add_argument("--nodes", type=int, default=4, help="up: number of fake GPU nodes (default: 4)")
+    ap.add_argument("--gpus-per-node", type=int, default=8)
+    ap.add_argument("--no-training-operator", action="store_true", help="up: skip the training-operator")
+    ap.add_argument("--keep-logs", action="store_true", help="down: keep <state-dir>/logs")
+    args = ap.parse_args(argv)
+
+    if args.command == "up":
+        try:
+            c = up(args.state_dir, build=args.build, gpu_nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                   training_operator=not args.no_training_operator)
+        except (ClusterStartError, BinariesMissing) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        m = c.measure()
+        print(f"cluster up in {m['startup_s']}s, {m['total_rss_mib']} MiB RSS; server {c.server}", file=sys.stderr)
+        print(f"export KUBECONFIG={c.kubeconfig}")
+        return 0
+    if args.command == "down":
+        if not down(args.state_dir, keep_logs=args.keep_logs):
+            print(f"no cluster recorded in {args.state_dir}", file=sys.stderr)
+        return 0
+    st = status(args.state_dir)
+    if st is None:
+        print(f"no cluster recorded in {args.state_dir}", file=sys.stderr)
+        return 1
+    print(json.dumps(st, indent=2))
+    return 0 if all(c["alive"] for c in st["components"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
