@@ -18,7 +18,11 @@ def run_stage(spec: JobSpec, d: DistEnv, log: Callable[[str], None]) -> int:
         return run_training(spec, d, log)
     if spec.stage in ("convert", "export"):
         return run_conversion(spec, d, log)
-    raise UserError(f"the {spec.stage} stage is not part of this trainer build yet", path="stage")
+    if spec.stage == "evaluate":
+        from trainer.evaluate import run_evaluation
+
+        return run_evaluation(spec, d, log)
+    raise UserError(f"unknown stage {spec.stage!r}", path="stage")
 
 
 def run_conversion(spec: JobSpec, d: DistEnv, log: Callable[[str], None]) -> int:

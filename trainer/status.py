@@ -59,6 +59,16 @@ class StatusReporter:
         if force or time.monotonic() - self._last >= self.interval:
             self._wake.set()
 
+    def report_section(self, section: str, body: dict) -> None:
+        """Patch one status section (e.g. `evaluation`) right away; best effort like progress reports."""
+        if not self.enabled:
+            return
+        try:
+            self._client().patch_namespaced_custom_object_status(
+                GROUP, VERSION, self.namespace, PLURAL, self.name, {"status": {section: body}})
+        except Exception as err:
+            self.log(f"status reporting of {section} to {self.namespace}/{self.name} failed ({type(err).__name__})")
+
     def _client(self):
         if self._api is None:
             from kubernetes import client, config  # lazy: only pods that report need it

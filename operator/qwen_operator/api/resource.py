@@ -127,6 +127,8 @@ class QwenTrainingJobStatus(SpecModel):
     """Values computed from the spec: iterations, world and data-parallel sizes, padded vocabulary."""
     progress: Optional[Progress] = None
     """Trainer-reported progress."""
+    evaluation: Optional[dict[str, Any]] = None
+    """Evaluate stage results: scores by task, a one-line summary and the results file."""
 
 
 def validate_resource_spec(data: Any, prefix: str = "spec") -> QwenTrainingJobSpec:
