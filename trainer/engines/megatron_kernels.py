@@ -39,7 +39,15 @@ def _maybe_compile(fn: Callable, enabled: bool) -> Callable:
         if not args[0].is_cuda:
             return fn(*args)
         if compiled is None:
-            compiled = torch.compile(fn, dynamic=False, fullgraph=True)
+            import torch._dynamo
+
+            # one specialisation per activation shape (layers, q/k heads, sequence-parallel shards); a run has few,
+            # but a process that builds several models (benchmark ablations, tests) needs more than the default 8
+            cfg = torch._dynamo.config
+            for name in ("recompile_limit", "cache_size_limit"):
+                if hasattr(cfg, name):
+                    setattr(cfg, name, max(getattr(cfg, name), 64))
+            compiled = torch.compile(fn, dynamic=False)
         return compiled(*args)
 
     return run

@@ -48,7 +48,31 @@ def hf_reference(arch, seed: int = 0, dtype=torch.float32, init_std: float = 0.0
 
     torch.manual_seed(seed)
     model = build_model(hf_config(arch, init_std=init_std), dtype=dtype, attn_implementation="sdpa")
-    return model, checkpoint_state_dict(model)
+    try:
+        weights = checkpoint_state_dict(model)
+    except (ImportError, AttributeError):  # transformers without revert_weight_conversion
+        weights = unpack_experts({k: v.detach() for k, v in model.state_dict().items()})
+    return model, unpack_experts(weights)
+
+
+def unpack_experts(sd: dict) -> dict:
+    """Packed expert tensors (transformers v5 in-memory layout: gate_up_proj [E, 2I, H], down_proj [E, H, I]) to
+    published per-expert names; other tensors pass through."""
+    out = {}
+    for k, v in sd.items():
+        if k.endswith("mlp.experts.gate_up_proj"):
+            prefix = k[: -len("gate_up_proj")]
+            inter = v.shape[1] // 2
+            for e in range(v.shape[0]):
+                out[f"{prefix}{e}.gate_proj.weight"] = v[e, :inter].contiguous()
+                out[f"{prefix}{e}.up_proj.weight"] = v[e, inter:].contiguous()
+        elif k.endswith("mlp.experts.down_proj"):
+            prefix = k[: -len("down_proj")]
+            for e in range(v.shape[0]):
+                out[f"{prefix}{e}.down_proj.weight"] = v[e].contiguous()
+        else:
+            out[k] = v
+    return out
 
 
 def hf_loss(model, micro_batches, device) -> float:

@@ -1,0 +1,97 @@
+"""Benchmark cases and the engine variants measured in them (data only).
+
+Each case is one model shape at one GPU count. The Hugging Face baseline runs the same shape with transformers'
+best plain settings (bf16 weights, SDPA attention, fused AdamW, its default grouped-GEMM experts; torch DDP on
+several GPUs), with the same micro-batch and global batch. `variants` are megatron engine runs: "best" plus, for
+the ablation cases, one run per lever turned off.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+# name -> EngineOptions changes (relative to the defaults, which are the fastest exact choice)
+VARIANTS: dict[str, dict] = {
+    "best": {},
+    "attn-local": {"attention": "local", "fused_rope": False},  # megatron's unfused DotProductAttention + its rope
+    "rope-unfused": {"fused_rope": False},  # SDPA, rope by megatron's unfused torch ops
+    "rmsnorm-torch": {"fused_rmsnorm": False},  # torch.nn.RMSNorm (the local spec's default)
+    "swiglu-unfused": {"fused_swiglu": False},
+    "ce-unchunked": {"chunked_cross_entropy": False},  # megatron's output layer + fused vocab-parallel CE
+    "no-wgrad-fusion": {"grad_accum_fusion": False},
+    "adam-foreach": {"fused_adam": False, "foreach_grad_norm": False},  # megatron's own Apex-less fallbacks
+    "recompute-selective": {"recompute": "selective"},
+    "recompute-full": {"recompute": "full"},
+    "experts-sequential": {"experts": "sequential"},
+    "no-overlap": {"overlap_grad_reduce": False},
+    "dispatcher-allgather": {"extra_config": {"moe_token_dispatcher_type": "allgather"}},
+    "stock": {"attention": "local", "fused_rope": False, "fused_rmsnorm": False, "fused_swiglu": False,
+              "chunked_cross_entropy": False, "grad_accum_fusion": False, "fused_adam": False,
+              "foreach_grad_norm": False, "recompute": "selective"},
+}
+
+DENSE_ABLATIONS = ["best", "attn-local", "rope-unfused", "rmsnorm-torch", "swiglu-unfused", "ce-unchunked",
+                   "no-wgrad-fusion", "adam-foreach", "recompute-selective", "recompute-full"]
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    family: str
+    size: str
+    gpus: int
+    seq: int
+    micro_batch: int
+    global_batch: int
+    variants: tuple[str, ...] = ("best",)
+    architecture: dict = field(default_factory=dict)
+    parallelism: dict = field(default_factory=dict)
+    baseline: bool = True
+    note: str = ""
+    recompute: str = "none"  # the engine's default recompute for this case (memory permitting)
+
+    def spec_args(self) -> dict:
+        return dict(architecture=self.architecture or None, parallelism=self.parallelism or None,
+                    training={"seqLength": self.seq, "microBatchSize": self.micro_batch,
+                              "globalBatchSize": self.global_batch,
+                              "activationCheckpointing": {"mode": self.recompute}})
+
+
+CASES: dict[str, Case] = {c.name: c for c in [
+    Case("qwen2.5-0.5b", "qwen2.5", "0.5B", gpus=1, seq=4096, micro_batch=4, global_batch=16),
+    Case("qwen2.5-1.5b", "qwen2.5", "1.5B", gpus=1, seq=4096, micro_batch=2, global_batch=8,
+         variants=tuple(DENSE_ABLATIONS) + ("stock",)),
+    Case("qwen1.5-moe-a2.7b-l3", "qwen1.5", "A2.7B", gpus=1, seq=4096, micro_batch=1, global_batch=4,
+         variants=("best", "experts-sequential", "dispatcher-allgather"), architecture={"numLayers": 3},
+         note="3 of 24 layers: 14.3B parameters with fp32 gradients and Adam state (18 bytes each) do not fit one "
+              "80 GB card; all layers are identical, so per-token cost scales with the layer count"),
+    Case("qwen2.5-1.5b-dp2", "qwen2.5", "1.5B", gpus=2, seq=4096, micro_batch=2, global_batch=16,
+         variants=("best", "no-overlap")),
+    # small shapes that run every code path in a minute or two (checking a machine before the real runs)
+    Case("smoke-dense", "qwen2.5", "0.5B", gpus=1, seq=1024, micro_batch=2, global_batch=4,
+         variants=tuple(DENSE_ABLATIONS) + ("stock",), architecture={"numLayers": 2}),
+    Case("smoke-moe", "qwen1.5", "A2.7B", gpus=1, seq=1024, micro_batch=1, global_batch=2,
+         variants=("best", "experts-sequential"), architecture={"numLayers": 1}),
+    Case("smoke-dense-dp2", "qwen2.5", "0.5B", gpus=2, seq=1024, micro_batch=2, global_batch=8,
+         variants=("best", "no-overlap"), architecture={"numLayers": 2}),
+    # four-GPU cases: need a 4-GPU machine
+    Case("qwen2.5-7b-tp2-dp2", "qwen2.5", "7B", gpus=4, seq=4096, micro_batch=1, global_batch=16,
+         parallelism={"tensor": 2, "sequenceParallel": True}, recompute="selective"),
+    Case("qwen1.5-moe-a2.7b-ep4", "qwen1.5", "A2.7B", gpus=4, seq=4096, micro_batch=1, global_batch=8,
+         parallelism={"expert": 4}, architecture={"numLayers": 12}, baseline=False,
+         note="12 of 24 layers to fit four 80 GB cards with fp32 optimizer state"),
+    Case("qwen3-30b-a3b-ep4-l12", "qwen3", "A3B", gpus=4, seq=4096, micro_batch=1, global_batch=8,
+         parallelism={"expert": 4}, architecture={"numLayers": 12}, baseline=False,
+         note="Qwen3-30B-A3B shape with 12 of 48 layers, EP 4"),
+]}
+
+ONE_GPU = [n for n, c in CASES.items() if c.gpus == 1 and not n.startswith("smoke")]
+TWO_GPU = [n for n, c in CASES.items() if c.gpus == 2 and not n.startswith("smoke")]
+FOUR_GPU = [n for n, c in CASES.items() if c.gpus == 4]
+
+
+def variant_options(name: str, base: Optional[dict] = None) -> dict:
+    out = dict(base or {})
+    out.update(VARIANTS[name])
+    return out

@@ -1,0 +1,244 @@
+"""GPU throughput benchmark: the megatron engine against the Hugging Face transformers baseline, side by side.
+
+    python benchmarks/gpu/run.py --cases qwen2.5-1.5b,qwen1.5-moe-a2.7b-l4 --out DIR [--steps 6 --warmup 3]
+    python benchmarks/gpu/run.py --list
+
+Every case runs the baseline and the engine variants on the same card(s) in this one invocation. With several GPUs,
+one-GPU cases are spread over the cards (a case and its baseline always share one card); cases needing more GPUs
+than are visible are skipped and listed as not run. Writes DIR/results.json, DIR/results.md, DIR/throughput.png
+and DIR/bench.log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from cases import CASES, VARIANTS  # noqa: E402
+
+
+def gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+
+
+def _launch(case, impl: str, variants: list[str], gpus: list[int], args, part: Path, log) -> int:
+    worker = str(HERE / "worker.py")
+    common = ["--case", case.name, "--impl", impl, "--variants", ",".join(variants), "--steps", str(args.steps),
+              "--warmup", str(args.warmup), "--out", str(part)]
+    if len(gpus) == 1:
+        cmd = [sys.executable, worker, *common]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={len(gpus)}",
+               worker, *common]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(map(str, gpus)), PYTHONUNBUFFERED="1")
+    if case.parallelism.get("tensor", 1) > 1:
+        env["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
+    start = time.time()
+    log(f"[{time.strftime('%H:%M:%S')}] gpus={gpus} {case.name} {impl} {','.join(variants)}")
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=args.case_timeout)
+    tail = "\n".join(proc.stdout.splitlines()[-40:]) if proc.returncode else ""
+    log(f"[{time.strftime('%H:%M:%S')}] done {case.name} {impl} rc={proc.returncode} in {time.time() - start:.0f}s"
+        + (f"\n{tail}" if tail else ""))
+    return proc.returncode
+
+
+def _run_case(case, gpus, args, part, log):
+    if case.baseline and not args.no_baseline:
+        _launch(case, "hf", [], gpus, args, part, log)
+    variants = [v for v in case.variants if not args.variants or v in args.variants]
+    if args.only_best:
+        variants = ["best"]
+    if variants and args.shared_process:
+        _launch(case, "megatron", variants, gpus, args, part, log)
+    else:  # a fresh process per variant: no compiled-kernel or allocator state carried between measurements
+        for v in variants:
+            _launch(case, "megatron", [v], gpus, args, part, log)
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Adds speedup over the baseline and data-parallel scaling efficiency."""
+    base = {(r["case"]): r for r in rows if r["impl"] == "hf" and "error" not in r}
+    one_gpu = {r["case"]: r for r in rows if r["impl"] == "megatron" and r["variant"] == "best" and "error" not in r}
+    for r in rows:
+        b = base.get(r["case"])
+        if r["impl"] == "megatron" and b and "error" not in r:
+            r["speedup_vs_hf"] = round(r["tokens_per_s_per_gpu"] / b["tokens_per_s_per_gpu"], 3)
+        single = r["case"][: -len("-dp2")] if r["case"].endswith("-dp2") else r["case"]
+        if r["case"].endswith("-dp2") and "error" not in r:
+            ref = one_gpu.get(single) if r["impl"] == "megatron" else base.get(single)
+            if ref:
+                r["scaling_efficiency"] = round(r["tokens_per_s_per_gpu"] / ref["tokens_per_s_per_gpu"], 3)
+    return rows
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = [f"Device: **{meta['device']}** x{meta['gpus_visible']}, {meta['date']}; "
+             f"torch {meta['torch']}, transformers {meta['transformers']}, megatron-core {meta['megatron_core']}.",
+             "", "| case | impl | variant | tokens/s/GPU | TFLOPS/GPU | MFU | vs HF | DP scaling | peak GiB | note |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['case']} | {r['impl']} | {r['variant']} | - | - | - | - | - | - | error: "
+                         f"{r['error'][:120].replace('|', '/')} |")
+            continue
+        speed = f"{r['speedup_vs_hf']:.2f}x" if "speedup_vs_hf" in r else ""
+        scale = f"{100 * r['scaling_efficiency']:.0f}%" if "scaling_efficiency" in r else ""
+        note = r.get("experts") if r.get("experts") not in (None, "none") else ""
+        if r["impl"] == "hf" and "moe" in r["case"]:
+            note = f"experts: {r.get('experts_implementation')}"
+        lines.append(
+            f"| {r['case']} | {r['impl']} | {r['variant']} | {r['tokens_per_s_per_gpu']:,.0f} | {r['tflops_per_gpu']:.0f} "
+            f"| {100 * r['mfu']:.1f}% | {speed} | {scale} | {r['peak_mem_gib']:.1f} | {note or ''} |")
+    if meta.get("not_run"):
+        lines += ["", "Not run here: " + "; ".join(meta["not_run"])]
+    return "\n".join(lines) + "\n"
+
+
+def chart(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if "error" not in r]
+    labels = [f"{r['case']}\n{r['impl']}:{r['variant']}" for r in ok]
+    values = [r["tokens_per_s_per_gpu"] for r in ok]
+    colors = ["#999999" if r["impl"] == "hf" else ("#1f77b4" if r["variant"] == "best" else "#9ecae1") for r in ok]
+    fig, ax = plt.subplots(figsize=(10, max(3, 0.32 * len(ok) + 1)))
+    ax.barh(range(len(ok)), values, color=colors)
+    ax.set_yticks(range(len(ok)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("tokens/s per GPU")
+    for i, r in enumerate(ok):
+        ax.text(values[i], i, f" {values[i]:,.0f} ({100 * r['mfu']:.0f}% MFU)", va="center", fontsize=7)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", default="")
+    ap.add_argument("--out", default="bench-out")
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--variants", default="", help="comma list: only these engine variants")
+    ap.add_argument("--only-best", action="store_true")
+    ap.add_argument("--shared-process", action="store_true",
+                    help="run all engine variants of a case in one process (faster, but memory of one run can "
+                         "linger into the next)")
+    ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--case-timeout", type=int, default=900)
+    ap.add_argument("--list", action="store_true")
+    ap.add_argument("--report-only", action="store_true", help="rebuild results.* from DIR/rows.jsonl")
+    args = ap.parse_args(argv)
+    args.variants = [v for v in args.variants.split(",") if v]
+    if args.list:
+        for c in CASES.values():
+            print(f"{c.name:28s} gpus={c.gpus} seq={c.seq} mbs={c.micro_batch} gbs={c.global_batch} "
+                  f"variants={','.join(c.variants)}")
+        print("variants:", ", ".join(f"{k}={v}" for k, v in VARIANTS.items()))
+        return 0
+    names = [n for n in args.cases.split(",") if n] or [n for n in CASES if not n.startswith("smoke")]
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        print(f"unknown cases: {unknown}; see --list", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    part = out / "rows.jsonl"
+    logf = open(out / "bench.log", "a")
+    lock = threading.Lock()
+
+    def log(msg):
+        with lock:
+            print(msg, flush=True)
+            logf.write(msg + "\n")
+            logf.flush()
+
+    ngpu = gpu_count()
+    cases = [CASES[n] for n in names]
+    if args.report_only:
+        return report(out, names, cases, args, ngpu, device_name())
+    not_run = [f"{c.name} (needs {c.gpus} GPUs, {ngpu} visible)" for c in cases if c.gpus > ngpu]
+    single = [c for c in cases if c.gpus == 1 and ngpu >= 1]
+    multi = [c for c in cases if 1 < c.gpus <= ngpu]
+    # one-GPU cases: one lane per card, each case (baseline + variants) stays on its card
+    lanes: list[list] = [[] for _ in range(max(ngpu, 1))]
+    load = [0] * len(lanes)
+    for c in sorted(single, key=lambda c: -len(c.variants)):  # longest first, onto the least loaded card
+        i = load.index(min(load))
+        lanes[i].append(c)
+        load[i] += len(c.variants) + 1
+    threads = [threading.Thread(target=lambda g=g, lane=lane: [_run_case(c, [g], args, part, log) for c in lane])
+               for g, lane in enumerate(lanes) if lane]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for c in multi:
+        _run_case(c, list(range(c.gpus)), args, part, log)
+
+    return report(out, names, cases, args, ngpu, device_name())
+
+
+def report(out: Path, names, cases, args, ngpu: int, device: str) -> int:
+    part = out / "rows.jsonl"
+    rows = [json.loads(line) for line in part.read_text().splitlines()] if part.exists() else []
+    if rows and device in ("none", ""):
+        device = rows[0].get("device", device)
+        ngpu = max(r["gpus"] for r in rows)
+    not_run = [f"{c.name} (needs {c.gpus} GPUs, {ngpu} visible)" for c in cases if c.gpus > ngpu]
+    order = {n: i for i, n in enumerate(names)}
+    rows.sort(key=lambda r: (order.get(r["case"], 99), r["impl"] != "hf", r["variant"] != "best"))
+    rows = summarise(rows)
+    import torch
+    import transformers
+
+    try:
+        from importlib.metadata import version
+
+        mcore = version("megatron-core")
+    except Exception:
+        mcore = "?"
+    versions = dict(torch=torch.__version__, transformers=transformers.__version__, megatron_core=mcore)
+    if args.report_only and (out / "results.json").exists():  # keep the versions of the machine that ran it
+        old = json.loads((out / "results.json").read_text()).get("meta", {})
+        versions = {k: old.get(k, v) for k, v in versions.items()}
+        meta_date = old.get("date")
+    else:
+        meta_date = None
+    meta = dict(device=device, gpus_visible=ngpu,
+                date=meta_date or datetime.datetime.now().isoformat(timespec="minutes"), **versions,
+                steps=args.steps, warmup=args.warmup, not_run=not_run,
+                notes={c.name: c.note for c in cases if c.note})
+    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (out / "results.md").write_text(markdown(rows, meta))
+    if rows and importlib.util.find_spec("matplotlib") is not None:
+        chart(rows, out / "throughput.png", f"{meta['device']} - megatron engine vs HF transformers (bf16, seq 4096)")
+    print(markdown(rows, meta))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
