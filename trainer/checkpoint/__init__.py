@@ -1,0 +1,1 @@
+"""Megatron checkpoint directory layout, atomic writes and resume helpers."""

@@ -1,0 +1,234 @@
+"""convert(): open the source, pick the target's rules, stream every rule instance through, write atomically."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import torch
+
+from ..checkpoint.layout import RELEASE, atomic_directory, read_tracker, resolve_iteration_dir, write_tracker
+from .errors import ConversionError, check
+from .formats import FORMATS
+from .formats.args import megatron_args
+from .formats.hf import HFSource, unmapped, write_hf
+from .formats.per_rank import FORMATS as PER_RANK, PerRankSource, write_per_rank
+from .formats.torch_dist import DistSource, write_torch_dist
+from .manifest import MANIFEST, check_manifest, write_manifest
+from .plan import Placement, format_rules, instances, iter_groups, rules_for
+from .sources import ByName, Upcycled
+from .spec import ParallelLayout, UpcycleSpec, layout_problems, load_hf_config, model_spec
+
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "fp32": torch.float32, "float32": torch.float32}
+# Files carried from a source checkpoint folder to the target (tokenizer, configs); weights never are.
+_CARRY_SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".distcp")
+_CARRY_SKIP = {"model.safetensors.index.json", "pytorch_model.bin.index.json", MANIFEST, "latest_checkpointed_iteration.txt"}
+
+
+@dataclass(frozen=True)
+class ConversionResult:
+    target: Path
+    files: int
+    bytes: int
+    seconds: float
+    manifest: Path
+
+
+def _dtype(dtype) -> Optional[torch.dtype]:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if str(dtype).lower() not in DTYPES:
+        raise ConversionError(f"unknown dtype {dtype!r}; use one of {', '.join(sorted(DTYPES))}")
+    return DTYPES[str(dtype).lower()]
+
+
+def open_source(path: Path, fmt: str, *, family=None, extra_vocab_size=0, padded_vocab_size=None, hf_config=None):
+    """Returns a source whose read(instance) yields HF tensors for any rule of its family."""
+    path = Path(path)
+    if not path.exists():
+        raise ConversionError(f"source {path} does not exist")
+    if fmt == "hf":
+        spec = model_spec(load_hf_config(path), family, extra_vocab_size=extra_vocab_size,
+                          padded_vocab_size=padded_vocab_size)
+        return HFSource(path, spec)
+    root, iter_dir = resolve_iteration_dir(path)
+    if not iter_dir.is_dir():
+        raise ConversionError(f"{path}: no checkpoint iteration folder (release/ or iter_*/)")
+    config = load_hf_config(Path(hf_config) if hf_config else root)
+
+    def spec_for(padded: int):
+        return model_spec(config, family, padded_vocab_size=padded)
+
+    if fmt == "torch_dist":
+        src = DistSource(root, iter_dir, spec_for)
+        return ByName(src, instances(src.spec, format_rules(src.spec, ("mcore",), fmt)))
+    pr = PER_RANK[fmt]
+    src = PerRankSource(root, iter_dir, pr, spec_for)
+    return ByName(src, instances(src.spec, format_rules(src.spec, src.schemes, fmt)))
+
+
+def _carry_files(src_root: Optional[Path], dst: Path, config: dict) -> list[Path]:
+    out = []
+    if src_root is not None and src_root.is_dir():
+        for p in sorted(src_root.iterdir()):
+            if p.is_file() and p.name not in _CARRY_SKIP and not p.name.endswith(_CARRY_SKIP_SUFFIXES):
+                shutil.copy2(p, dst / p.name)
+                out.append(dst / p.name)
+    (dst / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    return sorted(set(out + [dst / "config.json"]))
+
+
+def _target_problems(target: Path, source: Path, overwrite: bool) -> list[str]:
+    if target.resolve() == source.resolve():
+        return [f"target {target} is the source"]
+    if target.exists() and not target.is_dir():
+        return [f"target {target} exists and is not a directory"]
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        what = "a checkpoint" if (read_tracker(target) or any(target.glob("*.safetensors"))) else "files"
+        return [f"target {target} already holds {what}; pass overwrite=True (--overwrite) to replace it"]
+    return []
+
+
+def convert(source: Union[str, Path], source_format: str, target: Union[str, Path], target_format: str, *,
+            layout: Optional[ParallelLayout] = None, family: Optional[str] = None, extra_vocab_size: int = 0,
+            padded_vocab_size: Optional[int] = None, dtype=None, transformer_engine_keys: bool = False,
+            expert_layout: str = "sequential", overwrite: bool = False, verify: bool = False,
+            upcycle: Optional[UpcycleSpec] = None, progress: Union[bool, Callable] = True,
+            hf_config: Optional[Union[str, Path]] = None, max_shard_size: int = 5 << 30) -> ConversionResult:
+    """Convert a checkpoint between `hf`, `megatron-lm`, `mcore`, `torch_dist` and `megablocks`.
+
+    layout applies to per-rank targets (megatron-lm, mcore, megablocks); the source's layout is read from disk.
+    extra_vocab_size / padded_vocab_size pad the Megatron embedding and output rows (zeros; dropped again on
+    export). `progress` is True (tqdm bar), False, or a callable(total) returning a tick(n) function.
+    """
+    t0 = time.perf_counter()
+    source, target = Path(source), Path(target)
+    layout = layout or ParallelLayout()
+    problems = [f"unknown format {f!r}; known: {', '.join(FORMATS)}" for f in (source_format, target_format)
+                if f not in FORMATS]
+    if expert_layout not in ("sequential", "grouped"):
+        problems.append(f"expert_layout must be sequential or grouped, not {expert_layout!r}")
+    problems += _target_problems(target, source, overwrite) if source.exists() else []
+    check(problems)
+    cast_to = _dtype(dtype)
+
+    src = open_source(source, source_format, family=family, extra_vocab_size=extra_vocab_size,
+                      padded_vocab_size=padded_vocab_size, hf_config=hf_config)
+    try:
+        config = dict(src.spec.hf_config)
+        if upcycle is not None:
+            src = Upcycled(src, upcycle)
+            config = src.config
+        spec = src.spec
+        if source_format != "hf" and (extra_vocab_size or padded_vocab_size):
+            padded = padded_vocab_size or spec.vocab + extra_vocab_size
+            spec = dataclasses.replace(spec, padded_vocab=int(padded))
+        if cast_to is not None:
+            config["torch_dtype" if "torch_dtype" in config else "dtype"] = str(cast_to).removeprefix("torch.")
+        if source_format == "hf" and upcycle is None:
+            extra = unmapped(src, instances(spec, rules_for(spec)))
+            check([f"source tensor {n} is not described by the {spec.family} table" for n in extra[:20]])
+
+        if target_format == "hf":
+            insts = instances(spec, format_rules(spec, ("mcore",), "hf"))
+        elif target_format == "torch_dist":
+            insts = instances(spec, format_rules(spec, ("mcore",), target_format))
+        else:
+            pr = PER_RANK[target_format]
+            etp = layout.etp if layout.etp is not None else (layout.tp if pr.experts_tp else 1)
+            if not pr.experts_tp and etp != 1:
+                problems.append(f"{target_format} experts are not tensor-parallel: etp must be 1 (got {etp})")
+            check(problems + layout_problems(spec, layout, etp))
+            schemes = pr.resolve_schemes(transformer_engine_keys, expert_layout == "grouped")
+            insts = instances(spec, format_rules(spec, schemes, target_format))
+            place = Placement(spec, layout, etp, schemes, pr.tied_head_name)
+
+        emb_dtype = src.read(insts[0], meta=True)[0].dtype
+        out_dtype = cast_to or emb_dtype
+
+        def cast(t: torch.Tensor) -> torch.Tensor:
+            return t if cast_to is None or t.dtype == cast_to else t.to(cast_to)
+
+        if target_format in PER_RANK:
+            total = sum(1 for pp, ep in iter_groups(layout) for i in insts
+                        if any(s.pp == pp for s in place.slots(i)) and (i.expert is None or place.ep_rank(i) == ep))
+        else:
+            total = len(insts)
+        bar, tick = _progress(progress, total, f"{source_format} -> {target_format}")
+        with atomic_directory(target, overwrite=overwrite) as tmp:
+            files = _carry_files(getattr(src, "root", None), tmp, config)
+            if target_format == "hf":
+                files += write_hf(src, tmp, insts, cast=cast, max_shard_bytes=max_shard_size, tick=tick)
+            else:
+                impl = "transformer_engine" if transformer_engine_keys else "local"
+                fmt_name = "torch_dist" if target_format == "torch_dist" else "torch"
+                lay = layout if target_format in PER_RANK else ParallelLayout()
+                args = megatron_args(spec, lay, place.etp if target_format in PER_RANK else 1, ckpt_format=fmt_name,
+                                     transformer_impl=impl, dtype=out_dtype)
+                iter_dir = tmp / RELEASE
+                if target_format == "torch_dist":
+                    files += write_torch_dist(src, iter_dir, spec, insts, te=transformer_engine_keys, cast=cast,
+                                              tick=tick, args=args)
+                else:
+                    files += write_per_rank(src, iter_dir, PER_RANK[target_format], place, insts, cast=cast,
+                                            tick=tick, args=args)
+            if bar is not None:
+                bar.close()
+            info = {"source": str(source), "source_format": source_format, "target_format": target_format,
+                    "family": spec.family, "layout": layout.as_dict() if target_format in PER_RANK else None,
+                    "padded_vocab_size": spec.padded_vocab, "vocab_size": spec.vocab,
+                    "dtype": str(out_dtype).removeprefix("torch."),
+                    "transformer_engine_keys": transformer_engine_keys, "expert_layout": expert_layout,
+                    "upcycle": dataclasses.asdict(upcycle) if upcycle else None}
+            write_manifest(tmp, info, files)
+            if target_format != "hf":
+                write_tracker(tmp, RELEASE)  # last: a reader that finds the tracker finds a complete checkpoint
+    finally:
+        src.close()
+    if verify:
+        verify_conversion(source, source_format, target, target_format, family=family, hf_config=hf_config,
+                          upcycle=upcycle, exact=cast_to is None or cast_to == emb_dtype)
+    nbytes = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
+    return ConversionResult(target, sum(1 for p in target.rglob("*") if p.is_file()), nbytes,
+                            time.perf_counter() - t0, target / MANIFEST)
+
+
+def verify_conversion(source: Path, source_format: str, target: Path, target_format: str, *, family=None,
+                      hf_config=None, upcycle: Optional[UpcycleSpec] = None, exact: bool = True) -> None:
+    """Re-read the target: checksums must match the manifest, and (unless the dtype changed) every HF tensor read
+    back from the target must equal the one read from the source."""
+    check(check_manifest(Path(target)))
+    if not exact:
+        return
+    a = open_source(Path(source), source_format, family=family, hf_config=hf_config)
+    b = open_source(Path(target), target_format, family=None)
+    try:
+        if upcycle is not None:
+            a = Upcycled(a, upcycle)
+        problems = []
+        for inst in instances(b.spec, format_rules(b.spec, ("mcore",), "hf")):
+            for name, x, y in zip(inst.hf_names, a.read(inst), b.read(inst)):
+                if x.shape != y.shape or x.dtype != y.dtype or not torch.equal(x, y):
+                    problems.append(f"verify: {name} differs between {source} and {target}")
+        check(problems[:20])
+    finally:
+        a.close()
+        b.close()
+
+
+def _progress(progress, total: int, desc: str):
+    if callable(progress):
+        return None, progress(total)
+    if not progress:
+        return None, lambda n=1: None
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="tensor", dynamic_ncols=True)
+    return bar, bar.update

@@ -1,0 +1,224 @@
+"""Megatron-Core distributed checkpoints (`--ckpt-format torch_dist`) through megatron.core.dist_checkpointing.
+
+Keys are the ones GPTModel.sharded_state_dict() produces: layers stacked on a leading axis
+(`decoder.layers.self_attention.linear_qkv.weight` [L, ...]) and experts on a second one
+(`decoder.layers.mlp.experts.experts.linear_fc1.weight` [L, E, ...]); tensors are stored in their TP=1 layout, so
+one checkpoint loads at any TP/PP/EP. We save from one process with one ShardedTensor per (layer, expert) piece.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import queue
+import re
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+
+from ..errors import ConversionError
+from ..plan import Instance
+from ..rules import KINDS
+from ..spec import ModelSpec
+
+# The local layer spec renames its separate norms to the TE fused names in sharded_state_dict, so both specs share
+# keys for dense layers; MoE layers keep `pre_mlp_layernorm` under the TE spec only.
+_LOCAL_KEYS_MAP = (("input_layernorm.", "self_attention.linear_qkv.layer_norm_"),
+                   ("pre_mlp_layernorm.", "mlp.linear_fc1.layer_norm_"))
+
+
+@contextmanager
+def process_group() -> Iterator[None]:
+    """dist_checkpointing needs torch.distributed; start a 1-rank gloo group unless one is already running."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        yield
+        return
+    with tempfile.TemporaryDirectory() as d:
+        dist.init_process_group("gloo", init_method=f"file://{os.path.join(d, 'store')}", rank=0, world_size=1)
+        try:
+            yield
+        finally:
+            dist.destroy_process_group()
+
+
+@contextmanager
+def _cpu_only() -> Iterator[None]:
+    """megatron-core's saver calls torch.cuda.synchronize() after staging tensors to host memory and puts its
+    failure flag on torch.cuda.current_device(); on a machine without a GPU both raise. Our tensors are already on
+    the CPU and the group is gloo, so point both at the CPU while saving."""
+    if torch.cuda.is_available():
+        yield
+        return
+    saved = torch.cuda.synchronize, torch.cuda.current_device
+    torch.cuda.synchronize = lambda *a, **k: None
+    torch.cuda.current_device = lambda: "cpu"
+    try:
+        yield
+    finally:
+        torch.cuda.synchronize, torch.cuda.current_device = saved
+
+
+class _InProcessContext:
+    """Stands in for a multiprocessing context: "processes" run to completion in start(), queues are plain."""
+
+    class Process:
+        def __init__(self, target, args=(), kwargs=None):
+            self._run = lambda: target(*args, **(kwargs or {}))
+
+        def start(self):
+            self._run()
+
+        def join(self, timeout=None):
+            pass
+
+    Queue = JoinableQueue = SimpleQueue = queue.Queue
+
+    def Manager(self):
+        return self
+
+
+@contextmanager
+def _in_process_writers() -> Iterator[None]:
+    """megatron-core's file writer forks one worker per output file (and spawns a manager for results). Forking a
+    process that already runs gloo and torch thread pools hangs here, and a converter gains nothing from it: the
+    data is already in host memory. Run the same writer code in this process instead."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+
+    saved = fa.mp, fa._results_queue, fa._process_memory
+    fa.mp = SimpleNamespace(get_context=lambda method=None: _InProcessContext())
+    fa._results_queue = None
+    if not fa.HAVE_PSUTIL:  # only used for debug logging, but raises without psutil
+        fa._process_memory = lambda: 0
+    try:
+        yield
+    finally:
+        fa.mp, fa._results_queue, fa._process_memory = saved
+
+
+def dist_key(inst: Instance, spec: ModelSpec, te: bool) -> tuple[str, tuple, str]:
+    """(key, sharded offsets, extra-state key) for an instance."""
+    schemes = ("te", "mcore") if te else ("mcore",)
+    name = inst.rule.mg_name(schemes)
+    offsets: tuple = ()
+    if inst.layer is not None:
+        name = name.format(layer="{layer}", expert="{expert}").replace("decoder.layers.{layer}.", "decoder.layers.")
+        if not te:
+            for old, new in _LOCAL_KEYS_MAP:
+                if name == "decoder.layers." + old + "weight":
+                    name = "decoder.layers." + new + "weight"
+        offsets = ((0, inst.layer, spec.layers),)
+    if inst.expert is not None:
+        name = name.replace("mlp.experts.local_experts.{expert}.", "mlp.experts.experts.")
+        offsets += ((1, inst.expert, spec.num_experts),)
+    extra = name[: -len("weight")] + "_extra_state" if inst.rule.linear and inst.layer is not None else ""
+    return name, offsets, extra
+
+
+def write_torch_dist(source, iter_dir: Path, spec: ModelSpec, insts: Sequence[Instance], *, te: bool,
+                     cast: Callable, tick: Callable[[int], None], args) -> list[Path]:
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
+
+    # dist_checkpointing.save takes the whole sharded state dict at once, so this format holds the model in memory.
+    sd: dict = {}
+    for inst in insts:
+        kind = KINDS[inst.rule.kind]
+        canon = cast(kind.fuse(spec, *source.read(inst))).contiguous()
+        key, offsets, extra = dist_key(inst, spec, te)
+        local = f"{key}@{inst.layer}.{inst.expert}"
+        sd[local] = ShardedTensor.from_rank_offsets(key, canon, *offsets, replica_id=0, prepend_axis_num=len(offsets))
+        if extra:
+            shape = tuple(o[2] for o in offsets)
+            sd[local + "._extra_state"] = ShardedObject(extra, None, shape, tuple(o[1] for o in offsets), replica_id=0)
+        tick(1)
+    iter_dir.mkdir(parents=True, exist_ok=True)
+    state = {"model": sd, "checkpoint_version": 3.0, "iteration": 0, "args": args,
+             "num_floating_point_operations_so_far": 0}
+    with process_group(), _cpu_only(), _in_process_writers():
+        dist_checkpointing.save(state, str(iter_dir))
+    return sorted(p for p in iter_dir.rglob("*") if p.is_file())
+
+
+class DcpReader:
+    """Reads regions of a PyTorch DCP checkpoint straight from its `.metadata` and `.distcp` files.
+
+    megatron-core's own load() converts requests into torch ShardedTensors that must tile the whole tensor on the
+    calling ranks, so a one-process reader cannot ask for one layer at a time. The DCP layout is simple: each saved
+    chunk (offsets, sizes) is a torch.save blob at a byte range of a .distcp file. We read the chunks that cover the
+    requested layer and assemble them, which works for any TP/PP/EP the checkpoint was saved with."""
+
+    def __init__(self, directory: Path):
+        from torch.distributed.checkpoint import FileSystemReader
+
+        self.dir = Path(directory)
+        md = FileSystemReader(str(self.dir)).read_metadata()
+        self.tensors = {k: v for k, v in md.state_dict_metadata.items() if hasattr(v, "chunks")}
+        self._storage = md.storage_data
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.tensors[key].size)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.tensors[key].properties.dtype
+
+    def _chunk(self, key: str, offsets) -> torch.Tensor:
+        from torch.distributed.checkpoint.metadata import MetadataIndex
+
+        info = self._storage[MetadataIndex(key, offsets)]
+        with open(self.dir / info.relative_path, "rb") as f:
+            f.seek(info.offset)
+            blob = f.read(info.length)
+        return torch.load(io.BytesIO(blob), weights_only=True)
+
+    def read(self, key: str, layer: Optional[int] = None) -> torch.Tensor:
+        """The whole tensor, or its slice at `layer` along the leading (stacked-layers) axis."""
+        md = self.tensors[key]
+        shape = tuple(md.size)[1:] if layer is not None else tuple(md.size)
+        out = torch.empty(shape, dtype=md.properties.dtype)
+        for c in md.chunks:
+            off, size = tuple(c.offsets), tuple(c.sizes)
+            if layer is not None:
+                if not off[0] <= layer < off[0] + size[0]:
+                    continue
+                t = self._chunk(key, c.offsets)[layer - off[0]]
+                off, size = off[1:], size[1:]
+            else:
+                t = self._chunk(key, c.offsets)
+            out[tuple(slice(o, o + n) for o, n in zip(off, size))] = t
+        return out
+
+
+class DistSource:
+    """Reads a torch_dist checkpoint one tensor (one layer of it) at a time."""
+
+    def __init__(self, root: Path, iter_dir: Path, spec_for: Callable[[int], ModelSpec]):
+        self.root, self.iter_dir = Path(root), Path(iter_dir)
+        if not (self.iter_dir / "metadata.json").is_file() or not (self.iter_dir / ".metadata").is_file():
+            raise ConversionError(f"{self.iter_dir}: not a torch_dist checkpoint (metadata.json or .metadata missing)")
+        self._dcp = DcpReader(self.iter_dir)
+        if "embedding.word_embeddings.weight" not in self._dcp.tensors:
+            raise ConversionError(f"{self.iter_dir}: no embedding.word_embeddings.weight in the checkpoint")
+        self.spec = spec_for(self._dcp.shape("embedding.word_embeddings.weight")[0])
+        self.te = "decoder.layers.pre_mlp_layernorm.weight" in self._dcp.tensors
+        self.transformer_engine_keys = self.te
+
+    def read(self, inst: Instance, meta: bool = False) -> list[torch.Tensor]:
+        key, offsets, _ = dist_key(inst, self.spec, self.te)
+        if key not in self._dcp.tensors:
+            raise ConversionError(f"{self.iter_dir}: missing tensor {key}")
+        kind = KINDS[inst.rule.kind]
+        if meta:
+            canon = torch.empty(self._dcp.shape(key)[len(offsets):], dtype=self._dcp.dtype(key), device="meta")
+        else:
+            t = self._dcp.read(key, inst.layer)
+            canon = t[inst.expert] if inst.expert is not None else t
+        return kind.unfuse(self.spec, canon)
+
+    def close(self) -> None:
+        pass

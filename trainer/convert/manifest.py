@@ -1,0 +1,51 @@
+"""conversion-manifest.json: what was converted, and a sha256 per output file so a copy can be checked later."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterable
+
+MANIFEST = "conversion-manifest.json"
+_CHUNK = 16 << 20
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(_CHUNK)
+        view = memoryview(buf)
+        while n := f.readinto(view):
+            h.update(view[:n])  # hashlib releases the GIL on large buffers, so files hash in parallel
+    return h.hexdigest()
+
+
+def hash_files(root: Path, files: Iterable[Path], workers: int = 2) -> dict[str, dict]:
+    files = sorted(set(files))
+    with ThreadPoolExecutor(workers) as pool:
+        digests = list(pool.map(sha256_file, files))
+    return {str(p.relative_to(root)): {"sha256": d, "bytes": p.stat().st_size} for p, d in zip(files, digests)}
+
+
+def write_manifest(root: Path, info: dict, files: Iterable[Path]) -> dict:
+    manifest = dict(info, files=hash_files(root, files))
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    return manifest
+
+
+def check_manifest(root: Path) -> list[str]:
+    """One line per file that is missing or whose checksum differs."""
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        return [f"{root}: no {MANIFEST}"]
+    manifest = json.loads(path.read_text())
+    problems = []
+    for rel, want in manifest["files"].items():
+        p = Path(root) / rel
+        if not p.is_file():
+            problems.append(f"{p}: missing")
+        elif p.stat().st_size != want["bytes"] or sha256_file(p) != want["sha256"]:
+            problems.append(f"{p}: checksum mismatch")
+    return problems

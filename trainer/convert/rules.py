@@ -1,0 +1,118 @@
+"""Mapping rules and the tensor transforms behind each rule kind.
+
+A rule ties one or more HF tensors to one Megatron tensor. Its `kind` says how they fuse (qkv grouping, gate/up
+concatenation, transpose) and how the fused tensor is split across tensor-parallel ranks. Every kind provides four
+pure functions over the *canonical* tensor (the Megatron tensor at TP=1):
+
+    fuse(hf tensors) -> canonical        unfuse(canonical) -> hf tensors
+    split(canonical, rank, size) -> shard   merge(shards) -> canonical
+
+so one engine can drive every direction and format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .spec import ModelSpec
+
+# A Megatron name of None means "this format spells the tensor through another rule" (skip silently);
+# UNSUPPORTED means the format has no way to hold it (a conversion that needs it fails with a clear error).
+UNSUPPORTED = "<unsupported>"
+
+
+@dataclass(frozen=True, eq=False)  # identity semantics: rules are table entries
+class Rule:
+    hf: tuple[str, ...]
+    mg: dict[str, Optional[str]]  # naming scheme -> Megatron name pattern
+    kind: str = "replicated"
+    when: Optional[str] = None  # name of a ModelSpec boolean property; rule applies only when it is true
+    scope: str = "layer"  # "first" (first pipeline stage), "last", "layer", "expert"
+    linear: bool = False  # Megatron module is a linear layer (carries an `_extra_state` entry in mcore)
+    note: str = field(default="", compare=False)
+
+    def active(self, spec: ModelSpec) -> bool:
+        return self.when is None or bool(getattr(spec, self.when))
+
+    def mg_name(self, schemes: Sequence[str]) -> Optional[str]:
+        for s in schemes:
+            if s in self.mg:
+                return self.mg[s]
+        return UNSUPPORTED
+
+
+# ---- kinds ---------------------------------------------------------------------------------------------------
+
+
+def _qkv_fuse(spec: ModelSpec, q, k, v):
+    # Megatron groups rows by KV head: for each group g, [q heads of g; k_g; v_g] (see reference §0.1).
+    g, d = spec.groups, spec.head_dim
+    per = spec.heads // g
+    tail = q.shape[1:]
+    return torch.cat([q.reshape(g, per * d, *tail), k.reshape(g, d, *tail), v.reshape(g, d, *tail)], dim=1).reshape(
+        -1, *tail)
+
+
+def _qkv_unfuse(spec: ModelSpec, t):
+    g, d = spec.groups, spec.head_dim
+    per = spec.heads // g
+    tail = t.shape[1:]
+    x = t.reshape(g, (per + 2) * d, *tail)
+    q, k, v = torch.split(x, [per * d, d, d], dim=1)
+    return [q.reshape(-1, *tail), k.reshape(-1, *tail), v.reshape(-1, *tail)]
+
+
+def _gate_up_split(t, rank, size):
+    gate, up = t.chunk(2, dim=0)
+    return torch.cat([gate.chunk(size, 0)[rank], up.chunk(size, 0)[rank]], dim=0)
+
+
+def _gate_up_merge(shards):
+    halves = [s.chunk(2, dim=0) for s in shards]
+    return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+
+
+def _pad_rows(spec: ModelSpec, t):
+    extra = spec.padded_vocab - t.shape[0]
+    if extra <= 0:
+        return t
+    # Zero rows: padded token ids are never produced by the tokenizer, and zeros keep the round trip exact.
+    return torch.cat([t, t.new_zeros((extra, *t.shape[1:]))], dim=0)
+
+
+@dataclass(frozen=True)
+class Kind:
+    fuse: Callable  # (spec, *hf) -> canonical
+    unfuse: Callable  # (spec, canonical) -> list of hf
+    split: Callable  # (canonical, rank, size) -> shard
+    merge: Callable  # (list of shards) -> canonical
+    tp_split: bool = True
+
+
+def _one(spec, t):
+    return t
+
+
+def _unone(spec, t):
+    return [t]
+
+
+def _dim(d):
+    return (lambda t, r, n: t.chunk(n, dim=d)[r]), (lambda s: torch.cat(list(s), dim=d))
+
+
+KINDS: dict[str, Kind] = {
+    "replicated": Kind(_one, _unone, lambda t, r, n: t, lambda s: s[0], tp_split=False),
+    "column": Kind(_one, _unone, *_dim(0)),
+    "row": Kind(_one, _unone, *_dim(1)),
+    "vocab": Kind(_pad_rows, lambda spec, t: [t[: spec.vocab]], *_dim(0)),
+    "qkv": Kind(_qkv_fuse, _qkv_unfuse, *_dim(0)),  # whole groups per rank, so a plain dim-0 chunk
+    "gate_up": Kind(lambda spec, g, u: torch.cat([g, u], dim=0), lambda spec, t: list(t.chunk(2, dim=0)),
+                    _gate_up_split, _gate_up_merge),
+    # MegaBlocks stores w2 as down_proj transposed ([ffn, hidden] per expert); not tensor-parallel.
+    "transposed": Kind(lambda spec, t: t.t(), lambda spec, t: [t.t()], lambda t, r, n: t, lambda s: s[0],
+                       tp_split=False),
+}
