@@ -26,7 +26,7 @@ integration: setup
 	QWEN_REQUIRE_CLUSTER=1 $(PY) -m pytest -ra $(PYTEST_ARGS) tests/integration
 
 demo: setup
-	$(PY) -m qwen_operator.demo
+	$(PY) tools/demo.py
 
 crd: python
 	$(VENV)/bin/qwenctl crd > manifests/crd/qwentrainingjobs.training.qwen.dev.yaml
