@@ -242,7 +242,8 @@ class Cluster:
         self.procs.append(p)
         return p
 
-    def _wait(self, proc: Proc, check: Callable[[], bool | str], timeout: float, what: str) -> None:
+    def _wait(self, proc: Proc, check: Callable[[], bool | str], timeout: float, what: str,
+              record: bool = True) -> None:
         """Poll ``check`` until it returns True; fail fast if the process dies."""
         deadline = time.monotonic() + timeout
         last = ""
@@ -254,6 +255,8 @@ class Cluster:
             try:
                 res = check()
                 if res is True:
+                    if not record:
+                        return
                     proc.ready_s = round(time.monotonic() - proc.started_at, 3)
                     return
                 last = str(res or "")
@@ -545,6 +548,9 @@ def _start(c: Cluster, assets: Path, gpu_nodes: int, gpus_per_node: int, node_cp
         "--service-cluster-ip-range=10.96.0.0/16", "--allow-privileged=true",
         "--enable-priority-and-fairness=false", "--endpoint-reconciler-type=none", "--profiling=false",
         "--enable-garbage-collector=true", "--event-ttl=1h",
+        # Nodes would be created with a not-ready:NoSchedule taint that only the node lifecycle controller
+        # lifts; that controller is off (kwok's heartbeats are not worth evictions under CPU pressure).
+        "--disable-admission-plugins=TaintNodesByCondition",
     ])
     c.save()
     ctx = c._ctx()
@@ -599,6 +605,14 @@ def _start(c: Cluster, assets: Path, gpu_nodes: int, gpus_per_node: int, node_cp
     ])
     op = None
     if training_operator:
+        # controller-runtime refuses to watch a kind the apiserver does not serve yet.
+        def crd_established() -> bool | str:
+            out = c._must("kube-apiserver", "GET",
+                          "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/pytorchjobs.kubeflow.org")
+            conds = (out.get("status") or {}).get("conditions") or []
+            return True if any(x["type"] == "Established" and x["status"] == "True" for x in conds) else "not Established"
+
+        c._wait(api, crd_established, timeout, "the PyTorchJob CRD to be Established", record=False)
         op = spawn("training-operator", [
             str(b / "training-operator.v1"), f"--kubeconfig={kubeconfigs['training-operator']}",
             "--enable-scheme=pytorchjob", "--metrics-bind-address=0",
@@ -636,19 +650,11 @@ def _start(c: Cluster, assets: Path, gpu_nodes: int, gpus_per_node: int, node_cp
         if status != 200:
             return f"HTTP {status}"
         ready = [n["metadata"]["name"] for n in out["items"]
-                 if any(cd["type"] == "Ready" and cd["status"] == "True" for cd in n.get("status", {}).get("conditions", []))]
+                 if any(cd["type"] == "Ready" and cd["status"] == "True" for cd in (n.get("status") or {}).get("conditions") or [])]
         return True if len(ready) == gpu_nodes else f"{len(ready)}/{gpu_nodes} nodes Ready"
 
     c._wait(kwok, nodes_ready, timeout, f"{gpu_nodes} fake nodes to become Ready")
 
     if op is not None:
-        # Established CRD first (normally instant), then the operator's readyz (certs ready + webhook server up).
-        def crd_established() -> bool | str:
-            out = c._must("kube-apiserver", "GET",
-                          "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/pytorchjobs.kubeflow.org")
-            conds = out.get("status", {}).get("conditions", [])
-            return True if any(x["type"] == "Established" and x["status"] == "True" for x in conds) else "not Established"
-
-        c._wait(op, crd_established, timeout, "the PyTorchJob CRD to be Established")
         c._wait(op, lambda: Cluster._http_ok(f"http://{HOST}:{ports['operator-probe']}/readyz"), timeout, "/readyz")
     c.save()
