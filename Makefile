@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: test demo setup python controlplane unit integration crd manifests images kind-e2e clean
+.PHONY: test demo setup python controlplane unit integration crd manifests images push-images kind-e2e clean
 
 setup: python controlplane
 
@@ -30,6 +30,16 @@ demo: setup
 
 crd: python
 	$(VENV)/bin/qwenctl crd > manifests/crd/qwentrainingjobs.training.qwen.dev.yaml
+	tools/render-manifests.sh
+
+manifests: python
+	tools/render-manifests.sh
+
+images:
+	$(MAKE) -C docker images
+
+push-images:
+	$(MAKE) -C docker push
 
 kind-e2e:
 	tools/kind-e2e.sh
