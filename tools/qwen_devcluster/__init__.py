@@ -44,10 +44,12 @@ no outcome annotation
 Deleted pods are removed at once (kwok clears finalizers), so owner deletion and garbage
 collection finish without a kubelet.
 
-Limits: one cluster with the training-operator per machine at a time, because the operator's
-cert-controller only accepts a fixed ``/tmp/k8s-webhook-server/serving-certs`` (the harness writes a
-self-signed pair there and removes it on stop if it created it). No validating webhook is
-registered for PyTorchJobs (the apiserver could not reach it); no kube-proxy, no real containers.
+Limits: the training-operator's cert-controller only accepts the fixed directory
+``/tmp/k8s-webhook-server/serving-certs``; the harness writes a self-signed pair there when it is
+missing and removes it when the last cluster using it stops, so several clusters can run side by
+side. No validating webhook is registered for PyTorchJobs (the apiserver could not reach it); no
+kube-proxy, no real containers, and the node lifecycle controller is off (fake nodes never go
+NotReady).
 
 Use from the command line: ``python -m qwen_devcluster up|down|status --state-dir DIR``.
 """

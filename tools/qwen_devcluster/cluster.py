@@ -84,6 +84,21 @@ def _proc_mem_kib(pid: int) -> tuple[int, int]:
     return rss, hwm
 
 
+def _other_training_operators(ours: list["Proc"]) -> bool:
+    """Whether a training-operator of another cluster on this machine may still use the shared cert dir."""
+    mine = {p.pid for p in ours}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) in mine:
+            continue
+        try:
+            argv0 = (d / "cmdline").read_bytes().split(b"\0", 1)[0]
+        except OSError:
+            continue
+        if argv0.endswith(b"/training-operator.v1"):
+            return True
+    return False
+
+
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
@@ -298,7 +313,7 @@ class Cluster:
         """Stop every process (reverse start order, whole process groups) and remove what was created."""
         for p in reversed(self.procs):
             p.stop()
-        if self.created_webhook_cert_dir:
+        if self.created_webhook_cert_dir and not _other_training_operators(self.procs):
             shutil.rmtree(WEBHOOK_CERT_DIR.parent, ignore_errors=True)
             self.created_webhook_cert_dir = False
         self._remove_files(keep_logs)
@@ -570,9 +585,10 @@ def _start(c: Cluster, assets: Path, gpu_nodes: int, gpus_per_node: int, node_cp
                 {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "training-operator-webhook-cert"}},
                 ok=(201, 409))
         # Out of cluster nobody mounts the Secret; it only waits for a file to exist at a fixed path.
+        # Whichever cluster stops last removes it (see Cluster.stop).
+        c.created_webhook_cert_dir = True
         if not (WEBHOOK_CERT_DIR / "tls.crt").exists():
             WEBHOOK_CERT_DIR.mkdir(parents=True, exist_ok=True)
-            c.created_webhook_cert_dir = True
             pki.self_signed(WEBHOOK_CERT_DIR / "tls.crt", WEBHOOK_CERT_DIR / "tls.key", "training-operator",
                             [f"IP:{HOST}", "DNS:localhost"])
 
