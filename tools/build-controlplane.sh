@@ -20,7 +20,7 @@
 #   --print-key      print the cache key and exit
 #   --force          rebuild even if the binaries exist
 #   --only C         build only component C (k8s, etcd, kwok, training-operator, helm); repeatable
-# The last line of stdout is always the bin dir, so callers can do
+# On success the last line of stdout is the bin dir, so callers can do
 #   BIN=$(tools/build-controlplane.sh | tail -n1)
 set -euo pipefail
 
@@ -40,7 +40,7 @@ while [[ $# -gt 0 ]]; do
     --print-key) print_only=key ;;
     --force) force=1 ;;
     --only) only+=("$2"); shift ;;
-    -h|--help) sed -n '2,26p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,25p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "build-controlplane: unknown argument: $1" >&2; exit 2 ;;
   esac
   shift
