@@ -40,7 +40,7 @@ while [[ $# -gt 0 ]]; do
     --print-key) print_only=key ;;
     --force) force=1 ;;
     --only) only+=("$2"); shift ;;
-    -h|--help) sed -n '2,25p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,24p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "build-controlplane: unknown argument: $1" >&2; exit 2 ;;
   esac
   shift
