@@ -46,7 +46,6 @@ while [[ $# -gt 0 ]]; do
   shift
 done
 
-command -v go >/dev/null 2>&1 || { echo "build-controlplane: 'go' is not on PATH (Go >= 1.24 is needed)" >&2; exit 1; }
 
 # Read a required module's version straight from a committed go.mod (no network, no go command).
 modver() { # dir module
@@ -70,6 +69,8 @@ BIN="$OUT/bin"
 
 if [[ "$print_only" == bin ]]; then echo "$BIN"; exit 0; fi
 if [[ "$print_only" == key ]]; then echo "$KEY"; exit 0; fi
+
+command -v go >/dev/null 2>&1 || { echo "build-controlplane: 'go' is not on PATH (Go >= 1.24 is needed)" >&2; exit 1; }
 
 mkdir -p "$BIN" "$OUT/crds" "$OUT/kwok-stages" "$OUT/logs"
 # One build at a time per key (CI and a test fixture may both ask); a waiting caller then
