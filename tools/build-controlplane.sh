@@ -70,7 +70,9 @@ BIN="$OUT/bin"
 if [[ "$print_only" == bin ]]; then echo "$BIN"; exit 0; fi
 if [[ "$print_only" == key ]]; then echo "$KEY"; exit 0; fi
 
-command -v go >/dev/null 2>&1 || { echo "build-controlplane: 'go' is not on PATH (Go >= 1.24 is needed)" >&2; exit 1; }
+need_go() { # component
+  command -v go >/dev/null 2>&1 || { echo "build-controlplane: 'go' is not on PATH (Go >= 1.24 is needed to build $1)" >&2; exit 1; }
+}
 
 mkdir -p "$BIN" "$OUT/crds" "$OUT/kwok-stages" "$OUT/logs"
 # One build at a time per key (CI and a test fixture may both ask); a waiting caller then
@@ -135,6 +137,7 @@ if want k8s && ! have kube-apiserver kube-controller-manager kube-scheduler; the
 fi
 
 if (want etcd || want k8s) && ! have etcd; then
+  need_go etcd
   log="$OUT/logs/build-etcd.log"; t="$(stage_dir)"; s=$(now)
   echo "build-controlplane: building etcd $ETCD_VERSION (log: $log)" >&2
   ( cd "$SRC/k8s" && "${GOBUILD[@]}" -ldflags "-s -w" -o "$t/etcd" go.etcd.io/etcd/server/v3 ) >"$log" 2>&1 \
@@ -144,6 +147,7 @@ if (want etcd || want k8s) && ! have etcd; then
 fi
 
 if want kwok && ! have kwok; then
+  need_go kwok
   log="$OUT/logs/build-kwok.log"; t="$(stage_dir)"; s=$(now)
   echo "build-controlplane: building kwok $KWOK_VERSION (log: $log)" >&2
   ( cd "$SRC/kwok" && "${GOBUILD[@]}" -ldflags "-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=${KWOK_VERSION#v}" \
@@ -153,6 +157,7 @@ if want kwok && ! have kwok; then
 fi
 
 if want training-operator && ! have training-operator.v1; then
+  need_go training-operator
   log="$OUT/logs/build-training-operator.log"; t="$(stage_dir)"; s=$(now)
   echo "build-controlplane: building training-operator.v1 $TFO_VERSION (log: $log)" >&2
   ( cd "$SRC/training-operator" && "${GOBUILD[@]}" -ldflags "-s -w" \
@@ -163,6 +168,7 @@ if want training-operator && ! have training-operator.v1; then
 fi
 
 if want helm && ! have helm; then
+  need_go helm
   log="$OUT/logs/build-helm.log"; t="$(stage_dir)"; s=$(now)
   echo "build-controlplane: building helm $HELM_VERSION (log: $log)" >&2
   hl="-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
@@ -177,6 +183,7 @@ fi
 
 # Data files taken from the module zips (read-only module cache -> our cache dir).
 moddir() { # srcdir module@version
+  need_go "$1 data files"
   ( cd "$SRC/$1" && go mod download -json "$2" ) | awk -F'"' '$2=="Dir"{print $4}'
 }
 crd="$OUT/crds/kubeflow.org_pytorchjobs.yaml"
