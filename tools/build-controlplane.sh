@@ -127,6 +127,7 @@ total_start=$(now)
 built=()
 
 if want k8s && ! have kube-apiserver kube-controller-manager kube-scheduler; then
+  need_go k8s
   log="$OUT/logs/build-k8s.log"; t="$(stage_dir)"; s=$(now)
   echo "build-controlplane: building kube-apiserver, kube-controller-manager, kube-scheduler $K8S_VERSION (log: $log)" >&2
   ( cd "$SRC/k8s" && "${GOBUILD[@]}" -tags=selinux,notest,grpcnotrace -ldflags "$(k8s_ldflags)" -o "$t/" \
