@@ -157,10 +157,10 @@ def _camel(value):
 
 def cmd_dev_cluster(args) -> int:
     try:
-        import qwen_devcluster
+        from qwen_devcluster.__main__ import main as devcluster_main
     except ImportError:
         raise UsageError("the development cluster harness (tools/qwen_devcluster) is not installed") from None
-    return qwen_devcluster.cli([args.action, *args.rest])
+    return devcluster_main([args.action, *args.rest])
 
 
 def cmd_run(args) -> int:
