@@ -74,7 +74,7 @@ def open_source(path: Path, fmt: str, *, family=None, extra_vocab_size=0, padded
     return ByName(src, instances(src.spec, format_rules(src.spec, src.schemes, fmt)))
 
 
-def _carry_files(src_root: Optional[Path], dst: Path, config: dict) -> list[Path]:
+def _carry_files(src_root: Optional[Path], dst: Path, config: dict) -> dict[Path, str]:
     out = []
     if src_root is not None and src_root.is_dir():
         for p in sorted(src_root.iterdir()):
@@ -82,7 +82,7 @@ def _carry_files(src_root: Optional[Path], dst: Path, config: dict) -> list[Path
                 shutil.copy2(p, dst / p.name)
                 out.append(dst / p.name)
     (dst / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    return sorted(set(out + [dst / "config.json"]))
+    return {p: "" for p in out + [dst / "config.json"]}
 
 
 def _target_problems(target: Path, source: Path, overwrite: bool) -> list[str]:
@@ -165,7 +165,7 @@ def convert(source: Union[str, Path], source_format: str, target: Union[str, Pat
         with atomic_directory(target, overwrite=overwrite) as tmp:
             files = _carry_files(getattr(src, "root", None), tmp, config)
             if target_format == "hf":
-                files += write_hf(src, tmp, insts, cast=cast, max_shard_bytes=max_shard_size, tick=tick)
+                files |= write_hf(src, tmp, insts, cast=cast, max_shard_bytes=max_shard_size, tick=tick)
             else:
                 impl = "transformer_engine" if transformer_engine_keys else "local"
                 fmt_name = "torch_dist" if target_format == "torch_dist" else "torch"
@@ -174,10 +174,10 @@ def convert(source: Union[str, Path], source_format: str, target: Union[str, Pat
                                      transformer_impl=impl, dtype=out_dtype)
                 iter_dir = tmp / RELEASE
                 if target_format == "torch_dist":
-                    files += write_torch_dist(src, iter_dir, spec, insts, te=transformer_engine_keys, cast=cast,
+                    files |= write_torch_dist(src, iter_dir, spec, insts, te=transformer_engine_keys, cast=cast,
                                               tick=tick, args=args)
                 else:
-                    files += write_per_rank(src, iter_dir, PER_RANK[target_format], place, insts, cast=cast,
+                    files |= write_per_rank(src, iter_dir, PER_RANK[target_format], place, insts, cast=cast,
                                             tick=tick, args=args)
             if bar is not None:
                 bar.close()

@@ -6,7 +6,6 @@ import hashlib
 import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable
 
 MANIFEST = "conversion-manifest.json"
 _CHUNK = 16 << 20
@@ -22,14 +21,16 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def hash_files(root: Path, files: Iterable[Path], workers: int = 2) -> dict[str, dict]:
-    files = sorted(set(files))
+def hash_files(root: Path, files: dict[Path, str], workers: int = 2) -> dict[str, dict]:
+    """files maps path -> sha256 already computed while writing, or "" to hash it now."""
+    todo = sorted(p for p, d in files.items() if not d)
     with ThreadPoolExecutor(workers) as pool:
-        digests = list(pool.map(sha256_file, files))
-    return {str(p.relative_to(root)): {"sha256": d, "bytes": p.stat().st_size} for p, d in zip(files, digests)}
+        done = dict(zip(todo, pool.map(sha256_file, todo)))
+    return {str(p.relative_to(root)): {"sha256": files[p] or done[p], "bytes": p.stat().st_size}
+            for p in sorted(files)}
 
 
-def write_manifest(root: Path, info: dict, files: Iterable[Path]) -> dict:
+def write_manifest(root: Path, info: dict, files: dict[Path, str]) -> dict:
     manifest = dict(info, files=hash_files(root, files))
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
     return manifest

@@ -115,3 +115,24 @@ def iter_groups(layout: ParallelLayout) -> Iterator[tuple[int, int]]:
     for pp in range(layout.pp):
         for ep in range(layout.ep):
             yield pp, ep
+
+
+def read_ahead(source, insts: Sequence[Instance], depth: int = 2) -> Iterator[tuple[Instance, list]]:
+    """Yield (instance, HF tensors) while a background thread already reads the next ones: file reads release the
+    GIL, so reading overlaps with fusing and writing the current tensor. Memory grows by `depth` instances."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        pending: deque = deque()
+        it = iter(insts)
+        for inst in it:
+            pending.append((inst, pool.submit(source.read, inst)))
+            if len(pending) >= depth:
+                break
+        while pending:
+            inst, fut = pending.popleft()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(source.read, nxt)))
+            yield inst, fut.result()

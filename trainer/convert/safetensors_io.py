@@ -16,6 +16,8 @@ from typing import Iterable
 
 import torch
 
+from .torchfile import HashingFile
+
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -77,9 +79,10 @@ class SafetensorsWriter:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the format allows trailing spaces; keep tensor data 8-byte aligned
         self.path = Path(path)
-        self._f = open(self.path, "wb")
+        self._f = HashingFile(self.path)
         self._f.write(struct.pack("<Q", len(raw)))
         self._f.write(raw)
+        self.sha256 = ""
         self._next = 0
         self.bytes_written = 0
 
@@ -98,6 +101,4 @@ class SafetensorsWriter:
     def close(self) -> None:
         if self._next != len(self._order):
             raise RuntimeError(f"{self.path}: {len(self._order) - self._next} tensors were never written")
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
+        self.sha256 = self._f.close()

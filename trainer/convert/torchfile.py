@@ -12,9 +12,12 @@ reads its bytes with a plain file read (no mmap, so resident memory stays bounde
 from __future__ import annotations
 
 import collections
+import hashlib
 import io
+import os
 import pickle
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,13 +71,43 @@ class _Pickler(pickle.Pickler):
         return NotImplemented
 
 
+class HashingFile:
+    """File wrapper that computes the sha256 of everything written, so the manifest needs no second read."""
+
+    _pool = ThreadPoolExecutor(1)  # shared: hashing one buffer while the caller writes the same buffer
+
+    def __init__(self, path: Path):
+        self._f = open(path, "wb")
+        self._h = hashlib.sha256()
+
+    def write(self, data) -> int:
+        if len(data) < (1 << 20):
+            self._h.update(data)
+            return self._f.write(data)
+        # Both sha256 and the file write release the GIL; run them side by side on the same (unchanged) buffer
+        # and wait, so updates stay in order and the buffer outlives both.
+        fut = self._pool.submit(self._h.update, data)
+        n = self._f.write(data)
+        fut.result()
+        return n
+
+    def close(self) -> str:
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        return self._h.hexdigest()
+
+
 class StreamingTorchWriter:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._zip = torch._C.PyTorchFileWriter(str(self.path), True, _ALIGN)
+        self._file = HashingFile(self.path)
+        # No zip CRC32: the sha256 in the manifest already covers every byte, and computing both costs time.
+        self._zip = torch._C.PyTorchFileWriter(self._file, False, _ALIGN)
         self._count = 0
         self.bytes_written = 0
+        self.sha256 = ""
 
     def add(self, tensor: torch.Tensor) -> StoredTensor:
         t = tensor.detach()
@@ -102,6 +135,7 @@ class StreamingTorchWriter:
         self._zip.write_record("byteorder", "little", len("little"))
         self._zip.write_end_of_file()
         del self._zip
+        self.sha256 = self._file.close()
 
 
 class LazyTensor:

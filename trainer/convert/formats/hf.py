@@ -9,7 +9,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..errors import ConversionError
-from ..plan import Instance
+from ..plan import Instance, read_ahead
 from ..safetensors_io import SafetensorsFile, SafetensorsWriter
 from ..spec import ModelSpec
 
@@ -63,7 +63,8 @@ def unmapped(source: HFSource, insts: Sequence[Instance]) -> list[str]:
 
 
 def write_hf(source, dst: Path, insts: Sequence[Instance], *, cast: Callable, max_shard_bytes: int,
-             tick: Callable[[int], None]) -> list[Path]:
+             tick: Callable[[int], None]) -> dict[Path, str]:
+    """Returns {file: sha256}."""
     # Metadata pass: shapes and dtypes of every output tensor, so each file's header can be written first.
     planned: list[tuple[Instance, list[tuple[str, torch.dtype, tuple]]]] = []
     for inst in insts:
@@ -80,16 +81,18 @@ def write_hf(source, dst: Path, insts: Sequence[Instance], *, cast: Callable, ma
         size += nbytes
     n = len(shards)
     names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    weight_map, total = {}, 0
+    weight_map, total, files = {}, 0, {}
     for fname, shard in zip(names, shards):
         writer = SafetensorsWriter(dst / fname, [e for _, entries in shard for e in entries])
-        for inst, entries in shard:
-            for (name, _, _), t in zip(entries, source.read(inst)):
+        entries_of = {id(inst): entries for inst, entries in shard}
+        for inst, tensors in read_ahead(source, [inst for inst, _ in shard]):
+            for (name, _, _), t in zip(entries_of[id(inst)], tensors):
                 writer.write(name, cast(t))
                 weight_map[name] = fname
             tick(1)
         writer.close()
         total += writer.bytes_written
+        files[dst / fname] = writer.sha256
     if n > 1:
         (dst / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    return [dst / f for f in names]
+    return files

@@ -16,7 +16,7 @@ import torch
 
 from ...checkpoint.layout import RANK_FILE, rank_dir_name, scan_rank_dirs
 from ..errors import ConversionError
-from ..plan import Instance, Placement, Slot, iter_groups
+from ..plan import Instance, Placement, Slot, iter_groups, read_ahead
 from ..rules import KINDS
 from ..spec import ModelSpec, ParallelLayout
 from ..torchfile import LazyTensor, LazyTorchFile, StreamingTorchWriter
@@ -77,9 +77,10 @@ def flatten(obj: dict, prefix: str = "") -> dict:
 
 
 def write_per_rank(source, iter_dir: Path, fmt: PerRankFormat, place: Placement, insts: Sequence[Instance], *,
-                   cast: Callable, tick: Callable[[int], None], args) -> list[Path]:
+                   cast: Callable, tick: Callable[[int], None], args) -> dict[Path, str]:
+    """Returns {file: sha256}."""
     spec, lay = place.spec, place.layout
-    files: list[Path] = []
+    files: dict[Path, str] = {}
     # One (pp, ep) group at a time; its tp files are written side by side so each source tensor is read once.
     for pp, ep in iter_groups(lay):
         writers, models = {}, {}
@@ -88,17 +89,15 @@ def write_per_rank(source, iter_dir: Path, fmt: PerRankFormat, place: Placement,
             writers[tp] = StreamingTorchWriter(iter_dir / d / RANK_FILE)
             models[tp] = [dict() for _ in range(lay.vpp)]
         stacks: dict = {}
-        for inst in insts:
-            if inst.expert is not None and place.ep_rank(inst) != ep:
-                continue
+        mine = [i for i in insts if (i.expert is None or place.ep_rank(i) == ep)
+                and any(s.pp == pp for s in place.slots(i))]
+        for inst, hf in read_ahead(source, mine):
             slots = [s for s in place.slots(inst) if s.pp == pp]
-            if not slots:
-                continue
             kind = KINDS[inst.rule.kind]
-            canon = cast(kind.fuse(spec, *source.read(inst)))
+            canon = cast(kind.fuse(spec, *hf))
             n = place.tp_group(inst) if kind.tp_split else 1
             for tp in range(lay.tp):
-                shard = kind.split(canon, tp % n, n)
+                shard = canon if n == 1 else kind.split(canon, tp % n, n)
                 for s in slots:
                     _put(fmt, inst, s, shard, writers[tp], models[tp][s.chunk], stacks, tp, place.experts_per_rank)
             tick(1)
@@ -107,7 +106,7 @@ def write_per_rank(source, iter_dir: Path, fmt: PerRankFormat, place: Placement,
             for c, model in enumerate(models[tp]):
                 obj["model" if lay.vpp == 1 else f"model{c}"] = nest(model, fmt.nest)
             w.finish(obj)
-            files.append(w.path)
+            files[w.path] = w.sha256
     return files
 
 

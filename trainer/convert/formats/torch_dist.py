@@ -21,7 +21,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 
 from ..errors import ConversionError
-from ..plan import Instance
+from ..plan import Instance, read_ahead
 from ..rules import KINDS
 from ..spec import ModelSpec
 
@@ -127,9 +127,9 @@ def write_torch_dist(source, iter_dir: Path, spec: ModelSpec, insts: Sequence[In
 
     # dist_checkpointing.save takes the whole sharded state dict at once, so this format holds the model in memory.
     sd: dict = {}
-    for inst in insts:
+    for inst, hf in read_ahead(source, insts):
         kind = KINDS[inst.rule.kind]
-        canon = cast(kind.fuse(spec, *source.read(inst))).contiguous()
+        canon = cast(kind.fuse(spec, *hf)).contiguous()
         key, offsets, extra = dist_key(inst, spec, te)
         local = f"{key}@{inst.layer}.{inst.expert}"
         sd[local] = ShardedTensor.from_rank_offsets(key, canon, *offsets, replica_id=0, prepend_axis_num=len(offsets))
@@ -142,7 +142,7 @@ def write_torch_dist(source, iter_dir: Path, spec: ModelSpec, insts: Sequence[In
              "num_floating_point_operations_so_far": 0}
     with process_group(), _cpu_only(), _in_process_writers():
         dist_checkpointing.save(state, str(iter_dir))
-    return sorted(p for p in iter_dir.rglob("*") if p.is_file())
+    return {p: "" for p in sorted(iter_dir.rglob("*")) if p.is_file()}  # hashed by the manifest
 
 
 class DcpReader:
