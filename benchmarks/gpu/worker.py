@@ -101,7 +101,7 @@ def run_megatron(case, variants, steps, warmup, out):
             if gqa - {None}:
                 row["sdpa_gqa_native"] = sorted(gqa - {None})
         except Exception as err:  # record and go on with the next variant
-            row.update(error=f"{type(err).__name__}: {str(err)[:400]}")
+            row.update(error=f"{type(err).__name__}: {str(err)[:400]}", traceback=traceback.format_exc()[-2000:])
             if _rank() == 0:
                 traceback.print_exc()
         finally:
@@ -178,7 +178,7 @@ def run_hf(case, steps, warmup, out):
         row.update(_figures(case, arch, time.perf_counter() - t0, steps))
         row.update(first_loss=round(first, 4), last_loss=round(loss, 4))
     except Exception as err:
-        row.update(error=f"{type(err).__name__}: {str(err)[:400]}")
+        row.update(error=f"{type(err).__name__}: {str(err)[:400]}", traceback=traceback.format_exc()[-2000:])
         if rank == 0:
             traceback.print_exc()
     _record(out, row)
