@@ -314,6 +314,7 @@ def pytorchjob_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, log
             if not ours(res):
                 return None
             new = st.from_child(child.get("status"), res.get("status"), res["metadata"].get("generation"), now())
+            new.setdefault("pytorchJob", child_name)  # the child exists, whichever handler writes first
             # A spec change of the child after creation (generation > 1): check it still matches the rendering.
             if (child["metadata"].get("generation") or 1) > 1 and not st.is_terminal(new):
                 try:

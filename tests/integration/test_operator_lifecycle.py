@@ -62,7 +62,8 @@ def test_example_runs_created_running_succeeded(cluster, operator, jobs, namespa
     nodes = doc["spec"].get("resources", {}).get("nodes", 1)
     wait_for(lambda: len(jobs.pods(name)) == nodes and all(p.status.phase == "Running" for p in jobs.pods(name)),
              60, what="pods Running")
-    running = jobs.wait_phase(name, "Running", 30)
+    jobs.wait_phase(name, "Running", 30)
+    running = wait_for(lambda: (r := jobs.get(name))["status"].get("derived") and r, 30, what="reconcile status")
     conds = {c["type"]: c for c in running["status"]["conditions"]}
     assert conds["Created"]["status"] == "True" and conds["Running"]["status"] == "True"
     assert conds["Succeeded"]["status"] == "Unknown"
@@ -186,8 +187,9 @@ def test_deletion_cascades_to_children(jobs, namespace, operator):
 def test_metrics_and_probes(jobs, namespace, operator):
     jobs.create(tiny_job("metered", namespace))
     jobs.wait_phase("metered", "Running", 60)
-    text = operator.metrics()
-    assert 'qwen_operator_reconciles_total{handler="reconcile",result="ok"}' in text
+    text = wait_for(lambda: (t := operator.metrics()) and
+                    'qwen_operator_reconciles_total{handler="reconcile",result="ok"} 1.0' in t and t, 30,
+                    what="reconcile counted")
     assert "qwen_operator_reconcile_duration_seconds_bucket" in text
     assert 'qwen_operator_jobs{phase="Running"} 1.0' in text
     status, body = operator.get("/healthz", port=operator.liveness_port)
