@@ -111,7 +111,7 @@ CASES: tuple[Case, ...] = (
     Case("export-format", "export-hf.yaml", _set("checkpoint.output.format", "mcore"), "spec.checkpoint.output.format", False),
     Case("convert-hf-hf", "mcore-dense-convert.yaml", _set("checkpoint.output.format", "hf"), "spec.checkpoint.output.format", False),
     Case("eval-tasks", "evaluate.yaml", _set("evaluate.tasks", []), "spec.evaluate.tasks", True),
-    Case("upcycle-splits", "megablocks-convert.yaml", _set("model.moe.upcycling.numSplits", 3), "spec.model.moe.upcycling", False),
+    Case("upcycle-moe-preset", "megablocks-convert.yaml", _set("model.size", "A2.7B"), "spec.model.moe.upcycling", False),
     Case("negative-lr", DENSE, _set("training.lr", -1.0), "spec.training.lr", True),
     Case("zero-mbs", DENSE, _set("training.microBatchSize", 0), "spec.training.microBatchSize", True),
     Case("relative-path", DENSE, _set("checkpoint.output.path", "output/run1"), "spec.checkpoint.output.path", True),

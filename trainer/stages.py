@@ -25,6 +25,12 @@ def run_stage(spec: JobSpec, d: DistEnv, log: Callable[[str], None]) -> int:
     raise UserError(f"unknown stage {spec.stage!r}", path="stage")
 
 
+def _virtual_chunks(spec: JobSpec, arch) -> int:
+    """The spec counts layers per virtual stage; the converter counts model chunks per pipeline stage."""
+    v = spec.parallelism.virtual_pipeline_layers
+    return 1 if v is None else arch.num_layers // spec.parallelism.pipeline // v
+
+
 def run_conversion(spec: JobSpec, d: DistEnv, log: Callable[[str], None]) -> int:
     """convert (HF -> Megatron) and export (Megatron -> HF) through trainer.convert, on rank 0 only."""
     if not d.is_main:
@@ -37,8 +43,18 @@ def run_conversion(spec: JobSpec, d: DistEnv, log: Callable[[str], None]) -> int
     kwargs = {}
     if spec.stage == "convert":
         arch = resolve_architecture(spec)
-        kwargs = dict(layout=ParallelLayout(tp=p.tensor, pp=p.pipeline, ep=p.expert, etp=p.expert_tensor),
+        kwargs = dict(layout=ParallelLayout(tp=p.tensor, pp=p.pipeline, ep=p.expert, etp=p.expert_tensor,
+                                            vpp=_virtual_chunks(spec, arch)),
                       padded_vocab_size=arch.vocab_size, transformer_engine_keys=spec.training.transformer_engine)
+        moe = spec.model.moe
+        if arch.moe is not None and moe is not None:
+            kwargs["expert_layout"] = "grouped" if moe.grouped_gemm and spec.training.transformer_engine else "sequential"
+        if moe is not None and moe.upcycling.enabled:
+            from trainer.convert import UpcycleSpec
+
+            kwargs["upcycle"] = UpcycleSpec(num_experts=arch.moe.num_experts, top_k=arch.moe.top_k,
+                                            router_std=moe.upcycling.router_init_std, seed=moe.upcycling.seed,
+                                            norm_topk_prob=arch.moe.norm_topk_prob)
     log(f"{spec.stage}: {source} ({src_fmt}) -> {target} ({out_fmt}), dtype {spec.checkpoint.dtype}")
     try:
         result = convert(source, src_fmt, target, out_fmt, dtype=spec.checkpoint.dtype,

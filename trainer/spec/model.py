@@ -48,12 +48,11 @@ class Architecture(SpecModel):
 
 
 class Upcycling(SpecModel):
-    """Start an MoE model from a dense checkpoint: every expert begins as the dense MLP."""
+    """Start an MoE model from a dense checkpoint: every expert begins as a full copy of the dense MLP (gate stays
+    gate, up stays up) and top-k weights are renormalised, so the MoE starts out computing what the dense model did."""
 
     enabled: bool = False
     """Turn the dense source checkpoint into an MoE checkpoint during conversion."""
-    num_splits: PositiveInt = 1
-    """Split the dense MLP into this many slices, expert i taking slice i mod numSplits (1 = full copies)."""
     router_init_std: float = Field(default=0.02, gt=0)
     """Standard deviation of the freshly initialised router."""
     seed: int = 1234

@@ -82,7 +82,8 @@ def resolve_moe(spec: JobSpec, dense_ffn: int) -> Optional[ResolvedMoE]:
         "ffn_hidden_size": dense_ffn,
         "shared_expert_ffn_hidden_size": 0,
         "shared_expert_gate": False,
-        "norm_topk_prob": False,
+        # an MoE made from a dense size (upcycling): renormalised top-k keeps it equal to the dense model at start
+        "norm_topk_prob": True,
         "aux_loss_coeff": 1e-2,
         "load_balancing_type": "aux_loss",
     }

@@ -266,9 +266,8 @@ def _upcycling(c: Context):
         return "upcycling needs model.moe.numExperts"
     if c.spec.model.size.startswith("A"):
         return "upcycling starts from a dense size, not an MoE preset"
-    ffn = c.arch.ffn_hidden_size
-    if ffn % moe.upcycling.num_splits:
-        return f"numSplits {moe.upcycling.num_splits} must divide the dense FFN size {ffn}"
+    if c.spec.stage != "convert":
+        return "upcycling happens during conversion; set it on the convert stage"
 
 
 S = "self"
@@ -350,7 +349,7 @@ RULES: tuple[Rule, ...] = (
          _stage_needs("evaluate", "at least one task in evaluate.tasks", lambda s: len(s.evaluate.tasks) > 0),
          f"{S}.stage != 'evaluate' || size({S}.evaluate.tasks) > 0"),
     Rule("checkpoint.output.format", "the stage's checkpoint formats must fit it", _formats),
-    Rule("model.moe.upcycling", "upcycling needs numExperts, a dense size and a numSplits dividing the FFN", _upcycling),
+    Rule("model.moe.upcycling", "upcycling is a conversion of a dense size into numExperts experts", _upcycling),
 )
 
 
