@@ -74,3 +74,23 @@ def test_only_suspend_may_change(crd, namespace):
     kubectl(crd, "patch", "-n", namespace, "qwentrainingjob", name, "--type=merge", "-p", '{"spec": {"suspend": true}}')
     got = json.loads(kubectl(crd, "get", "-n", namespace, "qwentrainingjob", name, "-o", "json").stdout)
     assert got["spec"]["suspend"] is True
+
+
+def test_a_failed_job_may_be_fixed(crd, namespace):
+    doc = yaml.safe_load((EXAMPLES / "cpu-convert.yaml").read_text())
+    kubectl(crd, "apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(doc))
+    name = doc["metadata"]["name"]
+    kubectl(crd, "patch", "-n", namespace, "qwentrainingjob", name, "--subresource=status", "--type=merge",
+            "-p", '{"status": {"phase": "Failed"}}')
+    kubectl(crd, "patch", "-n", namespace, "qwentrainingjob", name, "--type=merge",
+            "-p", '{"spec": {"checkpoint": {"source": {"path": "/data/fixed-hf"}}}}')
+    got = json.loads(kubectl(crd, "get", "-n", namespace, "qwentrainingjob", name, "-o", "json").stdout)
+    assert got["spec"]["checkpoint"]["source"]["path"] == "/data/fixed-hf"
+
+
+def test_pipeline_form_and_exclusivity(crd, namespace):
+    doc = yaml.safe_load((EXAMPLES / "cpu-pipeline.yaml").read_text())
+    kubectl(crd, "apply", "--dry-run=server", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(doc))
+    doc["spec"]["stage"] = "pretrain"
+    both = kubectl(crd, "apply", "--dry-run=server", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(doc), check=False)
+    assert both.returncode != 0 and "set exactly one of spec.stage and spec.pipeline" in both.stderr

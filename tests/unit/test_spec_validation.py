@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from qwen_operator.api import validate_resource_spec
+from qwen_operator.api.pipeline import pipeline_steps
 from tests.spec_cases import CASES, EXAMPLES, Case
 from trainer.spec import SpecError, derive, load_job_spec
 
@@ -19,9 +20,11 @@ EXAMPLE_FILES = sorted(EXAMPLES.glob("*.yaml"))
 def test_examples_are_valid(path):
     doc = yaml.safe_load(path.read_text())
     spec = validate_resource_spec(doc["spec"])
-    derived = derive(spec.job_spec(), spec.world_size())
-    assert derived.world_size == spec.world_size()
-    assert derived.padded_vocab_size >= 151936 or spec.model.architecture.vocab_size
+    steps = [s for _, _, s in pipeline_steps(doc["spec"])] if spec.pipeline else [spec]
+    for step in steps:
+        derived = derive(step.job_spec(), step.world_size())
+        assert derived.world_size == step.world_size()
+        assert derived.padded_vocab_size >= 151936 or step.model.architecture.vocab_size
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)

@@ -100,25 +100,45 @@ def schema_of(model) -> dict[str, Any]:
     return _structural(_resolve(raw, defs))
 
 
+# A job that failed (or was refused) may be fixed and re-applied; a pipeline then resumes at the failed step.
+_FIXABLE = "(has(oldSelf.status) && has(oldSelf.status.phase) && oldSelf.status.phase in ['Failed', 'Invalid'])"
+
+
 def _immutability_rules(spec_schema: dict[str, Any]) -> list[dict[str, Any]]:
+    """Root-level transition rules (they need oldSelf.status): each spec field but the mutable ones stays as it
+    was, unless the job has failed."""
     rules = []
     for name in spec_schema["properties"]:
         if name in MUTABLE_FIELDS:
             continue
+        new, old = f"self.spec.{name}", f"oldSelf.spec.{name}"
         rules.append(
             {
-                "rule": f"has(self.{name}) == has(oldSelf.{name}) && (!has(self.{name}) || self.{name} == oldSelf.{name})",
-                "message": f"spec.{name} is immutable once the job exists (only {', '.join('spec.' + f for f in MUTABLE_FIELDS)} may change)",
-                "fieldPath": f".{name}",
+                "rule": f"{_FIXABLE} || (has({new}) == has({old}) && (!has({new}) || {new} == {old}))",
+                "message": f"spec.{name} is immutable while the job has not failed (only "
+                f"{', '.join('spec.' + f for f in MUTABLE_FIELDS)} may change)",
+                "fieldPath": f".spec.{name}",
                 "reason": "FieldValueForbidden",
             }
         )
     return rules
 
 
+def _single_stage_only(rules: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The job-spec rules describe one stage; a pipeline's steps are checked by the operator, step by step."""
+    out = []
+    for rule in rules:
+        out.append({**rule, "rule": f"!has(self.stage) || ({rule['rule']})"})
+    return out
+
+
 def build_crd() -> dict[str, Any]:
     spec_schema = schema_of(QwenTrainingJobSpec)
-    spec_schema["x-kubernetes-validations"] = cel_rules(WORLD_CEL) + _immutability_rules(spec_schema)
+    spec_schema["x-kubernetes-validations"] = [
+        {"rule": "has(self.stage) != has(self.pipeline)", "message": "set exactly one of spec.stage and spec.pipeline",
+         "fieldPath": ".stage", "reason": "FieldValueRequired"},
+        *_single_stage_only(cel_rules(WORLD_CEL)),
+    ]
     status_schema = schema_of(QwenTrainingJobStatus)
     status_schema["properties"]["conditions"].update(
         {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]}
@@ -146,7 +166,8 @@ def build_crd() -> dict[str, Any]:
         {
             "rule": "size(self.metadata.name) <= 45",
             "message": "metadata.name must be at most 45 characters so child names and their -worker-N pod suffixes fit Kubernetes' 63-character limit",
-        }
+        },
+        *_immutability_rules(spec_schema),
     ]
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
@@ -170,7 +191,7 @@ def build_crd() -> dict[str, Any]:
                     "storage": True,
                     "subresources": {"status": {}},
                     "additionalPrinterColumns": [
-                        {"name": "Stage", "type": "string", "jsonPath": ".spec.stage"},
+                        {"name": "Stage", "type": "string", "jsonPath": ".status.currentStage"},
                         {"name": "Backend", "type": "string", "jsonPath": ".spec.model.backend"},
                         {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
                         {"name": "Progress", "type": "string", "jsonPath": ".status.progress.summary"},

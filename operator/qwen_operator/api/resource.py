@@ -6,7 +6,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import Field
 
-from trainer.spec import JobSpec, Problem, SpecError, semantic_problems
+from trainer.spec import JobSpec, Problem, SpecError, Stage, semantic_problems
 from trainer.spec.base import SpecModel
 from trainer.spec.problems import parse
 
@@ -25,8 +25,36 @@ API_VERSION = f"{GROUP}/{VERSION}"
 MUTABLE_FIELDS = ("suspend",)
 
 
+class PipelineStep(SpecModel):
+    """One stage of a pipeline: its name, its stage, and what it changes of the shared spec."""
+
+    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=20)
+    """Step name (a DNS label); part of the step's PyTorchJob name."""
+    stage: Stage
+    """convert, pretrain, finetune, export or evaluate."""
+    training: Optional[dict[str, Any]] = None
+    """Overrides of spec.training for this step."""
+    data: Optional[dict[str, Any]] = None
+    """Overrides of spec.data for this step."""
+    checkpoint: Optional[dict[str, Any]] = None
+    """This step's checkpoint.output, and checkpoint.source when it does not read the previous step's output."""
+    evaluate: Optional[dict[str, Any]] = None
+    """Overrides of spec.evaluate for this step."""
+    parallelism: Optional[dict[str, Any]] = None
+    """Overrides of spec.parallelism for this step."""
+    resources: Optional[dict[str, Any]] = None
+    """Overrides of spec.resources (e.g. conversion on CPU pods, training on GPU pods)."""
+    image: Optional[dict[str, Any]] = None
+    """Overrides of spec.image for this step."""
+
+
 class QwenTrainingJobSpec(JobSpec):
-    """A Qwen training stage and where it runs."""
+    """A Qwen training stage, or a pipeline of stages, and where it runs."""
+
+    stage: Optional[Stage] = None
+    """The one stage to run: convert (HF -> Megatron format), pretrain, finetune (SFT), export (Megatron -> HF) or evaluate. Leave unset when spec.pipeline lists several."""
+    pipeline: Optional[list[PipelineStep]] = Field(default=None, min_length=1, max_length=16)
+    """Stages run in order, one PyTorchJob each, each step reading the previous step's output; the rest of the spec is shared by all steps."""
 
     image: Image = Field(default_factory=Image)
     """Trainer image."""
@@ -51,7 +79,9 @@ class QwenTrainingJobSpec(JobSpec):
         return self.resources.nodes * self.resources.processes()
 
     def job_spec(self) -> JobSpec:
-        """The part the trainer reads."""
+        """The part the trainer reads (single-stage specs; a pipeline's steps are specs of their own)."""
+        if self.stage is None:
+            raise ValueError("a pipeline has no single job spec; see qwen_operator.api.pipeline.pipeline_steps")
         return JobSpec.model_validate(self.model_dump(include=set(JobSpec.model_fields)))
 
 
@@ -104,6 +134,27 @@ class Progress(SpecModel):
     """When the trainer last reported (RFC 3339)."""
 
 
+class StageStatus(SpecModel):
+    """State of one pipeline step."""
+
+    name: str
+    """Step name."""
+    stage: str
+    """Its stage."""
+    phase: str = "Pending"
+    """Pending, Running, Succeeded or Failed."""
+    pytorch_job: Optional[str] = None
+    """Its PyTorchJob."""
+    attempt: int = 0
+    """How many times the step was restarted after a fix."""
+    start_time: Optional[str] = None
+    """When its PyTorchJob was created."""
+    completion_time: Optional[str] = None
+    """When it finished."""
+    message: Optional[str] = None
+    """The child's last message."""
+
+
 class QwenTrainingJobStatus(SpecModel):
     """Observed state of the job."""
 
@@ -127,13 +178,25 @@ class QwenTrainingJobStatus(SpecModel):
     """Values computed from the spec: iterations, world and data-parallel sizes, padded vocabulary."""
     progress: Optional[Progress] = None
     """Trainer-reported progress."""
+    current_stage: Optional[str] = None
+    """The stage (or pipeline step) running now, or the last one that ran."""
+    stages: list[StageStatus] = Field(default_factory=list)
+    """Per-step state of a pipeline, in order."""
     evaluation: Optional[dict[str, Any]] = None
     """Evaluate stage results: scores by task, a one-line summary and the results file."""
 
 
 def validate_resource_spec(data: Any, prefix: str = "spec") -> QwenTrainingJobSpec:
-    """Structural then semantic validation of a resource's spec; raises SpecError naming fields under `prefix`."""
+    """Structural then semantic validation of a resource's spec; raises SpecError naming fields under `prefix`.
+    A pipeline is validated step by step (problems name `spec.pipeline[i]...`)."""
     spec = parse(QwenTrainingJobSpec, data, prefix)
+    if spec.pipeline is not None:
+        from .pipeline import pipeline_steps
+
+        pipeline_steps(data)
+        return spec
+    if spec.stage is None:
+        raise SpecError([Problem(f"{prefix}.stage", "required field is missing (or list stages in spec.pipeline)")])
     problems: list[Problem] = semantic_problems(spec.job_spec(), spec.world_size(), prefix)
     if problems:
         raise SpecError(problems)
