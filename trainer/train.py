@@ -107,8 +107,8 @@ def run_training(spec: JobSpec, d: DistEnv, log: Callable[[str], None]) -> int:
     _set_threads(d)
     init_process_group(d, "gloo" if engine.device == "cpu" else "nccl")
     dp, dp_rank = d.world_size, d.rank  # CPU engine: every process is a data-parallel replica
-    if engine.name != "cpu":
-        dp, dp_rank = derived.data_parallel_size, d.rank % derived.data_parallel_size
+    if engine.name != "cpu":  # the engine's rank order decides which processes share micro-batches
+        dp, dp_rank = engine.data_parallel_size, engine.data_parallel_rank
     if engine.name == "cpu" and (spec.parallelism.tensor, spec.parallelism.pipeline, spec.parallelism.expert) != (1, 1, 1):
         say(f"engine=cpu trains data-parallel over {dp} processes; tensor {spec.parallelism.tensor} / pipeline "
             f"{spec.parallelism.pipeline} / expert {spec.parallelism.expert} parallel sizes set the checkpoint layout")
@@ -191,6 +191,13 @@ def run_training(spec: JobSpec, d: DistEnv, log: Callable[[str], None]) -> int:
                        fingerprint=fingerprint, keep_last=t.keep_last_n, save_optimizer=spec.checkpoint.save_optimizer,
                        rank=d.rank, world=d.world_size, log=say)
     last_saved = state.iteration if latest is not None else None
+
+    def save_checkpoint() -> None:
+        prepare = getattr(engine, "prepare_checkpoint", None)  # collective: sharded engines gather first
+        if prepare is not None:
+            prepare(spec.checkpoint.save_optimizer)
+        store.save(out_root, state, engine, scheduler=sched.state_dict(), **save_kwargs)
+
     window = {"loss": 0.0, "aux": 0.0, "n": 0, "tokens": 0, "loss_tokens": 0, "t": time.time()}
     last = None
     try:
@@ -223,13 +230,13 @@ def run_training(spec: JobSpec, d: DistEnv, log: Callable[[str], None]) -> int:
             if valid_src is not None and t.eval_iters > 0 and (it % t.eval_interval == 0 or it == plan.train_iters):
                 evaluate(engine, valid_src, t, dp, dp_rank, it, metrics)
             if it % t.save_interval == 0 or it == plan.train_iters:
-                store.save(out_root, state, engine, scheduler=sched.state_dict(), **save_kwargs)
+                save_checkpoint()
                 last_saved = it
                 if status is not None:
                     status.report(force=True, checkpoint=str(out_root / f"iter_{it:07d}"))
                 window["t"] = time.time()  # keep save time out of the throughput
         if last_saved != state.iteration:
-            store.save(out_root, state, engine, scheduler=sched.state_dict(), **save_kwargs)
+            save_checkpoint()
         metrics.event("end", iteration=state.iteration)
         say(f"training done: iteration {state.iteration}, checkpoint {out_root}/iter_{state.iteration:07d}, "
             f"engine={engine.name}")

@@ -1,9 +1,9 @@
 """Training engines: `megatron` (megatron-core on CUDA) and `cpu` (transformers + gloo).
 
 `select_engine` picks one from QWEN_TRAINER_ENGINE (auto | cpu | megatron; default auto): auto chooses the
-megatron engine when CUDA is present, else the CPU engine, and says why. The training loop drives an engine
-through `trainer.engines.base.Engine`; the megatron module joins the loop by providing
-`create_engine(spec) -> Engine`.
+megatron engine when CUDA and megatron-core are present, else the CPU engine, and says why. The training loop
+drives an engine through `trainer.engines.base.Engine`; the megatron module joins the loop through
+`create_engine(spec) -> Engine` (trainer.engines.megatron_loop).
 """
 
 from __future__ import annotations
@@ -30,7 +30,11 @@ def _cuda() -> bool:
 
 
 def _megatron_engine_installed() -> bool:
-    return importlib.util.find_spec("trainer.engines.megatron") is not None
+    try:
+        return (importlib.util.find_spec("trainer.engines.megatron") is not None
+                and importlib.util.find_spec("megatron.core") is not None)
+    except (ImportError, ValueError):
+        return False
 
 
 def _megatron_loop_engine(spec: JobSpec) -> Engine:
@@ -52,13 +56,13 @@ def select_engine(spec: JobSpec, log: Callable[[str], None]) -> Engine:
         if not _cuda():
             raise UserError(f"{ENGINE_ENV}=megatron needs CUDA, and no GPU is visible")
         if not _megatron_engine_installed():
-            raise UserError("the megatron-core GPU engine is not part of this trainer build yet; "
+            raise UserError("the megatron engine needs the megatron-core package, which is not installed; "
                             f"set {ENGINE_ENV}=cpu to train on CPU")
         return _megatron_loop_engine(spec)
     from .cpu import CpuEngine
 
     if choice == "auto":
-        why = "no CUDA device" if not _cuda() else "the megatron-core GPU engine is not installed"
+        why = "no CUDA device" if not _cuda() else "megatron-core is not installed"
         log(f"engine=cpu ({why}); backend {backend} sets the checkpoint layout, training runs on CPU in fp32")
     return CpuEngine()
 

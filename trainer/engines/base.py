@@ -6,6 +6,13 @@ optimiser. Weights cross the boundary in Hugging Face naming (`checkpoint_weight
 the checkpoint module turns them into the backend's Megatron layout through the converter. An engine that keeps a
 Megatron model (the megatron-core GPU engine) can hand out Megatron shards instead by overriding
 `writes_megatron_layout` and `save_model` / `load_model`.
+
+The checkpoint is written by rank 0 alone. An engine whose weights or optimizer state are spread over processes
+defines `prepare_checkpoint(save_optimizer: bool)`: the loop calls it on every rank right before each save, so the
+engine can gather what rank 0's `checkpoint_weights()` / `optimizer_state_dict()` then return. An engine with
+model parallelism also decides which processes share micro-batches: the loop reads `data_parallel_size` and
+`data_parallel_rank` from any engine other than the CPU one before it shards the data, so those are set when the
+engine is created, before `build`.
 """
 
 from __future__ import annotations

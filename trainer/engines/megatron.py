@@ -381,6 +381,13 @@ class MegatronEngine:
             clear_aux_losses_tracker()
 
 
+def create_engine(spec):
+    """The engine the training loop drives (trainer.engines.base.Engine); see megatron_loop."""
+    from .megatron_loop import create_engine as create
+
+    return create(spec)
+
+
 def data_parallel_info() -> tuple[int, int]:
     """(data-parallel size, this rank's data-parallel rank) once the engine initialised the groups."""
     from megatron.core import parallel_state
@@ -395,4 +402,4 @@ def environment_note() -> str:
             f"CUDA_DEVICE_MAX_CONNECTIONS={os.environ.get('CUDA_DEVICE_MAX_CONNECTIONS')}")
 
 
-__all__ = ["MegatronEngine", "EngineOptions", "Capabilities", "StepResult", "data_parallel_info"]
+__all__ = ["MegatronEngine", "EngineOptions", "Capabilities", "StepResult", "create_engine", "data_parallel_info"]

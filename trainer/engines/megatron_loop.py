@@ -1,0 +1,663 @@
+"""The megatron engine in the training loop: `trainer.engines.base.Engine` on top of `MegatronEngine`.
+
+The loop (trainer.train) owns the schedule, the data and the checkpoint cadence; this adapter maps its calls onto
+the megatron-core model built by `MegatronEngine`:
+
+    create_engine(spec)       pins this process's GPU and works out its data-parallel rank (megatron's rank order,
+                              tp-cp-ep-dp-pp) before the loop joins the NCCL group and shards the data
+    build(ctx)                model-parallel groups, GPTModel chunk(s), megatron DDP and (distributed) optimizer
+    train_step(mbs, lr, mode) the loop's lr on every parameter group, forward/backward through megatron's pipeline
+                              schedule, gradient reduce, clip, step
+    eval_step(mbs)            forward only: summed loss and loss tokens of the global batch
+    prepare_checkpoint()      collective, every rank, before the loop's checkpoint save: gathers the weights in
+                              Hugging Face naming (full tensors, from TP/PP/EP shards) and every rank's optimizer
+                              shard to rank 0, which then writes them through the same checkpoint code as the CPU
+                              engine (the converter produces the backend's Megatron layout)
+
+Loss semantics match the CPU engine. "mean" (pretraining): the step's loss and gradient are the average over all
+micro-batches of the global batch of each micro-batch's token-mean. "per_token" (SFT): the sum over all loss tokens
+of the global batch divided by their number. Both are expressed through megatron's own normalisation (with
+`calculate_per_token_loss` off the schedule divides each micro-batch's loss by the token count it is given and by
+the number of micro-batches, and DDP by the data-parallel size), so the MoE load-balancing loss keeps megatron's
+scaling, which is the CPU engine's: coefficient x aux / number of micro-batches.
+
+Optimizer state is saved per rank (the fp32 master shard and the Adam moments of each rank's torch optimizer) and
+restored only onto the same layout; a different layout starts the optimizer afresh from the checkpoint's weights.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+from functools import partial
+from typing import Optional, Sequence
+
+import torch
+
+from trainer.errors import UserError
+from trainer.spec import JobSpec
+from trainer.spec.resolve import ResolvedArchitecture
+
+from .base import EngineContext, StepResult
+from .megatron import MegatronEngine
+from .megatron_loss import loss_sum_from_output
+
+OPTIMIZER_FORMAT = "megatron-per-rank-v1"
+
+
+# ------------------------------------------------------------------------------------------------ rank layout
+
+
+def data_parallel_layout(spec: JobSpec, world_size: int, rank: int) -> tuple[int, int]:
+    """(data-parallel size, data-parallel rank) of `rank` under megatron's default order tp-cp-ep-dp-pp: the
+    tensor- and context-parallel ranks of one model replica are consecutive, data parallel comes next, pipeline
+    stages are outermost. Ranks with the same data-parallel rank must read the same micro-batches."""
+    p = spec.parallelism
+    model_parallel = p.tensor * p.pipeline * p.context
+    if world_size % model_parallel:
+        raise UserError(f"{world_size} processes do not divide into tensor {p.tensor} x pipeline {p.pipeline} x "
+                        f"context {p.context} parallel replicas", path="parallelism")
+    dp = world_size // model_parallel
+    if (world_size // p.pipeline) % (p.expert * p.expert_tensor):
+        raise UserError(f"expert {p.expert} x expert-tensor {p.expert_tensor} parallel size must divide the "
+                        f"{world_size // p.pipeline} processes of a pipeline stage", path="parallelism.expert")
+    return dp, (rank // (p.tensor * p.context)) % dp
+
+
+# ------------------------------------------------------------------------------------------------ HF naming
+
+
+def hf_shapes(arch: ResolvedArchitecture) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the model in published-checkpoint naming (experts one by one) with its shape."""
+    h, d, v = arch.hidden_size, arch.kv_channels, arch.vocab_size
+    q, kv = arch.num_attention_heads * d, arch.num_query_groups * d
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
+    if not arch.tie_word_embeddings:
+        out["lm_head.weight"] = (v, h)
+    moe = arch.moe
+    for i in range(arch.num_layers):
+        p = f"model.layers.{i}."
+        a = p + "self_attn."
+        out[p + "input_layernorm.weight"] = (h,)
+        out[p + "post_attention_layernorm.weight"] = (h,)
+        out.update({a + "q_proj.weight": (q, h), a + "k_proj.weight": (kv, h), a + "v_proj.weight": (kv, h),
+                    a + "o_proj.weight": (h, q)})
+        if arch.qkv_bias:
+            out.update({a + "q_proj.bias": (q,), a + "k_proj.bias": (kv,), a + "v_proj.bias": (kv,)})
+        if arch.qk_layernorm:
+            out.update({a + "q_norm.weight": (d,), a + "k_norm.weight": (d,)})
+        if moe is None:
+            f = arch.ffn_hidden_size
+            out.update({p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
+                        p + "mlp.down_proj.weight": (h, f)})
+            continue
+        f = moe.ffn_hidden_size
+        out[p + "mlp.gate.weight"] = (moe.num_experts, h)
+        for e in range(moe.num_experts):
+            x = f"{p}mlp.experts.{e}."
+            out.update({x + "gate_proj.weight": (f, h), x + "up_proj.weight": (f, h), x + "down_proj.weight": (h, f)})
+        if moe.shared_expert_ffn_hidden_size:
+            s, x = moe.shared_expert_ffn_hidden_size, p + "mlp.shared_expert."
+            out.update({x + "gate_proj.weight": (s, h), x + "up_proj.weight": (s, h), x + "down_proj.weight": (h, s)})
+            if moe.shared_expert_gate:
+                out[p + "mlp.shared_expert_gate.weight"] = (1, h)
+    return out
+
+
+def weight_problems(arch: ResolvedArchitecture, state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """Missing, unexpected and misshapen tensors, as the CPU engine reports them (a tied model may carry
+    lm_head.weight; it is ignored)."""
+    want = hf_shapes(arch)
+    have = {k: v for k, v in state_dict.items() if not (arch.tie_word_embeddings and k == "lm_head.weight")}
+    problems = [f"missing {k}" for k in sorted(set(want) - set(have))[:5]]
+    problems += [f"unexpected {k}" for k in sorted(set(have) - set(want))[:5]]
+    for k in sorted(set(want) & set(have)):
+        if tuple(have[k].shape) != want[k]:
+            problems.append(f"{k} has shape {tuple(have[k].shape)}, the model needs {want[k]}")
+    return problems
+
+
+def is_expert_key(key: str) -> bool:
+    return ".mlp.experts." in key
+
+
+_LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_EXPERT_RE = re.compile(
+    r"^mlp\.experts\.(?:local_experts\.(\d+)\.linear_fc([12])\.weight|linear_fc([12])\.weight(\d+)|weight([12]))$")
+
+
+def renumber_layers(state: dict[str, torch.Tensor], offset: int) -> dict[str, torch.Tensor]:
+    """Local layer numbers of a pipeline chunk -> global ones."""
+    if not offset:
+        return dict(state)
+    out = {}
+    for k, v in state.items():
+        m = _LAYER_RE.match(k)
+        out[f"decoder.layers.{int(m.group(1)) + offset}.{m.group(2)}" if m else k] = v
+    return out
+
+
+def _unfuse_qkv(fused: torch.Tensor, heads: int, groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of megatron_weights.fuse_qkv: [(H + 2G)*d, ...] grouped per query group -> q, k, v."""
+    d = fused.shape[0] // (heads + 2 * groups)
+    per = heads // groups
+    tail = fused.shape[1:]
+    g = fused.reshape(groups, (per + 2) * d, *tail)
+    q = g[:, : per * d].reshape(heads * d, *tail)
+    k = g[:, per * d: (per + 1) * d].reshape(groups * d, *tail)
+    v = g[:, (per + 1) * d:].reshape(groups * d, *tail)
+    return q, k, v
+
+
+def _gate_up(parts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """linear_fc1 shards [gate_r; up_r] of each tensor-parallel rank -> full gate, full up."""
+    gates, ups = zip(*(torch.chunk(x, 2, dim=0) for x in parts))
+    return torch.cat(gates, 0), torch.cat(ups, 0)
+
+
+def hf_from_shards(dense: dict[int, dict[str, torch.Tensor]], experts: dict[int, dict[str, torch.Tensor]],
+                   arch: ResolvedArchitecture) -> dict[str, torch.Tensor]:
+    """Full HF-named tensors from megatron shards with global layer numbers.
+
+    `dense[tp_rank]` holds every non-expert tensor of that tensor-parallel rank (all pipeline stages merged),
+    `experts[ep_rank]` the expert tensors of that expert-parallel rank (experts are not tensor-parallel:
+    expertTensor 1). Layout facts as in megatron_weights (the forward direction).
+    """
+    tp = len(dense)
+    ranks = [dense[r] for r in range(tp)]
+    first = ranks[0]
+    heads, groups = arch.num_attention_heads, arch.num_query_groups
+    out: dict[str, torch.Tensor] = {}
+
+    def cat(key: str, dim: int) -> torch.Tensor:
+        return torch.cat([r[key] for r in ranks], dim) if tp > 1 else first[key]
+
+    for key in sorted(first):
+        if key == "embedding.word_embeddings.weight":
+            out["model.embed_tokens.weight"] = cat(key, 0)
+        elif key == "output_layer.weight":
+            if not arch.tie_word_embeddings:
+                out["lm_head.weight"] = cat(key, 0)
+        elif key == "decoder.final_layernorm.weight":
+            out["model.norm.weight"] = first[key]
+        else:
+            m = _LAYER_RE.match(key)
+            if not m:
+                raise KeyError(f"no Hugging Face name for {key}")
+            p, rest = f"model.layers.{int(m.group(1))}.", m.group(2)
+            attn = p + "self_attn."
+            if rest in ("input_layernorm.weight", "self_attention.linear_qkv.layer_norm_weight"):
+                out[p + "input_layernorm.weight"] = first[key]
+            elif rest in ("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight"):
+                out[p + "post_attention_layernorm.weight"] = first[key]
+            elif rest in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
+                kind = rest.rsplit(".", 1)[1]
+                q, k, v = _unfuse_qkv(cat(key, 0), heads, groups)
+                out.update({attn + f"q_proj.{kind}": q, attn + f"k_proj.{kind}": k, attn + f"v_proj.{kind}": v})
+            elif rest == "self_attention.linear_proj.weight":
+                out[attn + "o_proj.weight"] = cat(key, 1)
+            elif rest == "self_attention.q_layernorm.weight":
+                out[attn + "q_norm.weight"] = first[key]
+            elif rest == "self_attention.k_layernorm.weight":
+                out[attn + "k_norm.weight"] = first[key]
+            elif rest == "mlp.linear_fc1.weight":
+                out[p + "mlp.gate_proj.weight"], out[p + "mlp.up_proj.weight"] = _gate_up([r[key] for r in ranks])
+            elif rest == "mlp.linear_fc2.weight":
+                out[p + "mlp.down_proj.weight"] = cat(key, 1)
+            elif rest == "mlp.router.weight":
+                out[p + "mlp.gate.weight"] = first[key]
+            elif rest == "mlp.shared_experts.linear_fc1.weight":
+                s = p + "mlp.shared_expert."
+                out[s + "gate_proj.weight"], out[s + "up_proj.weight"] = _gate_up([r[key] for r in ranks])
+            elif rest == "mlp.shared_experts.linear_fc2.weight":
+                out[p + "mlp.shared_expert.down_proj.weight"] = cat(key, 1)
+            elif rest == "mlp.shared_experts.gate_weight":
+                out[p + "mlp.shared_expert_gate.weight"] = first[key]
+            else:
+                raise KeyError(f"no Hugging Face name for {key}")
+    moe = arch.moe
+    if moe is not None:
+        ep = len(experts)
+        local = moe.num_experts // ep
+        f = moe.ffn_hidden_size
+        for ep_rank in range(ep):
+            for key, t in sorted(experts[ep_rank].items()):
+                m = _LAYER_RE.match(key)
+                em = _EXPERT_RE.match(m.group(2)) if m else None
+                if em is None:
+                    raise KeyError(f"no Hugging Face name for {key}")
+                p = f"model.layers.{int(m.group(1))}.mlp.experts."
+                if em.group(5):  # legacy GroupedMLP: weight1 [h, E_local*2f], weight2 [E_local*f, h]
+                    for j in range(local):
+                        e = f"{p}{ep_rank * local + j}."
+                        if em.group(5) == "1":
+                            gate, up = torch.chunk(t[:, j * 2 * f:(j + 1) * 2 * f].t(), 2, dim=0)
+                            out[e + "gate_proj.weight"], out[e + "up_proj.weight"] = gate, up
+                        else:
+                            out[e + "down_proj.weight"] = t[j * f:(j + 1) * f].t()
+                    continue
+                j = int(em.group(1) if em.group(1) is not None else em.group(4))
+                e = f"{p}{ep_rank * local + j}."
+                if (em.group(2) or em.group(3)) == "1":
+                    out[e + "gate_proj.weight"], out[e + "up_proj.weight"] = torch.chunk(t, 2, dim=0)
+                else:
+                    out[e + "down_proj.weight"] = t
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+# ------------------------------------------------------------------------------------------------ loss
+
+
+@dataclass(frozen=True)
+class LossScaling:
+    """How one micro-batch's masked loss sum enters megatron's schedule so the step matches the CPU engine."""
+
+    mode: str  # "mean" | "per_token" | "eval"
+    num_micro_global: int  # micro-batches of the global batch (all data-parallel ranks)
+    global_tokens: int  # loss tokens of the global batch
+    context_parallel: int = 1
+
+    def contribution(self, loss_sum: torch.Tensor, micro_tokens: int) -> tuple[torch.Tensor, int]:
+        """(value, token count) returned to megatron for one micro-batch.
+
+        Megatron (calculate_per_token_loss off) divides the value by max(token count, 1) and by the local number of
+        micro-batches, and DDP divides gradients by data-parallel x context-parallel size; the values here undo
+        what does not belong to the wanted loss. `micro_tokens` is the whole micro-batch's count (before a
+        context-parallel split); `loss_sum` is this rank's part.
+        """
+        cp = self.context_parallel
+        if self.mode == "per_token":
+            return loss_sum * (cp * self.num_micro_global / max(self.global_tokens, 1)), 1
+        return loss_sum * cp, micro_tokens
+
+    def report(self, loss_sum: torch.Tensor, local_tokens: torch.Tensor, micro_tokens: int) -> torch.Tensor:
+        """[numerator, denominator] summed over micro-batches and ranks; their ratio is the step's loss."""
+        if self.mode == "mean":
+            return torch.stack([loss_sum.detach().float() / max(micro_tokens, 1),
+                                torch.full_like(loss_sum, 1.0 / self.context_parallel, dtype=torch.float32)])
+        return torch.stack([loss_sum.detach().float(), local_tokens.float()])
+
+
+# Names megatron's router tracks the unweighted load-balancing loss under, per moe_router_load_balancing_type.
+AUX_LOSS_NAMES = ("load_balancing_loss", "seq_load_balancing_loss", "global_load_balancing_loss")
+
+
+def load_balancing_loss(local_micro: int, num_layers: int) -> float:
+    """Collective: the unweighted load-balancing loss of the last step, averaged over MoE layers, micro-batches and
+    data-parallel ranks (as Megatron-LM logs it), from megatron's tracker, which is then cleared."""
+    from megatron.core.transformer.moe.moe_utils import (
+        clear_aux_losses_tracker,
+        get_moe_layer_wise_logging_tracker,
+        reduce_aux_losses_tracker_across_ranks,
+    )
+
+    tracker = get_moe_layer_wise_logging_tracker()
+    names = [n for n in AUX_LOSS_NAMES if n in tracker]
+    if not names:
+        return 0.0
+    reduce_aux_losses_tracker_across_ranks(names)
+    total = sum(float(tracker[n]["values"].sum()) for n in names)
+    clear_aux_losses_tracker()
+    return total / max(local_micro, 1) / max(num_layers, 1)
+
+
+# ------------------------------------------------------------------------------------------------ engine
+
+class LoopCore(MegatronEngine):
+    """`MegatronEngine` whose loss function follows `scaling` (set by the adapter before each step)."""
+
+    scaling: Optional[LossScaling] = None
+
+    def _forward_step(self, data_iterator, model):
+        batch = next(data_iterator)
+        dev = torch.cuda.current_device()
+        tokens = batch.tokens.to(dev, non_blocking=True)
+        targets = batch.targets.to(dev, non_blocking=True)
+        position_ids = batch.position_ids.to(dev, non_blocking=True)
+        micro_tokens = int(batch.loss_tokens)
+        loss_mask = (targets >= 0).float()
+        labels = targets.clamp(min=0)
+        tokens, labels, loss_mask, position_ids = self._slice_for_context_parallel(tokens, labels, loss_mask,
+                                                                                   position_ids)
+        output = model(tokens, position_ids, None, labels=labels, loss_mask=loss_mask)
+        return output, partial(self._scaled_loss, loss_mask, micro_tokens)
+
+    def _scaled_loss(self, loss_mask, micro_tokens: int, output):
+        loss_sum = loss_sum_from_output(output, loss_mask).float()
+        value, count = self.scaling.contribution(loss_sum, micro_tokens)
+        count_t = torch.tensor(count, dtype=torch.int, device=loss_sum.device)
+        return value, count_t, {"lm loss": self.scaling.report(loss_sum, loss_mask.sum(), micro_tokens)}
+
+
+
+def _sub_optimizers(optimizer) -> list:
+    return list(getattr(optimizer, "chained_optimizers", None) or [optimizer])
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+class MegatronLoopEngine:
+    """trainer.engines.base.Engine for megatron-core on CUDA (bf16; TP, PP, EP, DP, distributed optimizer)."""
+
+    name = "megatron"
+    device = "cuda"
+    writes_megatron_layout = False
+
+    def __init__(self, spec: JobSpec, options=None, *, env=None):
+        from trainer.distenv import read_env
+
+        from .megatron_config import EngineOptions
+
+        p = spec.parallelism
+        if p.expert_tensor != 1:
+            raise UserError("the megatron engine trains with expertTensor 1 only (experts whole on each "
+                            "expert-parallel rank)", path="parallelism.expertTensor")
+        if not torch.cuda.is_available():
+            raise UserError("the megatron engine needs a CUDA GPU and none is visible; use the cpu engine")
+        self.spec = spec
+        self.env = env or read_env()
+        if p.tensor > 1 or p.context > 1:
+            # must precede the CUDA context (see MegatronEngine.init_distributed)
+            os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+        # The loop joins the NCCL group and runs collectives before build(): pin the device first.
+        torch.cuda.set_device(self.env.local_rank)
+        self.data_parallel_size, self.data_parallel_rank = data_parallel_layout(spec, self.env.world_size,
+                                                                                self.env.rank)
+        self.options = options or EngineOptions()
+        self.core = None
+        self.ctx: Optional[EngineContext] = None
+        self._config = None
+        self._gloo = None
+        self._pending_weights: Optional[dict] = None
+        self._pending_optimizer: Optional[dict] = None
+        self._pending_for: Optional[int] = None
+        self._steps = 0
+
+    # ---- construction -------------------------------------------------------------------------------------------
+    def build(self, ctx: EngineContext) -> None:
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+
+        from . import hf_model
+
+        self.ctx = ctx
+        core = LoopCore(self.spec, self.options)
+        # Loss normalisation is megatron's (see the module docstring); DDP reads this at construction.
+        core.plan.config_kwargs["calculate_per_token_loss"] = False
+        core.init_distributed()
+        self.core = core
+        dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        if (dp, dp_rank) != (self.data_parallel_size, self.data_parallel_rank):
+            raise RuntimeError(f"data-parallel layout {(self.data_parallel_size, self.data_parallel_rank)} differs "
+                               f"from megatron's {(dp, dp_rank)}")
+        core.build()
+        self._gloo = dist.new_group(backend="gloo")
+        self._config = hf_model.hf_config(ctx.arch, init_std=ctx.init_std, dropout=self.spec.training.attention_dropout)
+        p = self.spec.parallelism
+        ctx.log(f"engine=megatron tp={p.tensor} pp={p.pipeline} ep={p.expert} cp={p.context} dp={dp} "
+                f"precision={self.spec.training.precision} attention={core.plan.attention} "
+                f"experts={core.plan.experts} distributed-optimizer={p.distributed_optimizer} "
+                f"device={torch.cuda.get_device_name()}" + (f" ({'; '.join(core.notes)})" if core.notes else ""))
+
+    def hf_config(self):
+        return self._config
+
+    @property
+    def _moe(self) -> bool:
+        return self.ctx is not None and self.ctx.arch.moe is not None
+
+    # ---- weights ------------------------------------------------------------------------------------------------
+    def _layer_offsets(self) -> list[int]:
+        from megatron.core import parallel_state as ps
+
+        vp = ps.get_virtual_pipeline_model_parallel_world_size()
+        return [self.core._layer_offset(self.core.config, i if vp else None) for i in range(len(self.core.model))]
+
+    def load_checkpoint_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        from megatron.core import parallel_state as ps
+
+        from .cpu import WeightsMismatch
+        from .megatron_weights import load_into
+
+        problems = weight_problems(self.ctx.arch, state_dict)
+        if problems:
+            raise WeightsMismatch(problems)
+        try:
+            load_into(self.core.unwrapped(), state_dict, self.ctx.arch,
+                      tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=ps.get_tensor_model_parallel_world_size(),
+                      ep_rank=ps.get_expert_model_parallel_rank(), ep_size=ps.get_expert_model_parallel_world_size(),
+                      layer_offsets=self._layer_offsets())
+        except (KeyError, ValueError) as err:
+            raise WeightsMismatch([str(err)]) from None
+        self.core.optimizer.reload_model_params()  # fp32 master weights follow the new weights
+        self._pending_weights = None
+
+    def _sync_params(self) -> None:
+        """With the distributed optimizer and overlapped parameter all-gather, the weights a step updated reach the
+        other data-parallel ranks only in the next training forward pass; evaluation and checkpoints need them now
+        (as Megatron-LM syncs before evaluating or saving)."""
+        for m in self.core.model:
+            c = m.ddp_config
+            if c.use_distributed_optimizer and c.overlap_param_gather:
+                m.start_param_sync(force_sync=True)
+
+    def _local_shards(self) -> tuple[Optional[dict], Optional[dict]]:
+        """(dense tensors, expert tensors) this rank contributes: dense from data-parallel rank 0, experts from
+        expert-data-parallel rank 0; global layer numbers, on CPU."""
+        from megatron.core import parallel_state as ps
+
+        dense_wanted = ps.get_data_parallel_rank() == 0
+        expert_wanted = self._moe and ps.get_expert_data_parallel_rank() == 0
+        dense, experts = {}, {}
+        for chunk, offset in zip(self.core.unwrapped(), self._layer_offsets()):
+            own = {name: param.detach() for name, param in chunk.named_parameters()}
+            for k, v in renumber_layers(own, offset).items():
+                target = experts if is_expert_key(k) else dense
+                if (target is experts and expert_wanted) or (target is dense and dense_wanted):
+                    target[k] = v.detach().to("cpu", copy=True)
+        return (dense if dense_wanted else None), (experts if expert_wanted else None)
+
+    def _gather_weights(self) -> Optional[dict[str, torch.Tensor]]:
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+
+        dense, experts = self._local_shards()
+        mine = {"tp": ps.get_tensor_model_parallel_rank(), "ep": ps.get_expert_model_parallel_rank(),
+                "dense": dense, "experts": experts}
+        everyone = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(mine, everyone, dst=0, group=self._gloo)
+        if dist.get_rank() != 0:
+            return None
+        by_tp: dict[int, dict] = {}
+        by_ep: dict[int, dict] = {}
+        for part in everyone:
+            if part["dense"] is not None:
+                by_tp.setdefault(part["tp"], {}).update(part["dense"])
+            if part["experts"] is not None:
+                by_ep.setdefault(part["ep"], {}).update(part["experts"])
+        return hf_from_shards(by_tp, by_ep, self.ctx.arch)
+
+    def prepare_checkpoint(self, save_optimizer: bool = True) -> None:
+        """Collective (every rank): gather what rank 0 writes in the checkpoint save that follows."""
+        import torch.distributed as dist
+
+        self._sync_params()
+        torch.cuda.synchronize()
+        self._pending_weights = self._gather_weights()
+        self._pending_optimizer = None
+        if save_optimizer:
+            local = self._local_optimizer_state()
+            everyone = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+            dist.gather_object(local, everyone, dst=0, group=self._gloo)
+            if everyone is not None:
+                self._pending_optimizer = {"format": OPTIMIZER_FORMAT, "layout": self._layout(), "ranks": everyone}
+        self._pending_for = self._steps
+
+    def checkpoint_weights(self) -> dict[str, torch.Tensor]:
+        if self._pending_weights is None or self._pending_for != self._steps:
+            if self.env.world_size > 1:
+                raise RuntimeError("the megatron engine's weights are sharded over processes: every rank must call "
+                                   "prepare_checkpoint() before the checkpoint is written")
+            self.prepare_checkpoint(save_optimizer=False)
+        out, self._pending_weights = self._pending_weights, None
+        return out
+
+    # ---- optimiser state ----------------------------------------------------------------------------------------
+    def _layout(self) -> dict:
+        p = self.spec.parallelism
+        return {"world": self.env.world_size, "tensor": p.tensor, "pipeline": p.pipeline, "context": p.context,
+                "expert": p.expert, "virtual_pipeline": p.virtual_pipeline_layers,
+                "distributed_optimizer": p.distributed_optimizer}
+
+    def _local_optimizer_state(self) -> dict:
+        out = []
+        for opt in _sub_optimizers(self.core.optimizer):
+            inner = opt.optimizer
+            params = [p for g in inner.param_groups for p in g["params"]]
+            scaler = getattr(opt, "grad_scaler", None)
+            out.append({"main_params": [p.detach().to("cpu", copy=True) for p in params],
+                        "state": _to_cpu(inner.state_dict()["state"]),
+                        "grad_scaler": scaler.state_dict() if scaler is not None else None})
+        return {"optimizers": out}
+
+    def optimizer_state_dict(self) -> dict:
+        if self._pending_optimizer is None or self._pending_for != self._steps:
+            if self.env.world_size > 1:
+                raise RuntimeError("the megatron engine's optimizer state is sharded over processes: every rank must "
+                                   "call prepare_checkpoint() before the checkpoint is written")
+            self.prepare_checkpoint(save_optimizer=True)
+        out, self._pending_optimizer = self._pending_optimizer, None
+        return out
+
+    def load_optimizer_state_dict(self, state: dict) -> None:
+        from .megatron_kernels import use_fused_adam
+
+        say = self.ctx.log if self.ctx is not None else print
+        if not isinstance(state, dict) or state.get("format") != OPTIMIZER_FORMAT:
+            say("optimizer state is not in this engine's per-rank format; starting the optimizer afresh")
+            return
+        if state.get("layout") != self._layout():
+            say(f"optimizer state was saved with layout {state.get('layout')}, this run is {self._layout()}; "
+                "starting the optimizer afresh from the checkpoint's weights")
+            return
+        mine = state["ranks"][self.env.rank]["optimizers"]
+        subs = _sub_optimizers(self.core.optimizer)
+        problems = [] if len(mine) == len(subs) else [f"{len(mine)} optimizers saved, {len(subs)} built"]
+        for opt, saved in zip(subs, mine):
+            params = [p for g in opt.optimizer.param_groups for p in g["params"]]
+            if [tuple(p.shape) for p in params] != [tuple(t.shape) for t in saved["main_params"]]:
+                problems.append("parameter shards differ")
+        if problems:
+            raise RuntimeError(f"optimizer state does not fit this model: {'; '.join(problems)}")
+        with torch.no_grad():
+            for opt, saved in zip(subs, mine):
+                inner = opt.optimizer
+                params = [p for g in inner.param_groups for p in g["params"]]
+                for p, t in zip(params, saved["main_params"]):
+                    p.copy_(t)
+                current = inner.state_dict()
+                current["state"] = saved["state"]
+                inner.load_state_dict(current)
+                scaler = getattr(opt, "grad_scaler", None)
+                if scaler is not None and saved.get("grad_scaler") is not None:
+                    scaler.load_state_dict(saved["grad_scaler"])
+        # The model's bf16 weights came from the same checkpoint and are the rounded master weights already.
+        if self.options.fused_adam:
+            use_fused_adam(self.core.optimizer)
+
+    # ---- steps --------------------------------------------------------------------------------------------------
+    def _reduce_report(self, stores: list[dict]) -> tuple[float, float]:
+        from megatron.core import parallel_state as ps
+
+        total = torch.zeros(2, dtype=torch.float64, device=torch.cuda.current_device())
+        for d in stores:
+            total += d["lm loss"].to(total.device, torch.float64)
+        if ps.is_pipeline_last_stage(ignore_virtual=True):
+            torch.distributed.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
+        if ps.get_pipeline_model_parallel_world_size() > 1:  # only the last stage holds losses
+            torch.distributed.all_reduce(total, group=ps.get_pipeline_model_parallel_group())
+        a, b = total.tolist()
+        return a, b
+
+    def _global_tokens(self, micro_batches: Sequence) -> int:
+        from megatron.core import parallel_state as ps
+
+        n = torch.tensor([sum(mb.loss_tokens for mb in micro_batches)], dtype=torch.int64,
+                         device=torch.cuda.current_device())
+        torch.distributed.all_reduce(n, group=ps.get_data_parallel_group())
+        return int(n.item())
+
+    def _set_lr(self, lr: float) -> None:
+        wd = self.spec.training.weight_decay
+        for group in self.core.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_mult", 1.0)
+            group["weight_decay"] = wd * group.get("wd_mult", 1.0)
+
+    def train_step(self, micro_batches: Sequence, lr: float, loss_mode: str) -> StepResult:
+        from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+
+        if loss_mode not in ("mean", "per_token"):
+            raise ValueError(f"unknown loss mode {loss_mode!r}")
+        core = self.core
+        self._pending_weights = self._pending_optimizer = None
+        for m in core.model:
+            m.train()
+            m.zero_grad_buffer()
+        core.optimizer.zero_grad()
+        self._set_lr(lr)
+        global_tokens = self._global_tokens(micro_batches)
+        core.scaling = LossScaling(loss_mode, len(micro_batches) * self.data_parallel_size, global_tokens,
+                                   self.spec.parallelism.context)
+        if self._moe:
+            clear_aux_losses_tracker()
+        stores = core._run(micro_batches, forward_only=False)
+        ok, grad_norm, _ = core.optimizer.step()
+        self._steps += 1
+        num, den = self._reduce_report(stores)
+        loss = num / max(den, 1e-12)
+        aux = load_balancing_loss(len(micro_batches), self.ctx.arch.num_layers) if self._moe else None
+        norm = float(grad_norm) if grad_norm is not None else float("nan")
+        if not ok:
+            self.ctx.log("fp16 loss-scale overflow: the optimizer step was skipped")
+        elif not math.isfinite(norm) or not math.isfinite(loss):
+            raise FloatingPointError(f"loss {loss} / grad norm {norm} is not finite")
+        return StepResult(loss, aux, norm, global_tokens)
+
+    @torch.no_grad()
+    def eval_step(self, micro_batches: Sequence) -> tuple[float, int]:
+        from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+
+        self._sync_params()
+        for m in self.core.model:
+            m.eval()
+        self.core.scaling = LossScaling("eval", len(micro_batches) * self.data_parallel_size, 0,
+                                        self.spec.parallelism.context)
+        stores = self.core._run(micro_batches, forward_only=True)
+        if self._moe:
+            clear_aux_losses_tracker()
+        total, tokens = self._reduce_report(stores)
+        return total, int(round(tokens))
+
+    def close(self) -> None:
+        if self.core is not None:
+            self.core.close()
+            self.core = None
+
+
+def create_engine(spec: JobSpec) -> MegatronLoopEngine:
+    """The training loop's entry point (trainer.engines.select_engine, through trainer.engines.megatron)."""
+    return MegatronLoopEngine(spec)
+
+
+__all__ = ["MegatronLoopEngine", "create_engine", "data_parallel_layout", "hf_from_shards", "hf_shapes",
+           "load_balancing_loss", "LossScaling", "weight_problems"]
