@@ -35,6 +35,10 @@ def build_gpt_model(spec: ModelSpec, *, dtype: torch.dtype = torch.float32, grou
                                                           get_gpt_layer_with_transformer_engine_spec)
     from megatron.core.transformer import TransformerConfig
 
+    if spec.num_experts and not transformer_engine:
+        from trainer.engines.megatron_kernels import ensure_moe_without_te
+
+        ensure_moe_without_te()  # megatron-core 0.16.1's router needs this without Transformer Engine
     kw = transformer_config_kwargs(spec)
     kw.update(params_dtype=dtype, use_cpu_initialization=True, bf16=dtype == torch.bfloat16,
               moe_grouped_gemm=grouped_experts, **config_overrides)
