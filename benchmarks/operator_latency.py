@@ -78,6 +78,11 @@ def peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def install_crd(api: k.ApiClient) -> None:
     ext = k.ApiextensionsV1Api(api)
     crd = build_crd()
@@ -147,7 +152,7 @@ class Recorder:
                 self.res_running.setdefault(obj["metadata"]["name"], now)
 
 
-def burst(api: k.ApiClient, n: int, operator_pid: int, timeout: float) -> dict[str, Any]:
+def burst(api: k.ApiClient, n: int, operator_pid: int, timeout: float, others: dict[str, int]) -> dict[str, Any]:
     core = k.CoreV1Api(api)
     custom = k.CustomObjectsApi(api)
     ns = f"bench-{n}-{int(time.time()) % 100000}"
@@ -169,6 +174,7 @@ def burst(api: k.ApiClient, n: int, operator_pid: int, timeout: float) -> dict[s
         custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, job(name, ns))
         created[name] = time.monotonic()
 
+    cpu0 = {name: cpu_seconds(pid) for name, pid in {"operator": operator_pid, **others}.items()}
     t0 = time.monotonic()
     with ThreadPoolExecutor(max_workers=16) as pool:
         list(pool.map(create, names))
@@ -177,6 +183,7 @@ def burst(api: k.ApiClient, n: int, operator_pid: int, timeout: float) -> dict[s
     while time.monotonic() < end and (len(rec.pj_added) < n or len(rec.res_running) < n):
         time.sleep(0.2)
     rec.stop()
+    cpu = {name: round(cpu_seconds(pid) - cpu0[name], 1) for name, pid in {"operator": operator_pid, **others}.items()}
     to_child = [rec.pj_added[x] - created[x] for x in names if x in rec.pj_added]
     to_running = [rec.res_running[x] - rec.pj_running[x] for x in names if x in rec.res_running and x in rec.pj_running]
     all_children = max(rec.pj_added.values()) - t0 if len(rec.pj_added) == n else None
@@ -192,6 +199,8 @@ def burst(api: k.ApiClient, n: int, operator_pid: int, timeout: float) -> dict[s
         "all_pytorchjobs_s": round(all_children, 2) if all_children is not None else None,
         "all_running_s": round(all_running, 2) if all_running is not None else None,
         "operator_peak_rss_mib": round(peak_rss_mib(operator_pid), 1),
+        "cpu_seconds_during_burst": cpu,
+        "wall_seconds": round(time.monotonic() - t0, 1),
     }
     core.delete_namespace(ns)
     return result
@@ -214,7 +223,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         api = kconfig.new_client_from_config(config_file=str(cluster.kubeconfig))
         core = k.CoreV1Api(api)
         for i in range(4, args.nodes):  # more fake nodes so every pod of the largest burst fits
-            core.create_node(gpu_node(f"gpu-node-{i}", 8, "96", "1024Gi"))
+            status, out = cluster.api("POST", "/api/v1/nodes", gpu_node(f"gpu-node-{i}", 8, "96", "1024Gi"))
+            if status not in (200, 201, 409):
+                raise RuntimeError(f"could not add node gpu-node-{i}: HTTP {status} {out}")
         install_crd(api)
         metrics_port = free_port()
         log = Path(state) / "operator.log"
@@ -238,7 +249,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"operator ready (pid {operator.pid}, RSS peak {peak_rss_mib(operator.pid):.1f} MiB at idle)")
         results = []
         for n in bursts:
-            r = burst(api, n, operator.pid, args.timeout)
+            others = {p.name: p.pid for p in cluster.procs if p.alive()}
+            r = burst(api, n, operator.pid, args.timeout, others)
             results.append(r)
             print(json.dumps(r))
             time.sleep(3)

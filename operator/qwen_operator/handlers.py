@@ -24,12 +24,12 @@ import kopf
 from trainer.spec import SpecError, derive
 
 from . import status as st
-from .api import GROUP, KIND, PLURAL, VERSION, validate_resource_spec
+from .api import GROUP, KIND, PLURAL, VERSION
 from .config import OperatorConfig
 from .drift import child_drift
 from .kube import Kube
 from .metrics import CHILDREN_CREATED, PhaseTracker, Readiness, observe, start_server
-from .render import HASH_ANNOTATION, LABEL_MANAGED_BY, MANAGED_BY, PYTORCHJOB_KIND, render
+from .render import HASH_ANNOTATION, LABEL_MANAGED_BY, MANAGED_BY, PYTORCHJOB_KIND, render, render_with_spec
 
 FINALIZER = "training.qwen.dev/finalizer"  # declared for completeness; no handler here needs a finalizer
 ANNOTATION_PREFIX = "training.qwen.dev"
@@ -96,6 +96,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logg
     memo.kube = Kube.connect(pool_size=cfg.workers + 4)
     memo.phases = PhaseTracker()
     readiness = memo.readiness = getattr(memo, "readiness", None) or Readiness()
+    # With mandatory peering kopf starts paused and only logs when it resumes; so does readiness.
+    readiness.paused = bool(settings.peering.mandatory and not settings.peering.standalone)
     readiness.attach()
     if cfg.metrics_port:
         memo.metrics_server = await start_server(cfg.metrics_host, cfg.metrics_port, readiness)
@@ -181,7 +183,7 @@ def _reconcile(body: dict[str, Any], memo: kopf.Memo, logger: logging.Logger) ->
         return
 
     try:
-        cm, pj = render(body)
+        spec, (cm, pj) = render_with_spec(body)
     except SpecError as err:
         problems = [str(p) for p in err.problems]
         kube.update_status(ns, name, lambda res: st.invalid(res.get("status"), problems,
@@ -190,7 +192,6 @@ def _reconcile(body: dict[str, Any], memo: kopf.Memo, logger: logging.Logger) ->
         logger.warning("invalid spec, nothing created: %s", "; ".join(problems))
         return
 
-    spec = validate_resource_spec(body["spec"])
     derived = derive(spec.job_spec(), spec.world_size()).to_dict()
     synced: tuple[str, str, str] = ("True", st.IN_SYNC, "")
     created: list[str] = []
@@ -341,16 +342,19 @@ def pytorchjob_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, log
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
 def job_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-    """Keeps the jobs-by-phase gauge."""
+    """Keeps the jobs-by-phase gauge and the body cache used as the first guess of status writes."""
     obj = event.get("object") or {}
     meta = obj.get("metadata") or {}
     tracker: Optional[PhaseTracker] = getattr(memo, "phases", None)
-    if tracker is None or not meta.get("name"):
+    kube: Optional[Kube] = getattr(memo, "kube", None)
+    if tracker is None or kube is None or not meta.get("name"):
         return
     if event.get("type") == "DELETED":
         tracker.forget(meta.get("namespace", ""), meta["name"])
+        kube.forget(meta.get("namespace", ""), meta["name"])
     else:
         tracker.set(meta.get("namespace", ""), meta["name"], (obj.get("status") or {}).get("phase"))
+        kube.remember(copy.deepcopy(obj))
 
 
 __all__ = ["CONFIG", "apply_settings", "reconcile", "pytorchjob_event", "suspend_changed", "spec_changed",

@@ -77,7 +77,7 @@ class Readiness:
 
     kopf does not expose its pause toggle, so this follows the peering engine's log records: it logs
     "Pausing operations ..." when a higher- or equal-priority peer is alive and "Resuming operations ..." when it
-    is gone."""
+    is gone. With mandatory peering it starts paused (and logs only the resume)."""
 
     def __init__(self) -> None:
         self.started = False

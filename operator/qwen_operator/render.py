@@ -344,11 +344,8 @@ def rendered_hash(obj: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def render(resource: dict[str, Any]) -> list[dict[str, Any]]:
-    """[ConfigMap, PyTorchJob] for a QwenTrainingJob resource (a dict as read from the API or a YAML file).
-
-    Raises `trainer.spec.SpecError` (one problem per broken rule, each naming its field) if the spec is invalid.
-    """
+def render_with_spec(resource: dict[str, Any]) -> tuple[QwenTrainingJobSpec, list[dict[str, Any]]]:
+    """The validated spec and [ConfigMap, PyTorchJob] (see `render`)."""
     if not isinstance(resource, dict) or not (resource.get("metadata") or {}).get("name"):
         raise SpecError([Problem("metadata.name", "required field is missing")])
     spec = validate_resource_spec(resource.get("spec"), prefix="spec")
@@ -356,4 +353,12 @@ def render(resource: dict[str, Any]) -> list[dict[str, Any]]:
     objs = [render_configmap(resource, spec), render_pytorchjob(resource, spec)]
     for obj in objs:
         obj["metadata"]["annotations"] = {HASH_ANNOTATION: rendered_hash(obj)}
-    return objs
+    return spec, objs
+
+
+def render(resource: dict[str, Any]) -> list[dict[str, Any]]:
+    """[ConfigMap, PyTorchJob] for a QwenTrainingJob resource (a dict as read from the API or a YAML file).
+
+    Raises `trainer.spec.SpecError` (one problem per broken rule, each naming its field) if the spec is invalid.
+    """
+    return render_with_spec(resource)[1]

@@ -22,11 +22,13 @@ def test_only_the_leader_acts_and_the_follower_takes_over(cluster, crds, namespa
     custom.create_namespaced_custom_object("kopf.dev", "v1", namespace, "kopfpeerings", body)
     common = ("--namespace", namespace, "--peering", "qwen-operator", "--peering-lifetime", "10")
     leader = OperatorProcess(cluster.kubeconfig, tmp_path, *common, "--priority", "200", name="leader").start()
-    follower = OperatorProcess(cluster.kubeconfig, tmp_path, *common, "--priority", "100", name="follower").start()
+    follower = OperatorProcess(cluster.kubeconfig, tmp_path, *common, "--priority", "100", name="follower")
     jobs = Jobs(crds, namespace)
     try:
+        # Started one after the other, as a rolling Deployment does: two replicas started within the same
+        # instant were once seen both resuming (kopf read the peering object before either keep-alive landed).
         leader.wait_ready()
-        follower.wait_serving()
+        follower.start().wait_serving()
         wait_for(lambda: follower.get("/readyz")[0] == 503, 30, what="follower paused (not ready)")
         assert leader.ready()
 

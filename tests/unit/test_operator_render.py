@@ -11,7 +11,9 @@ import yaml
 from qwen_operator import render as r
 from trainer.spec import SpecError
 
-EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "manifests" / "examples").glob("*.yaml"))
+# Single-stage examples; multi-step pipelines (spec.pipeline) are not rendered into one PyTorchJob.
+EXAMPLES = sorted(p for p in (Path(__file__).resolve().parents[2] / "manifests" / "examples").glob("*.yaml")
+                  if "pipeline" not in (yaml.safe_load(p.read_text()).get("spec") or {}))
 
 BASE = {
     "apiVersion": "training.qwen.dev/v1alpha1",
