@@ -23,13 +23,14 @@ import kopf
 
 from trainer.spec import SpecError, derive
 
+from . import stages as sg
 from . import status as st
 from .api import GROUP, KIND, PLURAL, VERSION
 from .config import OperatorConfig
 from .drift import child_drift
 from .kube import Kube
 from .metrics import CHILDREN_CREATED, PhaseTracker, Readiness, observe, start_server
-from .render import HASH_ANNOTATION, LABEL_MANAGED_BY, MANAGED_BY, PYTORCHJOB_KIND, render, render_with_spec
+from .render import HASH_ANNOTATION, LABEL_MANAGED_BY, MANAGED_BY, PYTORCHJOB_KIND, render_step, steps
 
 FINALIZER = "training.qwen.dev/finalizer"  # declared for completeness; no handler here needs a finalizer
 ANNOTATION_PREFIX = "training.qwen.dev"
@@ -172,18 +173,33 @@ def reconcile(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any
         _reconcile(_plain(body), memo, logger)
 
 
-def _reconcile(body: dict[str, Any], memo: kopf.Memo, logger: logging.Logger) -> None:
+def _step_records(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """status.stages for the resource's steps (raises SpecError for an invalid spec)."""
+    return sg.init_stages((body.get("status") or {}).get("stages"),
+                          [(step or stage, stage) for step, stage, _ in steps(body)])
+
+
+def _reconcile(body: dict[str, Any], memo: kopf.Memo, logger: logging.Logger, rerun: bool = False) -> None:
     kube: Kube = memo.kube
     meta = body["metadata"]
     ns, name, generation = meta["namespace"], meta["name"], meta.get("generation")
     previous = body.get("status") or {}
-    if st.is_terminal(previous):
+    if st.is_terminal(previous) and not rerun:
         return
     if meta.get("deletionTimestamp"):
         return
 
     try:
-        spec, (cm, pj) = render_with_spec(body)
+        records = _step_records(body)
+        if rerun:
+            previous = kube.update_status(ns, name, lambda res: sg.rerun(
+                res.get("status") or {}, _step_records(res), res["metadata"].get("generation"))) or previous
+            records = sg.init_stages(previous.get("stages"), [(r["name"], r["stage"]) for r in records])
+            logger.info("spec fixed after %s: running again from %s", "failure", previous.get("currentStage"))
+        index = sg.current_index(records)
+        if index is None:
+            return  # every step has succeeded
+        spec, (cm, pj) = render_step(body, index, int(records[index].get("attempt") or 0))
     except SpecError as err:
         problems = [str(p) for p in err.problems]
         kube.update_status(ns, name, lambda res: st.invalid(res.get("status"), problems,
@@ -198,7 +214,7 @@ def _reconcile(body: dict[str, Any], memo: kopf.Memo, logger: logging.Logger) ->
     warnings: list[tuple[str, str]] = []
 
     # A PyTorchJob this resource already created and that is gone now was deleted by someone: do not rerun it.
-    if previous.get("pytorchJob") and kube.get_child(pj) is None:
+    if previous.get("pytorchJob") == pj["metadata"]["name"] and kube.get_child(pj) is None:
         kube.update_status(ns, name, lambda res: st.child_deleted(res.get("status"), res["metadata"].get("generation"),
                                                                   now(), pj["metadata"]["name"]))
         kopf.warn(_ref(body), reason=st.CHILD_DELETED, message=f"PyTorchJob {pj['metadata']['name']} was deleted")
@@ -228,9 +244,14 @@ def _reconcile(body: dict[str, Any], memo: kopf.Memo, logger: logging.Logger) ->
             warnings.append(drift)
 
     pj_name = pj["metadata"]["name"] if synced[1] != st.NAME_CONFLICT else None
-    kube.update_status(ns, name, lambda res: st.reconciled(
-        res.get("status"), res["metadata"].get("generation"), now(),
-        pytorch_job=pj_name, config_map=cm["metadata"]["name"], derived=derived, synced=synced))
+
+    def written(res: dict[str, Any]) -> dict[str, Any]:
+        status = st.reconciled(res.get("status"), res["metadata"].get("generation"), now(), pytorch_job=pj_name,
+                               config_map=cm["metadata"]["name"], derived=derived, synced=synced)
+        return sg.started(status, sg.init_stages(status.get("stages"), [(r["name"], r["stage"]) for r in records]),
+                          index, pj_name, now())
+
+    kube.update_status(ns, name, written)
     if created:
         kopf.event(_ref(body), type="Normal", reason="Created", message="created " + ", ".join(created))
     for reason, message in warnings:
@@ -270,6 +291,9 @@ def spec_changed(body: kopf.Body, diff: kopf.Diff, memo: kopf.Memo, logger: logg
         if not fields:
             return
         resource = _plain(body)
+        if sg.is_fixable(resource.get("status")):
+            _reconcile(resource, memo, logger, rerun=True)  # a failed or refused job, fixed and re-applied
+            return
         message = ("only spec.suspend may change after creation; ignored changes to " + ", ".join(fields))
         meta = resource["metadata"]
         memo.kube.update_status(meta["namespace"], meta["name"], lambda res: st.reconciled(
@@ -311,15 +335,29 @@ def pytorchjob_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, log
 
         warning: list[tuple[str, str]] = []
 
+        advanced: list[bool] = []
+
         def on_change(res: dict[str, Any]) -> Optional[dict[str, Any]]:
             if not ours(res):
                 return None
+            current = (res.get("status") or {}).get("pytorchJob")
+            if current and current != child_name:
+                return None  # an earlier step's (or attempt's) PyTorchJob: it no longer drives the status
             new = st.from_child(child.get("status"), res.get("status"), res["metadata"].get("generation"), now())
             new.setdefault("pytorchJob", child_name)  # the child exists, whichever handler writes first
+            records = new.get("stages") or []
+            index = next((i for i, r in enumerate(records) if r.get("pytorchJob") == child_name),
+                         sg.current_index(records))
+            if index is not None and records:
+                new, moved = sg.observed(new, index, now())
+                advanced[:] = [moved]
+                if moved:
+                    return new
             # A spec change of the child after creation (generation > 1): check it still matches the rendering.
             if (child["metadata"].get("generation") or 1) > 1 and not st.is_terminal(new):
                 try:
-                    desired = render(res)[1]
+                    attempt = int(records[index].get("attempt") or 0) if index is not None and records else 0
+                    desired = render_step(res, index or 0, attempt)[1][1]
                 except SpecError:
                     return new
                 drift = _drift_state(desired, child)
@@ -333,6 +371,10 @@ def pytorchjob_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, log
             return new
 
         kube.update_status(ns, owner["name"], on_change)
+        if advanced and advanced[0]:  # the step succeeded and another follows: start it now
+            latest = kube.get_job(ns, owner["name"])
+            if latest is not None:
+                _reconcile(latest, memo, logger)
         for reason, message in warning:
             kopf.warn({"apiVersion": owner["apiVersion"], "kind": KIND,
                        "metadata": {"name": owner["name"], "namespace": ns, "uid": owner["uid"]}},

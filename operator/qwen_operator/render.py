@@ -26,6 +26,7 @@ import yaml
 from trainer.spec import JobSpec, Problem, SpecError, derive
 
 from .api import API_VERSION, KIND, QwenTrainingJobSpec, validate_resource_spec
+from .api.pipeline import is_pipeline, pipeline_steps
 
 PYTORCHJOB_API_VERSION = "kubeflow.org/v1"
 PYTORCHJOB_KIND = "PyTorchJob"
@@ -44,6 +45,7 @@ MANAGED_BY = "qwen-operator"
 APP_NAME = "qwen-training-job"
 LABEL_JOB = "training.qwen.dev/job"
 LABEL_STAGE = "training.qwen.dev/stage"
+LABEL_STEP = "training.qwen.dev/step"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 # Hash of what was rendered (suspend excluded): tells a changed resource spec apart from a hand-edited child.
@@ -127,12 +129,12 @@ def job_yaml(spec: QwenTrainingJobSpec) -> str:
     return yaml.safe_dump(job_document(spec), sort_keys=True, width=120)
 
 
-def render_configmap(resource: dict[str, Any], spec: QwenTrainingJobSpec) -> dict[str, Any]:
+def render_configmap(resource: dict[str, Any], spec: QwenTrainingJobSpec, base: Optional[str] = None) -> dict[str, Any]:
     name = resource["metadata"]["name"]
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": _metadata(resource, configmap_name(name), common_labels(name, spec.stage)),
+        "metadata": _metadata(resource, configmap_name(base or name), common_labels(name, spec.stage)),
         "data": {SPEC_FILE: job_yaml(spec)},
     }
 
@@ -246,9 +248,9 @@ def _volumes(spec: QwenTrainingJobSpec, cm_name: str) -> tuple[list[dict[str, An
     return volumes, mounts
 
 
-def pod_template(resource: dict[str, Any], spec: QwenTrainingJobSpec) -> dict[str, Any]:
+def pod_template(resource: dict[str, Any], spec: QwenTrainingJobSpec, base: Optional[str] = None) -> dict[str, Any]:
     name = resource["metadata"]["name"]
-    volumes, mounts = _volumes(spec, configmap_name(name))
+    volumes, mounts = _volumes(spec, configmap_name(base or name))
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,
         "image": spec.image.name,
@@ -305,12 +307,12 @@ def run_policy(spec: QwenTrainingJobSpec) -> dict[str, Any]:
     return out
 
 
-def render_pytorchjob(resource: dict[str, Any], spec: QwenTrainingJobSpec) -> dict[str, Any]:
+def render_pytorchjob(resource: dict[str, Any], spec: QwenTrainingJobSpec, base: Optional[str] = None) -> dict[str, Any]:
     name = resource["metadata"]["name"]
     labels = common_labels(name, spec.stage)
     if spec.scheduling.queue_name:
         labels[KUEUE_QUEUE_LABEL] = spec.scheduling.queue_name
-    template = pod_template(resource, spec)
+    template = pod_template(resource, spec, base)
     replica = {"replicas": 1, "restartPolicy": spec.run_policy.restart_policy, "template": template}
     replicas: dict[str, Any] = {"Master": replica}
     if spec.resources.nodes > 1:
@@ -319,7 +321,7 @@ def render_pytorchjob(resource: dict[str, Any], spec: QwenTrainingJobSpec) -> di
     body = {
         "apiVersion": PYTORCHJOB_API_VERSION,
         "kind": PYTORCHJOB_KIND,
-        "metadata": _metadata(resource, child_name(name), labels),
+        "metadata": _metadata(resource, child_name(base or name), labels),
         "spec": {
             "nprocPerNode": str(spec.resources.processes()),
             "runPolicy": run_policy(spec),
@@ -344,21 +346,57 @@ def rendered_hash(obj: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def render_with_spec(resource: dict[str, Any]) -> tuple[QwenTrainingJobSpec, list[dict[str, Any]]]:
-    """The validated spec and [ConfigMap, PyTorchJob] (see `render`)."""
-    if not isinstance(resource, dict) or not (resource.get("metadata") or {}).get("name"):
-        raise SpecError([Problem("metadata.name", "required field is missing")])
-    spec = validate_resource_spec(resource.get("spec"), prefix="spec")
-    _check_volumes(spec)
-    objs = [render_configmap(resource, spec), render_pytorchjob(resource, spec)]
+def _finish(objs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for obj in objs:
         obj["metadata"]["annotations"] = {HASH_ANNOTATION: rendered_hash(obj)}
-    return spec, objs
+    return objs
+
+
+def step_base(name: str, step: Optional[str], attempt: int) -> str:
+    """Name stem of a step's children: the resource's own name for a single stage, `<name>-<step>` in a
+    pipeline, with `-r<attempt>` once a failed step is rerun after a fix (the failed child is kept)."""
+    stem = name if step is None else f"{name}-{step}"
+    return stem if attempt == 0 else f"{stem}-r{attempt}"
+
+
+def steps(resource: dict[str, Any]) -> list[tuple[Optional[str], str, dict[str, Any]]]:
+    """(step name or None for a single stage, stage, effective single-stage spec) of a resource.
+    Raises SpecError naming every problem."""
+    if not isinstance(resource, dict) or not (resource.get("metadata") or {}).get("name"):
+        raise SpecError([Problem("metadata.name", "required field is missing")])
+    data = resource.get("spec")
+    if is_pipeline(data):
+        return [(name, effective["stage"], effective) for name, effective, _ in pipeline_steps(data)]
+    spec = validate_resource_spec(data, prefix="spec")
+    return [(None, spec.stage, data)]
+
+
+def render_step(resource: dict[str, Any], index: int = 0, attempt: int = 0
+                ) -> tuple[QwenTrainingJobSpec, list[dict[str, Any]]]:
+    """The validated spec and [ConfigMap, PyTorchJob] of one step (index 0 of a single-stage job)."""
+    all_steps = steps(resource)
+    step, _, data = all_steps[index]
+    where = "spec" if step is None else f"spec.pipeline[{index}]"
+    spec = validate_resource_spec(data, prefix=where)
+    _check_volumes(spec)
+    base = step_base(resource["metadata"]["name"], step, attempt)
+    objs = [render_configmap(resource, spec, base), render_pytorchjob(resource, spec, base)]
+    if step is not None:
+        for obj in objs:
+            obj["metadata"]["labels"][LABEL_STEP] = step
+    return spec, _finish(objs)
+
+
+def render_with_spec(resource: dict[str, Any]) -> tuple[QwenTrainingJobSpec, list[dict[str, Any]]]:
+    """The validated spec and [ConfigMap, PyTorchJob] of a single-stage job (see `render`)."""
+    return render_step(resource, 0, 0)
 
 
 def render(resource: dict[str, Any]) -> list[dict[str, Any]]:
-    """[ConfigMap, PyTorchJob] for a QwenTrainingJob resource (a dict as read from the API or a YAML file).
+    """[ConfigMap, PyTorchJob] for a QwenTrainingJob resource (a dict as read from the API or a YAML file); for a
+    pipeline, those of every step in order (as each would be created, first attempt).
 
     Raises `trainer.spec.SpecError` (one problem per broken rule, each naming its field) if the spec is invalid.
     """
-    return render_with_spec(resource)[1]
+    count = len(steps(resource))
+    return [obj for i in range(count) for obj in render_step(resource, i, 0)[1]]
