@@ -112,10 +112,25 @@ def cmd_crd(args) -> int:
 
 
 def cmd_explain(args) -> int:
+    _, doc, spec = _single(args.file)
+    if spec.pipeline is not None:
+        from .api.pipeline import pipeline_steps
+
+        reports = {name: _explain_one(step) for name, _, step in pipeline_steps(doc["spec"])}
+        report = {"pipeline": reports}
+    else:
+        report = _explain_one(spec)
+    if args.output == "json":
+        print(json.dumps(report, indent=2))
+    else:
+        print(yaml.safe_dump(report, sort_keys=False), end="")
+    return 0
+
+
+def _explain_one(spec) -> dict:
     from trainer.spec import derive, resolve_architecture
     from trainer.spec.estimate import flops_per_token, memory_per_gpu
 
-    _, doc, spec = _single(args.file)
     job = spec.job_spec()
     world = spec.world_size()
     derived = derive(job, world)
@@ -140,11 +155,7 @@ def cmd_explain(args) -> int:
         "memoryPerGpuEstimate": _camel(memory.to_dict()),
         "memoryNote": "weights, gradients and Adam state exact; activations by formula; allocator overhead not included",
     }
-    if args.output == "json":
-        print(json.dumps(report, indent=2))
-    else:
-        print(yaml.safe_dump(report, sort_keys=False), end="")
-    return 0
+    return report
 
 
 def _camel(value):

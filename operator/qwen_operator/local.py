@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 import yaml
 
-from .render import SPEC_PATH, render
+from .render import SPEC_PATH, render_step, steps
 
 
 def _free_port() -> int:
@@ -46,10 +46,14 @@ def _remap(value: Any, mounts: list[str], root: Optional[Path]) -> Any:
     return value
 
 
-def local_command(resource: dict, *, root: Optional[str], nproc: Optional[int], workdir: Path) -> tuple[list[str], dict[str, str]]:
-    """(argv, environment) for running the resource's Master pod locally; writes the job spec into workdir."""
+def local_command(resource: dict, *, root: Optional[str], nproc: Optional[int], workdir: Path,
+                  step: int = 0) -> tuple[list[str], dict[str, str]]:
+    """(argv, environment) for running the Master pod of the resource's step locally; writes the job spec into
+    workdir."""
     resource = copy.deepcopy(resource)
     spec = resource.setdefault("spec", {})
+    for override in spec.get("pipeline") or []:  # one machine: every step runs with the same local layout
+        override.pop("resources", None)
     resources = spec.setdefault("resources", {})
     nodes = int(resources.get("nodes", 1))
     if nproc is None:  # the whole job's world size, on one machine
@@ -58,7 +62,7 @@ def local_command(resource: dict, *, root: Optional[str], nproc: Optional[int], 
     resources.update({"nodes": 1, "processesPerNode": nproc})
     meta = resource.setdefault("metadata", {})
     meta.setdefault("namespace", "default")
-    configmap, pytorchjob = render(resource)
+    _, (configmap, pytorchjob) = render_step(resource, step, 0)
 
     root_path = Path(root).resolve() if root else None
     mounts = [v["mountPath"] for v in spec.get("volumes", [])]
@@ -99,10 +103,20 @@ def local_command(resource: dict, *, root: Optional[str], nproc: Optional[int], 
 
 
 def run_local(resource: dict, *, root: Optional[str] = None, nproc: Optional[int] = None, dry_run: bool = False) -> int:
-    with tempfile.TemporaryDirectory(prefix="qwenctl-run-") as tmp:
-        argv, env = local_command(resource, root=root, nproc=nproc, workdir=Path(tmp))
-        print("qwenctl: running " + shlex.join(argv), file=sys.stderr)
-        if dry_run:
-            print(Path(tmp, "job.yaml").read_text())
-            return 0
-        return subprocess.call(argv, env=env)
+    """Run the resource's stage, or each step of its pipeline in order, stopping at the first failure."""
+    all_steps = steps(resource)
+    for index, (name, stage, _) in enumerate(all_steps):
+        with tempfile.TemporaryDirectory(prefix="qwenctl-run-") as tmp:
+            argv, env = local_command(resource, root=root, nproc=nproc, workdir=Path(tmp), step=index)
+            if len(all_steps) > 1:
+                print(f"qwenctl: step {name} ({index + 1}/{len(all_steps)}): {stage}", file=sys.stderr)
+            print("qwenctl: running " + shlex.join(argv), file=sys.stderr)
+            if dry_run:
+                print(Path(tmp, "job.yaml").read_text())
+                continue
+            code = subprocess.call(argv, env=env)
+            if code != 0:
+                if len(all_steps) > 1:
+                    print(f"qwenctl: step {name} ({index + 1}/{len(all_steps)}) failed with exit code {code}", file=sys.stderr)
+                return code
+    return 0
