@@ -270,3 +270,30 @@ class OperatorProcess:
         if self.alive():
             self.proc.kill()
             self.proc.wait(10)
+
+
+# ----------------------------------------------------------------------------------------- fixtures
+# Imported by the operator test modules that need them.
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def crds(kube_client):
+    install_crds(kube_client)
+    return kube_client
+
+
+@pytest.fixture
+def operator(cluster, crds, namespace, tmp_path):
+    """One standalone operator watching the test's namespace, as a real subprocess."""
+    op = OperatorProcess(cluster.kubeconfig, tmp_path, "--namespace", namespace, "--standalone").start()
+    op.wait_ready()
+    yield op
+    op.stop()
+    print(op.output()[-3000:])
+
+
+@pytest.fixture
+def jobs(crds, namespace):
+    return Jobs(crds, namespace)

@@ -11,32 +11,12 @@ from kubernetes.client.exceptions import ApiException
 
 from qwen_operator.drift import child_drift
 from qwen_operator.render import render
-from tests.integration.operator_support import (
-    EXAMPLES, Jobs, OperatorProcess, ensure_pvcs, example, install_crds, tiny_job, wait_for,
+from tests.integration.operator_support import (  # noqa: F401  (crds, jobs, operator are fixtures)
+    EXAMPLES, Jobs, OperatorProcess, crds, ensure_pvcs, example, install_crds, jobs, operator, tiny_job, wait_for,
 )
 
-# Single-stage examples; multi-step pipelines (spec.pipeline) are not rendered into one PyTorchJob.
+# Single-stage examples; pipelines run one PyTorchJob per step (test_operator_pipeline.py).
 ALL_EXAMPLES = sorted(p for p in EXAMPLES.glob("*.yaml") if "pipeline" not in (yaml.safe_load(p.read_text()).get("spec") or {}))
-
-
-@pytest.fixture(scope="module")
-def crds(kube_client):
-    install_crds(kube_client)
-    return kube_client
-
-
-@pytest.fixture
-def operator(cluster, crds, namespace, tmp_path):
-    op = OperatorProcess(cluster.kubeconfig, tmp_path, "--namespace", namespace, "--standalone").start()
-    op.wait_ready()
-    yield op
-    op.stop()
-    print(op.output()[-3000:])
-
-
-@pytest.fixture
-def jobs(crds, namespace):
-    return Jobs(crds, namespace)
 
 
 def _claims(doc):

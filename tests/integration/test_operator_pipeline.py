@@ -8,25 +8,12 @@ import copy
 import pytest
 import yaml
 
-from tests.integration.operator_support import EXAMPLES, Jobs, OperatorProcess, ensure_pvcs, example, install_crds, wait_for
+from tests.integration.operator_support import (  # noqa: F401  (crds, operator are fixtures)
+    EXAMPLES, Jobs, crds, ensure_pvcs, example, operator, wait_for,
+)
 
 NAME = "cpu-tiny-moe-pipeline"
 JOB_LABEL = "training.kubeflow.org/job-name"
-
-
-@pytest.fixture(scope="module")
-def crds(kube_client):
-    install_crds(kube_client)
-    return kube_client
-
-
-@pytest.fixture
-def operator(cluster, crds, namespace, tmp_path):
-    op = OperatorProcess(cluster.kubeconfig, tmp_path, "--namespace", namespace, "--standalone").start()
-    op.wait_ready()
-    yield op
-    op.stop()
-    print(op.output()[-3000:])
 
 
 def _step_job(jobs: Jobs, child: str) -> dict:
@@ -44,8 +31,8 @@ def _finish(cluster, jobs: Jobs, child: str, outcome: str) -> None:
     cluster.set_pod_outcome(jobs.ns, f"{JOB_LABEL}={child}", outcome, delay="1s")
 
 
-def test_pipeline_runs_in_order_stops_on_failure_and_resumes_after_a_fix(cluster, operator, namespace):
-    jobs = Jobs(cluster_client(cluster), namespace)
+def test_pipeline_runs_in_order_stops_on_failure_and_resumes_after_a_fix(cluster, operator, crds, namespace):
+    jobs = Jobs(crds, namespace)
     doc = example(EXAMPLES / "cpu-pipeline.yaml", namespace)
     doc["spec"]["runPolicy"] = {"backoffLimit": 0, "restartPolicy": "Never"}  # a failed pod fails its step at once
     ensure_pvcs(jobs.api, namespace, {v["claimName"] for v in doc["spec"]["volumes"]})
@@ -86,8 +73,3 @@ def test_pipeline_runs_in_order_stops_on_failure_and_resumes_after_a_fix(cluster
     assert sorted(p["metadata"]["name"] for p in jobs.pytorchjobs()) == sorted(
         [f"{NAME}-convert", f"{NAME}-pretrain", f"{NAME}-pretrain-r1", f"{NAME}-export"])
 
-
-def cluster_client(cluster):
-    from kubernetes import config
-
-    return config.new_client_from_config(config_file=str(cluster.kubeconfig))
