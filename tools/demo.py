@@ -79,7 +79,6 @@ def simulated_lifecycle(work: Path) -> dict:
     import qwen_devcluster
 
     banner("Control plane (real components; kwok simulates the kubelets)")
-    t0 = time.monotonic()
     cluster = qwen_devcluster.start_cluster(work / "cluster")
     m = cluster.measure()
     say("REAL", f"etcd, kube-apiserver, controller-manager, scheduler, kwok, training-operator up in {m['startup_s']} s "

@@ -19,7 +19,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 from trainer.distenv import DistEnv
 from trainer.errors import UserError, UserErrors

@@ -182,7 +182,7 @@ def _step_records(body: dict[str, Any]) -> list[dict[str, Any]]:
 def _reconcile(body: dict[str, Any], memo: kopf.Memo, logger: logging.Logger, rerun: bool = False) -> None:
     kube: Kube = memo.kube
     meta = body["metadata"]
-    ns, name, generation = meta["namespace"], meta["name"], meta.get("generation")
+    ns, name = meta["namespace"], meta["name"]
     previous = body.get("status") or {}
     if st.is_terminal(previous) and not rerun:
         return

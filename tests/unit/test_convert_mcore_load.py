@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 import warnings
 
 import pytest
@@ -14,22 +12,6 @@ from trainer.convert import convert, open_source
 from trainer.convert.mcore_model import build_gpt_model
 
 warnings.filterwarnings("ignore", category=UserWarning)
-
-
-@pytest.fixture(scope="module")
-def megatron_world():
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    created = not dist.is_initialized()
-    if created:
-        store = tempfile.mkdtemp()
-        dist.init_process_group("gloo", init_method=f"file://{os.path.join(store, 's')}", rank=0, world_size=1)
-    parallel_state.initialize_model_parallel(1, 1)
-    yield
-    parallel_state.destroy_model_parallel()
-    if created:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("family", ["qwen2.5-tied", "qwen3", "qwen2-moe", "qwen3-moe"])

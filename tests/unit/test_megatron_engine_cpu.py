@@ -4,7 +4,6 @@ plus the chunked cross-entropy and the torch grouped-GEMM stand-in against plain
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import pytest
@@ -35,26 +34,6 @@ from trainer.spec import resolve_architecture  # noqa: E402
 TINY = dict(numLayers=2, hiddenSize=64, numAttentionHeads=4, numQueryGroups=2, ffnHiddenSize=128, vocabSize=512,
             maxPositionEmbeddings=128)
 CPU = Capabilities()
-
-
-@pytest.fixture(scope="module")
-def megatron_world():
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    from trainer.distenv import _free_port
-
-    created = False
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ["MASTER_PORT"] = str(_free_port())
-        dist.init_process_group("gloo", rank=0, world_size=1)
-        created = True
-    parallel_state.initialize_model_parallel()
-    yield
-    parallel_state.destroy_model_parallel()
-    if created:
-        dist.destroy_process_group()
 
 
 # ------------------------------------------------------------------------------------------------ config

@@ -5,7 +5,6 @@ CPU engine's formulas, and the engine selection."""
 
 from __future__ import annotations
 
-import os
 import re
 import warnings
 
@@ -106,26 +105,6 @@ def test_weight_problems_name_missing_unexpected_and_misshapen():
     problems = weight_problems(arch, bad)
     assert problems == ["missing model.norm.weight", "unexpected model.extra.weight",
                         "model.embed_tokens.weight has shape (3, 64), the model needs (512, 64)"]
-
-
-@pytest.fixture(scope="module")
-def megatron_world():
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    from trainer.distenv import _free_port
-
-    created = False
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ["MASTER_PORT"] = str(_free_port())
-        dist.init_process_group("gloo", rank=0, world_size=1)
-        created = True
-    parallel_state.initialize_model_parallel()
-    yield
-    parallel_state.destroy_model_parallel()
-    if created:
-        dist.destroy_process_group()
 
 
 def _model_keys(spec, experts: str, monkeypatch) -> list[str]:
