@@ -19,6 +19,8 @@ VARIANTS: dict[str, dict] = {
     "rmsnorm-torch": {"fused_rmsnorm": False},  # torch.nn.RMSNorm (the local spec's default)
     "swiglu-unfused": {"fused_swiglu": False},
     "ce-unchunked": {"chunked_cross_entropy": False},  # megatron's output layer + fused vocab-parallel CE
+    "ce-eager": {"fused_cross_entropy": False},  # chunked CE, each chunk's softmax and gradient as torch ops
+    "sdpa-flash": {"sdpa_backend": "flash"},  # SDPA pinned to torch's flash kernels instead of cuDNN
     "no-wgrad-fusion": {"grad_accum_fusion": False},
     "adam-foreach": {"fused_adam": False, "foreach_grad_norm": False},  # megatron's own Apex-less fallbacks
     "recompute-selective": {"recompute": "selective"},
@@ -31,7 +33,8 @@ VARIANTS: dict[str, dict] = {
               "foreach_grad_norm": False, "recompute": "selective"},
 }
 
-DENSE_ABLATIONS = ["best", "attn-local", "rope-unfused", "rmsnorm-torch", "swiglu-unfused", "ce-unchunked",
+DENSE_ABLATIONS = ["best", "attn-local", "sdpa-flash", "rope-unfused", "rmsnorm-torch", "swiglu-unfused",
+                   "ce-unchunked", "ce-eager",
                    "no-wgrad-fusion", "adam-foreach", "recompute-selective", "recompute-full"]
 
 
@@ -76,6 +79,10 @@ CASES: dict[str, Case] = {c.name: c for c in [
     Case("smoke-dense-dp2", "qwen2.5", "0.5B", gpus=2, seq=1024, micro_batch=2, global_batch=8,
          variants=("best", "no-overlap"), architecture={"numLayers": 2}),
     # four-GPU cases: need a 4-GPU machine
+    Case("qwen2.5-1.5b-dp4", "qwen2.5", "1.5B", gpus=4, seq=4096, micro_batch=2, global_batch=32),
+    Case("qwen2.5-7b-dp4", "qwen2.5", "7B", gpus=4, seq=4096, micro_batch=1, global_batch=16,
+         note="pure data parallel with the distributed optimizer (ZeRO-1): bf16 weights and fp32 gradients "
+              "replicated, fp32 master weights and Adam state sharded over the four ranks"),
     Case("qwen2.5-7b-tp2-dp2", "qwen2.5", "7B", gpus=4, seq=4096, micro_batch=1, global_batch=16,
          parallelism={"tensor": 2, "sequenceParallel": True}, recompute="selective"),
     Case("qwen1.5-moe-a2.7b-ep4", "qwen1.5", "A2.7B", gpus=4, seq=4096, micro_batch=1, global_batch=8,
@@ -84,6 +91,18 @@ CASES: dict[str, Case] = {c.name: c for c in [
     Case("qwen3-30b-a3b-ep4-l12", "qwen3", "A3B", gpus=4, seq=4096, micro_batch=1, global_batch=8,
          parallelism={"expert": 4}, architecture={"numLayers": 12}, baseline=False,
          note="Qwen3-30B-A3B shape with 12 of 48 layers, EP 4"),
+
+    # four-GPU layouts at toy sizes: every parallel code path in a minute
+    Case("smoke-dense-dp4", "qwen2.5", "0.5B", gpus=4, seq=1024, micro_batch=1, global_batch=8,
+         architecture={"numLayers": 2}, baseline=False),
+    Case("smoke-dense-tp2dp2", "qwen2.5", "0.5B", gpus=4, seq=1024, micro_batch=1, global_batch=8,
+         parallelism={"tensor": 2, "sequenceParallel": True}, architecture={"numLayers": 2}, baseline=False,
+         variants=("best", "no-overlap", "no-wgrad-fusion")),
+    Case("smoke-moe-ep4", "qwen1.5", "A2.7B", gpus=4, seq=1024, micro_batch=1, global_batch=8,
+         parallelism={"expert": 4}, architecture={"numLayers": 2}, baseline=False,
+         variants=("best", "no-overlap")),
+    Case("smoke-moe-ep2dp2", "qwen1.5", "A2.7B", gpus=4, seq=1024, micro_batch=1, global_batch=8,
+         parallelism={"expert": 2}, architecture={"numLayers": 2}, baseline=False),
 ]}
 
 ONE_GPU = [n for n, c in CASES.items() if c.gpus == 1 and not n.startswith("smoke")]

@@ -12,6 +12,7 @@ and DIR/bench.log.
 from __future__ import annotations
 
 import argparse
+import re
 import datetime
 import importlib.util
 import json
@@ -50,6 +51,8 @@ def _launch(case, impl: str, variants: list[str], gpus: list[int], args, part: P
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={len(gpus)}",
                worker, *common]
     env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(map(str, gpus)), PYTHONUNBUFFERED="1")
+    if args.profile:
+        env["BENCH_PROFILE"] = str(part.parent / "profiles.txt")
     if case.parallelism.get("tensor", 1) > 1:
         env["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
     start = time.time()
@@ -83,8 +86,9 @@ def summarise(rows: list[dict]) -> list[dict]:
         b = base.get(r["case"])
         if r["impl"] == "megatron" and b and "error" not in r:
             r["speedup_vs_hf"] = round(r["tokens_per_s_per_gpu"] / b["tokens_per_s_per_gpu"], 3)
-        single = r["case"][: -len("-dp2")] if r["case"].endswith("-dp2") else r["case"]
-        if r["case"].endswith("-dp2") and "error" not in r:
+        dp = re.search(r"-dp\d+$", r["case"])
+        single = r["case"][: dp.start()] if dp else r["case"]
+        if dp and "error" not in r:
             ref = one_gpu.get(single) if r["impl"] == "megatron" else base.get(single)
             if ref:
                 r["scaling_efficiency"] = round(r["tokens_per_s_per_gpu"] / ref["tokens_per_s_per_gpu"], 3)
@@ -149,6 +153,9 @@ def main(argv=None) -> int:
                          "linger into the next)")
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--case-timeout", type=int, default=900)
+    ap.add_argument("--profile", action="store_true",
+                    help="after the timed steps, profile one more step and write the kernel-time breakdown to "
+                         "DIR/profiles.txt")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--report-only", action="store_true", help="rebuild results.* from DIR/rows.jsonl")
     args = ap.parse_args(argv)

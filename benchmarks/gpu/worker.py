@@ -47,11 +47,138 @@ def _world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def _error_log(out: Path, label: str) -> None:
+    """Every rank's traceback, whole, into DIR/errors.txt (a rank other than 0 may be where it starts)."""
+    text = f"== {label} rank {_rank()}\n{traceback.format_exc()}"
+    with open(out.parent / "errors.txt", "a") as f:
+        f.write(text)
+    if _rank() == 0:
+        print(text, flush=True)
+
+
 def _record(out: Path, row: dict) -> None:
     if _rank() == 0:
         with open(out, "a") as f:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
+
+
+KERNEL_GROUPS = [  # (group, substrings of CUDA kernel names), first match wins
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "grouped_mm", "matmul")),
+    ("nccl", ("nccl",)),
+    ("optimizer", ("adam", "multi_tensor", "foreach", "l2norm", "norm_kernel")),
+    ("triton/compiled", ("triton",)),
+    ("reduce", ("reduce",)),
+    ("copy/cast", ("copy", "cast", "convert", "fill", "memcpy", "memset")),
+    ("elementwise", ("elementwise", "vectorized", "unrolled")),
+]
+
+
+def _group(name: str) -> str:
+    low = name.lower()
+    for group, keys in KERNEL_GROUPS:
+        if any(k in low for k in keys):
+            return group
+    return "other"
+
+
+def profile_step(step, label: str) -> None:
+    """One more step under torch.profiler: GPU kernel time by group and the top kernels, against the step's
+    wall time (the difference is time the GPU sat idle, waiting for the host). Appended to $BENCH_PROFILE."""
+    path = os.environ.get("BENCH_PROFILE")
+    if not path or _rank() != 0:
+        if path:
+            step()
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        _profile(step, label, path, ProfilerActivity, profile)
+    except Exception as err:  # the profile is a diagnostic: never lose the measured row over it
+        print(f"profile of {label} failed: {type(err).__name__}: {err}", flush=True)
+
+
+def idle_gaps(trace: dict, min_gap_us: float = 20.0, top: int = 15) -> list[str]:
+    """GPU idle time between kernels, from a chrome trace: each gap before a kernel is attributed to the CPU ops
+    (outermost > innermost) that were running when that kernel was launched, and marked "host late" when the
+    launch itself came after the GPU had gone idle (the host was the bottleneck) rather than before it."""
+    events = trace.get("traceEvents", [])
+    kernels = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")
+                      and "dur" in e), key=lambda e: e["ts"])
+    launches = {e["args"].get("correlation"): e for e in events
+                if e.get("cat") == "cuda_runtime" and "args" in e}
+    ops = sorted((e for e in events if e.get("cat") in ("cpu_op", "python_function", "user_annotation")
+                  and "dur" in e), key=lambda e: e["ts"])
+    starts = [o["ts"] for o in ops]
+    import bisect
+
+    def stack_at(tid, ts) -> str:
+        names, i = [], bisect.bisect_right(starts, ts)
+        for o in ops[max(0, i - 4000):i]:
+            if o.get("tid") == tid and o["ts"] <= ts <= o["ts"] + o["dur"]:
+                names.append(o["name"])
+        return " > ".join([names[0], names[-1]] if len(names) > 1 else names) or "?"
+
+    gaps: dict[str, list] = {}
+    end = kernels[0]["ts"] + kernels[0]["dur"] if kernels else 0
+    for k in kernels[1:]:
+        gap = k["ts"] - end
+        if gap >= min_gap_us:
+            launch = launches.get(k.get("args", {}).get("correlation"))
+            where = stack_at(launch.get("tid"), launch["ts"]) if launch else "?"
+            late = launch is not None and launch["ts"] > end
+            g = gaps.setdefault(("host late: " if late else "waiting: ") + where, [0.0, 0])
+            g[0] += gap
+            g[1] += 1
+        end = max(end, k["ts"] + k["dur"])
+    total = sum(v[0] for v in gaps.values())
+    lines = [f"   idle gaps >= {min_gap_us:.0f} us: {total / 1e3:.1f} ms in {sum(v[1] for v in gaps.values())} gaps"]
+    for where, (us, n) in sorted(gaps.items(), key=lambda kv: -kv[1][0])[:top]:
+        lines.append(f"   {us / 1e3:8.2f} ms {n:5d}x  {where[:160]}")
+    return lines
+
+
+def _profile(step, label, path, ProfilerActivity, profile) -> None:
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    kernels: dict[str, list] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            k = kernels.setdefault(e.name, [0.0, 0])
+            k[0] += e.time_range.elapsed_us()
+            k[1] += 1
+    if not kernels:  # this torch keeps kernels only under their CPU ops: fall back to its own table
+        with open(path, "a") as f:
+            f.write(f"== {label}: step wall {wall * 1e3:.1f} ms\n"
+                    + prof.key_averages().table(sort_by="self_device_time_total", row_limit=30) + "\n")
+        return
+    total_us = sum(v[0] for v in kernels.values())
+    groups: dict[str, float] = {}
+    for name, (us, _) in kernels.items():
+        groups[_group(name)] = groups.get(_group(name), 0.0) + us
+    lines = [f"== {label}: step wall {wall * 1e3:.1f} ms, GPU kernel time {total_us / 1e3:.1f} ms "
+             f"({100 * total_us / 1e6 / wall:.1f}% of wall), {sum(v[1] for v in kernels.values())} kernels"]
+    for g, us in sorted(groups.items(), key=lambda kv: -kv[1]):
+        lines.append(f"   {g:16s} {us / 1e3:9.1f} ms {100 * us / total_us:5.1f}%")
+    lines.append("   top kernels (ms, calls):")
+    for name, (us, n) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:25]:
+        lines.append(f"   {us / 1e3:9.2f} {n:6d}  {name[:150]}")
+    try:
+        import tempfile
+
+        with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
+            prof.export_chrome_trace(tmp.name)
+            lines += idle_gaps(json.load(open(tmp.name)))
+    except Exception as err:
+        lines.append(f"   idle-gap analysis failed: {type(err).__name__}: {err}")
+    with open(path, "a") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
 
 
 def _figures(case, arch, seconds: float, steps: int) -> dict:
@@ -96,14 +223,18 @@ def run_megatron(case, variants, steps, warmup, out):
             torch.cuda.synchronize()
             row.update(_figures(case, arch, time.perf_counter() - t0, steps))
             row.update(first_loss=round(first.loss, 4), last_loss=round(r.loss, 4), notes=engine.notes)
+            profile_step(lambda: engine.train_step(batches), f"{case.name} megatron {variant}")
             gqa = {getattr(m, "_gqa_native", None) for c in engine.unwrapped() for m in c.modules()
                    if type(m).__name__ == "SDPAAttention"}
             if gqa - {None}:
                 row["sdpa_gqa_native"] = sorted(gqa - {None})
+            paths = {getattr(m, "path", None) for c in engine.unwrapped() for m in c.modules()
+                     if type(m).__name__ == "SDPAAttention"} - {None}
+            if paths:
+                row["sdpa_path"] = sorted(f"{b}{'' if native else '+repeat-kv'}" for b, native in paths)
         except Exception as err:  # record and go on with the next variant
             row.update(error=f"{type(err).__name__}: {str(err)[:400]}", traceback=traceback.format_exc()[-2000:])
-            if _rank() == 0:
-                traceback.print_exc()
+            _error_log(out, f"{case.name} megatron {variant}")
         finally:
             if engine is not None:
                 try:
@@ -177,10 +308,10 @@ def run_hf(case, steps, warmup, out):
         torch.cuda.synchronize()
         row.update(_figures(case, arch, time.perf_counter() - t0, steps))
         row.update(first_loss=round(first, 4), last_loss=round(loss, 4))
+        profile_step(step, f"{case.name} hf baseline")
     except Exception as err:
         row.update(error=f"{type(err).__name__}: {str(err)[:400]}", traceback=traceback.format_exc()[-2000:])
-        if rank == 0:
-            traceback.print_exc()
+        _error_log(out, f"{case.name} hf baseline")
     _record(out, row)
 
 

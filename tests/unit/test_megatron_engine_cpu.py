@@ -127,8 +127,9 @@ def test_fuse_qkv_groups_heads_per_query_group():
     assert fused[:12] == [0, 1, 2, 3, 4, 5, 100, 101, 102, 200, 201, 202]  # q heads 0-1, k_0, v_0
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-chunk", "eager-chunk"])
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_chunked_cross_entropy_matches_reference(dtype, tol):
+def test_chunked_cross_entropy_matches_reference(dtype, tol, fused):
     torch.manual_seed(0)
     n, h, vocab = 37, 16, 50
     hidden = torch.randn(n, h, dtype=dtype, requires_grad=True)
@@ -136,7 +137,7 @@ def test_chunked_cross_entropy_matches_reference(dtype, tol):
     labels = torch.randint(0, vocab, (n,))
     labels[3] = -100
     mask = (torch.rand(n) > 0.2).float()
-    out = linear_cross_entropy(hidden, weight, labels, mask, chunk_tokens=8)
+    out = linear_cross_entropy(hidden, weight, labels, mask, chunk_tokens=8, fused=fused)
     (0.5 * out).backward()
     h2, w2 = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
     ref = reference_cross_entropy(h2, w2, labels, mask)

@@ -139,6 +139,7 @@ class MegatronEngine:
                 vp_stage=stage,
                 chunked_loss=self.options.chunked_cross_entropy,
                 chunk_tokens=self.options.cross_entropy_chunk_tokens,
+                fused_loss=self.options.fused_cross_entropy,
                 **gpt_model_kwargs(self.plan),
             )
             if config.use_cpu_initialization:

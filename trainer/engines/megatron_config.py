@@ -76,8 +76,9 @@ class EngineOptions:
 
     attention: str = "auto"
     """te | flash-attn | sdpa (torch scaled_dot_product_attention, flash backend) | local (megatron's unfused)."""
-    sdpa_backend: Optional[str] = "flash"
-    """Backend SDPA is pinned to (flash | cudnn | efficient | math), or None to let torch pick."""
+    sdpa_backend: Optional[str] = "cudnn"
+    """Backend SDPA is pinned to (cudnn, falling back to flash | flash | efficient | math), or None to let torch
+    pick. cuDNN's fused attention runs the backward pass about twice as fast as torch's flash kernels on Hopper."""
     fused_rope: bool = True
     """Apply rotary embeddings inside the SDPA attention module with one compiled kernel (sdpa only)."""
     fused_rmsnorm: bool = True
@@ -88,6 +89,8 @@ class EngineOptions:
     """Output layer + cross-entropy in token chunks with the gradient computed in the forward pass, so the fp32
     logits of the whole micro-batch never exist at once."""
     cross_entropy_chunk_tokens: int = 2048
+    fused_cross_entropy: bool = True
+    """Without tensor parallelism, each chunk's softmax, loss and logits gradient as one compiled function."""
     experts: str = "auto"
     """MoE expert implementation: te | grouped-gemm | torch-grouped | sequential."""
     grad_accum_fusion: bool = True

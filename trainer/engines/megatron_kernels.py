@@ -1,7 +1,7 @@
 """Fast modules for megatron-core's local (non-Transformer-Engine) layer spec, written on plain torch.
 
-- `SDPAAttention`: a drop-in `core_attention` that calls torch's `scaled_dot_product_attention` (pinned to the
-  flash backend on Hopper) instead of megatron's unfused `DotProductAttention` (which materialises the [b, h, s, s]
+- `SDPAAttention`: a drop-in `core_attention` that calls torch's `scaled_dot_product_attention` (cuDNN's fused
+  attention on Hopper, torch's flash kernels as the fallback) instead of megatron's unfused `DotProductAttention` (which materialises the [b, h, s, s]
   scores). It can also apply the rotary embedding itself, in one compiled kernel that writes q and k straight into
   the layout SDPA reads; the model is then built with `position_embedding_type="none"`.
 - `RMSNorm`: compiled RMSNorm in fp32 arithmetic, one kernel each way; marks its weight for the tensor-parallel
@@ -131,7 +131,7 @@ class SDPAAttention(torch.nn.Module):
     def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str = "self",
                  attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
                  cp_comm_type: Optional[str] = None, pg_collection=None, rope_base: Optional[float] = None,
-                 backend: Optional[str] = "flash", compiled_rope: bool = True):
+                 backend: Optional[str] = "cudnn", compiled_rope: bool = True):
         super().__init__()
         from megatron.core.transformer.enums import AttnMaskType
 
@@ -150,6 +150,7 @@ class SDPAAttention(torch.nn.Module):
         self._rope = _rope_compiled if compiled_rope else _rope_to_bhsd
         self._tables: dict = {}
         self._gqa_native: Optional[bool] = None
+        self.path: Optional[tuple[Optional[str], bool]] = None  # (backend, native GQA) chosen on the first call
 
     def _cos_sin(self, seq_len: int, dim: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         key = (seq_len, dim, device)
@@ -158,15 +159,44 @@ class SDPAAttention(torch.nn.Module):
             self._tables[key] = rope_tables(seq_len, dim, self.rope_base, device)
         return self._tables[key]
 
-    def _sdpa(self, q, k, v, enable_gqa: bool):
+    def _candidates(self) -> list[tuple[Optional[str], bool]]:
+        """(backend, native GQA) pairs to try in order; cuDNN's fused attention is the fastest on Hopper, torch's
+        flash kernels the fallback."""
+        order = {"cudnn": ["cudnn", "flash"]}.get(self.backend, [self.backend])
+        return [(b, native) for b in order for native in (True, False)]
+
+    def _sdpa(self, q, k, v, backend: Optional[str], enable_gqa: bool):
         dropout = self.dropout_p if self.training else 0.0
         kwargs = dict(dropout_p=dropout, is_causal=self.causal, scale=self.softmax_scale, enable_gqa=enable_gqa)
-        if self.backend and q.is_cuda:
+        if backend and q.is_cuda:
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
-            with sdpa_kernel([getattr(SDPBackend, _SDPA_BACKENDS[self.backend])]):
+            with sdpa_kernel([getattr(SDPBackend, _SDPA_BACKENDS[backend])]):
                 return F.scaled_dot_product_attention(q, k, v, **kwargs)
         return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+    def _attend(self, q, k, v):
+        heads, groups = q.shape[1], k.shape[1]
+
+        def call(backend, native):
+            if groups == heads or native:
+                return self._sdpa(q, k, v, backend, groups != heads)
+            rep = heads // groups
+            return self._sdpa(q, k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), backend, False)
+
+        if self.path is not None or not q.is_cuda:
+            return call(*(self.path or (None, True)))
+        for i, candidate in enumerate(self._candidates()):  # first call: keep the first path that runs
+            try:
+                out = call(*candidate)
+            except RuntimeError:
+                if i == len(self._candidates()) - 1:
+                    raise
+                continue
+            self.path = candidate
+            self._gqa_native = candidate[1] if groups != heads else None
+            return out
+        raise RuntimeError("no scaled_dot_product_attention backend ran")
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
@@ -180,20 +210,7 @@ class SDPAAttention(torch.nn.Module):
         else:
             q, k = _to_bhsd(query), _to_bhsd(key)
         v = _to_bhsd(value)
-        groups = k.shape[1]
-        if groups == heads:
-            out = self._sdpa(q, k, v, False)
-        elif self._gqa_native is not False:
-            try:
-                out = self._sdpa(q, k, v, True)
-                self._gqa_native = True
-            except RuntimeError:
-                if self._gqa_native:
-                    raise
-                self._gqa_native = False
-        if groups != heads and self._gqa_native is False:
-            rep = heads // groups
-            out = self._sdpa(q, k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), False)
+        out = self._attend(q, k, v)
         # [b, np, sq, hn] -> [sq, b, np*hn]
         return out.permute(2, 0, 1, 3).reshape(sq, b, heads * dim)
 
