@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import socket
 import statistics
@@ -81,6 +82,31 @@ def peak_rss_mib(pid: int) -> float:
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+REQUEST_LINE = re.compile(r'^apiserver_request_total\{(?P<labels>[^}]*)\} (?P<value>[0-9.e+]+)$')
+LABEL = re.compile(r'(\w+)="([^"]*)"')
+WRITE_VERBS = ("POST", "PUT", "PATCH", "DELETE", "APPLY")
+
+
+def apiserver_writes(cluster: Any) -> dict[str, float]:
+    """Write requests the API server has served so far, by `VERB resource[/subresource]` (apiserver_request_total;
+    every client's, not only the operator's)."""
+    status, text = cluster.api("GET", "/metrics")
+    counts: dict[str, float] = {}
+    if status != 200 or not isinstance(text, str):
+        return counts
+    for line in text.splitlines():
+        m = REQUEST_LINE.match(line)
+        if not m:
+            continue
+        labels = dict(LABEL.findall(m["labels"]))
+        if labels.get("verb") not in WRITE_VERBS:
+            continue
+        key = f"{labels['verb']} {labels.get('resource', '')}" + (f"/{labels['subresource']}"
+                                                                   if labels.get("subresource") else "")
+        counts[key] = counts.get(key, 0.0) + float(m["value"])
+    return counts
 
 
 def install_crd(api: k.ApiClient) -> None:
@@ -152,7 +178,8 @@ class Recorder:
                 self.res_running.setdefault(obj["metadata"]["name"], now)
 
 
-def burst(api: k.ApiClient, n: int, operator_pid: int, timeout: float, others: dict[str, int]) -> dict[str, Any]:
+def burst(api: k.ApiClient, cluster: Any, n: int, operator_pid: int, timeout: float,
+          others: dict[str, int]) -> dict[str, Any]:
     core = k.CoreV1Api(api)
     custom = k.CustomObjectsApi(api)
     ns = f"bench-{n}-{int(time.time()) % 100000}"
@@ -171,10 +198,16 @@ def burst(api: k.ApiClient, n: int, operator_pid: int, timeout: float, others: d
     names = [f"j{i:04d}" for i in range(n)]
 
     def create(name: str) -> None:
-        custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, job(name, ns))
+        # The response is not decoded: the client's own CPU would otherwise compete with what is measured.
+        resp = custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, job(name, ns),
+                                                      _preload_content=False)
         created[name] = time.monotonic()
+        resp.data  # read the body so the pooled connection can be reused
+        resp.release_conn()
 
     cpu0 = {name: cpu_seconds(pid) for name, pid in {"operator": operator_pid, **others}.items()}
+    cpu0["benchmark client"] = time.process_time()
+    writes0 = apiserver_writes(cluster)
     t0 = time.monotonic()
     with ThreadPoolExecutor(max_workers=16) as pool:
         list(pool.map(create, names))
@@ -184,6 +217,10 @@ def burst(api: k.ApiClient, n: int, operator_pid: int, timeout: float, others: d
         time.sleep(0.2)
     rec.stop()
     cpu = {name: round(cpu_seconds(pid) - cpu0[name], 1) for name, pid in {"operator": operator_pid, **others}.items()}
+    cpu["benchmark client"] = round(time.process_time() - cpu0["benchmark client"], 1)
+    writes1 = apiserver_writes(cluster)
+    writes = {key: round((writes1[key] - writes0.get(key, 0.0)) / n, 2) for key in sorted(writes1)
+              if writes1[key] - writes0.get(key, 0.0) > 0}
     to_child = [rec.pj_added[x] - created[x] for x in names if x in rec.pj_added]
     to_running = [rec.res_running[x] - rec.pj_running[x] for x in names if x in rec.res_running and x in rec.pj_running]
     all_children = max(rec.pj_added.values()) - t0 if len(rec.pj_added) == n else None
@@ -200,6 +237,8 @@ def burst(api: k.ApiClient, n: int, operator_pid: int, timeout: float, others: d
         "all_running_s": round(all_running, 2) if all_running is not None else None,
         "operator_peak_rss_mib": round(peak_rss_mib(operator_pid), 1),
         "cpu_seconds_during_burst": cpu,
+        "apiserver_writes_per_job": writes,
+        "apiserver_writes_per_job_total": round(sum(writes.values()), 1),
         "wall_seconds": round(time.monotonic() - t0, 1),
     }
     core.delete_namespace(ns)
@@ -250,7 +289,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         results = []
         for n in bursts:
             others = {p.name: p.pid for p in cluster.procs if p.alive()}
-            r = burst(api, n, operator.pid, args.timeout, others)
+            r = burst(api, cluster, n, operator.pid, args.timeout, others)
             results.append(r)
             print(json.dumps(r))
             time.sleep(3)

@@ -128,6 +128,12 @@ def _plain(body: Any) -> dict[str, Any]:
     return copy.deepcopy({k: body[k] for k in body})
 
 
+def _view(body: Any) -> dict[str, Any]:
+    """A plain dict over kopf's body without copying it, for handlers that only read it (the child watch runs on
+    every PyTorchJob event; a deep copy of each body was a visible share of the operator's CPU)."""
+    return {k: body[k] for k in body}
+
+
 def _controller(obj: dict[str, Any]) -> Optional[dict[str, Any]]:
     for ref in (obj.get("metadata") or {}).get("ownerReferences") or []:
         if ref.get("controller"):
@@ -253,7 +259,9 @@ def _reconcile(body: dict[str, Any], memo: kopf.Memo, logger: logging.Logger, re
 
     kube.update_status(ns, name, written)
     if created:
-        kopf.event(_ref(body), type="Normal", reason="Created", message="created " + ", ".join(created))
+        # Logged, not posted as an Event: an Event is one more API write per job, and the status (pytorchJob,
+        # configMap, Synced) already says what exists.
+        logger.info("created %s", ", ".join(created))
     for reason, message in warnings:
         kopf.warn(_ref(body), reason=reason, message=message[:1024])
         logger.warning(message)
@@ -310,7 +318,7 @@ def spec_changed(body: kopf.Body, diff: kopf.Diff, memo: kopf.Memo, logger: logg
 def pytorchjob_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, logger: logging.Logger,
                      **_: Any) -> None:
     with observe("child-status"):
-        child = _plain(body)
+        child = _view(body)
         owner = _owner_of(child)
         if owner is None:
             return
@@ -396,7 +404,7 @@ def job_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
         kube.forget(meta.get("namespace", ""), meta["name"])
     else:
         tracker.set(meta.get("namespace", ""), meta["name"], (obj.get("status") or {}).get("phase"))
-        kube.remember(copy.deepcopy(obj))
+        kube.remember(obj)
 
 
 __all__ = ["CONFIG", "apply_settings", "reconcile", "pytorchjob_event", "suspend_changed", "spec_changed",

@@ -8,6 +8,7 @@ Flags and QWEN_OPERATOR_* environment variables are listed in `qwen_operator.con
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import sys
 from typing import Optional, Sequence
@@ -16,6 +17,8 @@ import kopf
 
 from . import handlers
 from .config import OperatorConfig, from_args
+
+M_ARENA_MAX = -8  # glibc's mallopt parameter number
 
 
 class _QuietWatchHandlers(logging.Filter):
@@ -38,7 +41,19 @@ def configure_logging(cfg: OperatorConfig) -> None:
             handler.addFilter(_QuietWatchHandlers())
 
 
+def limit_malloc_arenas(arenas: int = 2) -> bool:
+    """Cap glibc's malloc arenas before the handler threads start. By default every thread that allocates may
+    get an arena of its own (up to 8 per core), and the JSON bodies of a burst, decoded in the worker threads,
+    leave each of them partly used and fragmented. Returns whether the setting was applied (not on non-glibc platforms)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(M_ARENA_MAX, arenas))
+    except (OSError, AttributeError):
+        return False
+
+
 def run(cfg: OperatorConfig) -> None:
+    limit_malloc_arenas()
     handlers.CONFIG = cfg
     configure_logging(cfg)
     kopf.run(

@@ -46,30 +46,40 @@ def observe(handler: str) -> Iterator[None]:
 
 
 class PhaseTracker:
-    """Phase of every job the operator has seen, for the jobs-by-phase gauge."""
+    """Phase of every job the operator has seen, for the jobs-by-phase gauge (counts kept incrementally: a burst
+    of N jobs costs O(N) updates, not O(N) per event)."""
 
     def __init__(self) -> None:
         self._phases: dict[tuple[str, str], str] = {}
+        self._counts: dict[str, int] = dict.fromkeys(PHASES, 0)
         self._lock = threading.Lock()
         for phase in PHASES:
             JOBS.labels(phase).set(0)
 
     def set(self, namespace: str, name: str, phase: Optional[str]) -> None:
+        phase = phase or "Pending"
         with self._lock:
-            self._phases[(namespace, name)] = phase or "Pending"
-            self._publish()
+            old = self._phases.get((namespace, name))
+            if old == phase:
+                return
+            self._phases[(namespace, name)] = phase
+            self._move(old, phase)
 
     def forget(self, namespace: str, name: str) -> None:
         with self._lock:
-            self._phases.pop((namespace, name), None)
-            self._publish()
+            old = self._phases.pop((namespace, name), None)
+            if old is not None:
+                self._move(old, None)
 
-    def _publish(self) -> None:
-        counts = dict.fromkeys(PHASES, 0)
-        for phase in self._phases.values():
-            counts[phase] = counts.get(phase, 0) + 1
-        for phase, n in counts.items():
-            JOBS.labels(phase).set(n)
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+    def _move(self, old: Optional[str], new: Optional[str]) -> None:
+        for phase, delta in ((old, -1), (new, 1)):
+            if phase is not None:
+                self._counts[phase] = self._counts.get(phase, 0) + delta
+                JOBS.labels(phase).set(self._counts[phase])
 
 
 class Readiness:
