@@ -162,7 +162,7 @@ def test_torch_grouped_mm_matches_per_expert_loop():
     assert torch.equal(kernels.grouped_mm(a.detach(), bt, sizes, trans_b=True), ref.detach())
 
 
-def _megatron_loss(spec_args, monkeypatch, opts=EngineOptions(), caps=CPU, dtype=torch.float32):
+def _megatron_loss(spec_args, monkeypatch, opts=EngineOptions(), caps=CPU, dtype=torch.float32, on_model=None):
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
@@ -181,6 +181,8 @@ def _megatron_loss(spec_args, monkeypatch, opts=EngineOptions(), caps=CPU, dtype
                                chunked_loss=opts.chunked_cross_entropy, **gpt_model_kwargs(plan))
     hf, weights = hf_reference(arch)
     load_into([model], weights, arch, tp_rank=0, tp_size=1, ep_rank=0, ep_size=1, layer_offsets=[0])
+    if on_model is not None:
+        on_model(model)
     batches = random_micro_batches(2, 2, 64, arch.vocab_size, seed=1, ignore_first=3)
     total, count = 0.0, 0
     with torch.no_grad():
@@ -209,6 +211,18 @@ DENSE_MOE_CASES = {
 def test_forward_matches_hf_on_cpu(case, megatron_world, monkeypatch):
     mine, hf = _megatron_loss(DENSE_MOE_CASES[case], monkeypatch)
     assert abs(mine - hf) < 1e-5, (mine, hf)
+
+
+def test_chunked_loss_runs_the_output_layer_pre_hooks(megatron_world, monkeypatch):
+    """megatron's DDP waits for a parameter's all-gather in the owning module's forward pre-hook; the chunked loss
+    reads the untied output weight without calling the module, so it must run those hooks itself."""
+    calls = []
+
+    def watch(model):
+        model.output_layer.register_forward_pre_hook(lambda module, args: calls.append(module))
+
+    _megatron_loss(DENSE_MOE_CASES["qwen2.5-untied"], monkeypatch, on_model=watch)
+    assert len(calls) == 2  # once per micro-batch
 
 
 def test_stock_norm_and_loss_path_matches_too(megatron_world, monkeypatch):

@@ -156,8 +156,16 @@ def make_model_class():
                 return super()._postprocess(hidden_states, input_ids, position_ids, labels, rotary_pos_emb,
                                             rotary_pos_cos, rotary_pos_sin, mtp_in_postprocess=mtp_in_postprocess,
                                             loss_mask=loss_mask, **kwargs)
-            weight = (self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights
-                      else self.output_layer.weight)
+            if self.share_embeddings_and_output_weights:
+                weight = self.shared_embedding_or_output_weight()
+            else:
+                # The loss reads output_layer.weight without calling output_layer, so run its forward pre-hooks
+                # by hand: megatron's DDP waits there for the weight's all-gather (distributed optimizer with
+                # overlapped parameter gather). Skipped, the gather stays in flight and the next step's
+                # gather of that bucket fails.
+                for hook in list(self.output_layer._forward_pre_hooks.values()):
+                    hook(self.output_layer, ())
+                weight = self.output_layer.weight
             tp_group = self.pg_collection.tp
             tp_size = tp_group.size() if tp_group is not None else 1
             if tp_size > 1 and self.config.sequence_parallel:
