@@ -315,7 +315,8 @@ def drop_caches() -> bool:
 
 
 def run_child(kind: str, *args: str) -> dict:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "benchmarks")]))
+    paths = [str(ROOT), str(ROOT / "benchmarks")] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
     r = subprocess.run([sys.executable, "-c", PEAK + CHILD[kind], *args], capture_output=True, text=True, env=env)
     if r.returncode != 0:
         raise RuntimeError(f"{kind} failed:\n{r.stderr[-3000:]}")
