@@ -107,7 +107,7 @@ def idle_gaps(trace: dict, min_gap_us: float = 20.0, top: int = 15) -> list[str]
     kernels = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")
                       and "dur" in e), key=lambda e: e["ts"])
     launches = {e["args"].get("correlation"): e for e in events
-                if e.get("cat") == "cuda_runtime" and "args" in e}
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "args" in e}
     ops = sorted((e for e in events if e.get("cat") in ("cpu_op", "python_function", "user_annotation")
                   and "dur" in e), key=lambda e: e["ts"])
     starts = [o["ts"] for o in ops]
