@@ -14,7 +14,10 @@ For bursts of N QwenTrainingJobs created at once (default 1, 100, 500), measures
 Prints figures (p50, p99, max); it never passes or fails. The targets it reports against: p99 create ->
 PyTorchJob under 1 s at 100, all 500 reconciled within 60 s, peak RSS under 200 MB.
 
-    python benchmarks/operator_latency.py [--bursts 1,100,500] [--workers 16] [--json out.json]
+    python benchmarks/operator_latency.py [--bursts 1,100,500] [--workers 16] [--crd crd.yaml] [--json out.json]
+
+`--crd` installs another CRD manifest instead of the one generated from the models (for example a copy without
+its CEL rules, to see what validating them costs the API server).
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional
+
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
@@ -93,7 +98,7 @@ WRITE_VERBS = ("POST", "PUT", "PATCH", "APPLY")
 
 def apiserver_writes(cluster: Any) -> dict[str, float]:
     """Write requests the API server has served so far, by `VERB resource[/subresource]` (apiserver_request_total;
-    every client's, not only the operator's)."""
+    every client's, not only the operator's); refused optimistic-locking conflicts are counted apart."""
     status, text = cluster.api("GET", "/metrics")
     counts: dict[str, float] = {}
     if status != 200 or not isinstance(text, str):
@@ -107,13 +112,15 @@ def apiserver_writes(cluster: Any) -> dict[str, float]:
             continue
         key = f"{labels['verb']} {labels.get('resource', '')}" + (f"/{labels['subresource']}"
                                                                    if labels.get("subresource") else "")
+        if labels.get("code") == "409":
+            key += " (409 Conflict)"
         counts[key] = counts.get(key, 0.0) + float(m["value"])
     return counts
 
 
-def install_crd(api: k.ApiClient) -> None:
+def install_crd(api: k.ApiClient, path: Optional[str] = None) -> None:
     ext = k.ApiextensionsV1Api(api)
-    crd = build_crd()
+    crd = yaml.safe_load(Path(path).read_text()) if path else build_crd()
     try:
         ext.create_custom_resource_definition(crd)
     except ApiException as e:
@@ -254,6 +261,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--workers", type=int, default=16, help="operator --workers")
     p.add_argument("--timeout", type=float, default=180, help="seconds to wait for one burst")
     p.add_argument("--nodes", type=int, default=6, help="fake nodes (110 pods each)")
+    p.add_argument("--crd", default=None, help="install this CRD manifest instead of the generated one")
     p.add_argument("--json", default=None, help="also write the figures here")
     args = p.parse_args(argv)
     bursts = [int(x) for x in args.bursts.split(",")]
@@ -268,7 +276,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             status, out = cluster.api("POST", "/api/v1/nodes", gpu_node(f"gpu-node-{i}", 8, "96", "1024Gi"))
             if status not in (200, 201, 409):
                 raise RuntimeError(f"could not add node gpu-node-{i}: HTTP {status} {out}")
-        install_crd(api)
+        install_crd(api, args.crd)
         metrics_port = free_port()
         log = Path(state) / "operator.log"
         env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}
