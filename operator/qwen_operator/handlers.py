@@ -62,7 +62,12 @@ def apply_settings(settings: kopf.OperatorSettings, cfg: OperatorConfig) -> None
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=ANNOTATION_PREFIX, key="last-handled-configuration")
-    settings.persistence.consistency_timeout = 5.0
+    # After its own patch kopf holds the change handlers of that resource until the watch shows the patched
+    # version. Under a burst the watch lags by more than kopf's default 5 s, and the create handler then ran a
+    # second time on the stale body (up to half of the jobs of a 100-job burst: a duplicate ConfigMap and
+    # PyTorchJob create refused with 409, their reads, and another annotation patch each; at 500 nearly all).
+    # Waiting longer costs nothing when the watch keeps up: kopf wakes up on the awaited event.
+    settings.persistence.consistency_timeout = 60.0
     settings.posting.enabled = True
     settings.posting.level = logging.WARNING
     settings.posting.reporting_component = "qwen-operator"
@@ -339,6 +344,12 @@ def pytorchjob_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, log
                 kopf.warn({"apiVersion": owner["apiVersion"], "kind": KIND,
                            "metadata": {"name": owner["name"], "namespace": ns, "uid": owner["uid"]}},
                           reason=st.CHILD_DELETED, message=f"PyTorchJob {child_name} was deleted before it finished")
+            return
+
+        if not (child.get("status") or {}).get("conditions") and (child["metadata"].get("generation") or 1) <= 1:
+            # A PyTorchJob the training-operator has not acted on yet: nothing to mirror. The handler that created
+            # it writes the status (with its name) right after creating it, so writing here would only race that
+            # write (a 409 and a re-read, or a second patch).
             return
 
         warning: list[tuple[str, str]] = []

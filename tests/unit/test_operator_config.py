@@ -44,6 +44,8 @@ def test_pinned_kopf_settings():
     assert settings.scanning.disabled is True  # exact namespace names need no namespace scanning
     assert settings.peering.name == "qwen" and settings.peering.mandatory and settings.peering.priority == 5
     assert settings.watching.inactivity_timeout and settings.watching.client_timeout
+    # long enough for a lagging watch under a burst: otherwise the create handler runs twice on a stale body
+    assert settings.persistence.consistency_timeout >= 30
 
 
 def test_no_handler_needs_a_finalizer():
