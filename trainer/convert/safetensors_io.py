@@ -1,9 +1,11 @@
 """Read and write .safetensors one tensor at a time.
 
 The format is 8 bytes of little-endian header length, a JSON header (dtype, shape, byte range per tensor) and the
-raw bytes. Reading uses plain positioned reads into a fresh buffer rather than safe_open's mmap: mapped pages stay
-resident (and count against the process) for as long as the file is open, while a read keeps memory at one tensor.
-Writing needs every shape up front (the header comes first), which the engine gets from a cheap metadata pass.
+raw bytes. Reading maps each tensor on its own (fileio.map_tensor) rather than the whole file as safe_open does:
+pages of a whole-file mapping stay resident (and count against the process) for as long as the file is open, while a
+per-tensor mapping goes away with its tensor, so memory stays at the tensors in flight, and the bytes are never
+copied out of the page cache. Writing needs every shape up front (the header comes first), which the engine gets
+from a cheap metadata pass.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Iterable
 
 import torch
 
+from .fileio import file_size, map_tensor, populate
 from .torchfile import HashingFile
 
 DTYPES = {
@@ -35,6 +38,7 @@ class SafetensorsFile:
         self.metadata = header.pop("__metadata__", None) or {}
         self.entries = header
         self._base = 8 + n
+        self._size = file_size(self._fd)
 
     def keys(self) -> list[str]:
         return list(self.entries)
@@ -44,16 +48,13 @@ class SafetensorsFile:
         return torch.empty(e["shape"], dtype=DTYPES[e["dtype"]], device="meta")
 
     def get(self, name: str) -> torch.Tensor:
+        """The tensor's bytes, mapped and already read in (call it from a read-ahead thread to overlap the disk)."""
         e = self.entries[name]
         start, end = e["data_offsets"]
-        buf = torch.empty(end - start, dtype=torch.uint8)
-        view = memoryview(buf.numpy())
-        got = 0
-        while got < len(view):
-            n = os.preadv(self._fd, [view[got:]], self._base + start + got)
-            if n <= 0:
-                raise EOFError(f"{self.path}: tensor {name} is truncated")
-            got += n
+        if not 0 <= start <= end or self._base + end > self._size:
+            raise EOFError(f"{self.path}: tensor {name} is truncated")
+        buf = map_tensor(self._fd, self._base + start, end - start)
+        populate(buf)
         return buf.view(DTYPES[e["dtype"]]).reshape(e["shape"])
 
     def close(self) -> None:

@@ -7,22 +7,24 @@ Peak memory is then one tensor, not one rank's shard. Files load with plain `tor
 
 The reader unpickles only `data.pkl`, turning each tensor into a `LazyTensor` that knows its record offset and
 reads its bytes with a plain file read (no mmap, so resident memory stays bounded too).
+
+Writing goes through fileio.HashingFile (sha256 and file writes in background threads); tensors are handed to the
+zip writer by address, so a contiguous view is written as its own bytes without a copy.
 """
 
 from __future__ import annotations
 
 import collections
-import hashlib
 import io
-import os
 import pickle
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .fileio import HashingFile
 
 _ALIGN = 64
 
@@ -71,33 +73,6 @@ class _Pickler(pickle.Pickler):
         return NotImplemented
 
 
-class HashingFile:
-    """File wrapper that computes the sha256 of everything written, so the manifest needs no second read."""
-
-    _pool = ThreadPoolExecutor(1)  # shared: hashing one buffer while the caller writes the same buffer
-
-    def __init__(self, path: Path):
-        self._f = open(path, "wb")
-        self._h = hashlib.sha256()
-
-    def write(self, data) -> int:
-        if len(data) < (1 << 20):
-            self._h.update(data)
-            return self._f.write(data)
-        # Both sha256 and the file write release the GIL; run them side by side on the same (unchanged) buffer
-        # and wait, so updates stay in order and the buffer outlives both.
-        fut = self._pool.submit(self._h.update, data)
-        n = self._f.write(data)
-        fut.result()
-        return n
-
-    def close(self) -> str:
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
-        return self._h.hexdigest()
-
-
 class StreamingTorchWriter:
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -110,18 +85,15 @@ class StreamingTorchWriter:
         self.sha256 = ""
 
     def add(self, tensor: torch.Tensor) -> StoredTensor:
+        """Write the tensor's bytes now (they are copied out before this returns) and return its placeholder."""
         t = tensor.detach()
         if t.device.type != "cpu":
             t = t.cpu()
-        t = t.contiguous()
-        storage = t.untyped_storage()
+        t = t.contiguous()  # a no-op when it already is; a view into a bigger buffer is written as its own bytes
         nbytes = t.numel() * t.element_size()
-        if t.storage_offset() != 0 or storage.nbytes() != nbytes:
-            t = t.clone()  # a view into a bigger buffer: store only its own bytes
-            storage = t.untyped_storage()
         key = str(self._count)
         self._count += 1
-        self._zip.write_record(f"data/{key}", storage, nbytes)
+        self._zip.write_record(f"data/{key}", t.data_ptr() if nbytes else b"", nbytes)
         self.bytes_written += nbytes
         return StoredTensor(key, t.dtype, tuple(t.shape))
 
