@@ -117,22 +117,31 @@ def iter_groups(layout: ParallelLayout) -> Iterator[tuple[int, int]]:
             yield pp, ep
 
 
-def read_ahead(source, insts: Sequence[Instance], depth: int = 2) -> Iterator[tuple[Instance, list]]:
-    """Yield (instance, HF tensors) while a background thread already reads the next ones: file reads release the
-    GIL, so reading overlaps with fusing and writing the current tensor. Memory grows by `depth` instances."""
+def read_ahead(source, insts: Sequence[Instance], max_bytes: int = 128 << 20,
+               sizes: Optional[Sequence[int]] = None) -> Iterator[tuple[Instance, list]]:
+    """Yield (instance, HF tensors) while a background thread already reads the next ones: reads release the GIL
+    (HF sources map each tensor and fault its pages in, see fileio.populate), so the disk reads the next tensors
+    while the current one is fused and written. The instances read ahead of the one being used hold at most
+    `max_bytes` (always at least one, however large), so memory grows by about max_bytes plus one instance.
+    `sizes` (bytes per instance) defaults to what source.read(inst, meta=True) reports."""
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
+    insts = list(insts)
+    if sizes is None:
+        sizes = [sum(t.numel() * t.element_size() for t in source.read(i, meta=True)) for i in insts]
     with ThreadPoolExecutor(1) as pool:
         pending: deque = deque()
-        it = iter(insts)
-        for inst in it:
-            pending.append((inst, pool.submit(source.read, inst)))
-            if len(pending) >= depth:
-                break
-        while pending:
+        ahead = 0  # bytes of the pending instances
+        nxt = 0
+        for k in range(len(insts)):
+            # Keep instance k and what follows it in flight, up to max_bytes beyond instance k.
+            while nxt < len(insts) and (nxt <= k + 1 or ahead - sizes[k] + sizes[nxt] <= max_bytes):
+                pending.append((insts[nxt], pool.submit(source.read, insts[nxt])))
+                ahead += sizes[nxt]
+                nxt += 1
             inst, fut = pending.popleft()
-            nxt = next(it, None)
-            if nxt is not None:
-                pending.append((nxt, pool.submit(source.read, nxt)))
-            yield inst, fut.result()
+            ahead -= sizes[k]
+            tensors = fut.result()
+            yield inst, tensors
+            del tensors

@@ -47,13 +47,26 @@ class Rule:
 # ---- kinds ---------------------------------------------------------------------------------------------------
 
 
-def _qkv_fuse(spec: ModelSpec, q, k, v):
+def _cat(parts, dim: int, alloc):
+    """torch.cat, into alloc(shape, dtype) when given (a reused buffer: no fresh allocation to fault in)."""
+    if alloc is None or len({t.dtype for t in parts}) != 1:
+        return torch.cat(parts, dim=dim)
+    shape = list(parts[0].shape)
+    shape[dim] = sum(t.shape[dim] for t in parts)
+    return torch.cat(parts, dim=dim, out=alloc(tuple(shape), parts[0].dtype))
+
+
+def _qkv_fuse(spec: ModelSpec, q, k, v, alloc=None):
     # Megatron groups rows by KV head: for each group g, [q heads of g; k_g; v_g] (see reference §0.1).
     g, d = spec.groups, spec.head_dim
     per = spec.heads // g
     tail = q.shape[1:]
-    return torch.cat([q.reshape(g, per * d, *tail), k.reshape(g, d, *tail), v.reshape(g, d, *tail)], dim=1).reshape(
+    return _cat([q.reshape(g, per * d, *tail), k.reshape(g, d, *tail), v.reshape(g, d, *tail)], 1, alloc).reshape(
         -1, *tail)
+
+
+def _gate_up_fuse(spec: ModelSpec, g, u, alloc=None):
+    return _cat([g, u], 0, alloc)
 
 
 def _qkv_unfuse(spec: ModelSpec, t):
@@ -85,11 +98,12 @@ def _pad_rows(spec: ModelSpec, t):
 
 @dataclass(frozen=True)
 class Kind:
-    fuse: Callable  # (spec, *hf) -> canonical
+    fuse: Callable  # (spec, *hf) -> canonical; kinds that concatenate also take alloc=(shape, dtype) -> out buffer
     unfuse: Callable  # (spec, canonical) -> list of hf
     split: Callable  # (canonical, rank, size) -> shard
     merge: Callable  # (list of shards) -> canonical
     tp_split: bool = True
+    fuse_alloc: bool = False  # fuse accepts alloc=
 
 
 def _one(spec, t):
@@ -109,9 +123,10 @@ KINDS: dict[str, Kind] = {
     "column": Kind(_one, _unone, *_dim(0)),
     "row": Kind(_one, _unone, *_dim(1)),
     "vocab": Kind(_pad_rows, lambda spec, t: [t[: spec.vocab]], *_dim(0)),
-    "qkv": Kind(_qkv_fuse, _qkv_unfuse, *_dim(0)),  # whole groups per rank, so a plain dim-0 chunk
-    "gate_up": Kind(lambda spec, g, u: torch.cat([g, u], dim=0), lambda spec, t: list(t.chunk(2, dim=0)),
-                    _gate_up_split, _gate_up_merge),
+    # whole groups per rank, so a plain dim-0 chunk
+    "qkv": Kind(_qkv_fuse, _qkv_unfuse, *_dim(0), fuse_alloc=True),
+    "gate_up": Kind(_gate_up_fuse, lambda spec, t: list(t.chunk(2, dim=0)),
+                    _gate_up_split, _gate_up_merge, fuse_alloc=True),
     # MegaBlocks stores w2 as down_proj transposed ([ffn, hidden] per expert); not tensor-parallel.
     "transposed": Kind(lambda spec, t: t.t(), lambda spec, t: [t.t()], lambda t, r, n: t, lambda s: s[0],
                        tp_split=False),

@@ -91,10 +91,16 @@ def write_per_rank(source, iter_dir: Path, fmt: PerRankFormat, place: Placement,
         stacks: dict = {}
         mine = [i for i in insts if (i.expert is None or place.ep_rank(i) == ep)
                 and any(s.pp == pp for s in place.slots(i))]
+        scratch = _Scratch()
         for inst, hf in read_ahead(source, mine):
             slots = [s for s in place.slots(inst) if s.pp == pp]
             kind = KINDS[inst.rule.kind]
-            canon = cast(kind.fuse(spec, *hf))
+            # Written (copied out) before the next instance: the fused tensor can reuse one buffer, unless a
+            # stacked slot keeps its shards until all local experts are in.
+            if kind.fuse_alloc and not any(s.stacked for s in slots):
+                canon = cast(kind.fuse(spec, *hf, alloc=scratch))
+            else:
+                canon = cast(kind.fuse(spec, *hf))
             n = place.tp_group(inst) if kind.tp_split else 1
             for tp in range(lay.tp):
                 shard = canon if n == 1 else kind.split(canon, tp % n, n)
@@ -108,6 +114,21 @@ def write_per_rank(source, iter_dir: Path, fmt: PerRankFormat, place: Placement,
             w.finish(obj)
             files[w.path] = w.sha256
     return files
+
+
+class _Scratch:
+    """One reusable byte buffer that fused tensors are built in (grown to the largest, never shrunk): fresh
+    allocations of that size are page-faulted in from zero every time, which costs more than the copy itself."""
+
+    def __init__(self):
+        self._buf = torch.empty(0, dtype=torch.uint8)
+
+    def __call__(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        if self._buf.numel() < n:
+            self._buf = torch.empty(0, dtype=torch.uint8)  # free the old one first
+            self._buf = torch.empty(n, dtype=torch.uint8)
+        return self._buf[:n].view(dtype).view(shape)
 
 
 def _put(fmt, inst, slot: Slot, shard, writer, model, stacks, tp, experts_per_rank) -> None:
