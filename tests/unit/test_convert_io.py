@@ -59,7 +59,7 @@ class _FakeSource:
 
 
 @pytest.mark.parametrize("sizes,budget", [([10] * 20, 35), ([100, 1, 1, 1, 100, 5, 5, 200, 1], 50),
-                                          ([7] * 5, 0), ([3, 500, 4, 4], 10)])
+                                          ([7] * 5, 0), ([3, 500, 4, 4, 1, 1], 10)])
 def test_read_ahead_is_bounded_by_bytes(sizes, budget):
     rule = Rule(("x.{layer}",), {})
     insts = [Instance(rule, i) for i in range(len(sizes))]
@@ -68,12 +68,12 @@ def test_read_ahead_is_bounded_by_bytes(sizes, budget):
     for k, (inst, tensors) in enumerate(read_ahead(src, insts, max_bytes=budget)):
         assert inst.layer == k and tensors[0].numel() == sizes[k] and int(tensors[0][0]) == k % 256
         got.append(k)
-        # the next instance is always read ahead; beyond it, only within the byte budget
+        # the next instance is always read ahead; beyond it, only while the current one and those ahead fit
         if k + 1 < len(sizes):
             assert src.done[k + 1].wait(10)
         ahead = [j for j in src.read_order if j > k]
         if len(ahead) > 1:
-            assert sum(sizes[j] for j in ahead) <= budget
+            assert sizes[k] + sum(sizes[j] for j in ahead) <= budget
     assert got == list(range(len(sizes)))
     assert src.read_order == got
 

@@ -117,13 +117,14 @@ def iter_groups(layout: ParallelLayout) -> Iterator[tuple[int, int]]:
             yield pp, ep
 
 
-def read_ahead(source, insts: Sequence[Instance], max_bytes: int = 128 << 20,
+def read_ahead(source, insts: Sequence[Instance], max_bytes: int = 256 << 20,
                sizes: Optional[Sequence[int]] = None) -> Iterator[tuple[Instance, list]]:
     """Yield (instance, HF tensors) while a background thread already reads the next ones: reads release the GIL
     (HF sources map each tensor and fault its pages in, see fileio.populate), so the disk reads the next tensors
-    while the current one is fused and written. The instances read ahead of the one being used hold at most
-    `max_bytes` (always at least one, however large), so memory grows by about max_bytes plus one instance.
-    `sizes` (bytes per instance) defaults to what source.read(inst, meta=True) reports."""
+    while the current one is fused and written. The instance in use and those read ahead of it hold at most
+    `max_bytes` together, except that the next instance is always read ahead: a tensor larger than the budget (the
+    embedding) then only has its successor in flight, so peak memory stays about max(max_bytes, largest instance
+    plus the next one). `sizes` (bytes per instance) defaults to what source.read(inst, meta=True) reports."""
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
@@ -135,8 +136,8 @@ def read_ahead(source, insts: Sequence[Instance], max_bytes: int = 128 << 20,
         ahead = 0  # bytes of the pending instances
         nxt = 0
         for k in range(len(insts)):
-            # Keep instance k and what follows it in flight, up to max_bytes beyond instance k.
-            while nxt < len(insts) and (nxt <= k + 1 or ahead - sizes[k] + sizes[nxt] <= max_bytes):
+            # Instance k and the next are in flight; more follow while k and those ahead fit in max_bytes.
+            while nxt < len(insts) and (nxt <= k + 1 or ahead + sizes[nxt] <= max_bytes):
                 pending.append((insts[nxt], pool.submit(source.read, insts[nxt])))
                 ahead += sizes[nxt]
                 nxt += 1
