@@ -28,7 +28,7 @@ import torch.nn.functional as F
 # compiled helpers
 
 
-def _maybe_compile(fn: Callable, enabled: bool) -> Callable:
+def maybe_compile(fn: Callable, enabled: bool) -> Callable:
     """torch.compile on CUDA; eager elsewhere (the arithmetic is the same, CPU tests need no C++ toolchain)."""
     if not enabled:
         return fn
@@ -59,7 +59,7 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return (y * weight.float()).to(x.dtype)
 
 
-_rms_norm_compiled = _maybe_compile(_rms_norm, True)
+_rms_norm_compiled = maybe_compile(_rms_norm, True)
 
 
 class RMSNorm(torch.nn.Module):
@@ -110,7 +110,7 @@ def _to_bhsd(x: torch.Tensor) -> torch.Tensor:
     return x.permute(1, 2, 0, 3)
 
 
-_rope_compiled = _maybe_compile(_rope_to_bhsd, True)
+_rope_compiled = maybe_compile(_rope_to_bhsd, True)
 
 _SDPA_BACKENDS = {
     "flash": "FLASH_ATTENTION",

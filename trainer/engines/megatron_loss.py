@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .megatron_kernels import maybe_compile
+
 
 def _chunk_loss_and_grad(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor):
     """Whole-vocabulary chunk (no tensor parallelism): the weighted loss sum and d(loss)/d(logits) in the logits'
@@ -38,17 +40,7 @@ def _chunk_loss_and_grad(logits: torch.Tensor, labels: torch.Tensor, weights: to
     return total, grad.to(logits.dtype)
 
 
-_compiled_chunk = None
-
-
-def chunk_loss_and_grad(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor):
-    """`_chunk_loss_and_grad`, compiled on CUDA (eager on CPU: same arithmetic, no compiler needed in tests)."""
-    global _compiled_chunk
-    if not logits.is_cuda:
-        return _chunk_loss_and_grad(logits, labels, weights)
-    if _compiled_chunk is None:
-        _compiled_chunk = torch.compile(_chunk_loss_and_grad, dynamic=False)
-    return _compiled_chunk(logits, labels, weights)
+chunk_loss_and_grad = maybe_compile(_chunk_loss_and_grad, True)  # compiled on CUDA, eager on CPU
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
