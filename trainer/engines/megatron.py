@@ -263,7 +263,11 @@ class MegatronEngine:
         tokens, labels, loss_mask, position_ids = self._slice_for_context_parallel(tokens, labels, loss_mask,
                                                                                    position_ids)
         output = model(tokens, position_ids, None, labels=labels, loss_mask=loss_mask)
-        return output, partial(self._loss_func, loss_mask)
+        return output, self._loss_for(batch, loss_mask)
+
+    def _loss_for(self, batch, loss_mask):
+        """The loss function megatron's schedule applies to this micro-batch's output."""
+        return partial(self._loss_func, loss_mask)
 
     @staticmethod
     def _loss_func(loss_mask, output):
@@ -294,7 +298,6 @@ class MegatronEngine:
     def _run(self, micro_batches: Sequence, forward_only: bool) -> list[dict]:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        t = self.spec.training
         p = self.spec.parallelism
         mbs = micro_batches[0].tokens.shape[0]
         seq = micro_batches[0].tokens.shape[1]

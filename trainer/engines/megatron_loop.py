@@ -310,19 +310,8 @@ class LoopCore(MegatronEngine):
 
     scaling: Optional[LossScaling] = None
 
-    def _forward_step(self, data_iterator, model):
-        batch = next(data_iterator)
-        dev = torch.cuda.current_device()
-        tokens = batch.tokens.to(dev, non_blocking=True)
-        targets = batch.targets.to(dev, non_blocking=True)
-        position_ids = batch.position_ids.to(dev, non_blocking=True)
-        micro_tokens = int(batch.loss_tokens)
-        loss_mask = (targets >= 0).float()
-        labels = targets.clamp(min=0)
-        tokens, labels, loss_mask, position_ids = self._slice_for_context_parallel(tokens, labels, loss_mask,
-                                                                                   position_ids)
-        output = model(tokens, position_ids, None, labels=labels, loss_mask=loss_mask)
-        return output, partial(self._scaled_loss, loss_mask, micro_tokens)
+    def _loss_for(self, batch, loss_mask):
+        return partial(self._scaled_loss, loss_mask, int(batch.loss_tokens))
 
     def _scaled_loss(self, loss_mask, micro_tokens: int, output):
         loss_sum = loss_sum_from_output(output, loss_mask).float()
