@@ -18,6 +18,8 @@ VARIANTS: dict[str, dict] = {
     "rope-unfused": {"fused_rope": False},  # SDPA, rope by megatron's unfused torch ops
     "rmsnorm-torch": {"fused_rmsnorm": False},  # torch.nn.RMSNorm (the local spec's default)
     "swiglu-unfused": {"fused_swiglu": False},
+    "swiglu-compiled": {"triton_swiglu": False},  # megatron's compiled SwiGLU instead of the Triton kernels
+    "grad-add-torch": {"triton_grad_accumulation": False},  # torch's mixed-dtype add into the fp32 buffer
     "ce-unchunked": {"chunked_cross_entropy": False},  # megatron's output layer + fused vocab-parallel CE
     "ce-eager": {"fused_cross_entropy": False},  # chunked CE, each chunk's softmax and gradient as torch ops
     "sdpa-flash": {"sdpa_backend": "flash"},  # SDPA pinned to torch's flash kernels instead of cuDNN
@@ -34,7 +36,7 @@ VARIANTS: dict[str, dict] = {
 }
 
 DENSE_ABLATIONS = ["best", "attn-local", "sdpa-flash", "rope-unfused", "rmsnorm-torch", "swiglu-unfused",
-                   "ce-unchunked", "ce-eager",
+                   "swiglu-compiled", "grad-add-torch", "ce-unchunked", "ce-eager",
                    "no-wgrad-fusion", "adam-foreach", "recompute-selective", "recompute-full"]
 
 
@@ -66,7 +68,8 @@ CASES: dict[str, Case] = {c.name: c for c in [
     Case("qwen2.5-1.5b", "qwen2.5", "1.5B", gpus=1, seq=4096, micro_batch=2, global_batch=8,
          variants=tuple(DENSE_ABLATIONS) + ("stock",)),
     Case("qwen1.5-moe-a2.7b-l3", "qwen1.5", "A2.7B", gpus=1, seq=4096, micro_batch=1, global_batch=4,
-         variants=("best", "experts-sequential", "dispatcher-allgather"), architecture={"numLayers": 3},
+         variants=("best", "grad-add-torch", "swiglu-compiled", "experts-sequential", "dispatcher-allgather"),
+         architecture={"numLayers": 3},
          note="3 of 24 layers: 14.3B parameters with fp32 gradients and Adam state (18 bytes each) do not fit one "
               "80 GB card; all layers are identical, so per-token cost scales with the layer count"),
     Case("qwen2.5-1.5b-dp2", "qwen2.5", "1.5B", gpus=2, seq=4096, micro_batch=2, global_batch=16,
@@ -75,7 +78,7 @@ CASES: dict[str, Case] = {c.name: c for c in [
     Case("smoke-dense", "qwen2.5", "0.5B", gpus=1, seq=1024, micro_batch=2, global_batch=4,
          variants=tuple(DENSE_ABLATIONS) + ("stock",), architecture={"numLayers": 2}),
     Case("smoke-moe", "qwen1.5", "A2.7B", gpus=1, seq=1024, micro_batch=1, global_batch=2,
-         variants=("best", "experts-sequential"), architecture={"numLayers": 1}),
+         variants=("best", "grad-add-torch", "experts-sequential"), architecture={"numLayers": 1}),
     Case("smoke-dense-dp2", "qwen2.5", "0.5B", gpus=2, seq=1024, micro_batch=2, global_batch=8,
          variants=("best", "no-overlap"), architecture={"numLayers": 2}),
     # four-GPU cases: need a 4-GPU machine

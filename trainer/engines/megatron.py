@@ -32,6 +32,7 @@ from trainer.errors import UserError
 from trainer.spec.resolve import ResolvedArchitecture, lr_decay_style, resolve_architecture, schedule
 
 from .megatron_config import Capabilities, EngineOptions, ModelPlan, gpt_model_kwargs, layer_spec, plan_model
+from .megatron_triton import install_grad_accumulation, install_swiglu, triton_available
 
 
 @dataclass
@@ -111,6 +112,8 @@ class MegatronEngine:
             self.plan.config_kwargs["gradient_accumulation_fusion"] = False
         if o.foreach_grad_norm:
             self._restore.append(k.install_foreach_grad_ops())
+        if o.fused_swiglu and o.triton_swiglu and triton_available():
+            self._restore.append(install_swiglu())
 
     def build(self, hf_state_dict: Optional[dict] = None) -> None:
         from megatron.core import parallel_state
@@ -171,6 +174,9 @@ class MegatronEngine:
             DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0)
             for i, chunk in enumerate(chunks)
         ]
+        if self.options.triton_grad_accumulation and triton_available():
+            handles = install_grad_accumulation(self.model)
+            self._restore.append(lambda: [h.remove() for h in handles])
         t = self.spec.training
         fp16 = t.precision == "fp16"
         opt_config = OptimizerConfig(

@@ -85,6 +85,9 @@ class EngineOptions:
     """Compiled RMSNorm (one kernel forward, one backward) instead of torch.nn.RMSNorm."""
     fused_swiglu: bool = True
     """megatron's fused SwiGLU (`bias_activation_fusion`)."""
+    triton_swiglu: bool = True
+    """With fused_swiglu: SwiGLU forward and backward as one-pass Triton kernels instead of megatron's compiled
+    functions (whose backward reads the gradient and the gate twice)."""
     chunked_cross_entropy: bool = True
     """Output layer + cross-entropy in token chunks with the gradient computed in the forward pass, so the fp32
     logits of the whole micro-batch never exist at once."""
@@ -95,6 +98,9 @@ class EngineOptions:
     """MoE expert implementation: te | grouped-gemm | torch-grouped | sequential."""
     grad_accum_fusion: bool = True
     """Accumulate weight gradients straight into the fp32 gradient buffer (one GEMM with fp32 output)."""
+    triton_grad_accumulation: bool = True
+    """Every other gradient (embeddings, norms, biases, router, MoE experts) added into the fp32 buffer by a
+    vectorised Triton kernel instead of torch's mixed-dtype add."""
     fused_adam: bool = True
     """torch's fused AdamW kernel (megatron falls back to the multi-kernel foreach AdamW without TE/Apex)."""
     foreach_grad_norm: bool = True
