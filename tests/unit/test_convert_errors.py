@@ -106,3 +106,17 @@ def test_cli_as_module_has_no_traceback(tmp_path):
                         str(tmp_path / "missing"), str(tmp_path / "out")], capture_output=True, text=True)
     assert r.returncode == 1
     assert "Traceback" not in r.stderr and "error: source" in r.stderr
+
+
+def test_truncated_source_weights_are_one_error_line_and_leave_no_output(qwen2, tmp_path, capsys):
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(qwen2, src)
+    weights = sorted(src.glob("*.safetensors"))[-1]
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size - 64)
+    assert main(["convert", "--from", "hf", "--to", "mcore", "--no-progress", str(src), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "is truncated" in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no output, no scratch folder left behind

@@ -3,6 +3,7 @@ tensors built in a reused buffer, torch records written from views."""
 
 import hashlib
 import json
+import os
 import random
 import struct
 import threading
@@ -10,7 +11,8 @@ import threading
 import pytest
 import torch
 
-from trainer.convert.fileio import HashingFile
+from trainer.convert import ConversionError, fileio
+from trainer.convert.fileio import HashingFile, map_tensor, populate
 from trainer.convert.formats.per_rank import _Scratch
 from trainer.convert.plan import Instance, read_ahead
 from trainer.convert.rules import KINDS, Rule
@@ -106,11 +108,39 @@ def test_safetensors_mapped_read_round_trip_and_truncation(tmp_path):
     (tmp_path / "t.safetensors").write_bytes(raw[:-100])
     f = SafetensorsFile(tmp_path / "t.safetensors")
     assert torch.equal(f.get("a"), tensors["a"])
-    with pytest.raises(EOFError, match="truncated"):
-        f.get("d")  # an EOFError, not a SIGBUS from touching mapped pages past the end
+    with pytest.raises(ConversionError, match="truncated"):
+        f.get("d")  # a clear error, not a SIGBUS from touching mapped pages past the end
     f.close()
     header = json.loads(raw[8:8 + struct.unpack("<Q", raw[:8])[0]])
     assert header["d"]["data_offsets"][1] == len(raw) - 8 - struct.unpack("<Q", raw[:8])[0]
+
+
+def test_safetensors_file_cut_short_while_open_is_an_error_not_a_sigbus(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    tensors = {"a": torch.randn(16, generator=g), "d": torch.randn(4096, 8, generator=g)}
+    _write_st(tmp_path / "m.safetensors", tensors)
+    f = SafetensorsFile(tmp_path / "m.safetensors")
+    size = (tmp_path / "m.safetensors").stat().st_size
+    os.truncate(tmp_path / "m.safetensors", size - 40000)  # someone overwrites the checkpoint mid-conversion
+    assert torch.equal(f.get("a"), tensors["a"])
+    with pytest.raises(ConversionError, match="changed while it was being read"):
+        f.get("d")
+    f.close()
+
+
+def test_populate_reports_pages_truncated_after_mapping(tmp_path):
+    path = tmp_path / "blob"
+    path.write_bytes(bytes(range(256)) * 4096)  # 1 MiB
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        mapped = map_tensor(fd, 0, 1 << 20)
+        os.truncate(path, 4096)
+        ok = populate(mapped)
+        if fileio._populate_ok:  # MADV_POPULATE_READ (Linux 5.14+): the vanished pages are reported
+            assert ok is False
+        assert populate(mapped[:4096]) is True
+    finally:
+        os.close(fd)
 
 
 class _Spec:
@@ -141,3 +171,10 @@ def test_torch_writer_stores_views_as_their_own_bytes(tmp_path):
     assert torch.equal(back["head"], big[:10]) and torch.equal(back["mid"], big[40:60].view(4, 5))
     assert torch.equal(back["col"], big.view(10, 10)[:, 3]) and back["empty"].numel() == 0
     assert back["head"].untyped_storage().nbytes() == 40
+
+
+@pytest.mark.parametrize("content", [b"", b"\x05\x00", struct.pack("<Q", 1 << 40) + b"{}", struct.pack("<Q", 4) + b"[1,2"])
+def test_safetensors_garbage_header_is_a_conversion_error(tmp_path, content):
+    (tmp_path / "bad.safetensors").write_bytes(content)
+    with pytest.raises(ConversionError, match="not a safetensors file"):
+        SafetensorsFile(tmp_path / "bad.safetensors")

@@ -67,20 +67,26 @@ def map_tensor(fd: int, offset: int, nbytes: int) -> torch.Tensor:
     return torch.frombuffer(m, dtype=torch.uint8, count=nbytes, offset=offset - lo)
 
 
-def populate(t: torch.Tensor) -> None:
-    """Fault in (reading from disk as needed) the pages under a mapped tensor, with the GIL released."""
+def populate(t: torch.Tensor) -> bool:
+    """Fault in (reading from disk as needed) the pages under a mapped tensor, with the GIL released. False when
+    part of the range is no longer backed by the file (it was truncated after the mapping was made): touching
+    those pages would raise SIGBUS, so the caller reports the file as truncated instead."""
     global _populate_ok
     nbytes = t.numel() * t.element_size()
     lib = _c()
     if not nbytes or not lib:
-        return
+        return True
     addr = t.data_ptr()
     start = addr - addr % mmap.PAGESIZE
     length = addr + nbytes - start
-    if _populate_ok and lib.madvise(start, length, MADV_POPULATE_READ) == 0:
-        return
-    _populate_ok = False  # EINVAL: kernel before 5.14
+    if _populate_ok:
+        if lib.madvise(start, length, MADV_POPULATE_READ) == 0:
+            return True
+        if ctypes.get_errno() == errno.EFAULT:
+            return False
+        _populate_ok = False  # EINVAL: kernel before 5.14
     lib.madvise(start, length, MADV_WILLNEED)
+    return True
 
 
 def start_writeback(fd: int, offset: int, nbytes: int) -> None:

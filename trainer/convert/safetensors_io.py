@@ -18,6 +18,7 @@ from typing import Iterable
 
 import torch
 
+from .errors import ConversionError
 from .fileio import file_size, map_tensor, populate
 from .torchfile import HashingFile
 
@@ -33,8 +34,14 @@ class SafetensorsFile:
     def __init__(self, path: Path):
         self.path = Path(path)
         self._fd = os.open(self.path, os.O_RDONLY)
-        (n,) = struct.unpack("<Q", os.pread(self._fd, 8, 0))
-        header = json.loads(os.pread(self._fd, n, 8))
+        try:
+            (n,) = struct.unpack("<Q", os.pread(self._fd, 8, 0))
+            header = json.loads(os.pread(self._fd, n, 8)) if n < file_size(self._fd) else None
+            if not isinstance(header, dict):
+                raise ValueError("no header")
+        except (struct.error, ValueError, UnicodeDecodeError) as err:
+            os.close(self._fd)
+            raise ConversionError(f"{self.path}: not a safetensors file (unreadable header: {err})") from None
         self.metadata = header.pop("__metadata__", None) or {}
         self.entries = header
         self._base = 8 + n
@@ -52,9 +59,15 @@ class SafetensorsFile:
         e = self.entries[name]
         start, end = e["data_offsets"]
         if not 0 <= start <= end or self._base + end > self._size:
-            raise EOFError(f"{self.path}: tensor {name} is truncated")
+            raise ConversionError(f"{self.path}: tensor {name} is truncated")
+        # The file may have been cut short since it was opened (overwritten while converting): check again, and
+        # let the page prefetch report pages that vanished after the mapping was made (instead of a SIGBUS).
+        changed = ConversionError(f"{self.path}: tensor {name} is truncated; the file changed while it was being read")
+        if self._base + end > file_size(self._fd):
+            raise changed
         buf = map_tensor(self._fd, self._base + start, end - start)
-        populate(buf)
+        if not populate(buf):
+            raise changed
         return buf.view(DTYPES[e["dtype"]]).reshape(e["shape"])
 
     def close(self) -> None:

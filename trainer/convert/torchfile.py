@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from .errors import ConversionError
 from .fileio import HashingFile
 
 _ALIGN = 64
@@ -176,7 +177,7 @@ class LazyTorchFile:
             while got < nbytes:
                 n = self._fh.readinto(view[got:])
                 if not n:
-                    raise EOFError(f"{self.path}: record data/{key} is truncated")
+                    raise ConversionError(f"{self.path}: record data/{key} is truncated")
                 got += n
         return buf.view(dtype)
 
