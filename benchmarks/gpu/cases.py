@@ -16,6 +16,7 @@ VARIANTS: dict[str, dict] = {
     "best": {},
     "attn-local": {"attention": "local", "fused_rope": False},  # megatron's unfused DotProductAttention + its rope
     "rope-unfused": {"fused_rope": False},  # SDPA, rope by megatron's unfused torch ops
+    "qkv-split-torch": {"fused_qkv_rope": False},  # megatron's QKV split + the compiled rope kernel per tensor
     "rmsnorm-torch": {"fused_rmsnorm": False},  # torch.nn.RMSNorm (the local spec's default)
     "swiglu-unfused": {"fused_swiglu": False},
     "swiglu-compiled": {"triton_swiglu": False},  # megatron's compiled SwiGLU instead of the Triton kernels
@@ -35,8 +36,8 @@ VARIANTS: dict[str, dict] = {
               "foreach_grad_norm": False, "recompute": "selective"},
 }
 
-DENSE_ABLATIONS = ["best", "attn-local", "sdpa-flash", "rope-unfused", "rmsnorm-torch", "swiglu-unfused",
-                   "swiglu-compiled", "grad-add-torch", "ce-unchunked", "ce-eager",
+DENSE_ABLATIONS = ["best", "attn-local", "sdpa-flash", "qkv-split-torch", "rope-unfused", "rmsnorm-torch",
+                   "swiglu-unfused", "swiglu-compiled", "grad-add-torch", "ce-unchunked", "ce-eager",
                    "no-wgrad-fusion", "adam-foreach", "recompute-selective", "recompute-full"]
 
 

@@ -173,7 +173,8 @@ def test_torch_writer_stores_views_as_their_own_bytes(tmp_path):
     assert back["head"].untyped_storage().nbytes() == 40
 
 
-@pytest.mark.parametrize("content", [b"", b"\x05\x00", struct.pack("<Q", 1 << 40) + b"{}", struct.pack("<Q", 4) + b"[1,2"])
+@pytest.mark.parametrize("content", [b"", b"\x05\x00", struct.pack("<Q", 1 << 40) + b"{}",
+                                     struct.pack("<Q", 4) + b"[1,2"])
 def test_safetensors_garbage_header_is_a_conversion_error(tmp_path, content):
     (tmp_path / "bad.safetensors").write_bytes(content)
     with pytest.raises(ConversionError, match="not a safetensors file"):

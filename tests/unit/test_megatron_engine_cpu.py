@@ -213,6 +213,40 @@ def test_forward_matches_hf_on_cpu(case, megatron_world, monkeypatch):
     assert abs(mine - hf) < 1e-5, (mine, hf)
 
 
+def test_forward_matches_hf_with_the_qkv_kernel_interpreted(megatron_world, monkeypatch):
+    """The one-kernel QKV split + rope (Triton's CPU interpreter runs it) in the whole model, against HF."""
+    pytest.importorskip("triton")
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    used = []
+
+    def watch(model):
+        for m in model.modules():
+            if isinstance(m, TransformerLayer):
+                used.append(type(m.self_attention).__name__)
+
+    mine, hf = _megatron_loss(DENSE_MOE_CASES["qwen2.5-tied-gqa-bias"], monkeypatch, on_model=watch)
+    assert used == ["FusedQKVSelfAttention"] * 2
+    assert abs(mine - hf) < 1e-5, (mine, hf)
+
+
+def test_qkv_kernel_is_left_out_where_it_does_not_apply(megatron_world, monkeypatch):
+    from megatron.core.transformer.attention import SelfAttention
+
+    seen = {}
+
+    def watch(name):
+        def on_model(model):
+            seen[name] = {type(m).__name__ for m in model.modules() if isinstance(m, SelfAttention)}
+        return on_model
+
+    _megatron_loss(DENSE_MOE_CASES["qwen3-qk-norm"], monkeypatch, on_model=watch("qk-norm"))
+    _megatron_loss(DENSE_MOE_CASES["qwen2.5-tied-gqa-bias"], monkeypatch, EngineOptions(fused_qkv_rope=False),
+                   on_model=watch("off"))
+    assert seen == {"qk-norm": {"SelfAttention"}, "off": {"SelfAttention"}}
+
+
 def test_chunked_loss_runs_the_output_layer_pre_hooks(megatron_world, monkeypatch):
     """megatron's DDP waits for a parameter's all-gather in the owning module's forward pre-hook; the chunked loss
     reads the untied output weight without calling the module, so it must run those hooks itself."""

@@ -143,3 +143,30 @@ def test_grad_accumulation_hook_runs_before_ddp_and_skips_fused_weights(interpre
     for h in handles:
         h.remove()
     del keep
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("s,b,g,r,d", [(5, 2, 2, 3, 8), (3, 1, 1, 1, 16)])
+def test_qkv_rope_matches_split_rotate_and_layout(interpret, dtype, s, b, g, r, d):
+    from trainer.engines.megatron_kernels import rope_tables
+
+    torch.manual_seed(4)
+    mixed = torch.randn(s, b, g, (r + 2) * d, dtype=dtype)
+    cos, sin = rope_tables(s, d, 10000.0, "cpu")
+    ref_in = mixed.detach().clone().requires_grad_(True)
+    got_in = mixed.detach().clone().requires_grad_(True)
+    ref = mt.qkv_rope_reference(ref_in, cos, sin, r)
+    got = mt.QKVRope.apply(got_in, cos, sin, r)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    for a, e in zip(got, ref):
+        assert a.shape == e.shape and a.is_contiguous()
+        torch.testing.assert_close(a, e, **tol)
+    grads = [torch.randn_like(t) for t in ref]
+    torch.autograd.backward(ref, grads)
+    torch.autograd.backward(got, grads)
+    torch.testing.assert_close(got_in.grad, ref_in.grad, **tol)
+
+
+def test_qkv_rope_refuses_odd_head_size(interpret):
+    with pytest.raises(ValueError, match="power-of-two head size"):
+        mt.QKVRope.apply(torch.randn(2, 1, 1, 3 * 6), torch.ones(2, 6), torch.zeros(2, 6), 1)

@@ -81,6 +81,9 @@ class EngineOptions:
     pick. cuDNN's fused attention runs the backward pass about twice as fast as torch's flash kernels on Hopper."""
     fused_rope: bool = True
     """Apply rotary embeddings inside the SDPA attention module with one compiled kernel (sdpa only)."""
+    fused_qkv_rope: bool = True
+    """With fused_rope and no q/k norm: split the fused QKV projection, rotate q and k and lay q, k, v out for
+    SDPA in one Triton kernel; its backward writes the QKV gradient in one pass (no concatenation, no copies)."""
     fused_rmsnorm: bool = True
     """Compiled RMSNorm (one kernel forward, one backward) instead of torch.nn.RMSNorm."""
     fused_swiglu: bool = True
@@ -314,6 +317,16 @@ def plan_model(arch: ResolvedArchitecture, spec, opts: EngineOptions, caps: Capa
     )
 
 
+def fused_qkv_rope_applies(opts: EngineOptions, config) -> bool:
+    """The one-kernel QKV split + rope (megatron_triton.QKVRope) covers layers without q/k norm, with a
+    power-of-two head size and at least one query group per tensor-parallel rank."""
+    from .megatron_triton import qkv_rope_supported
+
+    groups = config.num_query_groups or config.num_attention_heads
+    return bool(opts.fused_qkv_rope and not config.qk_layernorm and qkv_rope_supported(config.kv_channels)
+                and groups >= config.tensor_model_parallel_size)
+
+
 def layer_spec(plan: ModelPlan, config):
     """The transformer layer spec: megatron's local or TE spec with our modules swapped in where they are faster."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
@@ -347,8 +360,12 @@ def layer_spec(plan: ModelPlan, config):
             attn.q_layernorm = norm
             attn.k_layernorm = norm
     if plan.attention == "sdpa":
+        fused_qkv = plan.fused_rope and fused_qkv_rope_applies(opts, config)
         attn.core_attention = kernels.sdpa_attention_spec(
-            rope_base=plan.rotary_base if plan.fused_rope else None, backend=opts.sdpa_backend)
+            rope_base=plan.rotary_base if plan.fused_rope else None, backend=opts.sdpa_backend,
+            rope_in_qkv=fused_qkv)
+        if fused_qkv:
+            sub.self_attention.module = kernels.fused_qkv_self_attention()
     elif plan.attention == "flash-attn":
         attn.core_attention = kernels.flash_attn_spec()
     if plan.megablocks:

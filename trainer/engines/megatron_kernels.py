@@ -18,6 +18,7 @@ restores what was there, so the benchmark can measure every lever on its own ins
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Optional
 
@@ -131,7 +132,7 @@ class SDPAAttention(torch.nn.Module):
     def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str = "self",
                  attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
                  cp_comm_type: Optional[str] = None, pg_collection=None, rope_base: Optional[float] = None,
-                 backend: Optional[str] = "cudnn", compiled_rope: bool = True):
+                 backend: Optional[str] = "cudnn", compiled_rope: bool = True, rope_in_qkv: bool = False):
         super().__init__()
         from megatron.core.transformer.enums import AttnMaskType
 
@@ -146,6 +147,8 @@ class SDPAAttention(torch.nn.Module):
             self.softmax_scale /= self.layer_number
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
         self.rope_base = rope_base
+        # q and k arrive rotated and laid out [b, h, s, d] (as [s, b, h, d] views) from FusedQKVSelfAttention
+        self.rope_in_qkv = rope_in_qkv
         self.backend = backend
         self._rope = _rope_compiled if compiled_rope else _rope_to_bhsd
         self._tables: dict = {}
@@ -203,7 +206,9 @@ class SDPAAttention(torch.nn.Module):
         if packed_seq_params is not None or attention_bias is not None:
             raise ValueError("SDPA attention supports neither packed sequences nor an attention bias")
         sq, b, heads, dim = query.shape
-        if self.rope_base is not None:
+        if self.rope_in_qkv:
+            q, k = _to_bhsd(query), _to_bhsd(key)
+        elif self.rope_base is not None:
             cos, sin = self._cos_sin(sq, dim, query.device)
             q = self._rope(query, cos, sin)
             k = self._rope(key, cos, sin)
@@ -215,11 +220,42 @@ class SDPAAttention(torch.nn.Module):
         return out.permute(2, 0, 1, 3).reshape(sq, b, heads * dim)
 
 
-def sdpa_attention_spec(rope_base: Optional[float], backend: Optional[str], compiled_rope: bool = True):
+def sdpa_attention_spec(rope_base: Optional[float], backend: Optional[str], compiled_rope: bool = True,
+                        rope_in_qkv: bool = False):
     from megatron.core.transformer.spec_utils import ModuleSpec
 
-    return ModuleSpec(module=SDPAAttention,
-                      params={"rope_base": rope_base, "backend": backend, "compiled_rope": compiled_rope})
+    return ModuleSpec(module=SDPAAttention, params={"rope_base": rope_base, "backend": backend,
+                                                    "compiled_rope": compiled_rope, "rope_in_qkv": rope_in_qkv})
+
+
+@functools.lru_cache(maxsize=None)
+def fused_qkv_self_attention():
+    """megatron's SelfAttention with the QKV split, the rotary embedding of q and k and the [b, h, s, d] layout
+    done by one Triton kernel (`megatron_triton.QKVRope`), whose backward writes the fused QKV gradient in one
+    pass. Its core attention must be an `SDPAAttention` built with `rope_in_qkv=True`. Only for layers without
+    q/k normalisation or output gate, with at least one query group per tensor-parallel rank."""
+    from megatron.core.transformer.attention import SelfAttention
+    from megatron.core.typed_torch import apply_module
+
+    from .megatron_triton import qkv_rope
+
+    class FusedQKVSelfAttention(SelfAttention):
+        def get_query_key_value_tensors(self, hidden_states, key_value_states=None, output_gate=False,
+                                        split_qkv=True):
+            if output_gate or not split_qkv or self.config.num_query_groups < self.world_size:
+                raise ValueError("FusedQKVSelfAttention: output gate, unsplit QKV and fewer query groups than "
+                                 "tensor-parallel ranks are not supported")
+            mixed, _ = apply_module(self.linear_qkv)(hidden_states)
+            sq, b = mixed.shape[:2]
+            groups = self.num_query_groups_per_partition
+            per_group = self.num_attention_heads_per_partition // groups
+            dim = self.hidden_size_per_attention_head
+            mixed = mixed.view(sq, b, groups, (per_group + 2) * dim)
+            cos, sin = self.core_attention._cos_sin(sq, dim, mixed.device)
+            q, k, v = qkv_rope(mixed, cos, sin, per_group)
+            return q.permute(2, 0, 1, 3), k.permute(2, 0, 1, 3), v.permute(2, 0, 1, 3)
+
+    return FusedQKVSelfAttention
 
 
 class FlashAttnAttention(torch.nn.Module):

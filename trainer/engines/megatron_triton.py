@@ -224,3 +224,145 @@ def install_grad_accumulation(modules: list[torch.nn.Module]) -> list[Any]:
                 continue  # not a parameter megatron's DDP manages
             handles.append(param.register_post_accumulate_grad_hook(hook))
     return handles
+
+
+# ------------------------------------------------------------------------------ QKV split + rotary embedding
+
+
+@functools.lru_cache(maxsize=None)
+def _qkv_kernels(interpret: bool) -> dict[str, Any]:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def qkv_rope_fwd(mixed_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, batch, seq, groups,
+                     R: tl.constexpr, HALF: tl.constexpr):
+        # one program per (token, query group); token = s * batch + b, the row order of megatron's [s, b, ...]
+        token = tl.program_id(0).to(tl.int64)
+        g = tl.program_id(1).to(tl.int64)
+        s = token // batch
+        b = token % batch
+        D: tl.constexpr = 2 * HALF
+        lo = tl.arange(0, HALF)
+        c1 = tl.load(cos_ptr + s * D + lo)
+        c2 = tl.load(cos_ptr + s * D + HALF + lo)
+        s1 = tl.load(sin_ptr + s * D + lo)
+        s2 = tl.load(sin_ptr + s * D + HALF + lo)
+        src = mixed_ptr + (token * groups + g) * (R + 2) * D
+        for j in tl.static_range(R + 1):  # R query heads, then the key head: rotated
+            x1 = tl.load(src + j * D + lo).to(tl.float32)
+            x2 = tl.load(src + j * D + HALF + lo).to(tl.float32)
+            y1 = x1 * c1 - x2 * s1
+            y2 = x2 * c2 + x1 * s2
+            if j < R:
+                dst = q_ptr + ((b * groups * R + g * R + j) * seq + s) * D
+            else:
+                dst = k_ptr + ((b * groups + g) * seq + s) * D
+            tl.store(dst + lo, y1.to(q_ptr.dtype.element_ty))
+            tl.store(dst + HALF + lo, y2.to(q_ptr.dtype.element_ty))
+        dst = v_ptr + ((b * groups + g) * seq + s) * D
+        tl.store(dst + lo, tl.load(src + (R + 1) * D + lo))
+        tl.store(dst + HALF + lo, tl.load(src + (R + 1) * D + HALF + lo))
+
+    @triton.jit
+    def qkv_rope_bwd(dq_ptr, dk_ptr, dv_ptr, cos_ptr, sin_ptr, dmixed_ptr, batch, seq, groups,
+                     R: tl.constexpr, HALF: tl.constexpr):
+        token = tl.program_id(0).to(tl.int64)
+        g = tl.program_id(1).to(tl.int64)
+        s = token // batch
+        b = token % batch
+        D: tl.constexpr = 2 * HALF
+        lo = tl.arange(0, HALF)
+        c1 = tl.load(cos_ptr + s * D + lo)
+        c2 = tl.load(cos_ptr + s * D + HALF + lo)
+        s1 = tl.load(sin_ptr + s * D + lo)
+        s2 = tl.load(sin_ptr + s * D + HALF + lo)
+        dst = dmixed_ptr + (token * groups + g) * (R + 2) * D
+        for j in tl.static_range(R + 1):
+            if j < R:
+                src = dq_ptr + ((b * groups * R + g * R + j) * seq + s) * D
+            else:
+                src = dk_ptr + ((b * groups + g) * seq + s) * D
+            dy1 = tl.load(src + lo).to(tl.float32)
+            dy2 = tl.load(src + HALF + lo).to(tl.float32)
+            dx1 = dy1 * c1 + dy2 * s2
+            dx2 = dy2 * c2 - dy1 * s1
+            tl.store(dst + j * D + lo, dx1.to(dmixed_ptr.dtype.element_ty))
+            tl.store(dst + j * D + HALF + lo, dx2.to(dmixed_ptr.dtype.element_ty))
+        src = dv_ptr + ((b * groups + g) * seq + s) * D
+        tl.store(dst + (R + 1) * D + lo, tl.load(src + lo))
+        tl.store(dst + (R + 1) * D + HALF + lo, tl.load(src + HALF + lo))
+
+    return {"fwd": qkv_rope_fwd, "bwd": qkv_rope_bwd}
+
+
+def _qk(name: str):
+    return _qkv_kernels(os.environ.get("TRITON_INTERPRET") == "1")[name]
+
+
+def qkv_rope_supported(head_dim: int) -> bool:
+    return head_dim >= 2 and head_dim & (head_dim - 1) == 0 and triton_available()
+
+
+def qkv_rope_reference(mixed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads_per_group: int):
+    """mixed [s, b, g, (r + 2) d] (megatron's fused QKV layout) -> q [b, g*r, s, d], k and v [b, g, s, d], q and k
+    rotated (rotate-half convention, cos/sin [s, d] in fp32)."""
+    s, b, g, width = mixed.shape
+    r = heads_per_group
+    d = width // (r + 2)
+    q, k, v = mixed.split([r * d, d, d], dim=-1)
+    q = q.reshape(s, b, g * r, d)
+
+    def rotate(x):
+        x32 = x.float()
+        half = d // 2
+        rot = torch.cat([-x32[..., half:], x32[..., :half]], dim=-1)
+        return (x32 * cos[:, None, None, :] + rot * sin[:, None, None, :]).to(x.dtype)
+
+    def bhsd(x):
+        return x.permute(1, 2, 0, 3).contiguous()
+
+    return bhsd(rotate(q)), bhsd(rotate(k)), bhsd(v)
+
+
+class QKVRope(torch.autograd.Function):
+    """The split of megatron's fused QKV projection, the rotary embedding of q and k, and the [b, h, s, d] layout
+    SDPA reads, in one kernel each way. The backward writes the fused QKV gradient directly (no concatenation)."""
+
+    @staticmethod
+    def forward(ctx, mixed, cos, sin, heads_per_group: int):
+        s, b, g, width = mixed.shape
+        r = heads_per_group
+        d = width // (r + 2)
+        if width != (r + 2) * d or not qkv_rope_supported(d) or not _use_kernels(mixed):
+            raise ValueError(f"fused QKV + rope needs a power-of-two head size and the kernels, "
+                             f"got {tuple(mixed.shape)}")
+        mixed = mixed.contiguous()
+        cos, sin = cos.float().contiguous(), sin.float().contiguous()
+        q = torch.empty(b, g * r, s, d, dtype=mixed.dtype, device=mixed.device)
+        k = torch.empty(b, g, s, d, dtype=mixed.dtype, device=mixed.device)
+        v = torch.empty_like(k)
+        if mixed.numel():
+            _qk("fwd")[(s * b, g)](mixed, cos, sin, q, k, v, b, s, g, R=r, HALF=d // 2)
+        ctx.save_for_backward(cos, sin)
+        ctx.shape = (s, b, g, width, r, d)
+        return q, k, v
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        cos, sin = ctx.saved_tensors
+        s, b, g, width, r, d = ctx.shape
+        ref = next(t for t in (dq, dk, dv) if t is not None)
+        dq, dk, dv = (torch.zeros(shape, dtype=ref.dtype, device=ref.device) if t is None else t.contiguous()
+                      for t, shape in ((dq, (b, g * r, s, d)), (dk, (b, g, s, d)), (dv, (b, g, s, d))))
+        dmixed = torch.empty(s, b, g, width, dtype=ref.dtype, device=ref.device)
+        if dmixed.numel():
+            _qk("bwd")[(s * b, g)](dq, dk, dv, cos, sin, dmixed, b, s, g, R=r, HALF=d // 2)
+        return dmixed, None, None, None
+
+
+def qkv_rope(mixed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads_per_group: int):
+    """QKVRope where the kernels run (CUDA), the same arithmetic in torch elsewhere (CPU runs of the engine)."""
+    if _use_kernels(mixed):
+        return QKVRope.apply(mixed, cos, sin, heads_per_group)
+    return qkv_rope_reference(mixed, cos, sin, heads_per_group)
