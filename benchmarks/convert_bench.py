@@ -5,6 +5,7 @@ memory (VmHWM, see PEAK) is that run's own:
 
     disk copy           read + write + fsync of the same bytes (the ceiling for any converter on this disk)
     convert hf->mcore   trainer.convert streaming conversion to a Megatron-Core per-rank checkpoint (TP1 PP1)
+    convert mcore->hf   trainer.convert export of that Megatron-Core checkpoint back to HF safetensors
     convert hf->hf      trainer.convert HF -> HF (same output format as the light baseline)
     light baseline      transformers from_pretrained(dtype=bf16) then save_pretrained(): HF -> HF with no Megatron
                         model at all, the cheapest form of load-everything
@@ -82,8 +83,9 @@ import sys, time, json, resource, warnings
 warnings.filterwarnings('ignore')
 from trainer.convert import convert
 src, dst, fmt = sys.argv[1], sys.argv[2], sys.argv[3]
+src_fmt = sys.argv[4] if len(sys.argv) > 4 else 'hf'
 t = time.perf_counter()
-convert(src, 'hf', dst, fmt, progress=False)
+convert(src, src_fmt, dst, fmt, progress=False)
 print(json.dumps({'seconds': time.perf_counter() - t,
                   'maxrss': _peak(),
                   'ru_maxrss': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
@@ -324,6 +326,7 @@ def run_child(kind: str, *args: str) -> dict:
 
 
 COPY, MCORE, HF = "disk copy (read+write+fsync)", "trainer.convert hf -> mcore", "trainer.convert hf -> hf"
+EXPORT = "trainer.convert mcore -> hf (export of the hf -> mcore output)"
 LIGHT = "light baseline: from_pretrained + save_pretrained (hf -> hf)"
 SEED = "seed-style baseline: from_pretrained + GPTModel + torch.save (hf -> mcore)"
 
@@ -338,11 +341,12 @@ def bench(size: str, work: Path, keep: bool, check: bool) -> dict:
     gb = nbytes / 1e9
     runs = [(COPY, "copy", [str(src), str(work / "copy")]),
             (MCORE, "convert", [str(src), str(work / "mcore"), "mcore"]),
+            (EXPORT, "convert", [str(work / "mcore"), str(work / "export-hf"), "hf", "mcore"]),
             (HF, "convert", [str(src), str(work / "hf-out"), "hf"]),
             (LIGHT, "load_everything", [str(src), str(work / "hf-baseline")]),
             (SEED, "seed_style", [str(src), str(work / "seed-style")])]
-    # --check keeps our mcore output until the seed-style one exists to compare against it.
-    held = {MCORE} if check else set()
+    # The export reads our mcore output; --check keeps it until the seed-style one exists to compare against it.
+    held = {MCORE}
     results = {}
     cold = None
     for label, kind, args in runs:
@@ -351,6 +355,8 @@ def bench(size: str, work: Path, keep: bool, check: bool) -> dict:
         results[label] = run_child(kind, *args)
         if label not in held and not (check and label == SEED):
             shutil.rmtree(args[1], ignore_errors=True)  # keep disk use at one extra copy (two with --check)
+        if label == EXPORT and not check:
+            shutil.rmtree(work / "mcore", ignore_errors=True)
     comparison = None
     if check:
         comparison = compare_rank_files(work / "mcore", work / "seed-style")
@@ -368,6 +374,7 @@ def bench(size: str, work: Path, keep: bool, check: bool) -> dict:
     ratios = {
         "convert_hf_to_mcore_rate_over_disk_copy_rate": sec[COPY] / sec[MCORE],
         "convert_hf_to_hf_rate_over_disk_copy_rate": sec[COPY] / sec[HF],
+        "export_mcore_to_hf_rate_over_disk_copy_rate": sec[COPY] / sec[EXPORT],
         "speedup_hf_to_mcore_vs_seed_style": sec[SEED] / sec[MCORE],
         "speedup_hf_to_mcore_vs_light": sec[LIGHT] / sec[MCORE],
         "speedup_hf_to_hf_vs_light": sec[LIGHT] / sec[HF],
@@ -376,6 +383,7 @@ def bench(size: str, work: Path, keep: bool, check: bool) -> dict:
     for text, key, unit in [
             ("convert hf->mcore rate / disk-copy rate", "convert_hf_to_mcore_rate_over_disk_copy_rate", ""),
             ("convert hf->hf rate / disk-copy rate", "convert_hf_to_hf_rate_over_disk_copy_rate", ""),
+            ("export mcore->hf rate / disk-copy rate", "export_mcore_to_hf_rate_over_disk_copy_rate", ""),
             ("speed-up hf->mcore vs seed-style baseline (same output)", "speedup_hf_to_mcore_vs_seed_style", "x"),
             ("speed-up hf->mcore vs light baseline (hf output, no model)", "speedup_hf_to_mcore_vs_light", "x"),
             ("speed-up hf->hf vs light baseline (same output)", "speedup_hf_to_hf_vs_light", "x"),

@@ -179,3 +179,15 @@ def test_safetensors_garbage_header_is_a_conversion_error(tmp_path, content):
     (tmp_path / "bad.safetensors").write_bytes(content)
     with pytest.raises(ConversionError, match="not a safetensors file"):
         SafetensorsFile(tmp_path / "bad.safetensors")
+
+
+def test_cat_of_meta_tensors_is_shape_only_and_real_tensors_concatenate():
+    from trainer.convert.rules import cat
+
+    a = torch.empty(4, 3, device="meta", dtype=torch.bfloat16)
+    b = torch.empty(2, 3, device="meta", dtype=torch.bfloat16)
+    m = cat([a, b], dim=0)
+    assert m.is_meta and m.shape == (6, 3) and m.dtype == torch.bfloat16
+    assert cat([a, a], dim=1).shape == (4, 6)
+    x, y = torch.arange(6.0).reshape(2, 3), torch.ones(1, 3)
+    assert torch.equal(cat([x, y]), torch.cat([x, y]))

@@ -47,10 +47,21 @@ class Rule:
 # ---- kinds ---------------------------------------------------------------------------------------------------
 
 
+def cat(parts, dim: int = 0):
+    """torch.cat, except that meta tensors (the shape-only pass before writing) get their result's shape by hand:
+    the first meta-device cat of a process imports torch's meta kernels, about two seconds of a conversion."""
+    parts = list(parts)
+    if parts and all(t.is_meta for t in parts) and len({t.dtype for t in parts}) == 1:
+        shape = list(parts[0].shape)
+        shape[dim] = sum(t.shape[dim] for t in parts)
+        return torch.empty(shape, dtype=parts[0].dtype, device="meta")
+    return torch.cat(parts, dim=dim)
+
+
 def _cat(parts, dim: int, alloc):
     """torch.cat, into alloc(shape, dtype) when given (a reused buffer: no fresh allocation to fault in)."""
     if alloc is None or len({t.dtype for t in parts}) != 1:
-        return torch.cat(parts, dim=dim)
+        return cat(parts, dim=dim)
     shape = list(parts[0].shape)
     shape[dim] = sum(t.shape[dim] for t in parts)
     return torch.cat(parts, dim=dim, out=alloc(tuple(shape), parts[0].dtype))
@@ -80,12 +91,12 @@ def _qkv_unfuse(spec: ModelSpec, t):
 
 def _gate_up_split(t, rank, size):
     gate, up = t.chunk(2, dim=0)
-    return torch.cat([gate.chunk(size, 0)[rank], up.chunk(size, 0)[rank]], dim=0)
+    return cat([gate.chunk(size, 0)[rank], up.chunk(size, 0)[rank]], dim=0)
 
 
 def _gate_up_merge(shards):
     halves = [s.chunk(2, dim=0) for s in shards]
-    return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+    return cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
 
 
 def _pad_rows(spec: ModelSpec, t):
@@ -93,7 +104,7 @@ def _pad_rows(spec: ModelSpec, t):
     if extra <= 0:
         return t
     # Zero rows: padded token ids are never produced by the tokenizer, and zeros keep the round trip exact.
-    return torch.cat([t, t.new_zeros((extra, *t.shape[1:]))], dim=0)
+    return cat([t, t.new_zeros((extra, *t.shape[1:]))], dim=0)
 
 
 @dataclass(frozen=True)
@@ -115,7 +126,8 @@ def _unone(spec, t):
 
 
 def _dim(d):
-    return (lambda t, r, n: t.chunk(n, dim=d)[r]), (lambda s: torch.cat(list(s), dim=d))
+    # merging a single shard (TP 1) hands the tensor on: torch.cat would copy every byte of the checkpoint once more
+    return (lambda t, r, n: t.chunk(n, dim=d)[r]), (lambda s: s[0] if len(s) == 1 else cat(s, dim=d))
 
 
 KINDS: dict[str, Kind] = {
