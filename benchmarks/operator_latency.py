@@ -14,7 +14,7 @@ For bursts of N QwenTrainingJobs created at once (default 1, 100, 500), measures
 Prints figures (p50, p99, max); it never passes or fails. The targets it reports against: p99 create ->
 PyTorchJob under 1 s at 100, all 500 reconciled within 60 s, peak RSS under 200 MB.
 
-    python benchmarks/operator_latency.py [--bursts 1,100,500] [--workers 16] [--crd crd.yaml] [--json out.json]
+    python benchmarks/operator_latency.py [--bursts 1,100,500] [--workers N] [--crd crd.yaml] [--json out.json]
 
 `--crd` installs another CRD manifest instead of the one generated from the models (for example a copy without
 its CEL rules, to see what validating them costs the API server).
@@ -258,7 +258,7 @@ def burst(api: k.ApiClient, cluster: Any, n: int, operator_pid: int, timeout: fl
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bursts", default="1,100,500")
-    p.add_argument("--workers", type=int, default=16, help="operator --workers")
+    p.add_argument("--workers", type=int, default=None, help="operator --workers (default: the operator's own)")
     p.add_argument("--timeout", type=float, default=180, help="seconds to wait for one burst")
     p.add_argument("--nodes", type=int, default=6, help="fake nodes (110 pods each)")
     p.add_argument("--crd", default=None, help="install this CRD manifest instead of the generated one")
@@ -283,8 +283,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         with open(log, "ab") as fh:
             operator = subprocess.Popen(
                 [sys.executable, "-m", "qwen_operator.main", "--all-namespaces", "--standalone",
-                 "--workers", str(args.workers), "--metrics-host", "127.0.0.1", "--metrics-port", str(metrics_port),
-                 "--liveness", ""], stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
+                 *(["--workers", str(args.workers)] if args.workers else []),
+                 "--metrics-host", "127.0.0.1", "--metrics-port", str(metrics_port), "--liveness", ""],
+                stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
         deadline = time.monotonic() + 60
         while True:
             try:

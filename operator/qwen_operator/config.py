@@ -11,7 +11,7 @@
 | `--standalone` | `QWEN_OPERATOR_STANDALONE=true` | false |
 | `--priority N` | `QWEN_OPERATOR_PRIORITY` | random when peering is on |
 | `--peering-lifetime S` | `QWEN_OPERATOR_PEERING_LIFETIME` | 60 (seconds a silent peer counts as alive) |
-| `--workers N` | `QWEN_OPERATOR_WORKERS` | 16 |
+| `--workers N` | `QWEN_OPERATOR_WORKERS` | 64 |
 | `--log-format json|plain` | `QWEN_OPERATOR_LOG_FORMAT` | json |
 | `--verbose`, `--debug` | `QWEN_OPERATOR_LOG_LEVEL=debug` | info |
 """
@@ -39,7 +39,10 @@ class OperatorConfig:
     standalone: bool = False
     priority: Optional[int] = None
     peering_lifetime: int = 60
-    workers: int = 16
+    # Handlers are synchronous and spend their time waiting on the API server; with 16 threads a burst queued
+    # inside the operator (p50/p99 create -> PyTorchJob 3.7-4.2 / 6.4-6.8 s at 100 jobs), with 64 each job is
+    # in flight as soon as it arrives (2.0-2.1 / 3.4-3.8 s) for about 15 MiB more memory.
+    workers: int = 64
     log_format: str = "json"
     verbose: bool = False
     debug: bool = False
