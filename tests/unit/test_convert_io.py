@@ -191,3 +191,23 @@ def test_cat_of_meta_tensors_is_shape_only_and_real_tensors_concatenate():
     assert cat([a, a], dim=1).shape == (4, 6)
     x, y = torch.arange(6.0).reshape(2, 3), torch.ones(1, 3)
     assert torch.equal(cat([x, y]), torch.cat([x, y]))
+
+
+def test_file_arena_tensors_own_exactly_their_bytes_and_the_file_goes_away(tmp_path):
+    from trainer.convert.fileio import FileArena, available_memory
+
+    assert available_memory() > 0
+    arena = FileArena(tmp_path / ".arena", [10, 3 * 4096 * 4, 0])
+    a = arena.tensor(0, torch.uint8, (10,))
+    b = arena.tensor(1, torch.float32, (3, 4096))
+    empty = arena.tensor(2, torch.float32, (0, 4))
+    assert a.untyped_storage().nbytes() == 10 and b.untyped_storage().nbytes() == 3 * 4096 * 4
+    assert empty.shape == (0, 4)
+    a.copy_(torch.arange(10, dtype=torch.uint8))
+    b.fill_(2.5)
+    raw = (tmp_path / ".arena").read_bytes()  # shared mappings: the bytes are in the file
+    assert raw[:10] == bytes(range(10)) and len(raw) == arena.nbytes
+    assert torch.equal(torch.frombuffer(bytearray(raw[4096:4096 + 16]), dtype=torch.float32), torch.full((4,), 2.5))
+    arena.close()
+    assert not (tmp_path / ".arena").exists()
+    assert float(b.sum()) == 2.5 * 3 * 4096  # mapped tensors outlive the file

@@ -81,3 +81,21 @@ def test_megablocks_cannot_hold_shared_expert_gate(models, tmp_path):
     with pytest.raises(ConversionError, match="megablocks format cannot hold .*shared_expert"):
         convert(models["qwen2-moe"], "hf", tmp_path / "mb", "megablocks", progress=False)
     assert not (tmp_path / "mb").exists()
+
+
+@pytest.mark.parametrize("family", ["qwen2.5-tied", "qwen3-moe"])
+def test_torch_dist_through_the_scratch_file_arena_is_exact(models, tmp_path, family, monkeypatch):
+    """A model larger than the memory left is held in a scratch file while megatron-core saves it (forced here);
+    the checkpoint is the same, and the scratch file is gone afterwards."""
+    from trainer.convert.formats import torch_dist
+
+    monkeypatch.setenv("QWEN_CONVERT_ARENA_BYTES", "0")
+    arenas = []
+    real = torch_dist._save
+    monkeypatch.setattr(torch_dist, "_save", lambda *a: arenas.append(a[8]) or real(*a))
+    mid, back = tmp_path / "mid", tmp_path / "back"
+    convert(models[family], "hf", mid, "torch_dist", extra_vocab_size=12, progress=False)
+    assert arenas and arenas[0] is not None and arenas[0].nbytes > 0
+    assert not list(tmp_path.rglob("*.arena"))
+    convert(mid, "torch_dist", back, "hf", progress=False, verify=True)
+    assert_same(models[family], back)

@@ -201,3 +201,61 @@ class HashingFile:
             os.close(self._fd)
             self._bufs = []  # unmapped once the last view of them is gone
         return self._h.hexdigest()
+
+
+def available_memory() -> int:
+    """Bytes this process may still use: MemAvailable, capped by the cgroup's memory.max (v2) or limit (v1)."""
+    avail = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            limit = Path(limit_file).read_text().strip()
+            if limit != "max" and int(limit) < (1 << 60):
+                room = int(limit) - int(Path(usage_file).read_text().strip())
+                avail = room if avail is None else min(avail, room)
+            break
+        except (OSError, ValueError):
+            continue
+    return avail if avail is not None else 1 << 62
+
+
+class FileArena:
+    """Tensors kept in a scratch file instead of anonymous memory: each one a shared, writable mapping of its own
+    page-aligned region, so the kernel can write its pages back and drop them under memory pressure instead of the
+    process being killed. For writers that need every tensor at once (megatron-core's torch_dist save). Each
+    tensor's storage is exactly its own bytes (savers that serialise a tensor's whole storage stay correct).
+    `close()` unlinks the file; mapped tensors stay valid until they are freed."""
+
+    def __init__(self, path: Path, sizes: list[int]):
+        self.path = Path(path)
+        self.offsets: list[int] = []
+        total = 0
+        for n in sizes:
+            self.offsets.append(total)
+            total += -(-n // mmap.ALLOCATIONGRANULARITY) * mmap.ALLOCATIONGRANULARITY
+        self.nbytes = total
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.ftruncate(self._fd, total)  # sparse: blocks are allocated as pages are written back
+
+    def tensor(self, index: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        count = 1
+        for s in shape:
+            count *= s
+        nbytes = count * torch.empty((), dtype=dtype).element_size()
+        if nbytes == 0:
+            return torch.empty(shape, dtype=dtype)
+        m = mmap.mmap(self._fd, nbytes, access=mmap.ACCESS_WRITE, offset=self.offsets[index])
+        return torch.frombuffer(m, dtype=dtype, count=count).view(shape)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+            self.path.unlink(missing_ok=True)

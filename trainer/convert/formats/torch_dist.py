@@ -121,15 +121,51 @@ def dist_key(inst: Instance, spec: ModelSpec, te: bool) -> tuple[str, tuple, str
 
 
 def write_torch_dist(source, iter_dir: Path, spec: ModelSpec, insts: Sequence[Instance], *, te: bool,
-                     cast: Callable, tick: Callable[[int], None], args) -> list[Path]:
+                     cast: Callable, tick: Callable[[int], None], args) -> dict:
+    # dist_checkpointing.save takes the whole sharded state dict at once, so this format holds the whole model.
+    # When that would not fit in the memory left (a 72B model in a pod), the tensors live in a scratch file beside
+    # the output instead (FileArena): slower, since its pages may be written to disk once more, but never killed.
+    arena = None
+    shapes = []
+    for inst in insts:
+        canon = cast(KINDS[inst.rule.kind].fuse(spec, *source.read(inst, meta=True)))
+        shapes.append((canon.dtype, tuple(canon.shape), canon.numel() * canon.element_size()))
+    if sum(n for _, _, n in shapes) > arena_threshold():
+        from ..fileio import FileArena
+
+        iter_dir.parent.mkdir(parents=True, exist_ok=True)
+        arena = FileArena(iter_dir.parent / f".{iter_dir.name}.arena", [n for _, _, n in shapes])
+    try:
+        return _save(source, iter_dir, spec, insts, te, cast, tick, args, arena, shapes)
+    finally:
+        if arena is not None:
+            arena.close()
+
+
+def arena_threshold() -> int:
+    """Model bytes above which write_torch_dist keeps tensors in a scratch file: half the memory still available
+    (QWEN_CONVERT_ARENA_BYTES overrides, 0 forcing the scratch file)."""
+    forced = os.environ.get("QWEN_CONVERT_ARENA_BYTES")
+    if forced is not None:
+        return int(forced)
+    from ..fileio import available_memory
+
+    return available_memory() // 2
+
+
+def _save(source, iter_dir: Path, spec: ModelSpec, insts: Sequence[Instance], te: bool, cast: Callable,
+          tick: Callable[[int], None], args, arena, shapes) -> dict:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
 
-    # dist_checkpointing.save takes the whole sharded state dict at once, so this format holds the model in memory.
     sd: dict = {}
-    for inst, hf in read_ahead(source, insts):
+    for i, (inst, hf) in enumerate(read_ahead(source, insts)):  # in the order of insts
         kind = KINDS[inst.rule.kind]
         canon = cast(kind.fuse(spec, *hf)).contiguous()
+        if arena is not None:
+            held = arena.tensor(i, shapes[i][0], shapes[i][1])
+            held.copy_(canon)
+            canon = held
         key, offsets, extra = dist_key(inst, spec, te)
         local = f"{key}@{inst.layer}.{inst.expert}"
         sd[local] = ShardedTensor.from_rank_offsets(key, canon, *offsets, replica_id=0, prepend_axis_num=len(offsets))
