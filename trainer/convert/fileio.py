@@ -13,6 +13,10 @@ buffers that two background threads hash and write, so the caller goes on fusing
 writes from those buffers were tried: half the CPU time, but no faster and often slower on a disk that does better
 with the kernel's deeper write-back queue.)
 
+`FileArena` keeps tensors in a scratch file (one shared mapping per tensor) for writers that need a whole model at
+once, so that the kernel can write those pages back and drop them under memory pressure; `available_memory` says
+how much memory is left (cgroup limit included) to decide when that is needed.
+
 `start_writeback` asks the kernel to begin writing a file range now (sync_file_range(SYNC_FILE_RANGE_WRITE)),
 without waiting for it. Without it, the kernel starts writing dirty pages only once they exceed
 vm.dirty_background_ratio of memory or grow 30 s old, so the disk would sit idle while the first gigabytes of the

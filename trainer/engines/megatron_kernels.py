@@ -4,6 +4,8 @@
   attention on Hopper, torch's flash kernels as the fallback) instead of megatron's unfused `DotProductAttention` (which materialises the [b, h, s, s]
   scores). It can also apply the rotary embedding itself, in one compiled kernel that writes q and k straight into
   the layout SDPA reads; the model is then built with `position_embedding_type="none"`.
+- `fused_qkv_self_attention`: megatron's SelfAttention whose QKV split, rotary embedding and SDPA layout are one
+  Triton kernel each way (megatron_triton.QKVRope), for layers without q/k norm.
 - `RMSNorm`: compiled RMSNorm in fp32 arithmetic, one kernel each way; marks its weight for the tensor-parallel
   gradient all-reduce under sequence parallelism (torch.nn.RMSNorm, the local default, refuses sequence parallelism).
 - `torch_grouped_gemm`: the `gmm` operation megatron's `GroupedMLP` expects from the grouped_gemm package,

@@ -4,6 +4,9 @@
   compiled backward builds the [..., 2F] input gradient as a concatenation of two expressions, so each thread
   reads the output gradient and the gate twice; here each program reads gate, up and gradient once and writes
   both halves.
+- The split of megatron's fused QKV projection, the rotary embedding of q and k and the [b, h, s, d] layout SDPA
+  reads, in one kernel; its backward writes the fused QKV gradient in one pass instead of concatenating three
+  gradients after copies (`QKVRope`, used by `megatron_kernels.fused_qkv_self_attention`).
 - Accumulating a bf16/fp16 gradient into the fp32 main-gradient buffer. torch's mixed-dtype `add_` takes its
   unvectorised elementwise path; this kernel converts on load and streams at the memory's rate. Megatron adds
   `param.grad` into `param.main_grad` once per parameter and micro-batch for every parameter whose weight
