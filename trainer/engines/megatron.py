@@ -174,7 +174,9 @@ class MegatronEngine:
             DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0)
             for i, chunk in enumerate(chunks)
         ]
-        if self.options.triton_grad_accumulation and triton_available():
+        # Without Transformer Engine only: TE's linear layers put their weight gradient into main_grad themselves
+        # under names of their own, and the hook must never add their placeholder gradients.
+        if self.options.triton_grad_accumulation and triton_available() and not self.plan.use_te:
             handles = install_grad_accumulation(self.model)
             self._restore.append(lambda: [h.remove() for h in handles])
         t = self.spec.training

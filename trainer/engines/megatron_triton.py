@@ -198,7 +198,9 @@ def fused_wgrad_params(modules: Iterable[torch.nn.Module]) -> set[int]:
     found: set[int] = set()
     for root in modules:
         for module in root.modules():
-            if getattr(module, "gradient_accumulation_fusion", False) and getattr(module, "weight", None) is not None:
+            fused = getattr(module, "gradient_accumulation_fusion", False) or getattr(
+                module, "fuse_wgrad_accumulation", False)  # megatron's linear layers; Transformer Engine's
+            if fused and getattr(module, "weight", None) is not None:
                 found.add(id(module.weight))
     return found
 
