@@ -74,7 +74,10 @@ def test_killed_after_pytorchjob_before_status(cluster, jobs, namespace, start):
     start("restarted")
     jobs.wait_phase("nostatus", "Running", 60)
     assert jobs.get("nostatus")["status"]["pytorchJob"] == "nostatus"
-    assert jobs.condition("nostatus", "Synced")["status"] == "True"  # the existing child was adopted
+    # The child's events can report Running before the restarted create handler has looked at the child; the
+    # handler then adopts it and marks the resource Synced.
+    wait_for(lambda: jobs.condition("nostatus", "Synced").get("status") == "True", 30,
+             what="the existing child to be adopted (Synced=True)")
     assert_single_children(jobs, ["nostatus"])
 
 
