@@ -62,12 +62,11 @@ class SafetensorsFile:
             raise ConversionError(f"{self.path}: tensor {name} is truncated")
         # The file may have been cut short since it was opened (overwritten while converting): check again, and
         # let the page prefetch report pages that vanished after the mapping was made (instead of a SIGBUS).
-        changed = ConversionError(f"{self.path}: tensor {name} is truncated; the file changed while it was being read")
-        if self._base + end > file_size(self._fd):
-            raise changed
-        buf = map_tensor(self._fd, self._base + start, end - start)
-        if not populate(buf):
-            raise changed
+        buf = None
+        if self._base + end <= file_size(self._fd):
+            buf = map_tensor(self._fd, self._base + start, end - start)
+        if buf is None or not populate(buf):
+            raise ConversionError(f"{self.path}: tensor {name} is truncated; the file changed while it was being read")
         return buf.view(DTYPES[e["dtype"]]).reshape(e["shape"])
 
     def close(self) -> None:
