@@ -275,3 +275,24 @@ def test_grouped_experts_match_sequential_in_bf16(megatron_world, monkeypatch):
         restore()
     sequential, hf = _megatron_loss(case, monkeypatch, EngineOptions(experts="sequential"), dtype=torch.bfloat16)
     assert abs(grouped - sequential) < 2e-2 and abs(grouped - hf) < 5e-2, (grouped, sequential, hf)
+
+
+def test_local_dispatch_matches_megatron_dispatcher(megatron_world, monkeypatch):
+    """The sync-free dispatcher swapped into every MoE layer gives megatron's dispatcher's loss exactly."""
+    from trainer.engines.megatron_dispatch import install_local_dispatch
+
+    case = DENSE_MOE_CASES["qwen1.5-moe-shared-gate"]
+    swapped = []
+
+    def swap(model):
+        swapped.append(install_local_dispatch([model]))
+
+    restore = kernels.install_torch_grouped_gemm()
+    try:
+        opts, caps = EngineOptions(experts="torch-grouped"), Capabilities(torch_grouped_mm=True)
+        local, _ = _megatron_loss(case, monkeypatch, opts, caps, dtype=torch.bfloat16, on_model=swap)
+        stock, hf = _megatron_loss(case, monkeypatch, opts, caps, dtype=torch.bfloat16)
+    finally:
+        restore()
+    assert swapped == [(2, [])]
+    assert local == stock and abs(local - hf) < 5e-2, (local, stock, hf)

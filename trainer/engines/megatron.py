@@ -149,6 +149,12 @@ class MegatronEngine:
                 chunk.cuda(torch.cuda.current_device())
             chunks.append(chunk)
             offsets.append(self._layer_offset(config, stage))
+        if self.options.local_dispatch and self.plan.experts == "torch-grouped":
+            from .megatron_dispatch import install_local_dispatch
+
+            _, reasons = install_local_dispatch(chunks)
+            if reasons:
+                self.notes.append(f"megatron's token dispatcher kept on some MoE layers: {'; '.join(reasons)}")
         if hf_state_dict is not None:
             from .megatron_weights import load_into
 

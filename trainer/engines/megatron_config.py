@@ -99,6 +99,9 @@ class EngineOptions:
     """Without tensor parallelism, each chunk's softmax, loss and logits gradient as one compiled function."""
     experts: str = "auto"
     """MoE expert implementation: te | grouped-gemm | torch-grouped | sequential."""
+    local_dispatch: bool = True
+    """With torch-grouped experts, every expert on this rank and no token dropping: permute and combine tokens
+    on the device without megatron's host copies of the per-expert token counts (no GPU-idle waits)."""
     grad_accum_fusion: bool = True
     """Accumulate weight gradients straight into the fp32 gradient buffer (one GEMM with fp32 output)."""
     triton_grad_accumulation: bool = True
