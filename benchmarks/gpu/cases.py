@@ -31,6 +31,7 @@ VARIANTS: dict[str, dict] = {
     "experts-sequential": {"experts": "sequential"},
     "no-overlap": {"overlap_grad_reduce": False},
     "dispatcher-allgather": {"extra_config": {"moe_token_dispatcher_type": "allgather"}, "local_dispatch": False},
+    "cuda-graphs": {"cuda_graphs": True},  # each layer's forward and backward replayed as CUDA graphs
     "dispatch-megatron": {"local_dispatch": False},  # megatron's alltoall dispatcher (host copies, syncs)
     "stock": {"attention": "local", "fused_rope": False, "fused_rmsnorm": False, "fused_swiglu": False,
               "chunked_cross_entropy": False, "grad_accum_fusion": False, "fused_adam": False,
@@ -66,12 +67,13 @@ class Case:
 
 
 CASES: dict[str, Case] = {c.name: c for c in [
-    Case("qwen2.5-0.5b", "qwen2.5", "0.5B", gpus=1, seq=4096, micro_batch=4, global_batch=16),
+    Case("qwen2.5-0.5b", "qwen2.5", "0.5B", gpus=1, seq=4096, micro_batch=4, global_batch=16,
+         variants=("best", "cuda-graphs")),
     Case("qwen2.5-1.5b", "qwen2.5", "1.5B", gpus=1, seq=4096, micro_batch=2, global_batch=8,
          variants=tuple(DENSE_ABLATIONS) + ("stock",)),
     Case("qwen1.5-moe-a2.7b-l3", "qwen1.5", "A2.7B", gpus=1, seq=4096, micro_batch=1, global_batch=4,
-         variants=("best", "dispatch-megatron", "grad-add-torch", "swiglu-compiled", "experts-sequential",
-                   "dispatcher-allgather"),
+         variants=("best", "cuda-graphs", "dispatch-megatron", "grad-add-torch", "swiglu-compiled",
+                   "experts-sequential", "dispatcher-allgather"),
          architecture={"numLayers": 3},
          note="3 of 24 layers: 14.3B parameters with fp32 gradients and Adam state (18 bytes each) do not fit one "
               "80 GB card; all layers are identical, so per-token cost scales with the layer count"),

@@ -68,7 +68,7 @@ def _launch(case, impl: str, variants: list[str], gpus: list[int], args, part: P
 def _run_case(case, gpus, args, part, log):
     if case.baseline and not args.no_baseline:
         _launch(case, "hf", [], gpus, args, part, log)
-    variants = [v for v in case.variants if not args.variants or v in args.variants]
+    variants = list(args.variants or case.variants)  # --variants may name any variant, listed by the case or not
     if args.only_best:
         variants = ["best"]
     if variants and args.shared_process:
@@ -146,7 +146,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="bench-out")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--variants", default="", help="comma list: only these engine variants")
+    ap.add_argument("--variants", default="", help="comma list: run these engine variants instead of the case's own list")
     ap.add_argument("--only-best", action="store_true")
     ap.add_argument("--shared-process", action="store_true",
                     help="run all engine variants of a case in one process (faster, but memory of one run can "
@@ -160,6 +160,8 @@ def main(argv=None) -> int:
     ap.add_argument("--report-only", action="store_true", help="rebuild results.* from DIR/rows.jsonl")
     args = ap.parse_args(argv)
     args.variants = [v for v in args.variants.split(",") if v]
+    if [v for v in args.variants if v not in VARIANTS]:
+        ap.error(f"unknown variants: {', '.join(v for v in args.variants if v not in VARIANTS)}")
     if args.list:
         for c in CASES.values():
             print(f"{c.name:28s} gpus={c.gpus} seq={c.seq} mbs={c.micro_batch} gbs={c.global_batch} "

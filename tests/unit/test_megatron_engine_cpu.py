@@ -75,6 +75,39 @@ def test_expert_choice_prefers_grouped_kernels():
     assert plan_model(arch, spec, EngineOptions(), te).experts == "te"
 
 
+def test_cuda_graph_scope_follows_the_dispatch():
+    hopper, graphs = Capabilities(cuda=True, torch_grouped_mm=True), EngineOptions(cuda_graphs=True)
+
+    def kw(spec, opts=graphs):
+        return plan_model(resolve_architecture(spec), spec, opts, hopper).config_kwargs
+
+    dense = kw(job_spec("qwen2.5", "0.5B"))
+    assert dense["cuda_graph_impl"] == "local" and "cuda_graph_scope" not in dense  # whole layers
+    assert "cuda_graph_impl" not in kw(job_spec("qwen2.5", "0.5B"), EngineOptions())
+    moe = kw(job_spec("qwen1.5", "A2.7B"))
+    assert moe["cuda_graph_impl"] == "local" and moe["cuda_graph_scope"] == ["moe_router", "moe_preprocess"]
+    # megatron's dispatchers bring token counts to the host inside that scope: no graphs there
+    assert "cuda_graph_impl" not in kw(job_spec("qwen1.5", "A2.7B", parallelism={"expert": 2}))
+    assert "cuda_graph_impl" not in kw(job_spec("qwen1.5", "A2.7B"), graphs.replace(local_dispatch=False))
+    assert "cuda_graph_impl" not in kw(job_spec("qwen1.5", "A2.7B", moe={"capacityFactor": 1.5}))
+    # compiled functions stay out of captured layers: q/k norm needs the compiled per-tensor rope
+    assert "cuda_graph_impl" not in kw(job_spec("qwen3", "0.6B"))
+    assert "cuda_graph_impl" not in kw(job_spec("qwen2.5", "0.5B"), graphs.replace(triton_swiglu=False))
+
+
+def test_captured_layers_take_the_torch_norm():
+    from megatron.core.transformer import TransformerConfig
+
+    spec = job_spec("qwen2.5", "0.5B", architecture=TINY)
+    hopper = Capabilities(cuda=True, torch_grouped_mm=True)
+    norms = {}
+    for graphs in (False, True):
+        plan = plan_model(resolve_architecture(spec), spec, EngineOptions(cuda_graphs=graphs), hopper)
+        layer = layer_spec(plan, TransformerConfig(**plan.config_kwargs))
+        norms[graphs] = layer.submodules.input_layernorm.params["compiled"]
+    assert norms == {False: True, True: False}
+
+
 def test_parallel_and_recompute_mapping():
     spec = job_spec("qwen2.5", "7B", parallelism={"tensor": 2, "pipeline": 2, "virtualPipelineLayers": 7,
                                                   "sequenceParallel": True, "expert": 1},

@@ -94,7 +94,8 @@ class MegatronEngine:
             expert_model_parallel_size=p.expert,
             expert_tensor_parallel_size=p.expert_tensor,
         )
-        model_parallel_cuda_manual_seed(self.spec.training.seed)
+        # CUDA graph capture needs an RNG tracker whose state lives on the device
+        model_parallel_cuda_manual_seed(self.spec.training.seed, use_cudagraphable_rng=self.options.cuda_graphs)
 
     def _install_kernels(self) -> None:
         from . import megatron_kernels as k
@@ -127,6 +128,12 @@ class MegatronEngine:
 
         self._install_kernels()
         self.config = config = TransformerConfig(**self.plan.config_kwargs)
+        if self.options.cuda_graphs and config.cuda_graph_impl != "local":
+            from .megatron_config import cuda_graph_blocker
+
+            why = cuda_graph_blocker(self.spec, self.options, self.plan.config_kwargs, self.plan.attention,
+                                     self.plan.experts)
+            self.notes.append(f"CUDA graphs off: {why or 'set off in extra_config'}")
         model_cls = make_model_class()
         vp_size = parallel_state.get_virtual_pipeline_model_parallel_world_size()
         chunks, offsets = [], []
@@ -390,6 +397,11 @@ class MegatronEngine:
         for restore in reversed(self._restore):
             restore()
         self._restore.clear()
+        if self.config is not None and getattr(self.config, "cuda_graph_impl", "none") == "local":
+            # graphs and their memory pool are process-wide in megatron-core: a later engine must start clean
+            from megatron.core.transformer.cuda_graphs import delete_cuda_graphs
+
+            delete_cuda_graphs()
         self.model, self.optimizer, self.scheduler = [], None, None
         if parallel_state.model_parallel_is_initialized():
             parallel_state.destroy_model_parallel()

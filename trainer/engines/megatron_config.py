@@ -111,6 +111,10 @@ class EngineOptions:
     """torch's fused AdamW kernel (megatron falls back to the multi-kernel foreach AdamW without TE/Apex)."""
     foreach_grad_norm: bool = True
     """Gradient norm and clipping with torch._foreach ops (megatron's fallback syncs once per tensor)."""
+    cuda_graphs: bool = False
+    """Capture each transformer layer's forward and backward as CUDA graphs after the first step (megatron-core's
+    own capture, no Transformer Engine needed); MoE layers capture attention, router and token permutation, the
+    experts stay eager. Removes the host's kernel-launch time where it exceeds the GPU's work (small models)."""
     overlap_grad_reduce: Optional[bool] = None
     """None: take spec.parallelism.overlapGradReduce."""
     recompute: Optional[str] = None
@@ -171,6 +175,46 @@ def recompute_mode(spec, opts: EngineOptions) -> str:
 
 def dtype_of(precision: str) -> torch.dtype:
     return torch.float16 if precision == "fp16" else torch.bfloat16
+
+
+def cuda_graph_blocker(spec, opts: EngineOptions, kw: dict, attention: str, experts: str) -> Optional[str]:
+    """Why the layers cannot be captured as CUDA graphs here (None: they can).
+
+    What was checked on the GPU (tests/gpu/test_cuda_graphs.py): megatron's own ops, SDPA, the QKV and SwiGLU
+    Triton functions and the plain torch RMSNorm train to eager's losses under megatron's capture. A norm whose
+    weight gradient comes out of a custom autograd function (the compiled RMSNorm, and a Triton one tried in its
+    place) drifted from eager from the second replayed step on (1e-2 in the loss after three steps), so captured
+    layers take the torch norm, and compiled functions (megatron's SwiGLU, the per-tensor compiled rope that q/k
+    norm needs) are kept out of the graphs altogether."""
+    from types import SimpleNamespace
+
+    from .megatron_triton import triton_available
+
+    p = spec.parallelism
+    if not triton_available():
+        return "needs Triton for the graph-safe kernels"
+    if attention != "sdpa" or kw.get("recompute_granularity") == "full":
+        return "only the SDPA attention path without full recompute is captured"
+    if p.tensor > 1 or p.pipeline > 1 or p.context > 1:
+        return "only checked without tensor, pipeline or context parallelism"
+    shape = SimpleNamespace(num_query_groups=kw["num_query_groups"], num_attention_heads=kw["num_attention_heads"],
+                            qk_layernorm=kw["qk_layernorm"], kv_channels=kw["kv_channels"],
+                            tensor_model_parallel_size=p.tensor)
+    if opts.fused_rope and not fused_qkv_rope_applies(opts, shape):
+        return "the rotary embedding would run as compiled kernels (q/k norm or an unsupported head size)"
+    if opts.fused_swiglu and not opts.triton_swiglu:
+        return "megatron's SwiGLU is a compiled function"
+    if kw.get("num_moe_experts") and not moe_graphable(spec, opts, experts):
+        return "MoE token permutation waits for the host here (megatron's dispatcher)"
+    return None
+
+
+def moe_graphable(spec, opts: EngineOptions, experts: str) -> bool:
+    """A CUDA graph can end after an MoE layer's token permutation only when the permutation never waits for the
+    host: the local dispatcher (torch grouped experts, every expert on this rank, no token dropping)."""
+    p, moe = spec.parallelism, spec.model.moe
+    return (experts == "torch-grouped" and opts.local_dispatch and p.expert == 1 and p.expert_tensor == 1
+            and p.tensor == 1 and (moe is None or (moe.capacity_factor is None and not moe.shared_expert_overlap)))
 
 
 def transformer_config_kwargs(arch: ResolvedArchitecture, spec, opts: EngineOptions, caps: Capabilities,
@@ -268,6 +312,10 @@ def transformer_config_kwargs(arch: ResolvedArchitecture, spec, opts: EngineOpti
                 kw["recompute_modules"] = ["core_attn", "moe"]
             else:
                 kw.update(recompute_granularity="selective", recompute_modules=["moe"])
+    if opts.cuda_graphs and cuda_graph_blocker(spec, opts, kw, attention, experts) is None:
+        kw.update(cuda_graph_impl="local", cuda_graph_warmup_steps=1)
+        if moe is not None:
+            kw["cuda_graph_scope"] = ["moe_router", "moe_preprocess"]
     kw.update(opts.extra_config)
     return kw
 
@@ -356,7 +404,9 @@ def layer_spec(plan: ModelPlan, config):
     # torch.nn.RMSNorm (the local default) refuses sequence parallelism and never marks its weight for the
     # tensor-parallel gradient all-reduce; our RMSNorm does both, compiled or eager.
     if opts.fused_rmsnorm or config.sequence_parallel:
-        norm = kernels.rmsnorm_spec(compiled=opts.fused_rmsnorm)
+        # captured CUDA graphs take the norm as plain torch ops (see cuda_graph_blocker)
+        graphed = getattr(config, "cuda_graph_impl", "none") == "local"
+        norm = kernels.rmsnorm_spec(compiled=opts.fused_rmsnorm and not graphed)
         sub.input_layernorm = norm
         sub.pre_mlp_layernorm = norm
         if config.qk_layernorm:

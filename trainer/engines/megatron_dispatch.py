@@ -55,7 +55,8 @@ def _dispatcher_class():
             self.shared_experts = None
             self.ep_group, self.tp_group, self.tp_ep_group = replaced.ep_group, replaced.tp_group, replaced.tp_ep_group
             self.tp_size, self.tp_rank, self.ep_size = replaced.tp_size, replaced.tp_rank, replaced.ep_size
-            self.cudagraph_attrs, self.valid_cudagraph_attrs = [], None
+            # what a CUDA graph of the router + permutation must hand to the eager experts that follow it
+            self.cudagraph_attrs, self.valid_cudagraph_attrs = ["token", "tokens_per_expert"], None
             self.topk = self.config.moe_router_topk
 
         def dispatch_preprocess(self, hidden_states, routing_map, probs):

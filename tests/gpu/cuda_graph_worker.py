@@ -1,0 +1,53 @@
+"""Run under torchrun with 1 process: trains a small model with the megatron engine, CUDA graphs on or off
+(argv: case, on|off[, more EngineOptions as JSON]), evaluating between steps, and prints one JSON line with every
+loss."""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+warnings.filterwarnings("ignore")
+
+TINY = dict(numLayers=3, hiddenSize=256, numAttentionHeads=4, numQueryGroups=2, ffnHiddenSize=512, vocabSize=2048,
+            maxPositionEmbeddings=1024)
+CASES = {
+    "dense": ("qwen2.5", "1.5B", dict(architecture=TINY)),
+    "moe": ("qwen1.5", "A2.7B", dict(architecture=dict(TINY, numQueryGroups=4),
+                                     moe=dict(numExperts=8, topK=2, ffnHiddenSize=128, sharedExpertFfnHiddenSize=256))),
+}
+SEQ, MICRO, GLOBAL, STEPS = 512, 2, 8, 5
+
+
+def main() -> int:
+    from trainer.engines.megatron import EngineOptions, MegatronEngine
+    from trainer.engines.megatron_testing import job_spec, random_micro_batches
+    from trainer.spec import resolve_architecture
+
+    case, graphs = sys.argv[1], sys.argv[2] == "on"
+    family, size, shape = CASES[case]
+    spec = job_spec(family, size, training={"seqLength": SEQ, "microBatchSize": MICRO, "globalBatchSize": GLOBAL,
+                                            "activationCheckpointing": {"mode": "none"}}, **shape)
+    vocab = resolve_architecture(spec).vocab_size
+    extra = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
+    engine = MegatronEngine(spec, EngineOptions(cuda_graphs=graphs, **extra)).setup()
+    train = random_micro_batches(GLOBAL // MICRO, MICRO, SEQ, vocab, seed=1)
+    held_out = random_micro_batches(2, MICRO, SEQ, vocab, seed=2)
+    losses, evals = [], []
+    for step in range(STEPS):
+        losses.append(engine.train_step(train).loss)
+        if step in (1, STEPS - 1):
+            evals.append(engine.evaluate(held_out)[0])
+    graphed = engine.config.cuda_graph_impl == "local"
+    engine.close()
+    print("GRAPHS " + json.dumps(dict(case=case, graphs=graphs, options=extra, graphed=graphed, losses=losses,
+                                                  evals=evals)),
+          flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
