@@ -114,7 +114,9 @@ class EngineOptions:
     cuda_graphs: bool = False
     """Capture each transformer layer's forward and backward as CUDA graphs after the first step (megatron-core's
     own capture, no Transformer Engine needed); MoE layers capture attention, router and token permutation, the
-    experts stay eager. Removes the host's kernel-launch time where it exceeds the GPU's work (small models)."""
+    experts stay eager. Removes the host's kernel-launch time where it exceeds the GPU's work (small models).
+    Off by default: the runs measured gained 0-5.5% (benchmarks/gpu/RESULTS.md), and cuda_graph_blocker lists
+    where capture is refused."""
     overlap_grad_reduce: Optional[bool] = None
     """None: take spec.parallelism.overlapGradReduce."""
     recompute: Optional[str] = None
