@@ -68,3 +68,22 @@ def test_round_trip_and_gradients_match_megatron(deterministic):
         torch.use_deterministic_algorithms(previous)
     for a, b in zip(mine, ref):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def _layer(ep=1, tp=1, capacity=None, overlap=False, topk=2):
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(moe_expert_capacity_factor=capacity, moe_pad_expert_input_to_capacity=False,
+                             moe_router_padding_for_quantization=False, moe_latent_size=None, moe_router_topk=topk)
+    return SimpleNamespace(config=config, token_dispatcher=SimpleNamespace(ep_size=ep, tp_size=tp),
+                           shared_expert_overlap=overlap)
+
+
+def test_layers_that_keep_megatrons_dispatcher_say_why():
+    from trainer.engines.megatron_dispatch import why_not_local
+
+    assert why_not_local(_layer()) is None
+    assert "several ranks" in why_not_local(_layer(ep=2))
+    assert "several ranks" in why_not_local(_layer(tp=2))
+    assert "token dropping" in why_not_local(_layer(capacity=1.25))
+    assert "overlap" in why_not_local(_layer(overlap=True))
