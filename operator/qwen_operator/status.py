@@ -116,10 +116,8 @@ def from_child(child_status: Optional[dict[str, Any]], previous: Optional[dict[s
                generation: Optional[int], now: str) -> dict[str, Any]:
     """The resource's status after observing the PyTorchJob's `status` (None or {} before the training-operator
     has written any)."""
-    status = copy.deepcopy(previous) if previous else {}
+    status = _carried_over(previous, generation)
     child_status = child_status or {}
-    if generation is not None:
-        status["observedGeneration"] = generation
     replicas = _replicas(child_status)
     if replicas:
         status["replicas"] = replicas
@@ -158,9 +156,7 @@ def reconciled(previous: Optional[dict[str, Any]], generation: Optional[int], no
     """The status written by the create/resume handler: names of the children, derived values and the Synced
     condition. Conditions mirrored from the child are left as they are (the child's watch owns them); types not
     yet present are initialised, so that every condition exists from the first reconcile."""
-    status = copy.deepcopy(previous) if previous else {}
-    if generation is not None:
-        status["observedGeneration"] = generation
+    status = _carried_over(previous, generation)
     if pytorch_job is not None:
         status["pytorchJob"] = pytorch_job
     if config_map is not None:
@@ -186,13 +182,19 @@ def reconciled(previous: Optional[dict[str, Any]], generation: Optional[int], no
     return status
 
 
+def _carried_over(previous: Optional[dict[str, Any]], generation: Optional[int]) -> dict[str, Any]:
+    """A copy of the previous status to build the next one on, stamped with the generation it observes."""
+    status = copy.deepcopy(previous) if previous else {}
+    if generation is not None:
+        status["observedGeneration"] = generation
+    return status
+
+
 def invalid(previous: Optional[dict[str, Any]], problems: Iterable[str], generation: Optional[int],
             now: str) -> dict[str, Any]:
     """An invalid spec: nothing is created. The spec is immutable, so this is terminal."""
     message = "; ".join(problems) or "the spec is invalid"
-    status = copy.deepcopy(previous) if previous else {}
-    if generation is not None:
-        status["observedGeneration"] = generation
+    status = _carried_over(previous, generation)
     prev = _by_type(status.get("conditions"))
     conds = dict(prev)
     kw = dict(now=now, generation=generation)
@@ -214,9 +216,7 @@ def child_deleted(previous: Optional[dict[str, Any]], generation: Optional[int],
     if is_terminal(previous):
         return copy.deepcopy(previous)
     message = f"PyTorchJob {name} was deleted before it finished; it is not recreated"
-    status = copy.deepcopy(previous) if previous else {}
-    if generation is not None:
-        status["observedGeneration"] = generation
+    status = _carried_over(previous, generation)
     prev = _by_type(status.get("conditions"))
     conds = dict(prev)
     kw = dict(now=now, generation=generation)
