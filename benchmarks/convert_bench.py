@@ -60,10 +60,16 @@ def _peak():
         pass
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _report(started, **extra):
+    import json, resource, time
+    print(json.dumps(dict(seconds=time.perf_counter() - started, **extra, maxrss=_peak(),
+                          ru_maxrss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)))
 """
 CHILD = {
     "copy": """
-import os, sys, time, json, resource
+import os, sys, time
 src, dst = sys.argv[1], sys.argv[2]
 os.makedirs(dst, exist_ok=True)
 t = time.perf_counter(); n = 0
@@ -74,24 +80,20 @@ for name in sorted(os.listdir(src)):
         while (k := f.readinto(view)):
             g.write(view[:k]); n += k
         g.flush(); os.fsync(g.fileno())
-print(json.dumps({'seconds': time.perf_counter() - t, 'bytes': n,
-                  'maxrss': _peak(),
-                  'ru_maxrss': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+_report(t, bytes=n)
 """,
     "convert": """
-import sys, time, json, resource, warnings
+import sys, time, warnings
 warnings.filterwarnings('ignore')
 from trainer.convert import convert
 src, dst, fmt = sys.argv[1], sys.argv[2], sys.argv[3]
 src_fmt = sys.argv[4] if len(sys.argv) > 4 else 'hf'
 t = time.perf_counter()
 convert(src, src_fmt, dst, fmt, progress=False)
-print(json.dumps({'seconds': time.perf_counter() - t,
-                  'maxrss': _peak(),
-                  'ru_maxrss': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+_report(t)
 """,
     "load_everything": """
-import sys, time, json, resource, warnings, torch
+import sys, time, warnings, torch
 warnings.filterwarnings('ignore')
 from transformers import AutoModelForCausalLM
 src, dst = sys.argv[1], sys.argv[2]
@@ -101,12 +103,10 @@ m.save_pretrained(dst)
 import os
 for f in os.listdir(dst):
     fd = os.open(os.path.join(dst, f), os.O_RDONLY); os.fsync(fd); os.close(fd)
-print(json.dumps({'seconds': time.perf_counter() - t,
-                  'maxrss': _peak(),
-                  'ru_maxrss': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+_report(t)
 """,
     "seed_style": """
-import sys, time, json, resource, warnings
+import sys, time, warnings
 warnings.filterwarnings('ignore')
 import torch, convert_bench
 from transformers import AutoModelForCausalLM
@@ -115,9 +115,7 @@ src, dst = sys.argv[1], sys.argv[2]
 t = time.perf_counter()
 convert_bench.init_single_process_world()
 convert_bench.seed_style_convert(src, dst)
-print(json.dumps({'seconds': time.perf_counter() - t,
-                  'maxrss': _peak(),
-                  'ru_maxrss': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+_report(t)
 """,
 }
 RANK_FILE = Path("release") / "mp_rank_00" / "model_optim_rng.pt"

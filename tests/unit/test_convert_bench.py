@@ -53,3 +53,12 @@ def test_compare_rank_files_sees_a_one_bit_change(megatron_world, tmp_path):
     torch.save(saved, path)
     problems = bench.compare_rank_files(tmp_path / "ours", tmp_path / "seed")["problems"]
     assert problems == ["decoder.layers.1.mlp.linear_fc2.weight: values differ"]
+
+
+def test_child_reports_time_and_peak_memory(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "model.safetensors").write_bytes(b"\0" * 4096)
+    row = bench.run_child("copy", str(src), str(tmp_path / "dst"))
+    assert row["bytes"] == 4096 and row["seconds"] >= 0 and row["maxrss"] > 0 and row["ru_maxrss"] > 0
+    assert (tmp_path / "dst" / "model.safetensors").stat().st_size == 4096
