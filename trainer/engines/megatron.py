@@ -95,7 +95,8 @@ class MegatronEngine:
             expert_tensor_parallel_size=p.expert_tensor,
         )
         # CUDA graph capture needs an RNG tracker whose state lives on the device
-        model_parallel_cuda_manual_seed(self.spec.training.seed, use_cudagraphable_rng=self.options.cuda_graphs)
+        graphs = self.plan.config_kwargs.get("cuda_graph_impl") == "local"
+        model_parallel_cuda_manual_seed(self.spec.training.seed, use_cudagraphable_rng=graphs)
 
     def _install_kernels(self) -> None:
         from . import megatron_kernels as k
