@@ -214,10 +214,11 @@ def cuda_graph_blocker(spec, opts: EngineOptions, kw: dict, attention: str, expe
 
 def moe_graphable(spec, opts: EngineOptions, experts: str) -> bool:
     """A CUDA graph can end after an MoE layer's token permutation only when the permutation never waits for the
-    host: the local dispatcher (torch grouped experts, every expert on this rank, no token dropping)."""
+    host: the local dispatcher (torch grouped experts, every expert on this rank, no token dropping, no
+    shared-expert overlap; the spec-level view of megatron_dispatch.why_not_local)."""
     p, moe = spec.parallelism, spec.model.moe
     return (experts == "torch-grouped" and opts.local_dispatch and p.expert == 1 and p.expert_tensor == 1
-            and p.tensor == 1 and (moe is None or (moe.capacity_factor is None and not moe.shared_expert_overlap)))
+            and (moe is None or (moe.capacity_factor is None and not moe.shared_expert_overlap)))
 
 
 def transformer_config_kwargs(arch: ResolvedArchitecture, spec, opts: EngineOptions, caps: Capabilities,
