@@ -184,8 +184,9 @@ def test_bad_spec_fails_every_rank_with_one_line_and_no_traceback(data, tmp_path
     errors = [line for line in proc.stderr.splitlines() if "error:" in line]
     assert any("training.bogus: unknown field" in line for line in errors), proc.stderr
     assert f'File "{REPO / "trainer"}' not in proc.stderr, "user errors print no traceback from the trainer"
-    # both ranks report the same problems
-    assert sum("training.bogus: unknown field" in line for line in errors) == 2
+    # every rank that gets as far as reading the spec reports the same problems; once one rank has exited,
+    # torchrun stops the other, which on a loaded machine may not have reached that point yet
+    assert 1 <= sum("training.bogus: unknown field" in line for line in errors) <= 2
 
 
 def test_missing_data_is_a_user_error(data, tmp_path):
