@@ -43,9 +43,8 @@ def main() -> int:
             evals.append(engine.evaluate(held_out)[0])
     graphed = engine.config.cuda_graph_impl == "local"
     engine.close()
-    print("GRAPHS " + json.dumps(dict(case=case, graphs=graphs, options=extra, graphed=graphed, losses=losses,
-                                                  evals=evals)),
-          flush=True)
+    row = dict(case=case, graphs=graphs, options=extra, graphed=graphed, losses=losses, evals=evals)
+    print("GRAPHS " + json.dumps(row), flush=True)
     return 0
 
 

@@ -182,13 +182,14 @@ def dtype_of(precision: str) -> torch.dtype:
 def cuda_graph_blocker(spec, opts: EngineOptions, kw: dict, attention: str, experts: str) -> Optional[str]:
     """Why the layers cannot be captured as CUDA graphs here (None: they can).
 
-    What was checked on the GPU (tests/gpu/test_cuda_graphs.py): megatron's own ops, SDPA, the QKV and SwiGLU
-    Triton functions and the plain torch RMSNorm train to eager's losses under megatron's capture. A norm run as
-    one autograd function (the compiled RMSNorm, and a Triton one tried in its place) drifted from eager from the second replayed step on (1e-2 in the loss after three steps): both save the
-    layer's raw input for their backward, and megatron-core may hand a graph's input buffer to another graph once
-    the forward is captured (the likely cause, not yet confirmed). Captured layers take the torch norm, which
-    saves its own fp32 copy, and compiled functions (megatron's SwiGLU, the per-tensor compiled rope that q/k
-    norm needs) are kept out of the graphs altogether."""
+    What was checked on the GPU (runs of tests/gpu/cuda_graph_worker.py): megatron's own ops, SDPA, the QKV and
+    SwiGLU Triton functions and the plain torch RMSNorm train to eager's losses under megatron's capture. A norm
+    run as one autograd function (the compiled RMSNorm, and a Triton one tried in its place) drifted from eager
+    from the second replayed step on (1e-2 in the loss after three steps): both save the layer's raw input for
+    their backward, and megatron-core may hand a graph's input buffer to another graph once the forward is
+    captured (the likely cause, not yet confirmed). Captured layers take the torch norm, which saves its own fp32
+    copy, and compiled functions (megatron's SwiGLU, the per-tensor compiled rope that q/k norm needs) are kept
+    out of the graphs altogether."""
     from types import SimpleNamespace
 
     from .megatron_triton import triton_available
