@@ -1,9 +1,8 @@
-"""CUDA graphs (megatron-core's own capture of each layer's forward and backward) change nothing but speed. The
-captured layers normalise with plain torch ops rather than the compiled norm (rounding differs in the last
-digits), and kernels that add with atomics (cuDNN's attention backward, the MoE token combine in bf16) make any
-two runs differ slightly, graphs or not: so the losses of every step and the evaluation losses must agree within
-1e-3 (dense; a compiled norm inside the graphs drifted by 1e-2 within three steps), and MoE training must keep
-lowering the loss."""
+"""CUDA graphs (megatron-core's own capture of each layer's forward and backward) change nothing but speed.
+Kernels that add with atomics (cuDNN's attention backward, the MoE token combine in bf16) can make two runs
+differ in the last digits, graphs or not, so dense losses of every step and the evaluation losses must agree
+within 1e-4, MoE ones within 5e-4 (a compiled norm that kept its raw input inside the graphs drifted by 1e-2
+within three steps; see RMSNorm.copy_input), and training must keep lowering the loss."""
 
 from __future__ import annotations
 
@@ -37,16 +36,15 @@ def _run(case: str, graphs: str) -> dict:
 def test_dense_losses_match_with_cuda_graphs():
     eager, graphed = _run("dense", "off"), _run("dense", "on")
     assert graphed["graphed"] and not eager["graphed"]
-    # same weights; the captured layers normalise with torch ops instead of the compiled norm
-    assert abs(graphed["losses"][0] - eager["losses"][0]) < 1e-4, (eager, graphed)
     for a, b in zip(graphed["losses"] + graphed["evals"], eager["losses"] + eager["evals"]):
-        assert abs(a - b) < 1e-3, (eager, graphed)
+        assert abs(a - b) < 1e-4, (eager, graphed)
     assert graphed["losses"][-1] < graphed["losses"][0]
 
 
-def test_moe_trains_with_cuda_graphs():
+def test_moe_losses_match_with_cuda_graphs():
     eager, graphed = _run("moe", "off"), _run("moe", "on")
-    assert graphed["graphed"]
-    assert abs(graphed["losses"][0] - eager["losses"][0]) < 2e-3, (eager, graphed)
+    assert graphed["graphed"] and not eager["graphed"]
+    # the bf16 token combine adds with atomics: a little looser than dense
+    for a, b in zip(graphed["losses"] + graphed["evals"], eager["losses"] + eager["evals"]):
+        assert abs(a - b) < 5e-4, (eager, graphed)
     assert graphed["losses"][-1] < graphed["losses"][0] - 0.1, graphed
-    assert abs(graphed["evals"][-1] - eager["evals"][-1]) < 0.05, (eager, graphed)

@@ -5,8 +5,9 @@ Cases (each from the same seeded HF checkpoint as its CPU reference, 2 processes
     dense-tp2   Qwen2.5-shaped (tied embeddings, qkv bias), tensor parallel 2 + sequence parallel
     moe-ep2     Qwen2-MoE-shaped (4 experts top-2, shared expert with gate), expert parallel 2 x data parallel 2
     dense-pp2   Qwen2.5-shaped, pipeline parallel 2 (1F1B schedule)
+    dense-dp2-graphs  Qwen2.5-shaped, data parallel 2, every layer captured as CUDA graphs (training.cudaGraphs)
 
-For dense-tp2 and moe-ep2 the first run is killed (SIGKILL of rank 1 before step 15) after the checkpoint of
+For dense-tp2, moe-ep2 and dense-dp2-graphs the first run is killed (SIGKILL of rank 1 before step 15) after the checkpoint of
 iteration 10; the second run resumes from it and finishes 20 iterations. Checked: the loss falls, checkpoints are in
 the mcore layout of the spec's parallel sizes and load back through the converter, the resumed run repeats
 iterations 11-14 of the killed one within RESUME_TOLERANCE (optimizer state restored; GPU kernels are not bitwise
@@ -49,9 +50,11 @@ CASES = {
     "moe-ep2": dict(family="qwen2", size="A14B", moe=MOE, parallelism={"expert": 2}, iters=20, save=10,
                     fault="step@15:1"),
     "dense-pp2": dict(family="qwen2.5", size="0.5B", parallelism={"pipeline": 2}, iters=8, save=8, fault=None),
+    "dense-dp2-graphs": dict(family="qwen2.5", size="0.5B", parallelism={}, training={"cudaGraphs": True},
+                             iters=20, save=10, fault="step@15:1"),
 }
 RANK_DIRS = {"dense-tp2": ["mp_rank_00", "mp_rank_01"], "moe-ep2": ["mp_rank_00_000", "mp_rank_00_001"],
-             "dense-pp2": ["mp_rank_00_000", "mp_rank_00_001"]}
+             "dense-pp2": ["mp_rank_00_000", "mp_rank_00_001"], "dense-dp2-graphs": ["mp_rank_00"]}
 
 
 @dataclass
@@ -114,7 +117,8 @@ def _spec_dict(data: dict, case: str, out: Path, source: Path) -> dict:
         "parallelism": dict(c["parallelism"]),
         "training": {"microBatchSize": 2, "globalBatchSize": 8, "seqLength": 64, "trainIters": c["iters"],
                      "warmupIters": 2, "lr": 3e-3, "minLr": 3e-4, "saveInterval": c["save"], "evalInterval": 10,
-                     "evalIters": 1, "logInterval": 1, "activationCheckpointing": {"mode": "none"}},
+                     "evalIters": 1, "logInterval": 1, "activationCheckpointing": {"mode": "none"},
+                     **c.get("training", {})},
         "data": {"pretrain": {"prefixes": [{"path": data["prefix"]}], "split": "95,5,0"}},
         "checkpoint": {"output": {"path": str(out)}, "source": {"path": str(source), "format": "hf"}},
     }
@@ -194,6 +198,8 @@ def test_trains_with_the_megatron_engine_and_the_loss_falls(runs, case):
         assert run.first.returncode != 0, "the killed rank must bring the first run down"
     assert "engine=megatron" in run.first.stdout and "stage=pretrain engine=megatron" in run.first.stdout
     assert "engine=cpu" not in run.first.stdout
+    graphs = "on" if CASES[case].get("training", {}).get("cudaGraphs") else "off"
+    assert f"cuda-graphs={graphs}" in run.first.stdout and f"cuda-graphs={graphs}" in run.final.stdout
     segs = _segments(run.out)
     records = [r for seg in segs for r in seg if r.get("event") == "train"]
     assert records and all(r["engine"] == "megatron" for r in records)

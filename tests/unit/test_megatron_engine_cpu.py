@@ -84,6 +84,12 @@ def test_cuda_graph_scope_follows_the_dispatch():
     dense = kw(job_spec("qwen2.5", "0.5B"))
     assert dense["cuda_graph_impl"] == "local" and "cuda_graph_scope" not in dense  # whole layers
     assert "cuda_graph_impl" not in kw(job_spec("qwen2.5", "0.5B"), EngineOptions())
+    # the spec's knob decides unless the engine options say otherwise
+    asked = job_spec("qwen2.5", "0.5B", training={"cudaGraphs": True})
+    assert kw(asked, EngineOptions())["cuda_graph_impl"] == "local"
+    assert "cuda_graph_impl" not in kw(asked, EngineOptions(cuda_graphs=False))
+    assert "cuda_graph_impl" not in kw(job_spec("qwen2.5", "0.5B", training={"cudaGraphs": True},
+                                                parallelism={"tensor": 2}), EngineOptions())
     moe = kw(job_spec("qwen1.5", "A2.7B"))
     assert moe["cuda_graph_impl"] == "local" and moe["cuda_graph_scope"] == ["moe_router", "moe_preprocess"]
     # megatron's dispatchers bring token counts to the host inside that scope: no graphs there
@@ -95,7 +101,7 @@ def test_cuda_graph_scope_follows_the_dispatch():
     assert "cuda_graph_impl" not in kw(job_spec("qwen2.5", "0.5B"), graphs.replace(triton_swiglu=False))
 
 
-def test_captured_layers_take_the_torch_norm():
+def test_captured_layers_norm_a_copy_of_their_input():
     from megatron.core.transformer import TransformerConfig
 
     spec = job_spec("qwen2.5", "0.5B", architecture=TINY)
@@ -103,9 +109,36 @@ def test_captured_layers_take_the_torch_norm():
     norms = {}
     for graphs in (False, True):
         plan = plan_model(resolve_architecture(spec), spec, EngineOptions(cuda_graphs=graphs), hopper)
-        layer = layer_spec(plan, TransformerConfig(**plan.config_kwargs))
-        norms[graphs] = layer.submodules.input_layernorm.params["compiled"]
-    assert norms == {False: True, True: False}
+        layer = layer_spec(plan, TransformerConfig(**plan.config_kwargs)).submodules
+        norms[graphs] = [(n.params["compiled"], n.params["copy_input"])
+                         for n in (layer.input_layernorm, layer.pre_mlp_layernorm)]
+    # only the layer's own input can be a reused graph buffer; the pre-MLP norm reads the graph's own tensor
+    assert norms == {False: [(True, False), (True, False)], True: [(True, True), (True, False)]}
+
+
+def test_norm_copy_survives_its_input_being_overwritten():
+    """What a captured layer's input buffer suffers when a later graph reuses it: overwritten between forward and
+    backward. A norm that keeps its input (fp32 here, so the norm's upcast is the input itself) then computes
+    wrong gradients; with copy_input the gradients are those of an undisturbed run."""
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(use_cpu_initialization=True, params_dtype=torch.float32, sequence_parallel=False)
+    torch.manual_seed(0)
+    source, upstream = torch.randn(6, 16), torch.randn(6, 16)
+
+    def grads(copy_input: bool, overwrite: bool) -> torch.Tensor:
+        norm = kernels.RMSNorm(config, 16, compiled=False, copy_input=copy_input)
+        leaf = source.clone().requires_grad_()
+        buffer = leaf * 1.0
+        out = norm(buffer)
+        if overwrite:
+            buffer.data.copy_(torch.randn(6, 16))  # like a graph replay writing into the same memory
+        out.backward(upstream)
+        return leaf.grad
+
+    clean = grads(False, overwrite=False)
+    assert torch.equal(grads(True, overwrite=True), clean)
+    assert not torch.allclose(grads(False, overwrite=True), clean)
 
 
 def test_parallel_and_recompute_mapping():

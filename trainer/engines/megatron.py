@@ -31,7 +31,8 @@ import torch
 from trainer.errors import UserError
 from trainer.spec.resolve import ResolvedArchitecture, lr_decay_style, resolve_architecture, schedule
 
-from .megatron_config import Capabilities, EngineOptions, ModelPlan, gpt_model_kwargs, layer_spec, plan_model
+from .megatron_config import (Capabilities, EngineOptions, ModelPlan, gpt_model_kwargs, layer_spec, plan_model,
+                              wants_cuda_graphs)
 from .megatron_triton import install_grad_accumulation, install_swiglu, triton_available
 
 
@@ -129,8 +130,8 @@ class MegatronEngine:
 
         self._install_kernels()
         self.config = config = TransformerConfig(**self.plan.config_kwargs)
-        if self.options.cuda_graphs and config.cuda_graph_impl != "local":
-            from .megatron_config import cuda_graph_blocker
+        if wants_cuda_graphs(self.spec, self.options) and config.cuda_graph_impl != "local":
+            from .megatron_config import cuda_graph_blocker  # noqa: I001
 
             why = cuda_graph_blocker(self.spec, self.options, self.plan.config_kwargs, self.plan.attention,
                                      self.plan.experts)

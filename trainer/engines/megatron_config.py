@@ -111,12 +111,11 @@ class EngineOptions:
     """torch's fused AdamW kernel (megatron falls back to the multi-kernel foreach AdamW without TE/Apex)."""
     foreach_grad_norm: bool = True
     """Gradient norm and clipping with torch._foreach ops (megatron's fallback syncs once per tensor)."""
-    cuda_graphs: bool = False
+    cuda_graphs: Optional[bool] = None
     """Capture each transformer layer's forward and backward as CUDA graphs after the first step (megatron-core's
     own capture, no Transformer Engine needed); MoE layers capture attention, router and token permutation, the
     experts stay eager. Removes the host's kernel-launch time where it exceeds the GPU's work (small models).
-    Off by default: the runs measured gained 0-5.5% (benchmarks/gpu/RESULTS.md), and cuda_graph_blocker lists
-    where capture is refused."""
+    None follows the spec's training.cudaGraphs; cuda_graph_blocker lists where capture is refused."""
     overlap_grad_reduce: Optional[bool] = None
     """None: take spec.parallelism.overlapGradReduce."""
     recompute: Optional[str] = None
@@ -179,17 +178,18 @@ def dtype_of(precision: str) -> torch.dtype:
     return torch.float16 if precision == "fp16" else torch.bfloat16
 
 
+def wants_cuda_graphs(spec, opts: EngineOptions) -> bool:
+    return spec.training.cuda_graphs if opts.cuda_graphs is None else opts.cuda_graphs
+
+
 def cuda_graph_blocker(spec, opts: EngineOptions, kw: dict, attention: str, experts: str) -> Optional[str]:
     """Why the layers cannot be captured as CUDA graphs here (None: they can).
 
     What was checked on the GPU (runs of tests/gpu/cuda_graph_worker.py): megatron's own ops, SDPA, the QKV and
-    SwiGLU Triton functions and the plain torch RMSNorm train to eager's losses under megatron's capture. A norm
-    run as one autograd function (the compiled RMSNorm, and a Triton one tried in its place) drifted from eager
-    from the second replayed step on (1e-2 in the loss after three steps): both save the layer's raw input for
-    their backward, and megatron-core may hand a graph's input buffer to another graph once the forward is
-    captured (the likely cause, not yet confirmed). Captured layers take the torch norm, which saves its own fp32
-    copy, and compiled functions (megatron's SwiGLU, the per-tensor compiled rope that q/k norm needs) are kept
-    out of the graphs altogether."""
+    SwiGLU Triton functions and the RMSNorm train to eager's losses under megatron's capture. The compiled norm
+    drifted (1e-2 in the loss after three steps) until it was given a private copy of the layer's input (see
+    RMSNorm.copy_input); with it the losses matched eager's bit for bit. Compiled functions that would be traced
+    per tensor inside the graphs (megatron's SwiGLU, the compiled rope that q/k norm needs) are refused."""
     from types import SimpleNamespace
 
     from .megatron_triton import triton_available
@@ -317,7 +317,7 @@ def transformer_config_kwargs(arch: ResolvedArchitecture, spec, opts: EngineOpti
                 kw["recompute_modules"] = ["core_attn", "moe"]
             else:
                 kw.update(recompute_granularity="selective", recompute_modules=["moe"])
-    if opts.cuda_graphs and cuda_graph_blocker(spec, opts, kw, attention, experts) is None:
+    if wants_cuda_graphs(spec, opts) and cuda_graph_blocker(spec, opts, kw, attention, experts) is None:
         kw.update(cuda_graph_impl="local", cuda_graph_warmup_steps=1)
         if moe is not None:
             kw["cuda_graph_scope"] = ["moe_router", "moe_preprocess"]
@@ -409,10 +409,10 @@ def layer_spec(plan: ModelPlan, config):
     # torch.nn.RMSNorm (the local default) refuses sequence parallelism and never marks its weight for the
     # tensor-parallel gradient all-reduce; our RMSNorm does both, compiled or eager.
     if opts.fused_rmsnorm or config.sequence_parallel:
-        # captured CUDA graphs take the norm as plain torch ops (see cuda_graph_blocker)
+        norm = kernels.rmsnorm_spec(compiled=opts.fused_rmsnorm)
+        # a captured layer's input buffer may be reused by later graphs (RMSNorm's copy_input says why)
         graphed = getattr(config, "cuda_graph_impl", "none") == "local"
-        norm = kernels.rmsnorm_spec(compiled=opts.fused_rmsnorm and not graphed)
-        sub.input_layernorm = norm
+        sub.input_layernorm = kernels.rmsnorm_spec(compiled=opts.fused_rmsnorm, copy_input=graphed and opts.fused_rmsnorm)
         sub.pre_mlp_layernorm = norm
         if config.qk_layernorm:
             attn.q_layernorm = norm

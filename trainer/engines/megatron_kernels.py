@@ -66,9 +66,15 @@ _rms_norm_compiled = maybe_compile(_rms_norm, True)
 
 
 class RMSNorm(torch.nn.Module):
-    """RMSNorm with megatron's module signature (`config, hidden_size, eps`)."""
+    """RMSNorm with megatron's module signature (`config, hidden_size, eps`).
 
-    def __init__(self, config, hidden_size: int, eps: float = 1e-6, compiled: bool = True, **_ignored):
+    `copy_input`: normalise a private copy of the input. The compiled norm keeps its raw input for the backward;
+    in a layer captured as a CUDA graph that input is the graph's input buffer, which megatron-core hands back to
+    its buffer pool after capture whenever no other graph produced it (the first layer's, every MoE layer's) and
+    later graphs overwrite. A copy made inside the graph lives in the graph's own memory until its backward."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-6, compiled: bool = True, copy_input: bool = False,
+                 **_ignored):
         super().__init__()
         device = "cpu" if config.use_cpu_initialization or not torch.cuda.is_available() else torch.cuda.current_device()
         self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype, device=device))
@@ -76,15 +82,16 @@ class RMSNorm(torch.nn.Module):
         setattr(self.weight, "sequence_parallel", bool(config.sequence_parallel))
         self.eps = eps
         self._fn = _rms_norm_compiled if compiled else _rms_norm
+        self.copy_input = copy_input
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._fn(x, self.weight, self.eps)
+        return self._fn(x.clone() if self.copy_input else x, self.weight, self.eps)
 
 
-def rmsnorm_spec(compiled: bool = True):
+def rmsnorm_spec(compiled: bool = True, copy_input: bool = False):
     from megatron.core.transformer.spec_utils import ModuleSpec
 
-    return ModuleSpec(module=RMSNorm, params={"compiled": compiled})
+    return ModuleSpec(module=RMSNorm, params={"compiled": compiled, "copy_input": copy_input})
 
 
 # --------------------------------------------------------------------------------------------------------------

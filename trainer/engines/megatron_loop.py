@@ -396,6 +396,7 @@ class MegatronLoopEngine:
         ctx.log(f"engine=megatron tp={p.tensor} pp={p.pipeline} ep={p.expert} cp={p.context} dp={dp} "
                 f"precision={self.spec.training.precision} attention={core.plan.attention} "
                 f"experts={core.plan.experts} distributed-optimizer={p.distributed_optimizer} "
+                f"cuda-graphs={'on' if core.config.cuda_graph_impl == 'local' else 'off'} "
                 f"device={torch.cuda.get_device_name()}" + (f" ({'; '.join(core.notes)})" if core.notes else ""))
 
     def hf_config(self):
