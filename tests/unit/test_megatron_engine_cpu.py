@@ -362,3 +362,22 @@ def test_local_dispatch_matches_megatron_dispatcher(megatron_world, monkeypatch)
         restore()
     assert swapped == [(2, [])]
     assert local == stock and abs(local - hf) < 5e-2, (local, stock, hf)
+
+
+def test_flash_attention_knob_picks_the_kernels():
+    from megatron.core.transformer.enums import AttnBackend
+
+    hopper = Capabilities(cuda=True, torch_grouped_mm=True)
+    with_te = Capabilities(cuda=True, torch_grouped_mm=True, transformer_engine=True)
+
+    def plan(flash, caps=hopper):
+        spec = job_spec("qwen2.5", "0.5B", architecture=TINY, training={"flashAttention": flash})
+        return plan_model(resolve_architecture(spec), spec, EngineOptions(), caps)
+
+    assert plan(None).options.sdpa_backend == EngineOptions().sdpa_backend == "cudnn"
+    assert plan(True).options.sdpa_backend == "flash"
+    assert plan(False).options.sdpa_backend == "cudnn"
+    assert "attention_backend" not in plan(True).config_kwargs  # SDPA: the backend pin above is the whole choice
+    assert plan(True, with_te).config_kwargs["attention_backend"] == AttnBackend.flash
+    assert plan(False, with_te).config_kwargs["attention_backend"] == AttnBackend.fused
+    assert "attention_backend" not in plan(None, with_te).config_kwargs

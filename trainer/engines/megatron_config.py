@@ -317,6 +317,11 @@ def transformer_config_kwargs(arch: ResolvedArchitecture, spec, opts: EngineOpti
                 kw["recompute_modules"] = ["core_attn", "moe"]
             else:
                 kw.update(recompute_granularity="selective", recompute_modules=["moe"])
+    if attention == "te" and spec.training.flash_attention is not None:
+        from megatron.core.transformer.enums import AttnBackend
+
+        # megatron sets NVTE_FLASH_ATTN / NVTE_FUSED_ATTN from this, and stops if the environment disagrees
+        kw["attention_backend"] = AttnBackend.flash if spec.training.flash_attention else AttnBackend.fused
     if wants_cuda_graphs(spec, opts) and cuda_graph_blocker(spec, opts, kw, attention, experts) is None:
         kw.update(cuda_graph_impl="local", cuda_graph_warmup_steps=1)
         if moe is not None:
@@ -342,7 +347,14 @@ class ModelPlan:
     options: EngineOptions
 
 
+def attention_kernels_from_spec(spec, opts: EngineOptions) -> EngineOptions:
+    """training.flashAttention, when set, decides SDPA's kernels over the engine's default."""
+    flash = spec.training.flash_attention
+    return opts if flash is None else opts.replace(sdpa_backend="flash" if flash else "cudnn")
+
+
 def plan_model(arch: ResolvedArchitecture, spec, opts: EngineOptions, caps: Capabilities) -> ModelPlan:
+    opts = attention_kernels_from_spec(spec, opts)
     attention = choose_attention(opts, caps, spec.parallelism.context)
     use_te = attention == "te" or spec.training.precision == "fp8"
     if spec.training.transformer_engine and not caps.transformer_engine:

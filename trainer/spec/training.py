@@ -71,8 +71,10 @@ class Training(SpecModel):
     """Train for this many passes over the SFT data."""
     activation_checkpointing: ActivationCheckpointing = Field(default_factory=ActivationCheckpointing)
     """Activation recomputation."""
-    flash_attention: bool = True
-    """Use flash attention where the kernels exist."""
+    flash_attention: Optional[bool] = None
+    """Attention kernels (the guide's FL switch): true pins flash attention (Transformer Engine's flash backend,
+    else torch SDPA's flash kernels), false pins cuDNN's fused attention (TE's fused backend, SDPA's cuDNN
+    kernels); unset lets the engine choose, which on Hopper is cuDNN's (its backward runs about twice as fast)."""
     transformer_engine: bool = False
     """Use Transformer Engine layers (needed for fp8)."""
     cuda_graphs: bool = False
