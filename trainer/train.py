@@ -17,6 +17,7 @@ import torch.distributed as dist
 from trainer import faults
 from trainer.checkpoint import store, weights
 from trainer.data import batches
+from trainer.data.prefetch import StepPrefetcher
 from trainer.data.tokenizer import has_tokenizer
 from trainer.distenv import DistEnv, init_process_group
 from trainer.engines import EngineContext, select_engine
@@ -200,12 +201,13 @@ def run_training(spec: JobSpec, d: DistEnv, log: Callable[[str], None]) -> int:
 
     window = {"loss": 0.0, "aux": 0.0, "n": 0, "tokens": 0, "loss_tokens": 0, "t": time.time()}
     last = None
+    end = state.consumed_samples + (plan.train_iters - state.iteration) * t.global_batch_size
+    feeder = StepPrefetcher(train_src, t.global_batch_size, t.micro_batch_size, dp, dp_rank, t.num_workers, end=end)
     try:
         while state.iteration < plan.train_iters:
             it = state.iteration + 1
             lr = sched.lr_for_iteration(it)
-            mbs = batches.step_micro_batches(train_src, state.consumed_samples, t.global_batch_size,
-                                             t.micro_batch_size, dp, dp_rank)
+            mbs = feeder.get(state.consumed_samples)
             faults.hit("step", it, d.rank)
             result = engine.train_step(mbs, lr, loss_mode)
             state.iteration = it
@@ -241,6 +243,7 @@ def run_training(spec: JobSpec, d: DistEnv, log: Callable[[str], None]) -> int:
         say(f"training done: iteration {state.iteration}, checkpoint {out_root}/iter_{state.iteration:07d}, "
             f"engine={engine.name}")
     finally:
+        feeder.close()
         metrics.close()
         if status is not None:
             status.close()

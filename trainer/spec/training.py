@@ -95,4 +95,4 @@ class Training(SpecModel):
     keep_last_n: Optional[PositiveInt] = None
     """Keep only this many most recent checkpoints (unset keeps all)."""
     num_workers: int = Field(default=2, ge=0)
-    """Data-loader worker processes per rank."""
+    """Threads per rank that read the coming steps' batches ahead of the GPU (0 reads each step when it starts)."""
