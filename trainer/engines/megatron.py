@@ -131,7 +131,7 @@ class MegatronEngine:
         self._install_kernels()
         self.config = config = TransformerConfig(**self.plan.config_kwargs)
         if wants_cuda_graphs(self.spec, self.options) and config.cuda_graph_impl != "local":
-            from .megatron_config import cuda_graph_blocker  # noqa: I001
+            from .megatron_config import cuda_graph_blocker
 
             why = cuda_graph_blocker(self.spec, self.options, self.plan.config_kwargs, self.plan.attention,
                                      self.plan.experts)

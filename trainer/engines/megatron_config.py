@@ -439,7 +439,8 @@ def layer_spec(plan: ModelPlan, config):
         norm = kernels.rmsnorm_spec(compiled=opts.fused_rmsnorm)
         # a captured layer's input buffer may be reused by later graphs (RMSNorm's copy_input says why)
         graphed = getattr(config, "cuda_graph_impl", "none") == "local"
-        sub.input_layernorm = kernels.rmsnorm_spec(compiled=opts.fused_rmsnorm, copy_input=graphed and opts.fused_rmsnorm)
+        sub.input_layernorm = kernels.rmsnorm_spec(compiled=opts.fused_rmsnorm,
+                                                   copy_input=graphed and opts.fused_rmsnorm)
         sub.pre_mlp_layernorm = norm
         if config.qk_layernorm:
             attn.q_layernorm = norm

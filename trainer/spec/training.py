@@ -80,8 +80,8 @@ class Training(SpecModel):
     cuda_graphs: bool = False
     """Capture each transformer layer's forward and backward as CUDA graphs after the first step (megatron-core's
     local capture; MoE layers up to the token permutation). Applies on Hopper-class GPUs with data parallelism
-    only (no tensor, pipeline or context parallelism, no full recompute); elsewhere the run goes on without
-    graphs and logs why."""
+    only (no tensor, pipeline or context parallelism, no full recompute, no q/k norm as in Qwen3); elsewhere
+    the run goes on without graphs and logs why."""
     optimizer_offload_fraction: float = Field(default=0.0, ge=0, le=1)
     """Fraction of optimizer state kept in host memory (0 = none)."""
     save_interval: PositiveInt = 1000
