@@ -2,7 +2,7 @@
 
 Each case is one model shape at one GPU count. The Hugging Face baseline runs the same shape with transformers'
 best plain settings (bf16 weights, SDPA attention, fused AdamW, its default grouped-GEMM experts; torch DDP on
-several GPUs), with the same micro-batch and global batch. `variants` are megatron engine runs: "best" plus, for
+several GPUs, FSDP2 where a replica does not fit; hf_parallel.py), with the same micro-batch and global batch. `variants` are megatron engine runs: "best" plus, for
 the ablation cases, one run per lever turned off.
 """
 
@@ -55,7 +55,9 @@ class Case:
     variants: tuple[str, ...] = ("best",)
     architecture: dict = field(default_factory=dict)
     parallelism: dict = field(default_factory=dict)
-    baseline: bool = True
+    baseline: str = "auto"
+    """The transformers run: auto (one GPU, or DDP on several), ddp, fsdp (FSDP2, for models whose replica does
+    not fit a card) or none."""
     note: str = ""
     recompute: str = "none"  # the engine's default recompute for this case (memory permitting)
 
@@ -97,23 +99,23 @@ CASES: dict[str, Case] = {c.name: c for c in [
          architecture={"numLayers": 3}, variants=("best", "dispatch-megatron"),
          note="the one-GPU MoE shape data-parallel on four cards, against transformers under torch DDP"),
     Case("qwen1.5-moe-a2.7b-ep4", "qwen1.5", "A2.7B", gpus=4, seq=4096, micro_batch=1, global_batch=8,
-         parallelism={"expert": 4}, architecture={"numLayers": 12}, baseline=False,
-         note="12 of 24 layers to fit four 80 GB cards with fp32 optimizer state"),
+         parallelism={"expert": 4}, architecture={"numLayers": 12}, baseline="fsdp",
+         note="12 of 24 layers to fit four 80 GB cards with fp32 optimizer state; transformers under FSDP2"),
     Case("qwen3-30b-a3b-ep4-l12", "qwen3", "A3B", gpus=4, seq=4096, micro_batch=1, global_batch=8,
-         parallelism={"expert": 4}, architecture={"numLayers": 12}, baseline=False,
-         note="Qwen3-30B-A3B shape with 12 of 48 layers, EP 4"),
+         parallelism={"expert": 4}, architecture={"numLayers": 12}, baseline="fsdp",
+         note="Qwen3-30B-A3B shape with 12 of 48 layers, EP 4; transformers under FSDP2"),
 
     # four-GPU layouts at toy sizes: every parallel code path in a minute
     Case("smoke-dense-dp4", "qwen2.5", "0.5B", gpus=4, seq=1024, micro_batch=1, global_batch=8,
-         architecture={"numLayers": 2}, baseline=False),
+         architecture={"numLayers": 2}, baseline="none"),
     Case("smoke-dense-tp2dp2", "qwen2.5", "0.5B", gpus=4, seq=1024, micro_batch=1, global_batch=8,
-         parallelism={"tensor": 2, "sequenceParallel": True}, architecture={"numLayers": 2}, baseline=False,
+         parallelism={"tensor": 2, "sequenceParallel": True}, architecture={"numLayers": 2}, baseline="none",
          variants=("best", "no-overlap", "no-wgrad-fusion")),
     Case("smoke-moe-ep4", "qwen1.5", "A2.7B", gpus=4, seq=1024, micro_batch=1, global_batch=8,
-         parallelism={"expert": 4}, architecture={"numLayers": 2}, baseline=False,
+         parallelism={"expert": 4}, architecture={"numLayers": 2}, baseline="none",
          variants=("best", "no-overlap")),
     Case("smoke-moe-ep2dp2", "qwen1.5", "A2.7B", gpus=4, seq=1024, micro_batch=1, global_batch=8,
-         parallelism={"expert": 2}, architecture={"numLayers": 2}, baseline=False),
+         parallelism={"expert": 2}, architecture={"numLayers": 2}, baseline="none"),
 ]}
 
 ONE_GPU = [n for n, c in CASES.items() if c.gpus == 1 and not n.startswith("smoke")]

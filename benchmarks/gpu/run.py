@@ -66,7 +66,7 @@ def _launch(case, impl: str, variants: list[str], gpus: list[int], args, part: P
 
 
 def _run_case(case, gpus, args, part, log):
-    if case.baseline and not args.no_baseline:
+    if case.baseline != "none" and not args.no_baseline:
         _launch(case, "hf", [], gpus, args, part, log)
     variants = list(args.variants or case.variants)  # --variants may name any variant, listed by the case or not
     if args.only_best:
@@ -108,8 +108,10 @@ def markdown(rows: list[dict], meta: dict) -> str:
         speed = f"{r['speedup_vs_hf']:.2f}x" if "speedup_vs_hf" in r else ""
         scale = f"{100 * r['scaling_efficiency']:.0f}%" if "scaling_efficiency" in r else ""
         note = r.get("experts") if r.get("experts") not in (None, "none") else ""
-        if r["impl"] == "hf" and "moe" in r["case"]:
-            note = f"experts: {r.get('experts_implementation')}"
+        if r["impl"] == "hf":
+            parts = [f"experts: {r.get('experts_implementation')}"] if "moe" in r["case"] else []
+            parts += [r["parallel"].upper()] if r.get("parallel") in ("ddp", "fsdp") else []
+            note = ", ".join(parts)
         lines.append(
             f"| {r['case']} | {r['impl']} | {r['variant']} | {r['tokens_per_s_per_gpu']:,.0f} | {r['tflops_per_gpu']:.0f} "
             f"| {100 * r['mfu']:.1f}% | {speed} | {scale} | {r['peak_mem_gib']:.1f} | {note or ''} |")

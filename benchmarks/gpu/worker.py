@@ -27,6 +27,7 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 
 from cases import CASES, VARIANTS  # noqa: E402
+from hf_parallel import baseline_mode, wrap  # noqa: E402
 
 PEAK_TFLOPS = 989.0
 _BASELINE_BYTES = [0]  # memory still allocated from earlier runs in this process, not counted in a run's peak
@@ -273,9 +274,9 @@ def run_hf(case, steps, warmup, out):
         model.train()
         row["experts_implementation"] = str(getattr(model.config, "_experts_implementation", None))
         row["transformers"] = __import__("transformers").__version__
-        net = model
-        if world > 1:
-            net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local], gradient_as_bucket_view=True)
+        mode = baseline_mode(case.baseline, world)
+        row["parallel"] = mode
+        net, sync = wrap(model, mode, local)
         t = spec.training
         opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
                                 weight_decay=t.weight_decay, fused=True)
@@ -286,9 +287,7 @@ def run_hf(case, steps, warmup, out):
         def step():
             total = 0.0
             for i, (tokens, pos) in enumerate(batches):
-                sync = world == 1 or i == n_micro - 1
-                ctx = net.no_sync() if not sync else _null()
-                with ctx:
+                with sync(i == n_micro - 1):
                     loss = net(input_ids=tokens, position_ids=pos, labels=tokens).loss
                     (loss / n_micro).backward()
                 total += loss.detach()
@@ -313,14 +312,6 @@ def run_hf(case, steps, warmup, out):
         row.update(error=f"{type(err).__name__}: {str(err)[:400]}", traceback=traceback.format_exc()[-2000:])
         _error_log(out, f"{case.name} hf baseline")
     _record(out, row)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def main(argv=None) -> int:

@@ -16,6 +16,12 @@ sys.path.insert(0, str(BENCH))
 from cases import CASES, VARIANTS  # noqa: E402
 
 
+def test_every_case_names_a_known_baseline():
+    assert {c.baseline for c in CASES.values()} <= {"auto", "ddp", "fsdp", "none"}
+    # models whose replica does not fit a card are compared against transformers under FSDP2
+    assert CASES["qwen3-30b-a3b-ep4-l12"].baseline == CASES["qwen1.5-moe-a2.7b-ep4"].baseline == "fsdp"
+
+
 def test_every_listed_variant_is_defined():
     missing = {c.name: [v for v in c.variants if v not in VARIANTS] for c in CASES.values()}
     assert not {k: v for k, v in missing.items() if v}
