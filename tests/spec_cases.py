@@ -95,6 +95,9 @@ CASES: tuple[Case, ...] = (
     Case("fp8-te", MOE, _set("training.precision", "fp8"), "spec.training.precision", True),
     Case("tp-overlap", MOE, _set("parallelism.tpCommOverlap", True), "spec.parallelism.tpCommOverlap", True),
     Case("offload-do", MOE, _set("training.optimizerOffloadFraction", 0.5), "spec.training.optimizerOffloadFraction", True),
+    # valid for Megatron (TE, sequence parallel, distributed optimizer) but not carried out by this trainer yet
+    Case("tp-overlap-unsupported", DENSE, _set("parallelism.tpCommOverlap", True), "spec.parallelism.tpCommOverlap", True),
+    Case("offload-unsupported", DENSE, _set("training.optimizerOffloadFraction", 0.5), "spec.training.optimizerOffloadFraction", True),
     Case("two-lengths", DENSE, _set("training.trainIters", 100), "spec.training", True),
     Case("warmup-basis", DENSE, _set("training.warmupIters", 10), "spec.training", True),
     Case("too-short", DENSE, _set("training.trainTokens", 1000), "spec.training", False),

@@ -381,15 +381,3 @@ def test_flash_attention_knob_picks_the_kernels():
     assert plan(True, with_te).config_kwargs["attention_backend"] == AttnBackend.flash
     assert plan(False, with_te).config_kwargs["attention_backend"] == AttnBackend.fused
     assert "attention_backend" not in plan(None, with_te).config_kwargs
-
-
-def test_settings_the_engine_cannot_carry_out_are_refused_one_line_each():
-    from trainer.errors import UserErrors
-
-    spec = job_spec("qwen2.5", "7B", parallelism={"tensor": 2, "sequenceParallel": True, "tpCommOverlap": True},
-                    training={"optimizerOffloadFraction": 0.5, "transformerEngine": True})
-    with pytest.raises(UserErrors) as err:
-        plan_model(resolve_architecture(spec), spec, EngineOptions(), Capabilities(cuda=True, transformer_engine=True))
-    lines = err.value.lines()
-    assert [line.split(":")[0] for line in lines] == ["spec.parallelism.tpCommOverlap",
-                                                     "spec.training.optimizerOffloadFraction"]

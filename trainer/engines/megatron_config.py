@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import torch
 
-from trainer.errors import UserError, UserErrors
+from trainer.errors import UserError
 from trainer.spec.resolve import ResolvedArchitecture, init_method_std
 
 ATTENTION_CHOICES = ("auto", "te", "flash-attn", "sdpa", "local")
@@ -353,22 +353,7 @@ def attention_kernels_from_spec(spec, opts: EngineOptions) -> EngineOptions:
     return opts if flash is None else opts.replace(sdpa_backend="flash" if flash else "cudnn")
 
 
-def unsupported_settings(spec) -> list[str]:
-    """Spec settings megatron accepts that this engine does not carry out: refused, never silently ignored."""
-    problems = []
-    if spec.parallelism.tp_comm_overlap:
-        problems.append("spec.parallelism.tpCommOverlap: overlapping tensor-parallel communication needs Transformer "
-                        "Engine's userbuffers, which this engine does not set up; set it false")
-    if spec.training.optimizer_offload_fraction > 0:
-        problems.append("spec.training.optimizerOffloadFraction: keeping optimizer state in host memory is not "
-                        "supported by this engine; set it to 0")
-    return problems
-
-
 def plan_model(arch: ResolvedArchitecture, spec, opts: EngineOptions, caps: Capabilities) -> ModelPlan:
-    problems = unsupported_settings(spec)
-    if problems:
-        raise UserErrors(problems)
     opts = attention_kernels_from_spec(spec, opts)
     attention = choose_attention(opts, caps, spec.parallelism.context)
     use_te = attention == "te" or spec.training.precision == "fp8"

@@ -33,4 +33,5 @@ class Parallelism(SpecModel):
     overlap_param_gather: bool = True
     """Overlap the parameter all-gather with the forward pass (distributed optimizer only)."""
     tp_comm_overlap: bool = False
-    """Overlap tensor-parallel communication with GEMMs (Transformer Engine only)."""
+    """Overlap tensor-parallel communication with GEMMs (Transformer Engine only; not carried out by this trainer
+    yet, so a resource that sets it is refused)."""

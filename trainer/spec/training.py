@@ -83,7 +83,8 @@ class Training(SpecModel):
     only (no tensor, pipeline or context parallelism, no full recompute, no q/k norm as in Qwen3); elsewhere
     the run goes on without graphs and logs why."""
     optimizer_offload_fraction: float = Field(default=0.0, ge=0, le=1)
-    """Fraction of optimizer state kept in host memory (0 = none)."""
+    """Fraction of optimizer state kept in host memory (0 = none; anything else is not carried out by this
+    trainer yet, so a resource that sets it is refused)."""
     save_interval: PositiveInt = 1000
     """Save a checkpoint every this many steps (and at the end)."""
     eval_interval: PositiveInt = 10000
