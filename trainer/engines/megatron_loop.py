@@ -393,8 +393,11 @@ class MegatronLoopEngine:
         self._gloo = dist.new_group(backend="gloo")
         self._config = hf_model.hf_config(ctx.arch, init_std=ctx.init_std, dropout=self.spec.training.attention_dropout)
         p = self.spec.parallelism
+        attention = core.plan.attention
+        if attention == "sdpa" and core.plan.options.sdpa_backend:
+            attention += f"/{core.plan.options.sdpa_backend}"  # the kernels SDPA is pinned to (training.flashAttention)
         ctx.log(f"engine=megatron tp={p.tensor} pp={p.pipeline} ep={p.expert} cp={p.context} dp={dp} "
-                f"precision={self.spec.training.precision} attention={core.plan.attention} "
+                f"precision={self.spec.training.precision} attention={attention} "
                 f"experts={core.plan.experts} distributed-optimizer={p.distributed_optimizer} "
                 f"cuda-graphs={'on' if core.config.cuda_graph_impl == 'local' else 'off'} "
                 f"device={torch.cuda.get_device_name()}" + (f" ({'; '.join(core.notes)})" if core.notes else ""))
