@@ -38,6 +38,13 @@ VARIANTS: dict[str, dict] = {
               "foreach_grad_norm": False, "recompute": "selective"},
 }
 
+# name -> keyword arguments of transformers' from_config for the Hugging Face runs. "baseline" is what a user
+# gets (transformers' defaults: grouped-GEMM experts); the others are reference points, never the "vs HF" base.
+HF_VARIANTS: dict[str, dict] = {
+    "baseline": {},
+    "experts-eager": {"experts_implementation": "eager"},  # transformers' per-expert loop (its pre-5.0 MoE path)
+}
+
 DENSE_ABLATIONS = ["best", "attn-local", "sdpa-flash", "qkv-split-torch", "rope-unfused", "rmsnorm-torch",
                    "swiglu-unfused", "swiglu-compiled", "grad-add-torch", "ce-unchunked", "ce-eager",
                    "no-wgrad-fusion", "adam-foreach", "recompute-selective", "recompute-full"]
@@ -56,6 +63,7 @@ class Case:
     architecture: dict = field(default_factory=dict)
     parallelism: dict = field(default_factory=dict)
     baseline: str = "auto"
+    hf_variants: tuple[str, ...] = ("baseline",)
     """The transformers run: auto (one GPU, or DDP on several), ddp, fsdp (FSDP2, for models whose replica does
     not fit a card) or none."""
     note: str = ""
@@ -76,7 +84,7 @@ CASES: dict[str, Case] = {c.name: c for c in [
     Case("qwen1.5-moe-a2.7b-l3", "qwen1.5", "A2.7B", gpus=1, seq=4096, micro_batch=1, global_batch=4,
          variants=("best", "cuda-graphs", "dispatch-megatron", "grad-add-torch", "swiglu-compiled",
                    "experts-sequential", "dispatcher-allgather"),
-         architecture={"numLayers": 3},
+         hf_variants=("baseline", "experts-eager"), architecture={"numLayers": 3},
          note="3 of 24 layers: 14.3B parameters with fp32 gradients and Adam state (18 bytes each) do not fit one "
               "80 GB card; all layers are identical, so per-token cost scales with the layer count"),
     Case("qwen2.5-1.5b-dp2", "qwen2.5", "1.5B", gpus=2, seq=4096, micro_batch=2, global_batch=16,

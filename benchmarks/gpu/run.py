@@ -67,7 +67,8 @@ def _launch(case, impl: str, variants: list[str], gpus: list[int], args, part: P
 
 def _run_case(case, gpus, args, part, log):
     if case.baseline != "none" and not args.no_baseline:
-        _launch(case, "hf", [], gpus, args, part, log)
+        for hf_variant in case.hf_variants:
+            _launch(case, "hf", [hf_variant], gpus, args, part, log)
     variants = list(args.variants or case.variants)  # --variants may name any variant, listed by the case or not
     if args.only_best:
         variants = ["best"]
@@ -80,16 +81,21 @@ def _run_case(case, gpus, args, part, log):
 
 def summarise(rows: list[dict]) -> list[dict]:
     """Adds speedup over the baseline and data-parallel scaling efficiency."""
-    base = {(r["case"]): r for r in rows if r["impl"] == "hf" and "error" not in r}
+    base = {r["case"]: r for r in rows if r["impl"] == "hf" and r["variant"] == "baseline" and "error" not in r}
+    eager = {r["case"]: r for r in rows if r["impl"] == "hf" and r["variant"] == "experts-eager" and "error" not in r}
     one_gpu = {r["case"]: r for r in rows if r["impl"] == "megatron" and r["variant"] == "best" and "error" not in r}
     for r in rows:
         b = base.get(r["case"])
         if r["impl"] == "megatron" and b and "error" not in r:
             r["speedup_vs_hf"] = round(r["tokens_per_s_per_gpu"] / b["tokens_per_s_per_gpu"], 3)
+        if r["impl"] == "megatron" and r["case"] in eager and "error" not in r:
+            r["speedup_vs_hf_experts_eager"] = round(
+                r["tokens_per_s_per_gpu"] / eager[r["case"]]["tokens_per_s_per_gpu"], 3)
         dp = re.search(r"-dp\d+$", r["case"])
         single = r["case"][: dp.start()] if dp else r["case"]
         if dp and "error" not in r:
-            ref = one_gpu.get(single) if r["impl"] == "megatron" else base.get(single)
+            hf_refs = {"baseline": base, "experts-eager": eager}.get(r["variant"], {})
+            ref = one_gpu.get(single) if r["impl"] == "megatron" else hf_refs.get(single)
             if ref:
                 r["scaling_efficiency"] = round(r["tokens_per_s_per_gpu"] / ref["tokens_per_s_per_gpu"], 3)
     return rows
@@ -108,6 +114,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         speed = f"{r['speedup_vs_hf']:.2f}x" if "speedup_vs_hf" in r else ""
         scale = f"{100 * r['scaling_efficiency']:.0f}%" if "scaling_efficiency" in r else ""
         note = r.get("experts") if r.get("experts") not in (None, "none") else ""
+        if "speedup_vs_hf_experts_eager" in r:
+            note += f"; {r['speedup_vs_hf_experts_eager']:.2f}x vs HF experts-eager"
         if r["impl"] == "hf":
             parts = [f"experts: {r.get('experts_implementation')}"] if "moe" in r["case"] else []
             parts += [r["parallel"].upper()] if r.get("parallel") in ("ddp", "fsdp") else []

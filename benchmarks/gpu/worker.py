@@ -26,7 +26,7 @@ warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
 
-from cases import CASES, VARIANTS  # noqa: E402
+from cases import CASES, HF_VARIANTS, VARIANTS  # noqa: E402
 from hf_parallel import baseline_mode, wrap  # noqa: E402
 
 PEAK_TFLOPS = 989.0
@@ -248,7 +248,7 @@ def run_megatron(case, variants, steps, warmup, out):
         _record(out, row)
 
 
-def run_hf(case, steps, warmup, out):
+def run_hf(case, steps, warmup, out, variant: str = "baseline"):
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
@@ -263,13 +263,13 @@ def run_hf(case, steps, warmup, out):
     torch.cuda.set_device(local)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl")
-    row = dict(case=case.name, impl="hf", variant="baseline", gpus=case.gpus, device=torch.cuda.get_device_name())
+    row = dict(case=case.name, impl="hf", variant=variant, gpus=case.gpus, device=torch.cuda.get_device_name())
     try:
         torch.manual_seed(0)
         _reset_peak()
         with torch.device("cuda"):
             model = AutoModelForCausalLM.from_config(hf_config(arch), dtype=torch.bfloat16,
-                                                     attn_implementation="sdpa")
+                                                     attn_implementation="sdpa", **HF_VARIANTS[variant])
         model.config.use_cache = False
         model.train()
         row["experts_implementation"] = str(getattr(model.config, "_experts_implementation", None))
@@ -307,10 +307,10 @@ def run_hf(case, steps, warmup, out):
         torch.cuda.synchronize()
         row.update(_figures(case, arch, time.perf_counter() - t0, steps))
         row.update(first_loss=round(first, 4), last_loss=round(loss, 4))
-        profile_step(step, f"{case.name} hf baseline")
+        profile_step(step, f"{case.name} hf {variant}")
     except Exception as err:
         row.update(error=f"{type(err).__name__}: {str(err)[:400]}", traceback=traceback.format_exc()[-2000:])
-        _error_log(out, f"{case.name} hf baseline")
+        _error_log(out, f"{case.name} hf {variant}")
     _record(out, row)
 
 
@@ -318,17 +318,23 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--case", required=True, choices=sorted(CASES))
     ap.add_argument("--impl", required=True, choices=["megatron", "hf"])
-    ap.add_argument("--variants", default="best")
+    ap.add_argument("--variants", default=None, help="comma list (default: best, or baseline with --impl hf)")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
     case = CASES[a.case]
     out = Path(a.out)
+    known = HF_VARIANTS if a.impl == "hf" else VARIANTS
+    variants = [v for v in (a.variants or ("baseline" if a.impl == "hf" else "best")).split(",") if v]
+    unknown = [v for v in variants if v not in known]
+    if unknown:
+        ap.error(f"unknown {a.impl} variant(s) {', '.join(unknown)}; known: {', '.join(known)}")
     if a.impl == "hf":
-        run_hf(case, a.steps, a.warmup, out)
+        for variant in variants:
+            run_hf(case, a.steps, a.warmup, out, variant)
     else:
-        run_megatron(case, [v for v in a.variants.split(",") if v], a.steps, a.warmup, out)
+        run_megatron(case, variants, a.steps, a.warmup, out)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return 0

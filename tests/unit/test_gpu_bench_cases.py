@@ -13,7 +13,7 @@ import pytest
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu"
 sys.path.insert(0, str(BENCH))
 
-from cases import CASES, VARIANTS  # noqa: E402
+from cases import CASES, HF_VARIANTS, VARIANTS  # noqa: E402
 
 
 def test_every_case_names_a_known_baseline():
@@ -42,3 +42,42 @@ def test_unknown_variant_is_one_clear_error(tmp_path):
                            "best,no-such-lever", "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "unknown variants: no-such-lever" in proc.stderr
     assert "Traceback" not in proc.stderr and not any(tmp_path.iterdir())
+
+
+def test_every_case_lists_defined_hf_variants_with_the_baseline_first():
+    for case in CASES.values():
+        assert case.hf_variants[0] == "baseline" and set(case.hf_variants) <= set(HF_VARIANTS), case.name
+
+
+def test_hf_variants_are_from_config_arguments():
+    """transformers takes each variant's arguments and runs the experts the way its name says (tiny model, CPU)."""
+    pytest.importorskip("transformers")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from trainer.engines.hf_model import hf_config
+    from trainer.engines.megatron_testing import job_spec
+    from trainer.spec import resolve_architecture
+
+    arch = resolve_architecture(job_spec("qwen1.5", "A2.7B", architecture=dict(
+        numLayers=1, hiddenSize=64, numAttentionHeads=4, numQueryGroups=4, ffnHiddenSize=128, vocabSize=256,
+        maxPositionEmbeddings=64), moe=dict(numExperts=4, topK=2, ffnHiddenSize=32, sharedExpertFfnHiddenSize=64)))
+    for name, kwargs in HF_VARIANTS.items():
+        model = AutoModelForCausalLM.from_config(hf_config(arch), dtype=torch.float32, **kwargs)
+        assert model.config._experts_implementation == kwargs.get("experts_implementation", "grouped_mm"), name
+
+
+def test_speedups_are_against_the_baseline_and_the_reference_variant_apart():
+    from run import summarise
+
+    rows = [dict(case="moe", impl="hf", variant="baseline", tokens_per_s_per_gpu=100.0),
+            dict(case="moe", impl="hf", variant="experts-eager", tokens_per_s_per_gpu=50.0),
+            dict(case="moe", impl="megatron", variant="best", tokens_per_s_per_gpu=120.0),
+            dict(case="moe-dp4", impl="hf", variant="baseline", tokens_per_s_per_gpu=90.0),
+            dict(case="moe-dp4", impl="megatron", variant="best", tokens_per_s_per_gpu=114.0)]
+    out = {(r["case"], r["variant"]): r for r in summarise(rows)}
+    assert out["moe", "best"]["speedup_vs_hf"] == 1.2
+    assert out["moe", "best"]["speedup_vs_hf_experts_eager"] == 2.4
+    assert "speedup_vs_hf" not in out["moe", "experts-eager"]
+    assert out["moe-dp4", "baseline"]["scaling_efficiency"] == 0.9
+    assert out["moe-dp4", "best"]["scaling_efficiency"] == 0.95
