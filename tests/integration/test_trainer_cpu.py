@@ -210,3 +210,42 @@ def test_resource_document_and_resume_require(data, tmp_path):
     assert proc.returncode != 0
     assert "spec.checkpoint.resume" in proc.stderr or "checkpoint.resume" in proc.stderr, proc.stderr
     assert "no complete checkpoint" in proc.stderr
+
+
+def test_progress_and_engine_notes_reach_the_resource_status(data, tmp_path, cluster, namespace):
+    """Rank 0 patches status.progress of the QwenTrainingJob it runs for (the real API server): the engine and
+    what it could not do up front (CUDA graphs asked for, on CPU), then the steps as they finish."""
+    import subprocess
+    import time
+
+    import yaml
+
+    crd = REPO / "manifests" / "crd" / "qwentrainingjobs.training.qwen.dev.yaml"
+    kube = ["kubectl", f"--kubeconfig={cluster.kubeconfig}"]
+    subprocess.run([*kube, "apply", "--server-side", "--force-conflicts", "-f", str(crd)], check=True,
+                   capture_output=True)
+    subprocess.run([*kube, "wait", "--for=condition=Established", "crd/qwentrainingjobs.training.qwen.dev"],
+                   check=True, capture_output=True)
+    job = pretrain_spec(data, tmp_path / "ckpt", iters=6, save=6)
+    job["training"]["cudaGraphs"] = True
+    resource = {"apiVersion": "training.qwen.dev/v1alpha1", "kind": "QwenTrainingJob",
+                "metadata": {"name": "tiny-progress", "namespace": namespace},
+                "spec": {**job, "resources": {"gpusPerNode": 0}}}
+    deadline = time.monotonic() + 30
+    while True:
+        created = subprocess.run([*kube, "apply", "-f", "-"], input=yaml.safe_dump(resource), capture_output=True,
+                                 text=True)
+        if created.returncode == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert created.returncode == 0, created.stderr
+    env = {"QWEN_STATUS_RESOURCE": f"{namespace}/tiny-progress", "KUBECONFIG": str(cluster.kubeconfig)}
+    proc = torchrun(write_spec(tmp_path / "job.yaml", job), env=env)
+    assert proc.returncode == 0, explain(proc)
+    assert "note: CUDA graphs off: the CPU engine runs without a GPU" in proc.stdout
+    got = json.loads(subprocess.run([*kube, "get", "-n", namespace, "qwentrainingjob", "tiny-progress", "-o", "json"],
+                                    capture_output=True, text=True, check=True).stdout)
+    progress = got["status"]["progress"]
+    assert progress["engine"] == "cpu" and progress["notes"] == ["CUDA graphs off: the CPU engine runs without a GPU"]
+    assert progress["iteration"] == progress["trainIters"] == 6
+    assert progress["checkpoint"].endswith("iter_0000006") and progress["summary"].startswith("6/6 loss ")

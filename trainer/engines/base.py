@@ -59,6 +59,7 @@ class Engine(Protocol):
     data_parallel_size: int
     data_parallel_rank: int
     writes_megatron_layout: bool  # False: weights go through checkpoint_weights() and the converter
+    notes: list[str]  # after build: what the spec asked for that this engine does not do here, and why
 
     def build(self, ctx: EngineContext) -> None:
         """Create the model (random init with ctx.init_std and ctx.seed) and the optimiser."""

@@ -33,6 +33,7 @@ class CpuEngine:
         self.data_parallel_rank = 0
         self._config = None
         self._aux_coeff = 0.0
+        self.notes: list[str] = []
 
     # ---- construction -------------------------------------------------------------------------------------------
     def build(self, ctx: EngineContext) -> None:
@@ -44,6 +45,8 @@ class CpuEngine:
         self.data_parallel_size = ctx.dist.world_size
         self.data_parallel_rank = ctx.dist.rank
         t = ctx.spec.training
+        if t.cuda_graphs:
+            self.notes.append("CUDA graphs off: the CPU engine runs without a GPU")
         self._config = hf_model.hf_config(ctx.arch, init_std=ctx.init_std, dropout=t.attention_dropout)
         torch.manual_seed(ctx.seed)
         self.model = hf_model.build_model(self._config, dtype=torch.float32)

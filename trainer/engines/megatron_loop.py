@@ -364,6 +364,7 @@ class MegatronLoopEngine:
                                                                                 self.env.rank)
         self.options = options or EngineOptions()
         self.core = None
+        self.notes: list[str] = []
         self.ctx: Optional[EngineContext] = None
         self._config = None
         self._gloo = None
@@ -390,6 +391,7 @@ class MegatronLoopEngine:
             raise RuntimeError(f"data-parallel layout {(self.data_parallel_size, self.data_parallel_rank)} differs "
                                f"from megatron's {(dp, dp_rank)}")
         core.build()
+        self.notes = list(core.notes)
         self._gloo = dist.new_group(backend="gloo")
         self._config = hf_model.hf_config(ctx.arch, init_std=ctx.init_std, dropout=self.spec.training.attention_dropout)
         p = self.spec.parallelism

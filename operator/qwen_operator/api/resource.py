@@ -128,6 +128,9 @@ class Progress(SpecModel):
     """Newest complete checkpoint."""
     engine: Optional[str] = None
     """Engine that ran the stage (megatron or cpu)."""
+    notes: Optional[list[str]] = None
+    """What the spec asked for that the engine does not do on this hardware, and why (for example CUDA graphs
+    under tensor parallelism)."""
     summary: Optional[str] = None
     """One-line progress for kubectl get."""
     updated: Optional[str] = None
