@@ -70,3 +70,34 @@ def test_a_read_error_reaches_the_caller_of_that_step():
         feeder.get(SAMPLES - GBS)
         with pytest.raises(IndexError):
             feeder.get(SAMPLES)
+
+
+def _sft_source():
+    from trainer.data.sft import SftSource, SftStats
+
+    rows = 7  # a global batch of 8 straddles an epoch every step
+    tokens = np.arange(rows * 4, dtype=np.int64).reshape(rows, 4)
+    return SftSource(tokens, tokens + 1, np.tile(np.arange(4), (rows, 1)), "sft", SftStats(rows, 0, 0, rows, rows * 4),
+                     seed=3)
+
+
+def test_sft_epochs_shuffle_the_same_when_threads_sample_across_epoch_boundaries():
+    from concurrent.futures import ThreadPoolExecutor
+
+    expected = {i: _sft_source().sample(i)["tokens"].tolist() for i in range(70)}
+    shared = _sft_source()
+    order = [i for k in range(35) for i in (k, 69 - k)]  # alternate between early and late epochs
+    with ThreadPoolExecutor(8) as pool:
+        got = dict(zip(order, pool.map(lambda i: shared.sample(i)["tokens"].tolist(), order)))
+    assert got == expected
+    walker = _sft_source()
+    for i in range(70):  # ten epochs in order: the cache keeps the current epoch and the one before
+        walker.sample(i)
+    assert sorted(walker._perms) == [8, 9]
+
+
+def test_prefetched_sft_steps_equal_the_synchronous_path():
+    source = _sft_source()
+    with StepPrefetcher(source, GBS, MICRO, DP, 1, workers=3, end=10 * GBS) as feeder:
+        for step in range(10):
+            assert _same(feeder.get(step * GBS), step_micro_batches(_sft_source(), step * GBS, GBS, MICRO, DP, 1))

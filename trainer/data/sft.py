@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -138,19 +139,24 @@ class SftSource:
         self.stats = stats
         self.seed = seed
         self.shuffle = shuffle
-        self._perm_epoch = -1
-        self._perm = None
+        # batch-reading threads (training.numWorkers) sample concurrently, and a step may straddle two epochs
+        self._perms: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
     def _order(self, epoch: int) -> np.ndarray:
-        if self._perm_epoch != epoch:
-            n = len(self)
-            self._perm = np.random.RandomState((self.seed + epoch) % (2**32)).permutation(n) if self.shuffle \
-                else np.arange(n)
-            self._perm_epoch = epoch
-        return self._perm
+        with self._lock:
+            perm = self._perms.get(epoch)
+            if perm is None:
+                n = len(self)
+                perm = np.random.RandomState((self.seed + epoch) % (2**32)).permutation(n) if self.shuffle \
+                    else np.arange(n)
+                self._perms[epoch] = perm
+                for old in [e for e in self._perms if e < epoch - 1]:  # keep this epoch and the one before
+                    del self._perms[old]
+            return perm
 
     def sample(self, index: int) -> dict[str, np.ndarray]:
         n = len(self)
