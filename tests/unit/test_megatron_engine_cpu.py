@@ -72,7 +72,15 @@ def test_expert_choice_prefers_grouped_kernels():
     assert plan.experts == "torch-grouped"
     assert plan.config_kwargs["moe_grouped_gemm"] and plan.config_kwargs["moe_use_legacy_grouped_gemm"]
     te = Capabilities(cuda=True, transformer_engine=True, torch_grouped_mm=True)
-    assert plan_model(arch, spec, EngineOptions(), te).experts == "te"
+    with_te = job_spec("qwen1.5", "A2.7B", training={"transformerEngine": True})
+    assert plan_model(arch, with_te, EngineOptions(), te).experts == "te"
+    # Transformer Engine installed but not asked for (the default): the engine's own layers, as measured
+    plan = plan_model(arch, spec, EngineOptions(), te)
+    assert (plan.attention, plan.experts, plan.use_te) == ("sdpa", "torch-grouped", False)
+    # torch's grouped GEMM before the grouped_gemm package (device-side counts); the package where torch has none
+    both = Capabilities(cuda=True, torch_grouped_mm=True, grouped_gemm=True)
+    assert plan_model(arch, spec, EngineOptions(), both).experts == "torch-grouped"
+    assert plan_model(arch, spec, EngineOptions(), Capabilities(cuda=True, grouped_gemm=True)).experts == "grouped-gemm"
 
 
 def test_cuda_graph_scope_follows_the_dispatch():
@@ -371,7 +379,8 @@ def test_flash_attention_knob_picks_the_kernels():
     with_te = Capabilities(cuda=True, torch_grouped_mm=True, transformer_engine=True)
 
     def plan(flash, caps=hopper):
-        spec = job_spec("qwen2.5", "0.5B", architecture=TINY, training={"flashAttention": flash})
+        training = {"flashAttention": flash, "transformerEngine": caps.transformer_engine}
+        spec = job_spec("qwen2.5", "0.5B", architecture=TINY, training=training)
         return plan_model(resolve_architecture(spec), spec, EngineOptions(), caps)
 
     assert plan(None).options.sdpa_backend == EngineOptions().sdpa_backend == "cudnn"

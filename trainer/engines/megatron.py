@@ -13,9 +13,11 @@ only), expert (+ expert tensor) parallelism, all from `spec.parallelism`. Loss: 
 with `calculate_per_token_loss`, so gradients are averaged over the tokens of the whole step across data-parallel
 ranks (`finalize_model_grads`), as Megatron does for SFT; for pretraining (no masked tokens) it equals the mean.
 
-Without Transformer Engine the engine swaps in its own faster modules (megatron_kernels): SDPA flash attention with
-fused rope, compiled RMSNorm, torch grouped GEMM for experts, fp32 weight-gradient accumulation, fused AdamW, and
-the chunked output-layer cross-entropy (megatron_loss). `EngineOptions` turns each off on its own.
+Unless the spec asks for Transformer Engine (training.transformerEngine; installed or not), the engine swaps in
+its own faster modules (megatron_kernels, megatron_triton): SDPA attention (cuDNN) with the rope fused into the QKV
+split, compiled RMSNorm, Triton SwiGLU, torch grouped GEMM for experts with a sync-free dispatch, fp32
+weight-gradient accumulation, fused AdamW, and the chunked output-layer cross-entropy (megatron_loss).
+`EngineOptions` turns each off on its own.
 """
 
 from __future__ import annotations
@@ -105,13 +107,15 @@ class MegatronEngine:
         o = self.options
         if self.plan.experts == "torch-grouped":
             self._restore.append(k.install_torch_grouped_gemm())
-        if o.grad_accum_fusion and not self.caps.transformer_engine:
+        # Transformer Engine's layers fuse the weight-gradient accumulation themselves; megatron's local layers
+        # would need Apex for it, so they take ours (also where TE is installed but not asked for)
+        if o.grad_accum_fusion and not self.plan.use_te:
             if k.wgrad_accumulate_works():
                 self._restore.append(k.install_grad_accum_fusion())
             else:
                 self.plan.config_kwargs["gradient_accumulation_fusion"] = False
                 self.notes.append("gradient accumulation fusion off: addmm(out_dtype=float32) unavailable")
-        elif not self.caps.transformer_engine:
+        elif not self.plan.use_te:
             self.plan.config_kwargs["gradient_accumulation_fusion"] = False
         if o.foreach_grad_norm:
             self._restore.append(k.install_foreach_grad_ops())

@@ -129,12 +129,14 @@ class EngineOptions:
         return dataclasses.replace(self, **changes)
 
 
-def choose_attention(opts: EngineOptions, caps: Capabilities, context_parallel: int) -> str:
+def choose_attention(opts: EngineOptions, caps: Capabilities, context_parallel: int, want_te: bool) -> str:
+    """`want_te`: the spec's training.transformerEngine. Without it the engine's own layers run even where
+    Transformer Engine is installed (the guide's TE=false, megatron's --transformer-impl local)."""
     choice = opts.attention
     if choice not in ATTENTION_CHOICES:
         raise UserError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, got {choice!r}")
     if choice == "auto":
-        choice = "te" if caps.transformer_engine else "sdpa"
+        choice = "te" if want_te and caps.transformer_engine else "sdpa"
     if choice == "te" and not caps.transformer_engine:
         raise UserError("attention 'te' needs Transformer Engine, which is not installed")
     if choice == "flash-attn" and not caps.flash_attn:
@@ -149,12 +151,14 @@ def choose_experts(opts: EngineOptions, caps: Capabilities, use_te: bool) -> str
     if choice not in EXPERT_CHOICES:
         raise UserError(f"experts must be one of {', '.join(EXPERT_CHOICES)}, got {choice!r}")
     if choice == "auto":
+        # torch's grouped GEMM before the grouped_gemm package: only it takes the per-expert counts on the device
+        # (the sync-free dispatch and CUDA graphs build on that); the package serves GPUs before Hopper
         if use_te:
             choice = "te"
-        elif caps.grouped_gemm:
-            choice = "grouped-gemm"
         elif caps.torch_grouped_mm:
             choice = "torch-grouped"
+        elif caps.grouped_gemm:
+            choice = "grouped-gemm"
         else:
             choice = "sequential"
     if choice == "te" and not use_te:
@@ -355,11 +359,11 @@ def attention_kernels_from_spec(spec, opts: EngineOptions) -> EngineOptions:
 
 def plan_model(arch: ResolvedArchitecture, spec, opts: EngineOptions, caps: Capabilities) -> ModelPlan:
     opts = attention_kernels_from_spec(spec, opts)
-    attention = choose_attention(opts, caps, spec.parallelism.context)
-    use_te = attention == "te" or spec.training.precision == "fp8"
     if spec.training.transformer_engine and not caps.transformer_engine:
         raise UserError("transformerEngine is set but Transformer Engine is not installed",
                         path="spec.training.transformerEngine")
+    attention = choose_attention(opts, caps, spec.parallelism.context, spec.training.transformer_engine)
+    use_te = attention == "te" or spec.training.precision == "fp8"
     megablocks = spec.model.backend == "megablocks"
     if megablocks:
         from .megatron_megablocks import require_megablocks

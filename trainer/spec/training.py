@@ -76,7 +76,8 @@ class Training(SpecModel):
     else torch SDPA's flash kernels), false pins cuDNN's fused attention (TE's fused backend, SDPA's cuDNN
     kernels); unset lets the engine choose, which on Hopper is cuDNN's (its backward runs about twice as fast)."""
     transformer_engine: bool = False
-    """Use Transformer Engine layers (needed for fp8)."""
+    """Use Transformer Engine layers (needed for fp8). false runs the engine's own layers (SDPA attention, its
+    Triton kernels) even where Transformer Engine is installed, as the guide's TE=false does."""
     cuda_graphs: bool = False
     """Capture each transformer layer's forward and backward as CUDA graphs after the first step (megatron-core's
     local capture; MoE layers up to the token permutation). Applies on Hopper-class GPUs with data parallelism
