@@ -186,12 +186,11 @@ def run_training(spec: JobSpec, d: DistEnv, log: Callable[[str], None]) -> int:
                 "resumed_from": state.iteration, "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))}
     metrics = Metrics(out_root, main, engine.name, d.world_size, fpt, run_info, say)
     status = StatusReporter(say) if main else None
-    notes = list(getattr(engine, "notes", []))
     if engine.name == "cpu":  # the megatron engine lists its notes in its own start line
-        for note in notes:
+        for note in engine.notes:
             say(f"note: {note}")
     if status is not None:
-        status.report(force=True, engine=engine.name, notes=notes or None)
+        status.report(force=True, engine=engine.name, notes=list(engine.notes) or None)
     loss_mode = "mean" if spec.stage == "pretrain" else "per_token"
     sched = plan.schedule
     save_kwargs = dict(fmt=out_fmt, layout=(spec.parallelism.tensor, spec.parallelism.pipeline, spec.parallelism.expert),

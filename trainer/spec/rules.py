@@ -181,18 +181,9 @@ def _fp8_needs_te(c: Context):
         return "fp8 needs Transformer Engine; set training.transformerEngine: true"
 
 
-def _tp_overlap(c: Context):
-    if c.p.tp_comm_overlap and not (c.t.transformer_engine and c.p.sequence_parallel):
-        return "tpCommOverlap needs Transformer Engine and sequence parallelism"
-
-
-def _offload_needs_do(c: Context):
-    if c.t.optimizer_offload_fraction > 0 and not c.p.distributed_optimizer:
-        return "optimizer offload needs the distributed optimizer"
-
-
 # Valid Megatron settings from the guide's scripts that this trainer does not carry out yet: refused when the
-# resource is applied rather than ignored when the pods run.
+# resource is applied rather than ignored when the pods run. (Megatron's own conditions on them, Transformer Engine
+# with sequence parallelism for the overlap and the distributed optimizer for the offload, return with the wiring.)
 def _tp_overlap_unsupported(c: Context):
     if c.p.tp_comm_overlap:
         return ("tpCommOverlap is not carried out by this trainer yet (it needs Transformer Engine's userbuffers, "
@@ -322,10 +313,6 @@ RULES: tuple[Rule, ...] = (
     Rule("model.backend", "the megatron-lm backend trains dense models", _megatron_lm_dense),
     Rule("training.precision", "fp8 needs Transformer Engine", _fp8_needs_te,
          f"{S}.training.precision != 'fp8' || {S}.training.transformerEngine"),
-    Rule("parallelism.tpCommOverlap", "tpCommOverlap needs Transformer Engine and sequence parallelism", _tp_overlap,
-         f"!{S}.parallelism.tpCommOverlap || ({S}.training.transformerEngine && {S}.parallelism.sequenceParallel)"),
-    Rule("training.optimizerOffloadFraction", "optimizer offload needs the distributed optimizer", _offload_needs_do,
-         f"{S}.training.optimizerOffloadFraction == 0.0 || {S}.parallelism.distributedOptimizer"),
     Rule("parallelism.tpCommOverlap", "tpCommOverlap is not carried out by this trainer yet", _tp_overlap_unsupported,
          f"!{S}.parallelism.tpCommOverlap"),
     Rule("training.optimizerOffloadFraction", "optimizer offload is not carried out by this trainer yet",
