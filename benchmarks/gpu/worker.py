@@ -69,6 +69,7 @@ KERNEL_GROUPS = [  # (group, substrings of CUDA kernel names), first match wins
     ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "grouped_mm", "matmul")),
     ("nccl", ("nccl",)),
     ("optimizer", ("adam", "multi_tensor", "foreach", "l2norm", "norm_kernel")),
+    ("grad accumulation", ("accumulate",)),  # the engine's kernel adding bf16 gradients into the fp32 buffer
     ("triton/compiled", ("triton",)),
     ("reduce", ("reduce",)),
     ("copy/cast", ("copy", "cast", "convert", "fill", "memcpy", "memset")),
@@ -82,6 +83,41 @@ def _group(name: str) -> str:
         if any(k in low for k in keys):
             return group
     return "other"
+
+
+_NAME_NOISE = ("void ", "at::native::", "(anonymous namespace)::", "c10::")
+
+
+def kernel_times(events) -> dict[str, list]:
+    """name -> [microseconds, calls] of the GPU kernels among (name, on_gpu, is_annotation, us) events. The
+    profiler also puts user annotations on the GPU timeline (the optimizer's `Optimizer.step#AdamW.step` spans
+    its kernels); they are ranges around kernels already counted, so summing them would count that time twice."""
+    kernels: dict[str, list] = {}
+    for name, on_gpu, is_annotation, us in events:
+        if on_gpu and not is_annotation:
+            k = kernels.setdefault(name, [0.0, 0])
+            k[0] += us
+            k[1] += 1
+    return kernels
+
+
+def kernel_summary(kernels: dict[str, list], label: str, wall: float, top: int = 25) -> list[str]:
+    """The profile's report lines: kernel time against the step's wall time, by group, then the top kernels."""
+    total_us = sum(v[0] for v in kernels.values()) or 1e-9
+    groups: dict[str, float] = {}
+    for name, (us, _) in kernels.items():
+        groups[_group(name)] = groups.get(_group(name), 0.0) + us
+    lines = [f"== {label}: step wall {wall * 1e3:.1f} ms, GPU kernel time {total_us / 1e3:.1f} ms "
+             f"({100 * total_us / 1e6 / wall:.1f}% of wall), {sum(v[1] for v in kernels.values())} kernels"]
+    for g, us in sorted(groups.items(), key=lambda kv: -kv[1]):
+        lines.append(f"   {g:18s} {us / 1e3:9.1f} ms {100 * us / total_us:5.1f}%")
+    lines.append("   top kernels (ms, calls):")
+    for name, (us, n) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]:
+        short = name
+        for noise in _NAME_NOISE:
+            short = short.replace(noise, "")
+        lines.append(f"   {us / 1e3:9.2f} {n:6d}  {short[:170]}")
+    return lines
 
 
 def profile_step(step, label: str) -> None:
@@ -100,36 +136,50 @@ def profile_step(step, label: str) -> None:
         print(f"profile of {label} failed: {type(err).__name__}: {err}", flush=True)
 
 
-def idle_gaps(trace: dict, min_gap_us: float = 20.0, top: int = 15) -> list[str]:
-    """GPU idle time between kernels, from a chrome trace: each gap before a kernel is attributed to the CPU ops
-    (outermost > innermost) that were running when that kernel was launched, and marked "host late" when the
-    launch itself came after the GPU had gone idle (the host was the bottleneck) rather than before it."""
-    events = trace.get("traceEvents", [])
-    kernels = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")
-                      and "dur" in e), key=lambda e: e["ts"])
-    launches = {e["args"].get("correlation"): e for e in events
-                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "args" in e}
-    ops = sorted((e for e in events if e.get("cat") in ("cpu_op", "python_function", "user_annotation")
-                  and "dur" in e), key=lambda e: e["ts"])
-    starts = [o["ts"] for o in ops]
-    import bisect
+class _Trace:
+    """A chrome trace's GPU kernels in time order, and for each the host op stack that launched it."""
 
-    def stack_at(tid, ts) -> str:
-        names, i = [], bisect.bisect_right(starts, ts)
-        for o in ops[max(0, i - 4000):i]:
+    def __init__(self, trace: dict):
+        events = trace.get("traceEvents", [])
+        self.kernels = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")
+                               and "dur" in e), key=lambda e: e["ts"])
+        self._launches = {e["args"].get("correlation"): e for e in events
+                          if e.get("cat") in ("cuda_runtime", "cuda_driver") and "args" in e}
+        self._ops = sorted((e for e in events if e.get("cat") in ("cpu_op", "python_function", "user_annotation")
+                            and "dur" in e), key=lambda e: e["ts"])
+        self._starts = [o["ts"] for o in self._ops]
+
+    def launch(self, kernel: dict) -> dict | None:
+        return self._launches.get(kernel.get("args", {}).get("correlation"))
+
+    def stack_at(self, tid, ts) -> str:
+        """outermost > innermost host op running on thread `tid` at time `ts`."""
+        import bisect
+
+        names, i = [], bisect.bisect_right(self._starts, ts)
+        for o in self._ops[max(0, i - 4000):i]:
             if o.get("tid") == tid and o["ts"] <= ts <= o["ts"] + o["dur"]:
                 names.append(o["name"])
         return " > ".join([names[0], names[-1]] if len(names) > 1 else names) or "?"
 
+    def launched_by(self, kernel: dict) -> str:
+        launch = self.launch(kernel)
+        return self.stack_at(launch.get("tid"), launch["ts"]) if launch else "?"
+
+
+def idle_gaps(trace: dict, min_gap_us: float = 20.0, top: int = 15) -> list[str]:
+    """GPU idle time between kernels, from a chrome trace: each gap before a kernel is attributed to the CPU ops
+    (outermost > innermost) that were running when that kernel was launched, and marked "host late" when the
+    launch itself came after the GPU had gone idle (the host was the bottleneck) rather than before it."""
+    t = _Trace(trace)
     gaps: dict[str, list] = {}
-    end = kernels[0]["ts"] + kernels[0]["dur"] if kernels else 0
-    for k in kernels[1:]:
+    end = t.kernels[0]["ts"] + t.kernels[0]["dur"] if t.kernels else 0
+    for k in t.kernels[1:]:
         gap = k["ts"] - end
         if gap >= min_gap_us:
-            launch = launches.get(k.get("args", {}).get("correlation"))
-            where = stack_at(launch.get("tid"), launch["ts"]) if launch else "?"
+            launch = t.launch(k)
             late = launch is not None and launch["ts"] > end
-            g = gaps.setdefault(("host late: " if late else "waiting: ") + where, [0.0, 0])
+            g = gaps.setdefault(("host late: " if late else "waiting: ") + t.launched_by(k), [0.0, 0])
             g[0] += gap
             g[1] += 1
         end = max(end, k["ts"] + k["dur"])
@@ -140,6 +190,24 @@ def idle_gaps(trace: dict, min_gap_us: float = 20.0, top: int = 15) -> list[str]
     return lines
 
 
+def launch_sites(trace: dict, top: int = 30) -> list[str]:
+    """GPU time by (host op that launched it, kernel), largest first: which model code each kernel's time
+    belongs to, where kernel names alone (elementwise, copy) do not say."""
+    t = _Trace(trace)
+    sites: dict[tuple[str, str], list] = {}
+    for k in t.kernels:
+        site = sites.setdefault((t.launched_by(k), k.get("name", "?")), [0.0, 0])
+        site[0] += k["dur"]
+        site[1] += 1
+    lines = ["   GPU time by launching host op (ms, kernels):"]
+    for (where, name), (us, n) in sorted(sites.items(), key=lambda kv: -kv[1][0])[:top]:
+        short = name
+        for noise in _NAME_NOISE:
+            short = short.replace(noise, "")
+        lines.append(f"   {us / 1e3:9.2f} {n:6d}  {where[:90]} :: {short[:90]}")
+    return lines
+
+
 def _profile(step, label, path, ProfilerActivity, profile) -> None:
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
@@ -147,36 +215,25 @@ def _profile(step, label, path, ProfilerActivity, profile) -> None:
         step()
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
-    kernels: dict[str, list] = {}
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            k = kernels.setdefault(e.name, [0.0, 0])
-            k[0] += e.time_range.elapsed_us()
-            k[1] += 1
+    kernels = kernel_times((e.name, e.device_type == torch.autograd.DeviceType.CUDA,
+                            bool(getattr(e, "is_user_annotation", False)), e.time_range.elapsed_us())
+                           for e in prof.events())
     if not kernels:  # this torch keeps kernels only under their CPU ops: fall back to its own table
         with open(path, "a") as f:
             f.write(f"== {label}: step wall {wall * 1e3:.1f} ms\n"
                     + prof.key_averages().table(sort_by="self_device_time_total", row_limit=30) + "\n")
         return
-    total_us = sum(v[0] for v in kernels.values())
-    groups: dict[str, float] = {}
-    for name, (us, _) in kernels.items():
-        groups[_group(name)] = groups.get(_group(name), 0.0) + us
-    lines = [f"== {label}: step wall {wall * 1e3:.1f} ms, GPU kernel time {total_us / 1e3:.1f} ms "
-             f"({100 * total_us / 1e6 / wall:.1f}% of wall), {sum(v[1] for v in kernels.values())} kernels"]
-    for g, us in sorted(groups.items(), key=lambda kv: -kv[1]):
-        lines.append(f"   {g:16s} {us / 1e3:9.1f} ms {100 * us / total_us:5.1f}%")
-    lines.append("   top kernels (ms, calls):")
-    for name, (us, n) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:25]:
-        lines.append(f"   {us / 1e3:9.2f} {n:6d}  {name[:150]}")
+    lines = kernel_summary(kernels, label, wall)
     try:
         import tempfile
 
         with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
             prof.export_chrome_trace(tmp.name)
-            lines += idle_gaps(json.load(open(tmp.name)))
+            trace = json.load(open(tmp.name))
+        lines += launch_sites(trace)
+        lines += idle_gaps(trace)
     except Exception as err:
-        lines.append(f"   idle-gap analysis failed: {type(err).__name__}: {err}")
+        lines.append(f"   trace analysis failed: {type(err).__name__}: {err}")
     with open(path, "a") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
@@ -196,6 +253,7 @@ def _figures(case, arch, seconds: float, steps: int) -> dict:
 
 def run_megatron(case, variants, steps, warmup, out):
     from trainer.engines.megatron import EngineOptions, MegatronEngine, data_parallel_info
+    from trainer.engines.megatron_loop import LoopCore, LossScaling
     from trainer.engines.megatron_testing import job_spec, random_micro_batches
     from trainer.spec import resolve_architecture
 
@@ -206,13 +264,21 @@ def run_megatron(case, variants, steps, warmup, out):
                    device=torch.cuda.get_device_name(), options=VARIANTS[variant])
         engine = None
         try:
-            engine = MegatronEngine(spec, EngineOptions(**VARIANTS[variant]))
+            # The core `trainer run` trains with, and its pretraining loss normalisation: each micro-batch's loss
+            # scaled before its backward, no separate pass over the gradients afterwards.
+            if os.environ.get("BENCH_CORE") == "engine":  # diagnostic: the engine's per-token normalisation
+                engine = MegatronEngine(spec, EngineOptions(**VARIANTS[variant]))
+            else:
+                engine = LoopCore(spec, EngineOptions(**VARIANTS[variant]))
+                engine.plan.config_kwargs["calculate_per_token_loss"] = False
             row.update(attention=engine.plan.attention, experts=engine.plan.experts)
             _reset_peak()
             engine.setup()
             dp, dp_rank = data_parallel_info()
             n_micro = case.global_batch // (case.micro_batch * dp)
             batches = random_micro_batches(n_micro, case.micro_batch, case.seq, arch.vocab_size, seed=100 + dp_rank)
+            engine.scaling = LossScaling("mean", n_micro * dp, case.global_batch * case.seq, spec.parallelism.context)
+            row["core"] = type(engine).__name__
             first = None
             for _ in range(warmup):
                 r = engine.train_step(batches)

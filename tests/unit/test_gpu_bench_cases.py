@@ -81,3 +81,47 @@ def test_speedups_are_against_the_baseline_and_the_reference_variant_apart():
     assert "speedup_vs_hf" not in out["moe", "experts-eager"]
     assert out["moe-dp4", "baseline"]["scaling_efficiency"] == 0.9
     assert out["moe-dp4", "best"]["scaling_efficiency"] == 0.95
+
+
+def test_profile_counts_kernels_not_the_annotations_around_them():
+    pytest.importorskip("torch")
+    from worker import kernel_summary, kernel_times
+
+    events = [
+        ("nvjet_sm90_gemm", True, False, 800.0),
+        ("nvjet_sm90_gemm", True, False, 200.0),
+        ("multi_tensor_apply_kernel<FusedAdam>", True, False, 300.0),
+        ("Optimizer.step#AdamW.step", True, True, 320.0),  # GPU-side range spanning the Adam kernel
+        ("accumulate", True, False, 100.0),
+        ("aten::mm", False, False, 50.0),  # host op
+    ]
+    kernels = kernel_times(events)
+    assert kernels == {"nvjet_sm90_gemm": [1000.0, 2], "multi_tensor_apply_kernel<FusedAdam>": [300.0, 1],
+                       "accumulate": [100.0, 1]}
+    lines = kernel_summary(kernels, "case", wall=0.002)
+    assert lines[0] == "== case: step wall 2.0 ms, GPU kernel time 1.4 ms (70.0% of wall), 4 kernels"
+    by_group = {ln.split()[0]: ln for ln in lines[1:4]}
+    assert "1.0 ms" in by_group["gemm"] and "0.3 ms" in by_group["optimizer"]
+    assert any(ln.strip().startswith("grad accumulation") and "0.1 ms" in ln for ln in lines)
+
+
+def test_launch_sites_attribute_kernel_time_to_the_host_op_that_launched_it():
+    pytest.importorskip("torch")
+    from worker import idle_gaps, launch_sites
+
+    trace = {"traceEvents": [
+        {"cat": "cpu_op", "name": "Experts", "tid": 1, "ts": 0, "dur": 100},
+        {"cat": "cpu_op", "name": "aten::_grouped_mm", "tid": 1, "ts": 10, "dur": 5},
+        {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "tid": 1, "ts": 11, "dur": 1, "args": {"correlation": 7}},
+        {"cat": "kernel", "name": "cutlass_grouped", "ts": 20, "dur": 3000, "args": {"correlation": 7}},
+        {"cat": "cpu_op", "name": "aten::add_", "tid": 1, "ts": 3100, "dur": 5},
+        {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "tid": 1, "ts": 3101, "dur": 1, "args": {"correlation": 8}},
+        {"cat": "kernel", "name": "void at::native::vectorized_elementwise_kernel", "ts": 3120, "dur": 1000,
+         "args": {"correlation": 8}},
+    ]}
+    lines = launch_sites(trace)
+    assert lines[1].split() == ["3.00", "1", "Experts", ">", "aten::_grouped_mm", "::", "cutlass_grouped"]
+    assert lines[2].split() == ["1.00", "1", "aten::add_", "::", "vectorized_elementwise_kernel"]
+    gaps = idle_gaps(trace)
+    # the add was launched 80 us after the grouped GEMM finished: the host was late
+    assert gaps[0].startswith("   idle gaps >= 20 us: 0.1 ms in 1 gaps") and "host late: aten::add_" in gaps[1]
