@@ -23,6 +23,7 @@ VARIANTS: dict[str, dict] = {
     "grad-add-torch": {"triton_grad_accumulation": False},  # torch's mixed-dtype add into the fp32 buffer
     "ce-unchunked": {"chunked_cross_entropy": False},  # megatron's output layer + fused vocab-parallel CE
     "ce-eager": {"fused_cross_entropy": False},  # chunked CE, each chunk's softmax and gradient as torch ops
+    "ce-grad-bf16": {"output_grad_into_buffer": False},  # output weight gradient in bf16, then scaled and added
     "sdpa-flash": {"sdpa_backend": "flash"},  # SDPA pinned to torch's flash kernels instead of cuDNN
     "no-wgrad-fusion": {"grad_accum_fusion": False},
     "adam-foreach": {"fused_adam": False, "foreach_grad_norm": False},  # megatron's own Apex-less fallbacks
@@ -82,7 +83,7 @@ CASES: dict[str, Case] = {c.name: c for c in [
     Case("qwen2.5-1.5b", "qwen2.5", "1.5B", gpus=1, seq=4096, micro_batch=2, global_batch=8,
          variants=tuple(DENSE_ABLATIONS) + ("stock",)),
     Case("qwen1.5-moe-a2.7b-l3", "qwen1.5", "A2.7B", gpus=1, seq=4096, micro_batch=1, global_batch=4,
-         variants=("best", "cuda-graphs", "dispatch-megatron", "grad-add-torch", "swiglu-compiled",
+         variants=("best", "cuda-graphs", "ce-grad-bf16", "dispatch-megatron", "grad-add-torch", "swiglu-compiled",
                    "experts-sequential", "dispatcher-allgather"),
          hf_variants=("baseline", "experts-eager"), architecture={"numLayers": 3},
          note="3 of 24 layers: 14.3B parameters with fp32 gradients and Adam state (18 bytes each) do not fit one "

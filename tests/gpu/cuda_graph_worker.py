@@ -1,6 +1,7 @@
 """Run under torchrun with 1 process: trains a small model with the megatron engine, CUDA graphs on or off
-(argv: case, on|off[, more EngineOptions as JSON]), evaluating between steps, and prints one JSON line with every
-loss."""
+(argv: case, on|off[, more EngineOptions as JSON[, engine|loop]]), evaluating between steps, and prints one JSON
+line with every loss. "loop" trains with the training loop's core and its pretraining loss normalisation (the
+schedule scales each micro-batch's loss), "engine" (the default) with calculate_per_token_loss."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ TINY = dict(numLayers=3, hiddenSize=256, numAttentionHeads=4, numQueryGroups=2, 
             maxPositionEmbeddings=1024)
 CASES = {
     "dense": ("qwen2.5", "1.5B", dict(architecture=TINY)),
+    "dense-untied": ("qwen2.5", "7B", dict(architecture=TINY)),
     "moe": ("qwen1.5", "A2.7B", dict(architecture=dict(TINY, numQueryGroups=4),
                                      moe=dict(numExperts=8, topK=2, ffnHiddenSize=128, sharedExpertFfnHiddenSize=256))),
 }
@@ -33,7 +35,17 @@ def main() -> int:
                                             "activationCheckpointing": {"mode": "none"}}, **shape)
     vocab = resolve_architecture(spec).vocab_size
     extra = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
-    engine = MegatronEngine(spec, EngineOptions(cuda_graphs=graphs, **extra)).setup()
+    core = sys.argv[4] if len(sys.argv) > 4 else "engine"
+    if core == "loop":
+        from trainer.engines.megatron_loop import LoopCore, LossScaling
+
+        engine = LoopCore(spec, EngineOptions(cuda_graphs=graphs, **extra))
+        engine.plan.config_kwargs["calculate_per_token_loss"] = False
+        engine.setup()
+        engine.scaling = LossScaling("mean", GLOBAL // MICRO, GLOBAL * SEQ)
+    else:
+        engine = MegatronEngine(spec, EngineOptions(cuda_graphs=graphs, **extra)).setup()
+    tied = engine.unwrapped()[-1].share_embeddings_and_output_weights
     train = random_micro_batches(GLOBAL // MICRO, MICRO, SEQ, vocab, seed=1)
     held_out = random_micro_batches(2, MICRO, SEQ, vocab, seed=2)
     losses, evals = [], []
@@ -43,7 +55,8 @@ def main() -> int:
             evals.append(engine.evaluate(held_out)[0])
     graphed = engine.config.cuda_graph_impl == "local"
     engine.close()
-    row = dict(case=case, graphs=graphs, options=extra, graphed=graphed, losses=losses, evals=evals)
+    row = dict(case=case, graphs=graphs, options=extra, core=core, tied=tied, graphed=graphed, losses=losses,
+               evals=evals)
     print("GRAPHS " + json.dumps(row), flush=True)
     return 0
 

@@ -21,6 +21,7 @@ from trainer.engines.megatron_config import (  # noqa: E402
     plan_model,
 )
 from trainer.engines.megatron_loss import (  # noqa: E402
+    check_output_grad_scale,
     linear_cross_entropy,
     loss_sum_from_output,
     make_model_class,
@@ -219,6 +220,46 @@ def test_chunked_cross_entropy_matches_reference(dtype, tol, fused):
     assert abs(out.item() - ref.item()) <= 1e-5 * abs(ref.item())
     assert torch.allclose(hidden.grad.float(), h2.grad.float(), atol=tol, rtol=tol)
     assert torch.allclose(weight.grad.float(), w2.grad.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-chunk", "eager-chunk"])
+def test_output_weight_gradient_goes_into_the_fp32_buffer(fused):
+    torch.manual_seed(0)
+    n, h, vocab, alpha = 37, 16, 50, 0.125
+    hidden = torch.randn(n, h, requires_grad=True)
+    weight = torch.randn(vocab, h, requires_grad=True)
+    weight.main_grad = torch.full((vocab, h), 0.5)  # earlier micro-batches' sum is kept
+    weight.grad_added_to_main_grad = False
+    labels = torch.randint(0, vocab, (n,))
+    mask = (torch.rand(n) > 0.2).float()
+    out = linear_cross_entropy(hidden, weight, labels, mask, chunk_tokens=8, fused=fused, main_grad_alpha=alpha)
+    (alpha * out).backward()  # the schedule's normalisation, as assumed
+    check_output_grad_scale()
+    h2, w2 = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    (alpha * reference_cross_entropy(h2, w2, labels, mask)).backward()
+    assert torch.allclose(hidden.grad, h2.grad, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(weight.main_grad, 0.5 + w2.grad, atol=1e-5, rtol=1e-5)
+    assert weight.grad_added_to_main_grad and weight.grad.shape == weight.shape  # DDP's hook will skip its add
+
+
+def test_output_gradient_scale_other_than_assumed_is_an_error():
+    hidden = torch.randn(6, 4, requires_grad=True)
+    weight = torch.randn(10, 4, requires_grad=True)
+    weight.main_grad = torch.zeros(10, 4)
+    out = linear_cross_entropy(hidden, weight, torch.arange(6), torch.ones(6), main_grad_alpha=0.25)
+    (0.5 * out).backward()
+    with pytest.raises(RuntimeError, match="scaled by 0.25 in the forward, but the backward brought 0.5"):
+        check_output_grad_scale()
+    check_output_grad_scale()  # reported once, then cleared
+
+
+def test_output_gradient_into_the_buffer_needs_an_fp32_buffer():
+    weight = torch.randn(10, 4, dtype=torch.bfloat16, requires_grad=True)
+    for main_grad in (None, torch.zeros(10, 4, dtype=torch.bfloat16)):
+        weight.main_grad = main_grad
+        with pytest.raises(ValueError, match="fp32 main_grad"):
+            linear_cross_entropy(torch.randn(6, 4, dtype=torch.bfloat16), weight, torch.arange(6), torch.ones(6),
+                                 main_grad_alpha=1.0)
 
 
 def test_torch_grouped_mm_matches_per_expert_loop():

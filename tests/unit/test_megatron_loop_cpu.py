@@ -228,6 +228,19 @@ def test_loss_scaling_matches_the_cpu_engine():
     assert objective == pytest.approx(per_token, rel=1e-12) and reported == pytest.approx(per_token, rel=1e-12)
 
 
+@pytest.mark.parametrize("mode", ["mean", "per_token"])
+@pytest.mark.parametrize("tokens", [0, 1, 4096])
+def test_output_grad_is_the_gradient_megatrons_normalisation_brings(mode, tokens):
+    """What the chunked loss assumes before the forward equals what autograd brings through the schedule's
+    division (calculate_per_token_loss off) to one micro-batch's loss sum."""
+    scaling = LossScaling(mode, num_micro_global=8, global_tokens=20000, context_parallel=2)
+    loss_sum = torch.tensor(123.0, dtype=torch.float64, requires_grad=True)
+    value, count = scaling.contribution(loss_sum, tokens)
+    local_micro = 4
+    (value / torch.clamp(torch.tensor(count), min=1) / local_micro).backward()
+    assert scaling.output_grad(tokens, local_micro) == pytest.approx(loss_sum.grad.item(), rel=1e-12)
+
+
 @pytest.mark.parametrize("balancing", ["aux_loss", "seq_aux_loss"])
 def test_load_balancing_loss_is_read_from_megatron_tracker(balancing, megatron_world, monkeypatch):
     """Whatever the balancing type, the step reports megatron's unweighted load-balancing loss: for a router

@@ -35,6 +35,7 @@ from trainer.spec.resolve import ResolvedArchitecture, lr_decay_style, resolve_a
 
 from .megatron_config import (Capabilities, EngineOptions, ModelPlan, gpt_model_kwargs, layer_spec, plan_model,
                               wants_cuda_graphs)
+from .megatron_loss import check_output_grad_scale
 from .megatron_triton import install_grad_accumulation, install_swiglu, triton_available
 
 
@@ -289,12 +290,23 @@ class MegatronEngine:
         labels = targets.clamp(min=0)
         tokens, labels, loss_mask, position_ids = self._slice_for_context_parallel(tokens, labels, loss_mask,
                                                                                    position_ids)
+        inner = getattr(model, "module", model)
+        if hasattr(inner, "next_output_grad_alpha"):
+            inner.next_output_grad_alpha = self._output_grad_alpha(batch)
         output = model(tokens, position_ids, None, labels=labels, loss_mask=loss_mask)
         return output, self._loss_for(batch, loss_mask)
 
     def _loss_for(self, batch, loss_mask):
         """The loss function megatron's schedule applies to this micro-batch's output."""
         return partial(self._loss_func, loss_mask)
+
+    def _output_grad_alpha(self, batch) -> Optional[float]:
+        """The gradient megatron's schedule will bring to this micro-batch's loss sum, where the forward can know
+        it: bf16 (no dynamic loss scale). With calculate_per_token_loss the schedule passes the sum on unscaled
+        (finalize_model_grads divides the gradients by the step's tokens afterwards)."""
+        if not self.options.output_grad_into_buffer or self.spec.training.precision != "bf16":
+            return None
+        return 1.0 if self.plan.config_kwargs.get("calculate_per_token_loss") else None
 
     @staticmethod
     def _loss_func(loss_mask, output):
@@ -318,8 +330,8 @@ class MegatronEngine:
         for t in tensors:
             s = t.shape[1]
             chunks = t.view(t.shape[0], 2 * cp, s // (2 * cp), *t.shape[2:])
-            idx = torch.tensor([rank, 2 * cp - 1 - rank], device=t.device)
-            out.append(chunks.index_select(1, idx).reshape(t.shape[0], -1, *t.shape[2:]))
+            # slices, not an index tensor: building one on the GPU from host values would wait for the stream
+            out.append(torch.cat([chunks[:, rank], chunks[:, 2 * cp - 1 - rank]], dim=1))
         return tuple(out)
 
     def _run(self, micro_batches: Sequence, forward_only: bool) -> list[dict]:
@@ -330,6 +342,7 @@ class MegatronEngine:
         seq = micro_batches[0].tokens.shape[1]
         data = iter(micro_batches)
         iters = [iter(micro_batches) for _ in self.model] if len(self.model) > 1 else data
+        self._num_micro = len(micro_batches)
         fwd_bwd = get_forward_backward_func()
         return fwd_bwd(
             forward_step_func=self._forward_step,
@@ -363,6 +376,7 @@ class MegatronEngine:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
         stores = self._run(micro_batches, forward_only=False)
+        check_output_grad_scale()
         ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=self.spec.training.global_batch_size)
         self.iteration += 1

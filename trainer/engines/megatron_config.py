@@ -97,6 +97,10 @@ class EngineOptions:
     cross_entropy_chunk_tokens: int = 2048
     fused_cross_entropy: bool = True
     """Without tensor parallelism, each chunk's softmax, loss and logits gradient as one compiled function."""
+    output_grad_into_buffer: bool = True
+    """bf16, chunked loss, output weight not tied to the embedding: its gradient goes from each chunk's GEMM
+    straight into the fp32 gradient buffer, scaled by the schedule's known loss normalisation (no bf16 gradient,
+    no separate scale and add)."""
     experts: str = "auto"
     """MoE expert implementation: te | grouped-gemm | torch-grouped | sequential."""
     local_dispatch: bool = True

@@ -42,7 +42,7 @@ from trainer.spec.resolve import ResolvedArchitecture
 
 from .base import EngineContext, StepResult
 from .megatron import MegatronEngine
-from .megatron_loss import loss_sum_from_output
+from .megatron_loss import check_output_grad_scale, loss_sum_from_output
 
 OPTIMIZER_FORMAT = "megatron-per-rank-v1"
 
@@ -267,10 +267,21 @@ class LossScaling:
         what does not belong to the wanted loss. `micro_tokens` is the whole micro-batch's count (before a
         context-parallel split); `loss_sum` is this rank's part.
         """
+        factor, count = self.factor(micro_tokens)
+        return loss_sum * factor, count
+
+    def factor(self, micro_tokens: int) -> tuple[float, int]:
+        """(multiplier of the loss sum, token count megatron divides by) of `contribution`."""
         cp = self.context_parallel
         if self.mode == "per_token":
-            return loss_sum * (cp * self.num_micro_global / max(self.global_tokens, 1)), 1
-        return loss_sum * cp, micro_tokens
+            return cp * self.num_micro_global / max(self.global_tokens, 1), 1
+        return float(cp), micro_tokens
+
+    def output_grad(self, micro_tokens: int, local_micro: int) -> float:
+        """The gradient megatron's schedule brings to a micro-batch's loss sum in bf16: the factor, divided as the
+        schedule divides (by max(count, 1) and by the local number of micro-batches)."""
+        factor, count = self.factor(micro_tokens)
+        return factor / max(count, 1) / local_micro
 
     def report(self, loss_sum: torch.Tensor, local_tokens: torch.Tensor, micro_tokens: int) -> torch.Tensor:
         """[numerator, denominator] summed over micro-batches and ranks; their ratio is the step's loss."""
@@ -313,10 +324,17 @@ class LoopCore(MegatronEngine):
     def _loss_for(self, batch, loss_mask):
         return partial(self._scaled_loss, loss_mask, int(batch.loss_tokens))
 
+    def _output_grad_alpha(self, batch) -> Optional[float]:
+        if not self.options.output_grad_into_buffer or self.spec.training.precision != "bf16" or self.scaling is None:
+            return None
+        return self.scaling.output_grad(int(batch.loss_tokens), self._num_micro)
+
     def _scaled_loss(self, loss_mask, micro_tokens: int, output):
         loss_sum = loss_sum_from_output(output, loss_mask).float()
         value, count = self.scaling.contribution(loss_sum, micro_tokens)
-        count_t = torch.tensor(count, dtype=torch.int, device=loss_sum.device)
+        # a fill on the device: torch.tensor(..., device=cuda) copies from pageable host memory, which waits for
+        # the stream, so every micro-batch's backward would start launching only after its forward had finished
+        count_t = torch.full((), count, dtype=torch.int, device=loss_sum.device)
         return value, count_t, {"lm loss": self.scaling.report(loss_sum, loss_mask.sum(), micro_tokens)}
 
 
@@ -616,6 +634,7 @@ class MegatronLoopEngine:
         if self._moe:
             clear_aux_losses_tracker()
         stores = core._run(micro_batches, forward_only=False)
+        check_output_grad_scale()
         ok, grad_norm, _ = core.optimizer.step()
         self._steps += 1
         num, den = self._reduce_report(stores)

@@ -11,14 +11,48 @@ the token count (megatron's `calculate_per_token_loss` does it over the whole st
 as in `vocab_parallel_cross_entropy`: max, sum of exponentials and the target logit are all-reduced over the
 tensor-parallel group; the hidden-state gradient is a partial sum over this rank's vocabulary shard, which the
 surrounding region op (copy-to-TP or sequence-parallel gather) reduces in its backward.
+
+Where the caller knows, before the forward, the scalar gradient its backward will bring (`main_grad_alpha`: the
+schedule's loss normalisation, bf16 without loss scaling), the output weight's gradient goes straight into its
+fp32 `main_grad` (megatron DDP's buffer), scaled by that value in the GEMM's epilogue, as megatron's own layers do
+with gradient-accumulation fusion. That saves, per micro-batch, a bf16 weight-sized gradient, its zeroing and
+scaling and the mixed-precision add into the buffer, and accumulates the chunks in fp32 instead of bf16. The
+backward records the gradient it actually got; `check_output_grad_scale()` (once per step, before the optimizer)
+raises if it ever differed from the assumed one.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from .megatron_kernels import maybe_compile
+
+# (upstream gradient the backward got, the value the forward assumed): checked by check_output_grad_scale()
+_ASSUMED_SCALES: list[tuple[torch.Tensor, float]] = []
+
+
+def check_output_grad_scale(rtol: float = 1e-4) -> None:
+    """Raise if a backward since the last call brought another gradient than its forward put into main_grad
+    (the weight gradient in the buffer would then be wrong). One device sync; a no-op when nothing is pending."""
+    if not _ASSUMED_SCALES:
+        return
+    got = torch.stack([g.reshape(()).float() for g, _ in _ASSUMED_SCALES]).cpu().tolist()
+    assumed = [a for _, a in _ASSUMED_SCALES]
+    _ASSUMED_SCALES.clear()
+    for g, a in zip(got, assumed):
+        if abs(g - a) > rtol * abs(a):
+            raise RuntimeError(f"output-layer gradient scaled by {a!r} in the forward, but the backward brought {g!r}")
+
+
+def _accumulate_wgrad(main_grad: torch.Tensor, g: torch.Tensor, h: torch.Tensor, alpha: float) -> None:
+    """main_grad (fp32) += alpha * g^T h, the GEMM accumulating in fp32 (CUDA); fp32 operands elsewhere."""
+    if main_grad.is_cuda:
+        torch.addmm(main_grad, g.t(), h, out_dtype=torch.float32, alpha=alpha, out=main_grad)
+    else:
+        main_grad.addmm_(g.t().float(), h.float(), alpha=alpha)
 
 
 def _chunk_loss_and_grad(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor):
@@ -45,15 +79,26 @@ chunk_loss_and_grad = maybe_compile(_chunk_loss_and_grad, True)  # compiled on C
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, loss_weights, chunk_tokens: int, tp_group, fused: bool = True):
+    def forward(ctx, hidden, weight, labels, loss_weights, chunk_tokens: int, tp_group, fused: bool = True,
+                main_grad_alpha: Optional[float] = None):
         n = hidden.shape[0]
         vocab_local = weight.shape[0]
         tp_size = dist.get_world_size(tp_group) if tp_group is not None and dist.is_initialized() else 1
         tp_rank = dist.get_rank(tp_group) if tp_size > 1 else 0
         vocab_start = tp_rank * vocab_local
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        into_main = needs_grad and main_grad_alpha is not None
+        ctx.main_grad_alpha = main_grad_alpha if into_main else None
+        ctx.weight = weight if into_main else None
         grad_hidden = torch.empty_like(hidden) if needs_grad else None
-        grad_weight = torch.zeros_like(weight) if needs_grad else None
+        grad_weight = torch.zeros_like(weight) if needs_grad and not into_main else None
+
+        def add_weight_grad(g, h):
+            if into_main:
+                _accumulate_wgrad(weight.main_grad, g, h, main_grad_alpha)
+            else:
+                grad_weight.addmm_(g.t(), h)
+
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, n, chunk_tokens):
             end = min(start + chunk_tokens, n)
@@ -64,7 +109,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 total += chunk_total
                 if needs_grad:
                     torch.mm(g, weight, out=grad_hidden[start:end])
-                    grad_weight.addmm_(g.t(), h)
+                    add_weight_grad(g, h)
                 continue
             wt = loss_weights[start:end].float()
             logits = (h @ weight.t()).float()  # [c, V/tp]
@@ -90,7 +135,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 g = probs.mul_(wt[:, None]).to(hidden.dtype)
                 del probs, logits
                 torch.mm(g, weight, out=grad_hidden[start:end])
-                grad_weight.addmm_(g.t(), h)
+                add_weight_grad(g, h)
         ctx.save_for_backward(grad_hidden, grad_weight)
         return total
 
@@ -98,20 +143,32 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_total):
         grad_hidden, grad_weight = ctx.saved_tensors
         scale = grad_total.to(grad_hidden.dtype)
-        return grad_hidden * scale, grad_weight * scale, None, None, None, None, None
+        if ctx.main_grad_alpha is not None:
+            _ASSUMED_SCALES.append((grad_total.detach(), ctx.main_grad_alpha))
+            weight = ctx.weight
+            # megatron DDP's hook skips the add for weights so marked; the placeholder only has to exist (it keeps
+            # the hook on the main backward thread, as megatron's fused linear layers do)
+            weight.grad_added_to_main_grad = True
+            placeholder = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+            return grad_hidden * scale, placeholder, None, None, None, None, None, None
+        return grad_hidden * scale, grad_weight * scale, None, None, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                          loss_weights: torch.Tensor, chunk_tokens: int = 2048, tp_group=None,
-                         fused: bool = True) -> torch.Tensor:
+                         fused: bool = True, main_grad_alpha: Optional[float] = None) -> torch.Tensor:
     """sum_t w_t * CE(hidden_t @ weight.T, labels_t); hidden [n, h], weight [V or V/tp, h], labels/w [n].
 
     Labels below zero are ignored. Under tensor parallelism `hidden` must be the full sequence on every rank and
     `weight` this rank's vocabulary shard. `fused`: without tensor parallelism, each chunk's softmax, loss and
     logits gradient run as one compiled function (`chunk_loss_and_grad`); with it, as separate torch ops around
-    the all-reduces.
+    the all-reduces. `main_grad_alpha`: the gradient the backward will bring; the weight gradient, times it,
+    then goes into `weight.main_grad` (fp32) during the forward (see the module docstring).
     """
-    return _LinearCrossEntropy.apply(hidden, weight, labels, loss_weights, int(chunk_tokens), tp_group, fused)
+    if main_grad_alpha is not None and getattr(getattr(weight, "main_grad", None), "dtype", None) != torch.float32:
+        raise ValueError("main_grad_alpha needs a weight with an fp32 main_grad (megatron DDP's gradient buffer)")
+    return _LinearCrossEntropy.apply(hidden, weight, labels, loss_weights, int(chunk_tokens), tp_group, fused,
+                                     None if main_grad_alpha is None else float(main_grad_alpha))
 
 
 def reference_cross_entropy(hidden, weight, labels, loss_weights) -> torch.Tensor:
@@ -131,7 +188,14 @@ def make_model_class():
     )
 
     class QwenGPTModel(GPTModel):
-        """GPTModel returning, when given labels and `loss_mask`, the masked loss *sum* (a scalar)."""
+        """GPTModel returning, when given labels and `loss_mask`, the masked loss *sum* (a scalar).
+
+        `next_output_grad_alpha`, set by the engine just before a forward and used by that forward only: the
+        gradient the schedule will bring to the loss sum, so the output weight's gradient can go straight into
+        its fp32 buffer (`linear_cross_entropy`). Not for weights tied to the embedding, whose lookup adds a
+        gradient of its own."""
+
+        next_output_grad_alpha: Optional[float] = None
 
         def __init__(self, *args, chunked_loss: bool = True, chunk_tokens: int = 2048, fused_loss: bool = True,
                      **kwargs):
@@ -168,8 +232,12 @@ def make_model_class():
             flat = hidden_states.reshape(s * b, h)  # [s, b] order
             y = labels.transpose(0, 1).reshape(-1)
             w = loss_mask.transpose(0, 1).reshape(-1)
+            alpha, self.next_output_grad_alpha = self.next_output_grad_alpha, None
+            main_grad = getattr(weight, "main_grad", None)
+            if self.share_embeddings_and_output_weights or getattr(main_grad, "dtype", None) != torch.float32:
+                alpha = None
             return linear_cross_entropy(flat, weight, y, w, self.chunk_tokens, tp_group if tp_size > 1 else None,
-                                        self.fused_loss)
+                                        self.fused_loss, main_grad_alpha=alpha)
 
     return QwenGPTModel
 
