@@ -56,7 +56,10 @@ def main() -> int:
     local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in params)
     row = dict(mode=mode, rank=rank, world=world, loss=loss, sharded=local < full_numel,
                experts=str(getattr(model.config, "_experts_implementation", None)))
-    print("BASELINE " + json.dumps(row), flush=True)
+    # one write for the whole line: unbuffered, print() writes the text and the newline apart, and the ranks'
+    # lines interleave on the shared pipe
+    sys.stdout.write("BASELINE " + json.dumps(row) + "\n")
+    sys.stdout.flush()
     dist.destroy_process_group()
     return 0
 

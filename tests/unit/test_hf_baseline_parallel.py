@@ -17,12 +17,23 @@ pytest.importorskip("transformers")
 WORKER = Path(__file__).with_name("hf_parallel_worker.py")
 
 
+def _rows(stdout: str) -> list[dict]:
+    """Every `BASELINE {json}` record, also where two ranks' output ran into one line."""
+    decoder = json.JSONDecoder()
+    return [decoder.raw_decode(part)[0] for part in stdout.split("BASELINE ")[1:]]
+
+
+def test_rows_are_read_from_interleaved_output():
+    out = 'x\nBASELINE {"rank": 0}BASELINE {"rank": 1}\nnoise\nBASELINE {"rank": 2}\n'
+    assert [r["rank"] for r in _rows(out)] == [0, 1, 2]
+
+
 def _run(mode: str, procs: int) -> list[dict]:
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            f"--nproc_per_node={procs}", str(WORKER), mode],
                           env=env, capture_output=True, text=True, timeout=600)
-    rows = [json.loads(line.split(" ", 1)[1]) for line in proc.stdout.splitlines() if line.startswith("BASELINE ")]
+    rows = _rows(proc.stdout)
     assert proc.returncode == 0 and len(rows) == procs, \
         f"rc={proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return rows
