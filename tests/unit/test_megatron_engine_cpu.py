@@ -431,3 +431,21 @@ def test_flash_attention_knob_picks_the_kernels():
     assert plan(True, with_te).config_kwargs["attention_backend"] == AttnBackend.flash
     assert plan(False, with_te).config_kwargs["attention_backend"] == AttnBackend.fused
     assert "attention_backend" not in plan(None, with_te).config_kwargs
+
+
+@pytest.mark.parametrize("cp", [2, 4])
+def test_context_parallel_slice_keeps_chunks_r_and_its_mirror(cp, monkeypatch):
+    from megatron.core import parallel_state
+
+    from trainer.engines.megatron import MegatronEngine
+
+    seq, chunk = 8 * cp, 4
+    tokens = torch.arange(2 * seq).view(2, seq)
+    hidden = torch.randn(2, seq, 3)
+    monkeypatch.setattr(parallel_state, "get_context_parallel_world_size", lambda: cp)
+    for rank in range(cp):
+        monkeypatch.setattr(parallel_state, "get_context_parallel_rank", lambda: rank)
+        t, h = MegatronEngine._slice_for_context_parallel(tokens, hidden)
+        mirror = 2 * cp - 1 - rank
+        keep = [*range(rank * chunk, (rank + 1) * chunk), *range(mirror * chunk, (mirror + 1) * chunk)]
+        assert torch.equal(t, tokens[:, keep]) and torch.equal(h, hidden[:, keep])
