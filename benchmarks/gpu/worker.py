@@ -5,6 +5,9 @@ Timing: `--warmup` optimiser steps (compilation, allocator warm-up) are discarde
 between two device synchronisations. Tokens/s counts every input token of the global batch; TFLOPS uses
 Megatron's model-FLOPs formula (trainer.spec.estimate.flops_per_token, causal attention halved); MFU is against
 989 TFLOPS (H100 SXM dense bf16). Peak memory is torch's peak allocation on this rank over the whole run.
+
+Engine runs train with the training loop's core (`LoopCore`) and its pretraining loss normalisation, as `trainer
+run` does; BENCH_CORE=engine runs `MegatronEngine` with calculate_per_token_loss instead (for comparison only).
 """
 
 from __future__ import annotations
