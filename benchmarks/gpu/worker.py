@@ -91,6 +91,13 @@ def _group(name: str) -> str:
 _NAME_NOISE = ("void ", "at::native::", "(anonymous namespace)::", "c10::")
 
 
+def _short(kernel_name: str) -> str:
+    """A kernel's name without the namespaces and keywords that make every torch kernel name start alike."""
+    for noise in _NAME_NOISE:
+        kernel_name = kernel_name.replace(noise, "")
+    return kernel_name
+
+
 def kernel_times(events) -> dict[str, list]:
     """name -> [microseconds, calls] of the GPU kernels among (name, on_gpu, is_annotation, us) events. The
     profiler also puts user annotations on the GPU timeline (the optimizer's `Optimizer.step#AdamW.step` spans
@@ -116,10 +123,7 @@ def kernel_summary(kernels: dict[str, list], label: str, wall: float, top: int =
         lines.append(f"   {g:18s} {us / 1e3:9.1f} ms {100 * us / total_us:5.1f}%")
     lines.append("   top kernels (ms, calls):")
     for name, (us, n) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]:
-        short = name
-        for noise in _NAME_NOISE:
-            short = short.replace(noise, "")
-        lines.append(f"   {us / 1e3:9.2f} {n:6d}  {short[:170]}")
+        lines.append(f"   {us / 1e3:9.2f} {n:6d}  {_short(name)[:170]}")
     return lines
 
 
@@ -170,11 +174,12 @@ class _Trace:
         return self.stack_at(launch.get("tid"), launch["ts"]) if launch else "?"
 
 
-def idle_gaps(trace: dict, min_gap_us: float = 20.0, top: int = 15) -> list[str]:
+def idle_gaps(trace, min_gap_us: float = 20.0, top: int = 15) -> list[str]:
     """GPU idle time between kernels, from a chrome trace: each gap before a kernel is attributed to the CPU ops
     (outermost > innermost) that were running when that kernel was launched, and marked "host late" when the
-    launch itself came after the GPU had gone idle (the host was the bottleneck) rather than before it."""
-    t = _Trace(trace)
+    launch itself came after the GPU had gone idle (the host was the bottleneck) rather than before it. `trace`: the
+    chrome trace's dict or its parsed `_Trace`."""
+    t = trace if isinstance(trace, _Trace) else _Trace(trace)
     gaps: dict[str, list] = {}
     end = t.kernels[0]["ts"] + t.kernels[0]["dur"] if t.kernels else 0
     for k in t.kernels[1:]:
@@ -193,10 +198,10 @@ def idle_gaps(trace: dict, min_gap_us: float = 20.0, top: int = 15) -> list[str]
     return lines
 
 
-def launch_sites(trace: dict, top: int = 30) -> list[str]:
+def launch_sites(trace, top: int = 30) -> list[str]:
     """GPU time by (host op that launched it, kernel), largest first: which model code each kernel's time
-    belongs to, where kernel names alone (elementwise, copy) do not say."""
-    t = _Trace(trace)
+    belongs to, where kernel names alone (elementwise, copy) do not say. `trace` as for idle_gaps."""
+    t = trace if isinstance(trace, _Trace) else _Trace(trace)
     sites: dict[tuple[str, str], list] = {}
     for k in t.kernels:
         site = sites.setdefault((t.launched_by(k), k.get("name", "?")), [0.0, 0])
@@ -204,10 +209,7 @@ def launch_sites(trace: dict, top: int = 30) -> list[str]:
         site[1] += 1
     lines = ["   GPU time by launching host op (ms, kernels):"]
     for (where, name), (us, n) in sorted(sites.items(), key=lambda kv: -kv[1][0])[:top]:
-        short = name
-        for noise in _NAME_NOISE:
-            short = short.replace(noise, "")
-        lines.append(f"   {us / 1e3:9.2f} {n:6d}  {where[:90]} :: {short[:90]}")
+        lines.append(f"   {us / 1e3:9.2f} {n:6d}  {where[:90]} :: {_short(name)[:90]}")
     return lines
 
 
@@ -232,7 +234,7 @@ def _profile(step, label, path, ProfilerActivity, profile) -> None:
 
         with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
             prof.export_chrome_trace(tmp.name)
-            trace = json.load(open(tmp.name))
+            trace = _Trace(json.load(open(tmp.name)))
         lines += launch_sites(trace)
         lines += idle_gaps(trace)
     except Exception as err:

@@ -348,11 +348,16 @@ def install_torch_grouped_gemm() -> Callable[[], None]:
     return restore
 
 
-def wgrad_accumulate(total_input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor) -> None:
-    """main_grad (fp32) += grad_output^T @ total_input, with bf16/fp16 operands and fp32 accumulation."""
+def wgrad_accumulate(total_input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor,
+                     alpha: float = 1.0) -> None:
+    """main_grad (fp32) += alpha * grad_output^T @ total_input, with bf16/fp16 operands and fp32 accumulation
+    (on CPU, where addmm has no out_dtype, the operands are cast to fp32 first)."""
     g = grad_output.reshape(-1, grad_output.shape[-1])
     x = total_input.reshape(-1, total_input.shape[-1])
-    torch.addmm(main_grad, g.t(), x, out_dtype=torch.float32, out=main_grad)
+    if main_grad.is_cuda:
+        torch.addmm(main_grad, g.t(), x, out_dtype=torch.float32, alpha=alpha, out=main_grad)
+    else:
+        main_grad.addmm_(g.t().float(), x.float(), alpha=alpha)
 
 
 def wgrad_accumulate_low_precision(total_input, grad_output, main_grad) -> None:

@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .megatron_kernels import maybe_compile
+from .megatron_kernels import maybe_compile, wgrad_accumulate
 
 # (upstream gradient the backward got, the value the forward assumed): checked by check_output_grad_scale()
 _ASSUMED_SCALES: list[tuple[torch.Tensor, float]] = []
@@ -46,13 +46,6 @@ def check_output_grad_scale(rtol: float = 1e-4) -> None:
         if abs(g - a) > rtol * abs(a):
             raise RuntimeError(f"output-layer gradient scaled by {a!r} in the forward, but the backward brought {g!r}")
 
-
-def _accumulate_wgrad(main_grad: torch.Tensor, g: torch.Tensor, h: torch.Tensor, alpha: float) -> None:
-    """main_grad (fp32) += alpha * g^T h, the GEMM accumulating in fp32 (CUDA); fp32 operands elsewhere."""
-    if main_grad.is_cuda:
-        torch.addmm(main_grad, g.t(), h, out_dtype=torch.float32, alpha=alpha, out=main_grad)
-    else:
-        main_grad.addmm_(g.t().float(), h.float(), alpha=alpha)
 
 
 def _chunk_loss_and_grad(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor):
@@ -95,7 +88,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
         def add_weight_grad(g, h):
             if into_main:
-                _accumulate_wgrad(weight.main_grad, g, h, main_grad_alpha)
+                wgrad_accumulate(h, g, weight.main_grad, main_grad_alpha)
             else:
                 grad_weight.addmm_(g.t(), h)
 
