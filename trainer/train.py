@@ -199,9 +199,6 @@ def run_training(spec: JobSpec, d: DistEnv, log: Callable[[str], None]) -> int:
     last_saved = state.iteration if latest is not None else None
 
     def save_checkpoint() -> None:
-        prepare = getattr(engine, "prepare_checkpoint", None)  # collective: sharded engines gather first
-        if prepare is not None:
-            prepare(spec.checkpoint.save_optimizer)
         store.save(out_root, state, engine, scheduler=sched.state_dict(), **save_kwargs)
 
     window = {"loss": 0.0, "aux": 0.0, "n": 0, "tokens": 0, "loss_tokens": 0, "t": time.time()}

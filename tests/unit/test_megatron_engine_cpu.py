@@ -449,3 +449,63 @@ def test_context_parallel_slice_keeps_chunks_r_and_its_mirror(cp, monkeypatch):
         mirror = 2 * cp - 1 - rank
         keep = [*range(rank * chunk, (rank + 1) * chunk), *range(mirror * chunk, (mirror + 1) * chunk)]
         assert torch.equal(t, tokens[:, keep]) and torch.equal(h, hidden[:, keep])
+
+
+# ------------------------------------------------------------------------------------------------ sharded checkpoints
+
+SHARDED_CASES = {
+    "qwen2.5-tied-gqa-bias": (EngineOptions(), CPU, torch.float32),
+    "qwen3-qk-norm": (EngineOptions(), CPU, torch.float32),
+    # the GPU engine's experts (megatron's GroupedMLP on torch's grouped GEMM), which megatron builds in bf16 only
+    "qwen1.5-moe-shared-gate": (EngineOptions(experts="torch-grouped"), Capabilities(torch_grouped_mm=True),
+                                torch.bfloat16),
+    "qwen3-moe-norm-topk": (EngineOptions(experts="sequential"), CPU, torch.float32),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SHARDED_CASES))
+def test_sharded_save_reads_back_in_the_converter_and_the_model(case, megatron_world, monkeypatch, tmp_path):
+    """What the megatron engine writes at a training checkpoint (its model's sharded state dict through
+    dist_checkpointing, every rank its part) is what the export stage's converter reads back as the HF weights,
+    and what a fresh model loads back exactly."""
+    from trainer.checkpoint import sharded, store
+    from trainer.checkpoint.layout import write_tracker
+    from trainer.checkpoint.weights import read_weights
+    from trainer.convert.formats.torch_dist import _cpu_only, _in_process_writers
+    from trainer.engines.hf_model import hf_config
+
+    opts, caps, dtype = SHARDED_CASES[case]
+    models = []
+    restore = kernels.install_torch_grouped_gemm() if opts.experts == "torch-grouped" else (lambda: None)
+    try:
+        _megatron_loss(DENSE_MOE_CASES[case], monkeypatch, opts, caps, dtype=dtype, on_model=models.append)
+        spec = job_spec(*DENSE_MOE_CASES[case][:2], training={"seqLength": 64}, **DENSE_MOE_CASES[case][2])
+        arch = resolve_architecture(spec)
+        _, reference = hf_reference(arch)
+        root = tmp_path / "ckpt"
+        folder = root / "iter_0000003"
+        folder.mkdir(parents=True)
+        md = dict(sharded.SHARDED_STATE_METADATA)
+        with _cpu_only(), _in_process_writers():  # the CPU stand-ins for the GPU's staging and writer processes
+            sharded.save({"model": models[0].sharded_state_dict(metadata=md)}, folder)
+        store.write_model_description(root, hf_config(arch), None)
+        write_tracker(root, 3)
+        assert sharded.is_sharded(folder)
+
+        exported = read_weights(root, "mcore")  # the spec's per-rank format name: the folder is detected as torch_dist
+        assert sorted(exported) == sorted(k for k in reference if not (arch.tie_word_embeddings and k == "lm_head.weight"))
+        for name, t in exported.items():
+            assert torch.equal(t, reference[name].to(dtype)), name
+
+        _megatron_loss(DENSE_MOE_CASES[case], monkeypatch, opts, caps, dtype=dtype, on_model=models.append)
+        fresh = models[1]
+        with torch.no_grad():
+            for p in fresh.parameters():
+                p.zero_()
+        state = sharded.load({"model": fresh.sharded_state_dict(metadata=md)}, folder)["model"]
+        fresh.load_state_dict(state, strict=True)
+        for (name, a), b in zip(models[0].state_dict().items(), fresh.state_dict().values()):
+            if isinstance(a, torch.Tensor):
+                assert torch.equal(a, b), name
+    finally:
+        restore()

@@ -33,8 +33,9 @@ import torch.distributed as dist
 
 from trainer import faults
 
-from . import weights
-from .layout import TRACKER, atomic_directory, fsync_dir, iteration_dir_name, read_tracker, write_tracker
+from . import sharded, weights
+from .layout import (TRACKER, atomic_directory, fsync_dir, fsync_tree, iteration_dir_name, read_tracker,
+                     write_tracker)
 
 STATE_FILE = "trainer_state.pt"
 _ITER_RE = re.compile(r"^iter_(\d{7})$")
@@ -116,50 +117,114 @@ def write_model_description(root: Path, config, tokenizer_dir: Optional[str]) ->
 
 def save(root: Path, state: TrainState, engine, *, fmt: str, layout: tuple[int, int, int], scheduler: dict,
          fingerprint: dict, keep_last: Optional[int], save_optimizer: bool, rank: int, world: int,
-         log: Callable[[str], None]) -> Optional[Path]:
-    """Collective: every rank calls it; rank 0 writes. Returns the folder on rank 0."""
+         log: Callable[[str], None], sharded: Optional[bool] = None) -> Optional[Path]:
+    """Collective: every rank calls it. Returns the folder on rank 0.
+
+    An engine with `saves_sharded` writes its own shards from every rank (torch_dist layout, see
+    trainer.checkpoint.sharded); otherwise rank 0 writes the weights the engine hands over in the backend's
+    Megatron layout through the converter. `sharded=False` forces the second path (the checkpoint benchmark's
+    baseline)."""
     t0 = time.time()
     rngs = _gather_rng(world)
     target = root / iteration_dir_name(state.iteration)
+    use_sharded = getattr(engine, "saves_sharded", False) if sharded is None else sharded
+    if use_sharded:
+        saved_fmt = "torch_dist"
+        scratch = _save_sharded(target, state, engine, save_optimizer, rank, world)
+    else:
+        saved_fmt = fmt
+        prepare = getattr(engine, "prepare_checkpoint", None)  # collective: engines spread over ranks gather first
+        if prepare is not None:
+            prepare(save_optimizer)
     if rank == 0:
-        tp, pp, ep = layout
-        with atomic_directory(target, overwrite=True) as tmp:
-            if engine.writes_megatron_layout:
-                engine.save_model(tmp)
-            else:
-                weights.write_megatron(tmp, engine.checkpoint_weights(), engine.hf_config(), fmt, tp=tp, pp=pp, ep=ep,
-                                       scratch_parent=root)
-            weights.set_iteration(tmp, fmt, state.iteration, {
-                "num_floating_point_operations_so_far": state.flops_so_far,
-                "opt_param_scheduler": scheduler,
-            })
-            payload = {
-                "version": 1,
-                "engine": engine.name,
-                "iteration": state.iteration,
-                "consumed_samples": state.consumed_samples,
-                "consumed_valid_samples": state.consumed_valid_samples,
-                "flops_so_far": state.flops_so_far,
-                "scheduler": scheduler,
-                "optimizer": engine.optimizer_state_dict() if save_optimizer else None,
-                "rng_state": rngs,
-                "fingerprint": fingerprint,
-                "format": fmt,
-                "saved_at": time.time(),
-            }
-            torch.save(payload, tmp / STATE_FILE)
-            faults.hit("save_before_rename", state.iteration, rank)
+        if use_sharded:
+            _commit(scratch, target, _payload(state, engine, scheduler, fingerprint, rngs, saved_fmt, None))
+        else:
+            tp, pp, ep = layout
+            with atomic_directory(target, overwrite=True) as tmp:
+                weights.write_megatron(tmp, engine.checkpoint_weights(), engine.hf_config(), fmt, tp=tp, pp=pp,
+                                       ep=ep, scratch_parent=root)
+                optimizer = engine.optimizer_state_dict() if save_optimizer else None
+                _write_payload(tmp, _payload(state, engine, scheduler, fingerprint, rngs, saved_fmt, optimizer))
+                faults.hit("save_before_rename", state.iteration, rank)
         faults.hit("save_before_tracker", state.iteration, rank)
         write_tracker(root, state.iteration)
         if keep_last:
             prune(root, keep_last, log)
-        log(f"saved checkpoint {target} ({fmt}, iteration {state.iteration}) in {time.time() - t0:.2f}s")
     if world > 1 and dist.is_initialized():
         dist.barrier()
+    # the time every rank waited for, from the first collective to the last barrier
+    log(f"saved checkpoint {target} ({saved_fmt}{', every rank its shard' if use_sharded else ''}, iteration "
+        f"{state.iteration}) in {time.time() - t0:.2f}s")
     # Saving must not disturb the run: restore this rank's RNG to what it was before the save.
     set_rng_state(rngs[rank] if len(rngs) > rank else rngs[0])
     faults.hit("after_save", state.iteration, rank)
     return target if rank == 0 else None
+
+
+def _payload(state: TrainState, engine, scheduler: dict, fingerprint: dict, rngs: list, fmt: str,
+             optimizer: Optional[dict]) -> dict:
+    return {
+        "version": 1,
+        "engine": engine.name,
+        "iteration": state.iteration,
+        "consumed_samples": state.consumed_samples,
+        "consumed_valid_samples": state.consumed_valid_samples,
+        "flops_so_far": state.flops_so_far,
+        "scheduler": scheduler,
+        "optimizer": optimizer,
+        "rng_state": rngs,
+        "fingerprint": fingerprint,
+        "format": fmt,
+        "saved_at": time.time(),
+    }
+
+
+def _write_payload(folder: Path, payload: dict) -> None:
+    torch.save(payload, folder / STATE_FILE)
+    weights.set_iteration(folder, payload["format"], payload["iteration"], {
+        "num_floating_point_operations_so_far": payload["flops_so_far"],
+        "opt_param_scheduler": payload["scheduler"],
+    })
+
+
+def _scratch_name(target: Path, world: int) -> Path:
+    """One scratch folder for every rank: named by rank 0's process id, so a live save is never taken for the
+    leftover of a killed one."""
+    token = [os.getpid()]
+    if world > 1 and dist.is_initialized():
+        dist.broadcast_object_list(token, src=0)
+    return target.parent / f".{target.name}.tmp-{token[0]}"
+
+
+def _save_sharded(target: Path, state: TrainState, engine, save_optimizer: bool, rank: int, world: int) -> Path:
+    """Every rank writes its shards into the shared scratch folder; returns it once all of them have."""
+    scratch = _scratch_name(target, world)
+    if rank == 0:
+        if scratch.exists():
+            shutil.rmtree(scratch)
+        scratch.mkdir(parents=True)
+    if world > 1 and dist.is_initialized():
+        dist.barrier()
+    engine.save_sharded(scratch, save_optimizer)
+    faults.hit("save_before_rename", state.iteration, rank)
+    if world > 1 and dist.is_initialized():
+        dist.barrier()  # every rank's files are written and fsynced
+    return scratch
+
+
+def _commit(scratch: Path, target: Path, payload: dict) -> None:
+    """Rank 0, after every rank wrote its shards: the trainer state last, then the folder renamed into place."""
+    _write_payload(scratch, payload)
+    fsync_tree(scratch)
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{os.getpid()}"
+        os.replace(target, old)
+    os.replace(scratch, target)
+    fsync_dir(target.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def prune(root: Path, keep_last: int, log: Callable[[str], None]) -> None:
@@ -189,19 +254,24 @@ class Loaded:
 
 def load(root: Path, iteration: int, engine, *, fmt: str, rank: int, load_optimizer: bool,
          log: Callable[[str], None]) -> Loaded:
+    """Collective where the checkpoint is sharded and the engine reads shards (every rank its own regions, at any
+    layout); otherwise the weights come through the converter as full tensors."""
     folder = root / iteration_dir_name(iteration)
     payload = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
     saved_fmt = payload.get("format", fmt)
-    if engine.writes_megatron_layout:
-        engine.load_model(folder)
+    optimizer = None
+    if sharded.is_sharded(folder) and getattr(engine, "saves_sharded", False):
+        restored = engine.load_sharded(folder, load_optimizer and payload.get("engine") == engine.name)
+        if load_optimizer and not restored:
+            log("the checkpoint holds no optimizer state of this engine; starting the optimizer afresh")
     else:
         engine.load_checkpoint_weights(weights.read_weights(folder, saved_fmt, scratch_parent=root))
+        optimizer = payload.get("optimizer") if load_optimizer else None
+        if optimizer is not None and payload.get("engine") != engine.name:
+            log(f"optimizer state was saved by engine={payload.get('engine')}; starting the optimizer afresh")
+            optimizer = None
     rngs = payload.get("rng_state") or []
     rng = rngs[rank] if rank < len(rngs) else None
-    optimizer = payload.get("optimizer") if load_optimizer else None
-    if optimizer is not None and payload.get("engine") != engine.name:
-        log(f"optimizer state was saved by engine={payload.get('engine')}; starting the optimizer afresh")
-        optimizer = None
     state = TrainState(payload["iteration"], payload["consumed_samples"], payload.get("consumed_valid_samples", 0),
                        payload.get("flops_so_far", 0.0))
     return Loaded(state, payload.get("scheduler", {}), optimizer, rng, payload.get("fingerprint", {}),

@@ -98,11 +98,15 @@ def read_weights(path: Path, fmt: str, scratch_parent: Optional[Path] = None) ->
     from trainer.convert import open_source
     from trainer.convert.plan import format_rules, instances
 
-    if fmt == "torch_dist":
+    from trainer.convert.formats.torch_dist import is_torch_dist_dir
+
+    from .layout import resolve_iteration_dir
+
+    if fmt == "torch_dist" or (fmt != "hf" and is_torch_dist_dir(resolve_iteration_dir(Path(path))[1])):
         parent = scratch_parent or Path(path).parent
         scratch = parent / f".scratch-{uuid.uuid4().hex[:8]}"
         try:
-            _convert_in_child(Path(path), fmt, scratch / "hf", "hf", [])
+            _convert_in_child(Path(path), "torch_dist", scratch / "hf", "hf", [])
             return read_weights(scratch / "hf", "hf")
         finally:
             shutil.rmtree(scratch, ignore_errors=True)

@@ -19,7 +19,7 @@ from .formats import FORMATS
 from .formats.args import megatron_args
 from .formats.hf import HFSource, unmapped, write_hf
 from .formats.per_rank import FORMATS as PER_RANK, PerRankSource, write_per_rank
-from .formats.torch_dist import DistSource, write_torch_dist
+from .formats.torch_dist import DistSource, is_torch_dist_dir, write_torch_dist
 from .manifest import MANIFEST, check_manifest, write_manifest
 from .plan import Placement, format_rules, instances, iter_groups, rules_for
 from .sources import ByName, Upcycled
@@ -66,7 +66,7 @@ def open_source(path: Path, fmt: str, *, family=None, extra_vocab_size=0, padded
     def spec_for(padded: int):
         return model_spec(config, family, padded_vocab_size=padded)
 
-    if fmt == "torch_dist":
+    if fmt == "torch_dist" or is_torch_dist_dir(iter_dir):  # training checkpoints of sharded engines are torch_dist
         src = DistSource(root, iter_dir, spec_for)
         return ByName(src, instances(src.spec, format_rules(src.spec, ("mcore",), fmt)))
     pr = PER_RANK[fmt]

@@ -2,17 +2,18 @@
 
 The loop owns the schedule, the data, logging and checkpoint cadence; an engine owns the model on its device,
 the forward/backward over micro-batches, the gradient reduction over data-parallel ranks, clipping and the
-optimiser. Weights cross the boundary in Hugging Face naming (`checkpoint_weights` / `load_checkpoint_weights`);
-the checkpoint module turns them into the backend's Megatron layout through the converter. An engine that keeps a
-Megatron model (the megatron-core GPU engine) can hand out Megatron shards instead by overriding
-`writes_megatron_layout` and `save_model` / `load_model`.
+optimiser. Weights cross the boundary in Hugging Face naming (`checkpoint_weights` / `load_checkpoint_weights`)
+for initial weights and for engines that keep the whole model in every process (the CPU engine): rank 0 writes
+them in the backend's Megatron layout through the converter.
 
-The checkpoint is written by rank 0 alone. An engine whose weights or optimizer state are spread over processes
-defines `prepare_checkpoint(save_optimizer: bool)`: the loop calls it on every rank right before each save, so the
-engine can gather what rank 0's `checkpoint_weights()` / `optimizer_state_dict()` then return. An engine with
-model parallelism also decides which processes share micro-batches: the loop reads `data_parallel_size` and
-`data_parallel_rank` from any engine other than the CPU one before it shards the data, so those are set when the
-engine is created, before `build`.
+An engine whose model is spread over processes (the megatron engine) sets `saves_sharded` and implements
+`save_sharded(folder, save_optimizer)` / `load_sharded(folder, load_optimizer) -> bool`: every rank writes and
+reads its own shard of weights and optimizer state (trainer.checkpoint.sharded), and no process gathers the
+model. Such an engine may still define `prepare_checkpoint(save_optimizer)` for the gathered path (the checkpoint
+benchmark's baseline): it gathers what rank 0's `checkpoint_weights()` / `optimizer_state_dict()` then return.
+An engine with model parallelism also decides which processes share micro-batches: the loop reads
+`data_parallel_size` and `data_parallel_rank` from any engine other than the CPU one before it shards the data,
+so those are set when the engine is created, before `build`.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class Engine(Protocol):
     device: str
     data_parallel_size: int
     data_parallel_rank: int
-    writes_megatron_layout: bool  # False: weights go through checkpoint_weights() and the converter
+    saves_sharded: bool  # True: every rank saves/loads its own shard (save_sharded / load_sharded)
     notes: list[str]  # after build: what the spec asked for that this engine does not do here, and why
 
     def build(self, ctx: EngineContext) -> None:

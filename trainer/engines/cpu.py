@@ -24,7 +24,7 @@ from .base import EngineContext, StepResult
 class CpuEngine:
     name = "cpu"
     device = "cpu"
-    writes_megatron_layout = False
+    saves_sharded = False  # rank 0 writes full weights through the converter
 
     def __init__(self) -> None:
         self.model = None

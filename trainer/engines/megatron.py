@@ -159,8 +159,10 @@ class MegatronEngine:
                 fused_loss=self.options.fused_cross_entropy,
                 **gpt_model_kwargs(self.plan),
             )
-            if config.use_cpu_initialization:
-                chunk.cuda(torch.cuda.current_device())
+            # Always, as Megatron-LM's get_model does: megatron-core creates a few parameters on the CPU even
+            # without use_cpu_initialization (the shared expert's gate of Qwen1.5/Qwen2-MoE), which the mixed
+            # precision optimizer then refuses.
+            chunk.cuda(torch.cuda.current_device())
             chunks.append(chunk)
             offsets.append(self._layer_offset(config, stage))
         if self.options.local_dispatch and self.plan.experts == "torch-grouped":

@@ -232,8 +232,8 @@ def hf_from_shards(dense: dict[int, dict[str, torch.Tensor]], experts: dict[int,
                 if em.group(5):  # legacy GroupedMLP: weight1 [h, E_local*2f], weight2 [E_local*f, h]
                     for j in range(local):
                         e = f"{p}{ep_rank * local + j}."
-                        if em.group(5) == "1":
-                            gate, up = torch.chunk(t[:, j * 2 * f:(j + 1) * 2 * f].t(), 2, dim=0)
+                        if em.group(5) == "1":  # megatron's view(E_local, h, 2f): experts outermost in memory
+                            gate, up = torch.chunk(t.reshape(local, t.shape[0], -1)[j].t(), 2, dim=0)
                             out[e + "gate_proj.weight"], out[e + "up_proj.weight"] = gate, up
                         else:
                             out[e + "down_proj.weight"] = t[j * f:(j + 1) * f].t()
@@ -358,7 +358,6 @@ class MegatronLoopEngine:
 
     name = "megatron"
     device = "cuda"
-    writes_megatron_layout = False
 
     def __init__(self, spec: JobSpec, options=None, *, env=None):
         from trainer.distenv import read_env
@@ -390,6 +389,9 @@ class MegatronLoopEngine:
         self._pending_optimizer: Optional[dict] = None
         self._pending_for: Optional[int] = None
         self._steps = 0
+        # every rank saves and loads its own shard (trainer.checkpoint.sharded); MegaBlocks' expert modules have
+        # no sharded state dict, so that backend's checkpoints still go through rank 0
+        self.saves_sharded = spec.model.backend != "megablocks"
 
     # ---- construction -------------------------------------------------------------------------------------------
     def build(self, ctx: EngineContext) -> None:
@@ -524,6 +526,50 @@ class MegatronLoopEngine:
             self.prepare_checkpoint(save_optimizer=False)
         out, self._pending_weights = self._pending_weights, None
         return out
+
+    # ---- sharded checkpoints (every rank its own part) -----------------------------------------------------------
+    def _sharded_state_dict(self, with_optimizer: bool, is_loading: bool) -> dict:
+        """Megatron's sharded state dicts of the model chunks (keys `model` or `model0..`, as Megatron-LM names
+        them) and, if asked, of the optimizer, in formats that reshard to any layout."""
+        from trainer.checkpoint.sharded import SHARDED_STATE_METADATA
+
+        md = dict(SHARDED_STATE_METADATA)
+        chunks = self.core.unwrapped()
+        if len(chunks) == 1:
+            out = {"model": chunks[0].sharded_state_dict(metadata=md)}
+        else:
+            out = {f"model{i}": c.sharded_state_dict(metadata=md) for i, c in enumerate(chunks)}
+        if with_optimizer:
+            out["optimizer"] = self.core.optimizer.sharded_state_dict(dict(out), is_loading=is_loading, metadata=md)
+        return out
+
+    def save_sharded(self, folder, save_optimizer: bool) -> None:
+        """Collective: this rank's shards of the weights (and optimizer state) into `folder`."""
+        from trainer.checkpoint import sharded
+
+        self._sync_params()
+        sharded.save(self._sharded_state_dict(save_optimizer, is_loading=False), folder)
+
+    def load_sharded(self, folder, load_optimizer: bool) -> bool:
+        """Collective: the regions of a sharded checkpoint this rank needs, whatever layout saved it. Returns
+        whether optimizer state was restored (it is where the checkpoint holds it and it is asked for)."""
+        from trainer.checkpoint import sharded
+
+        from .megatron_kernels import use_fused_adam
+
+        with_optimizer = load_optimizer and any(k.startswith("optimizer.") for k in sharded.saved_keys(folder))
+        state = sharded.load(self._sharded_state_dict(with_optimizer, is_loading=True), folder)
+        chunks = self.core.unwrapped()
+        for i, chunk in enumerate(chunks):
+            chunk.load_state_dict(state["model" if len(chunks) == 1 else f"model{i}"], strict=True)
+        if with_optimizer:
+            self.core.optimizer.load_state_dict(state["optimizer"])
+            if self.options.fused_adam:
+                use_fused_adam(self.core.optimizer)  # a restored step sits on the host
+        else:
+            self.core.optimizer.reload_model_params()  # fp32 master weights follow the loaded weights
+        self._pending_weights = None
+        return with_optimizer
 
     # ---- optimiser state ----------------------------------------------------------------------------------------
     def _layout(self) -> dict:

@@ -4,8 +4,9 @@ Used to start a run from the same weights as the CPU engine (GPU parity test, be
 disk; the converter (`trainer.convert`) remains the way to produce Megatron checkpoints. The layout facts are
 megatron-core's: qkv fused per query group `[q heads of group g; k_g; v_g]`, `linear_fc1 = [gate; up]` with gate and
 up split separately under tensor parallelism, row-parallel layers split on the input dimension, vocabulary split on
-rows; legacy `GroupedMLP` stores experts as `weight1 [h, E_local * 2f]` (per expert the transpose of `[gate; up]`) and
-`weight2 [E_local * f, h]` (per expert `down_proj` transposed); `SequentialMLP` as `local_experts.{j}.linear_fc*`;
+rows; legacy `GroupedMLP` stores experts as `weight1` of nominal shape `[h, E_local * 2f]` that megatron reads as
+`view(E_local, h, 2f)` (per expert the transpose of `[gate; up]`, experts outermost in memory) and `weight2
+[E_local * f, h]` (per expert `down_proj` transposed); `SequentialMLP` as `local_experts.{j}.linear_fc*`;
 global expert id = ep_rank * E_local + j. TE specs fuse the pre-norms into the following linear
 (`linear_qkv.layer_norm_weight`, `linear_fc1.layer_norm_weight`).
 """
@@ -103,7 +104,11 @@ def megatron_state_dict(hf: dict[str, torch.Tensor], arch: ResolvedArchitecture,
                     mats.append(torch.cat([hf[e + "gate_proj.weight"], hf[e + "up_proj.weight"]], 0).t())
                 else:  # per expert [f, h] = down^T
                     mats.append(hf[e + "down_proj.weight"].t())
-            out[key] = torch.cat(mats, dim=1 if rest.endswith("weight1") else 0).contiguous()
+            # megatron reads weight1 as view(E_local, h, 2f) and weight2 as view(E_local, f, h): experts are the
+            # outermost axis of the memory in both, whatever the nominal 2-D shape says
+            stacked = torch.stack(mats, 0)
+            out[key] = (stacked.reshape(stacked.shape[1], -1) if rest.endswith("weight1")
+                        else stacked.reshape(-1, stacked.shape[-1])).contiguous()
         else:
             em = re.match(r"^mlp\.experts\.(?:local_experts\.(\d+)\.linear_fc([12])\.weight|linear_fc([12])\.weight(\d+))$",
                           rest)

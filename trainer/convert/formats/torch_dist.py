@@ -230,6 +230,11 @@ class DcpReader:
         return out
 
 
+def is_torch_dist_dir(iter_dir: Path) -> bool:
+    """An iteration folder written by dist_checkpointing (whatever format a spec names for it)."""
+    return (Path(iter_dir) / "metadata.json").is_file() and (Path(iter_dir) / ".metadata").is_file()
+
+
 class DistSource:
     """Reads a torch_dist checkpoint one tensor (one layer of it) at a time."""
 

@@ -1,0 +1,82 @@
+"""Sharded training checkpoints: every rank writes and reads its own part, through megatron-core's
+dist_checkpointing (the `torch_dist` layout Megatron-LM writes with `--ckpt-format torch_dist`).
+
+An engine that keeps its model spread over processes hands out a *sharded state dict* (megatron's ShardedTensors:
+each names a global tensor and the region this rank holds, with one replica marked as the one to write). Saving
+goes through the fully parallel wrapper, which spreads the writing of replicated tensors over the data-parallel
+ranks, so no process holds more than its own shard plus the writer's buffers, and the save runs on every rank at
+once. Loading asks for exactly the regions the current model needs, so a checkpoint saved at one TP/PP/EP/DP
+layout loads at another (optimizer state included, in megatron's reshardable optimizer formats).
+
+The caller (trainer.checkpoint.store) owns atomicity: every rank writes into one scratch folder, and the folder
+is renamed into place only after all ranks finished.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+METADATA = "metadata.json"  # written by dist_checkpointing.save on rank 0, with the format and its version
+DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's index of every shard
+
+# Optimizer states in formats that load at any layout: each optimizer state tensor is cut like its parameter.
+# The distributed optimizer's 'fully_sharded_model_space' writes every rank's own flat range without gathering
+# ('fully_reshardable' would gather the whole state on data-parallel rank 0, which is what this module avoids).
+SHARDED_STATE_METADATA = {
+    "distrib_optim_sharding_type": "fully_sharded_model_space",
+    "singleton_local_shards": False,
+    "chained_optim_avoid_prefix": True,
+}
+
+
+def is_sharded(iter_dir: Path) -> bool:
+    """True for an iteration folder in the torch_dist layout."""
+    return (Path(iter_dir) / METADATA).is_file() and (Path(iter_dir) / DCP_METADATA).is_file()
+
+
+def _data_parallel_group():
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        return parallel_state.get_data_parallel_group(with_context_parallel=True)
+    return None
+
+
+def save(sharded_state_dict: dict, folder: Path) -> None:
+    """Collective: every rank writes its shards of `sharded_state_dict` into `folder` (which exists).
+
+    DCP's file writer fsyncs every file it writes; rank 0 also writes common.pt (the non-tensor state) and
+    metadata.json."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
+    strategy = TorchDistSaveShardedStrategy("torch_dist", 1)
+    group = _data_parallel_group()
+    if group is not None:
+        strategy = FullyParallelSaveStrategyWrapper(strategy, group, do_cache_distribution=False)
+    dist_checkpointing.save(sharded_state_dict, str(folder), strategy, validate_access_integrity=False)
+
+
+def load(sharded_state_dict: dict, folder: Path) -> dict:
+    """Collective: the regions `sharded_state_dict` asks for, read from `folder` (any layout it was saved with)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
+
+    strategy = TorchDistLoadShardedStrategy()
+    group = _data_parallel_group()
+    if group is not None:
+        strategy = FullyParallelLoadStrategyWrapper(strategy, group)
+    return dist_checkpointing.load(sharded_state_dict, str(folder), strategy)
+
+
+def saved_keys(folder: Path) -> set[str]:
+    """Names of the global tensors in a torch_dist folder (read from DCP's index, no tensor data)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    md = FileSystemReader(str(folder)).read_metadata()
+    return set(md.state_dict_metadata)
+
+
+__all__ = ["is_sharded", "save", "load", "saved_keys", "SHARDED_STATE_METADATA", "METADATA"]
