@@ -5,8 +5,9 @@ An engine that keeps its model spread over processes hands out a *sharded state 
 each names a global tensor and the region this rank holds, with one replica marked as the one to write). Saving
 goes through the fully parallel wrapper, which spreads the writing of replicated tensors over the data-parallel
 ranks, so no process holds more than its own shard plus the writer's buffers, and the save runs on every rank at
-once. Loading asks for exactly the regions the current model needs, so a checkpoint saved at one TP/PP/EP/DP
-layout loads at another (optimizer state included, in megatron's reshardable optimizer formats).
+once. Loading asks for exactly the regions the current model needs, so a checkpoint's weights saved at one
+TP/PP/EP/DP layout load at another; optimizer state too, except the distributed optimizer's across a changed
+TP/PP/EP split (see SHARDED_STATE_METADATA).
 
 The caller (trainer.checkpoint.store) owns atomicity: every rank writes into one scratch folder, and the folder
 is renamed into place only after all ranks finished.
@@ -19,14 +20,18 @@ from pathlib import Path
 METADATA = "metadata.json"  # written by dist_checkpointing.save on rank 0, with the format and its version
 DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's index of every shard
 
-# Optimizer states in formats that load at any layout: each optimizer state tensor is cut like its parameter.
-# The distributed optimizer's 'fully_sharded_model_space' writes every rank's own flat range without gathering
-# ('fully_reshardable' would gather the whole state on data-parallel rank 0, which is what this module avoids).
+# Metadata for the sharded state dicts. The plain mixed-precision optimizer's states are cut like their parameters,
+# so they load at any layout. The distributed optimizer's are saved 'dp_reshardable': every rank writes its own flat
+# range with no gathering, loadable at another data-parallel size but not at another TP/PP/EP split (megatron's only
+# format that reshards those, 'fully_reshardable', gathers each model-parallel shard's whole optimizer state on its
+# first data-parallel rank, which is what this module avoids).
 SHARDED_STATE_METADATA = {
-    "distrib_optim_sharding_type": "fully_sharded_model_space",
+    "distrib_optim_sharding_type": "dp_reshardable",
     "singleton_local_shards": False,
     "chained_optim_avoid_prefix": True,
 }
+# layout fields whose change the distributed optimizer's saved state cannot follow
+MODEL_PARALLEL_FIELDS = ("tensor", "pipeline", "context", "expert", "virtual_pipeline")
 
 
 def is_sharded(iter_dir: Path) -> bool:
@@ -79,4 +84,5 @@ def saved_keys(folder: Path) -> set[str]:
     return set(md.state_dict_metadata)
 
 
-__all__ = ["is_sharded", "save", "load", "saved_keys", "SHARDED_STATE_METADATA", "METADATA"]
+__all__ = ["is_sharded", "save", "load", "saved_keys", "SHARDED_STATE_METADATA", "MODEL_PARALLEL_FIELDS",
+           "METADATA"]

@@ -175,6 +175,7 @@ def _payload(state: TrainState, engine, scheduler: dict, fingerprint: dict, rngs
         "optimizer": optimizer,
         "rng_state": rngs,
         "fingerprint": fingerprint,
+        "layout": engine.layout() if hasattr(engine, "layout") else None,  # the parallel layout that saved it
         "format": fmt,
         "saved_at": time.time(),
     }
@@ -261,7 +262,8 @@ def load(root: Path, iteration: int, engine, *, fmt: str, rank: int, load_optimi
     saved_fmt = payload.get("format", fmt)
     optimizer = None
     if sharded.is_sharded(folder) and getattr(engine, "saves_sharded", False):
-        restored = engine.load_sharded(folder, load_optimizer and payload.get("engine") == engine.name)
+        restored = engine.load_sharded(folder, load_optimizer and payload.get("engine") == engine.name,
+                                       payload.get("layout"))
         if load_optimizer and not restored:
             log("the checkpoint holds no optimizer state of this engine; starting the optimizer afresh")
     else:

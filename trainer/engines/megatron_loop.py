@@ -515,7 +515,7 @@ class MegatronLoopEngine:
             everyone = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
             dist.gather_object(local, everyone, dst=0, group=self._gloo)
             if everyone is not None:
-                self._pending_optimizer = {"format": OPTIMIZER_FORMAT, "layout": self._layout(), "ranks": everyone}
+                self._pending_optimizer = {"format": OPTIMIZER_FORMAT, "layout": self.layout(), "ranks": everyone}
         self._pending_for = self._steps
 
     def checkpoint_weights(self) -> dict[str, torch.Tensor]:
@@ -550,14 +550,23 @@ class MegatronLoopEngine:
         self._sync_params()
         sharded.save(self._sharded_state_dict(save_optimizer, is_loading=False), folder)
 
-    def load_sharded(self, folder, load_optimizer: bool) -> bool:
+    def load_sharded(self, folder, load_optimizer: bool, saved_layout: Optional[dict] = None) -> bool:
         """Collective: the regions of a sharded checkpoint this rank needs, whatever layout saved it. Returns
-        whether optimizer state was restored (it is where the checkpoint holds it and it is asked for)."""
+        whether optimizer state was restored: where the checkpoint holds it, it is asked for, and (distributed
+        optimizer) the checkpoint's TP/PP/EP split is this run's."""
         from trainer.checkpoint import sharded
 
         from .megatron_kernels import use_fused_adam
 
         with_optimizer = load_optimizer and any(k.startswith("optimizer.") for k in sharded.saved_keys(folder))
+        if with_optimizer and saved_layout and saved_layout.get("distributed_optimizer"):
+            now = self.layout()
+            moved = [f for f in sharded.MODEL_PARALLEL_FIELDS if saved_layout.get(f) != now.get(f)]
+            if moved:
+                self.ctx.log(f"the distributed optimizer's state was saved at {saved_layout} and this run is {now} "
+                             f"({', '.join(moved)} changed); its shards cannot follow that change: starting the "
+                             "optimizer afresh from the checkpoint's weights")
+                with_optimizer = False
         state = sharded.load(self._sharded_state_dict(with_optimizer, is_loading=True), folder)
         chunks = self.core.unwrapped()
         for i, chunk in enumerate(chunks):
@@ -572,7 +581,7 @@ class MegatronLoopEngine:
         return with_optimizer
 
     # ---- optimiser state ----------------------------------------------------------------------------------------
-    def _layout(self) -> dict:
+    def layout(self) -> dict:
         p = self.spec.parallelism
         return {"world": self.env.world_size, "tensor": p.tensor, "pipeline": p.pipeline, "context": p.context,
                 "expert": p.expert, "virtual_pipeline": p.virtual_pipeline_layers,
@@ -605,8 +614,8 @@ class MegatronLoopEngine:
         if not isinstance(state, dict) or state.get("format") != OPTIMIZER_FORMAT:
             say("optimizer state is not in this engine's per-rank format; starting the optimizer afresh")
             return
-        if state.get("layout") != self._layout():
-            say(f"optimizer state was saved with layout {state.get('layout')}, this run is {self._layout()}; "
+        if state.get("layout") != self.layout():
+            say(f"optimizer state was saved with layout {state.get('layout')}, this run is {self.layout()}; "
                 "starting the optimizer afresh from the checkpoint's weights")
             return
         mine = state["ranks"][self.env.rank]["optimizers"]

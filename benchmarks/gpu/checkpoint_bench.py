@@ -1,0 +1,246 @@
+"""Training checkpoints on a GPU: the sharded save (every rank its own shard through dist_checkpointing, what
+`trainer run` does now) against the gathered one (every weight and optimizer state gathered to rank 0, renamed to
+Hugging Face names and converted to the backend's layout: the path before), in the same run, on the same card.
+
+Each (case, path) runs in a fresh torchrun process group. The worker builds the engine `trainer run` builds
+(`create_engine(spec)` + `build`), takes one training step so Adam's state exists, then times, through
+`trainer.checkpoint.store` exactly as the training loop calls it:
+
+    save     store.save(..., sharded=...) from its first collective to its last barrier: the time the training
+             loop is blocked (the save is synchronous)
+    disk     the same number of bytes written by one plain writer with an fsync at the end, on the same disk,
+             after the checkpoint is removed (the ceiling a save is measured against)
+    load     store.load + the optimizer state as the loop restores it, and then the first training step
+    memory   peak resident memory of each rank during the save and during the load, above what it held before
+
+    python benchmarks/gpu/checkpoint_bench.py --cases qwen2.5-1.5b,qwen1.5-moe-a2.7b-l3 --paths sharded,gathered \\
+        --out DIR [--root /tmp/ckpt-bench]
+
+Prints one row per run and the ratios sharded / gathered per case; writes DIR/checkpoint_rows.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+# name -> (family, size, architecture overrides, gpus)
+CASES = {
+    "qwen2.5-1.5b": ("qwen2.5", "1.5B", {}, 1),
+    "qwen2.5-3b": ("qwen2.5", "3B", {}, 1),
+    # 3 of 24 layers: the whole model's fp32 optimizer state does not fit one card
+    "qwen1.5-moe-a2.7b-l3": ("qwen1.5", "A2.7B", {"numLayers": 3}, 1),
+    "qwen2.5-1.5b-dp2": ("qwen2.5", "1.5B", {}, 2),
+    "qwen2.5-3b-tp2": ("qwen2.5", "3B", {}, 2),
+}
+PARALLEL = {"qwen2.5-3b-tp2": {"tensor": 2}}
+GB = 1e9
+
+
+class PeakRss:
+    """Highest resident set size of this process while the block runs, sampled every 5 ms, minus the start."""
+
+    def __init__(self):
+        self.start = self.peak = 0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _sample(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, self.rss())
+
+    def __enter__(self):
+        self.start = self.peak = self.rss()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss())
+
+    @property
+    def above_start(self) -> int:
+        return self.peak - self.start
+
+
+def disk_write_rate(folder: Path, nbytes: int) -> float:
+    """Bytes per second of one writer putting `nbytes` on the disk of `folder` (64 MiB writes, one fsync)."""
+    chunk = bytearray(os.urandom(1 << 20)) * 64
+    path = folder / ".disk-rate"
+    t0 = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        left = nbytes
+        while left > 0:
+            left -= os.write(fd, memoryview(chunk)[: min(left, len(chunk))])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    seconds = time.perf_counter() - t0
+    path.unlink()
+    return nbytes / seconds
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def worker(case: str, path: str, root: Path, out: Path) -> int:
+    import torch
+    import torch.distributed as dist
+
+    from trainer.checkpoint import store
+    from trainer.distenv import init_process_group, read_env
+    from trainer.engines import EngineContext
+    from trainer.engines.megatron import create_engine
+    from trainer.engines.megatron_testing import job_spec, random_micro_batches
+    from trainer.spec import resolve_architecture
+    from trainer.spec.resolve import init_method_std
+
+    family, size, arch_over, _ = CASES[case]
+    spec = job_spec(family, size, architecture=arch_over or None, parallelism=PARALLEL.get(case),
+                    training={"microBatchSize": 1, "globalBatchSize": 1 * int(os.environ.get("WORLD_SIZE", "1"))
+                              // max(PARALLEL.get(case, {}).get("tensor", 1), 1), "seqLength": 4096})
+    env = read_env()
+    engine = create_engine(spec)
+    init_process_group(env, "nccl")
+    arch = resolve_architecture(spec)
+    quiet = lambda _m: None  # noqa: E731
+    engine.build(EngineContext(spec, arch, env, init_method_std(spec), 1234, quiet))
+    micro = random_micro_batches(spec.training.global_batch_size // engine.data_parallel_size, 1, 4096,
+                                 arch.vocab_size, seed=env.rank)
+    engine.train_step(micro, 1e-5, "mean")
+    torch.cuda.synchronize()
+
+    target = root / f"{case}-{path}"
+    if env.rank == 0:
+        shutil.rmtree(target, ignore_errors=True)
+        store.write_model_description(target, engine.hf_config(), None)  # as the loop does before its first save
+    dist.barrier()
+    state = store.TrainState(iteration=1, consumed_samples=spec.training.global_batch_size)
+    p = spec.parallelism
+    kwargs = dict(fmt="mcore", layout=(p.tensor, p.pipeline, p.expert), scheduler={}, fingerprint={}, keep_last=None,
+                  save_optimizer=True, rank=env.rank, world=env.world_size, log=quiet)
+    with PeakRss() as save_mem:
+        t0 = time.perf_counter()
+        store.save(target, state, engine, sharded=(path == "sharded"), **kwargs)
+        save_s = time.perf_counter() - t0
+    nbytes = folder_bytes(target / "iter_0000001")
+    dist.barrier()
+
+    with PeakRss() as load_mem:
+        t0 = time.perf_counter()
+        loaded = store.load(target, 1, engine, fmt="mcore", rank=env.rank, load_optimizer=True, log=quiet)
+        if loaded.optimizer is not None:
+            engine.load_optimizer_state_dict(loaded.optimizer)
+        torch.cuda.synchronize()
+        load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    step = engine.train_step(micro, 1e-5, "mean")
+    torch.cuda.synchronize()
+    first_step_s = time.perf_counter() - t0
+
+    dist.barrier()
+    rate = 0.0
+    if env.rank == 0:  # after the checkpoint is gone, so the disk holds one copy of the bytes at a time
+        shutil.rmtree(target / "iter_0000001")
+        rate = disk_write_rate(target, nbytes)
+    mem = torch.tensor([save_mem.above_start, load_mem.above_start], dtype=torch.float64, device="cuda")
+    everyone = [torch.zeros_like(mem) for _ in range(env.world_size)]
+    dist.all_gather(everyone, mem)
+    if env.rank == 0:
+        params = sum(x.numel() for m in engine.core.unwrapped() for x in m.parameters())
+        row = {"case": case, "path": path, "gpus": env.world_size, "device": torch.cuda.get_device_name(),
+               "bytes": nbytes, "save_s": save_s, "blocked_s": save_s, "disk_rate": rate,
+               "save_rate": nbytes / save_s, "save_fraction_of_disk": nbytes / save_s / rate,
+               "load_s": load_s, "first_step_s": first_step_s, "loss_after_load": step.loss,
+               "save_peak_rss_per_rank": [float(m[0]) for m in everyone],
+               "load_peak_rss_per_rank": [float(m[1]) for m in everyone],
+               "shard_bytes_per_rank": nbytes / env.world_size, "local_parameters_rank0": params}
+        with open(out / "checkpoint_rows.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        shutil.rmtree(target, ignore_errors=True)
+    engine.close()
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+def report(rows: list[dict]) -> str:
+    lines = ["| case | path | GPUs | checkpoint GB | save s (blocked) | save GB/s | disk GB/s | save / disk | "
+             "load s | load / save | peak host GB per rank, save | peak host GB per rank, load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['case']} | {r['path']} | {r['gpus']} | {r['bytes'] / GB:.2f} | {r['save_s']:.2f} | "
+            f"{r['save_rate'] / GB:.2f} | {r['disk_rate'] / GB:.2f} | {r['save_fraction_of_disk']:.0%} | "
+            f"{r['load_s']:.2f} | {r['load_s'] / r['save_s']:.2f} | "
+            f"{' / '.join(f'{m / GB:.2f}' for m in r['save_peak_rss_per_rank'])} | "
+            f"{' / '.join(f'{m / GB:.2f}' for m in r['load_peak_rss_per_rank'])} |")
+    by_case: dict[str, dict] = {}
+    for r in rows:
+        by_case.setdefault(r["case"], {})[r["path"]] = r
+    for case, paths in by_case.items():
+        if "sharded" in paths and "gathered" in paths:
+            s, g = paths["sharded"], paths["gathered"]
+            lines.append(f"{case}: save {g['save_s'] / s['save_s']:.1f}x faster sharded, load "
+                         f"{g['load_s'] / s['load_s']:.1f}x, peak host memory of rank 0 during the save "
+                         f"{s['save_peak_rss_per_rank'][0] / max(g['save_peak_rss_per_rank'][0], 1):.2f}x")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", default="qwen2.5-1.5b")
+    ap.add_argument("--paths", default="sharded,gathered")
+    ap.add_argument("--out", type=Path, default=Path("out/checkpoint-bench"))
+    ap.add_argument("--root", type=Path, default=Path("/tmp/qwen-checkpoint-bench"))
+    ap.add_argument("--worker", nargs=2, metavar=("CASE", "PATH"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.worker:
+        return worker(args.worker[0], args.worker[1], args.root, args.out)
+    failures = 0
+    for case in args.cases.split(","):
+        if case not in CASES:
+            print(f"unknown case {case}; known: {', '.join(CASES)}", file=sys.stderr)
+            return 2
+        gpus = CASES[case][3]
+        for path in args.paths.split(","):
+            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={gpus}",
+                   "--master-port=29533", __file__, "--worker", case, path, "--out", str(args.out),
+                   "--root", str(args.root)]
+            t0 = time.time()
+            done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+            status = "ok" if done.returncode == 0 else f"failed rc={done.returncode}"
+            print(f"{case} {path}: {status} ({time.time() - t0:.0f}s)", flush=True)
+            if done.returncode != 0:
+                failures += 1
+                (args.out / f"error-{case}-{path}.txt").write_text(done.stdout[-20000:] + done.stderr[-20000:])
+                print(done.stderr[-3000:], file=sys.stderr)
+    rows_file = args.out / "checkpoint_rows.jsonl"
+    rows = [json.loads(x) for x in rows_file.read_text().splitlines()] if rows_file.is_file() else []
+    table = report(rows)
+    (args.out / "checkpoint.md").write_text(table + "\n")
+    print(table)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
