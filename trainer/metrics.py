@@ -2,8 +2,8 @@
 
 Throughput: tokens/s of the whole job; model TFLOPS per device from Megatron's formula
 (`trainer.spec.estimate.flops_per_token`, forward+backward, causal half) times tokens per second divided by
-the number of processes; MFU = TFLOPS per device / peak, only when a peak is given (`QWEN_PEAK_TFLOPS`,
-e.g. 989 for H100 SXM BF16) and the engine runs on GPUs. On CPU both peak and MFU are n/a.
+the number of processes; MFU = TFLOPS per device / the card's dense bf16 peak, taken from `QWEN_PEAK_TFLOPS` or,
+for the cards in CARD_PEAK_TFLOPS, from the device name. On CPU and on cards not listed both are n/a.
 """
 
 from __future__ import annotations
@@ -18,25 +18,46 @@ from typing import Any, Callable, Optional
 PEAK_ENV = "QWEN_PEAK_TFLOPS"
 
 
-def peak_tflops() -> Optional[float]:
+# Dense bf16 tensor-core peaks from the vendor's data sheets, by a piece of torch.cuda.get_device_name(); the
+# first match wins, so more specific names come first.
+CARD_PEAK_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),
+    ("H200", 989.0),
+    ("H800", 989.0),
+    ("GH200", 989.0),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.0),
+)
+
+
+def peak_tflops(device_name: Optional[str] = None) -> Optional[float]:
     raw = os.environ.get(PEAK_ENV)
     try:
-        return float(raw) if raw else None
+        if raw:
+            return float(raw)
     except ValueError:
         return None
+    for piece, peak in CARD_PEAK_TFLOPS:
+        if device_name and piece in device_name:
+            return peak
+    return None
 
 
 class Metrics:
     """Rank 0 writes; other ranks hold a no-op instance."""
 
     def __init__(self, out_dir: Optional[Path], enabled: bool, engine: str, world: int, flops_per_token: float,
-                 run_info: dict, log: Callable[[str], None]):
+                 run_info: dict, log: Callable[[str], None], device_name: Optional[str] = None):
         self.enabled = enabled
         self.engine = engine
         self.world = world
         self.flops_per_token = flops_per_token
         self.log = log
-        self.peak = peak_tflops() if engine != "cpu" else None
+        self.peak = peak_tflops(device_name) if engine != "cpu" else None
         self._tb = None
         self._jsonl = None
         if enabled and out_dir is not None:

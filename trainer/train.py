@@ -184,7 +184,8 @@ def run_training(spec: JobSpec, d: DistEnv, log: Callable[[str], None]) -> int:
     fpt = flops_per_token(arch, t.seq_length)
     run_info = {"stage": spec.stage, "engine": engine.name, "world_size": d.world_size, "train_iters": plan.train_iters,
                 "resumed_from": state.iteration, "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))}
-    metrics = Metrics(out_root, main, engine.name, d.world_size, fpt, run_info, say)
+    device_name = torch.cuda.get_device_name() if engine.device == "cuda" else None
+    metrics = Metrics(out_root, main, engine.name, d.world_size, fpt, run_info, say, device_name=device_name)
     status = StatusReporter(say) if main else None
     if engine.name == "cpu":  # the megatron engine lists its notes in its own start line
         for note in engine.notes:
@@ -227,8 +228,9 @@ def run_training(spec: JobSpec, d: DistEnv, log: Callable[[str], None]) -> int:
                                      window["aux"] / n if result.aux_loss is not None else None, lr,
                                      result.grad_norm, elapsed / n, window["tokens"] / n, window["loss_tokens"])
                 if status is not None:
+                    mfu = {"mfu": round(last["mfu"], 4)} if last.get("mfu") is not None else {}
                     status.report(iteration=it, trainIters=plan.train_iters, loss=last["loss"],
-                                  tokensPerSecond=round(last["tokens_per_second"], 1), engine=engine.name,
+                                  tokensPerSecond=round(last["tokens_per_second"], 1), engine=engine.name, **mfu,
                                   summary=f"{it}/{plan.train_iters} loss {last['loss']:.4f}")
                 window = {"loss": 0.0, "aux": 0.0, "n": 0, "tokens": 0, "loss_tokens": 0, "t": time.time()}
             if valid_src is not None and t.eval_iters > 0 and (it % t.eval_interval == 0 or it == plan.train_iters):

@@ -124,6 +124,8 @@ class Progress(SpecModel):
     """Latest training loss."""
     tokens_per_second: Optional[float] = None
     """Throughput of the whole job."""
+    mfu: Optional[float] = None
+    """Model FLOPs utilisation of each GPU (0-1), where the card's peak is known."""
     checkpoint: Optional[str] = None
     """Newest complete checkpoint."""
     engine: Optional[str] = None
