@@ -129,7 +129,7 @@ def cmd_explain(args) -> int:
 
 def _explain_one(spec) -> dict:
     from trainer.spec import derive, resolve_architecture
-    from trainer.spec.estimate import flops_per_token, memory_per_gpu
+    from trainer.spec.estimate import checkpoint_size, flops_per_token, memory_per_gpu
 
     job = spec.job_spec()
     world = spec.world_size()
@@ -143,6 +143,7 @@ def _explain_one(spec) -> dict:
         expert=p.expert,
         data_parallel=derived.data_parallel_size or 1,
         distributed_optimizer=p.distributed_optimizer,
+        expert_data_parallel=derived.expert_data_parallel_size or None,
         micro_batch_size=t.micro_batch_size,
         seq_length=t.seq_length,
         recompute=t.activation_checkpointing.mode,
@@ -155,6 +156,12 @@ def _explain_one(spec) -> dict:
         "memoryPerGpuEstimate": _camel(memory.to_dict()),
         "memoryNote": "weights, gradients and Adam state exact; activations by formula; allocator overhead not included",
     }
+    if job.stage in ("pretrain", "finetune"):
+        ckpt = checkpoint_size(arch, tensor=p.tensor, pipeline=p.pipeline, expert=p.expert, world=world,
+                               save_optimizer=job.checkpoint.save_optimizer)
+        report["checkpointEstimate"] = _camel(ckpt.to_dict())
+        report["checkpointNote"] = ("every rank writes its own shard (bf16 weights + fp32 main weights and Adam "
+                                    "moments); perRankGib is also what a rank stages in host memory while saving")
     return report
 
 

@@ -84,6 +84,7 @@ def memory_per_gpu(
     expert: int,
     data_parallel: int,
     distributed_optimizer: bool,
+    expert_data_parallel: int | None = None,
     micro_batch_size: int,
     seq_length: int,
     recompute: str,
@@ -95,12 +96,14 @@ def memory_per_gpu(
     if a.moe is not None:
         expert_params = a.num_layers * a.moe.num_experts * 3 * a.hidden_size * a.moe.ffn_hidden_size
     dense_params = total - expert_params
-    params = dense_params / (tensor * pipeline) + expert_params / (pipeline * expert)
+    dense_shard, expert_shard = dense_params / (tensor * pipeline), expert_params / (pipeline * expert)
+    params = dense_shard + expert_shard
     weights = 2 * params
     grads = 4 * params  # megatron-core keeps fp32 gradient buffers
     optim = 12 * params  # fp32 main weights + Adam m and v
-    if distributed_optimizer:
-        optim /= max(data_parallel, 1)
+    if distributed_optimizer:  # experts' states are split over the expert-data-parallel ranks only
+        edp = data_parallel if expert_data_parallel is None else expert_data_parallel
+        optim = 12 * (dense_shard / max(data_parallel, 1) + expert_shard / max(edp, 1))
     s, b, h, L = seq_length, micro_batch_size, a.hidden_size, a.num_layers / pipeline
     heads = a.num_attention_heads
     if recompute == "full":
@@ -114,3 +117,30 @@ def memory_per_gpu(
     act += 4 * s * b * a.vocab_size / tensor
     parts = [weights / GIB, grads / GIB, optim / GIB, act / GIB]
     return MemoryEstimate(*[round(x, 3) for x in parts], total_gib=round(sum(parts), 3))
+
+
+@dataclass(frozen=True)
+class CheckpointSize:
+    total_gib: float  # one training checkpoint on disk
+    per_rank_gib: float  # what the busiest rank writes, and stages in host memory while it does
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def checkpoint_size(a: ResolvedArchitecture, *, tensor: int, pipeline: int, expert: int, world: int,
+                    save_optimizer: bool = True) -> CheckpointSize:
+    """A sharded training checkpoint (trainer.checkpoint.sharded): bf16 weights, and with the optimizer its fp32
+    main weights and Adam's two moments, 14 bytes a parameter in all. Each parameter is written once; the fully
+    parallel save spreads the replicas' writing over the data-parallel ranks (the distributed optimizer's states
+    are each rank's own already), so a rank writes its model-parallel shard divided by the data-parallel size."""
+    total, _ = parameter_counts(a)
+    expert_params = 0
+    if a.moe is not None:
+        expert_params = a.num_layers * a.moe.num_experts * 3 * a.hidden_size * a.moe.ffn_hidden_size
+    dense_params = total - expert_params
+    per_param = 14 if save_optimizer else 2
+    dense_dp = max(world // (tensor * pipeline), 1)
+    expert_dp = max(world // (expert * pipeline), 1)
+    per_rank = dense_params / (tensor * pipeline) / dense_dp + expert_params / (expert * pipeline) / expert_dp
+    return CheckpointSize(round(total * per_param / GIB, 3), round(per_rank * per_param / GIB, 3))
