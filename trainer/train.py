@@ -198,9 +198,19 @@ def run_training(spec: JobSpec, d: DistEnv, log: Callable[[str], None]) -> int:
                        fingerprint=fingerprint, keep_last=t.keep_last_n, save_optimizer=spec.checkpoint.save_optimizer,
                        rank=d.rank, world=d.world_size, log=say)
     last_saved = state.iteration if latest is not None else None
+    async_saves = None
+    if getattr(engine, "saves_sharded", False) and spec.checkpoint.async_save:
+        from trainer.checkpoint.sharded import AsyncSaves
+
+        async_saves = AsyncSaves()
+
+    def saved(folder: Path) -> None:
+        if status is not None:
+            status.report(force=True, checkpoint=str(folder))
 
     def save_checkpoint() -> None:
-        store.save(out_root, state, engine, scheduler=sched.state_dict(), **save_kwargs)
+        store.save(out_root, state, engine, scheduler=sched.state_dict(), async_saves=async_saves, on_saved=saved,
+                   **save_kwargs)
 
     window = {"loss": 0.0, "aux": 0.0, "n": 0, "tokens": 0, "loss_tokens": 0, "t": time.time()}
     last = None
@@ -213,6 +223,8 @@ def run_training(spec: JobSpec, d: DistEnv, log: Callable[[str], None]) -> int:
             mbs = feeder.get(state.consumed_samples)
             faults.hit("step", it, d.rank)
             result = engine.train_step(mbs, lr, loss_mode)
+            if async_saves is not None:
+                async_saves.poll()  # commits a background checkpoint once every rank's writer is done
             state.iteration = it
             state.consumed_samples += t.global_batch_size
             state.flops_so_far += fpt * plan.tokens_per_step
@@ -238,11 +250,11 @@ def run_training(spec: JobSpec, d: DistEnv, log: Callable[[str], None]) -> int:
             if it % t.save_interval == 0 or it == plan.train_iters:
                 save_checkpoint()
                 last_saved = it
-                if status is not None:
-                    status.report(force=True, checkpoint=str(out_root / f"iter_{it:07d}"))
                 window["t"] = time.time()  # keep save time out of the throughput
         if last_saved != state.iteration:
             save_checkpoint()
+        if async_saves is not None:
+            async_saves.wait()
         metrics.event("end", iteration=state.iteration)
         say(f"training done: iteration {state.iteration}, checkpoint {out_root}/iter_{state.iteration:07d}, "
             f"engine={engine.name}")

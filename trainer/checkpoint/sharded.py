@@ -16,6 +16,7 @@ is renamed into place only after all ranks finished.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 METADATA = "metadata.json"  # written by dist_checkpointing.save on rank 0, with the format and its version
 DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's index of every shard
@@ -47,11 +48,12 @@ def _data_parallel_group():
     return None
 
 
-def save(sharded_state_dict: dict, folder: Path) -> None:
+def save(sharded_state_dict: dict, folder: Path, async_save: bool = False):
     """Collective: every rank writes its shards of `sharded_state_dict` into `folder` (which exists).
 
     DCP's file writer fsyncs every file it writes; rank 0 also writes common.pt (the non-tensor state) and
-    metadata.json."""
+    metadata.json. With `async_save` the shards are not written yet: the returned request copies them off the GPU
+    when scheduled (AsyncSaves.schedule) and writes them from a background process."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
@@ -60,7 +62,37 @@ def save(sharded_state_dict: dict, folder: Path) -> None:
     group = _data_parallel_group()
     if group is not None:
         strategy = FullyParallelSaveStrategyWrapper(strategy, group, do_cache_distribution=False)
-    dist_checkpointing.save(sharded_state_dict, str(folder), strategy, validate_access_integrity=False)
+    return dist_checkpointing.save(sharded_state_dict, str(folder), strategy, validate_access_integrity=False,
+                                   async_sharded_save=async_save)
+
+
+class AsyncSaves:
+    """Checkpoints written in the background, one at a time (megatron-core's AsyncCallsQueue).
+
+    `schedule` stages the request's tensors into host memory (the only part training waits for) and forks the
+    writer; `poll` (every step, every rank) runs the request's finalizers once every rank's writer is done, which
+    is where the checkpoint is committed; `wait` blocks until then (before the next save and at the end)."""
+
+    def __init__(self):
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        self._queue = AsyncCallsQueue(persistent=False)
+
+    def schedule(self, request, finalize: Callable[[], None]) -> None:
+        request.add_finalize_fn(finalize)  # after megatron's own (metadata.json)
+        self._queue.schedule_async_request(request)
+
+    def poll(self) -> None:
+        if self._queue.get_num_unfinalized_calls():
+            self._queue.maybe_finalize_async_calls(blocking=False)
+
+    def wait(self) -> None:
+        if self._queue.get_num_unfinalized_calls():
+            self._queue.maybe_finalize_async_calls(blocking=True)
+
+    @property
+    def pending(self) -> int:
+        return self._queue.get_num_unfinalized_calls()
 
 
 def load(sharded_state_dict: dict, folder: Path) -> dict:
@@ -84,5 +116,5 @@ def saved_keys(folder: Path) -> set[str]:
     return set(md.state_dict_metadata)
 
 
-__all__ = ["is_sharded", "save", "load", "saved_keys", "SHARDED_STATE_METADATA", "MODEL_PARALLEL_FIELDS",
+__all__ = ["AsyncSaves", "is_sharded", "save", "load", "saved_keys", "SHARDED_STATE_METADATA", "MODEL_PARALLEL_FIELDS",
            "METADATA"]

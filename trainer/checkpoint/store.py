@@ -117,45 +117,69 @@ def write_model_description(root: Path, config, tokenizer_dir: Optional[str]) ->
 
 def save(root: Path, state: TrainState, engine, *, fmt: str, layout: tuple[int, int, int], scheduler: dict,
          fingerprint: dict, keep_last: Optional[int], save_optimizer: bool, rank: int, world: int,
-         log: Callable[[str], None], sharded: Optional[bool] = None) -> Optional[Path]:
+         log: Callable[[str], None], sharded: Optional[bool] = None, async_saves=None,
+         on_saved: Optional[Callable[[Path], None]] = None) -> Optional[Path]:
     """Collective: every rank calls it. Returns the folder on rank 0.
 
     An engine with `saves_sharded` writes its own shards from every rank (torch_dist layout, see
     trainer.checkpoint.sharded); otherwise rank 0 writes the weights the engine hands over in the backend's
     Megatron layout through the converter. `sharded=False` forces the second path (the checkpoint benchmark's
-    baseline)."""
+    baseline). With `async_saves` (a sharded.AsyncSaves) a sharded save returns once the shards are copied off the
+    GPU; the commit (rename, tracker, pruning, `on_saved(folder)` on rank 0) runs when every rank's background
+    writer is done, from a later `async_saves.poll()` or `wait()`."""
     t0 = time.time()
     rngs = _gather_rng(world)
     target = root / iteration_dir_name(state.iteration)
     use_sharded = getattr(engine, "saves_sharded", False) if sharded is None else sharded
+
+    def finish(saved_fmt: str, started: float, what: str) -> None:
+        if rank == 0:
+            faults.hit("save_before_tracker", state.iteration, rank)
+            write_tracker(root, state.iteration)
+            if keep_last:
+                prune(root, keep_last, log)
+        if world > 1 and dist.is_initialized():
+            dist.barrier()
+        log(f"saved checkpoint {target} ({saved_fmt}{what}, iteration {state.iteration}) in "
+            f"{time.time() - started:.2f}s")
+        if rank == 0 and on_saved is not None:
+            on_saved(target)
+
     if use_sharded:
-        saved_fmt = "torch_dist"
-        scratch = _save_sharded(target, state, engine, save_optimizer, rank, world)
+        if async_saves is not None:
+            async_saves.wait()  # one checkpoint in flight at a time
+        scratch = _sharded_scratch(target, rank, world)
+        payload = _payload(state, engine, scheduler, fingerprint, rngs, "torch_dist", None)
+        request = engine.save_sharded(scratch, save_optimizer, async_save=async_saves is not None)
+
+        def commit(started: float = t0, what: str = ", every rank its shard") -> None:
+            faults.hit("save_before_rename", state.iteration, rank)
+            if world > 1 and dist.is_initialized():
+                dist.barrier()  # every rank's files are written and fsynced
+            if rank == 0:
+                _commit(scratch, target, payload)
+            finish("torch_dist", started, what)
+
+        if request is None:
+            commit()
+        else:
+            async_saves.schedule(request, lambda: commit(t0, ", every rank its shard, written in the background"))
+            # what the loop waited for: the scratch folder, the copy off the GPU and starting the writers
+            log(f"checkpoint of iteration {state.iteration} copied off the GPU in {time.time() - t0:.2f}s; "
+                "written in the background")
     else:
-        saved_fmt = fmt
         prepare = getattr(engine, "prepare_checkpoint", None)  # collective: engines spread over ranks gather first
         if prepare is not None:
             prepare(save_optimizer)
-    if rank == 0:
-        if use_sharded:
-            _commit(scratch, target, _payload(state, engine, scheduler, fingerprint, rngs, saved_fmt, None))
-        else:
+        if rank == 0:
             tp, pp, ep = layout
             with atomic_directory(target, overwrite=True) as tmp:
                 weights.write_megatron(tmp, engine.checkpoint_weights(), engine.hf_config(), fmt, tp=tp, pp=pp,
                                        ep=ep, scratch_parent=root)
                 optimizer = engine.optimizer_state_dict() if save_optimizer else None
-                _write_payload(tmp, _payload(state, engine, scheduler, fingerprint, rngs, saved_fmt, optimizer))
+                _write_payload(tmp, _payload(state, engine, scheduler, fingerprint, rngs, fmt, optimizer))
                 faults.hit("save_before_rename", state.iteration, rank)
-        faults.hit("save_before_tracker", state.iteration, rank)
-        write_tracker(root, state.iteration)
-        if keep_last:
-            prune(root, keep_last, log)
-    if world > 1 and dist.is_initialized():
-        dist.barrier()
-    # the time every rank waited for, from the first collective to the last barrier
-    log(f"saved checkpoint {target} ({saved_fmt}{', every rank its shard' if use_sharded else ''}, iteration "
-        f"{state.iteration}) in {time.time() - t0:.2f}s")
+        finish(fmt, t0, "")
     # Saving must not disturb the run: restore this rank's RNG to what it was before the save.
     set_rng_state(rngs[rank] if len(rngs) > rank else rngs[0])
     faults.hit("after_save", state.iteration, rank)
@@ -198,8 +222,8 @@ def _scratch_name(target: Path, world: int) -> Path:
     return target.parent / f".{target.name}.tmp-{token[0]}"
 
 
-def _save_sharded(target: Path, state: TrainState, engine, save_optimizer: bool, rank: int, world: int) -> Path:
-    """Every rank writes its shards into the shared scratch folder; returns it once all of them have."""
+def _sharded_scratch(target: Path, rank: int, world: int) -> Path:
+    """The one scratch folder every rank writes its shards into, created empty by rank 0."""
     scratch = _scratch_name(target, world)
     if rank == 0:
         if scratch.exists():
@@ -207,10 +231,6 @@ def _save_sharded(target: Path, state: TrainState, engine, save_optimizer: bool,
         scratch.mkdir(parents=True)
     if world > 1 and dist.is_initialized():
         dist.barrier()
-    engine.save_sharded(scratch, save_optimizer)
-    faults.hit("save_before_rename", state.iteration, rank)
-    if world > 1 and dist.is_initialized():
-        dist.barrier()  # every rank's files are written and fsynced
     return scratch
 
 

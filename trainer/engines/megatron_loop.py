@@ -543,12 +543,13 @@ class MegatronLoopEngine:
             out["optimizer"] = self.core.optimizer.sharded_state_dict(dict(out), is_loading=is_loading, metadata=md)
         return out
 
-    def save_sharded(self, folder, save_optimizer: bool) -> None:
-        """Collective: this rank's shards of the weights (and optimizer state) into `folder`."""
+    def save_sharded(self, folder, save_optimizer: bool, async_save: bool = False):
+        """Collective: this rank's shards of the weights (and optimizer state) into `folder`; with `async_save`
+        the request that writes them (trainer.checkpoint.sharded.AsyncSaves)."""
         from trainer.checkpoint import sharded
 
         self._sync_params()
-        sharded.save(self._sharded_state_dict(save_optimizer, is_loading=False), folder)
+        return sharded.save(self._sharded_state_dict(save_optimizer, is_loading=False), folder, async_save)
 
     def load_sharded(self, folder, load_optimizer: bool, saved_layout: Optional[dict] = None) -> bool:
         """Collective: the regions of a sharded checkpoint this rank needs, whatever layout saved it. Returns

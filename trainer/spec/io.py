@@ -71,6 +71,8 @@ class Checkpoint(SpecModel):
     """Save optimizer, scheduler, RNG and data position so a restart continues exactly."""
     load_optimizer: bool = True
     """Restore optimizer state on resume."""
+    async_save: bool = False
+    """Write training checkpoints in the background (GPU engine): training waits only while the shards are copied off the GPU; the checkpoint counts once every rank's writer is done."""
     verify: bool = False
     """After conversion, re-read the output and compare checksums."""
     overwrite: bool = False
