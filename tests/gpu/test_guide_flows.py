@@ -24,7 +24,8 @@ Cases on one GPU (`resources: {nodes: 1, gpusPerNode: 1}`):
                        pretrain -> export pipeline from its output). Skipped unless `import megablocks` works.
 On two GPUs (`gpusPerNode: 2`; skipped with fewer): tp2 (tensor parallel 2, sequence parallel), ep2 (the Qwen2-MoE
 shape, expert parallel 2), pp2 (pipeline parallel 2), dp2-distopt (data parallel 2, distributed optimizer) and
-tp2-to-dp2 (the killed run saved its checkpoint at TP 2; the job is resumed at TP 1, i.e. DP 2).
+tp2-to-dp2 (the killed run saved its checkpoint at TP 2; the job is resumed at TP 1, i.e. DP 2), with the
+distributed optimizer (the default) and with the plain one (tp2-to-dp2-plain).
 
 Checked for every case:
 1. Every step ran with the expected engine, and the loss falls (`logs/metrics.jsonl` under each training step's
@@ -37,10 +38,13 @@ Checked for every case:
    same file again (no fault) resumes from iteration 10. With logInterval 1, the resumed run's first logged loss
    (iteration 11) must equal, within 1e-3 relative, the loss of an uninterrupted run of the same spec at iteration
    11 (the reference pipeline, `/data/<case>/ref/...`) and the killed run's own iteration 11 (same weights, same
-   batch). Where the layout is unchanged iterations 12-14 are compared with the uninterrupted run too. For
-   tp2-to-dp2 only iteration 11 is: the megatron engine restores optimizer state only onto the layout that saved
-   it (it logs "starting the optimizer afresh"), while iteration 11's loss is the forward pass of the
-   checkpoint's weights on the same global batch under any layout.
+   batch). Where the layout is unchanged iterations 12-14 are compared with the uninterrupted run too, within
+   WINDOW_RTOL on a GPU (kernels are not bitwise deterministic between two runs; see there). For
+   tp2-to-dp2 only iteration 11 is: the distributed optimizer's saved shards cannot follow a changed TP split (the
+   engine logs "starting the optimizer afresh"), while iteration 11's loss is the forward pass of the
+   checkpoint's weights on the same global batch under any layout; tp2-to-dp2-plain's plain optimizer state
+   follows the change, so its window is compared too. The megatron engine's training checkpoints are torch_dist
+   (every rank its shard, trainer.checkpoint.sharded); the CPU engine's are per-rank folders at the spec's layout.
 3. The exported Hugging Face model's loss on held-out tokens equals the engine's own evaluation loss within 1 %.
    The choice made: recompute the trainer's validation exactly rather than pick other held-out text. The step the
    export reads (pretrain; finetune for mlm-dense) evaluates at its final iteration (trainer.train evaluates at
@@ -109,6 +113,10 @@ if not ON_CPU:
 
 REPO = Path(__file__).resolve().parents[2]
 RESUME_RTOL = 1e-3  # resumed vs uninterrupted loss at the first iteration after the checkpoint, relative
+# the iterations after it: GPU kernels are not bitwise deterministic from one run to the next (two runs of the
+# same dense job differed by 2e-5 at iteration 11 on an H100), and these tiny models at lr 3e-3 amplify that to
+# about 1e-2 within three steps; a restarted optimizer moves the loss much further
+WINDOW_RTOL = 1e-3 if ON_CPU else 3e-2
 EXPORT_RTOL = 0.01  # exported HF loss vs the engine's evaluation loss, relative
 RESUME_WINDOW = 4  # iterations compared after the resume where the layout is unchanged
 TIMEOUT = float(os.environ.get("QWEN_GUIDE_FLOWS_TIMEOUT", "1800" if ON_CPU else "480"))  # one qwenctl command
@@ -162,6 +170,10 @@ CASES: dict[str, Case] = {
                         gpus=2),
     "tp2-to-dp2": Case("qwen2.5", "0.5B", "megatron-core", DENSE25, parallelism={"tensor": 2},
                        resume_parallelism={"tensor": 1}, gpus=2),
+    # the plain optimizer's state is cut like its parameters, so it follows the layout change too
+    "tp2-to-dp2-plain": Case("qwen2.5", "0.5B", "megatron-core", DENSE25,
+                             parallelism={"tensor": 2, "distributedOptimizer": False},
+                             resume_parallelism={"tensor": 1, "distributedOptimizer": False}, gpus=2),
 }
 
 
@@ -518,6 +530,19 @@ def checkpoint_ranks(out: Path, iteration: int) -> list[str]:
     return sorted(p.name for p in (out / f"iter_{iteration:07d}").glob("mp_rank_*"))
 
 
+def expected_layout(parallelism: dict) -> list[str]:
+    """What a training checkpoint holds: the megatron engine's every-rank shards (torch_dist, no per-rank
+    folders), the CPU engine's per-rank folders at the spec's layout."""
+    return rank_dirs(parallelism) if ON_CPU else ["torch_dist"]
+
+
+def checkpoint_layout(out: Path, iteration: int) -> list[str]:
+    from trainer.checkpoint.sharded import is_sharded
+
+    folder = out / f"iter_{iteration:07d}"
+    return ["torch_dist"] if is_sharded(folder) else checkpoint_ranks(out, iteration)
+
+
 def pipeline_steps(file: Path) -> list[str]:
     import yaml
 
@@ -544,7 +569,7 @@ def test_pipeline_runs_every_step_with_the_engine(flows, name):
     engine = "cpu" if ON_CPU else "megatron"
     assert f"stage=pretrain engine={engine}" in flow.ref.stdout, flow.ref.stdout[-3000:]
     last = PRETRAIN["trainIters"]
-    assert checkpoint_ranks(flow.out("ref", "pretrain"), last) == rank_dirs(flow.case.parallelism)
+    assert checkpoint_layout(flow.out("ref", "pretrain"), last) == expected_layout(flow.case.parallelism)
     if flow.case.finetune:
         assert f"stage=finetune engine={engine}" in flow.ref.stdout
     exported = flow.out("ref", "hf")
@@ -593,8 +618,8 @@ def test_killed_pretrain_resumes_where_the_uninterrupted_run_was(flows, name):
     out = flow.out("resume", "pretrain")
     assert (out / "latest_checkpointed_iteration.txt").read_text().strip() == str(PRETRAIN["trainIters"])
     layout = flow.case.parallelism if flow.case.resume_parallelism is None else flow.case.resume_parallelism
-    assert checkpoint_ranks(out, RESUMED_FROM) == rank_dirs(flow.case.parallelism)  # saved by the killed run
-    assert checkpoint_ranks(out, PRETRAIN["trainIters"]) == rank_dirs(layout)
+    assert checkpoint_layout(out, RESUMED_FROM) == expected_layout(flow.case.parallelism)  # saved by the killed run
+    assert checkpoint_layout(out, PRETRAIN["trainIters"]) == expected_layout(layout)
     segs = segments(out)
     assert len(segs) == 2, [s[0] for s in segs]
     before, after = train_losses(segs[0]), train_losses(segs[1])
@@ -605,15 +630,18 @@ def test_killed_pretrain_resumes_where_the_uninterrupted_run_was(flows, name):
     uninterrupted = curve(flow.out("ref", "pretrain"))
     it = RESUMED_FROM + 1
     same_layout = flow.case.resume_parallelism is None
-    if not ON_CPU and not same_layout:
+    # the distributed optimizer's saved shards cannot follow a changed TP/PP/EP split; the plain optimizer's can
+    fresh_optimizer = not ON_CPU and not same_layout and flow.case.parallelism.get("distributedOptimizer", True)
+    if fresh_optimizer:
         assert "starting the optimizer afresh" in resumed.stdout, resumed.stdout[-3000:]
-    window = range(it, it + (RESUME_WINDOW if same_layout else 1))
+    window = range(it, it + (1 if fresh_optimizer else RESUME_WINDOW))
     print(f"{name}: iteration {it}: uninterrupted {uninterrupted[it]:.6f} killed run {before[it]:.6f} "
           f"resumed {after[it]:.6f} (relative {rel(after[it], uninterrupted[it]):.1e}); window "
           f"{[(i, round(after[i], 5), round(uninterrupted[i], 5)) for i in window]}")
     assert rel(after[it], before[it]) < RESUME_RTOL, (after[it], before[it])
+    assert rel(after[it], uninterrupted[it]) < RESUME_RTOL, (it, after[it], uninterrupted[it])
     for i in window:
-        assert rel(after[i], uninterrupted[i]) < RESUME_RTOL, (i, after[i], uninterrupted[i])
+        assert rel(after[i], uninterrupted[i]) < WINDOW_RTOL, (i, after[i], uninterrupted[i])
 
 
 @pytest.mark.parametrize("name", _params(ALL))
