@@ -70,7 +70,8 @@ instead of falling back to the CPU engine):
 The same module with the trainer's CPU engine (QWEN_TRAINER_ENGINE=cpu, fp32, gloo), to check the harness on a
 machine without a GPU: resources become `gpusPerNode: 0` with `processesPerNode` 1 (2 for the two-GPU cases,
 which run too: the CPU engine trains data-parallel and the tensor/pipeline/expert sizes shape the checkpoint
-layouts written and read, including the TP 2 -> TP 1 resume). megablocks is skipped there (see its skip reason):
+layouts written and read, including the TP 2 -> TP 1 resume; megablocks runs too, the upcycled MoE in the
+MegaBlocks layout trained by the CPU engine):
     QWEN_GUIDE_FLOWS_ENGINE=cpu python -m pytest tests/gpu/test_guide_flows.py -x -q
 Knobs: QWEN_GUIDE_FLOWS_JOBS (flows run at once; default all on GPU, the CPU count on CPU),
 QWEN_GUIDE_FLOWS_MULTI=0 (CPU mode: leave the two-process cases out), QWEN_GUIDE_FLOWS_TIMEOUT (seconds per
@@ -190,11 +191,6 @@ def _importable(name: str) -> bool:
 def _skip_reason(name: str) -> Optional[str]:
     case = CASES[name]
     if ON_CPU:
-        if case.needs == "megablocks":
-            return ("MegaBlocks needs CUDA and the megablocks package; and the CPU engine cannot train the upcycled "
-                    "model: transformers' Qwen2-MoE always has a gated shared expert and this MoE has none, so the "
-                    "pretrain step stops with 'checkpoint.source: ... does not fit the model: missing "
-                    "model.layers.0.mlp.shared_expert.down_proj.weight'")
         if case.gpus > 1 and os.environ.get("QWEN_GUIDE_FLOWS_MULTI", "1") == "0":
             return "two-process cases left out (QWEN_GUIDE_FLOWS_MULTI=0)"
         return None

@@ -82,11 +82,22 @@ def build_model(config, dtype: torch.dtype = torch.float32, attn_implementation:
     return model
 
 
+def vestigial_keys(model) -> set[str]:
+    """Tensors transformers builds that the model does not have: Qwen2-MoE's block always makes a shared expert and
+    its gate, so a model without one (shared_expert_intermediate_size 0: upcycled or MegaBlocks models) carries a
+    zero-width expert, whose output is zero, and a gate in front of it. They are left out of checkpoints and
+    filled with zeros on load."""
+    if getattr(model.config, "model_type", "") != "qwen2_moe" or model.config.shared_expert_intermediate_size:
+        return set()
+    return {k for k in model.state_dict() if ".mlp.shared_expert." in k or ".mlp.shared_expert_gate." in k}
+
+
 def checkpoint_state_dict(model) -> dict[str, torch.Tensor]:
     """The model's weights in published-checkpoint naming (experts one by one), detached, on CPU."""
     from transformers.core_model_loading import revert_weight_conversion
 
-    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    skip = vestigial_keys(model)
+    sd = {k: v.detach() for k, v in model.state_dict().items() if k not in skip}
     if getattr(model.config, "tie_word_embeddings", False):
         sd.pop("lm_head.weight", None)
     sd = revert_weight_conversion(model, sd)
@@ -98,7 +109,9 @@ def load_checkpoint_state_dict(model, state_dict: dict[str, torch.Tensor]) -> No
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    runtime_keys = set(model.state_dict())
+    own = model.state_dict()
+    state_dict = {**{k: torch.zeros_like(own[k], device="cpu") for k in vestigial_keys(model)}, **state_dict}
+    runtime_keys = set(own)
     if set(state_dict) <= runtime_keys and _shapes_match(model, state_dict):
         missing = runtime_keys - set(state_dict) - _tied_keys(model)
         if missing:
