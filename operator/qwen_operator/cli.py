@@ -183,9 +183,16 @@ def cmd_dev_cluster(args) -> int:
 
 def cmd_run(args) -> int:
     from .local import run_local
+    from .render import steps as pipeline_step_names
 
     _, doc, _ = _single(args.file)
-    return run_local(doc, root=args.root, nproc=args.nproc, dry_run=args.dry_run)
+    names = [name for name, _, _ in pipeline_step_names(doc)]
+    if args.from_step is not None and names == [None]:
+        raise UsageError("--from-step needs a resource with spec.pipeline; this one runs a single stage")
+    if args.from_step is not None and args.from_step not in names:
+        raise UsageError(f"--from-step {args.from_step}: the resource's steps are {', '.join(names)}")
+    return run_local(doc, root=args.root, nproc=args.nproc, dry_run=args.dry_run,
+                     first=names.index(args.from_step) if args.from_step else 0)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -220,6 +227,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--root", default=None, help="host directory standing in for the pod's volumes' mount paths")
     run.add_argument("--nproc", type=int, default=None, help="processes per node (default: the spec's)")
     run.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
+    run.add_argument("--from-step", default=None, metavar="NAME",
+                     help="start a pipeline at this step (as the operator resumes a failed one after a fix)")
     run.set_defaults(func=cmd_run)
     return ap
 

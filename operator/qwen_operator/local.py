@@ -102,10 +102,14 @@ def local_command(resource: dict, *, root: Optional[str], nproc: Optional[int], 
     return argv, env
 
 
-def run_local(resource: dict, *, root: Optional[str] = None, nproc: Optional[int] = None, dry_run: bool = False) -> int:
-    """Run the resource's stage, or each step of its pipeline in order, stopping at the first failure."""
+def run_local(resource: dict, *, root: Optional[str] = None, nproc: Optional[int] = None, dry_run: bool = False,
+              first: int = 0) -> int:
+    """Run the resource's stage, or each step of its pipeline in order from step `first`, stopping at the first
+    failure."""
     all_steps = steps(resource)
     for index, (name, stage, _) in enumerate(all_steps):
+        if index < first:
+            continue
         with tempfile.TemporaryDirectory(prefix="qwenctl-run-") as tmp:
             argv, env = local_command(resource, root=root, nproc=nproc, workdir=Path(tmp), step=index)
             if len(all_steps) > 1:
