@@ -9,10 +9,12 @@ the megatron-core model built by `MegatronEngine`:
     train_step(mbs, lr, mode) the loop's lr on every parameter group, forward/backward through megatron's pipeline
                               schedule, gradient reduce, clip, step
     eval_step(mbs)            forward only: summed loss and loss tokens of the global batch
-    prepare_checkpoint()      collective, every rank, before the loop's checkpoint save: gathers the weights in
-                              Hugging Face naming (full tensors, from TP/PP/EP shards) and every rank's optimizer
-                              shard to rank 0, which then writes them through the same checkpoint code as the CPU
-                              engine (the converter produces the backend's Megatron layout)
+    save_sharded / load_sharded   collective: every rank writes and reads its own shard of the weights and the
+                              optimizer state through megatron-core's dist_checkpointing (trainer.checkpoint.sharded);
+                              the training loop's checkpoints take this path
+    prepare_checkpoint()      collective: gathers the weights in Hugging Face naming and every rank's optimizer shard
+                              to rank 0 for the converter's per-rank layout; only the checkpoint benchmark's baseline
+                              (store.save(sharded=False)) still takes it
 
 Loss semantics match the CPU engine. "mean" (pretraining): the step's loss and gradient are the average over all
 micro-batches of the global batch of each micro-batch's token-mean. "per_token" (SFT): the sum over all loss tokens
@@ -21,8 +23,9 @@ of the global batch divided by their number. Both are expressed through megatron
 the number of micro-batches, and DDP by the data-parallel size), so the MoE load-balancing loss keeps megatron's
 scaling, which is the CPU engine's: coefficient x aux / number of micro-batches.
 
-Optimizer state is saved per rank (the fp32 master shard and the Adam moments of each rank's torch optimizer) and
-restored only onto the same layout; a different layout starts the optimizer afresh from the checkpoint's weights.
+Sharded checkpoints reshard to another layout on load: weights always, the plain optimizer's state too, the
+distributed optimizer's only across a changed data-parallel size (otherwise it starts afresh from the checkpoint's
+weights, with a log line); see docs/checkpoints.md.
 """
 
 from __future__ import annotations
