@@ -138,6 +138,20 @@ def fsync_tree(path: Path) -> None:
         fsync_dir(Path(dirpath))
 
 
+def commit_directory(tmp: Path, target: Path) -> None:
+    """fsync a finished scratch folder and rename it to `target` (an existing target is moved aside first and
+    deleted only after the new one is in place)."""
+    fsync_tree(tmp)
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{os.getpid()}"
+        os.replace(target, old)
+    os.replace(tmp, target)
+    fsync_dir(target.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 @contextmanager
 def atomic_directory(target: Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a scratch folder next to `target`; on success fsync it and rename it into place.
@@ -154,17 +168,9 @@ def atomic_directory(target: Path, *, overwrite: bool = False) -> Iterator[Path]
     tmp.mkdir()
     try:
         yield tmp
-        fsync_tree(tmp)
-        old = None
-        if target.exists():
-            if not overwrite:
-                raise FileExistsError(str(target))
-            old = target.parent / f".{target.name}.old-{os.getpid()}"
-            os.replace(target, old)
-        os.replace(tmp, target)
-        fsync_dir(target.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        if target.exists() and not overwrite:
+            raise FileExistsError(str(target))
+        commit_directory(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

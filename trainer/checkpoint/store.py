@@ -34,7 +34,7 @@ import torch.distributed as dist
 from trainer import faults
 
 from . import sharded, weights
-from .layout import (TRACKER, atomic_directory, fsync_dir, fsync_tree, iteration_dir_name, read_tracker,
+from .layout import (TRACKER, atomic_directory, commit_directory, fsync_dir, iteration_dir_name, read_tracker,
                      write_tracker)
 
 STATE_FILE = "trainer_state.pt"
@@ -237,15 +237,7 @@ def _sharded_scratch(target: Path, rank: int, world: int) -> Path:
 def _commit(scratch: Path, target: Path, payload: dict) -> None:
     """Rank 0, after every rank wrote its shards: the trainer state last, then the folder renamed into place."""
     _write_payload(scratch, payload)
-    fsync_tree(scratch)
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
-        os.replace(target, old)
-    os.replace(scratch, target)
-    fsync_dir(target.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    commit_directory(scratch, target)
 
 
 def prune(root: Path, keep_last: int, log: Callable[[str], None]) -> None:
