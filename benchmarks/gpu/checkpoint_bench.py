@@ -110,7 +110,7 @@ def worker(case: str, path: str, root: Path, out: Path) -> int:
     from trainer.distenv import init_process_group, read_env
     from trainer.engines import EngineContext
     from trainer.engines.megatron import create_engine
-    from trainer.engines.megatron_testing import job_spec, random_micro_batches
+    from trainer.engines.megatron.testing import job_spec, random_micro_batches
     from trainer.spec import resolve_architecture
     from trainer.spec.resolve import init_method_std
 

@@ -258,8 +258,8 @@ def _figures(case, arch, seconds: float, steps: int) -> dict:
 
 def run_megatron(case, variants, steps, warmup, out):
     from trainer.engines.megatron import EngineOptions, MegatronEngine, data_parallel_info
-    from trainer.engines.megatron_loop import LoopCore, LossScaling
-    from trainer.engines.megatron_testing import job_spec, random_micro_batches
+    from trainer.engines.megatron.loop import LoopCore, LossScaling
+    from trainer.engines.megatron.testing import job_spec, random_micro_batches
     from trainer.spec import resolve_architecture
 
     spec = job_spec(case.family, case.size, **case.spec_args())
@@ -324,7 +324,7 @@ def run_hf(case, steps, warmup, out, variant: str = "baseline"):
     from transformers import AutoModelForCausalLM
 
     from trainer.engines.hf_model import hf_config
-    from trainer.engines.megatron_testing import job_spec, random_micro_batches
+    from trainer.engines.megatron.testing import job_spec, random_micro_batches
     from trainer.spec import resolve_architecture
 
     spec = job_spec(case.family, case.size, **case.spec_args())

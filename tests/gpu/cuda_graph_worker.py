@@ -26,7 +26,7 @@ SEQ, MICRO, GLOBAL, STEPS = 512, 2, 8, 5
 
 def main() -> int:
     from trainer.engines.megatron import EngineOptions, MegatronEngine
-    from trainer.engines.megatron_testing import job_spec, random_micro_batches
+    from trainer.engines.megatron.testing import job_spec, random_micro_batches
     from trainer.spec import resolve_architecture
 
     case, graphs = sys.argv[1], sys.argv[2] == "on"
@@ -37,7 +37,7 @@ def main() -> int:
     extra = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
     core = sys.argv[4] if len(sys.argv) > 4 else "engine"
     if core == "loop":
-        from trainer.engines.megatron_loop import LoopCore, LossScaling
+        from trainer.engines.megatron.loop import LoopCore, LossScaling
 
         engine = LoopCore(spec, EngineOptions(cuda_graphs=graphs, **extra))
         engine.plan.config_kwargs["calculate_per_token_loss"] = False

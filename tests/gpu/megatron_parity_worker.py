@@ -33,7 +33,7 @@ SEQ, MICRO, GLOBAL, STEPS = 128, 2, 8, 6
 
 def main() -> int:
     from trainer.engines.megatron import EngineOptions, MegatronEngine, data_parallel_info
-    from trainer.engines.megatron_testing import hf_loss, hf_reference, job_spec, random_micro_batches
+    from trainer.engines.megatron.testing import hf_loss, hf_reference, job_spec, random_micro_batches
     from trainer.spec import resolve_architecture
 
     names = sys.argv[1].split(",") if len(sys.argv) > 1 else list(LAYOUTS)

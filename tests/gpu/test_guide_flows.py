@@ -392,7 +392,7 @@ def _build_source(name: str, root: Path, seed: int) -> None:
     from qwen_operator.api import validate_resource_spec
     from trainer.checkpoint.weights import write_hf_folder
     from trainer.engines.hf_model import hf_config
-    from trainer.engines.megatron_testing import hf_reference
+    from trainer.engines.megatron.testing import hf_reference
     from trainer.spec import resolve_architecture
 
     spec = copy.deepcopy(resources(name, "ref")[0]["spec"])

@@ -125,7 +125,7 @@ def _spec_dict(data: dict, case: str, out: Path, source: Path) -> dict:
 def _write_source(spec_dict: dict, folder: Path, tokenizer: str, seed: int) -> None:
     from trainer.checkpoint.weights import write_hf_folder
     from trainer.engines.hf_model import hf_config
-    from trainer.engines.megatron_testing import hf_reference
+    from trainer.engines.megatron.testing import hf_reference
     from trainer.spec import JobSpec, resolve_architecture
 
     arch = resolve_architecture(JobSpec.model_validate(spec_dict))
@@ -225,7 +225,7 @@ def test_checkpoint_is_sharded_and_loads_back(runs, case):
     converter reads the full weights back (what the export stage does)."""
     from trainer.checkpoint.sharded import is_sharded, saved_keys
     from trainer.checkpoint.weights import read_weights
-    from trainer.engines.megatron_loop import weight_problems
+    from trainer.engines.megatron.loop import weight_problems
     from trainer.spec import JobSpec, resolve_architecture
 
     run = runs[case]

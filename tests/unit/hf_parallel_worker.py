@@ -29,7 +29,7 @@ def main() -> int:
     from transformers import AutoModelForCausalLM
 
     from trainer.engines.hf_model import hf_config
-    from trainer.engines.megatron_testing import job_spec
+    from trainer.engines.megatron.testing import job_spec
     from trainer.spec import resolve_architecture
 
     mode = sys.argv[1]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from trainer.engines.megatron_testing import job_spec
+from trainer.engines.megatron.testing import job_spec
 from trainer.spec import resolve_architecture
 from trainer.spec.estimate import checkpoint_size, memory_per_gpu, parameter_counts
 

@@ -30,7 +30,7 @@ def test_every_listed_variant_is_defined():
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_variant_options_are_engine_options(name):
     pytest.importorskip("megatron.core")
-    from trainer.engines.megatron_config import EngineOptions
+    from trainer.engines.megatron.config import EngineOptions
 
     fields = {f.name for f in dataclasses.fields(EngineOptions)}
     assert set(VARIANTS[name]) <= fields
@@ -56,7 +56,7 @@ def test_hf_variants_are_from_config_arguments():
     from transformers import AutoModelForCausalLM
 
     from trainer.engines.hf_model import hf_config
-    from trainer.engines.megatron_testing import job_spec
+    from trainer.engines.megatron.testing import job_spec
     from trainer.spec import resolve_architecture
 
     arch = resolve_architecture(job_spec("qwen1.5", "A2.7B", architecture=dict(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from trainer.engines.hf_model import build_model, checkpoint_state_dict, hf_config, load_checkpoint_state_dict
-from trainer.engines.megatron_testing import job_spec
+from trainer.engines.megatron.testing import job_spec
 from trainer.spec import resolve_architecture
 
 TINY = dict(numLayers=2, hiddenSize=64, numAttentionHeads=4, numQueryGroups=4, ffnHiddenSize=128, vocabSize=256,

@@ -12,23 +12,23 @@ import torch
 pytest.importorskip("megatron.core")
 warnings.filterwarnings("ignore")
 
-from trainer.engines import megatron_kernels as kernels  # noqa: E402
-from trainer.engines.megatron_config import (  # noqa: E402
+from trainer.engines.megatron import kernels as kernels  # noqa: E402
+from trainer.engines.megatron.config import (  # noqa: E402
     Capabilities,
     EngineOptions,
     gpt_model_kwargs,
     layer_spec,
     plan_model,
 )
-from trainer.engines.megatron_loss import (  # noqa: E402
+from trainer.engines.megatron.loss import (  # noqa: E402
     check_output_grad_scale,
     linear_cross_entropy,
     loss_sum_from_output,
     make_model_class,
     reference_cross_entropy,
 )
-from trainer.engines.megatron_testing import hf_loss, hf_reference, job_spec, random_micro_batches  # noqa: E402
-from trainer.engines.megatron_weights import fuse_qkv, load_into  # noqa: E402
+from trainer.engines.megatron.testing import hf_loss, hf_reference, job_spec, random_micro_batches  # noqa: E402
+from trainer.engines.megatron.weights import fuse_qkv, load_into  # noqa: E402
 from trainer.errors import UserError  # noqa: E402
 from trainer.spec import resolve_architecture  # noqa: E402
 
@@ -394,7 +394,7 @@ def test_grouped_experts_match_sequential_in_bf16(megatron_world, monkeypatch):
 
 def test_local_dispatch_matches_megatron_dispatcher(megatron_world, monkeypatch):
     """The sync-free dispatcher swapped into every MoE layer gives megatron's dispatcher's loss exactly."""
-    from trainer.engines.megatron_dispatch import install_local_dispatch
+    from trainer.engines.megatron.dispatch import install_local_dispatch
 
     case = DENSE_MOE_CASES["qwen1.5-moe-shared-gate"]
     swapped = []

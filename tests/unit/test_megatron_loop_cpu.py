@@ -14,15 +14,15 @@ import torch
 pytest.importorskip("megatron.core")
 warnings.filterwarnings("ignore")
 
-from trainer.engines import megatron_kernels as kernels  # noqa: E402
-from trainer.engines.megatron_config import (  # noqa: E402
+from trainer.engines.megatron import kernels as kernels  # noqa: E402
+from trainer.engines.megatron.config import (  # noqa: E402
     Capabilities,
     EngineOptions,
     gpt_model_kwargs,
     layer_spec,
     plan_model,
 )
-from trainer.engines.megatron_loop import (  # noqa: E402
+from trainer.engines.megatron.loop import (  # noqa: E402
     LossScaling,
     data_parallel_layout,
     hf_from_shards,
@@ -31,8 +31,8 @@ from trainer.engines.megatron_loop import (  # noqa: E402
     renumber_layers,
     weight_problems,
 )
-from trainer.engines.megatron_testing import hf_reference, job_spec  # noqa: E402
-from trainer.engines.megatron_weights import megatron_state_dict  # noqa: E402
+from trainer.engines.megatron.testing import hf_reference, job_spec  # noqa: E402
+from trainer.engines.megatron.weights import megatron_state_dict  # noqa: E402
 from trainer.errors import UserError  # noqa: E402
 from trainer.spec import resolve_architecture  # noqa: E402
 
@@ -117,7 +117,7 @@ def _cpu_model(spec, experts: str, monkeypatch):
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
-    from trainer.engines.megatron_loss import make_model_class
+    from trainer.engines.megatron.loss import make_model_class
 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")
     arch = resolve_architecture(spec)
@@ -247,8 +247,8 @@ def test_load_balancing_loss_is_read_from_megatron_tracker(balancing, megatron_w
     that spreads tokens about evenly it is close to 1 (E/k x sum_e fraction_e x mean prob_e)."""
     from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
 
-    from trainer.engines.megatron_loop import load_balancing_loss
-    from trainer.engines.megatron_testing import random_micro_batches
+    from trainer.engines.megatron.loop import load_balancing_loss
+    from trainer.engines.megatron.testing import random_micro_batches
 
     family, size, kw = CASES["qwen3-moe"]
     kw = dict(kw, moe=dict(kw["moe"], loadBalancingType=balancing, auxLossCoeff=0.01))
@@ -270,7 +270,7 @@ def test_load_balancing_loss_is_read_from_megatron_tracker(balancing, megatron_w
 
 def test_auto_picks_the_megatron_engine_on_cuda(monkeypatch):
     import trainer.engines as engines
-    from trainer.engines import megatron_loop
+    from trainer.engines.megatron import loop as megatron_loop
 
     made = []
     monkeypatch.setenv(engines.ENGINE_ENV, "auto")
@@ -292,7 +292,7 @@ def test_auto_without_megatron_core_trains_on_cpu_and_says_why(monkeypatch):
 
 
 def test_adapter_refuses_what_it_cannot_train(monkeypatch):
-    from trainer.engines.megatron_loop import MegatronLoopEngine
+    from trainer.engines.megatron.loop import MegatronLoopEngine
 
     with pytest.raises(UserError, match="expertTensor 1"):
         MegatronLoopEngine(_spec("qwen3-moe", parallelism={"expert": 2, "expertTensor": 2}))

@@ -3,7 +3,7 @@
 `select_engine` picks one from QWEN_TRAINER_ENGINE (auto | cpu | megatron; default auto): auto chooses the
 megatron engine when CUDA and megatron-core are present, else the CPU engine, and says why. The training loop
 drives an engine through `trainer.engines.base.Engine`; the megatron module joins the loop through
-`create_engine(spec) -> Engine` (trainer.engines.megatron_loop).
+`create_engine(spec) -> Engine` (trainer.engines.megatron.loop).
 """
 
 from __future__ import annotations

@@ -33,10 +33,10 @@ import torch
 from trainer.errors import UserError
 from trainer.spec.resolve import ResolvedArchitecture, lr_decay_style, resolve_architecture, schedule
 
-from .megatron_config import (Capabilities, EngineOptions, ModelPlan, gpt_model_kwargs, layer_spec, plan_model,
+from .config import (Capabilities, EngineOptions, ModelPlan, gpt_model_kwargs, layer_spec, plan_model,
                               wants_cuda_graphs)
-from .megatron_loss import check_output_grad_scale
-from .megatron_triton import install_grad_accumulation, install_swiglu, triton_available
+from .loss import check_output_grad_scale
+from .triton_kernels import install_grad_accumulation, install_swiglu, triton_available
 
 
 @dataclass
@@ -103,7 +103,7 @@ class MegatronEngine:
         model_parallel_cuda_manual_seed(self.spec.training.seed, use_cudagraphable_rng=graphs)
 
     def _install_kernels(self) -> None:
-        from . import megatron_kernels as k
+        from . import kernels as k
 
         o = self.options
         if self.plan.experts == "torch-grouped":
@@ -131,12 +131,12 @@ class MegatronEngine:
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
         from megatron.core.transformer import TransformerConfig
 
-        from .megatron_loss import make_model_class
+        from .loss import make_model_class
 
         self._install_kernels()
         self.config = config = TransformerConfig(**self.plan.config_kwargs)
         if wants_cuda_graphs(self.spec, self.options) and config.cuda_graph_impl != "local":
-            from .megatron_config import cuda_graph_blocker
+            from .config import cuda_graph_blocker
 
             why = cuda_graph_blocker(self.spec, self.options, self.plan.config_kwargs, self.plan.attention,
                                      self.plan.experts)
@@ -166,13 +166,13 @@ class MegatronEngine:
             chunks.append(chunk)
             offsets.append(self._layer_offset(config, stage))
         if self.options.local_dispatch and self.plan.experts == "torch-grouped":
-            from .megatron_dispatch import install_local_dispatch
+            from .dispatch import install_local_dispatch
 
             _, reasons = install_local_dispatch(chunks)
             if reasons:
                 self.notes.append(f"megatron's token dispatcher kept on some MoE layers: {'; '.join(reasons)}")
         if hf_state_dict is not None:
-            from .megatron_weights import load_into
+            from .weights import load_into
 
             load_into(chunks, hf_state_dict, self.arch,
                       tp_rank=parallel_state.get_tensor_model_parallel_rank(),
@@ -221,7 +221,7 @@ class MegatronEngine:
         )
         self.optimizer = get_megatron_optimizer(opt_config, self.model)
         if self.options.fused_adam and not self.caps.transformer_engine:
-            from .megatron_kernels import use_fused_adam
+            from .kernels import use_fused_adam
 
             use_fused_adam(self.optimizer)
         gbs = t.global_batch_size
@@ -255,7 +255,7 @@ class MegatronEngine:
     def _block_spec(self, config, vp_stage):
         from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
-        from . import megatron_kernels as k
+        from . import kernels as k
 
         spec = layer_spec(self.plan, config)
         if self.plan.use_te:
@@ -312,7 +312,7 @@ class MegatronEngine:
 
     @staticmethod
     def _loss_func(loss_mask, output):
-        from .megatron_loss import loss_sum_from_output
+        from .loss import loss_sum_from_output
 
         loss_sum = loss_sum_from_output(output, loss_mask)
         num_tokens = loss_mask.sum().to(torch.int)
@@ -435,7 +435,7 @@ class MegatronEngine:
 
 def create_engine(spec):
     """The engine the training loop drives (trainer.engines.base.Engine); see megatron_loop."""
-    from .megatron_loop import create_engine as create
+    from .loop import create_engine as create
 
     return create(spec)
 

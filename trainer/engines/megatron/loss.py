@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .megatron_kernels import maybe_compile, wgrad_accumulate
+from .kernels import maybe_compile, wgrad_accumulate
 
 # (upstream gradient the backward got, the value the forward assumed): checked by check_output_grad_scale()
 _ASSUMED_SCALES: list[tuple[torch.Tensor, float]] = []

@@ -43,9 +43,9 @@ from trainer.errors import UserError
 from trainer.spec import JobSpec
 from trainer.spec.resolve import ResolvedArchitecture
 
-from .base import EngineContext, StepResult
-from .megatron import MegatronEngine
-from .megatron_loss import check_output_grad_scale, loss_sum_from_output
+from ..base import EngineContext, StepResult
+from .engine import MegatronEngine
+from .loss import check_output_grad_scale, loss_sum_from_output
 
 OPTIMIZER_FORMAT = "megatron-per-rank-v1"
 
@@ -365,7 +365,7 @@ class MegatronLoopEngine:
     def __init__(self, spec: JobSpec, options=None, *, env=None):
         from trainer.distenv import read_env
 
-        from .megatron_config import EngineOptions
+        from .config import EngineOptions
 
         p = spec.parallelism
         if p.expert_tensor != 1:
@@ -401,7 +401,7 @@ class MegatronLoopEngine:
         import torch.distributed as dist
         from megatron.core import parallel_state as ps
 
-        from . import hf_model
+        from .. import hf_model
 
         self.ctx = ctx
         core = LoopCore(self.spec, self.options)
@@ -444,8 +444,8 @@ class MegatronLoopEngine:
     def load_checkpoint_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         from megatron.core import parallel_state as ps
 
-        from .cpu import WeightsMismatch
-        from .megatron_weights import load_into
+        from ..cpu import WeightsMismatch
+        from .weights import load_into
 
         problems = weight_problems(self.ctx.arch, state_dict)
         if problems:
@@ -560,7 +560,7 @@ class MegatronLoopEngine:
         optimizer) the checkpoint's TP/PP/EP split is this run's."""
         from trainer.checkpoint import sharded
 
-        from .megatron_kernels import use_fused_adam
+        from .kernels import use_fused_adam
 
         with_optimizer = load_optimizer and any(k.startswith("optimizer.") for k in sharded.saved_keys(folder))
         if with_optimizer and saved_layout and saved_layout.get("distributed_optimizer"):
@@ -612,7 +612,7 @@ class MegatronLoopEngine:
         return out
 
     def load_optimizer_state_dict(self, state: dict) -> None:
-        from .megatron_kernels import use_fused_adam
+        from .kernels import use_fused_adam
 
         say = self.ctx.log if self.ctx is not None else print
         if not isinstance(state, dict) or state.get("format") != OPTIMIZER_FORMAT:

@@ -200,7 +200,7 @@ def cuda_graph_blocker(spec, opts: EngineOptions, kw: dict, attention: str, expe
     per tensor inside the graphs (megatron's SwiGLU, the compiled rope that q/k norm needs) are refused."""
     from types import SimpleNamespace
 
-    from .megatron_triton import triton_available
+    from .triton_kernels import triton_available
 
     p = spec.parallelism
     if not triton_available():
@@ -370,7 +370,7 @@ def plan_model(arch: ResolvedArchitecture, spec, opts: EngineOptions, caps: Capa
     use_te = attention == "te" or spec.training.precision == "fp8"
     megablocks = spec.model.backend == "megablocks"
     if megablocks:
-        from .megatron_megablocks import require_megablocks
+        from .megablocks_mlp import require_megablocks
 
         require_megablocks(caps)
         experts = "megablocks"
@@ -396,7 +396,7 @@ def plan_model(arch: ResolvedArchitecture, spec, opts: EngineOptions, caps: Capa
 def fused_qkv_rope_applies(opts: EngineOptions, config) -> bool:
     """The one-kernel QKV split + rope (megatron_triton.QKVRope) covers layers without q/k norm, with a
     power-of-two head size and at least one query group per tensor-parallel rank."""
-    from .megatron_triton import qkv_rope_supported
+    from .triton_kernels import qkv_rope_supported
 
     groups = config.num_query_groups or config.num_attention_heads
     return bool(opts.fused_qkv_rope and not config.qk_layernorm and qkv_rope_supported(config.kv_channels)
@@ -408,7 +408,7 @@ def layer_spec(plan: ModelPlan, config):
     from megatron.core.models.gpt import gpt_layer_specs as specs
     from megatron.core.transformer.identity_op import IdentityOp
 
-    from . import megatron_kernels as kernels
+    from . import kernels as kernels
 
     num_experts = config.num_moe_experts
     if num_experts:
@@ -448,7 +448,7 @@ def layer_spec(plan: ModelPlan, config):
     elif plan.attention == "flash-attn":
         attn.core_attention = kernels.flash_attn_spec()
     if plan.megablocks:
-        from .megatron_megablocks import megablocks_mlp_spec
+        from .megablocks_mlp import megablocks_mlp_spec
 
         sub.mlp = megablocks_mlp_spec()
     if not config.qk_layernorm:

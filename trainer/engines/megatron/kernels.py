@@ -246,7 +246,7 @@ def fused_qkv_self_attention():
     from megatron.core.transformer.attention import SelfAttention
     from megatron.core.typed_torch import apply_module
 
-    from .megatron_triton import qkv_rope
+    from .triton_kernels import qkv_rope
 
     class FusedQKVSelfAttention(SelfAttention):
         def get_query_key_value_tensors(self, hidden_states, key_value_states=None, output_gate=False,
