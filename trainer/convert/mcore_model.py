@@ -36,7 +36,7 @@ def build_gpt_model(spec: ModelSpec, *, dtype: torch.dtype = torch.float32, grou
     from megatron.core.transformer import TransformerConfig
 
     if spec.num_experts and not transformer_engine:
-        from trainer.engines.megatron_kernels import ensure_moe_without_te
+        from trainer.engines.megatron.kernels import ensure_moe_without_te
 
         ensure_moe_without_te()  # megatron-core 0.16.1's router needs this without Transformer Engine
     kw = transformer_config_kwargs(spec)
