@@ -7,6 +7,24 @@ import sys
 
 
 def main(argv=None) -> int:
+    from .errors import install_error_lines, write_termination_log
+
+    errors = install_error_lines()
+    code = 1
+    try:
+        code = _main(argv)
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+        raise
+    finally:
+        errors.flush()
+        sys.stderr = errors.stream
+        if code:
+            write_termination_log(errors.lines)
+    return code
+
+
+def _main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer")
     sub = parser.add_subparsers(dest="command", required=True)
     from .convert.cli import add_parser as add_convert

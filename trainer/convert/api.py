@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import pickle
+import re
 import shutil
+import zipfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -85,6 +89,12 @@ def _carry_files(src_root: Optional[Path], dst: Path, config: dict) -> dict[Path
     return {p: "" for p in out + [dst / "config.json"]}
 
 
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def _target_problems(target: Path, source: Path, overwrite: bool) -> list[str]:
     if target.resolve() == source.resolve():
         return [f"target {target} is the source"]
@@ -93,7 +103,57 @@ def _target_problems(target: Path, source: Path, overwrite: bool) -> list[str]:
     if target.is_dir() and any(target.iterdir()) and not overwrite:
         what = "a checkpoint" if (read_tracker(target) or any(target.glob("*.safetensors"))) else "files"
         return [f"target {target} already holds {what}; pass overwrite=True (--overwrite) to replace it"]
+    # The scratch folder is made next to the target and renamed into place: its parent must be writable.
+    parent = _nearest_existing(target.absolute().parent)
+    if not parent.is_dir():
+        return [f"target {target}: {parent} is not a directory"]
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return [f"target {target}: {parent} is not writable"]
     return []
+
+
+_SCRATCH = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def remove_stale_scratch(target: Path) -> list[Path]:
+    """Remove `.NAME.tmp-PID` scratch folders of `target` left by conversions that were killed: only those whose
+    process no longer runs (a live conversion's scratch folder is never touched). Returns what was removed."""
+    target = Path(target).absolute()
+    removed = []
+    if not target.parent.is_dir():
+        return removed
+    for p in target.parent.iterdir():
+        m = _SCRATCH.match(p.name)
+        if not m or m["name"] != target.name or not p.is_dir():
+            continue
+        pid = int(m["pid"])
+        if pid == os.getpid() or _alive(pid):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
+
+
+# What reading a damaged checkpoint raises from torch, pickle, zip and the format readers.
+_DAMAGED = (RuntimeError, EOFError, KeyError, pickle.UnpicklingError, zipfile.BadZipFile)
+
+
+def _damaged(source: Path, fmt: str, err: BaseException) -> ConversionError:
+    if isinstance(err, KeyError):
+        what = f"a shard or tensor is missing ({err.args[0]!r} not found)" if err.args else "a shard is missing"
+    else:
+        what = " ".join(f"{type(err).__name__}: {err}".split())[:300]
+    return ConversionError(f"source {source}: cannot read the {fmt} checkpoint (damaged or incomplete?): {what}")
 
 
 def convert(source: Union[str, Path], source_format: str, target: Union[str, Path], target_format: str, *,
@@ -118,7 +178,30 @@ def convert(source: Union[str, Path], source_format: str, target: Union[str, Pat
     problems += _target_problems(target, source, overwrite) if source.exists() else []
     check(problems)
     cast_to = _dtype(dtype)
+    remove_stale_scratch(target)
+    # An existing empty folder (a mount point, a folder made beforehand) is simply filled.
+    replace = overwrite or (target.is_dir() and not any(target.iterdir()))
+    try:
+        return _convert(source, source_format, target, target_format, t0=t0, cast_to=cast_to, layout=layout,
+                        family=family, extra_vocab_size=extra_vocab_size, padded_vocab_size=padded_vocab_size,
+                        transformer_engine_keys=transformer_engine_keys, expert_layout=expert_layout,
+                        overwrite=replace, verify=verify, upcycle=upcycle, progress=progress, hf_config=hf_config,
+                        max_shard_size=max_shard_size, problems=problems)
+    except ConversionError:
+        raise
+    except PermissionError as err:
+        raise ConversionError(f"target {target}: {err.strerror or 'permission denied'}: {err.filename or target}")
+    except OSError as err:
+        if err.filename and not str(err.filename).startswith(str(source)):
+            raise ConversionError(f"target {target}: {err.strerror or err}: {err.filename}")
+        raise ConversionError(f"source {source}: {err.strerror or err}: {err.filename or source}")
+    except _DAMAGED as err:
+        raise _damaged(source, source_format, err) from err
 
+
+def _convert(source: Path, source_format: str, target: Path, target_format: str, *, t0: float, cast_to, layout,
+             family, extra_vocab_size, padded_vocab_size, transformer_engine_keys, expert_layout, overwrite, verify,
+             upcycle, progress, hf_config, max_shard_size, problems) -> ConversionResult:
     src = open_source(source, source_format, family=family, extra_vocab_size=extra_vocab_size,
                       padded_vocab_size=padded_vocab_size, hf_config=hf_config)
     try:
