@@ -6,6 +6,8 @@ Naming schemes (a format picks an ordered list of them; the first scheme a rule 
     grouped     Megatron-Core grouped-GEMM experts (`experts.linear_fc1.weight{i}`)
     legacy      Megatron-LM legacy model (`language_model.encoder...`)
     megablocks  MegaBlocks dMoE inside the legacy model (`mlp.moe.experts.mlp.w1/v1/w2`)
+    gmm         Megatron-Core's legacy GroupedMLP (`experts.weight1/weight2`): the megatron engine's grouped-GEMM
+                experts in memory; no checkpoint format uses it
 
 Placeholders: {layer} is the layer index local to the pipeline chunk, {expert} the expert index local to the
 expert-parallel rank; on the HF side both are global. A new family is a new list built from these blocks.
@@ -77,13 +79,19 @@ MOE_MLP = [
     Rule((HX + "gate_proj.weight", HX + "up_proj.weight"),
          {"mcore": M + "mlp.experts.local_experts.{expert}.linear_fc1.weight",
           "grouped": M + "mlp.experts.linear_fc1.weight{expert}",
-          "legacy": L + "mlp.local_experts.{expert}.dense_h_to_4h.weight", "megablocks": None},
+          "legacy": L + "mlp.local_experts.{expert}.dense_h_to_4h.weight", "megablocks": None, "gmm": None},
          kind="gate_up", scope="expert", linear=True),
     Rule((HX + "down_proj.weight",),
          {"mcore": M + "mlp.experts.local_experts.{expert}.linear_fc2.weight",
           "grouped": M + "mlp.experts.linear_fc2.weight{expert}",
-          "legacy": L + "mlp.local_experts.{expert}.dense_4h_to_h.weight", "megablocks": None},
+          "legacy": L + "mlp.local_experts.{expert}.dense_4h_to_h.weight", "megablocks": None, "gmm": None},
          kind="row", scope="expert", linear=True),
+    # ... and megatron-core's legacy GroupedMLP stacks every local expert's transposed weights in one tensor ...
+    Rule((HX + "gate_proj.weight", HX + "up_proj.weight"),
+         {"gmm": M + "mlp.experts.weight1", "mcore": None, "legacy": None},
+         kind="gate_up_t", scope="expert", stack_dim=1),
+    Rule((HX + "down_proj.weight",), {"gmm": M + "mlp.experts.weight2", "mcore": None, "legacy": None},
+         kind="row_t", scope="expert"),
     # ... while MegaBlocks keeps them apart, all local experts stacked on dim 0 (no {expert} in the name).
     # Its GLU computes act(x w1^T) * (x v1^T), so w1 holds gate and v1 holds up; w2 is down_proj transposed.
     Rule((HX + "gate_proj.weight",), {"megablocks": L + "mlp.moe.experts.mlp.w1", "mcore": None, "legacy": None},

@@ -7,7 +7,7 @@ from typing import Iterator, Optional, Sequence
 
 from .errors import ConversionError
 from .families import FAMILIES
-from .rules import UNSUPPORTED, Rule
+from .rules import KINDS, UNSUPPORTED, Rule
 from .spec import ModelSpec, ParallelLayout
 
 
@@ -109,6 +109,10 @@ class Placement:
     def tp_group(self, inst: Instance) -> int:
         """How many ranks share (split) this tensor: etp for experts, tp otherwise."""
         return self.etp if inst.rule.scope == "expert" else self.layout.tp
+
+    def split_ranks(self, inst: Instance) -> int:
+        """How many tensor-parallel ranks hold distinct parts of this tensor (1: each holds all of it)."""
+        return self.tp_group(inst) if KINDS[inst.rule.kind].tp_split else 1
 
 
 def iter_groups(layout: ParallelLayout) -> Iterator[tuple[int, int]]:

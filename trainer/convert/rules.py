@@ -32,6 +32,9 @@ class Rule:
     when: Optional[str] = None  # name of a ModelSpec boolean property; rule applies only when it is true
     scope: str = "layer"  # "first" (first pipeline stage), "last", "layer", "expert"
     linear: bool = False  # Megatron module is a linear layer (carries an `_extra_state` entry in mcore)
+    # A name without {expert} holds every local expert, one after another in memory (see `stack`); the nominal
+    # shape grows along this dimension.
+    stack_dim: int = 0
     note: str = field(default="", compare=False)
 
     def active(self, spec: ModelSpec) -> bool:
@@ -107,6 +110,31 @@ def _pad_rows(spec: ModelSpec, t):
     return cat([t, t.new_zeros((extra, *t.shape[1:]))], dim=0)
 
 
+def stack(shards, dim: int = 0):
+    """Local experts' shards in one tensor, expert-major in memory whatever the nominal shape: MegaBlocks
+    concatenates on dim 0; megatron-core's legacy GroupedMLP declares weight1 [h, E*2f] but reads it as
+    view(E, h, 2f)."""
+    if dim == 0:
+        return cat(shards, dim=0)
+    shape = list(shards[0].shape)
+    shape[dim] *= len(shards)
+    return cat([s.reshape(-1) for s in shards]).view(shape)
+
+
+def unstack(t, n: int, dim: int = 0) -> list:
+    """Inverse of stack: the n experts' shards."""
+    if dim == 0:
+        rows = t.shape[0] // n
+        return [t[i * rows:(i + 1) * rows] for i in range(n)]
+    shape = list(t.shape)
+    shape[dim] //= n
+    return [b.view(shape) for b in t.reshape(n, -1)]
+
+
+def _t(spec, t):
+    return t.t()
+
+
 @dataclass(frozen=True)
 class Kind:
     fuse: Callable  # (spec, *hf) -> canonical; kinds that concatenate also take alloc=(shape, dtype) -> out buffer
@@ -140,6 +168,11 @@ KINDS: dict[str, Kind] = {
     "gate_up": Kind(_gate_up_fuse, lambda spec, t: list(t.chunk(2, dim=0)),
                     _gate_up_split, _gate_up_merge, fuse_alloc=True),
     # MegaBlocks stores w2 as down_proj transposed ([ffn, hidden] per expert); not tensor-parallel.
-    "transposed": Kind(lambda spec, t: t.t(), lambda spec, t: [t.t()], lambda t, r, n: t, lambda s: s[0],
-                       tp_split=False),
+    "transposed": Kind(_t, lambda spec, t: [t.t()], lambda t, r, n: t, lambda s: s[0], tp_split=False),
+    # megatron-core's legacy GroupedMLP keeps expert weights transposed ([in, out]): the transposes of gate_up and
+    # row, split on the same features
+    "gate_up_t": Kind(lambda spec, g, u: cat([g, u], dim=0).t(), lambda spec, t: list(t.t().chunk(2, dim=0)),
+                      lambda t, r, n: _gate_up_split(t.t(), r, n).t(),
+                      lambda s: _gate_up_merge([x.t() for x in s]).t()),
+    "row_t": Kind(_t, lambda spec, t: [t.t()], *_dim(0)),
 }

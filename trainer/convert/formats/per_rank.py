@@ -17,7 +17,7 @@ import torch
 from ...checkpoint.layout import RANK_FILE, rank_dir_name, scan_rank_dirs
 from ..errors import ConversionError
 from ..plan import Instance, Placement, Slot, iter_groups, read_ahead
-from ..rules import KINDS
+from ..rules import KINDS, stack, unstack
 from ..spec import ModelSpec, ParallelLayout
 from ..torchfile import LazyTensor, LazyTorchFile, StreamingTorchWriter
 
@@ -49,6 +49,12 @@ FORMATS = {
     "megablocks": PerRankFormat("megablocks", ("megablocks", "legacy"), "ep_pp", _LEGACY_NEST,
                                 "word_embeddings_for_head.weight", False, False),
 }
+
+
+def mcore_traits(keys) -> tuple[bool, bool]:
+    """(te, grouped): whether Megatron-Core names show norms fused into the next linear and grouped-GEMM experts."""
+    return (any(k.endswith("layer_norm_weight") for k in keys),
+            any(re.search(r"\.weight\d+$", k) for k in keys))
 
 
 def nest(flat: dict, prefixes: Sequence[str]) -> dict:
@@ -101,7 +107,7 @@ def write_per_rank(source, iter_dir: Path, fmt: PerRankFormat, place: Placement,
                 canon = cast(kind.fuse(spec, *hf, alloc=scratch))
             else:
                 canon = cast(kind.fuse(spec, *hf))
-            n = place.tp_group(inst) if kind.tp_split else 1
+            n = place.split_ranks(inst)
             for tp in range(lay.tp):
                 shard = canon if n == 1 else kind.split(canon, tp % n, n)
                 for s in slots:
@@ -136,7 +142,7 @@ def _put(fmt, inst, slot: Slot, shard, writer, model, stacks, tp, experts_per_ra
         buf = stacks.setdefault((tp, slot.chunk, slot.name), [])
         buf.append(shard)
         if len(buf) == experts_per_rank:
-            model[slot.name] = writer.add(torch.cat(buf, dim=0))
+            model[slot.name] = writer.add(stack(buf, inst.rule.stack_dim))
             del stacks[(tp, slot.chunk, slot.name)]
         return
     model[slot.name] = writer.add(shard)
@@ -169,8 +175,7 @@ class PerRankSource:
                                for m in names]
         vpp = len(self._chunks[(0, 0, 0)])
         keys = set().union(*(c.keys() for chunks in self._chunks.values() for c in chunks))
-        te = any(k.endswith("layer_norm_weight") for k in keys)
-        grouped = any(re.search(r"\.weight\d+$", k) for k in keys)
+        te, grouped = mcore_traits(keys)
         self.schemes = fmt.resolve_schemes(te, grouped)
         self.transformer_engine_keys, self.expert_layout = te, "grouped" if grouped else "sequential"
         emb = self._find_embedding(keys)
@@ -221,12 +226,10 @@ class PerRankSource:
         slot = self.place.slots(inst)[0]
         ep = self.place.ep_rank(inst) or 0
         kind = KINDS[inst.rule.kind]
-        n = self.place.tp_group(inst) if kind.tp_split else 1
-        shards = [self._tensor(tp, ep, slot, meta) for tp in range(n)]
+        shards = [self._tensor(tp, ep, slot, meta) for tp in range(self.place.split_ranks(inst))]
         if slot.stacked:
-            rows = shards[0].shape[0] // self.place.experts_per_rank
             i = inst.expert % self.place.experts_per_rank
-            shards = [s[i * rows:(i + 1) * rows] for s in shards]
+            shards = [unstack(s, self.place.experts_per_rank, inst.rule.stack_dim)[i] for s in shards]
         return kind.unfuse(self.spec, kind.merge(shards))
 
     def close(self) -> None:
