@@ -225,7 +225,7 @@ def test_checkpoint_is_sharded_and_loads_back(runs, case):
     converter reads the full weights back (what the export stage does)."""
     from trainer.checkpoint.sharded import is_sharded, saved_keys
     from trainer.checkpoint.weights import read_weights
-    from trainer.engines.megatron.loop import weight_problems
+    from trainer.engines.megatron.weights import weight_problems
     from trainer.spec import JobSpec, resolve_architecture
 
     run = runs[case]

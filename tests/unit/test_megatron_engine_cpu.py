@@ -28,7 +28,7 @@ from trainer.engines.megatron.loss import (  # noqa: E402
     reference_cross_entropy,
 )
 from trainer.engines.megatron.testing import hf_loss, hf_reference, job_spec, random_micro_batches  # noqa: E402
-from trainer.engines.megatron.weights import fuse_qkv, load_into  # noqa: E402
+from trainer.engines.megatron.weights import load_into  # noqa: E402
 from trainer.errors import UserError  # noqa: E402
 from trainer.spec import resolve_architecture  # noqa: E402
 
@@ -194,11 +194,15 @@ def test_megatron_engine_refuses_cpu():
 
 
 def test_fuse_qkv_groups_heads_per_query_group():
+    from types import SimpleNamespace
+
+    from trainer.convert.rules import KINDS
+
     heads, groups, d = 4, 2, 3
     q = torch.arange(heads * d).float()[:, None].expand(-1, 2)
     k = 100 + torch.arange(groups * d).float()[:, None].expand(-1, 2)
     v = 200 + torch.arange(groups * d).float()[:, None].expand(-1, 2)
-    fused = fuse_qkv(q, k, v, heads, groups)[:, 0].tolist()
+    fused = KINDS["qkv"].fuse(SimpleNamespace(heads=heads, groups=groups, head_dim=d), q, k, v)[:, 0].tolist()
     assert fused[:12] == [0, 1, 2, 3, 4, 5, 100, 101, 102, 200, 201, 202]  # q heads 0-1, k_0, v_0
 
 

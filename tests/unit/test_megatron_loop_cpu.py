@@ -22,17 +22,16 @@ from trainer.engines.megatron.config import (  # noqa: E402
     layer_spec,
     plan_model,
 )
-from trainer.engines.megatron.loop import (  # noqa: E402
-    LossScaling,
-    data_parallel_layout,
+from trainer.engines.megatron.loop import LossScaling, data_parallel_layout  # noqa: E402
+from trainer.engines.megatron.testing import hf_reference, job_spec  # noqa: E402
+from trainer.engines.megatron.weights import (  # noqa: E402
     hf_from_shards,
     hf_shapes,
     is_expert_key,
+    megatron_state_dict,
     renumber_layers,
     weight_problems,
 )
-from trainer.engines.megatron.testing import hf_reference, job_spec  # noqa: E402
-from trainer.engines.megatron.weights import megatron_state_dict  # noqa: E402
 from trainer.errors import UserError  # noqa: E402
 from trainer.spec import resolve_architecture  # noqa: E402
 

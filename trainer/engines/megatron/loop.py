@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from dataclasses import dataclass
 from functools import partial
 from typing import Optional, Sequence
@@ -41,11 +40,11 @@ import torch
 
 from trainer.errors import UserError
 from trainer.spec import JobSpec
-from trainer.spec.resolve import ResolvedArchitecture
 
 from ..base import EngineContext, StepResult
 from .engine import MegatronEngine
 from .loss import check_output_grad_scale, loss_sum_from_output
+from .weights import hf_from_shards, hf_shapes, is_expert_key, renumber_layers, weight_problems
 
 OPTIMIZER_FORMAT = "megatron-per-rank-v1"
 
@@ -67,187 +66,6 @@ def data_parallel_layout(spec: JobSpec, world_size: int, rank: int) -> tuple[int
         raise UserError(f"expert {p.expert} x expert-tensor {p.expert_tensor} parallel size must divide the "
                         f"{world_size // p.pipeline} processes of a pipeline stage", path="parallelism.expert")
     return dp, (rank // (p.tensor * p.context)) % dp
-
-
-# ------------------------------------------------------------------------------------------------ HF naming
-
-
-def hf_shapes(arch: ResolvedArchitecture) -> dict[str, tuple[int, ...]]:
-    """Every tensor of the model in published-checkpoint naming (experts one by one) with its shape."""
-    h, d, v = arch.hidden_size, arch.kv_channels, arch.vocab_size
-    q, kv = arch.num_attention_heads * d, arch.num_query_groups * d
-    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
-    if not arch.tie_word_embeddings:
-        out["lm_head.weight"] = (v, h)
-    moe = arch.moe
-    for i in range(arch.num_layers):
-        p = f"model.layers.{i}."
-        a = p + "self_attn."
-        out[p + "input_layernorm.weight"] = (h,)
-        out[p + "post_attention_layernorm.weight"] = (h,)
-        out.update({a + "q_proj.weight": (q, h), a + "k_proj.weight": (kv, h), a + "v_proj.weight": (kv, h),
-                    a + "o_proj.weight": (h, q)})
-        if arch.qkv_bias:
-            out.update({a + "q_proj.bias": (q,), a + "k_proj.bias": (kv,), a + "v_proj.bias": (kv,)})
-        if arch.qk_layernorm:
-            out.update({a + "q_norm.weight": (d,), a + "k_norm.weight": (d,)})
-        if moe is None:
-            f = arch.ffn_hidden_size
-            out.update({p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
-                        p + "mlp.down_proj.weight": (h, f)})
-            continue
-        f = moe.ffn_hidden_size
-        out[p + "mlp.gate.weight"] = (moe.num_experts, h)
-        for e in range(moe.num_experts):
-            x = f"{p}mlp.experts.{e}."
-            out.update({x + "gate_proj.weight": (f, h), x + "up_proj.weight": (f, h), x + "down_proj.weight": (h, f)})
-        if moe.shared_expert_ffn_hidden_size:
-            s, x = moe.shared_expert_ffn_hidden_size, p + "mlp.shared_expert."
-            out.update({x + "gate_proj.weight": (s, h), x + "up_proj.weight": (s, h), x + "down_proj.weight": (h, s)})
-            if moe.shared_expert_gate:
-                out[p + "mlp.shared_expert_gate.weight"] = (1, h)
-    return out
-
-
-def weight_problems(arch: ResolvedArchitecture, state_dict: dict[str, torch.Tensor]) -> list[str]:
-    """Missing, unexpected and misshapen tensors, as the CPU engine reports them (a tied model may carry
-    lm_head.weight; it is ignored)."""
-    want = hf_shapes(arch)
-    have = {k: v for k, v in state_dict.items() if not (arch.tie_word_embeddings and k == "lm_head.weight")}
-    problems = [f"missing {k}" for k in sorted(set(want) - set(have))[:5]]
-    problems += [f"unexpected {k}" for k in sorted(set(have) - set(want))[:5]]
-    for k in sorted(set(want) & set(have)):
-        if tuple(have[k].shape) != want[k]:
-            problems.append(f"{k} has shape {tuple(have[k].shape)}, the model needs {want[k]}")
-    return problems
-
-
-def is_expert_key(key: str) -> bool:
-    return ".mlp.experts." in key
-
-
-_LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
-_EXPERT_RE = re.compile(
-    r"^mlp\.experts\.(?:local_experts\.(\d+)\.linear_fc([12])\.weight|linear_fc([12])\.weight(\d+)|weight([12]))$")
-
-
-def renumber_layers(state: dict[str, torch.Tensor], offset: int) -> dict[str, torch.Tensor]:
-    """Local layer numbers of a pipeline chunk -> global ones."""
-    if not offset:
-        return dict(state)
-    out = {}
-    for k, v in state.items():
-        m = _LAYER_RE.match(k)
-        out[f"decoder.layers.{int(m.group(1)) + offset}.{m.group(2)}" if m else k] = v
-    return out
-
-
-def _unfuse_qkv(fused: torch.Tensor, heads: int, groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Inverse of megatron_weights.fuse_qkv: [(H + 2G)*d, ...] grouped per query group -> q, k, v."""
-    d = fused.shape[0] // (heads + 2 * groups)
-    per = heads // groups
-    tail = fused.shape[1:]
-    g = fused.reshape(groups, (per + 2) * d, *tail)
-    q = g[:, : per * d].reshape(heads * d, *tail)
-    k = g[:, per * d: (per + 1) * d].reshape(groups * d, *tail)
-    v = g[:, (per + 1) * d:].reshape(groups * d, *tail)
-    return q, k, v
-
-
-def _gate_up(parts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """linear_fc1 shards [gate_r; up_r] of each tensor-parallel rank -> full gate, full up."""
-    gates, ups = zip(*(torch.chunk(x, 2, dim=0) for x in parts))
-    return torch.cat(gates, 0), torch.cat(ups, 0)
-
-
-def hf_from_shards(dense: dict[int, dict[str, torch.Tensor]], experts: dict[int, dict[str, torch.Tensor]],
-                   arch: ResolvedArchitecture) -> dict[str, torch.Tensor]:
-    """Full HF-named tensors from megatron shards with global layer numbers.
-
-    `dense[tp_rank]` holds every non-expert tensor of that tensor-parallel rank (all pipeline stages merged),
-    `experts[ep_rank]` the expert tensors of that expert-parallel rank (experts are not tensor-parallel:
-    expertTensor 1). Layout facts as in megatron_weights (the forward direction).
-    """
-    tp = len(dense)
-    ranks = [dense[r] for r in range(tp)]
-    first = ranks[0]
-    heads, groups = arch.num_attention_heads, arch.num_query_groups
-    out: dict[str, torch.Tensor] = {}
-
-    def cat(key: str, dim: int) -> torch.Tensor:
-        return torch.cat([r[key] for r in ranks], dim) if tp > 1 else first[key]
-
-    for key in sorted(first):
-        if key == "embedding.word_embeddings.weight":
-            out["model.embed_tokens.weight"] = cat(key, 0)
-        elif key == "output_layer.weight":
-            if not arch.tie_word_embeddings:
-                out["lm_head.weight"] = cat(key, 0)
-        elif key == "decoder.final_layernorm.weight":
-            out["model.norm.weight"] = first[key]
-        else:
-            m = _LAYER_RE.match(key)
-            if not m:
-                raise KeyError(f"no Hugging Face name for {key}")
-            p, rest = f"model.layers.{int(m.group(1))}.", m.group(2)
-            attn = p + "self_attn."
-            if rest in ("input_layernorm.weight", "self_attention.linear_qkv.layer_norm_weight"):
-                out[p + "input_layernorm.weight"] = first[key]
-            elif rest in ("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight"):
-                out[p + "post_attention_layernorm.weight"] = first[key]
-            elif rest in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
-                kind = rest.rsplit(".", 1)[1]
-                q, k, v = _unfuse_qkv(cat(key, 0), heads, groups)
-                out.update({attn + f"q_proj.{kind}": q, attn + f"k_proj.{kind}": k, attn + f"v_proj.{kind}": v})
-            elif rest == "self_attention.linear_proj.weight":
-                out[attn + "o_proj.weight"] = cat(key, 1)
-            elif rest == "self_attention.q_layernorm.weight":
-                out[attn + "q_norm.weight"] = first[key]
-            elif rest == "self_attention.k_layernorm.weight":
-                out[attn + "k_norm.weight"] = first[key]
-            elif rest == "mlp.linear_fc1.weight":
-                out[p + "mlp.gate_proj.weight"], out[p + "mlp.up_proj.weight"] = _gate_up([r[key] for r in ranks])
-            elif rest == "mlp.linear_fc2.weight":
-                out[p + "mlp.down_proj.weight"] = cat(key, 1)
-            elif rest == "mlp.router.weight":
-                out[p + "mlp.gate.weight"] = first[key]
-            elif rest == "mlp.shared_experts.linear_fc1.weight":
-                s = p + "mlp.shared_expert."
-                out[s + "gate_proj.weight"], out[s + "up_proj.weight"] = _gate_up([r[key] for r in ranks])
-            elif rest == "mlp.shared_experts.linear_fc2.weight":
-                out[p + "mlp.shared_expert.down_proj.weight"] = cat(key, 1)
-            elif rest == "mlp.shared_experts.gate_weight":
-                out[p + "mlp.shared_expert_gate.weight"] = first[key]
-            else:
-                raise KeyError(f"no Hugging Face name for {key}")
-    moe = arch.moe
-    if moe is not None:
-        ep = len(experts)
-        local = moe.num_experts // ep
-        f = moe.ffn_hidden_size
-        for ep_rank in range(ep):
-            for key, t in sorted(experts[ep_rank].items()):
-                m = _LAYER_RE.match(key)
-                em = _EXPERT_RE.match(m.group(2)) if m else None
-                if em is None:
-                    raise KeyError(f"no Hugging Face name for {key}")
-                p = f"model.layers.{int(m.group(1))}.mlp.experts."
-                if em.group(5):  # legacy GroupedMLP: weight1 [h, E_local*2f], weight2 [E_local*f, h]
-                    for j in range(local):
-                        e = f"{p}{ep_rank * local + j}."
-                        if em.group(5) == "1":  # megatron's view(E_local, h, 2f): experts outermost in memory
-                            gate, up = torch.chunk(t.reshape(local, t.shape[0], -1)[j].t(), 2, dim=0)
-                            out[e + "gate_proj.weight"], out[e + "up_proj.weight"] = gate, up
-                        else:
-                            out[e + "down_proj.weight"] = t[j * f:(j + 1) * f].t()
-                    continue
-                j = int(em.group(1) if em.group(1) is not None else em.group(4))
-                e = f"{p}{ep_rank * local + j}."
-                if (em.group(2) or em.group(3)) == "1":
-                    out[e + "gate_proj.weight"], out[e + "up_proj.weight"] = torch.chunk(t, 2, dim=0)
-                else:
-                    out[e + "down_proj.weight"] = t
-    return {k: v.contiguous() for k, v in out.items()}
 
 
 # ------------------------------------------------------------------------------------------------ loss

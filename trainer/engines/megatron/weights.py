@@ -1,127 +1,107 @@
-"""Hugging Face weights (published-checkpoint naming) straight into a built megatron-core model, in memory.
+"""Hugging Face tensors <-> the built megatron-core model's tensors, in memory, both ways through the converter's
+family tables (trainer.convert.families) and rule kinds (trainer.convert.rules), so the engine and the converter
+cannot disagree on a layout.
 
-Used to start a run from the same weights as the CPU engine (GPU parity test, benchmark) without a conversion on
-disk; the converter (`trainer.convert`) remains the way to produce Megatron checkpoints. The layout facts are
-megatron-core's: qkv fused per query group `[q heads of group g; k_g; v_g]`, `linear_fc1 = [gate; up]` with gate and
-up split separately under tensor parallelism, row-parallel layers split on the input dimension, vocabulary split on
-rows; legacy `GroupedMLP` stores experts as `weight1` of nominal shape `[h, E_local * 2f]` that megatron reads as
-`view(E_local, h, 2f)` (per expert the transpose of `[gate; up]`, experts outermost in memory) and `weight2
-[E_local * f, h]` (per expert `down_proj` transposed); `SequentialMLP` as `local_experts.{j}.linear_fc*`;
-global expert id = ep_rank * E_local + j. TE specs fuse the pre-norms into the following linear
-(`linear_qkv.layer_norm_weight`, `linear_fc1.layer_norm_weight`).
+The naming scheme comes from the model's own keys as the converter reads it from a checkpoint's: `te` (norms fused
+into linear_qkv / linear_fc1), `grouped` (TE grouped-GEMM experts), `gmm` (megatron's legacy GroupedMLP, the
+engine's grouped-GEMM experts), else `mcore` (SequentialMLP). Layers are numbered globally here: a pipeline chunk's
+local numbers plus its offset, which also covers uneven and virtual pipeline splits. Experts are numbered locally to
+their expert-parallel rank and are whole on it (the engine trains with expertTensor 1).
 """
 
 from __future__ import annotations
 
 import re
+from typing import Optional
 
 import torch
 
+from trainer.convert.formats.per_rank import FORMATS, mcore_traits
+from trainer.convert.plan import Instance, Placement, format_rules, instances
+from trainer.convert.rules import KINDS, stack, unstack
+from trainer.convert.spec import FAMILY_ALIASES, ModelSpec, ParallelLayout
 from trainer.spec.resolve import ResolvedArchitecture
 
-
-def _split(t: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
-    if size == 1:
-        return t
-    return torch.chunk(t, size, dim=dim)[rank]
+_TIED_HEAD = FORMATS["mcore"].tied_head_name
+_LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
 
-def _fc1(gate: torch.Tensor, up: torch.Tensor, rank: int, size: int) -> torch.Tensor:
-    return torch.cat([_split(gate, 0, rank, size), _split(up, 0, rank, size)], dim=0)
+def model_spec(arch: ResolvedArchitecture) -> ModelSpec:
+    """The converter's description of the engine's model; the engine's vocabulary is already padded."""
+    moe = arch.moe
+    return ModelSpec(
+        family=FAMILY_ALIASES[arch.family] + ("_moe" if moe else ""), hidden=arch.hidden_size, layers=arch.num_layers,
+        heads=arch.num_attention_heads, groups=arch.num_query_groups, head_dim=arch.kv_channels,
+        ffn=arch.ffn_hidden_size, vocab=arch.vocab_size, padded_vocab=arch.vocab_size, tied=arch.tie_word_embeddings,
+        qkv_bias=arch.qkv_bias, qk_norm=arch.qk_layernorm, num_experts=moe.num_experts if moe else 0,
+        moe_ffn=moe.ffn_hidden_size if moe else 0, shared_ffn=moe.shared_expert_ffn_hidden_size if moe else 0,
+        top_k=moe.top_k if moe else 0)
 
 
-def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, groups: int) -> torch.Tensor:
-    """[H*d, ...], [G*d, ...], [G*d, ...] -> [(H + 2G)*d, ...] grouped per query group (weights or biases)."""
-    d = q.shape[0] // heads
-    per = heads // groups
-    tail = q.shape[1:]
-    qg = q.reshape(groups, per * d, *tail)
-    kg = k.reshape(groups, d, *tail)
-    vg = v.reshape(groups, d, *tail)
-    return torch.cat([qg, kg, vg], dim=1).reshape((heads + 2 * groups) * d, *tail)
+class _Mapping:
+    """Megatron name (global layer, rank-local expert) on an expert-parallel rank -> the rule instances it holds:
+    one, or every local expert of a stacked name."""
+
+    def __init__(self, arch: ResolvedArchitecture, keys, tp: int, ep: int):
+        self.spec = model_spec(arch)
+        te, grouped = mcore_traits(keys)
+        schemes = (("gmm",) if any(k.endswith(".experts.weight1") for k in keys) else ()) + \
+            FORMATS["mcore"].resolve_schemes(te, grouped)
+        # one pipeline stage: every layer keeps its global number
+        self.place = Placement(self.spec, ParallelLayout(tp=tp, ep=ep), 1, schemes, None)
+        self.names: dict[tuple[str, Optional[int]], list[Instance]] = {}
+        self.stacked: set[str] = set()
+        for inst in instances(self.spec, format_rules(self.spec, schemes, "engine")):
+            for slot in self.place.slots(inst):
+                self.names.setdefault((slot.name, self.place.ep_rank(inst)), []).append(inst)
+                if slot.stacked:
+                    self.stacked.add(slot.name)
+                if self.spec.tied and inst.rule.scope == "first":
+                    self.names[(_TIED_HEAD, None)] = [inst]
+
+    def __call__(self, key: str, ep_rank: int) -> list[Instance]:
+        found = self.names.get((key, ep_rank)) or self.names.get((key, None))
+        if found is None:
+            raise KeyError(f"no Hugging Face tensor for {key} in the {self.spec.family} table")
+        return found
+
+    def to_megatron(self, key: str, hf: dict[str, torch.Tensor], tp_rank: int, ep_rank: int) -> torch.Tensor:
+        insts, shards = self(key, ep_rank), []
+        for inst in insts:
+            kind = KINDS[inst.rule.kind]
+            canon = kind.fuse(self.spec, *(hf[n] for n in inst.hf_names))
+            n = self.place.split_ranks(inst)
+            shards.append(canon if n == 1 else kind.split(canon, tp_rank % n, n))
+        return stack(shards, insts[0].rule.stack_dim) if key in self.stacked else shards[0]
+
+    def to_hf(self, inst: Instance, shards: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        kind = KINDS[inst.rule.kind]
+        return dict(zip(inst.hf_names, kind.unfuse(self.spec, kind.merge(shards))))
+
+
+def _renumber(key: str, offset: int) -> str:
+    m = _LAYER_RE.match(key) if offset else None
+    return f"decoder.layers.{int(m.group(1)) + offset}.{m.group(2)}" if m else key
+
+
+def renumber_layers(state: dict[str, torch.Tensor], offset: int) -> dict[str, torch.Tensor]:
+    """Local layer numbers of a pipeline chunk -> global ones."""
+    return {_renumber(k, offset): v for k, v in state.items()}
+
+
+def is_expert_key(key: str) -> bool:
+    """Expert parameters are sharded and reduced over the expert-parallel groups, everything else over tensor and
+    data parallel."""
+    return ".mlp.experts." in key
 
 
 def megatron_state_dict(hf: dict[str, torch.Tensor], arch: ResolvedArchitecture, target_keys, *, tp_rank: int = 0,
                         tp_size: int = 1, ep_rank: int = 0, ep_size: int = 1, layer_offset: int = 0) -> dict:
-    """The tensors for `target_keys` (a model's own state-dict keys) from an HF state dict, for this rank."""
-    out: dict[str, torch.Tensor] = {}
-    layer_re = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
-    moe = arch.moe
-    heads, groups = arch.num_attention_heads, arch.num_query_groups
-    for key in target_keys:
-        if key.endswith("_extra_state"):
-            continue
-        if key == "embedding.word_embeddings.weight":
-            out[key] = _split(hf["model.embed_tokens.weight"], 0, tp_rank, tp_size)
-            continue
-        if key == "output_layer.weight":
-            src = hf.get("lm_head.weight", hf["model.embed_tokens.weight"])
-            out[key] = _split(src, 0, tp_rank, tp_size)
-            continue
-        if key == "decoder.final_layernorm.weight":
-            out[key] = hf["model.norm.weight"]
-            continue
-        m = layer_re.match(key)
-        if not m:
-            raise KeyError(f"no Hugging Face source for {key}")
-        i, rest = int(m.group(1)) + layer_offset, m.group(2)
-        p = f"model.layers.{i}."
-        attn = p + "self_attn."
-        if rest in ("input_layernorm.weight", "self_attention.linear_qkv.layer_norm_weight"):
-            out[key] = hf[p + "input_layernorm.weight"]
-        elif rest in ("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight"):
-            out[key] = hf[p + "post_attention_layernorm.weight"]
-        elif rest in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
-            kind = rest.rsplit(".", 1)[1]
-            fused = fuse_qkv(hf[attn + f"q_proj.{kind}"], hf[attn + f"k_proj.{kind}"], hf[attn + f"v_proj.{kind}"],
-                             heads, groups)
-            out[key] = _split(fused, 0, tp_rank, tp_size)
-        elif rest == "self_attention.linear_proj.weight":
-            out[key] = _split(hf[attn + "o_proj.weight"], 1, tp_rank, tp_size)
-        elif rest == "self_attention.q_layernorm.weight":
-            out[key] = hf[attn + "q_norm.weight"]
-        elif rest == "self_attention.k_layernorm.weight":
-            out[key] = hf[attn + "k_norm.weight"]
-        elif rest == "mlp.linear_fc1.weight":
-            out[key] = _fc1(hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"], tp_rank, tp_size)
-        elif rest == "mlp.linear_fc2.weight":
-            out[key] = _split(hf[p + "mlp.down_proj.weight"], 1, tp_rank, tp_size)
-        elif rest == "mlp.router.weight":
-            out[key] = hf[p + "mlp.gate.weight"]
-        elif rest == "mlp.shared_experts.linear_fc1.weight":
-            s = p + "mlp.shared_expert."
-            out[key] = _fc1(hf[s + "gate_proj.weight"], hf[s + "up_proj.weight"], tp_rank, tp_size)
-        elif rest == "mlp.shared_experts.linear_fc2.weight":
-            out[key] = _split(hf[p + "mlp.shared_expert.down_proj.weight"], 1, tp_rank, tp_size)
-        elif rest == "mlp.shared_experts.gate_weight":
-            out[key] = hf[p + "mlp.shared_expert_gate.weight"]
-        elif rest in ("mlp.experts.weight1", "mlp.experts.weight2"):
-            local = moe.num_experts // ep_size
-            mats = []
-            for j in range(local):
-                e = f"{p}mlp.experts.{ep_rank * local + j}."
-                if rest.endswith("weight1"):  # per expert [h, 2f] = [gate; up]^T
-                    mats.append(torch.cat([hf[e + "gate_proj.weight"], hf[e + "up_proj.weight"]], 0).t())
-                else:  # per expert [f, h] = down^T
-                    mats.append(hf[e + "down_proj.weight"].t())
-            # megatron reads weight1 as view(E_local, h, 2f) and weight2 as view(E_local, f, h): experts are the
-            # outermost axis of the memory in both, whatever the nominal 2-D shape says
-            stacked = torch.stack(mats, 0)
-            out[key] = (stacked.reshape(stacked.shape[1], -1) if rest.endswith("weight1")
-                        else stacked.reshape(-1, stacked.shape[-1])).contiguous()
-        else:
-            em = re.match(r"^mlp\.experts\.(?:local_experts\.(\d+)\.linear_fc([12])\.weight|linear_fc([12])\.weight(\d+))$",
-                          rest)
-            if not em:
-                raise KeyError(f"no Hugging Face source for {key}")
-            j = int(em.group(1) if em.group(1) is not None else em.group(4))
-            which = em.group(2) or em.group(3)
-            e = f"{p}mlp.experts.{ep_rank * (moe.num_experts // ep_size) + j}."
-            if which == "1":
-                out[key] = torch.cat([hf[e + "gate_proj.weight"], hf[e + "up_proj.weight"]], 0)
-            else:
-                out[key] = hf[e + "down_proj.weight"]
-    return out
+    """The tensors for `target_keys` (a model chunk's own state-dict keys, local layer numbers) from an HF state
+    dict, for this rank."""
+    keys = [k for k in target_keys if not k.endswith("_extra_state")]
+    mapping = _Mapping(arch, keys, tp_size, ep_size)
+    return {k: mapping.to_megatron(_renumber(k, layer_offset), hf, tp_rank, ep_rank) for k in keys}
 
 
 def load_into(model_chunks, hf: dict[str, torch.Tensor], arch: ResolvedArchitecture, *, tp_rank: int, tp_size: int,
@@ -139,3 +119,80 @@ def load_into(model_chunks, hf: dict[str, torch.Tensor], arch: ResolvedArchitect
                 if tuple(own[k].shape) != tuple(v.shape):
                     raise ValueError(f"{k}: model has {tuple(own[k].shape)}, source gives {tuple(v.shape)}")
                 own[k].copy_(v.to(own[k].dtype))
+
+
+def hf_from_shards(dense: dict[int, dict[str, torch.Tensor]], experts: dict[int, dict[str, torch.Tensor]],
+                   arch: ResolvedArchitecture) -> dict[str, torch.Tensor]:
+    """Full HF-named tensors from megatron shards with global layer numbers.
+
+    `dense[tp_rank]` holds every non-expert tensor of that tensor-parallel rank (all pipeline stages merged),
+    `experts[ep_rank]` the expert tensors of that expert-parallel rank.
+    """
+    keys = set(dense[0]).union(*experts.values())
+    mapping = _Mapping(arch, keys, len(dense), max(len(experts), 1))
+    out: dict[str, torch.Tensor] = {}
+    for key in sorted(dense[0]):
+        if mapping.spec.tied and key == _TIED_HEAD:
+            continue  # the last stage's copy of the embedding
+        inst = mapping(key, None)[0]
+        out.update(mapping.to_hf(inst, [dense[r][key] for r in range(mapping.place.split_ranks(inst))]))
+    for ep_rank, part in sorted(experts.items()):
+        for key, t in sorted(part.items()):
+            insts = mapping(key, ep_rank)
+            parts = unstack(t, len(insts), insts[0].rule.stack_dim) if key in mapping.stacked else [t]
+            for inst, p in zip(insts, parts):
+                out.update(mapping.to_hf(inst, [p]))
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+# ------------------------------------------------------------------------------------------------ HF side
+
+
+def hf_shapes(arch: ResolvedArchitecture) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the model in published-checkpoint naming (experts one by one) with its shape."""
+    h, d, v = arch.hidden_size, arch.kv_channels, arch.vocab_size
+    q, kv = arch.num_attention_heads * d, arch.num_query_groups * d
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
+    if not arch.tie_word_embeddings:
+        out["lm_head.weight"] = (v, h)
+    moe = arch.moe
+    for i in range(arch.num_layers):
+        p = f"model.layers.{i}."
+        a = p + "self_attn."
+        out[p + "input_layernorm.weight"] = (h,)
+        out[p + "post_attention_layernorm.weight"] = (h,)
+        out.update({a + "q_proj.weight": (q, h), a + "k_proj.weight": (kv, h), a + "v_proj.weight": (kv, h),
+                    a + "o_proj.weight": (h, q)})
+        if arch.qkv_bias:
+            out.update({a + "q_proj.bias": (q,), a + "k_proj.bias": (kv,), a + "v_proj.bias": (kv,)})
+        if arch.qk_layernorm:
+            out.update({a + "q_norm.weight": (d,), a + "k_norm.weight": (d,)})
+        if moe is None:
+            f = arch.ffn_hidden_size
+            out.update({p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
+                        p + "mlp.down_proj.weight": (h, f)})
+            continue
+        f = moe.ffn_hidden_size
+        out[p + "mlp.gate.weight"] = (moe.num_experts, h)
+        for e in range(moe.num_experts):
+            x = f"{p}mlp.experts.{e}."
+            out.update({x + "gate_proj.weight": (f, h), x + "up_proj.weight": (f, h), x + "down_proj.weight": (h, f)})
+        if moe.shared_expert_ffn_hidden_size:
+            s, x = moe.shared_expert_ffn_hidden_size, p + "mlp.shared_expert."
+            out.update({x + "gate_proj.weight": (s, h), x + "up_proj.weight": (s, h), x + "down_proj.weight": (h, s)})
+            if moe.shared_expert_gate:
+                out[p + "mlp.shared_expert_gate.weight"] = (1, h)
+    return out
+
+
+def weight_problems(arch: ResolvedArchitecture, state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """Missing, unexpected and misshapen tensors, as the CPU engine reports them (a tied model may carry
+    lm_head.weight; it is ignored)."""
+    want = hf_shapes(arch)
+    have = {k: v for k, v in state_dict.items() if not (arch.tie_word_embeddings and k == "lm_head.weight")}
+    problems = [f"missing {k}" for k in sorted(set(want) - set(have))[:5]]
+    problems += [f"unexpected {k}" for k in sorted(set(have) - set(want))[:5]]
+    for k in sorted(set(want) & set(have)):
+        if tuple(have[k].shape) != want[k]:
+            problems.append(f"{k} has shape {tuple(have[k].shape)}, the model needs {want[k]}")
+    return problems

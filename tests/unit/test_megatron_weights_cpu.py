@@ -1,0 +1,120 @@
+"""The megatron engine's in-memory weights mapping and the converter are one mapping: for every family and MoE
+variant, what the engine loads on each (tp, pp, vpp chunk, ep) rank is the converter's per-rank mcore checkpoint
+for the same HF weights, bit for bit and key for key, in every naming scheme; and the engine's real megatron-core
+model, loaded through load_into, has the converter's state dict."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("megatron.core")
+warnings.filterwarnings("ignore")
+
+from trainer.checkpoint.layout import RANK_FILE, rank_dir_name  # noqa: E402
+from trainer.checkpoint.weights import write_hf_folder  # noqa: E402
+from trainer.convert import ParallelLayout, convert  # noqa: E402
+from trainer.engines.hf_model import hf_config  # noqa: E402
+from trainer.engines.megatron import kernels  # noqa: E402
+from trainer.engines.megatron.config import (  # noqa: E402
+    Capabilities,
+    EngineOptions,
+    gpt_model_kwargs,
+    layer_spec,
+    plan_model,
+)
+from trainer.engines.megatron.testing import hf_reference, job_spec  # noqa: E402
+from trainer.engines.megatron.weights import load_into, megatron_state_dict  # noqa: E402
+from trainer.spec import resolve_architecture  # noqa: E402
+
+TINY = dict(numLayers=4, hiddenSize=64, numAttentionHeads=4, numQueryGroups=2, ffnHiddenSize=128, vocabSize=512,
+            maxPositionEmbeddings=128)
+CASES = {
+    "qwen2.5-tied": ("qwen2.5", "1.5B", dict(architecture=TINY)),
+    "qwen2.5-untied": ("qwen2.5", "7B", dict(architecture=dict(TINY, tieWordEmbeddings=False))),
+    "qwen3-qk-norm": ("qwen3", "0.6B", dict(architecture=dict(TINY, kvChannels=16))),
+    "qwen1.5-moe-shared-gate": ("qwen1.5", "A2.7B", dict(
+        architecture=dict(TINY, numQueryGroups=4),
+        moe=dict(numExperts=4, topK=2, ffnHiddenSize=32, sharedExpertFfnHiddenSize=64, tokenDispatcher="allgather"))),
+    "qwen3-moe": ("qwen3", "A3B", dict(
+        architecture=dict(TINY, kvChannels=16),
+        moe=dict(numExperts=4, topK=2, ffnHiddenSize=32, normTopkProb=True, tokenDispatcher="allgather"))),
+}
+NAMINGS = {"local": {}, "te": dict(transformer_engine_keys=True),
+           "te-grouped-experts": dict(transformer_engine_keys=True, expert_layout="grouped")}
+
+
+def _arch(case):
+    family, size, kw = CASES[case]
+    return resolve_architecture(job_spec(family, size, training={"seqLength": 64}, **kw))
+
+
+def _converted(arch, tmp_path, layout, **naming):
+    _, weights = hf_reference(arch, seed=1)
+    write_hf_folder(tmp_path / "hf", weights, hf_config(arch))
+    convert(tmp_path / "hf", "hf", tmp_path / "mcore", "mcore", layout=layout, progress=False, **naming)
+    return weights, tmp_path / "mcore" / "release"
+
+
+def _tensors(state: dict) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+@pytest.mark.parametrize("naming", sorted(NAMINGS))
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_engine_rank_tensors_are_the_converters_checkpoint(case, naming, tmp_path):
+    arch = _arch(case)
+    if naming == "te-grouped-experts" and arch.moe is None:
+        pytest.skip("no experts")
+    ep = 2 if arch.moe else 1
+    layout = ParallelLayout(tp=2, pp=2, ep=ep, etp=1, vpp=2)  # the engine's experts are whole on each rank
+    weights, release = _converted(arch, tmp_path, layout, **NAMINGS[naming])
+    per_chunk = arch.num_layers // (layout.pp * layout.vpp)
+    for tp in range(layout.tp):
+        for pp in range(layout.pp):
+            for e in range(ep):
+                saved = torch.load(release / rank_dir_name(tp, pp, e, pp_size=layout.pp, ep_size=ep) / RANK_FILE,
+                                   weights_only=False)
+                for chunk in range(layout.vpp):
+                    theirs = _tensors(saved[f"model{chunk}"])
+                    mine = megatron_state_dict(weights, arch, list(theirs), tp_rank=tp, tp_size=layout.tp,
+                                               ep_rank=e, ep_size=ep,
+                                               layer_offset=(chunk * layout.pp + pp) * per_chunk)
+                    assert sorted(mine) == sorted(theirs)
+                    for k, v in theirs.items():
+                        assert mine[k].shape == v.shape and torch.equal(mine[k], v), (tp, pp, e, chunk, k)
+
+
+def _engine_model(case, monkeypatch):
+    """The megatron engine's own model for the case (its layer spec and modules), one rank, CPU, fp32."""
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    from trainer.engines.megatron.loss import make_model_class
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")
+    family, size, kw = CASES[case]
+    spec = job_spec(family, size, training={"seqLength": 64}, **kw)
+    opts = EngineOptions(use_cpu_initialization=True, grad_accum_fusion=False, experts="sequential")
+    plan = plan_model(resolve_architecture(spec), spec, opts, Capabilities())
+    config = TransformerConfig(**dict(plan.config_kwargs, recompute_granularity=None, recompute_modules=None,
+                                      bf16=False, params_dtype=torch.float32))
+    block = TransformerBlockSubmodules(layer_specs=[layer_spec(plan, config)] * config.num_layers,
+                                       layer_norm=kernels.rmsnorm_spec(compiled=False))
+    return make_model_class()(config=config, transformer_layer_spec=block, **gpt_model_kwargs(plan))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_model_loaded_by_the_engine_has_the_converters_state_dict(case, megatron_world, monkeypatch, tmp_path):
+    arch = _arch(case)
+    weights, release = _converted(arch, tmp_path, ParallelLayout())
+    theirs = _tensors(torch.load(release / "mp_rank_00" / RANK_FILE, weights_only=False)["model"])
+    model = _engine_model(case, monkeypatch)
+    load_into([model], weights, arch, tp_rank=0, tp_size=1, ep_rank=0, ep_size=1, layer_offsets=[0])
+    mine = _tensors(model.state_dict())
+    mine = {k: v for k, v in mine.items() if not k.endswith("_extra_state")}
+    assert sorted(mine) == sorted(theirs)
+    for k, v in theirs.items():
+        assert torch.equal(mine[k], v), k
