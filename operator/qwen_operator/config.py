@@ -12,6 +12,7 @@
 | `--priority N` | `QWEN_OPERATOR_PRIORITY` | random when peering is on |
 | `--peering-lifetime S` | `QWEN_OPERATOR_PEERING_LIFETIME` | 60 (seconds a silent peer counts as alive) |
 | `--workers N` | `QWEN_OPERATOR_WORKERS` | 64 |
+| `--trainer-service-account NAME` ('' turns it off) | `QWEN_OPERATOR_TRAINER_SERVICE_ACCOUNT` | `qwen-trainer` (used where it exists) |
 | `--log-format json|plain` | `QWEN_OPERATOR_LOG_FORMAT` | json |
 | `--verbose`, `--debug` | `QWEN_OPERATOR_LOG_LEVEL=debug` | info |
 """
@@ -43,6 +44,9 @@ class OperatorConfig:
     # inside the operator (p50/p99 create -> PyTorchJob 3.7-4.2 / 6.4-6.8 s at 100 jobs), with 64 each job is
     # in flight as soon as it arrives (2.0-2.1 / 3.4-3.8 s) for about 15 MiB more memory.
     workers: int = 64
+    # The pods' ServiceAccount when a spec names none, in namespaces where it exists (the chart creates it with
+    # the Role that lets rank 0 report progress).
+    trainer_service_account: Optional[str] = "qwen-trainer"
     log_format: str = "json"
     verbose: bool = False
     debug: bool = False
@@ -82,6 +86,8 @@ class OperatorConfig:
             cfg.peering_lifetime = int(env["QWEN_OPERATOR_PEERING_LIFETIME"])
         if env.get("QWEN_OPERATOR_WORKERS"):
             cfg.workers = int(env["QWEN_OPERATOR_WORKERS"])
+        if "QWEN_OPERATOR_TRAINER_SERVICE_ACCOUNT" in env:
+            cfg.trainer_service_account = env["QWEN_OPERATOR_TRAINER_SERVICE_ACCOUNT"] or None
         if env.get("QWEN_OPERATOR_LOG_FORMAT"):
             cfg.log_format = env["QWEN_OPERATOR_LOG_FORMAT"]
         level = env.get("QWEN_OPERATOR_LOG_LEVEL", "").lower()
@@ -104,6 +110,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--priority", type=int, default=None, help="peering priority (default: random)")
     p.add_argument("--peering-lifetime", type=int, default=None, help="seconds until a silent peer is presumed dead")
     p.add_argument("--workers", type=int, default=None, help="threads for handlers and API calls")
+    p.add_argument("--trainer-service-account", default=None, metavar="NAME",
+                   help="the pods' ServiceAccount when a spec names none, where it exists ('' turns it off)")
     p.add_argument("--log-format", choices=["json", "plain", "full"], default=None)
     p.add_argument("-v", "--verbose", action="store_true")
     p.add_argument("--debug", action="store_true")
@@ -133,6 +141,8 @@ def from_args(argv: Optional[Sequence[str]] = None, env: Mapping[str, str] = os.
         cfg.peering_lifetime = args.peering_lifetime
     if args.workers is not None:
         cfg.workers = args.workers
+    if args.trainer_service_account is not None:
+        cfg.trainer_service_account = args.trainer_service_account or None
     if args.log_format is not None:
         cfg.log_format = args.log_format
     cfg.verbose = cfg.verbose or args.verbose

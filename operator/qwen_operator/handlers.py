@@ -210,7 +210,8 @@ def _reconcile(body: dict[str, Any], memo: kopf.Memo, logger: logging.Logger, re
         index = sg.current_index(records)
         if index is None:
             return  # every step has succeeded
-        spec, (cm, pj) = render_step(body, index, int(records[index].get("attempt") or 0))
+        account = kube.service_account(ns, CONFIG.trainer_service_account)
+        spec, (cm, pj) = render_step(body, index, int(records[index].get("attempt") or 0), account)
     except SpecError as err:
         problems = [str(p) for p in err.problems]
         kube.update_status(ns, name, lambda res: st.invalid(res.get("status"), problems,
@@ -264,9 +265,10 @@ def _reconcile(body: dict[str, Any], memo: kopf.Memo, logger: logging.Logger, re
 
     kube.update_status(ns, name, written)
     if created:
-        # Logged, not posted as an Event: an Event is one more API write per job, and the status (pytorchJob,
-        # configMap, Synced) already says what exists.
         logger.info("created %s", ", ".join(created))
+        if any(c.startswith(PYTORCHJOB_KIND) for c in created):
+            # One Normal Event per created PyTorchJob, posted by kopf's background poster.
+            kopf.event(_ref(body), type="Normal", reason="Created", message=", ".join(created))
     for reason, message in warnings:
         kopf.warn(_ref(body), reason=reason, message=message[:1024])
         logger.warning(message)
@@ -353,6 +355,7 @@ def pytorchjob_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, log
             return
 
         warning: list[tuple[str, str]] = []
+        transitions: list[tuple[str, dict[str, Any]]] = []
 
         advanced: list[bool] = []
 
@@ -362,7 +365,11 @@ def pytorchjob_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, log
             current = (res.get("status") or {}).get("pytorchJob")
             if current and current != child_name:
                 return None  # an earlier step's (or attempt's) PyTorchJob: it no longer drives the status
-            new = st.from_child(child.get("status"), res.get("status"), res["metadata"].get("generation"), now())
+            new = st.from_child(child.get("status"), res.get("status"), res["metadata"].get("generation"), now(),
+                                run_policy=_run_policy(child), namespace=ns)
+            before = (res.get("status") or {}).get("phase")
+            if new.get("phase") != before and new.get("phase") in ("Running", "Succeeded", "Failed"):
+                transitions[:] = [(new["phase"], new)]
             new.setdefault("pytorchJob", child_name)  # the child exists, whichever handler writes first
             records = new.get("stages") or []
             index = next((i for i, r in enumerate(records) if r.get("pytorchJob") == child_name),
@@ -376,7 +383,9 @@ def pytorchjob_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, log
             if (child["metadata"].get("generation") or 1) > 1 and not st.is_terminal(new):
                 try:
                     attempt = int(records[index].get("attempt") or 0) if index is not None and records else 0
-                    desired = render_step(res, index or 0, attempt)[1][1]
+                    live_sa = (((child.get("spec") or {}).get("pytorchReplicaSpecs") or {}).get("Master") or {}) \
+                        .get("template", {}).get("spec", {}).get("serviceAccountName")
+                    desired = render_step(res, index or 0, attempt, live_sa)[1][1]
                 except SpecError:
                     return new
                 drift = _drift_state(desired, child)
@@ -389,7 +398,9 @@ def pytorchjob_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, log
                     new = st.reconciled(new, res["metadata"].get("generation"), now())
             return new
 
-        kube.update_status(ns, owner["name"], on_change)
+        written = kube.update_status(ns, owner["name"], on_change)
+        if written is not None and transitions and written.get("phase") == transitions[0][0]:
+            _post_phase(owner, ns, child_name, written)
         if advanced and advanced[0]:  # the step succeeded and another follows: start it now
             latest = kube.get_job(ns, owner["name"])
             if latest is not None:
@@ -399,6 +410,93 @@ def pytorchjob_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, log
                        "metadata": {"name": owner["name"], "namespace": ns, "uid": owner["uid"]}},
                       reason=reason, message=message[:1024])
             logger.warning(message)
+
+
+def _run_policy(child: dict[str, Any]) -> dict[str, Any]:
+    """The restart and cleanup policy the PyTorchJob runs with (words the Failed message)."""
+    spec = child.get("spec") or {}
+    master = (spec.get("pytorchReplicaSpecs") or {}).get("Master") or {}
+    return {"restartPolicy": master.get("restartPolicy", "OnFailure"),
+            "cleanPodPolicy": (spec.get("runPolicy") or {}).get("cleanPodPolicy", "None")}
+
+
+def _owner_ref(owner: dict[str, Any], ns: str) -> dict[str, Any]:
+    return {"apiVersion": owner["apiVersion"], "kind": KIND,
+            "metadata": {"name": owner["name"], "namespace": ns, "uid": owner["uid"]}}
+
+
+def _post_phase(owner: dict[str, Any], ns: str, child_name: str, status: dict[str, Any]) -> None:
+    """Normal Events for Running and Succeeded, a Warning with the failed pod's story for Failed."""
+    phase = status.get("phase")
+    if phase == "Failed":
+        failed = st.get_condition(status, "Failed") or {}
+        kopf.warn(_owner_ref(owner, ns), reason="Failed", message=(failed.get("message") or "")[:1024])
+    elif phase == "Running":
+        kopf.event(_owner_ref(owner, ns), type="Normal", reason="Running", message=f"PyTorchJob {child_name} is running")
+    elif phase == "Succeeded":
+        took = f" in {status['duration']}" if status.get("duration") else ""
+        kopf.event(_owner_ref(owner, ns), type="Normal", reason="Succeeded", message=f"PyTorchJob {child_name} succeeded{took}")
+
+
+def _resource_of(pod: dict[str, Any]) -> Optional[tuple[str, str]]:
+    """(namespace, name) of the QwenTrainingJob a pod runs for: rendered into its QWEN_STATUS_RESOURCE."""
+    for c in (pod.get("spec") or {}).get("containers") or []:
+        for e in c.get("env") or []:
+            if e.get("name") == "QWEN_STATUS_RESOURCE" and "/" in str(e.get("value") or ""):
+                ns, name = str(e["value"]).split("/", 1)
+                return ns, name
+    return None
+
+
+@kopf.on.event("", "v1", "pods", labels={LABEL_MANAGED_BY: MANAGED_BY})
+def pod_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    """Failed pod runs (exit code, reason, the trainer's termination message) and running replacements. Most pod
+    events change nothing here and cost no API call: a running pod is only looked at when the cached resource is
+    Restarting."""
+    pod = _view(body)
+    failure = st.pod_failure(pod)
+    kube: Optional[Kube] = getattr(memo, "kube", None)
+    where = _resource_of(pod)
+    if kube is None or where is None:
+        return
+    ns, name = where
+    job = ((pod.get("metadata") or {}).get("labels") or {}).get(st.JOB_NAME_LABEL)
+    if failure is None:
+        cached = kube.cache.get((ns, name))
+        if cached is None or not st.pending_restart(cached.get("status")):
+            return
+        if st.pod_running_again(pod, cached.get("status")) is None:
+            return
+    with observe("pod-status"):
+        def ours(res: dict[str, Any]) -> bool:
+            return (res.get("status") or {}).get("pytorchJob") == job and not res["metadata"].get("deletionTimestamp")
+
+        def on_pod(res: dict[str, Any]) -> Optional[dict[str, Any]]:
+            if not ours(res):
+                return None
+            gen = res["metadata"].get("generation")
+            if failure is not None:
+                policy = (res.get("spec") or {}).get("runPolicy") or {}
+                policy = {"restartPolicy": policy.get("restartPolicy", "OnFailure"),
+                          "cleanPodPolicy": policy.get("cleanPodPolicy", "None")}
+                return st.observe_pod_failure(res.get("status"), failure, policy, ns, gen, now())
+            replica = st.pod_running_again(pod, res.get("status"))
+            return st.observe_pod_running(res.get("status"), replica, gen, now()) if replica else None
+
+        written = kube.update_status(ns, name, on_pod)
+        if written is None:
+            return
+        spec_policy = ((kube.cache.get((ns, name)) or {}).get("spec") or {}).get("runPolicy") or {}
+        ref = {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND,
+               "metadata": {"name": name, "namespace": ns, "uid": (kube.cache.get((ns, name)) or {})
+                            .get("metadata", {}).get("uid", "")}}
+        if failure is not None:
+            message = st.describe_failure(failure, spec_policy, ns) if written.get("phase") != "Failed" else \
+                (st.get_condition(written, "Failed") or {}).get("message", "")
+            kopf.warn(ref, reason=st.POD_FAILED, message=message[:1024])
+            logger.warning("pod %s failed: %s", failure["pod"], message)
+        else:
+            kopf.event(ref, type="Normal", reason="Restarted", message=(st.get_condition(written, "Restarting") or {}).get("message", ""))
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)

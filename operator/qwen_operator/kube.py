@@ -35,6 +35,8 @@ class Kube:
         # status write, so that the common case costs one PATCH instead of GET + PATCH. A stale guess only
         # costs a 409 and a re-read.
         self.cache: dict[tuple[str, str], dict[str, Any]] = {}
+        # (namespace, name) -> (exists, checked at): the trainer ServiceAccount, read once per namespace.
+        self.accounts: dict[tuple[str, str], tuple[bool, float]] = {}
 
     def remember(self, body: dict[str, Any]) -> None:
         meta = body.get("metadata") or {}
@@ -80,6 +82,27 @@ class Kube:
             if e.status == 404:
                 return None
             raise
+
+    def service_account(self, namespace: str, name: Optional[str], ttl: float = 60.0) -> Optional[str]:
+        """`name` when that ServiceAccount exists in `namespace`, else None. A hit is remembered for good, a miss
+        for `ttl` seconds, so a burst of jobs costs one read per namespace."""
+        if not name:
+            return None
+        import time
+
+        key = (namespace, name)
+        known = self.accounts.get(key)
+        if known is not None and (known[0] or time.monotonic() - known[1] < ttl):
+            return name if known[0] else None
+        try:
+            self.core.read_namespaced_service_account(name, namespace, _preload_content=False).release_conn()
+            exists = True
+        except ApiException as e:
+            if e.status not in (403, 404):
+                raise
+            exists = False
+        self.accounts[key] = (exists, time.monotonic())
+        return name if exists else None
 
     # ------------------------------------------------------------------------------------------ writes
 

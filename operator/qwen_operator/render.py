@@ -248,7 +248,8 @@ def _volumes(spec: QwenTrainingJobSpec, cm_name: str) -> tuple[list[dict[str, An
     return volumes, mounts
 
 
-def pod_template(resource: dict[str, Any], spec: QwenTrainingJobSpec, base: Optional[str] = None) -> dict[str, Any]:
+def pod_template(resource: dict[str, Any], spec: QwenTrainingJobSpec, base: Optional[str] = None,
+                 service_account: Optional[str] = None) -> dict[str, Any]:
     name = resource["metadata"]["name"]
     volumes, mounts = _volumes(spec, configmap_name(base or name))
     container: dict[str, Any] = {
@@ -259,6 +260,8 @@ def pod_template(resource: dict[str, Any], spec: QwenTrainingJobSpec, base: Opti
         "env": _env(resource, spec),
         "ports": [{"name": PORT_NAME, "containerPort": DEFAULT_PORT, "protocol": "TCP"}],
         "volumeMounts": mounts,
+        # The trainer writes its error lines to /dev/termination-log; a crash without them leaves the log's tail.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     resources = _resources(spec)
     if resources:
@@ -275,8 +278,9 @@ def pod_template(resource: dict[str, Any], spec: QwenTrainingJobSpec, base: Opti
         pod["priorityClassName"] = s.priority_class_name
     if s.gang.enabled:
         pod["schedulerName"] = GANG_SCHEDULER_NAMES[s.gang.scheduler]
-    if spec.service_account_name:
-        pod["serviceAccountName"] = spec.service_account_name
+    if spec.service_account_name or service_account:
+        # The spec's own, else the operator's trainer ServiceAccount (which may report progress).
+        pod["serviceAccountName"] = spec.service_account_name or service_account
     if spec.image.pull_secrets:
         pod["imagePullSecrets"] = [{"name": n} for n in spec.image.pull_secrets]
     return {"metadata": {"labels": common_labels(name, spec.stage)}, "spec": pod}
@@ -307,12 +311,13 @@ def run_policy(spec: QwenTrainingJobSpec) -> dict[str, Any]:
     return out
 
 
-def render_pytorchjob(resource: dict[str, Any], spec: QwenTrainingJobSpec, base: Optional[str] = None) -> dict[str, Any]:
+def render_pytorchjob(resource: dict[str, Any], spec: QwenTrainingJobSpec, base: Optional[str] = None,
+                      service_account: Optional[str] = None) -> dict[str, Any]:
     name = resource["metadata"]["name"]
     labels = common_labels(name, spec.stage)
     if spec.scheduling.queue_name:
         labels[KUEUE_QUEUE_LABEL] = spec.scheduling.queue_name
-    template = pod_template(resource, spec, base)
+    template = pod_template(resource, spec, base, service_account)
     replica = {"replicas": 1, "restartPolicy": spec.run_policy.restart_policy, "template": template}
     replicas: dict[str, Any] = {"Master": replica}
     if spec.resources.nodes > 1:
@@ -371,16 +376,17 @@ def steps(resource: dict[str, Any]) -> list[tuple[Optional[str], str, dict[str, 
     return [(None, spec.stage, data)]
 
 
-def render_step(resource: dict[str, Any], index: int = 0, attempt: int = 0
+def render_step(resource: dict[str, Any], index: int = 0, attempt: int = 0, service_account: Optional[str] = None
                 ) -> tuple[QwenTrainingJobSpec, list[dict[str, Any]]]:
-    """The validated spec and [ConfigMap, PyTorchJob] of one step (index 0 of a single-stage job)."""
+    """The validated spec and [ConfigMap, PyTorchJob] of one step (index 0 of a single-stage job).
+    `service_account` is the pods' ServiceAccount when the spec names none (the operator's trainer account)."""
     all_steps = steps(resource)
     step, _, data = all_steps[index]
     where = "spec" if step is None else f"spec.pipeline[{index}]"
     spec = validate_resource_spec(data, prefix=where)
     _check_volumes(spec)
     base = step_base(resource["metadata"]["name"], step, attempt)
-    objs = [render_configmap(resource, spec, base), render_pytorchjob(resource, spec, base)]
+    objs = [render_configmap(resource, spec, base), render_pytorchjob(resource, spec, base, service_account)]
     if step is not None:
         for obj in objs:
             obj["metadata"]["labels"][LABEL_STEP] = step

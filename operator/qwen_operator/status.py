@@ -104,27 +104,57 @@ def _summary(conds: dict[str, dict[str, Any]], child: dict[str, dict[str, Any]],
                      previous=prev.get(SUMMARY), now=now, generation=generation)
 
 
-def _replicas(child_status: dict[str, Any]) -> dict[str, dict[str, int]]:
+def _replicas(child_status: dict[str, Any], previous: Optional[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """Pod counts by replica type: the child's, with the failed runs and restarts the pods' watch counted (the
+    training-operator deletes a pod it replaces, so its own `failed` stays 0), and nothing active once it is over."""
+    ours = (previous or {}).get("replicas") or {}
+    over = any(c.get("type") in ("Succeeded", "Failed") and c.get("status") == "True"
+               for c in child_status.get("conditions") or [])
     out = {}
     for rtype, counts in (child_status.get("replicaStatuses") or {}).items():
         counts = counts or {}
-        out[rtype] = {k: int(counts.get(k) or 0) for k in ("active", "succeeded", "failed")}
+        mine = ours.get(rtype) or {}
+        row = {k: int(counts.get(k) or 0) for k in ("active", "succeeded", "failed")}
+        row["failed"] = max(row["failed"], int(mine.get("failed") or 0))
+        row["restarts"] = int(mine.get("restarts") or 0)
+        if over:
+            row["active"] = 0
+        out[rtype] = row
     return out
 
 
+def duration(start: Optional[str], end: Optional[str]) -> Optional[str]:
+    """'1h2m3s' between two RFC 3339 times (None when either is missing)."""
+    import datetime
+
+    try:
+        a = datetime.datetime.fromisoformat(str(start).replace("Z", "+00:00"))
+        b = datetime.datetime.fromisoformat(str(end).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    seconds = max(int((b - a).total_seconds()), 0)
+    h, rest = divmod(seconds, 3600)
+    m, sec = divmod(rest, 60)
+    return (f"{h}h" if h else "") + (f"{m}m" if h or m else "") + f"{sec}s"
+
+
 def from_child(child_status: Optional[dict[str, Any]], previous: Optional[dict[str, Any]],
-               generation: Optional[int], now: str) -> dict[str, Any]:
+               generation: Optional[int], now: str, *, run_policy: Optional[dict[str, Any]] = None,
+               namespace: str = "") -> dict[str, Any]:
     """The resource's status after observing the PyTorchJob's `status` (None or {} before the training-operator
-    has written any)."""
+    has written any). `run_policy` (the resource's spec.runPolicy) and `namespace` word the Failed message."""
     status = _carried_over(previous, generation)
     child_status = child_status or {}
-    replicas = _replicas(child_status)
+    replicas = _replicas(child_status, previous)
     if replicas:
         status["replicas"] = replicas
     if child_status.get("startTime"):
         status["startTime"] = child_status["startTime"]
     if child_status.get("completionTime"):
         status["completionTime"] = child_status["completionTime"]
+        took = duration(status.get("startTime"), child_status["completionTime"])
+        if took:
+            status["duration"] = took
     if is_terminal(previous):
         return status  # conditions and phase are frozen
 
@@ -134,9 +164,19 @@ def from_child(child_status: Optional[dict[str, Any]], previous: Optional[dict[s
     for type_ in MIRRORED:
         c = child.get(type_)
         if c is not None and c.get("status") in ("True", "False", "Unknown"):
-            conds[type_] = condition(type_, c["status"], c.get("reason") or type_, c.get("message", ""),
+            if type_ == "Restarting" and c["status"] != "True" and \
+                    prev.get(type_, {}).get("reason") == POD_FAILED and prev[type_].get("status") == "True" and \
+                    child.get("Failed", {}).get("status") != "True":
+                continue  # the pods' watch turned it on; a running replacement turns it off
+            message = c.get("message", "")
+            if type_ == "Failed" and c["status"] == "True":
+                message = _failed_message(message, failure_detail(status), run_policy or {}, namespace)
+            conds[type_] = condition(type_, c["status"], c.get("reason") or type_, message,
                                      previous=prev.get(type_), now=now, generation=generation,
                                      transition_hint=c.get("lastTransitionTime"))
+        elif type_ == "Restarting" and prev.get(type_, {}).get("reason") == POD_FAILED and \
+                prev[type_].get("status") == "True" and child.get("Failed", {}).get("status") != "True":
+            continue
         else:
             conds[type_] = condition(type_, "False", f"Not{type_}", "", previous=prev.get(type_), now=now,
                                      generation=generation)
@@ -231,3 +271,191 @@ def child_deleted(previous: Optional[dict[str, Any]], generation: Optional[int],
 
 def get_condition(status: Optional[dict[str, Any]], type_: str) -> Optional[dict[str, Any]]:
     return _by_type((status or {}).get("conditions")).get(type_)
+
+
+# ---------------------------------------------------------------------------------------- pod failures
+# The training-operator's own messages say only that a replica failed; the pod says which, with what exit code and
+# termination reason, and the trainer's last `error:` lines (its termination message). The pods' watch records
+# each failed run once (pod uid + container restart count) in `status.failures`, counts it in `status.replicas`,
+# and turns `Restarting` True until a replacement runs; the Failed condition names the failed pod.
+
+JOB_NAME_LABEL = "training.kubeflow.org/job-name"
+REPLICA_TYPE_LABEL = "training.kubeflow.org/replica-type"
+POD_FAILED = "PodFailed"
+MAX_FAILURES = 8
+_CONTAINER = "pytorch"
+
+
+def _replica_type(pod: dict[str, Any]) -> str:
+    value = ((pod.get("metadata") or {}).get("labels") or {}).get(REPLICA_TYPE_LABEL, "")
+    return value[:1].upper() + value[1:] if value else "Master"
+
+
+def _container_status(pod: dict[str, Any]) -> dict[str, Any]:
+    statuses = (pod.get("status") or {}).get("containerStatuses") or []
+    return next((c for c in statuses if c.get("name") == _CONTAINER), statuses[0] if statuses else {})
+
+
+def pod_failure(pod: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """The failed run a pod shows (its container terminated with a non-zero exit code, now or before an in-place
+    restart), or None."""
+    meta = pod.get("metadata") or {}
+    cs = _container_status(pod)
+    restarts = int(cs.get("restartCount") or 0)
+    term = (cs.get("state") or {}).get("terminated")
+    run = restarts
+    if not term or not term.get("exitCode"):
+        term = (cs.get("lastState") or {}).get("terminated")
+        run = restarts - 1
+        if not term or not term.get("exitCode") or restarts == 0:
+            if (pod.get("status") or {}).get("phase") != "Failed":
+                return None
+            term = term or {"exitCode": None, "reason": (pod.get("status") or {}).get("reason") or "Failed",
+                            "message": (pod.get("status") or {}).get("message", "")}
+            run = restarts
+    return {
+        "replica": _replica_type(pod),
+        "pod": meta.get("name", ""),
+        "uid": meta.get("uid", ""),
+        "run": max(run, 0),
+        "exitCode": term.get("exitCode"),
+        "reason": term.get("reason") or "Error",
+        "message": " ".join(str(term.get("message") or "").split())[:1024],
+        "time": term.get("finishedAt") or "",
+    }
+
+
+def pod_running_again(pod: dict[str, Any], status: Optional[dict[str, Any]]) -> Optional[str]:
+    """The replica type when `pod` runs in place of a recorded failure not yet counted as restarted, else None."""
+    if (pod.get("status") or {}).get("phase") != "Running":
+        return None
+    cs = _container_status(pod)
+    if not (cs.get("state") or {}).get("running"):
+        return None
+    uid, runs = (pod.get("metadata") or {}).get("uid"), int(cs.get("restartCount") or 0)
+    replica = _replica_type(pod)
+    for f in (status or {}).get("failures") or []:
+        if f.get("replica") == replica and not f.get("replaced") and (f.get("uid") != uid or f.get("run", 0) < runs):
+            return replica
+    return None
+
+
+def pending_restart(status: Optional[dict[str, Any]]) -> bool:
+    """Whether a recorded failure still waits for its replacement (the pods' watch only looks at running pods
+    then)."""
+    return not is_terminal(status) and any(not f.get("replaced") for f in (status or {}).get("failures") or [])
+
+
+def will_restart(failure: dict[str, Any], run_policy: dict[str, Any]) -> bool:
+    """Whether the training-operator replaces this failed pod (within backoffLimit): OnFailure always, ExitCode for
+    retryable exit codes (128 and above: signals, OOM), Never not."""
+    policy = run_policy.get("restartPolicy", "OnFailure")
+    code = failure.get("exitCode")
+    if policy == "Never":
+        return False
+    if policy == "ExitCode":
+        return isinstance(code, int) and code >= 128
+    return True
+
+
+def describe_failure(failure: dict[str, Any], run_policy: dict[str, Any], namespace: str) -> str:
+    """One paragraph: which pod failed, how, the trainer's own error, and how to get the logs."""
+    code = failure.get("exitCode")
+    how = f"exited with code {code} ({failure.get('reason')})" if code is not None else f"failed ({failure.get('reason')})"
+    text = f"{failure.get('replica')} replica pod {failure.get('pod')} {how}"
+    if failure.get("message"):
+        text += f": {failure['message']}"
+    elif failure.get("reason") == "OOMKilled":
+        text += ": out of memory (raise spec.resources.memory, or lower training.microBatchSize)"
+    text = text.rstrip(".") + "."
+    pod = failure.get("pod")
+    deleted = will_restart(failure, run_policy) or run_policy.get("cleanPodPolicy") == "All"
+    if deleted:
+        text += (f" The pod is deleted when it is replaced or cleaned up: its last lines are the message above;"
+                 f" for full logs, keep failed pods with spec.runPolicy {{restartPolicy: Never, cleanPodPolicy: None}}"
+                 f" or ship logs off the pod.")
+    else:
+        text += f" Logs: kubectl logs -n {namespace} {pod} -c {_CONTAINER}"
+    return text
+
+
+def _failed_message(child_message: str, failure: Optional[dict[str, Any]], run_policy: dict[str, Any],
+                    namespace: str) -> str:
+    if not failure:
+        return child_message
+    detail = describe_failure(failure, run_policy, namespace)
+    return f"{detail} ({child_message.strip()})" if child_message else detail
+
+
+def failure_detail(status: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    failures = (status or {}).get("failures") or []
+    return failures[-1] if failures else None
+
+
+def _counts(status: dict[str, Any], replica: str) -> dict[str, int]:
+    replicas = status.setdefault("replicas", {})
+    return replicas.setdefault(replica, {"active": 0, "succeeded": 0, "failed": 0, "restarts": 0})
+
+
+def observe_pod_failure(previous: Optional[dict[str, Any]], failure: dict[str, Any], run_policy: dict[str, Any],
+                        namespace: str, generation: Optional[int], now: str) -> Optional[dict[str, Any]]:
+    """The status after a pod's failed run, or None when that run is already recorded."""
+    known = (previous or {}).get("failures") or []
+    if any(f.get("uid") == failure["uid"] and f.get("run") == failure["run"] for f in known):
+        return None
+    status = _carried_over(previous, generation)
+    failure = {**failure, "replaced": not will_restart(failure, run_policy) or is_terminal(previous)}
+    status["failures"] = (known + [failure])[-MAX_FAILURES:]
+    counts = _counts(status, failure["replica"])
+    counts["failed"] = int(counts.get("failed") or 0) + 1
+    counts["active"] = max(int(counts.get("active") or 0) - 1, 0)
+    prev = _by_type(status.get("conditions"))
+    conds = dict(prev)
+    kw = dict(now=now, generation=generation)
+    if is_terminal(previous):
+        if status.get("phase") == "Failed" and prev.get("Failed", {}).get("reason") not in (INVALID_SPEC, CHILD_DELETED):
+            # The child's Failed came first: name the pod now.
+            base = prev["Failed"].get("message", "")
+            message = _failed_message(base, failure, run_policy, namespace)
+            for type_ in ("Failed", SUMMARY):
+                if type_ in conds:
+                    conds[type_] = {**conds[type_], "message": message[:32768]}
+            status["conditions"] = _ordered(conds)
+        return status
+    if will_restart(failure, run_policy):
+        conds["Restarting"] = condition("Restarting", "True", POD_FAILED,
+                                        describe_failure(failure, run_policy, namespace) + " Restarting it.",
+                                        previous=prev.get("Restarting"), **kw)
+        phase = phase_of(conds)
+        conds[SUMMARY] = _summary(conds, {}, phase, prev, now, generation)
+        status["phase"] = phase
+    status["conditions"] = _ordered(conds)
+    return status
+
+
+def observe_pod_running(previous: Optional[dict[str, Any]], replica: str, generation: Optional[int],
+                        now: str) -> Optional[dict[str, Any]]:
+    """A replacement pod runs: count the restart and turn Restarting off (None when nothing changes)."""
+    if is_terminal(previous):
+        return None
+    status = _carried_over(previous, generation)
+    waiting = [f for f in status.get("failures") or [] if f.get("replica") == replica and not f.get("replaced")]
+    if not waiting:
+        return None
+    for f in waiting:
+        f["replaced"] = True
+    counts = _counts(status, replica)
+    counts["restarts"] = int(counts.get("restarts") or 0) + 1
+    counts["active"] = int(counts.get("active") or 0) + 1
+    prev = _by_type(status.get("conditions"))
+    conds = dict(prev)
+    total = sum(int(c.get("restarts") or 0) for c in status["replicas"].values())
+    conds["Restarting"] = condition("Restarting", "False", "Restarted",
+                                    f"{replica} replica running again after {total} restart(s)",
+                                    previous=prev.get("Restarting"), now=now, generation=generation)
+    phase = phase_of(conds)
+    conds[SUMMARY] = _summary(conds, {}, phase, prev, now, generation)
+    status["phase"] = phase
+    status["conditions"] = _ordered(conds)
+    status["restarts"] = total
+    return status

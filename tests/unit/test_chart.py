@@ -98,6 +98,8 @@ OPERATOR_RULES = {
     ("training.qwen.dev", "qwentrainingjobs/status"): {"patch"},
     ("kubeflow.org", "pytorchjobs"): {"get", "list", "watch", "create", "patch"},
     ("", "configmaps"): {"get", "create"},
+    ("", "pods"): {"get", "list", "watch"},
+    ("", "serviceaccounts"): {"get"},
     ("", "events"): {"create"},
 }
 # All-namespaces kopf follows CRDs (scanning); exact namespaces turn scanning off.
@@ -116,6 +118,7 @@ CLIENT_CALLS = {
     "patch_namespaced_custom_object_status": [("training.qwen.dev", "qwentrainingjobs/status", "patch")],
     "read_namespaced_config_map": [("", "configmaps", "get")],
     "create_namespaced_config_map": [("", "configmaps", "create")],
+    "read_namespaced_service_account": [("", "serviceaccounts", "get")],
 }
 
 
@@ -312,7 +315,7 @@ def test_operator_client_calls_are_granted():
             assert verb in granted.get((group, resource), set()), (call, group, resource, verb)
     # kopf watches every resource a handler is registered for.
     for group, plural in re.findall(r"@kopf\.on\.(?:event|create|update|resume|delete|field)\(\s*"
-                                    r"(GROUP|\"[a-z.]+\"),\s*(?:VERSION|\"v1\"),\s*(PLURAL|\"[a-z]+\")", source):
+                                    r"(GROUP|\"[a-z.]*\"),\s*(?:VERSION|\"v1\"),\s*(PLURAL|\"[a-z]+\")", source):
         key = ("training.qwen.dev", "qwentrainingjobs") if group == "GROUP" else (group.strip('"'), plural.strip('"'))
         assert {"list", "watch"} <= granted[key], key
 

@@ -110,15 +110,15 @@ def test_terminal_states_stay_terminal(terminal):
     later = st.from_child({"conditions": RUNNING, "replicaStatuses": {"Master": {"active": 1}}}, done, 1, T2)
     assert later["phase"] == done["phase"]
     assert later["conditions"] == done["conditions"]
-    assert later["replicas"] == {"Master": {"active": 1, "succeeded": 0, "failed": 0}}
+    assert later["replicas"] == {"Master": {"active": 1, "succeeded": 0, "failed": 0, "restarts": 0}}
 
 
 def test_replicas_and_times():
     child = {"conditions": RUNNING, "startTime": T0, "completionTime": None,
              "replicaStatuses": {"Master": {"active": 1}, "Worker": {"active": 2, "failed": 1, "selector": "x"}}}
     new = st.from_child(child, None, 1, T1)
-    assert new["replicas"] == {"Master": {"active": 1, "succeeded": 0, "failed": 0},
-                               "Worker": {"active": 2, "succeeded": 0, "failed": 1}}
+    assert new["replicas"] == {"Master": {"active": 1, "succeeded": 0, "failed": 0, "restarts": 0},
+                               "Worker": {"active": 2, "succeeded": 0, "failed": 1, "restarts": 0}}
     assert new["startTime"] == T0 and "completionTime" not in new
     done = st.from_child({"conditions": SUCCEEDED, "completionTime": T2}, new, 1, T2)
     assert done["completionTime"] == T2 and done["startTime"] == T0
@@ -185,3 +185,89 @@ def test_from_child_does_not_mutate_previous():
     snapshot = repr(previous)
     st.from_child({"conditions": FAILED}, previous, 2, T1)
     assert repr(previous) == snapshot
+
+
+# ------------------------------------------------------------------------------------ pod failures
+
+
+def pod(name="j-master-0", uid="u1", phase="Failed", code=137, reason="OOMKilled", message="", restarts=0,
+        last=None, replica="master"):
+    state = {"terminated": {"exitCode": code, "reason": reason, "message": message, "finishedAt": T1}} \
+        if code is not None else {"running": {"startedAt": T1}}
+    cs = {"name": "pytorch", "restartCount": restarts, "state": state}
+    if last:
+        cs["lastState"] = {"terminated": last}
+    return {"metadata": {"name": name, "uid": uid, "labels": {"training.kubeflow.org/replica-type": replica}},
+            "status": {"phase": phase, "containerStatuses": [cs]}}
+
+
+def test_pod_failure_reads_exit_code_reason_and_termination_message():
+    f = st.pod_failure(pod(message="checkpoint.source: source /x does not exist\n"))
+    assert f == {"replica": "Master", "pod": "j-master-0", "uid": "u1", "run": 0, "exitCode": 137,
+                 "reason": "OOMKilled", "message": "checkpoint.source: source /x does not exist", "time": T1}
+    assert st.pod_failure(pod(phase="Running", code=None)) is None
+    assert st.pod_failure(pod(phase="Succeeded", code=0, reason="Completed")) is None
+    # An in-place restart (kubelet, OnFailure): the previous run's termination is in lastState.
+    inplace = st.pod_failure(pod(phase="Running", code=None, restarts=2, replica="worker",
+                                 last={"exitCode": 1, "reason": "Error", "message": "boom"}))
+    assert inplace["replica"] == "Worker" and inplace["run"] == 1 and inplace["exitCode"] == 1
+
+
+def test_failed_condition_names_pod_exit_code_reason_and_message():
+    policy = {"restartPolicy": "Never", "cleanPodPolicy": "None"}
+    running = st.from_child({"conditions": RUNNING, "replicaStatuses": {"Master": {"active": 1}}}, None, 1, T1)
+    f = st.pod_failure(pod(message="rank 0 crashed: CUDA out of memory"))
+    seen = st.observe_pod_failure(running, f, policy, "ns", 1, T1)
+    assert seen["replicas"]["Master"] == {"active": 0, "succeeded": 0, "failed": 1, "restarts": 0}
+    assert conds(seen)["Restarting"]["status"] == "False"  # Never: no restart follows
+    assert st.observe_pod_failure(seen, f, policy, "ns", 1, T1) is None  # the same run twice counts once
+    # The child's Failed (stale replica counts: active 1, failed 0) now carries the pod's story.
+    failed = st.from_child({"conditions": FAILED, "replicaStatuses": {"Master": {"active": 1}}}, seen, 1, T2,
+                           run_policy=policy, namespace="ns")
+    msg = conds(failed)["Failed"]["message"]
+    assert "Master replica pod j-master-0 exited with code 137 (OOMKilled): rank 0 crashed: CUDA out of memory" in msg
+    assert "kubectl logs -n ns j-master-0 -c pytorch" in msg
+    assert conds(failed)["Succeeded"]["message"] == msg
+    assert failed["replicas"]["Master"] == {"active": 0, "succeeded": 0, "failed": 1, "restarts": 0}
+
+
+def test_pod_failure_after_the_childs_failed_still_names_the_pod():
+    policy = {"restartPolicy": "OnFailure", "cleanPodPolicy": "None"}
+    failed = st.from_child({"conditions": FAILED}, None, 1, T1, run_policy=policy, namespace="ns")
+    f = st.pod_failure(pod(code=1, reason="Error", message="bad spec"))
+    later = st.observe_pod_failure(failed, f, policy, "ns", 1, T2)
+    msg = conds(later)["Failed"]["message"]
+    assert msg.startswith("Master replica pod j-master-0 exited with code 1 (Error): bad spec.")
+    assert "restartPolicy: Never" in msg  # the pod is replaced or deleted: how to keep it for logs
+    assert later["phase"] == "Failed"
+
+
+def test_restarting_true_while_a_pod_is_replaced_then_counted():
+    policy = {"restartPolicy": "OnFailure"}
+    running = st.from_child({"conditions": RUNNING, "replicaStatuses": {"Master": {"active": 1}}}, None, 1, T1)
+    f = st.pod_failure(pod(code=1, reason="Error", message="nccl timeout"))
+    restarting = st.observe_pod_failure(running, f, policy, "ns", 1, T1)
+    assert restarting["phase"] == "Restarting"
+    c = conds(restarting)["Restarting"]
+    assert c["status"] == "True" and c["reason"] == "PodFailed" and "nccl timeout" in c["message"]
+    # The child's own status (Running, Restarting never reported) does not turn it off...
+    still = st.from_child({"conditions": RUNNING, "replicaStatuses": {"Master": {"active": 0}}}, restarting, 1, T2)
+    assert conds(still)["Restarting"]["status"] == "True" and still["phase"] == "Restarting"
+    # ...a running replacement does.
+    replacement = pod(uid="u2", phase="Running", code=None)
+    assert st.pod_running_again(replacement, still) == "Master"
+    assert st.pod_running_again(pod(uid="u1", phase="Running", code=None), still) is None
+    assert st.pending_restart(still)
+    again = st.observe_pod_running(still, "Master", 1, T2)
+    assert conds(again)["Restarting"]["status"] == "False" and again["phase"] == "Running"
+    assert again["replicas"]["Master"]["restarts"] == 1 and again["restarts"] == 1
+    assert st.observe_pod_running(again, "Master", 1, T2) is None and not st.pending_restart(again)
+    # ExitCode restarts only retryable codes.
+    assert st.will_restart({"exitCode": 137}, {"restartPolicy": "ExitCode"})
+    assert not st.will_restart({"exitCode": 1}, {"restartPolicy": "ExitCode"})
+
+
+def test_duration_on_completion():
+    done = st.from_child({"conditions": SUCCEEDED, "startTime": T0, "completionTime": T2}, None, 1, T2)
+    assert done["duration"] == "2m0s"
+    assert st.duration("2026-01-01T00:00:00Z", "2026-01-01T01:02:03Z") == "1h2m3s"

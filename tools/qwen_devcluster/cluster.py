@@ -32,6 +32,8 @@ OPERATOR_NAMESPACE = "kubeflow"
 OUTCOME_ANNOTATION = "qwen.test/outcome"
 DELAY_ANNOTATION = "qwen.test/delay"
 EXIT_CODE_ANNOTATION = "qwen.test/exit-code"
+REASON_ANNOTATION = "qwen.test/reason"  # the container's termination reason (default Error)
+MESSAGE_ANNOTATION = "qwen.test/message"  # its termination message (what the trainer writes to /dev/termination-log)
 NODE_LABEL = "qwen.test/fake-node"
 
 
@@ -346,7 +348,8 @@ class Cluster:
 
     # ----------------------------------------------------------------- test helpers
     def set_pod_outcome(self, namespace: str, label_selector: str, outcome: str, delay: str | None = None,
-                        exit_code: int | None = None) -> list[str]:
+                        exit_code: int | None = None, reason: str | None = None,
+                        message: str | None = None) -> list[str]:
         """Annotate running pods so kwok finishes them (``succeed`` or ``fail``); returns the pod names."""
         from urllib.parse import quote
 
@@ -355,6 +358,10 @@ class Cluster:
             ann[DELAY_ANNOTATION] = delay
         if exit_code is not None:
             ann[EXIT_CODE_ANNOTATION] = str(exit_code)
+        if reason is not None:
+            ann[REASON_ANNOTATION] = reason
+        if message is not None:
+            ann[MESSAGE_ANNOTATION] = message
         pods = self._must("kube-apiserver", "GET",
                           f"/api/v1/namespaces/{namespace}/pods?labelSelector={quote(label_selector)}")
         names = []
@@ -384,7 +391,7 @@ def kwok_config(stages_dir: Path, node_lease_seconds: int = 40) -> str:
         {"key": f'.metadata.annotations["{OUTCOME_ANNOTATION}"]', "operator": "DoesNotExist"})
     docs.append(complete)
 
-    def outcome_stage(outcome: str, phase: str, reason: str, exit_code: str) -> dict[str, Any]:
+    def outcome_stage(outcome: str, phase: str, reason: str, exit_code: str, message: str = "") -> dict[str, Any]:
         return {
             "apiVersion": "kwok.x-k8s.io/v1alpha1",
             "kind": "Stage",
@@ -418,6 +425,7 @@ def kwok_config(stages_dir: Path, node_lease_seconds: int = 40) -> str:
                     f"      exitCode: {exit_code}\n"
                     "      finishedAt: {{ $now | Quote }}\n"
                     f"      reason: {reason}\n"
+                    + (f"      message: {message}\n" if message else "") +
                     "      startedAt: {{ $root.status.startTime | Quote }}\n"
                     "{{ end }}\n"
                     f"phase: {phase}\n"
@@ -427,8 +435,9 @@ def kwok_config(stages_dir: Path, node_lease_seconds: int = 40) -> str:
 
     docs.append(outcome_stage("succeed", "Succeeded", "Completed", "0"))
     docs.append(outcome_stage(
-        "fail", "Failed", "Error",
-        f'{{{{ or (index $root.metadata.annotations "{EXIT_CODE_ANNOTATION}") "1" }}}}'))
+        "fail", "Failed", f'{{{{ or (index $root.metadata.annotations "{REASON_ANNOTATION}") "Error" }}}}',
+        f'{{{{ or (index $root.metadata.annotations "{EXIT_CODE_ANNOTATION}") "1" }}}}',
+        f'{{{{ or (index $root.metadata.annotations "{MESSAGE_ANNOTATION}") "" | Quote }}}}'))
     return "---\n".join(yaml.safe_dump(d, sort_keys=False) for d in docs)
 
 

@@ -14,9 +14,10 @@ from .resolve import Derived, ResolvedArchitecture, derive, resolve_architecture
 from .rules import check_rules
 
 
-def semantic_problems(spec: JobSpec, world_size: Optional[int] = None, prefix: str = "") -> list[Problem]:
+def semantic_problems(spec: JobSpec, world_size: Optional[int] = None, prefix: str = "",
+                      gpus_per_node: Optional[int] = None) -> list[Problem]:
     join = (lambda p: f"{prefix}.{p}") if prefix else (lambda p: p)
-    return [Problem(join(path), message) for path, message in check_rules(spec, world_size)]
+    return [Problem(join(path), message) for path, message in check_rules(spec, world_size, gpus_per_node)]
 
 
 def load_job_spec(data: Any, world_size: Optional[int] = None, prefix: str = "") -> JobSpec:

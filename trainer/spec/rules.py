@@ -20,6 +20,7 @@ class Context:
     spec: JobSpec
     arch: ResolvedArchitecture
     world_size: Optional[int]
+    gpus_per_node: Optional[int] = None
 
     @property
     def p(self):
@@ -44,6 +45,7 @@ class Rule:
     check: Callable[[Context], Optional[str]]  # returns a message when the rule is broken
     cel: Optional[str] = None
     needs_world: bool = False
+    needs_gpus: bool = False
 
 
 def _describe(ctx: Context) -> str:
@@ -116,17 +118,43 @@ def _topk(c: Context):
         return f"topK {m.top_k} exceeds the {m.num_experts} experts"
 
 
+def _processes(c: Context) -> str:
+    """How the world size came about, in words (it counts processes, which are GPUs only when there are GPUs)."""
+    if c.gpus_per_node is None:
+        return "nodes x processes per node"
+    if c.gpus_per_node == 0:
+        return "nodes x processesPerNode, on CPU: gpusPerNode is 0"
+    return f"nodes x {c.gpus_per_node} GPUs per node"
+
+
+TRAINING_STAGES = ("pretrain", "finetune")
+
+
+def _gpu_features(c: Context):
+    if c.gpus_per_node != 0 or c.spec.stage not in TRAINING_STAGES:
+        return None
+    wanted = [name for name, on in (("training.transformerEngine", c.t.transformer_engine),
+                                    ("training.flashAttention", c.t.flash_attention is True),
+                                    ("training.precision fp8", c.t.precision == "fp8")) if on]
+    if wanted:
+        return (f"the {c.spec.stage} stage on CPU (resources.gpusPerNode is 0) cannot use {', '.join(wanted)}: "
+                f"{c.spec.model.backend} runs them on GPUs only; set resources.gpusPerNode, or turn them off to "
+                "train on CPU")
+
+
 def _world_model_parallel(c: Context):
     mp = c.p.tensor * c.p.pipeline * c.p.context
     if c.world_size % mp:
-        return f"the {c.world_size} GPUs (nodes x gpusPerNode) must be a multiple of tensor x pipeline x context = {mp}"
+        return (f"the {c.world_size} processes ({_processes(c)}) must be a multiple of tensor x pipeline x context"
+                f" = {c.p.tensor} x {c.p.pipeline} x {c.p.context} = {mp}")
 
 
 def _world_expert(c: Context):
     block = c.p.pipeline * c.p.expert * c.p.expert_tensor
     if c.world_size % block:
         return (
-            f"the {c.world_size} GPUs must be a multiple of pipeline x expert x expertTensor = {block}"
+            f"the {c.world_size} processes ({_processes(c)}) must be a multiple of pipeline x expert x expertTensor"
+            f" = {c.p.pipeline} x {c.p.expert} x {c.p.expert_tensor} = {block}"
             " (megatron-core folds expert parallelism into the data-parallel ranks)"
         )
 
@@ -302,6 +330,11 @@ RULES: tuple[Rule, ...] = (
          f"({{world}}) % ({S}.parallelism.tensor * {S}.parallelism.pipeline * {S}.parallelism.context) != 0 || "
          f"{S}.training.globalBatchSize % ({S}.training.microBatchSize * (({{world}}) / ({S}.parallelism.tensor * {S}.parallelism.pipeline * {S}.parallelism.context))) == 0",
          needs_world=True),
+    Rule("resources.gpusPerNode", "training on CPU (gpusPerNode 0) cannot use Transformer Engine, flash attention or fp8",
+         _gpu_features,
+         f"!has({S}.stage) || !({S}.stage in {list(TRAINING_STAGES)}) || ({{gpus}}) > 0 || "
+         f"(!{S}.training.transformerEngine && {S}.training.precision != 'fp8' && "
+         f"(!has({S}.training.flashAttention) || !{S}.training.flashAttention))", needs_gpus=True),
     Rule("parallelism.sequenceParallel", "sequence parallelism needs tensor parallel size > 1", _sequence_parallel,
          f"!{S}.parallelism.sequenceParallel || {S}.parallelism.tensor > 1"),
     Rule("parallelism.distributedOptimizer", "megablocks does not support the distributed optimizer", _megablocks_dist_opt,
@@ -358,12 +391,14 @@ RULES: tuple[Rule, ...] = (
 )
 
 
-def check_rules(spec: JobSpec, world_size: Optional[int] = None) -> list[tuple[str, str]]:
-    """Every broken rule as (path, message), in declaration order."""
-    ctx = Context(spec, resolve_architecture(spec), world_size)
+def check_rules(spec: JobSpec, world_size: Optional[int] = None,
+                gpus_per_node: Optional[int] = None) -> list[tuple[str, str]]:
+    """Every broken rule as (path, message), in declaration order. Rules about the world size or the GPUs are
+    checked only when those are known (the Kubernetes resource knows them; a bare job spec does not)."""
+    ctx = Context(spec, resolve_architecture(spec), world_size, gpus_per_node)
     problems: list[tuple[str, str]] = []
     for rule in RULES:
-        if rule.needs_world and world_size is None:
+        if (rule.needs_world and world_size is None) or (rule.needs_gpus and gpus_per_node is None):
             continue
         message = rule.check(ctx)
         if message:
@@ -371,7 +406,7 @@ def check_rules(spec: JobSpec, world_size: Optional[int] = None) -> list[tuple[s
     return problems
 
 
-def cel_rules(world_expression: str) -> list[dict]:
+def cel_rules(world_expression: str, gpus_expression: str = "self.resources.gpusPerNode") -> list[dict]:
     """The CEL-expressible rules as x-kubernetes-validations entries for the object holding the job spec."""
     out = []
     for rule in RULES:
@@ -379,7 +414,7 @@ def cel_rules(world_expression: str) -> list[dict]:
             continue
         out.append(
             {
-                "rule": rule.cel.replace("{world}", world_expression),
+                "rule": rule.cel.replace("{world}", world_expression).replace("{gpus}", gpus_expression),
                 "message": f"{rule.path}: {rule.summary}",
                 "fieldPath": "." + rule.path,
                 "reason": "FieldValueInvalid",

@@ -97,6 +97,13 @@ follow PyTorchJobs through a watch, and post Events.
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["get", "create"]
+# Failed pods' exit codes and termination messages, restarts; the trainer ServiceAccount's presence.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: [""]
+  resources: ["serviceaccounts"]
+  verbs: ["get"]
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]

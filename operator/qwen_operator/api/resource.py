@@ -110,7 +110,32 @@ class ReplicaCounts(SpecModel):
     succeeded: int = 0
     """Pods that finished successfully."""
     failed: int = 0
-    """Pods that failed."""
+    """Pod runs that failed (including those the training-operator replaced)."""
+    restarts: int = 0
+    """Failed pods replaced by a running one."""
+
+
+class PodFailure(SpecModel):
+    """One failed run of a pod, as its container's termination state tells it."""
+
+    replica: str
+    """Replica type (Master, Worker)."""
+    pod: str
+    """Pod name."""
+    uid: str = ""
+    """Pod uid."""
+    run: int = 0
+    """The container's restart count at that run."""
+    exit_code: Optional[int] = None
+    """The container's exit code."""
+    reason: str = ""
+    """Termination reason (Error, OOMKilled, ...)."""
+    message: str = ""
+    """Termination message: the trainer's last error lines."""
+    time: str = ""
+    """When it ended (RFC 3339)."""
+    replaced: bool = False
+    """A replacement pod has run since (or none will: the job failed)."""
 
 
 class Progress(SpecModel):
@@ -175,6 +200,12 @@ class QwenTrainingJobStatus(SpecModel):
     """Name of the ConfigMap holding the resolved job spec."""
     replicas: dict[str, ReplicaCounts] = Field(default_factory=dict)
     """Pod counts by replica type (Master, Worker)."""
+    restarts: Optional[int] = None
+    """Pod restarts of all replicas together."""
+    failures: list[PodFailure] = Field(default_factory=list, max_length=8)
+    """The latest failed pod runs (newest last): pod, exit code, reason and the trainer's error."""
+    duration: Optional[str] = None
+    """How long the PyTorchJob ran (set when it finished)."""
     start_time: Optional[str] = None
     """When the PyTorchJob started running."""
     completion_time: Optional[str] = None
@@ -191,6 +222,28 @@ class QwenTrainingJobStatus(SpecModel):
     """Evaluate stage results: scores by task, a one-line summary and the results file."""
 
 
+def placement_problems(spec: QwenTrainingJobSpec, prefix: str = "spec") -> list[Problem]:
+    """Rules between the job and where it runs (the CRD carries the same rules in CEL)."""
+    r = spec.resources
+    missing = [name for name, value in (("cpu", r.cpu), ("memory", r.memory)) if value is None]
+    if r.gpus_per_node == 0 and spec.stage in ("pretrain", "finetune") and missing:
+        return [Problem(f"{prefix}.resources.{missing[0]}",
+                        f"the {spec.stage} stage on CPU (gpusPerNode is 0) must request "
+                        f"{' and '.join('resources.' + m for m in missing)}: without them the pods may land on a "
+                        "node without room for the model")]
+    return []
+
+
+# The same rule in CEL, on the spec object (single-stage specs; a pipeline's steps are checked by the operator).
+PLACEMENT_CEL = [{
+    "rule": "!has(self.stage) || !(self.stage in ['pretrain', 'finetune']) || self.resources.gpusPerNode > 0 || "
+            "(has(self.resources.cpu) && has(self.resources.memory))",
+    "message": "spec.resources: training on CPU (gpusPerNode 0) must request resources.cpu and resources.memory",
+    "fieldPath": ".resources",
+    "reason": "FieldValueRequired",
+}]
+
+
 def validate_resource_spec(data: Any, prefix: str = "spec") -> QwenTrainingJobSpec:
     """Structural then semantic validation of a resource's spec; raises SpecError naming fields under `prefix`.
     A pipeline is validated step by step (problems name `spec.pipeline[i]...`)."""
@@ -202,7 +255,9 @@ def validate_resource_spec(data: Any, prefix: str = "spec") -> QwenTrainingJobSp
         return spec
     if spec.stage is None:
         raise SpecError([Problem(f"{prefix}.stage", "required field is missing (or list stages in spec.pipeline)")])
-    problems: list[Problem] = semantic_problems(spec.job_spec(), spec.world_size(), prefix)
+    problems: list[Problem] = semantic_problems(spec.job_spec(), spec.world_size(), prefix,
+                                                gpus_per_node=spec.resources.gpus_per_node)
+    problems += placement_problems(spec, prefix)
     if problems:
         raise SpecError(problems)
     return spec

@@ -1,0 +1,112 @@
+"""What a user sees when things go wrong, on the real control plane (kwok fails pods with an exit code, reason and
+termination message): the Failed condition and a Warning Event name the pod, exit code, reason and the trainer's
+error; replica counts come from the pods; restarts are counted with Restarting True meanwhile; Normal Events for
+Created, Running and Succeeded; refusals carry field paths; names up to 63 characters run; the trainer
+ServiceAccount is used by default where it exists."""
+
+from __future__ import annotations
+
+import pytest
+from kubernetes import client as k
+from kubernetes.client.exceptions import ApiException
+
+from tests.integration.operator_support import (  # noqa: F401  (crds, jobs, operator are fixtures)
+    crds, jobs, operator, tiny_job, wait_for,
+)
+
+MESSAGE = "rank 0 crashed: OutOfMemoryError: CUDA out of memory"
+
+
+def _events(jobs, name, reason):
+    return [e for e in jobs.events(name) if e.reason == reason]
+
+
+def test_failed_pod_is_named_with_exit_code_reason_and_message(cluster, operator, jobs, namespace):
+    jobs.create(tiny_job("oom", namespace, runPolicy={"restartPolicy": "Never", "backoffLimit": 0}))
+    wait_for(lambda: [p for p in jobs.pods("oom") if p.status.phase == "Running"], 60, what="pod Running")
+    jobs.wait_phase("oom", "Running", 30)
+    cluster.set_pod_outcome(namespace, "training.qwen.dev/job=oom", "fail", delay="1s", exit_code=137,
+                            reason="OOMKilled", message=MESSAGE)
+    jobs.wait_phase("oom", "Failed", 60)
+    failed = wait_for(lambda: (c := jobs.condition("oom", "Failed")) and "oom-master-0" in c.get("message", "") and c,
+                      30, what="Failed condition naming the pod")
+    msg = failed["message"]
+    assert "Master replica pod oom-master-0 exited with code 137 (OOMKilled): " + MESSAGE in msg
+    assert f"kubectl logs -n {namespace} oom-master-0 -c pytorch" in msg  # Never + cleanPodPolicy None keep it
+    assert jobs.condition("oom", "Succeeded")["message"] == msg
+    status = jobs.get("oom")["status"]
+    assert status["replicas"]["Master"]["failed"] == 1 and status["replicas"]["Master"]["active"] == 0
+    assert status["failures"][-1]["exitCode"] == 137 and status["failures"][-1]["message"] == MESSAGE
+    warned = wait_for(lambda: [e for e in jobs.events("oom") if e.type == "Warning" and "137" in (e.message or "")],
+                      30, what="Warning Event with the exit code")
+    assert any("OOMKilled" in e.message and MESSAGE in e.message for e in warned)
+    for reason in ("Created", "Running"):
+        assert wait_for(lambda: [e for e in _events(jobs, "oom", reason) if e.type == "Normal"], 30, what=reason)
+    # The rendered pod keeps the log's tail when the trainer wrote no message.
+    container = jobs.pytorchjob("oom")["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
+    assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
+
+
+def test_restarts_are_counted_with_restarting_true_meanwhile(cluster, operator, jobs, namespace):
+    jobs.create(tiny_job("flaky", namespace, runPolicy={"restartPolicy": "OnFailure", "backoffLimit": 3}))
+    first = wait_for(lambda: [p for p in jobs.pods("flaky") if p.status.phase == "Running"], 60, what="pod Running")
+    jobs.wait_phase("flaky", "Running", 30)
+    cluster.set_pod_outcome(namespace, "training.qwen.dev/job=flaky", "fail", delay="1s", exit_code=1,
+                            message="nccl timeout")
+    # Restarting turns True while the pod is replaced (seen here, or by its transition time and the Events).
+    failed = wait_for(lambda: _events(jobs, "flaky", "PodFailed"), 60, what="PodFailed event")
+    assert "flaky-master-0" in failed[0].message and "nccl timeout" in failed[0].message
+    wait_for(lambda: [p for p in jobs.pods("flaky") if p.status.phase == "Running"
+                      and p.metadata.uid != first[0].metadata.uid], 90, what="replacement pod Running")
+    done = wait_for(lambda: (r := jobs.get("flaky"))["status"].get("restarts") == 1 and r, 60,
+                    what="restart counted")
+    conds = {c["type"]: c for c in done["status"]["conditions"]}
+    assert conds["Restarting"]["status"] == "False"
+    assert done["status"]["phase"] == "Running"
+    assert done["status"]["replicas"]["Master"]["restarts"] == 1
+    assert done["status"]["replicas"]["Master"]["failed"] >= 1
+    assert done["status"]["failures"][-1]["message"] == "nccl timeout"
+    assert wait_for(lambda: _events(jobs, "flaky", "Restarted"), 30, what="Restarted event")
+    # It then succeeds: a Normal Event says so, with how long it ran.
+    cluster.set_pod_outcome(namespace, "training.qwen.dev/job=flaky", "succeed", delay="1s")
+    done = jobs.wait_phase("flaky", "Succeeded", 60)
+    assert done["status"]["duration"].endswith("s")
+    assert wait_for(lambda: _events(jobs, "flaky", "Succeeded"), 30, what="Succeeded event")
+
+
+def test_63_character_names_run_and_refusals_carry_field_paths(cluster, operator, jobs, namespace):
+    name = "a-very-long-training-job-name-for-the-qwen-operator-tests-63chr"
+    assert len(name) == 63
+    jobs.create(tiny_job(name, namespace))
+    pj = wait_for(lambda: jobs.pytorchjobs(), 30, what="PyTorchJob")[0]
+    assert len(pj["metadata"]["name"]) <= 45 and pj["metadata"]["name"] != name
+    jobs.wait_phase(name, "Running", 60)
+
+    with pytest.raises(ApiException) as err:
+        jobs.create(tiny_job(name + "x", namespace))
+    assert err.value.status == 422 and "metadata.name" in err.value.body and "63" in err.value.body
+
+    cpu_7b = tiny_job("cpu-7b", namespace, stage="pretrain",
+                      model={"family": "qwen2.5", "size": "7B", "backend": "megatron-core"},
+                      training={"globalBatchSize": 8, "trainIters": 10, "transformerEngine": True},
+                      data={"pretrain": {"prefixes": [{"path": "/data/p"}]}})
+    with pytest.raises(ApiException) as err:
+        jobs.create(cpu_7b)
+    body = err.value.body
+    assert err.value.status == 422
+    assert "spec.resources.gpusPerNode" in body and "Transformer Engine" in body
+    assert "spec.resources" in body and "resources.memory" in body
+
+
+def test_trainer_service_account_is_used_where_it_exists(cluster, operator, jobs, namespace):
+    # (Where it does not exist the pods run as `default`, as in every other test of this suite.)
+    k.CoreV1Api(jobs.api).create_namespaced_service_account(
+        namespace, k.V1ServiceAccount(metadata=k.V1ObjectMeta(name="qwen-trainer")))
+    jobs.create(tiny_job("with-account", namespace))
+    pod = wait_for(lambda: jobs.pods("with-account"), 60, what="pod")[0]
+    assert pod.spec.service_account_name == "qwen-trainer"
+    jobs.create(tiny_job("own-account", namespace, serviceAccountName="default"))
+    pod = wait_for(lambda: jobs.pods("own-account"), 60, what="pod")[0]
+    assert pod.spec.service_account_name == "default"
+    jobs.wait_phase("with-account", "Running", 60)
+    assert jobs.condition("with-account", "Synced")["status"] == "True"
