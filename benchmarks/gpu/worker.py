@@ -6,13 +6,15 @@ between two device synchronisations. Tokens/s counts every input token of the gl
 Megatron's model-FLOPs formula (trainer.spec.estimate.flops_per_token, causal attention halved); MFU is against
 989 TFLOPS (H100 SXM dense bf16). Peak memory is torch's peak allocation on this rank over the whole run.
 
-Engine runs train with the training loop's core (`LoopCore`) and its pretraining loss normalisation, as `trainer
-run` does; BENCH_CORE=engine runs `MegatronEngine` with calculate_per_token_loss instead (for comparison only).
+Engine runs build and step `MegatronEngine`, the class `trainer run` trains with, as the training loop does
+(process group, build(ctx), train_step with the pretraining loss); only the data (random tokens) and the absent
+checkpoints differ.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -258,44 +260,37 @@ def _figures(case, arch, seconds: float, steps: int) -> dict:
 
 def run_megatron(case, variants, steps, warmup, out):
     from trainer.engines.megatron import EngineOptions, MegatronEngine, data_parallel_info
-    from trainer.engines.megatron.loop import LoopCore, LossScaling
-    from trainer.engines.megatron.testing import job_spec, random_micro_batches
+    from trainer.engines.megatron.testing import built_engine, job_spec, random_micro_batches
     from trainer.spec import resolve_architecture
 
     spec = job_spec(case.family, case.size, **case.spec_args())
     arch = resolve_architecture(spec)
+    lr = spec.training.lr
     for variant in variants:
         row = dict(case=case.name, impl="megatron", variant=variant, gpus=case.gpus,
                    device=torch.cuda.get_device_name(), options=VARIANTS[variant])
         engine = None
         try:
-            # The core `trainer run` trains with, and its pretraining loss normalisation: each micro-batch's loss
-            # scaled before its backward, no separate pass over the gradients afterwards.
-            if os.environ.get("BENCH_CORE") == "engine":  # diagnostic: the engine's per-token normalisation
-                engine = MegatronEngine(spec, EngineOptions(**VARIANTS[variant]))
-            else:
-                engine = LoopCore(spec, EngineOptions(**VARIANTS[variant]))
-                engine.plan.config_kwargs["calculate_per_token_loss"] = False
-            row.update(attention=engine.plan.attention, experts=engine.plan.experts)
+            # The class `trainer run` trains with, built and stepped as the training loop does (pretraining loss).
             _reset_peak()
-            engine.setup()
+            engine = built_engine(spec, EngineOptions(**VARIANTS[variant]))
+            row.update(attention=engine.plan.attention, experts=engine.plan.experts, core=type(engine).__name__)
+            assert isinstance(engine, MegatronEngine)
             dp, dp_rank = data_parallel_info()
             n_micro = case.global_batch // (case.micro_batch * dp)
             batches = random_micro_batches(n_micro, case.micro_batch, case.seq, arch.vocab_size, seed=100 + dp_rank)
-            engine.scaling = LossScaling("mean", n_micro * dp, case.global_batch * case.seq, spec.parallelism.context)
-            row["core"] = type(engine).__name__
             first = None
             for _ in range(warmup):
-                r = engine.train_step(batches)
+                r = engine.train_step(batches, lr, "mean")
                 first = first or r
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             for _ in range(steps):
-                r = engine.train_step(batches)
+                r = engine.train_step(batches, lr, "mean")
             torch.cuda.synchronize()
             row.update(_figures(case, arch, time.perf_counter() - t0, steps))
             row.update(first_loss=round(first.loss, 4), last_loss=round(r.loss, 4), notes=engine.notes)
-            profile_step(lambda: engine.train_step(batches), f"{case.name} megatron {variant}")
+            profile_step(functools.partial(engine.train_step, batches, lr, "mean"), f"{case.name} megatron {variant}")
             gqa = {getattr(m, "_gqa_native", None) for c in engine.unwrapped() for m in c.modules()
                    if type(m).__name__ == "SDPAAttention"}
             if gqa - {None}:

@@ -1,7 +1,6 @@
-"""Run under torchrun with 1 process: trains a small model with the megatron engine, CUDA graphs on or off
-(argv: case, on|off[, more EngineOptions as JSON[, engine|loop]]), evaluating between steps, and prints one JSON
-line with every loss. "loop" trains with the training loop's core and its pretraining loss normalisation (the
-schedule scales each micro-batch's loss), "engine" (the default) with calculate_per_token_loss."""
+"""Run under torchrun with 1 process: trains a small model with the megatron engine, CUDA graphs
+on or off (argv: case, on|off[, more EngineOptions as JSON[, loss mode]]), evaluating between steps, and prints one JSON line
+with every loss."""
 
 from __future__ import annotations
 
@@ -25,8 +24,8 @@ SEQ, MICRO, GLOBAL, STEPS = 512, 2, 8, 5
 
 
 def main() -> int:
-    from trainer.engines.megatron import EngineOptions, MegatronEngine
-    from trainer.engines.megatron.testing import job_spec, random_micro_batches
+    from trainer.engines.megatron import EngineOptions
+    from trainer.engines.megatron.testing import built_engine, job_spec, random_micro_batches
     from trainer.spec import resolve_architecture
 
     case, graphs = sys.argv[1], sys.argv[2] == "on"
@@ -35,27 +34,20 @@ def main() -> int:
                                             "activationCheckpointing": {"mode": "none"}}, **shape)
     vocab = resolve_architecture(spec).vocab_size
     extra = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
-    core = sys.argv[4] if len(sys.argv) > 4 else "engine"
-    if core == "loop":
-        from trainer.engines.megatron.loop import LoopCore, LossScaling
-
-        engine = LoopCore(spec, EngineOptions(cuda_graphs=graphs, **extra))
-        engine.plan.config_kwargs["calculate_per_token_loss"] = False
-        engine.setup()
-        engine.scaling = LossScaling("mean", GLOBAL // MICRO, GLOBAL * SEQ)
-    else:
-        engine = MegatronEngine(spec, EngineOptions(cuda_graphs=graphs, **extra)).setup()
+    loss_mode = sys.argv[4] if len(sys.argv) > 4 else "mean"
+    engine = built_engine(spec, EngineOptions(cuda_graphs=graphs, **extra))
     tied = engine.unwrapped()[-1].share_embeddings_and_output_weights
     train = random_micro_batches(GLOBAL // MICRO, MICRO, SEQ, vocab, seed=1)
     held_out = random_micro_batches(2, MICRO, SEQ, vocab, seed=2)
     losses, evals = [], []
     for step in range(STEPS):
-        losses.append(engine.train_step(train).loss)
+        losses.append(engine.train_step(train, spec.training.lr, loss_mode).loss)
         if step in (1, STEPS - 1):
-            evals.append(engine.evaluate(held_out)[0])
-    graphed = engine.config.cuda_graph_impl == "local"
+            total, tokens = engine.eval_step(held_out)
+            evals.append(total / tokens)
+    graphed = engine.model.config.cuda_graph_impl == "local"
     engine.close()
-    row = dict(case=case, graphs=graphs, options=extra, core=core, tied=tied, graphed=graphed, losses=losses,
+    row = dict(case=case, graphs=graphs, options=extra, loss_mode=loss_mode, tied=tied, graphed=graphed, losses=losses,
                evals=evals)
     print("GRAPHS " + json.dumps(row), flush=True)
     return 0

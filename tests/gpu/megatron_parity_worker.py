@@ -32,8 +32,8 @@ SEQ, MICRO, GLOBAL, STEPS = 128, 2, 8, 6
 
 
 def main() -> int:
-    from trainer.engines.megatron import EngineOptions, MegatronEngine, data_parallel_info
-    from trainer.engines.megatron.testing import hf_loss, hf_reference, job_spec, random_micro_batches
+    from trainer.engines.megatron import EngineOptions, data_parallel_info
+    from trainer.engines.megatron.testing import built_engine, hf_loss, hf_reference, job_spec, random_micro_batches
     from trainer.spec import resolve_architecture
 
     names = sys.argv[1].split(",") if len(sys.argv) > 1 else list(LAYOUTS)
@@ -48,14 +48,17 @@ def main() -> int:
         batches = random_micro_batches(GLOBAL // MICRO, MICRO, SEQ, arch.vocab_size, seed=3, ignore_first=5)
         reference = hf_loss(hf, batches, "cpu")  # fp32 on the CPU, as the cpu engine computes it
         row = dict(layout=name, reference_fp32_cpu=reference)
-        engine = MegatronEngine(spec, EngineOptions())
+        engine = None
         try:
-            engine.setup(hf_state_dict=weights)
+            engine = built_engine(spec, EngineOptions())
+            engine.load_checkpoint_weights(weights)
             dp, dp_rank = data_parallel_info()
             per = len(batches) // dp
             mine = batches[dp_rank * per:(dp_rank + 1) * per]
-            eval_loss, _ = engine.evaluate(mine)
-            losses = [engine.train_step(mine).loss for _ in range(STEPS)]
+            total, tokens = engine.eval_step(mine)
+            eval_loss = total / tokens
+            # "per_token": the parity reference is the token mean over the whole batch
+            losses = [engine.train_step(mine, spec.training.lr, "per_token").loss for _ in range(STEPS)]
             row.update(eval_loss_bf16=eval_loss, first_step_loss_bf16=losses[0], losses=losses, dp=dp,
                        experts=engine.plan.experts, attention=engine.plan.attention, notes=engine.notes)
         except Exception as err:
@@ -64,7 +67,8 @@ def main() -> int:
             traceback.print_exc()
             row["error"] = f"{type(err).__name__}: {err}"
         finally:
-            engine.close()
+            if engine is not None:
+                engine.close()
         if rank == 0:
             print("PARITY " + json.dumps(row), flush=True)
     torch.distributed.destroy_process_group()

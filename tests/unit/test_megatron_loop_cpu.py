@@ -1,4 +1,4 @@
-"""The megatron engine's training-loop adapter, the parts that run without a GPU: the data-parallel rank order
+"""The megatron engine (trainer.engines.megatron.MegatronEngine), the parts that run without a GPU: the data-parallel rank order
 against megatron's own rank generator, the HF tensor list against transformers' models, the gather of TP/PP/EP
 shards back into full HF-named tensors (round trip through the loader's split), the loss normalisation against the
 CPU engine's formulas, and the engine selection."""
@@ -22,7 +22,8 @@ from trainer.engines.megatron.config import (  # noqa: E402
     layer_spec,
     plan_model,
 )
-from trainer.engines.megatron.loop import LossScaling, data_parallel_layout  # noqa: E402
+from trainer.engines.megatron.layout import data_parallel_layout  # noqa: E402
+from trainer.engines.megatron.loss import LossScaling  # noqa: E402
 from trainer.engines.megatron.testing import hf_reference, job_spec  # noqa: E402
 from trainer.engines.megatron.weights import (  # noqa: E402
     hf_from_shards,
@@ -246,7 +247,7 @@ def test_load_balancing_loss_is_read_from_megatron_tracker(balancing, megatron_w
     that spreads tokens about evenly it is close to 1 (E/k x sum_e fraction_e x mean prob_e)."""
     from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
 
-    from trainer.engines.megatron.loop import load_balancing_loss
+    from trainer.engines.megatron.loss import load_balancing_loss
     from trainer.engines.megatron.testing import random_micro_batches
 
     family, size, kw = CASES["qwen3-moe"]
@@ -269,12 +270,12 @@ def test_load_balancing_loss_is_read_from_megatron_tracker(balancing, megatron_w
 
 def test_auto_picks_the_megatron_engine_on_cuda(monkeypatch):
     import trainer.engines as engines
-    from trainer.engines.megatron import loop as megatron_loop
+    from trainer.engines import megatron
 
     made = []
     monkeypatch.setenv(engines.ENGINE_ENV, "auto")
     monkeypatch.setattr(engines, "_cuda", lambda: True)
-    monkeypatch.setattr(megatron_loop, "create_engine", lambda spec: made.append(spec) or "megatron-engine")
+    monkeypatch.setattr(megatron, "create_engine", lambda spec: made.append(spec) or "megatron-engine")
     spec = _spec("qwen2.5-tied")
     assert engines.select_engine(spec, lambda _m: None) == "megatron-engine" and made == [spec]
 
@@ -291,10 +292,10 @@ def test_auto_without_megatron_core_trains_on_cpu_and_says_why(monkeypatch):
 
 
 def test_adapter_refuses_what_it_cannot_train(monkeypatch):
-    from trainer.engines.megatron.loop import MegatronLoopEngine
+    from trainer.engines.megatron import MegatronEngine
 
     with pytest.raises(UserError, match="expertTensor 1"):
-        MegatronLoopEngine(_spec("qwen3-moe", parallelism={"expert": 2, "expertTensor": 2}))
+        MegatronEngine(_spec("qwen3-moe", parallelism={"expert": 2, "expertTensor": 2}))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UserError, match="needs a CUDA GPU"):
-        MegatronLoopEngine(_spec("qwen2.5-tied"))
+        MegatronEngine(_spec("qwen2.5-tied"))

@@ -3,7 +3,7 @@
 `select_engine` picks one from QWEN_TRAINER_ENGINE (auto | cpu | megatron; default auto): auto chooses the
 megatron engine when CUDA and megatron-core are present, else the CPU engine, and says why. The training loop
 drives an engine through `trainer.engines.base.Engine`; the megatron module joins the loop through
-`create_engine(spec) -> Engine` (trainer.engines.megatron.loop).
+`create_engine(spec) -> Engine` (trainer.engines.megatron.engine).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def _megatron_engine_installed() -> bool:
         return False
 
 
-def _megatron_loop_engine(spec: JobSpec) -> Engine:
+def _megatron_engine(spec: JobSpec) -> Engine:
     from . import megatron
 
     factory = getattr(megatron, "create_engine", None)
@@ -58,7 +58,7 @@ def select_engine(spec: JobSpec, log: Callable[[str], None]) -> Engine:
         if not _megatron_engine_installed():
             raise UserError("the megatron engine needs the megatron-core package, which is not installed; "
                             f"set {ENGINE_ENV}=cpu to train on CPU")
-        return _megatron_loop_engine(spec)
+        return _megatron_engine(spec)
     from .cpu import CpuEngine
 
     if choice == "auto":

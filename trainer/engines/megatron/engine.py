@@ -1,287 +1,220 @@
-"""The megatron engine: trains on CUDA with the megatron-core pip package (no Megatron-LM repository).
+"""The megatron engine: `trainer.engines.base.Engine` for megatron-core on CUDA (bf16/fp16; TP, PP + virtual, CP,
+EP, DP, distributed optimizer), the one class `trainer run` trains with and the GPU benchmarks measure.
 
-Read top to bottom, one step of a job is:
+The loop (trainer.train) owns the schedule, the data and the checkpoint cadence; one job is:
 
-    init_distributed()  NCCL group, parallel_state.initialize_model_parallel(TP, PP, VP, CP, EP, ETP), CUDA RNG
-    build()             GPTModel chunk(s) from the resolved architecture (megatron_config), megatron DDP,
-                        optional HF weights, get_megatron_optimizer (+ distributed optimizer), OptimizerParamScheduler
-    train_step(mbs)     zero grad buffers, get_forward_backward_func over the micro-batches, optimizer.step(),
-                        scheduler.step(global batch) -> loss, grad norm, lr, tokens
-
-Parallelism: tensor (+ sequence), pipeline (+ virtual, interleaved schedule), context (Transformer Engine attention
-only), expert (+ expert tensor) parallelism, all from `spec.parallelism`. Loss: the masked sum of per-token losses
-with `calculate_per_token_loss`, so gradients are averaged over the tokens of the whole step across data-parallel
-ranks (`finalize_model_grads`), as Megatron does for SFT; for pretraining (no masked tokens) it equals the mean.
-
-Unless the spec asks for Transformer Engine (training.transformerEngine; installed or not), the engine swaps in
-its own faster modules (megatron_kernels, megatron_triton): SDPA attention (cuDNN) with the rope fused into the QKV
-split, compiled RMSNorm, Triton SwiGLU, torch grouped GEMM for experts with a sync-free dispatch, fp32
-weight-gradient accumulation, fused AdamW, and the chunked output-layer cross-entropy (megatron_loss).
-`EngineOptions` turns each off on its own.
+    MegatronEngine(spec)      pins this process's GPU and works out its data-parallel rank (megatron's rank order,
+                              tp-cp-ep-dp-pp) before the loop joins the NCCL group and shards the data
+    build(ctx)                model-parallel groups, GPTModel chunk(s), megatron DDP and (distributed) optimizer
+                              (build.py)
+    train_step(mbs, lr, mode) the loop's lr on every parameter group, forward/backward through megatron's pipeline
+                              schedule with the loss normalisation of loss.LossScaling, gradient reduce, clip, step
+    eval_step(mbs)            forward only: summed loss and loss tokens of the global batch
+    save_sharded / load_sharded   collective: every rank writes and reads its own shard of the weights and the
+                              optimizer state (state.py, trainer.checkpoint.sharded); the loop's checkpoints take
+                              this path
+    prepare_checkpoint()      collective: weights in Hugging Face naming and every rank's optimizer shard gathered
+                              on rank 0, for the converter's per-rank layout (MegaBlocks; the benchmark baseline)
 """
 
 from __future__ import annotations
 
-import contextlib
+import math
 import os
-from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from trainer.errors import UserError
-from trainer.spec.resolve import ResolvedArchitecture, lr_decay_style, resolve_architecture, schedule
+from trainer.spec import JobSpec
+from trainer.spec.resolve import resolve_architecture
 
-from .config import (Capabilities, EngineOptions, ModelPlan, gpt_model_kwargs, layer_spec, plan_model,
-                              wants_cuda_graphs)
-from .loss import check_output_grad_scale
-from .triton_kernels import install_grad_accumulation, install_swiglu, triton_available
-
-
-@dataclass
-class StepResult:
-    loss: float  # mean loss per token over the step (all data-parallel ranks)
-    tokens: int  # loss tokens in the step (all data-parallel ranks)
-    grad_norm: Optional[float]
-    lr: float
-    skipped: bool  # fp16 overflow: the update was skipped
-
-    def to_dict(self) -> dict:
-        return dict(loss=self.loss, tokens=self.tokens, grad_norm=self.grad_norm, lr=self.lr, skipped=self.skipped)
+from ..base import EngineContext, StepResult
+from . import state
+from .build import Model, build_model, init_model_parallel, pin_communication_order, release
+from .config import Capabilities, EngineOptions, plan_model
+from .layout import data_parallel_layout, layout_record
+from .loss import LossScaling, check_output_grad_scale, load_balancing_loss, loss_sum_from_output
 
 
 class MegatronEngine:
     name = "megatron"
+    device = "cuda"
 
-    def __init__(self, spec, options: Optional[EngineOptions] = None, capabilities: Optional[Capabilities] = None):
-        self.spec = spec
-        self.options = options or EngineOptions()
+    def __init__(self, spec: JobSpec, options: Optional[EngineOptions] = None, *, env=None,
+                 capabilities: Optional[Capabilities] = None):
+        from trainer.distenv import read_env
+
+        p = spec.parallelism
+        if p.expert_tensor != 1:
+            raise UserError("the megatron engine trains with expertTensor 1 only (experts whole on each "
+                            "expert-parallel rank)", path="parallelism.expertTensor")
         self.caps = capabilities or Capabilities.probe()
         if not self.caps.cuda:
             raise UserError("the megatron engine needs a CUDA GPU and none is visible; use the cpu engine",
                             path="spec.model.backend")
-        self.arch: ResolvedArchitecture = resolve_architecture(spec)
-        self.plan: ModelPlan = plan_model(self.arch, spec, self.options, self.caps)
-        self.model: list = []
-        self.optimizer = None
-        self.scheduler = None
-        self.config = None
-        self.iteration = 0
-        self._restore: list[Callable[[], None]] = []
+        self.spec = spec
+        self.env = env or read_env()
+        self.options = options or EngineOptions()
+        self.arch = resolve_architecture(spec)
+        self.plan = plan_model(self.arch, spec, self.options, self.caps)
+        # one normalisation (loss.LossScaling); megatron's DDP reads this at construction
+        self.plan.config_kwargs["calculate_per_token_loss"] = False
+        pin_communication_order(spec)
+        # The loop joins the NCCL group and runs collectives before build(): pin the device first.
+        torch.cuda.set_device(self.env.local_rank)
+        self.data_parallel_size, self.data_parallel_rank = data_parallel_layout(spec, self.env.world_size,
+                                                                                self.env.rank)
+        # every rank saves and loads its own shard; MegaBlocks' expert modules have no sharded state dict, so that
+        # backend's checkpoints are gathered on rank 0
+        self.saves_sharded = spec.model.backend != "megablocks"
+        self.model: Optional[Model] = None
+        self.ctx: Optional[EngineContext] = None
         self.notes: list[str] = []
+        self._hf_config = None
+        self._gloo = None
+        self._scaling: Optional[LossScaling] = None
+        self._num_micro = 1
+        self._pending_weights: Optional[dict] = None
+        self._pending_optimizer: Optional[dict] = None
+        self._pending_for: Optional[int] = None
+        self._steps = 0
 
-    # ---------------------------------------------------------------------------------------------- setup
+    # ---- construction -------------------------------------------------------------------------------------------
+    def build(self, ctx: EngineContext) -> None:
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
 
-    def init_distributed(self) -> None:
-        from megatron.core import parallel_state
-        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+        from .. import hf_model
 
-        from trainer.distenv import init_process_group, read_env
-
-        env = read_env()
-        if self.spec.parallelism.tensor > 1 or self.spec.parallelism.context > 1:
-            # megatron orders its asynchronous TP/CP communication before the next GEMM through a single
-            # hardware queue; this only takes effect if set before the CUDA context exists (launchers set it)
-            os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
-        torch.cuda.set_device(env.local_rank)
-        init_process_group(env, "nccl")
+        self.ctx = ctx
+        init_model_parallel(self.spec, self.plan, self.env)
+        dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        if (dp, dp_rank) != (self.data_parallel_size, self.data_parallel_rank):
+            raise RuntimeError(f"data-parallel layout {(self.data_parallel_size, self.data_parallel_rank)} differs "
+                               f"from megatron's {(dp, dp_rank)}")
+        self.model = build_model(self.spec, self.plan, self.options, self.caps.transformer_engine)
+        self.notes = list(self.model.notes)
+        self._gloo = dist.new_group(backend="gloo")
+        self._hf_config = hf_model.hf_config(ctx.arch, init_std=ctx.init_std,
+                                             dropout=self.spec.training.attention_dropout)
         p = self.spec.parallelism
-        vp = self.plan.config_kwargs.get("virtual_pipeline_model_parallel_size")
-        if parallel_state.model_parallel_is_initialized():
-            parallel_state.destroy_model_parallel()
-        parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=p.tensor,
-            pipeline_model_parallel_size=p.pipeline,
-            virtual_pipeline_model_parallel_size=vp,
-            context_parallel_size=p.context,
-            expert_model_parallel_size=p.expert,
-            expert_tensor_parallel_size=p.expert_tensor,
-        )
-        # CUDA graph capture needs an RNG tracker whose state lives on the device
-        graphs = self.plan.config_kwargs.get("cuda_graph_impl") == "local"
-        model_parallel_cuda_manual_seed(self.spec.training.seed, use_cudagraphable_rng=graphs)
+        attention = self.plan.attention
+        if attention == "sdpa" and self.plan.options.sdpa_backend:
+            attention += f"/{self.plan.options.sdpa_backend}"  # the kernels SDPA is pinned to (training.flashAttention)
+        graphs = self.model.config.cuda_graph_impl == "local"
+        ctx.log(f"engine=megatron tp={p.tensor} pp={p.pipeline} ep={p.expert} cp={p.context} dp={dp} "
+                f"precision={self.spec.training.precision} attention={attention} experts={self.plan.experts} "
+                f"distributed-optimizer={p.distributed_optimizer} cuda-graphs={'on' if graphs else 'off'} "
+                f"device={torch.cuda.get_device_name()}" + (f" ({'; '.join(self.notes)})" if self.notes else ""))
 
-    def _install_kernels(self) -> None:
-        from . import kernels as k
+    def hf_config(self):
+        return self._hf_config
 
-        o = self.options
-        if self.plan.experts == "torch-grouped":
-            self._restore.append(k.install_torch_grouped_gemm())
-        # Transformer Engine's layers fuse the weight-gradient accumulation themselves; megatron's local layers
-        # would need Apex for it, so they take ours (also where TE is installed but not asked for)
-        if o.grad_accum_fusion and not self.plan.use_te:
-            if k.wgrad_accumulate_works():
-                self._restore.append(k.install_grad_accum_fusion())
-            else:
-                self.plan.config_kwargs["gradient_accumulation_fusion"] = False
-                self.notes.append("gradient accumulation fusion off: addmm(out_dtype=float32) unavailable")
-        elif not self.plan.use_te:
-            self.plan.config_kwargs["gradient_accumulation_fusion"] = False
-        if o.foreach_grad_norm:
-            self._restore.append(k.install_foreach_grad_ops())
-        if o.fused_swiglu and o.triton_swiglu and triton_available():
-            self._restore.append(install_swiglu())
+    def unwrapped(self) -> list:
+        return self.model.unwrapped()
 
-    def build(self, hf_state_dict: Optional[dict] = None) -> None:
-        from megatron.core import parallel_state
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-        from megatron.core.distributed.finalize_model_grads import finalize_model_grads
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-        from megatron.core.transformer import TransformerConfig
+    @property
+    def _moe(self) -> bool:
+        return self.arch.moe is not None
 
-        from .loss import make_model_class
+    def layout(self) -> dict:
+        return layout_record(self.spec, self.env.world_size)
 
-        self._install_kernels()
-        self.config = config = TransformerConfig(**self.plan.config_kwargs)
-        if wants_cuda_graphs(self.spec, self.options) and config.cuda_graph_impl != "local":
-            from .config import cuda_graph_blocker
+    # ---- weights ------------------------------------------------------------------------------------------------
+    def load_checkpoint_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        from megatron.core import parallel_state as ps
 
-            why = cuda_graph_blocker(self.spec, self.options, self.plan.config_kwargs, self.plan.attention,
-                                     self.plan.experts)
-            self.notes.append(f"CUDA graphs off: {why or 'set off in extra_config'}")
-        model_cls = make_model_class()
-        vp_size = parallel_state.get_virtual_pipeline_model_parallel_world_size()
-        chunks, offsets = [], []
-        for vp_stage in range(vp_size or 1):
-            stage = vp_stage if vp_size else None
-            pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage)
-            post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage)
-            chunk = model_cls(
-                config=config,
-                transformer_layer_spec=self._block_spec(config, stage),
-                pre_process=pre,
-                post_process=post,
-                vp_stage=stage,
-                chunked_loss=self.options.chunked_cross_entropy,
-                chunk_tokens=self.options.cross_entropy_chunk_tokens,
-                fused_loss=self.options.fused_cross_entropy,
-                **gpt_model_kwargs(self.plan),
-            )
-            # Always, as Megatron-LM's get_model does: megatron-core creates a few parameters on the CPU even
-            # without use_cpu_initialization (the shared expert's gate of Qwen1.5/Qwen2-MoE), which the mixed
-            # precision optimizer then refuses.
-            chunk.cuda(torch.cuda.current_device())
-            chunks.append(chunk)
-            offsets.append(self._layer_offset(config, stage))
-        if self.options.local_dispatch and self.plan.experts == "torch-grouped":
-            from .dispatch import install_local_dispatch
+        from ..cpu import WeightsMismatch
+        from .weights import load_into, weight_problems
 
-            _, reasons = install_local_dispatch(chunks)
-            if reasons:
-                self.notes.append(f"megatron's token dispatcher kept on some MoE layers: {'; '.join(reasons)}")
-        if hf_state_dict is not None:
-            from .weights import load_into
+        problems = weight_problems(self.arch, state_dict)
+        if problems:
+            raise WeightsMismatch(problems)
+        try:
+            load_into(self.unwrapped(), state_dict, self.arch,
+                      tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=ps.get_tensor_model_parallel_world_size(),
+                      ep_rank=ps.get_expert_model_parallel_rank(), ep_size=ps.get_expert_model_parallel_world_size(),
+                      layer_offsets=self.model.layer_offsets)
+        except (KeyError, ValueError) as err:
+            raise WeightsMismatch([str(err)]) from None
+        self.model.optimizer.reload_model_params()  # fp32 master weights follow the new weights
+        self._pending_weights = None
 
-            load_into(chunks, hf_state_dict, self.arch,
-                      tp_rank=parallel_state.get_tensor_model_parallel_rank(),
-                      tp_size=parallel_state.get_tensor_model_parallel_world_size(),
-                      ep_rank=parallel_state.get_expert_model_parallel_rank(),
-                      ep_size=parallel_state.get_expert_model_parallel_world_size(),
-                      layer_offsets=offsets)
-        p = self.spec.parallelism
-        dp = parallel_state.get_data_parallel_world_size()
-        overlap = p.overlap_grad_reduce if self.options.overlap_grad_reduce is None else self.options.overlap_grad_reduce
-        ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True,
-            overlap_grad_reduce=overlap,
-            overlap_param_gather=p.overlap_param_gather and p.distributed_optimizer and dp > 1,
-            use_distributed_optimizer=p.distributed_optimizer,
-            bucket_size=self.options.bucket_size,
-            average_in_collective=False,
-            check_for_nan_in_grad=False,
-        )
-        self.model = [
-            DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0)
-            for i, chunk in enumerate(chunks)
-        ]
-        # Without Transformer Engine only: TE's linear layers put their weight gradient into main_grad themselves
-        # under names of their own, and the hook must never add their placeholder gradients.
-        if self.options.triton_grad_accumulation and triton_available() and not self.plan.use_te:
-            handles = install_grad_accumulation(self.model)
-            self._restore.append(lambda: [h.remove() for h in handles])
-        t = self.spec.training
-        fp16 = t.precision == "fp16"
-        opt_config = OptimizerConfig(
-            optimizer="adam",
-            lr=t.lr,
-            min_lr=t.min_lr,
-            weight_decay=t.weight_decay,
-            adam_beta1=t.adam_beta1,
-            adam_beta2=t.adam_beta2,
-            adam_eps=t.adam_eps,
-            clip_grad=t.clip_grad,
-            bf16=not fp16,
-            fp16=fp16,
-            params_dtype=config.params_dtype,
-            use_distributed_optimizer=p.distributed_optimizer,
-            overlap_param_gather=ddp_config.overlap_param_gather,
-            **({"initial_loss_scale": 2.0**16} if fp16 else {}),
-        )
-        self.optimizer = get_megatron_optimizer(opt_config, self.model)
-        if self.options.fused_adam and not self.caps.transformer_engine:
-            from .kernels import use_fused_adam
+    def prepare_checkpoint(self, save_optimizer: bool = True) -> None:
+        """Collective (every rank): gather what rank 0 writes in the gathered checkpoint save that follows."""
+        state.sync_params(self.model.chunks)
+        torch.cuda.synchronize()
+        self._pending_weights = state.gather_hf_weights(self.model, self.arch, self._gloo)
+        self._pending_optimizer = (state.gather_optimizer_state(self.model.optimizer, self.layout(), self._gloo)
+                                   if save_optimizer else None)
+        self._pending_for = self._steps
 
-            use_fused_adam(self.optimizer)
-        gbs = t.global_batch_size
-        sched = schedule(self.spec)
-        total = sched.train_iters or 1
-        decay = sched.decay_iters if sched.decay_iters else total
-        self.scheduler = OptimizerParamScheduler(
-            self.optimizer,
-            init_lr=0.0,
-            max_lr=t.lr,
-            min_lr=t.min_lr,
-            lr_warmup_steps=sched.warmup_iters * gbs,
-            lr_decay_steps=max(decay, sched.warmup_iters + 1) * gbs,
-            lr_decay_style=lr_decay_style(self.spec),
-            start_wd=t.weight_decay,
-            end_wd=t.weight_decay,
-            wd_incr_steps=total * gbs,
-            wd_incr_style="constant",
-        )
-        config.grad_scale_func = self.optimizer.scale_loss
-        config.finalize_model_grads_func = finalize_model_grads
-        no_sync = [m.no_sync for m in self.model]
-        config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
-        if overlap:
-            sync = [m.start_grad_sync for m in self.model]
-            config.grad_sync_func = sync[0] if len(sync) == 1 else sync
-        if ddp_config.overlap_param_gather:
-            psync = [m.start_param_sync for m in self.model]
-            config.param_sync_func = psync[0] if len(psync) == 1 else psync
+    def _prepared(self, what: str, save_optimizer: bool):
+        if getattr(self, f"_pending_{what}") is None or self._pending_for != self._steps:
+            if self.env.world_size > 1:
+                raise RuntimeError(f"the megatron engine's {what} are sharded over processes: every rank must call "
+                                   "prepare_checkpoint() before the checkpoint is written")
+            self.prepare_checkpoint(save_optimizer=save_optimizer)
+        out = getattr(self, f"_pending_{what}")
+        setattr(self, f"_pending_{what}", None)
+        return out
 
-    def _block_spec(self, config, vp_stage):
-        from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+    def checkpoint_weights(self) -> dict[str, torch.Tensor]:
+        return self._prepared("weights", save_optimizer=False)
 
-        from . import kernels as k
+    def optimizer_state_dict(self) -> dict:
+        return self._prepared("optimizer", save_optimizer=True)
 
-        spec = layer_spec(self.plan, config)
-        if self.plan.use_te:
-            return spec
-        num = get_num_layers_to_build(config, vp_stage=vp_stage)
-        if self.options.fused_rmsnorm or config.sequence_parallel:
-            norm = k.rmsnorm_spec(compiled=self.options.fused_rmsnorm)
-        else:
-            from megatron.core.transformer.torch_norm import WrappedTorchNorm
+    def load_optimizer_state_dict(self, saved: dict) -> None:
+        from .kernels import use_fused_adam
 
-            norm = WrappedTorchNorm
-        return TransformerBlockSubmodules(layer_specs=[spec] * num, layer_norm=norm)
+        say = self.ctx.log if self.ctx is not None else print
+        if not isinstance(saved, dict) or saved.get("format") != state.OPTIMIZER_FORMAT:
+            say("optimizer state is not in this engine's per-rank format; starting the optimizer afresh")
+            return
+        if saved.get("layout") != self.layout():
+            say(f"optimizer state was saved with layout {saved.get('layout')}, this run is {self.layout()}; "
+                "starting the optimizer afresh from the checkpoint's weights")
+            return
+        state.restore_optimizer_state(self.model.optimizer, saved["ranks"][self.env.rank]["optimizers"])
+        if self.options.fused_adam:
+            use_fused_adam(self.model.optimizer)  # a restored step sits on the host
 
-    @staticmethod
-    def _layer_offset(config, vp_stage) -> int:
-        from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+    # ---- sharded checkpoints (every rank its own part) -----------------------------------------------------------
+    def save_sharded(self, folder, save_optimizer: bool, async_save: bool = False):
+        """Collective: this rank's shards of the weights (and optimizer state) into `folder`; with `async_save` the
+        request that writes them (trainer.checkpoint.sharded.AsyncSaves)."""
+        from trainer.checkpoint import sharded
 
-        return get_transformer_layer_offset(config, vp_stage=vp_stage)
+        state.sync_params(self.model.chunks)
+        return sharded.save(state.sharded_state_dict(self.model, save_optimizer, is_loading=False), folder,
+                            async_save)
 
-    def setup(self, hf_state_dict: Optional[dict] = None) -> "MegatronEngine":
-        self.init_distributed()
-        self.build(hf_state_dict)
-        return self
+    def load_sharded(self, folder, load_optimizer: bool, saved_layout: Optional[dict] = None) -> bool:
+        """Collective: the regions of a sharded checkpoint this rank needs, whatever layout saved it. Returns whether
+        optimizer state was restored: where the checkpoint holds it, it is asked for, and (distributed optimizer) the
+        checkpoint's TP/PP/EP split is this run's."""
+        from trainer.checkpoint import sharded
 
-    # ---------------------------------------------------------------------------------------------- steps
+        from .kernels import use_fused_adam
 
+        with_optimizer = load_optimizer and any(k.startswith("optimizer.") for k in sharded.saved_keys(folder))
+        moved = state.moved_fields(saved_layout, self.layout()) if with_optimizer else []
+        if moved:
+            self.ctx.log(f"the distributed optimizer's state was saved at {saved_layout} and this run is "
+                         f"{self.layout()} ({', '.join(moved)} changed); its shards cannot follow that change: "
+                         "starting the optimizer afresh from the checkpoint's weights")
+            with_optimizer = False
+        loaded = sharded.load(state.sharded_state_dict(self.model, with_optimizer, is_loading=True), folder)
+        state.load_sharded_state(self.model, loaded, with_optimizer)
+        if with_optimizer and self.options.fused_adam:
+            use_fused_adam(self.model.optimizer)  # a restored step sits on the host
+        self._pending_weights = None
+        return with_optimizer
+
+    # ---- one micro-batch through megatron's schedule -------------------------------------------------------------
     def _forward_step(self, data_iterator, model):
         batch = next(data_iterator)
         dev = torch.cuda.current_device()
@@ -292,32 +225,29 @@ class MegatronEngine:
         labels = targets.clamp(min=0)
         tokens, labels, loss_mask, position_ids = self._slice_for_context_parallel(tokens, labels, loss_mask,
                                                                                    position_ids)
+        micro_tokens = int(batch.loss_tokens)
         inner = getattr(model, "module", model)
         if hasattr(inner, "next_output_grad_alpha"):
-            inner.next_output_grad_alpha = self._output_grad_alpha(batch)
+            inner.next_output_grad_alpha = self._output_grad_alpha(micro_tokens)
         output = model(tokens, position_ids, None, labels=labels, loss_mask=loss_mask)
-        return output, self._loss_for(batch, loss_mask)
+        return output, partial(self._scaled_loss, loss_mask, micro_tokens)
 
-    def _loss_for(self, batch, loss_mask):
-        """The loss function megatron's schedule applies to this micro-batch's output."""
-        return partial(self._loss_func, loss_mask)
-
-    def _output_grad_alpha(self, batch) -> Optional[float]:
+    def _output_grad_alpha(self, micro_tokens: int) -> Optional[float]:
         """The gradient megatron's schedule will bring to this micro-batch's loss sum, where the forward can know
-        it: bf16 (no dynamic loss scale). With calculate_per_token_loss the schedule passes the sum on unscaled
-        (finalize_model_grads divides the gradients by the step's tokens afterwards)."""
+        it: bf16 (no dynamic loss scale), training."""
         if not self.options.output_grad_into_buffer or self.spec.training.precision != "bf16":
             return None
-        return 1.0 if self.plan.config_kwargs.get("calculate_per_token_loss") else None
+        if self._scaling is None or self._scaling.mode == "eval":
+            return None
+        return self._scaling.output_grad(micro_tokens, self._num_micro)
 
-    @staticmethod
-    def _loss_func(loss_mask, output):
-        from .loss import loss_sum_from_output
-
-        loss_sum = loss_sum_from_output(output, loss_mask)
-        num_tokens = loss_mask.sum().to(torch.int)
-        report = torch.stack([loss_sum.detach().float(), num_tokens.float()])
-        return loss_sum, num_tokens, {"lm loss": report}
+    def _scaled_loss(self, loss_mask, micro_tokens: int, output):
+        loss_sum = loss_sum_from_output(output, loss_mask).float()
+        value, count = self._scaling.contribution(loss_sum, micro_tokens)
+        # a fill on the device: torch.tensor(..., device=cuda) copies from pageable host memory, which waits for
+        # the stream, so every micro-batch's backward would start launching only after its forward had finished
+        count_t = torch.full((), count, dtype=torch.int, device=loss_sum.device)
+        return value, count_t, {"lm loss": self._scaling.report(loss_sum, loss_mask.sum(), micro_tokens)}
 
     @staticmethod
     def _slice_for_context_parallel(*tensors):
@@ -339,105 +269,105 @@ class MegatronEngine:
     def _run(self, micro_batches: Sequence, forward_only: bool) -> list[dict]:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        p = self.spec.parallelism
-        mbs = micro_batches[0].tokens.shape[0]
-        seq = micro_batches[0].tokens.shape[1]
-        data = iter(micro_batches)
-        iters = [iter(micro_batches) for _ in self.model] if len(self.model) > 1 else data
+        cp = self.spec.parallelism.context
+        mbs, seq = micro_batches[0].tokens.shape[:2]
+        chunks = self.model.chunks
+        data = [iter(micro_batches) for _ in chunks] if len(chunks) > 1 else iter(micro_batches)
         self._num_micro = len(micro_batches)
-        fwd_bwd = get_forward_backward_func()
-        return fwd_bwd(
+        return get_forward_backward_func()(
             forward_step_func=self._forward_step,
-            data_iterator=iters,
-            model=self.model if len(self.model) > 1 else self.model[0],
+            data_iterator=data,
+            model=chunks if len(chunks) > 1 else chunks[0],
             num_microbatches=len(micro_batches),
-            seq_length=seq // p.context,
+            seq_length=seq // cp,
             micro_batch_size=mbs,
-            decoder_seq_length=seq // p.context,
+            decoder_seq_length=seq // cp,
             forward_only=forward_only,
         ) or []
 
-    def _reduce_loss(self, stores: list[dict]) -> tuple[float, int]:
-        from megatron.core import parallel_state
+    def _reduce_report(self, stores: list[dict]) -> tuple[float, float]:
+        from megatron.core import parallel_state as ps
 
-        total = torch.zeros(2, dtype=torch.float32, device=torch.cuda.current_device())
+        total = torch.zeros(2, dtype=torch.float64, device=torch.cuda.current_device())
         for d in stores:
-            total += d["lm loss"].to(total.device)
-        # last pipeline stage holds the losses: sum over data parallel (with CP), then share over the pipeline
-        if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-            torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
-        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-            torch.distributed.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
-        loss_sum, tokens = total.tolist()
-        return loss_sum / max(tokens, 1.0), int(tokens)
+            total += d["lm loss"].to(total.device, torch.float64)
+        if ps.is_pipeline_last_stage(ignore_virtual=True):
+            torch.distributed.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
+        if ps.get_pipeline_model_parallel_world_size() > 1:  # only the last stage holds losses
+            torch.distributed.all_reduce(total, group=ps.get_pipeline_model_parallel_group())
+        a, b = total.tolist()
+        return a, b
 
-    def train_step(self, micro_batches: Sequence) -> StepResult:
-        """One optimiser step over this rank's micro-batches (trainer.data.batches.MicroBatch)."""
-        for m in self.model:
-            m.train()
-            m.zero_grad_buffer()
-        self.optimizer.zero_grad()
-        stores = self._run(micro_batches, forward_only=False)
-        check_output_grad_scale()
-        ok, grad_norm, _ = self.optimizer.step()
-        self.scheduler.step(increment=self.spec.training.global_batch_size)
-        self.iteration += 1
-        loss, tokens = self._reduce_loss(stores)
-        lr = self.optimizer.param_groups[0]["lr"]
-        return StepResult(loss, tokens, float(grad_norm) if grad_norm is not None else None, lr, not ok)
+    def _global_tokens(self, micro_batches: Sequence) -> int:
+        from megatron.core import parallel_state as ps
 
-    @torch.no_grad()
-    def evaluate(self, micro_batches: Sequence) -> tuple[float, int]:
-        for m in self.model:
-            m.eval()
-        stores = self._run(micro_batches, forward_only=True)
-        return self._reduce_loss(stores)
+        n = torch.tensor([sum(mb.loss_tokens for mb in micro_batches)], dtype=torch.int64,
+                         device=torch.cuda.current_device())
+        torch.distributed.all_reduce(n, group=ps.get_data_parallel_group())
+        return int(n.item())
 
-    # ---------------------------------------------------------------------------------------------- state
+    def _set_lr(self, lr: float) -> None:
+        wd = self.spec.training.weight_decay
+        for group in self.model.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_mult", 1.0)
+            group["weight_decay"] = wd * group.get("wd_mult", 1.0)
 
-    def sharded_state_dict(self) -> dict:
-        """Model (+ optimizer, scheduler) as megatron dist_checkpointing sharded state dicts."""
-        model_sd = {}
-        if len(self.model) == 1:
-            model_sd["model"] = self.model[0].sharded_state_dict()
-        else:
-            for i, m in enumerate(self.model):
-                model_sd[f"model{i}"] = m.sharded_state_dict()
-        return {
-            **model_sd,
-            "optimizer": self.optimizer.sharded_state_dict(model_sd.get("model") or model_sd),
-            "opt_param_scheduler": self.scheduler.state_dict(),
-            "iteration": self.iteration,
-        }
-
-    def unwrapped(self) -> list:
-        return [m.module for m in self.model]
-
-    def close(self) -> None:
-        from megatron.core import parallel_state
-
-        for restore in reversed(self._restore):
-            restore()
-        self._restore.clear()
-        if self.config is not None and getattr(self.config, "cuda_graph_impl", "none") == "local":
-            # graphs and their memory pool are process-wide in megatron-core: a later engine must start clean
-            from megatron.core.transformer.cuda_graphs import delete_cuda_graphs
-
-            delete_cuda_graphs()
-        self.model, self.optimizer, self.scheduler = [], None, None
-        if parallel_state.model_parallel_is_initialized():
-            parallel_state.destroy_model_parallel()
+    # ---- steps --------------------------------------------------------------------------------------------------
+    def train_step(self, micro_batches: Sequence, lr: float, loss_mode: str) -> StepResult:
         from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
 
-        with contextlib.suppress(Exception):
+        if loss_mode not in ("mean", "per_token"):
+            raise ValueError(f"unknown loss mode {loss_mode!r}")
+        model = self.model
+        self._pending_weights = self._pending_optimizer = None
+        for m in model.chunks:
+            m.train()
+            m.zero_grad_buffer()
+        model.optimizer.zero_grad()
+        self._set_lr(lr)
+        global_tokens = self._global_tokens(micro_batches)
+        self._scaling = LossScaling(loss_mode, len(micro_batches) * self.data_parallel_size, global_tokens,
+                                    self.spec.parallelism.context)
+        if self._moe:
             clear_aux_losses_tracker()
+        stores = self._run(micro_batches, forward_only=False)
+        check_output_grad_scale()
+        ok, grad_norm, _ = model.optimizer.step()
+        self._steps += 1
+        num, den = self._reduce_report(stores)
+        loss = num / max(den, 1e-12)
+        aux = load_balancing_loss(len(micro_batches), self.arch.num_layers) if self._moe else None
+        norm = float(grad_norm) if grad_norm is not None else float("nan")
+        if not ok:
+            self.ctx.log("fp16 loss-scale overflow: the optimizer step was skipped")
+        elif not math.isfinite(norm) or not math.isfinite(loss):
+            raise FloatingPointError(f"loss {loss} / grad norm {norm} is not finite")
+        return StepResult(loss, aux, norm, global_tokens)
+
+    @torch.no_grad()
+    def eval_step(self, micro_batches: Sequence) -> tuple[float, int]:
+        from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+
+        state.sync_params(self.model.chunks)
+        for m in self.model.chunks:
+            m.eval()
+        self._scaling = LossScaling("eval", len(micro_batches) * self.data_parallel_size, 0,
+                                    self.spec.parallelism.context)
+        stores = self._run(micro_batches, forward_only=True)
+        if self._moe:
+            clear_aux_losses_tracker()
+        total, tokens = self._reduce_report(stores)
+        return total, int(round(tokens))
+
+    def close(self) -> None:
+        if self.model is not None:
+            release(self.model)
+            self.model = None
 
 
-def create_engine(spec):
-    """The engine the training loop drives (trainer.engines.base.Engine); see megatron_loop."""
-    from .loop import create_engine as create
-
-    return create(spec)
+def create_engine(spec: JobSpec) -> MegatronEngine:
+    """The training loop's entry point (trainer.engines.select_engine)."""
+    return MegatronEngine(spec)
 
 
 def data_parallel_info() -> tuple[int, int]:
@@ -454,4 +384,4 @@ def environment_note() -> str:
             f"CUDA_DEVICE_MAX_CONNECTIONS={os.environ.get('CUDA_DEVICE_MAX_CONNECTIONS')}")
 
 
-__all__ = ["MegatronEngine", "EngineOptions", "Capabilities", "StepResult", "create_engine", "data_parallel_info"]
+__all__ = ["MegatronEngine", "EngineOptions", "Capabilities", "create_engine", "data_parallel_info"]

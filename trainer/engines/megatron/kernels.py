@@ -337,15 +337,10 @@ def install_torch_grouped_gemm() -> Callable[[], None]:
     from megatron.core.transformer.moe import experts as experts_mod
     from megatron.core.transformer.moe import grouped_gemm_util as gg
 
-    saved = (gg.grouped_gemm, gg.ops)
-    gg.grouped_gemm = _TorchGroupedGemmPackage
-    gg.ops = _TorchGroupedGemmOps
-    assert experts_mod.gg is gg
+    from .patches import replace
 
-    def restore():
-        gg.grouped_gemm, gg.ops = saved
-
-    return restore
+    assert experts_mod.gg is gg  # GroupedMLP looks the ops up through this module at call time
+    return replace(gg.__name__, {"grouped_gemm": _TorchGroupedGemmPackage, "ops": _TorchGroupedGemmOps})
 
 
 def wgrad_accumulate(total_input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor,
@@ -392,21 +387,19 @@ def ensure_moe_without_te() -> None:
     torch path is taken. Idempotent, and a no-op when TE is installed."""
     from megatron.core.transformer.moe import moe_utils
 
+    from .patches import replace
+
     if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
+        replace(moe_utils.__name__, {"te_general_gemm": None})  # for the process: nothing else binds it
 
 
 def install_grad_accum_fusion() -> Callable[[], None]:
     from megatron.core.tensor_parallel import layers
 
-    saved = (getattr(layers, "fused_weight_gradient_mlp_cuda", None), layers._grad_accum_fusion_available)
-    layers.fused_weight_gradient_mlp_cuda = _WgradModule
-    layers._grad_accum_fusion_available = True
+    from .patches import replace
 
-    def restore():
-        layers.fused_weight_gradient_mlp_cuda, layers._grad_accum_fusion_available = saved
-
-    return restore
+    return replace(layers.__name__, {"fused_weight_gradient_mlp_cuda": _WgradModule,
+                                     "_grad_accum_fusion_available": True})
 
 
 def _foreach_l2norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
@@ -435,17 +428,15 @@ def install_foreach_grad_ops() -> Callable[[], None]:
 
     if getattr(clip_grads, "l2_norm_impl", None).__module__ not in ("megatron.core.utils", __name__):
         return lambda: None  # Apex or TE kernels are present: keep them
-    saved = (clip_grads.multi_tensor_applier, clip_grads.l2_norm_impl, clip_grads.multi_tensor_scale_impl,
-             optimizer.multi_tensor_applier, optimizer.multi_tensor_scale_impl)
-    clip_grads.multi_tensor_applier = _applier
-    clip_grads.l2_norm_impl = _foreach_l2norm
-    clip_grads.multi_tensor_scale_impl = _foreach_scale
-    optimizer.multi_tensor_applier = _applier
-    optimizer.multi_tensor_scale_impl = _foreach_scale
+    from .patches import replace
+
+    undo = [replace(clip_grads.__name__, {"multi_tensor_applier": _applier, "l2_norm_impl": _foreach_l2norm,
+                                          "multi_tensor_scale_impl": _foreach_scale}),
+            replace(optimizer.__name__, {"multi_tensor_applier": _applier, "multi_tensor_scale_impl": _foreach_scale})]
 
     def restore():
-        (clip_grads.multi_tensor_applier, clip_grads.l2_norm_impl, clip_grads.multi_tensor_scale_impl,
-         optimizer.multi_tensor_applier, optimizer.multi_tensor_scale_impl) = saved
+        for u in reversed(undo):
+            u()
 
     return restore
 

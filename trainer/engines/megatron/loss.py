@@ -7,7 +7,7 @@ for the hidden states and the output weight; only those gradients are kept for t
 scales them by the incoming (scalar) gradient. No GEMM is recomputed.
 
 The output is the weighted sum of per-token losses (weights = the loss mask), a scalar; the caller divides by
-the token count (megatron's `calculate_per_token_loss` does it over the whole step). Vocabulary parallelism works
+the token count (`LossScaling` below). Vocabulary parallelism works
 as in `vocab_parallel_cross_entropy`: max, sum of exponentials and the target logit are all-reduced over the
 tensor-parallel group; the hidden-state gradient is a partial sum over this rank's vocabulary shard, which the
 surrounding region op (copy-to-TP or sequence-parallel gather) reduces in its backward.
@@ -23,6 +23,7 @@ raises if it ever differed from the assumed one.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -241,3 +242,74 @@ def loss_sum_from_output(output: torch.Tensor, loss_mask: torch.Tensor) -> torch
         return output
     return (output.float() * loss_mask.float()).sum()
 
+
+# ------------------------------------------------------------------------------------------------ normalisation
+# The step's loss as the CPU engine defines it. "mean" (pretraining): the average over all micro-batches of the
+# global batch of each micro-batch's token-mean. "per_token" (SFT): the sum over all loss tokens of the global batch
+# divided by their number. Both are expressed through megatron's own normalisation (with calculate_per_token_loss off
+# the schedule divides each micro-batch's loss by the token count it is given and by the number of micro-batches, and
+# DDP by the data-parallel size), so the MoE load-balancing loss keeps megatron's scaling, which is the CPU engine's:
+# coefficient x aux / number of micro-batches.
+
+@dataclass(frozen=True)
+class LossScaling:
+    """How one micro-batch's masked loss sum enters megatron's schedule so the step matches the CPU engine."""
+
+    mode: str  # "mean" | "per_token" | "eval"
+    num_micro_global: int  # micro-batches of the global batch (all data-parallel ranks)
+    global_tokens: int  # loss tokens of the global batch
+    context_parallel: int = 1
+
+    def contribution(self, loss_sum: torch.Tensor, micro_tokens: int) -> tuple[torch.Tensor, int]:
+        """(value, token count) returned to megatron for one micro-batch.
+
+        Megatron (calculate_per_token_loss off) divides the value by max(token count, 1) and by the local number of
+        micro-batches, and DDP divides gradients by data-parallel x context-parallel size; the values here undo
+        what does not belong to the wanted loss. `micro_tokens` is the whole micro-batch's count (before a
+        context-parallel split); `loss_sum` is this rank's part.
+        """
+        factor, count = self.factor(micro_tokens)
+        return loss_sum * factor, count
+
+    def factor(self, micro_tokens: int) -> tuple[float, int]:
+        """(multiplier of the loss sum, token count megatron divides by) of `contribution`."""
+        cp = self.context_parallel
+        if self.mode == "per_token":
+            return cp * self.num_micro_global / max(self.global_tokens, 1), 1
+        return float(cp), micro_tokens
+
+    def output_grad(self, micro_tokens: int, local_micro: int) -> float:
+        """The gradient megatron's schedule brings to a micro-batch's loss sum in bf16: the factor, divided as the
+        schedule divides (by max(count, 1) and by the local number of micro-batches)."""
+        factor, count = self.factor(micro_tokens)
+        return factor / max(count, 1) / local_micro
+
+    def report(self, loss_sum: torch.Tensor, local_tokens: torch.Tensor, micro_tokens: int) -> torch.Tensor:
+        """[numerator, denominator] summed over micro-batches and ranks; their ratio is the step's loss."""
+        if self.mode == "mean":
+            return torch.stack([loss_sum.detach().float() / max(micro_tokens, 1),
+                                torch.full_like(loss_sum, 1.0 / self.context_parallel, dtype=torch.float32)])
+        return torch.stack([loss_sum.detach().float(), local_tokens.float()])
+
+
+# Names megatron's router tracks the unweighted load-balancing loss under, per moe_router_load_balancing_type.
+AUX_LOSS_NAMES = ("load_balancing_loss", "seq_load_balancing_loss", "global_load_balancing_loss")
+
+
+def load_balancing_loss(local_micro: int, num_layers: int) -> float:
+    """Collective: the unweighted load-balancing loss of the last step, averaged over MoE layers, micro-batches and
+    data-parallel ranks (as Megatron-LM logs it), from megatron's tracker, which is then cleared."""
+    from megatron.core.transformer.moe.moe_utils import (
+        clear_aux_losses_tracker,
+        get_moe_layer_wise_logging_tracker,
+        reduce_aux_losses_tracker_across_ranks,
+    )
+
+    tracker = get_moe_layer_wise_logging_tracker()
+    names = [n for n in AUX_LOSS_NAMES if n in tracker]
+    if not names:
+        return 0.0
+    reduce_aux_losses_tracker_across_ranks(names)
+    total = sum(float(tracker[n]["values"].sum()) for n in names)
+    clear_aux_losses_tracker()
+    return total / max(local_micro, 1) / max(num_layers, 1)

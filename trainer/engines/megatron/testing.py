@@ -87,3 +87,20 @@ def hf_loss(model, micro_batches, device) -> float:
             total += float(loss)
             count += int((t >= 0).sum())
     return total / max(count, 1)
+
+
+def built_engine(spec, options=None, log=None):
+    """A MegatronEngine built as `trainer run` builds it (the process group joined first, then build(ctx)), for
+    GPU tests and benchmarks that drive steps themselves."""
+    from trainer.distenv import init_process_group, read_env
+    from trainer.engines.base import EngineContext
+    from trainer.spec.resolve import init_method_std, resolve_architecture
+
+    from .engine import MegatronEngine
+
+    env = read_env()
+    engine = MegatronEngine(spec, options, env=env)
+    init_process_group(env, "nccl")
+    engine.build(EngineContext(spec, resolve_architecture(spec), env, init_method_std(spec), spec.training.seed,
+                               log or (lambda _m: None)))
+    return engine

@@ -156,8 +156,7 @@ def install_swiglu() -> Callable[[], None]:
     from megatron.core.transformer import mlp
     from megatron.core.transformer.moe import shared_experts
 
-    modules = (mlp, shared_experts)
-    saved = [m.bias_swiglu_impl for m in modules]
+    from .patches import replace
 
     def make(original):
         def bias_swiglu_impl(input, bias, fp8_input_store=False, cpu_offload_input=False):
@@ -167,12 +166,11 @@ def install_swiglu() -> Callable[[], None]:
 
         return bias_swiglu_impl
 
-    for m, original in zip(modules, saved):
-        m.bias_swiglu_impl = make(original)
+    undo = [replace(m.__name__, {"bias_swiglu_impl": make(m.bias_swiglu_impl)}) for m in (mlp, shared_experts)]
 
     def restore():
-        for m, original in zip(modules, saved):
-            m.bias_swiglu_impl = original
+        for u in reversed(undo):
+            u()
 
     return restore
 

@@ -1,0 +1,85 @@
+"""Every megatron-core module attribute the engine replaces, in one place, checked against the pinned version.
+
+The engine's faster paths (kernels.py, triton_kernels.py) enter megatron-core by swapping module-level functions
+and objects it looks up at call time. Such a swap silently does nothing if an upgrade renames or moves the
+attribute, so each one goes through `replace`, which refuses an attribute the module does not have (unless it is
+listed as one megatron-core binds only on some installs), and `version_note` says when the installed megatron-core
+is not the version these patches were checked against.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+# The megatron-core these patches were written and tested against (pyproject.toml pins it).
+PINNED_MEGATRON_CORE = "0.16.1"
+
+# (module, attribute) -> why the engine replaces it
+PATCHED = {
+    ("megatron.core.transformer.moe.grouped_gemm_util", "grouped_gemm"):
+        "legacy GroupedMLP on torch's grouped GEMM (torch._grouped_mm) instead of the grouped_gemm package",
+    ("megatron.core.transformer.moe.grouped_gemm_util", "ops"): "as above, the ops namespace GroupedMLP calls",
+    ("megatron.core.tensor_parallel.layers", "fused_weight_gradient_mlp_cuda"):
+        "weight-gradient accumulation into fp32 main_grad without Apex (addmm with out_dtype=float32)",
+    ("megatron.core.tensor_parallel.layers", "_grad_accum_fusion_available"): "as above: megatron checks this flag",
+    ("megatron.core.optimizer.clip_grads", "multi_tensor_applier"):
+        "gradient norm and clipping with torch foreach ops: megatron's Apex-less fallback syncs once per tensor",
+    ("megatron.core.optimizer.clip_grads", "l2_norm_impl"): "as above",
+    ("megatron.core.optimizer.clip_grads", "multi_tensor_scale_impl"): "as above",
+    ("megatron.core.optimizer.optimizer", "multi_tensor_applier"): "as above, the optimizer's gradient scaling",
+    ("megatron.core.optimizer.optimizer", "multi_tensor_scale_impl"): "as above",
+    ("megatron.core.transformer.mlp", "bias_swiglu_impl"): "Triton SwiGLU for the dense MLP (no bias, no fp8)",
+    ("megatron.core.transformer.moe.shared_experts", "bias_swiglu_impl"): "Triton SwiGLU for the shared expert",
+    ("megatron.core.transformer.moe.moe_utils", "te_general_gemm"):
+        "bound to None without Transformer Engine: the router GEMM refers to it even when TE is absent",
+}
+# attributes megatron-core binds only when an optional package imports (absent here is expected)
+OPTIONAL = {("megatron.core.transformer.moe.moe_utils", "te_general_gemm"),
+            ("megatron.core.tensor_parallel.layers", "fused_weight_gradient_mlp_cuda")}
+
+
+class PatchError(RuntimeError):
+    pass
+
+
+def replace(module_name: str, values: dict[str, Any]) -> Callable[[], None]:
+    """Set `values` on the module and return the function that puts the originals back."""
+    module = importlib.import_module(module_name)
+    missing = object()
+    saved = {}
+    for name in values:
+        if (module_name, name) not in PATCHED:
+            raise PatchError(f"{module_name}.{name} is not a registered megatron-core patch")
+        if not hasattr(module, name) and (module_name, name) not in OPTIONAL:
+            raise PatchError(f"{module_name}.{name} does not exist in megatron-core {installed_version()} "
+                             f"(patches checked against {PINNED_MEGATRON_CORE})")
+        saved[name] = getattr(module, name, missing)
+    for name, value in values.items():
+        setattr(module, name, value)
+
+    def restore() -> None:
+        for name, value in saved.items():
+            if value is missing:
+                delattr(module, name)
+            else:
+                setattr(module, name, value)
+
+    return restore
+
+
+def installed_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("megatron-core")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def version_note() -> str | None:
+    """A line for the engine's notes when megatron-core is not the version the patches were checked against."""
+    have = installed_version()
+    if have == PINNED_MEGATRON_CORE:
+        return None
+    return f"megatron-core {have} installed, the engine's patches were checked against {PINNED_MEGATRON_CORE}"
