@@ -8,6 +8,7 @@ from typing import Callable
 from trainer.distenv import DistEnv
 from trainer.errors import UserError
 from trainer.spec import JobSpec, resolve_architecture
+from trainer.spec.layout import megatron_layout
 from trainer.spec.resolve import checkpoint_formats
 
 
@@ -25,30 +26,19 @@ def run_stage(spec: JobSpec, d: DistEnv, log: Callable[[str], None]) -> int:
     raise UserError(f"unknown stage {spec.stage!r}", path="stage")
 
 
-def _virtual_chunks(spec: JobSpec, arch) -> int:
-    """The spec counts layers per virtual stage; the converter counts model chunks per pipeline stage."""
-    v = spec.parallelism.virtual_pipeline_layers
-    return 1 if v is None else arch.num_layers // spec.parallelism.pipeline // v
-
-
 def run_conversion(spec: JobSpec, d: DistEnv, log: Callable[[str], None]) -> int:
     """convert (HF -> Megatron) and export (Megatron -> HF) through trainer.convert, on rank 0 only."""
     if not d.is_main:
         return 0
-    from trainer.convert import ConversionError, ParallelLayout, convert
+    from trainer.convert import ConversionError, convert
 
     src_fmt, out_fmt = checkpoint_formats(spec)
     source, target = Path(spec.checkpoint.source.path), Path(spec.checkpoint.output.path)
-    p = spec.parallelism
     kwargs = {}
     if spec.stage == "convert":
         arch = resolve_architecture(spec)
-        kwargs = dict(layout=ParallelLayout(tp=p.tensor, pp=p.pipeline, ep=p.expert, etp=p.expert_tensor,
-                                            vpp=_virtual_chunks(spec, arch)),
-                      padded_vocab_size=arch.vocab_size, transformer_engine_keys=spec.training.transformer_engine)
+        kwargs = megatron_layout(spec)
         moe = spec.model.moe
-        if arch.moe is not None and moe is not None:
-            kwargs["expert_layout"] = "grouped" if moe.grouped_gemm and spec.training.transformer_engine else "sequential"
         if moe is not None and moe.upcycling.enabled:
             from trainer.convert import UpcycleSpec
 

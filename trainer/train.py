@@ -21,6 +21,7 @@ from trainer.data.prefetch import StepPrefetcher
 from trainer.data.tokenizer import has_tokenizer
 from trainer.distenv import DistEnv, init_process_group
 from trainer.engines import EngineContext, select_engine
+from trainer.spec.layout import megatron_layout
 from trainer.errors import UserError, UserErrors
 from trainer.metrics import Metrics
 from trainer.schedule import plan as plan_steps
@@ -194,7 +195,7 @@ def run_training(spec: JobSpec, d: DistEnv, log: Callable[[str], None]) -> int:
         status.report(force=True, engine=engine.name, notes=list(engine.notes) or None)
     loss_mode = "mean" if spec.stage == "pretrain" else "per_token"
     sched = plan.schedule
-    save_kwargs = dict(fmt=out_fmt, layout=(spec.parallelism.tensor, spec.parallelism.pipeline, spec.parallelism.expert),
+    save_kwargs = dict(fmt=out_fmt, layout=megatron_layout(spec),
                        fingerprint=fingerprint, keep_last=t.keep_last_n, save_optimizer=spec.checkpoint.save_optimizer,
                        rank=d.rank, world=d.world_size, log=say)
     last_saved = state.iteration if latest is not None else None

@@ -61,7 +61,7 @@ def main() -> int:
     for it in range(1, iterations + 1):
         engine.value = it * 10 + env.rank
         state = store.TrainState(iteration=it, consumed_samples=it * 4)
-        store.save(root, state, engine, fmt="mcore", layout=(1, 1, 1), scheduler={}, fingerprint={}, keep_last=None,
+        store.save(root, state, engine, fmt="mcore", layout={}, scheduler={}, fingerprint={}, keep_last=None,
                    save_optimizer=True, rank=env.rank, world=env.world_size, log=print)
     dist.destroy_process_group()
     return 0

@@ -115,7 +115,7 @@ def write_model_description(root: Path, config, tokenizer_dir: Optional[str]) ->
     fsync_dir(root)
 
 
-def save(root: Path, state: TrainState, engine, *, fmt: str, layout: tuple[int, int, int], scheduler: dict,
+def save(root: Path, state: TrainState, engine, *, fmt: str, layout: dict, scheduler: dict,
          fingerprint: dict, keep_last: Optional[int], save_optimizer: bool, rank: int, world: int,
          log: Callable[[str], None], sharded: Optional[bool] = None, async_saves=None,
          on_saved: Optional[Callable[[Path], None]] = None) -> Optional[Path]:
@@ -172,10 +172,9 @@ def save(root: Path, state: TrainState, engine, *, fmt: str, layout: tuple[int, 
         if prepare is not None:
             prepare(save_optimizer)
         if rank == 0:
-            tp, pp, ep = layout
             with atomic_directory(target, overwrite=True) as tmp:
-                weights.write_megatron(tmp, engine.checkpoint_weights(), engine.hf_config(), fmt, tp=tp, pp=pp,
-                                       ep=ep, scratch_parent=root)
+                weights.write_megatron(tmp, engine.checkpoint_weights(), engine.hf_config(), fmt, layout=layout,
+                                       scratch_parent=root)
                 optimizer = engine.optimizer_state_dict() if save_optimizer else None
                 _write_payload(tmp, _payload(state, engine, scheduler, fingerprint, rngs, fmt, optimizer))
                 faults.hit("save_before_rename", state.iteration, rank)

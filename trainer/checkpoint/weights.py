@@ -58,10 +58,11 @@ def _convert_in_child(source: Path, source_format: str, target: Path, target_for
         raise RuntimeError(f"conversion {source_format} -> {target_format} failed: {done.stderr.strip()[-2000:]}")
 
 
-def write_megatron(iter_tmp: Path, state_dict: dict[str, torch.Tensor], config, fmt: str, *, tp: int = 1,
-                   pp: int = 1, ep: int = 1, scratch_parent: Path) -> None:
-    """Fill `iter_tmp` (an iteration folder being written) with the weights in format `fmt`."""
-    from trainer.convert import ParallelLayout, convert
+def write_megatron(iter_tmp: Path, state_dict: dict[str, torch.Tensor], config, fmt: str, *, layout: dict,
+                   scratch_parent: Path) -> None:
+    """Fill `iter_tmp` (an iteration folder being written) with the weights in format `fmt`, in the layout the
+    convert step writes for the same spec (`layout`: trainer.spec.layout.megatron_layout)."""
+    from trainer.convert import convert
 
     scratch = scratch_parent / f".scratch-{uuid.uuid4().hex[:8]}"
     try:
@@ -70,7 +71,7 @@ def write_megatron(iter_tmp: Path, state_dict: dict[str, torch.Tensor], config, 
         if fmt == "torch_dist":
             _convert_in_child(hf_dir, "hf", mg_dir, fmt, [])
         else:
-            convert(hf_dir, "hf", mg_dir, fmt, layout=ParallelLayout(tp=tp, pp=pp, ep=ep), progress=False)
+            convert(hf_dir, "hf", mg_dir, fmt, progress=False, **layout)
         release = mg_dir / RELEASE
         for child in sorted(release.iterdir()):
             os.replace(child, iter_tmp / child.name)
