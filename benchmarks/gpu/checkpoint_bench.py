@@ -8,7 +8,12 @@ Each (case, path) runs in a fresh torchrun process group. The worker builds the 
 
     save     store.save(..., sharded=...) from its first collective until the checkpoint is committed
     blocked  the time the training loop waits: the whole save, or with `sharded-async` (checkpoint.asyncSave) only
-             until the shards are copied off the GPU and the background writers started
+             until the shards are copied off the GPU and the background writers started; training steps then run
+             while the writers write (their mean time beside the time of a step alone)
+
+Every run saves twice with a training step between: the first save pays one-off costs (pinned host buffers, the
+planning), the figures are the second's, as every later checkpoint of a run; `first_*` keep the first. A path
+`sharded@N` runs with N writer processes per rank (QWEN_CHECKPOINT_WRITERS).
     disk     the same number of bytes written by one plain writer with an fsync at the end, on the same disk,
              after the checkpoint is removed (the ceiling a save is measured against)
     load     store.load + the optimizer state as the loop restores it, and then the first training step
@@ -112,6 +117,7 @@ def worker(case: str, path: str, root: Path, out: Path) -> int:
     from trainer.engines.megatron import create_engine
     from trainer.engines.megatron.testing import job_spec, random_micro_batches
     from trainer.spec import resolve_architecture
+    from trainer.spec.layout import megatron_layout
     from trainer.spec.resolve import init_method_std
 
     family, size, arch_over, _ = CASES[case]
@@ -126,36 +132,59 @@ def worker(case: str, path: str, root: Path, out: Path) -> int:
     engine.build(EngineContext(spec, arch, env, init_method_std(spec), 1234, quiet))
     micro = random_micro_batches(spec.training.global_batch_size // engine.data_parallel_size, 1, 4096,
                                  arch.vocab_size, seed=env.rank)
-    engine.train_step(micro, 1e-5, "mean")
-    torch.cuda.synchronize()
+    def timed_steps(n: int, during=None) -> float:
+        """Mean seconds of `n` training steps (calling `during` after each, as the loop polls its saves)."""
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            engine.train_step(micro, 1e-5, "mean")
+            if during is not None:
+                during()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / max(n, 1)
+
+    step_alone_s = timed_steps(3)  # Adam's state exists from here on
 
     target = root / f"{case}-{path}"
     if env.rank == 0:
         shutil.rmtree(target, ignore_errors=True)
         store.write_model_description(target, engine.hf_config(), None)  # as the loop does before its first save
     dist.barrier()
-    state = store.TrainState(iteration=1, consumed_samples=spec.training.global_batch_size)
-    p = spec.parallelism
-    kwargs = dict(fmt="mcore", layout=(p.tensor, p.pipeline, p.expert), scheduler={}, fingerprint={}, keep_last=None,
+    kwargs = dict(fmt="mcore", layout=megatron_layout(spec), scheduler={}, fingerprint={}, keep_last=None,
                   save_optimizer=True, rank=env.rank, world=env.world_size, log=quiet)
     async_saves = None
-    if path == "sharded-async":
+    if path.startswith("sharded-async"):
         from trainer.checkpoint.sharded import AsyncSaves
 
         async_saves = AsyncSaves()
-    with PeakRss() as save_mem:
-        t0 = time.perf_counter()
-        store.save(target, state, engine, sharded=path.startswith("sharded"), async_saves=async_saves, **kwargs)
-        blocked_s = time.perf_counter() - t0
-        if async_saves is not None:  # training steps would run here; the loop polls, the end waits
-            async_saves.wait()
-        save_s = time.perf_counter() - t0
-    nbytes = folder_bytes(target / "iter_0000001")
+    # Two saves with training between them: the first pays one-off costs (the pinned host buffers the GPU copy
+    # lands in, the writers' start), the second is what every later checkpoint of a run costs.
+    saves = []
+    for iteration in (1, 2):
+        state = store.TrainState(iteration=iteration, consumed_samples=iteration * spec.training.global_batch_size)
+        with PeakRss() as save_mem:
+            t0 = time.perf_counter()
+            store.save(target, state, engine, sharded=path.startswith("sharded"), async_saves=async_saves, **kwargs)
+            blocked_s = time.perf_counter() - t0
+            steps_during, step_during_s = 0, None
+            if async_saves is not None:  # training goes on while the writers write; the loop polls every step
+                while async_saves.pending and steps_during < 50:
+                    step_during_s = timed_steps(1, during=async_saves.poll)
+                    steps_during += 1
+                async_saves.wait()
+            save_s = time.perf_counter() - t0
+        saves.append(dict(save_s=save_s, blocked_s=blocked_s, rss=save_mem.above_start, steps_during=steps_during,
+                          step_during_s=step_during_s))
+        if iteration == 1:
+            timed_steps(1)
+    save_s, blocked_s = saves[1]["save_s"], saves[1]["blocked_s"]
+    save_peak = max(s["rss"] for s in saves)  # the larger of the two saves' peaks
+    nbytes = folder_bytes(target / "iter_0000002")
     dist.barrier()
 
     with PeakRss() as load_mem:
         t0 = time.perf_counter()
-        loaded = store.load(target, 1, engine, fmt="mcore", rank=env.rank, load_optimizer=True, log=quiet)
+        loaded = store.load(target, 2, engine, fmt="mcore", rank=env.rank, load_optimizer=True, log=quiet)
         if loaded.optimizer is not None:
             engine.load_optimizer_state_dict(loaded.optimizer)
         torch.cuda.synchronize()
@@ -170,13 +199,17 @@ def worker(case: str, path: str, root: Path, out: Path) -> int:
     if env.rank == 0:  # after the checkpoint is gone, so the disk holds one copy of the bytes at a time
         shutil.rmtree(target / "iter_0000001")
         rate = disk_write_rate(target, nbytes)
-    mem = torch.tensor([save_mem.above_start, load_mem.above_start], dtype=torch.float64, device="cuda")
+    mem = torch.tensor([save_peak, load_mem.above_start], dtype=torch.float64, device="cuda")
     everyone = [torch.zeros_like(mem) for _ in range(env.world_size)]
     dist.all_gather(everyone, mem)
     if env.rank == 0:
-        params = sum(x.numel() for m in engine.core.unwrapped() for x in m.parameters())
+        params = sum(x.numel() for m in engine.unwrapped() for x in m.parameters())
         row = {"case": case, "path": path, "gpus": env.world_size, "device": torch.cuda.get_device_name(),
                "bytes": nbytes, "save_s": save_s, "blocked_s": blocked_s, "disk_rate": rate,
+               "first_save_s": saves[0]["save_s"], "first_blocked_s": saves[0]["blocked_s"],
+               "step_alone_s": step_alone_s, "steps_during_write": saves[1]["steps_during"],
+               "step_during_write_s": saves[1]["step_during_s"],
+               "writers": int(os.environ.get("QWEN_CHECKPOINT_WRITERS", "0")) or None,
                "save_rate": nbytes / save_s, "save_fraction_of_disk": nbytes / save_s / rate,
                "load_s": load_s, "first_step_s": first_step_s, "loss_after_load": step.loss,
                "save_peak_rss_per_rank": [float(m[0]) for m in everyone],
@@ -208,9 +241,8 @@ def report(rows: list[dict]) -> str:
         by_case.setdefault(r["case"], {})[r["path"]] = r
     for case, paths in by_case.items():
         g = paths.get("gathered")
-        for name in ("sharded", "sharded-async"):
-            s = paths.get(name)
-            if s is None or g is None:
+        for name, s in paths.items():
+            if not name.startswith("sharded") or g is None:
                 continue
             lines.append(f"{case}, {name} against gathered: save {g['save_s'] / s['save_s']:.1f}x faster, training "
                          f"blocked {g['blocked_s'] / s['blocked_s']:.1f}x shorter, load {g['load_s'] / s['load_s']:.1f}x "
@@ -240,8 +272,10 @@ def main(argv=None) -> int:
             cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={gpus}",
                    "--master-port=29533", __file__, "--worker", case, path, "--out", str(args.out),
                    "--root", str(args.root)]
+            writers = path.partition("@")[2]  # sharded@8: eight writer processes per rank
+            env = dict(os.environ, **({"QWEN_CHECKPOINT_WRITERS": writers} if writers else {}))
             t0 = time.time()
-            done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+            done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
             status = "ok" if done.returncode == 0 else f"failed rc={done.returncode}"
             print(f"{case} {path}: {status} ({time.time() - t0:.0f}s)", flush=True)
             if done.returncode != 0:

@@ -15,6 +15,7 @@ is renamed into place only after all ranks finished.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -31,6 +32,11 @@ SHARDED_STATE_METADATA = {
     "singleton_local_shards": False,
     "chained_optim_avoid_prefix": True,
 }
+# Writer processes per rank (DCP's thread_count: each writes its own file). Megatron-LM's default is 2; one H100 node's
+# disk took more: see docs/checkpoints.md. An operator can set it per cluster.
+WRITERS_ENV = "QWEN_CHECKPOINT_WRITERS"
+DEFAULT_WRITERS = 2
+
 # layout fields whose change the distributed optimizer's saved state cannot follow
 MODEL_PARALLEL_FIELDS = ("tensor", "pipeline", "context", "expert", "virtual_pipeline")
 
@@ -58,7 +64,8 @@ def save(sharded_state_dict: dict, folder: Path, async_save: bool = False):
     from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
-    strategy = TorchDistSaveShardedStrategy("torch_dist", 1)
+    writers = int(os.environ.get(WRITERS_ENV) or DEFAULT_WRITERS)
+    strategy = TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=max(writers, 1))
     group = _data_parallel_group()
     if group is not None:
         strategy = FullyParallelSaveStrategyWrapper(strategy, group, do_cache_distribution=False)
