@@ -118,3 +118,43 @@ def test_model_loaded_by_the_engine_has_the_converters_state_dict(case, megatron
     assert sorted(mine) == sorted(theirs)
     for k, v in theirs.items():
         assert torch.equal(mine[k], v), k
+
+
+def _flat(nested: dict, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Megatron-LM's nested model dict (language_model -> encoder -> ...) with dotted names."""
+    out = {}
+    for k, v in nested.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        elif isinstance(v, torch.Tensor):
+            out[prefix + k] = v
+    return out
+
+
+def test_megablocks_backend_experts_are_the_converters_megablocks_checkpoint(tmp_path):
+    """The megablocks backend's layers are megatron-core layers whose MLP is MegaBlocks' dMoE
+    (`decoder.layers.L.mlp.moe...`): its experts on each expert-parallel rank are the converter's MegaBlocks
+    checkpoint's (`language_model.encoder.layers.L.mlp.moe...`), and they gather back to the HF weights."""
+    from trainer.engines.megatron.weights import hf_from_shards
+
+    arch = _arch("qwen3-moe")
+    _, weights = hf_reference(arch, seed=1)
+    write_hf_folder(tmp_path / "hf", weights, hf_config(arch))
+    ep = 2
+    convert(tmp_path / "hf", "hf", tmp_path / "mb", "megablocks", layout=ParallelLayout(ep=ep), progress=False)
+    release = tmp_path / "mb" / "release"
+    legacy, engine_prefix = "language_model.encoder.layers.", "decoder.layers."
+    experts = {}
+    for e in range(ep):
+        saved = torch.load(release / rank_dir_name(0, 0, e, pp_size=1, ep_size=ep, order="ep_pp") / RANK_FILE,
+                           weights_only=False)["model"]
+        theirs = {k.replace(legacy, engine_prefix): v for k, v in _flat(saved).items() if ".mlp.moe." in k}
+        assert any(k.endswith("mlp.moe.experts.mlp.w1") for k in theirs)
+        mine = megatron_state_dict(weights, arch, list(theirs), ep_rank=e, ep_size=ep)
+        for k, v in theirs.items():
+            assert torch.equal(mine[k], v), (e, k)
+        experts[e] = {k: v for k, v in mine.items() if ".experts." in k}
+    dense = {k: v for k, v in megatron_state_dict(weights, arch, list(theirs)).items() if ".experts." not in k}
+    back = hf_from_shards({0: dense}, experts, arch)
+    for name, t in back.items():
+        assert torch.equal(t, weights[name]), name

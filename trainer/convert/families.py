@@ -6,6 +6,7 @@ Naming schemes (a format picks an ordered list of them; the first scheme a rule 
     grouped     Megatron-Core grouped-GEMM experts (`experts.linear_fc1.weight{i}`)
     legacy      Megatron-LM legacy model (`language_model.encoder...`)
     megablocks  MegaBlocks dMoE inside the legacy model (`mlp.moe.experts.mlp.w1/v1/w2`)
+    megablocks_mcore  MegaBlocks dMoE as the MLP of a Megatron-Core layer: the megatron engine's megablocks backend
     gmm         Megatron-Core's legacy GroupedMLP (`experts.weight1/weight2`): the megatron engine's grouped-GEMM
                 experts in memory; no checkpoint format uses it
 
@@ -74,17 +75,19 @@ MOE_MLP = [
          {"mcore": M + "pre_mlp_layernorm.weight", "legacy": L + "post_attention_norm.weight"}),
     Rule((H + "mlp.gate.weight",),
          {"mcore": M + "mlp.router.weight", "legacy": L + "mlp.router.weight",
-          "megablocks": L + "mlp.moe.router.layer.weight"}),
+          "megablocks": L + "mlp.moe.router.layer.weight", "megablocks_mcore": M + "mlp.moe.router.layer.weight"}),
     # Megatron fuses gate and up into linear_fc1 ...
     Rule((HX + "gate_proj.weight", HX + "up_proj.weight"),
          {"mcore": M + "mlp.experts.local_experts.{expert}.linear_fc1.weight",
           "grouped": M + "mlp.experts.linear_fc1.weight{expert}",
-          "legacy": L + "mlp.local_experts.{expert}.dense_h_to_4h.weight", "megablocks": None, "gmm": None},
+          "legacy": L + "mlp.local_experts.{expert}.dense_h_to_4h.weight", "megablocks": None, "gmm": None,
+          "megablocks_mcore": None},
          kind="gate_up", scope="expert", linear=True),
     Rule((HX + "down_proj.weight",),
          {"mcore": M + "mlp.experts.local_experts.{expert}.linear_fc2.weight",
           "grouped": M + "mlp.experts.linear_fc2.weight{expert}",
-          "legacy": L + "mlp.local_experts.{expert}.dense_4h_to_h.weight", "megablocks": None, "gmm": None},
+          "legacy": L + "mlp.local_experts.{expert}.dense_4h_to_h.weight", "megablocks": None, "gmm": None,
+          "megablocks_mcore": None},
          kind="row", scope="expert", linear=True),
     # ... and megatron-core's legacy GroupedMLP stacks every local expert's transposed weights in one tensor ...
     Rule((HX + "gate_proj.weight", HX + "up_proj.weight"),
@@ -94,11 +97,14 @@ MOE_MLP = [
          kind="row_t", scope="expert"),
     # ... while MegaBlocks keeps them apart, all local experts stacked on dim 0 (no {expert} in the name).
     # Its GLU computes act(x w1^T) * (x v1^T), so w1 holds gate and v1 holds up; w2 is down_proj transposed.
-    Rule((HX + "gate_proj.weight",), {"megablocks": L + "mlp.moe.experts.mlp.w1", "mcore": None, "legacy": None},
+    Rule((HX + "gate_proj.weight",), {"megablocks": L + "mlp.moe.experts.mlp.w1",
+                                     "megablocks_mcore": M + "mlp.moe.experts.mlp.w1", "mcore": None, "legacy": None},
          kind="replicated", scope="expert"),
-    Rule((HX + "up_proj.weight",), {"megablocks": L + "mlp.moe.experts.mlp.v1", "mcore": None, "legacy": None},
+    Rule((HX + "up_proj.weight",), {"megablocks": L + "mlp.moe.experts.mlp.v1",
+                                     "megablocks_mcore": M + "mlp.moe.experts.mlp.v1", "mcore": None, "legacy": None},
          kind="replicated", scope="expert"),
-    Rule((HX + "down_proj.weight",), {"megablocks": L + "mlp.moe.experts.mlp.w2", "mcore": None, "legacy": None},
+    Rule((HX + "down_proj.weight",), {"megablocks": L + "mlp.moe.experts.mlp.w2",
+                                     "megablocks_mcore": M + "mlp.moe.experts.mlp.w2", "mcore": None, "legacy": None},
          kind="transposed", scope="expert"),
 ]
 
@@ -106,15 +112,15 @@ MOE_MLP = [
 SHARED_EXPERT = [
     Rule((H + "mlp.shared_expert.gate_proj.weight", H + "mlp.shared_expert.up_proj.weight"),
          {"mcore": M + "mlp.shared_experts.linear_fc1.weight", "legacy": L + "mlp.shared_expert.dense_h_to_4h.weight",
-          "megablocks": UNSUPPORTED},
+          "megablocks": UNSUPPORTED, "megablocks_mcore": UNSUPPORTED},
          kind="gate_up", when="shared_expert", linear=True),
     Rule((H + "mlp.shared_expert.down_proj.weight",),
          {"mcore": M + "mlp.shared_experts.linear_fc2.weight", "legacy": L + "mlp.shared_expert.dense_4h_to_h.weight",
-          "megablocks": UNSUPPORTED},
+          "megablocks": UNSUPPORTED, "megablocks_mcore": UNSUPPORTED},
          kind="row", when="shared_expert", linear=True),
     Rule((H + "mlp.shared_expert_gate.weight",),
          {"mcore": M + "mlp.shared_experts.gate_weight", "legacy": L + "mlp.shared_expert_gate.weight",
-          "megablocks": UNSUPPORTED},
+          "megablocks": UNSUPPORTED, "megablocks_mcore": UNSUPPORTED},
          when="shared_expert"),
 ]
 

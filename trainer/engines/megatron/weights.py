@@ -4,7 +4,7 @@ cannot disagree on a layout.
 
 The naming scheme comes from the model's own keys as the converter reads it from a checkpoint's: `te` (norms fused
 into linear_qkv / linear_fc1), `grouped` (TE grouped-GEMM experts), `gmm` (megatron's legacy GroupedMLP, the
-engine's grouped-GEMM experts), else `mcore` (SequentialMLP). Layers are numbered globally here: a pipeline chunk's
+engine's grouped-GEMM experts), `megablocks_mcore` (the megablocks backend's dMoE MLP), else `mcore` (SequentialMLP). Layers are numbered globally here: a pipeline chunk's
 local numbers plus its offset, which also covers uneven and virtual pipeline splits. Experts are numbered locally to
 their expert-parallel rank and are whole on it (the engine trains with expertTensor 1).
 """
@@ -46,6 +46,7 @@ class _Mapping:
         self.spec = model_spec(arch)
         te, grouped = mcore_traits(keys)
         schemes = (("gmm",) if any(k.endswith(".experts.weight1") for k in keys) else ()) + \
+            (("megablocks_mcore",) if any(k.endswith(".mlp.moe.experts.mlp.w1") for k in keys) else ()) + \
             FORMATS["mcore"].resolve_schemes(te, grouped)
         # one pipeline stage: every layer keeps its global number
         self.place = Placement(self.spec, ParallelLayout(tp=tp, ep=ep), 1, schemes, None)
@@ -91,8 +92,8 @@ def renumber_layers(state: dict[str, torch.Tensor], offset: int) -> dict[str, to
 
 def is_expert_key(key: str) -> bool:
     """Expert parameters are sharded and reduced over the expert-parallel groups, everything else over tensor and
-    data parallel."""
-    return ".mlp.experts." in key
+    data parallel (megatron-core's experts, and MegaBlocks' under the megablocks backend)."""
+    return ".mlp.experts." in key or ".mlp.moe.experts." in key
 
 
 def megatron_state_dict(hf: dict[str, torch.Tensor], arch: ResolvedArchitecture, target_keys, *, tp_rank: int = 0,
