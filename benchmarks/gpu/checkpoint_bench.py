@@ -107,7 +107,7 @@ def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def worker(case: str, path: str, root: Path, out: Path) -> int:
+def worker(case: str, path: str, root: Path, out: Path, saves_wanted: int = 2) -> int:
     import torch
     import torch.distributed as dist
 
@@ -160,7 +160,7 @@ def worker(case: str, path: str, root: Path, out: Path) -> int:
     # Two saves with training between them: the first pays one-off costs (the pinned host buffers the GPU copy
     # lands in, the writers' start), the second is what every later checkpoint of a run costs.
     saves = []
-    for iteration in (1, 2):
+    for iteration in range(1, saves_wanted + 1):
         state = store.TrainState(iteration=iteration, consumed_samples=iteration * spec.training.global_batch_size)
         with PeakRss() as save_mem:
             t0 = time.perf_counter()
@@ -175,16 +175,17 @@ def worker(case: str, path: str, root: Path, out: Path) -> int:
             save_s = time.perf_counter() - t0
         saves.append(dict(save_s=save_s, blocked_s=blocked_s, rss=save_mem.above_start, steps_during=steps_during,
                           step_during_s=step_during_s))
-        if iteration == 1:
+        if iteration < saves_wanted:
             timed_steps(1)
-    save_s, blocked_s = saves[1]["save_s"], saves[1]["blocked_s"]
+    last = saves[-1]
+    save_s, blocked_s = last["save_s"], last["blocked_s"]
     save_peak = max(s["rss"] for s in saves)  # the larger of the two saves' peaks
-    nbytes = folder_bytes(target / "iter_0000002")
+    nbytes = folder_bytes(target / f"iter_{saves_wanted:07d}")
     dist.barrier()
 
     with PeakRss() as load_mem:
         t0 = time.perf_counter()
-        loaded = store.load(target, 2, engine, fmt="mcore", rank=env.rank, load_optimizer=True, log=quiet)
+        loaded = store.load(target, saves_wanted, engine, fmt="mcore", rank=env.rank, load_optimizer=True, log=quiet)
         if loaded.optimizer is not None:
             engine.load_optimizer_state_dict(loaded.optimizer)
         torch.cuda.synchronize()
@@ -207,8 +208,8 @@ def worker(case: str, path: str, root: Path, out: Path) -> int:
         row = {"case": case, "path": path, "gpus": env.world_size, "device": torch.cuda.get_device_name(),
                "bytes": nbytes, "save_s": save_s, "blocked_s": blocked_s, "disk_rate": rate,
                "first_save_s": saves[0]["save_s"], "first_blocked_s": saves[0]["blocked_s"],
-               "step_alone_s": step_alone_s, "steps_during_write": saves[1]["steps_during"],
-               "step_during_write_s": saves[1]["step_during_s"],
+               "saves": saves_wanted, "step_alone_s": step_alone_s, "steps_during_write": last["steps_during"],
+               "step_during_write_s": last["step_during_s"],
                "writers": int(os.environ.get("QWEN_CHECKPOINT_WRITERS", "0")) or None,
                "save_rate": nbytes / save_s, "save_fraction_of_disk": nbytes / save_s / rate,
                "load_s": load_s, "first_step_s": first_step_s, "loss_after_load": step.loss,
@@ -225,13 +226,17 @@ def worker(case: str, path: str, root: Path, out: Path) -> int:
 
 
 def report(rows: list[dict]) -> str:
-    lines = ["| case | path | GPUs | checkpoint GB | save s | training blocked s | save GB/s | disk GB/s | "
+    lines = ["| case | path | GPUs | checkpoint GB | save s | training blocked s | first save: s, blocked s | "
+             "step s alone, during write | save GB/s | disk GB/s | "
              "save / disk | load s | load / save | peak host GB per rank, save | peak host GB per rank, load |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        during = r.get("step_during_write_s")
         lines.append(
             f"| {r['case']} | {r['path']} | {r['gpus']} | {r['bytes'] / GB:.2f} | {r['save_s']:.2f} | "
-            f"{r['blocked_s']:.2f} | "
+            f"{r['blocked_s']:.2f} | {r.get('first_save_s', r['save_s']):.2f}, "
+            f"{r.get('first_blocked_s', r['blocked_s']):.2f} | {r.get('step_alone_s', 0):.2f}, "
+            f"{'-' if during is None else f'{during:.2f}'} | "
             f"{r['save_rate'] / GB:.2f} | {r['disk_rate'] / GB:.2f} | {r['save_fraction_of_disk']:.0%} | "
             f"{r['load_s']:.2f} | {r['load_s'] / r['save_s']:.2f} | "
             f"{' / '.join(f'{m / GB:.2f}' for m in r['save_peak_rss_per_rank'])} | "
@@ -257,11 +262,12 @@ def main(argv=None) -> int:
     ap.add_argument("--paths", default="sharded,sharded-async,gathered")
     ap.add_argument("--out", type=Path, default=Path("out/checkpoint-bench"))
     ap.add_argument("--root", type=Path, default=Path("/tmp/qwen-checkpoint-bench"))
+    ap.add_argument("--saves", type=int, default=2, help="saves per run; the figures are the last one's")
     ap.add_argument("--worker", nargs=2, metavar=("CASE", "PATH"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.worker:
-        return worker(args.worker[0], args.worker[1], args.root, args.out)
+        return worker(args.worker[0], args.worker[1], args.root, args.out, args.saves)
     failures = 0
     for case in args.cases.split(","):
         if case not in CASES:
@@ -271,7 +277,7 @@ def main(argv=None) -> int:
         for path in args.paths.split(","):
             cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={gpus}",
                    "--master-port=29533", __file__, "--worker", case, path, "--out", str(args.out),
-                   "--root", str(args.root)]
+                   "--root", str(args.root), "--saves", str(args.saves)]
             writers = path.partition("@")[2]  # sharded@8: eight writer processes per rank
             env = dict(os.environ, **({"QWEN_CHECKPOINT_WRITERS": writers} if writers else {}))
             t0 = time.time()
