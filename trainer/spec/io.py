@@ -71,8 +71,8 @@ class Checkpoint(SpecModel):
     """Save optimizer, scheduler, RNG and data position so a restart continues exactly."""
     load_optimizer: bool = True
     """Restore optimizer state on resume."""
-    async_save: bool = False
-    """Write training checkpoints in the background (GPU engine): training waits only while the shards are copied off the GPU; the checkpoint counts once every rank's writer is done."""
+    async_save: bool = True
+    """Write training checkpoints in the background (GPU engine's sharded checkpoints): training waits only while the shards are copied off the GPU; the checkpoint counts once every rank's writer is done. false: training waits for the whole save."""
     verify: bool = False
     """After conversion, re-read the output and compare checksums."""
     overwrite: bool = False
