@@ -48,9 +48,22 @@ DEFAULT_TERMINATION_LOG = "/dev/termination-log"
 TERMINATION_LOG_LIMIT = 4096  # what the kubelet keeps of the file
 
 
+def _launcher_key(run_id: str) -> str:
+    """What the ranks of one torchrun launch on this host share: the run id (torchrun's default, without a
+    rendezvous id, is the same "none" for every launch), the agent process that started them (their parent) and
+    that process's start time, so a later launch, even one given a recycled PID, never matches."""
+    ppid = os.getppid()
+    try:
+        with open(f"/proc/{ppid}/stat") as f:
+            started = f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        started = ""
+    return f"{run_id}:{ppid}:{started}"
+
+
 def _claim(line: str, run_id: str) -> bool:
-    """True for the first process of this torchrun run to print `line` on this host."""
-    digest = hashlib.sha256(f"{run_id}\0{line}".encode()).hexdigest()[:24]
+    """True for the first process of this torchrun launch to print `line` on this host."""
+    digest = hashlib.sha256(f"{_launcher_key(run_id)}\0{line}".encode()).hexdigest()[:24]
     marker = os.path.join(tempfile.gettempdir(), f"qwen-error-{digest}")
     try:
         os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))

@@ -156,6 +156,11 @@ def test_error_lines_of_two_ranks_come_out_whole_and_once(tmp_path, monkeypatch)
     again = io.StringIO()
     ErrorLines(again, run_id="run-2").write("error: checkpoint.source: source /x does not exist\n")
     assert again.getvalue() == "error: checkpoint.source: source /x does not exist\n"
+    # A later launch under the same run id (torchrun's default "none"), from another launcher, prints it too.
+    monkeypatch.setattr("os.getppid", lambda: 1)
+    later = io.StringIO()
+    ErrorLines(later, run_id="run-1").write("error: checkpoint.source: source /x does not exist\n")
+    assert later.getvalue() == "error: checkpoint.source: source /x does not exist\n"
 
 
 def test_failing_command_writes_its_error_to_the_termination_log(tmp_path):
