@@ -100,7 +100,8 @@ def cmd_render(args) -> int:
     doc = dict(doc)
     doc.setdefault("metadata", {}).setdefault("namespace", args.namespace)
     doc["metadata"].setdefault("uid", "00000000-0000-0000-0000-000000000000")
-    print(yaml.safe_dump_all(render(doc), sort_keys=False, width=120), end="")
+    print(yaml.safe_dump_all(render(doc, job_api=args.job_api, runtime=args.runtime), sort_keys=False, width=120),
+          end="")
     return 0
 
 
@@ -206,6 +207,10 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("render", help="print the objects the operator would create")
     r.add_argument("file")
     r.add_argument("--namespace", default="default")
+    r.add_argument("--job-api", choices=["pytorchjob", "trainjob"], default="pytorchjob",
+                   help="render a Kubeflow PyTorchJob (default) or a Kubeflow Trainer v2 TrainJob")
+    r.add_argument("--runtime", default="qwen-torch-distributed",
+                   help="ClusterTrainingRuntime a TrainJob references (--job-api trainjob)")
     r.set_defaults(func=cmd_render)
 
     c = sub.add_parser("crd", help="print the QwenTrainingJob CRD generated from the models")

@@ -13,6 +13,8 @@
 | `--peering-lifetime S` | `QWEN_OPERATOR_PEERING_LIFETIME` | 60 (seconds a silent peer counts as alive) |
 | `--workers N` | `QWEN_OPERATOR_WORKERS` | 64 |
 | `--trainer-service-account NAME` ('' turns it off) | `QWEN_OPERATOR_TRAINER_SERVICE_ACCOUNT` | `qwen-trainer` (used where it exists) |
+| `--job-api pytorchjob|trainjob` | `QWEN_OPERATOR_JOB_API` | `pytorchjob` (Kubeflow training-operator v1); `trainjob`: Kubeflow Trainer v2 |
+| `--trainjob-runtime NAME` | `QWEN_OPERATOR_TRAINJOB_RUNTIME` | `qwen-torch-distributed` (the chart's ClusterTrainingRuntime) |
 | `--log-format json|plain` | `QWEN_OPERATOR_LOG_FORMAT` | json |
 | `--verbose`, `--debug` | `QWEN_OPERATOR_LOG_LEVEL=debug` | info |
 """
@@ -24,6 +26,9 @@ import os
 import random
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence
+
+JOB_APIS = ("pytorchjob", "trainjob")  # kept equal to render.JOB_APIS (this module imports nothing heavy)
+DEFAULT_TRAINJOB_RUNTIME = "qwen-torch-distributed"
 
 
 def _bool(value: Optional[str]) -> bool:
@@ -47,6 +52,9 @@ class OperatorConfig:
     # The pods' ServiceAccount when a spec names none, in namespaces where it exists (the chart creates it with
     # the Role that lets rank 0 report progress).
     trainer_service_account: Optional[str] = "qwen-trainer"
+    # Which child job to render: a Kubeflow PyTorchJob or a Kubeflow Trainer v2 TrainJob on `trainjob_runtime`.
+    job_api: str = "pytorchjob"
+    trainjob_runtime: str = DEFAULT_TRAINJOB_RUNTIME
     log_format: str = "json"
     verbose: bool = False
     debug: bool = False
@@ -88,6 +96,10 @@ class OperatorConfig:
             cfg.workers = int(env["QWEN_OPERATOR_WORKERS"])
         if "QWEN_OPERATOR_TRAINER_SERVICE_ACCOUNT" in env:
             cfg.trainer_service_account = env["QWEN_OPERATOR_TRAINER_SERVICE_ACCOUNT"] or None
+        if env.get("QWEN_OPERATOR_JOB_API"):
+            cfg.job_api = _job_api(env["QWEN_OPERATOR_JOB_API"])
+        if env.get("QWEN_OPERATOR_TRAINJOB_RUNTIME"):
+            cfg.trainjob_runtime = env["QWEN_OPERATOR_TRAINJOB_RUNTIME"]
         if env.get("QWEN_OPERATOR_LOG_FORMAT"):
             cfg.log_format = env["QWEN_OPERATOR_LOG_FORMAT"]
         level = env.get("QWEN_OPERATOR_LOG_LEVEL", "").lower()
@@ -95,8 +107,15 @@ class OperatorConfig:
         return cfg
 
 
+def _job_api(value: str) -> str:
+    value = value.strip().lower()
+    if value not in JOB_APIS:
+        raise ValueError(f"QWEN_OPERATOR_JOB_API={value!r}: expected one of {', '.join(JOB_APIS)}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qwen-operator", description="Reconcile QwenTrainingJobs into Kubeflow PyTorchJobs.")
+    p = argparse.ArgumentParser(prog="qwen-operator", description="Reconcile QwenTrainingJobs into Kubeflow PyTorchJobs or TrainJobs.")
     scope = p.add_mutually_exclusive_group()
     scope.add_argument("-n", "--namespace", action="append", default=None, metavar="NS",
                        help="watch this namespace (repeatable, or comma-separated); default: all")
@@ -112,6 +131,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="threads for handlers and API calls")
     p.add_argument("--trainer-service-account", default=None, metavar="NAME",
                    help="the pods' ServiceAccount when a spec names none, where it exists ('' turns it off)")
+    p.add_argument("--job-api", choices=list(JOB_APIS), default=None,
+                   help="child job API: pytorchjob (Kubeflow training-operator) or trainjob (Kubeflow Trainer v2)")
+    p.add_argument("--trainjob-runtime", default=None, metavar="NAME",
+                   help="ClusterTrainingRuntime the TrainJobs reference (job API trainjob)")
     p.add_argument("--log-format", choices=["json", "plain", "full"], default=None)
     p.add_argument("-v", "--verbose", action="store_true")
     p.add_argument("--debug", action="store_true")
@@ -143,6 +166,10 @@ def from_args(argv: Optional[Sequence[str]] = None, env: Mapping[str, str] = os.
         cfg.workers = args.workers
     if args.trainer_service_account is not None:
         cfg.trainer_service_account = args.trainer_service_account or None
+    if args.job_api is not None:
+        cfg.job_api = args.job_api
+    if args.trainjob_runtime is not None:
+        cfg.trainjob_runtime = args.trainjob_runtime
     if args.log_format is not None:
         cfg.log_format = args.log_format
     cfg.verbose = cfg.verbose or args.verbose

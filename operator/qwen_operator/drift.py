@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-# Paths that others legitimately change: Kueue suspends/resumes, MultiKueue may set managedBy.
-IGNORED = ("spec.runPolicy.suspend", "spec.runPolicy.managedBy")
+# Paths that others legitimately change: Kueue suspends/resumes (PyTorchJob runPolicy.suspend, TrainJob
+# spec.suspend), MultiKueue may set managedBy.
+IGNORED = ("spec.runPolicy.suspend", "spec.runPolicy.managedBy", "spec.suspend", "spec.managedBy")
 
 
 def _scalar_equal(a: Any, b: Any) -> bool:

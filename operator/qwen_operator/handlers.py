@@ -2,12 +2,16 @@
 `kopf run -m qwen_operator.handlers` (configured from QWEN_OPERATOR_* environment variables), or started by
 `qwen-operator` (flags).
 
-* create/resume: validate and render, create-or-get the ConfigMap and the PyTorchJob by deterministic name,
+The child job is a Kubeflow PyTorchJob or, with the `trainjob` job API (`--job-api`), a Kubeflow Trainer v2
+TrainJob; only the chosen API's children are watched (`watch_children`), so the operator needs RBAC for that
+API alone.
+
+* create/resume: validate and render, create-or-get the ConfigMap and the child job by deterministic name,
   adopt children that carry our controller owner reference, report hand-made changes, write status.
-* update of spec.suspend: propagate the user's change to the PyTorchJob's runPolicy.suspend (Kueue moves that
-  field too; the operator never reverts it on its own). Any other spec change is refused (the CRD's CEL rules
+* update of spec.suspend: propagate the user's change to the child's suspend field (Kueue moves that field
+  too; the operator never reverts it on its own). Any other spec change is refused (the CRD's CEL rules
   reject it already) and reported.
-* PyTorchJob watch events (status-only changes never reach update handlers): map the child's status.
+* child watch events (status-only changes never reach update handlers): map the child's status.
 * No finalizer and no delete handler: deletion cascades through owner references (the garbage collector).
 """
 
@@ -30,7 +34,8 @@ from .config import OperatorConfig
 from .drift import child_drift
 from .kube import Kube
 from .metrics import CHILDREN_CREATED, PhaseTracker, Readiness, observe, start_server
-from .render import HASH_ANNOTATION, LABEL_MANAGED_BY, MANAGED_BY, PYTORCHJOB_KIND, render_step, steps
+from .render import CHILD_KINDS, HASH_ANNOTATION, LABEL_MANAGED_BY, MANAGED_BY, PYTORCHJOB_KIND, TRAINJOB_GROUP, \
+    TRAINJOB_KIND, TRAINJOB_PLURAL, TRAINJOB_VERSION, child_kind, render_step, steps
 
 FINALIZER = "training.qwen.dev/finalizer"  # declared for completeness; no handler here needs a finalizer
 ANNOTATION_PREFIX = "training.qwen.dev"
@@ -211,7 +216,8 @@ def _reconcile(body: dict[str, Any], memo: kopf.Memo, logger: logging.Logger, re
         if index is None:
             return  # every step has succeeded
         account = kube.service_account(ns, CONFIG.trainer_service_account)
-        spec, (cm, pj) = render_step(body, index, int(records[index].get("attempt") or 0), account)
+        spec, (cm, pj) = render_step(body, index, int(records[index].get("attempt") or 0), account,
+                                     job_api=CONFIG.job_api, runtime=CONFIG.trainjob_runtime)
     except SpecError as err:
         problems = [str(p) for p in err.problems]
         kube.update_status(ns, name, lambda res: st.invalid(res.get("status"), problems,
@@ -225,11 +231,11 @@ def _reconcile(body: dict[str, Any], memo: kopf.Memo, logger: logging.Logger, re
     created: list[str] = []
     warnings: list[tuple[str, str]] = []
 
-    # A PyTorchJob this resource already created and that is gone now was deleted by someone: do not rerun it.
+    # A child job this resource already created and that is gone now was deleted by someone: do not rerun it.
     if previous.get("pytorchJob") == pj["metadata"]["name"] and kube.get_child(pj) is None:
         kube.update_status(ns, name, lambda res: st.child_deleted(res.get("status"), res["metadata"].get("generation"),
-                                                                  now(), pj["metadata"]["name"]))
-        kopf.warn(_ref(body), reason=st.CHILD_DELETED, message=f"PyTorchJob {pj['metadata']['name']} was deleted")
+                                                                  now(), pj["metadata"]["name"], kind=pj["kind"]))
+        kopf.warn(_ref(body), reason=st.CHILD_DELETED, message=f"{pj['kind']} {pj['metadata']['name']} was deleted")
         return
 
     for desired in (cm, pj):  # ConfigMap first: the pods mount it
@@ -266,8 +272,8 @@ def _reconcile(body: dict[str, Any], memo: kopf.Memo, logger: logging.Logger, re
     kube.update_status(ns, name, written)
     if created:
         logger.info("created %s", ", ".join(created))
-        if any(c.startswith(PYTORCHJOB_KIND) for c in created):
-            # One Normal Event per created PyTorchJob, posted by kopf's background poster.
+        if any(c.startswith(kind) for c in created for kind in CHILD_KINDS):
+            # One Normal Event per created child job, posted by kopf's background poster.
             kopf.event(_ref(body), type="Normal", reason="Created", message=", ".join(created))
     for reason, message in warnings:
         kopf.warn(_ref(body), reason=reason, message=message[:1024])
@@ -289,12 +295,12 @@ def suspend_changed(body: kopf.Body, new: Any, memo: kopf.Memo, logger: logging.
         if not name:
             return  # not created yet: the create handler renders the current value
         try:
-            memo.kube.set_suspend(resource["metadata"]["namespace"], name, bool(new))
+            memo.kube.set_suspend(resource["metadata"]["namespace"], name, bool(new), child_kind(CONFIG.job_api))
         except Exception as err:
             if getattr(err, "status", None) == 404:
                 return
             raise
-        logger.info("PyTorchJob %s: runPolicy.suspend=%s", name, bool(new))
+        logger.info("%s %s: suspend=%s", child_kind(CONFIG.job_api), name, bool(new))
 
 
 @kopf.on.update(GROUP, VERSION, PLURAL, id="immutable")
@@ -321,9 +327,53 @@ def spec_changed(body: kopf.Body, diff: kopf.Diff, memo: kopf.Memo, logger: logg
 # --------------------------------------------------------------------------------- child watching
 
 
-@kopf.on.event("kubeflow.org", "v1", "pytorchjobs", labels={LABEL_MANAGED_BY: MANAGED_BY})
 def pytorchjob_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, logger: logging.Logger,
                      **_: Any) -> None:
+    _child_event(PYTORCHJOB_KIND, event, body, memo, logger)
+
+
+def trainjob_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, logger: logging.Logger,
+                   **_: Any) -> None:
+    _child_event(TRAINJOB_KIND, event, body, memo, logger)
+
+
+_CHILD_WATCHES = {
+    "pytorchjob": (("kubeflow.org", "v1", "pytorchjobs"), pytorchjob_event),
+    "trainjob": ((TRAINJOB_GROUP, TRAINJOB_VERSION, TRAINJOB_PLURAL), trainjob_event),
+}
+_WATCHED: set[str] = set()
+
+
+def watch_children(job_api: str) -> None:
+    """Register the watch of the chosen job API's children (once). Called at import with the environment's
+    setting (`kopf run -m qwen_operator.handlers`) and by `qwen-operator` with its flags, before kopf starts."""
+    child_kind(job_api)  # validates
+    if job_api in _WATCHED:
+        return
+    (group, version, plural), fn = _CHILD_WATCHES[job_api]
+    kopf.on.event(group, version, plural, labels={LABEL_MANAGED_BY: MANAGED_BY}, id=fn.__name__)(fn)
+    _WATCHED.add(job_api)
+
+
+def _child_status(kind: str, child: dict[str, Any], previous: Optional[dict[str, Any]], generation: Optional[int],
+                  kube: Kube, ns: str) -> dict[str, Any]:
+    if kind == TRAINJOB_KIND:
+        jobset = kube.get_jobset(ns, child["metadata"]["name"]) if _needs_jobset(child) else None
+        return st.from_trainjob(child, previous, generation, now(), jobset=jobset, run_policy=_run_policy(child),
+                                namespace=ns)
+    return st.from_child(child.get("status"), previous, generation, now(), run_policy=_run_policy(child), namespace=ns)
+
+
+def _needs_jobset(trainjob: dict[str, Any]) -> bool:
+    """The JobSet is read only for what the TrainJob does not say: restarts while no node Job is ready."""
+    status = trainjob.get("status") or {}
+    finished = any(c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
+                   for c in status.get("conditions") or [])
+    ready = sum(int(j.get("ready") or 0) for j in status.get("jobsStatus") or [])
+    return not finished and ready == 0 and bool(status.get("jobsStatus"))
+
+
+def _child_event(kind: str, event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, logger: logging.Logger) -> None:
     with observe("child-status"):
         child = _view(body)
         owner = _owner_of(child)
@@ -339,17 +389,20 @@ def pytorchjob_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, log
             def on_delete(res: dict[str, Any]) -> Optional[dict[str, Any]]:
                 if not ours(res) or (res.get("status") or {}).get("pytorchJob") != child_name:
                     return None
-                return st.child_deleted(res.get("status"), res["metadata"].get("generation"), now(), child_name)
+                return st.child_deleted(res.get("status"), res["metadata"].get("generation"), now(), child_name,
+                                        kind=kind)
             written = kube.update_status(ns, owner["name"], on_delete)
             if written is not None and written.get("phase") == "Failed" and \
                     (st.get_condition(written, "Failed") or {}).get("reason") == st.CHILD_DELETED:
                 kopf.warn({"apiVersion": owner["apiVersion"], "kind": KIND,
                            "metadata": {"name": owner["name"], "namespace": ns, "uid": owner["uid"]}},
-                          reason=st.CHILD_DELETED, message=f"PyTorchJob {child_name} was deleted before it finished")
+                          reason=st.CHILD_DELETED, message=f"{kind} {child_name} was deleted before it finished")
             return
 
-        if not (child.get("status") or {}).get("conditions") and (child["metadata"].get("generation") or 1) <= 1:
-            # A PyTorchJob the training-operator has not acted on yet: nothing to mirror. The handler that created
+        child_status = child.get("status") or {}
+        if not child_status.get("conditions") and not child_status.get("jobsStatus") and \
+                (child["metadata"].get("generation") or 1) <= 1:
+            # A child its controller has not acted on yet: nothing to mirror. The handler that created
             # it writes the status (with its name) right after creating it, so writing here would only race that
             # write (a 409 and a re-read, or a second patch).
             return
@@ -365,8 +418,7 @@ def pytorchjob_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, log
             current = (res.get("status") or {}).get("pytorchJob")
             if current and current != child_name:
                 return None  # an earlier step's (or attempt's) PyTorchJob: it no longer drives the status
-            new = st.from_child(child.get("status"), res.get("status"), res["metadata"].get("generation"), now(),
-                                run_policy=_run_policy(child), namespace=ns)
+            new = _child_status(kind, child, res.get("status"), res["metadata"].get("generation"), kube, ns)
             before = (res.get("status") or {}).get("phase")
             if new.get("phase") != before and new.get("phase") in ("Running", "Succeeded", "Failed"):
                 transitions[:] = [(new["phase"], new)]
@@ -383,9 +435,10 @@ def pytorchjob_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, log
             if (child["metadata"].get("generation") or 1) > 1 and not st.is_terminal(new):
                 try:
                     attempt = int(records[index].get("attempt") or 0) if index is not None and records else 0
-                    live_sa = (((child.get("spec") or {}).get("pytorchReplicaSpecs") or {}).get("Master") or {}) \
-                        .get("template", {}).get("spec", {}).get("serviceAccountName")
-                    desired = render_step(res, index or 0, attempt, live_sa)[1][1]
+                    desired = render_step(res, index or 0, attempt, _live_service_account(child),
+                                          job_api="trainjob" if kind == TRAINJOB_KIND else "pytorchjob",
+                                          runtime=((child.get("spec") or {}).get("runtimeRef") or {}).get("name")
+                                          or CONFIG.trainjob_runtime)[1][1]
                 except SpecError:
                     return new
                 drift = _drift_state(desired, child)
@@ -400,7 +453,7 @@ def pytorchjob_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, log
 
         written = kube.update_status(ns, owner["name"], on_change)
         if written is not None and transitions and written.get("phase") == transitions[0][0]:
-            _post_phase(owner, ns, child_name, written)
+            _post_phase(owner, ns, child_name, written, kind)
         if advanced and advanced[0]:  # the step succeeded and another follows: start it now
             latest = kube.get_job(ns, owner["name"])
             if latest is not None:
@@ -412,9 +465,26 @@ def pytorchjob_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, log
             logger.warning(message)
 
 
-def _run_policy(child: dict[str, Any]) -> dict[str, Any]:
-    """The restart and cleanup policy the PyTorchJob runs with (words the Failed message)."""
+def _live_service_account(child: dict[str, Any]) -> Optional[str]:
     spec = child.get("spec") or {}
+    if child.get("kind") == TRAINJOB_KIND:
+        for patch in spec.get("runtimePatches") or []:
+            for job in (((patch.get("trainingRuntimeSpec") or {}).get("template") or {}).get("spec") or {}) \
+                    .get("replicatedJobs") or []:
+                pod = ((((job.get("template") or {}).get("spec") or {}).get("template") or {}).get("spec") or {})
+                if pod.get("serviceAccountName"):
+                    return pod["serviceAccountName"]
+        return None
+    return (((spec.get("pytorchReplicaSpecs") or {}).get("Master") or {}).get("template", {}).get("spec", {})
+            .get("serviceAccountName"))
+
+
+def _run_policy(child: dict[str, Any]) -> dict[str, Any]:
+    """The restart and cleanup policy the child runs with (words the Failed message). A TrainJob's JobSet
+    replaces failed pods by restarting all nodes (the runtime's failurePolicy), like OnFailure."""
+    spec = child.get("spec") or {}
+    if child.get("kind") == TRAINJOB_KIND:
+        return {"restartPolicy": "OnFailure", "cleanPodPolicy": "None"}
     master = (spec.get("pytorchReplicaSpecs") or {}).get("Master") or {}
     return {"restartPolicy": master.get("restartPolicy", "OnFailure"),
             "cleanPodPolicy": (spec.get("runPolicy") or {}).get("cleanPodPolicy", "None")}
@@ -425,17 +495,18 @@ def _owner_ref(owner: dict[str, Any], ns: str) -> dict[str, Any]:
             "metadata": {"name": owner["name"], "namespace": ns, "uid": owner["uid"]}}
 
 
-def _post_phase(owner: dict[str, Any], ns: str, child_name: str, status: dict[str, Any]) -> None:
+def _post_phase(owner: dict[str, Any], ns: str, child_name: str, status: dict[str, Any],
+                kind: str = PYTORCHJOB_KIND) -> None:
     """Normal Events for Running and Succeeded, a Warning with the failed pod's story for Failed."""
     phase = status.get("phase")
     if phase == "Failed":
         failed = st.get_condition(status, "Failed") or {}
         kopf.warn(_owner_ref(owner, ns), reason="Failed", message=(failed.get("message") or "")[:1024])
     elif phase == "Running":
-        kopf.event(_owner_ref(owner, ns), type="Normal", reason="Running", message=f"PyTorchJob {child_name} is running")
+        kopf.event(_owner_ref(owner, ns), type="Normal", reason="Running", message=f"{kind} {child_name} is running")
     elif phase == "Succeeded":
         took = f" in {status['duration']}" if status.get("duration") else ""
-        kopf.event(_owner_ref(owner, ns), type="Normal", reason="Succeeded", message=f"PyTorchJob {child_name} succeeded{took}")
+        kopf.event(_owner_ref(owner, ns), type="Normal", reason="Succeeded", message=f"{kind} {child_name} succeeded{took}")
 
 
 def _resource_of(pod: dict[str, Any]) -> Optional[tuple[str, str]]:
@@ -460,7 +531,7 @@ def pod_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, logger: lo
     if kube is None or where is None:
         return
     ns, name = where
-    job = ((pod.get("metadata") or {}).get("labels") or {}).get(st.JOB_NAME_LABEL)
+    job = st.pod_job_name(pod)
     if failure is None:
         cached = kube.cache.get((ns, name))
         if cached is None or not st.pending_restart(cached.get("status")):
@@ -516,5 +587,7 @@ def job_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
         kube.remember(obj)
 
 
-__all__ = ["CONFIG", "apply_settings", "reconcile", "pytorchjob_event", "suspend_changed", "spec_changed",
-           "PYTORCHJOB_KIND"]
+watch_children(CONFIG.job_api)
+
+__all__ = ["CONFIG", "apply_settings", "reconcile", "pytorchjob_event", "trainjob_event", "watch_children",
+           "suspend_changed", "spec_changed", "PYTORCHJOB_KIND"]

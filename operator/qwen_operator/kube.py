@@ -16,7 +16,15 @@ import kubernetes
 from kubernetes.client.exceptions import ApiException
 
 from .api import GROUP, PLURAL, VERSION
-from .render import PYTORCHJOB_KIND
+from .render import PYTORCHJOB_KIND, TRAINJOB_GROUP, TRAINJOB_KIND, TRAINJOB_PLURAL, TRAINJOB_VERSION, \
+    child_suspend_patch
+
+# (group, version, plural) of the custom-resource children, by kind.
+CHILD_RESOURCES = {
+    PYTORCHJOB_KIND: ("kubeflow.org", "v1", "pytorchjobs"),
+    TRAINJOB_KIND: (TRAINJOB_GROUP, TRAINJOB_VERSION, TRAINJOB_PLURAL),
+}
+JOBSET_RESOURCE = ("jobset.x-k8s.io", "v1alpha2", "jobsets")
 
 MERGE_PATCH = "application/merge-patch+json"
 log = logging.getLogger("qwen_operator.kube")
@@ -75,11 +83,22 @@ class Kube:
     def get_child(self, obj: dict[str, Any]) -> Optional[dict[str, Any]]:
         ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
         try:
-            if obj["kind"] == PYTORCHJOB_KIND:
-                return self.custom.get_namespaced_custom_object("kubeflow.org", "v1", ns, "pytorchjobs", name)
+            if obj["kind"] in CHILD_RESOURCES:
+                group, version, plural = CHILD_RESOURCES[obj["kind"]]
+                return self.custom.get_namespaced_custom_object(group, version, ns, plural, name)
             return _json(self.core.read_namespaced_config_map(name, ns, _preload_content=False))
         except ApiException as e:
             if e.status == 404:
+                return None
+            raise
+
+    def get_jobset(self, namespace: str, name: str) -> Optional[dict[str, Any]]:
+        """The JobSet Trainer v2 runs a TrainJob as (same name), or None when absent or not readable."""
+        group, version, plural = JOBSET_RESOURCE
+        try:
+            return self.custom.get_namespaced_custom_object(group, version, namespace, plural, name)
+        except ApiException as e:
+            if e.status in (403, 404):
                 return None
             raise
 
@@ -108,8 +127,9 @@ class Kube:
 
     def create(self, obj: dict[str, Any]) -> dict[str, Any]:
         ns = obj["metadata"]["namespace"]
-        if obj["kind"] == PYTORCHJOB_KIND:
-            return self.custom.create_namespaced_custom_object("kubeflow.org", "v1", ns, "pytorchjobs", obj)
+        if obj["kind"] in CHILD_RESOURCES:
+            group, version, plural = CHILD_RESOURCES[obj["kind"]]
+            return self.custom.create_namespaced_custom_object(group, version, ns, plural, obj)
         # The raw JSON, not the client's model objects: building and re-serialising those costs more CPU than the
         # request itself.
         return _json(self.core.create_namespaced_config_map(ns, obj, _preload_content=False))
@@ -127,10 +147,10 @@ class Kube:
             raise ApiException(status=409, reason=f"{obj['kind']} {obj['metadata']['name']} vanished; retrying")
         return existing, False
 
-    def set_suspend(self, namespace: str, name: str, suspend: bool) -> None:
+    def set_suspend(self, namespace: str, name: str, suspend: bool, kind: str = PYTORCHJOB_KIND) -> None:
+        group, version, plural = CHILD_RESOURCES[kind]
         self.custom.patch_namespaced_custom_object(
-            "kubeflow.org", "v1", namespace, "pytorchjobs", name,
-            {"spec": {"runPolicy": {"suspend": suspend}}}, _content_type=MERGE_PATCH)
+            group, version, namespace, plural, name, child_suspend_patch(kind, suspend), _content_type=MERGE_PATCH)
 
     def update_status(self, namespace: str, name: str,
                       compute: Callable[[dict[str, Any]], Optional[dict[str, Any]]],

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import sys
 from typing import Optional, Sequence
 
 import kopf
 
-from . import handlers
 from .config import OperatorConfig, from_args
 
 M_ARENA_MAX = -8  # glibc's mallopt parameter number
@@ -25,7 +25,8 @@ class _QuietWatchHandlers(logging.Filter):
     """Drop kopf's per-event "Handler 'x' succeeded." lines of the watch handlers (one per child status change:
     at hundreds of jobs they are most of the log volume and a measurable share of the CPU)."""
 
-    QUIET = ("Handler 'pytorchjob_event' succeeded.", "Handler 'job_event' succeeded.")
+    QUIET = ("Handler 'pytorchjob_event' succeeded.", "Handler 'trainjob_event' succeeded.",
+             "Handler 'job_event' succeeded.")
 
     def filter(self, record: logging.LogRecord) -> bool:
         return record.levelno > logging.INFO or record.getMessage() not in self.QUIET
@@ -54,7 +55,12 @@ def limit_malloc_arenas(arenas: int = 2) -> bool:
 
 def run(cfg: OperatorConfig) -> None:
     limit_malloc_arenas()
+    # The handlers module registers the child watch of the environment's job API when imported: name the chosen one.
+    os.environ["QWEN_OPERATOR_JOB_API"] = cfg.job_api
+    from . import handlers
+
     handlers.CONFIG = cfg
+    handlers.watch_children(cfg.job_api)
     configure_logging(cfg)
     kopf.run(
         clusterwide=cfg.clusterwide,

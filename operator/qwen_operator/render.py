@@ -1,5 +1,5 @@
 """Render a QwenTrainingJob into the objects that run it: a ConfigMap with the resolved job spec and a
-Kubeflow PyTorchJob.
+Kubeflow PyTorchJob (job API `pytorchjob`, the default) or a Kubeflow Trainer v2 TrainJob (job API `trainjob`).
 
 Everything here is a pure function of the resource: no API calls, no clock, no randomness, so the operator,
 `qwenctl render` and the tests all see the same objects, and rendering twice gives equal output.
@@ -12,6 +12,21 @@ Layout of the PyTorchJob:
 * the container runs `torchrun` with the rendezvous taken from the variables the training-operator injects
   (`PET_NNODES`, `PET_NODE_RANK`, `PET_MASTER_ADDR`, `PET_MASTER_PORT`), expanded by the kubelet through
   `$(VAR)` references, and then `python -m trainer run --spec /etc/qwen/job.yaml`.
+
+Layout of the TrainJob (trainer.kubeflow.org/v1alpha1, Trainer v2.3.0):
+
+* `spec.runtimeRef` names the ClusterTrainingRuntime the chart ships (`qwen-torch-distributed`): torch
+  distributed, the project's image, container `node`, and the same torchrun command line with
+  `--nproc-per-node=$(PET_NPROC_PER_NODE)` (Trainer v2 injects the same PET_* variables);
+* `spec.trainer` sets the image, `numNodes`, `numProcPerNode`, `resourcesPerNode` and the environment;
+* one `spec.runtimePatches` entry (manager `training.qwen.dev/qwen-operator`) patches the `node` replicated
+  job's pod template: the job-spec ConfigMap volume, shared memory, the spec's volumes and their mounts,
+  labels, node selection, tolerations, affinity, ServiceAccount and image pull secrets.
+
+Kueue: `spec.scheduling.queueName` (else the resource's own `kueue.x-k8s.io/queue-name` label) becomes the
+child's `kueue.x-k8s.io/queue-name` label, `spec.scheduling.workloadPriorityClassName` (else the resource's
+`kueue.x-k8s.io/priority-class` label) its `kueue.x-k8s.io/priority-class` label, and a queued child is created
+suspended so that Kueue admits it.
 """
 
 from __future__ import annotations
@@ -48,6 +63,24 @@ LABEL_STAGE = "training.qwen.dev/stage"
 LABEL_STEP = "training.qwen.dev/step"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
+
+# Job APIs the operator can render (operator setting `--job-api` / chart value `jobApi`).
+JOB_API_PYTORCHJOB = "pytorchjob"
+JOB_API_TRAINJOB = "trainjob"
+JOB_APIS = (JOB_API_PYTORCHJOB, JOB_API_TRAINJOB)
+
+# Kubeflow Trainer v2 (v2.3.0 API).
+TRAINJOB_GROUP = "trainer.kubeflow.org"
+TRAINJOB_VERSION = "v1alpha1"
+TRAINJOB_API_VERSION = f"{TRAINJOB_GROUP}/{TRAINJOB_VERSION}"
+TRAINJOB_KIND = "TrainJob"
+TRAINJOB_PLURAL = "trainjobs"
+CLUSTER_RUNTIME_KIND = "ClusterTrainingRuntime"
+DEFAULT_RUNTIME = "qwen-torch-distributed"  # the chart's ClusterTrainingRuntime
+TRAINJOB_NODE = "node"  # the runtime's replicated job and container name (Trainer v2's convention)
+RUNTIME_PATCH_MANAGER = "training.qwen.dev/qwen-operator"
+CHILD_KINDS = (PYTORCHJOB_KIND, TRAINJOB_KIND)
 # Hash of what was rendered (suspend excluded): tells a changed resource spec apart from a hand-edited child.
 HASH_ANNOTATION = "training.qwen.dev/rendered-hash"
 
@@ -314,9 +347,7 @@ def run_policy(spec: QwenTrainingJobSpec) -> dict[str, Any]:
 def render_pytorchjob(resource: dict[str, Any], spec: QwenTrainingJobSpec, base: Optional[str] = None,
                       service_account: Optional[str] = None) -> dict[str, Any]:
     name = resource["metadata"]["name"]
-    labels = common_labels(name, spec.stage)
-    if spec.scheduling.queue_name:
-        labels[KUEUE_QUEUE_LABEL] = spec.scheduling.queue_name
+    labels = {**common_labels(name, spec.stage), **kueue_labels(resource, spec)}
     template = pod_template(resource, spec, base, service_account)
     replica = {"replicas": 1, "restartPolicy": spec.run_policy.restart_policy, "template": template}
     replicas: dict[str, Any] = {"Master": replica}
@@ -329,22 +360,134 @@ def render_pytorchjob(resource: dict[str, Any], spec: QwenTrainingJobSpec, base:
         "metadata": _metadata(resource, child_name(base or name), labels),
         "spec": {
             "nprocPerNode": str(spec.resources.processes()),
-            "runPolicy": run_policy(spec),
+            "runPolicy": {**run_policy(spec), "suspend": initially_suspended(resource, spec)},
             "pytorchReplicaSpecs": replicas,
         },
     }
     return body
 
 
+# ------------------------------------------------------------------------------------------------ Kueue
+
+
+def kueue_labels(resource: dict[str, Any], spec: QwenTrainingJobSpec) -> dict[str, str]:
+    """The Kueue labels of the child: queue and workload priority class, from the spec, else from the
+    resource's own labels of the same names."""
+    own = (resource.get("metadata") or {}).get("labels") or {}
+    out: dict[str, str] = {}
+    queue = spec.scheduling.queue_name or own.get(KUEUE_QUEUE_LABEL)
+    if queue:
+        out[KUEUE_QUEUE_LABEL] = str(queue)
+    priority = spec.scheduling.workload_priority_class_name or own.get(KUEUE_PRIORITY_LABEL)
+    if priority:
+        out[KUEUE_PRIORITY_LABEL] = str(priority)
+    return out
+
+
+def initially_suspended(resource: dict[str, Any], spec: QwenTrainingJobSpec) -> bool:
+    """Whether the child is created suspended: the user asked for it, or a Kueue queue admits it."""
+    return bool(spec.suspend or KUEUE_QUEUE_LABEL in kueue_labels(resource, spec))
+
+
+# -------------------------------------------------------------------------------------------- TrainJob
+
+
+def _check_trainjob(spec: QwenTrainingJobSpec, where: str) -> None:
+    """Settings a TrainJob cannot carry (Trainer v2.3.0 lets a TrainJob patch only some pod fields; the rest
+    belongs to the runtime)."""
+    problems = []
+    s = spec.scheduling
+    if s.gang.enabled:
+        problems.append(Problem(f"{where}.scheduling.gang.enabled", "gang scheduling with the trainjob job API is "
+                                "configured on the ClusterTrainingRuntime (podGroupPolicy), not per job"))
+    if s.priority_class_name:
+        problems.append(Problem(f"{where}.scheduling.priorityClassName", "a TrainJob cannot set the pods' "
+                                "PriorityClass; use scheduling.workloadPriorityClassName with Kueue"))
+    if problems:
+        raise SpecError(problems)
+
+
+def _trainjob_pod_patch(resource: dict[str, Any], spec: QwenTrainingJobSpec, base: Optional[str],
+                        service_account: Optional[str]) -> dict[str, Any]:
+    name = resource["metadata"]["name"]
+    volumes, mounts = _volumes(spec, configmap_name(base or name))
+    pod: dict[str, Any] = {"volumes": volumes, "containers": [{"name": TRAINJOB_NODE, "volumeMounts": mounts}]}
+    s = spec.scheduling
+    if s.node_selector:
+        pod["nodeSelector"] = dict(s.node_selector)
+    if s.tolerations:
+        pod["tolerations"] = [t.to_wire() for t in s.tolerations]
+    if s.affinity:
+        pod["affinity"] = s.affinity
+    if spec.service_account_name or service_account:
+        pod["serviceAccountName"] = spec.service_account_name or service_account
+    if spec.image.pull_secrets:
+        pod["imagePullSecrets"] = [{"name": n} for n in spec.image.pull_secrets]
+    return {"metadata": {"labels": common_labels(name, spec.stage)}, "spec": pod}
+
+
+def render_trainjob(resource: dict[str, Any], spec: QwenTrainingJobSpec, base: Optional[str] = None,
+                    service_account: Optional[str] = None, runtime: str = DEFAULT_RUNTIME) -> dict[str, Any]:
+    """A Kubeflow Trainer v2 TrainJob running the trainer on the ClusterTrainingRuntime `runtime`."""
+    name = resource["metadata"]["name"]
+    labels = {**common_labels(name, spec.stage), **kueue_labels(resource, spec)}
+    trainer: dict[str, Any] = {
+        "image": spec.image.name,
+        "numNodes": spec.resources.nodes,
+        "numProcPerNode": spec.resources.processes(),
+        "env": _env(resource, spec),
+    }
+    resources = _resources(spec)
+    if resources:
+        trainer["resourcesPerNode"] = resources
+    patch = {
+        "manager": RUNTIME_PATCH_MANAGER,
+        "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [{
+            "name": TRAINJOB_NODE,
+            "template": {"spec": {"template": _trainjob_pod_patch(resource, spec, base, service_account)}},
+        }]}}},
+    }
+    body: dict[str, Any] = {
+        "apiVersion": TRAINJOB_API_VERSION,
+        "kind": TRAINJOB_KIND,
+        "metadata": _metadata(resource, child_name(base or name), labels),
+        "spec": {
+            "runtimeRef": {"name": runtime, "apiGroup": TRAINJOB_GROUP, "kind": CLUSTER_RUNTIME_KIND},
+            "trainer": trainer,
+            "runtimePatches": [patch],
+            "suspend": initially_suspended(resource, spec),
+        },
+    }
+    if spec.run_policy.active_deadline_seconds is not None:
+        body["spec"]["activeDeadlineSeconds"] = spec.run_policy.active_deadline_seconds
+    return body
+
+
+def child_suspend_patch(kind: str, suspend: bool) -> dict[str, Any]:
+    """The merge patch that suspends or resumes a child of `kind`."""
+    if kind == TRAINJOB_KIND:
+        return {"spec": {"suspend": suspend}}
+    return {"spec": {"runPolicy": {"suspend": suspend}}}
+
+
+def child_kind(job_api: str) -> str:
+    if job_api not in JOB_APIS:
+        raise ValueError(f"unknown job API {job_api!r}; expected one of {', '.join(JOB_APIS)}")
+    return TRAINJOB_KIND if job_api == JOB_API_TRAINJOB else PYTORCHJOB_KIND
+
+
 # ------------------------------------------------------------------------------------------------ all
 
 
 def rendered_hash(obj: dict[str, Any]) -> str:
-    """A stable digest of what we render for a child, leaving out `runPolicy.suspend` (which Kueue and the
-    user's spec.suspend both move)."""
+    """A stable digest of what we render for a child, leaving out `runPolicy.suspend` / the TrainJob's
+    `spec.suspend` (which Kueue and the user's spec.suspend both move)."""
     if obj.get("kind") == PYTORCHJOB_KIND:
         content = json.loads(json.dumps(obj["spec"]))
         content.get("runPolicy", {}).pop("suspend", None)
+    elif obj.get("kind") == TRAINJOB_KIND:
+        content = json.loads(json.dumps(obj["spec"]))
+        content.pop("suspend", None)
     else:
         content = obj.get("data", {})
     blob = json.dumps({"labels": obj["metadata"].get("labels", {}), "content": content}, sort_keys=True)
@@ -376,17 +519,25 @@ def steps(resource: dict[str, Any]) -> list[tuple[Optional[str], str, dict[str, 
     return [(None, spec.stage, data)]
 
 
-def render_step(resource: dict[str, Any], index: int = 0, attempt: int = 0, service_account: Optional[str] = None
+def render_step(resource: dict[str, Any], index: int = 0, attempt: int = 0, service_account: Optional[str] = None,
+                job_api: str = JOB_API_PYTORCHJOB, runtime: str = DEFAULT_RUNTIME,
                 ) -> tuple[QwenTrainingJobSpec, list[dict[str, Any]]]:
-    """The validated spec and [ConfigMap, PyTorchJob] of one step (index 0 of a single-stage job).
+    """The validated spec and [ConfigMap, child job] of one step (index 0 of a single-stage job); the child is a
+    PyTorchJob or, with `job_api="trainjob"`, a TrainJob on the ClusterTrainingRuntime `runtime`.
     `service_account` is the pods' ServiceAccount when the spec names none (the operator's trainer account)."""
+    kind = child_kind(job_api)
     all_steps = steps(resource)
     step, _, data = all_steps[index]
     where = "spec" if step is None else f"spec.pipeline[{index}]"
     spec = validate_resource_spec(data, prefix=where)
     _check_volumes(spec)
     base = step_base(resource["metadata"]["name"], step, attempt)
-    objs = [render_configmap(resource, spec, base), render_pytorchjob(resource, spec, base, service_account)]
+    if kind == TRAINJOB_KIND:
+        _check_trainjob(spec, where)
+        child = render_trainjob(resource, spec, base, service_account, runtime)
+    else:
+        child = render_pytorchjob(resource, spec, base, service_account)
+    objs = [render_configmap(resource, spec, base), child]
     if step is not None:
         for obj in objs:
             obj["metadata"]["labels"][LABEL_STEP] = step
@@ -398,11 +549,13 @@ def render_with_spec(resource: dict[str, Any]) -> tuple[QwenTrainingJobSpec, lis
     return render_step(resource, 0, 0)
 
 
-def render(resource: dict[str, Any]) -> list[dict[str, Any]]:
-    """[ConfigMap, PyTorchJob] for a QwenTrainingJob resource (a dict as read from the API or a YAML file); for a
-    pipeline, those of every step in order (as each would be created, first attempt).
+def render(resource: dict[str, Any], job_api: str = JOB_API_PYTORCHJOB, runtime: str = DEFAULT_RUNTIME
+           ) -> list[dict[str, Any]]:
+    """[ConfigMap, PyTorchJob] (or [ConfigMap, TrainJob] with `job_api="trainjob"`) for a QwenTrainingJob resource
+    (a dict as read from the API or a YAML file); for a pipeline, those of every step in order (as each would be
+    created, first attempt).
 
     Raises `trainer.spec.SpecError` (one problem per broken rule, each naming its field) if the spec is invalid.
     """
     count = len(steps(resource))
-    return [obj for i in range(count) for obj in render_step(resource, i, 0)[1]]
+    return [obj for i in range(count) for obj in render_step(resource, i, 0, job_api=job_api, runtime=runtime)[1]]

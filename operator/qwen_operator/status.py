@@ -250,12 +250,12 @@ def invalid(previous: Optional[dict[str, Any]], problems: Iterable[str], generat
 
 
 def child_deleted(previous: Optional[dict[str, Any]], generation: Optional[int], now: str,
-                  name: str) -> dict[str, Any]:
-    """The PyTorchJob disappeared. After the job finished that is expected (ttlSecondsAfterFinished) and changes
+                  name: str, kind: str = "PyTorchJob") -> dict[str, Any]:
+    """The child job (PyTorchJob or TrainJob) disappeared. After the job finished that is expected (ttlSecondsAfterFinished) and changes
     nothing; before, the job cannot finish any more and is marked Failed (it is not recreated)."""
     if is_terminal(previous):
         return copy.deepcopy(previous)
-    message = f"PyTorchJob {name} was deleted before it finished; it is not recreated"
+    message = f"{kind} {name} was deleted before it finished; it is not recreated"
     status = _carried_over(previous, generation)
     prev = _by_type(status.get("conditions"))
     conds = dict(prev)
@@ -281,19 +281,30 @@ def get_condition(status: Optional[dict[str, Any]], type_: str) -> Optional[dict
 
 JOB_NAME_LABEL = "training.kubeflow.org/job-name"
 REPLICA_TYPE_LABEL = "training.kubeflow.org/replica-type"
+# Pods of a TrainJob belong to its JobSet (same name); the replicated job names the replica (`node` -> Node).
+JOBSET_NAME_LABEL = "jobset.sigs.k8s.io/jobset-name"
+REPLICATED_JOB_LABEL = "jobset.sigs.k8s.io/replicatedjob-name"
 POD_FAILED = "PodFailed"
 MAX_FAILURES = 8
 _CONTAINER = "pytorch"
+_CONTAINERS = ("pytorch", "node")  # the PyTorchJob's container, the TrainJob runtime's
+
+
+def pod_job_name(pod: dict[str, Any]) -> Optional[str]:
+    """The child job a pod runs for: its PyTorchJob's, else its TrainJob's (= JobSet's) name."""
+    labels = (pod.get("metadata") or {}).get("labels") or {}
+    return labels.get(JOB_NAME_LABEL) or labels.get(JOBSET_NAME_LABEL)
 
 
 def _replica_type(pod: dict[str, Any]) -> str:
-    value = ((pod.get("metadata") or {}).get("labels") or {}).get(REPLICA_TYPE_LABEL, "")
+    labels = (pod.get("metadata") or {}).get("labels") or {}
+    value = labels.get(REPLICA_TYPE_LABEL) or labels.get(REPLICATED_JOB_LABEL) or ""
     return value[:1].upper() + value[1:] if value else "Master"
 
 
 def _container_status(pod: dict[str, Any]) -> dict[str, Any]:
     statuses = (pod.get("status") or {}).get("containerStatuses") or []
-    return next((c for c in statuses if c.get("name") == _CONTAINER), statuses[0] if statuses else {})
+    return next((c for c in statuses if c.get("name") in _CONTAINERS), statuses[0] if statuses else {})
 
 
 def pod_failure(pod: dict[str, Any]) -> Optional[dict[str, Any]]:
@@ -459,3 +470,96 @@ def observe_pod_running(previous: Optional[dict[str, Any]], replica: str, genera
     status["conditions"] = _ordered(conds)
     status["restarts"] = total
     return status
+
+
+# ------------------------------------------------------------------------------------------- TrainJob
+# A Kubeflow Trainer v2 TrainJob (v2.3.0) reports fewer conditions than a PyTorchJob: `Suspended` (reasons
+# Suspended/Resumed), `Complete` and `Failed` (copied from its JobSet's Completed/Failed, or reason
+# DeadlineExceeded / TrainingRuntimeNotSupported from the Trainer itself), plus `jobsStatus`, the JobSet's
+# per-replicated-job counts of Jobs. The rest is inferred: Created once the TrainJob exists, Running while a
+# node Job is ready, Restarting while the JobSet has restarted (its `status.restarts`) and no node Job is ready
+# yet. The result has the shape of a PyTorchJob's status, so `from_child` applies the same rules to both.
+
+TRAINJOB_CREATED = "TrainJobCreated"
+TRAINJOB_RUNNING = "TrainJobRunning"
+JOBS_NOT_READY = "JobsNotReady"
+JOBSET_RESTARTING = "JobSetRestarting"
+
+
+def _true(c: Optional[dict[str, Any]]) -> bool:
+    return c is not None and c.get("status") == "True"
+
+
+def _cond(type_: str, status: str, reason: str, message: str, when: Optional[str]) -> dict[str, Any]:
+    out = {"type": type_, "status": status, "reason": reason, "message": message}
+    if when:
+        out["lastTransitionTime"] = when
+    return out
+
+
+def trainjob_child_status(trainjob: dict[str, Any], jobset: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """The TrainJob's status (and its JobSet's, when given) in the form of a PyTorchJob's status: conditions
+    Created, Running, Restarting, Suspended, Succeeded and Failed, `replicaStatuses` (Jobs of each replicated job,
+    e.g. `Node`), `startTime` and `completionTime`."""
+    meta = trainjob.get("metadata") or {}
+    name = meta.get("name", "")
+    tj = trainjob.get("status") or {}
+    js = (jobset or {}).get("status") or {}
+    conds = _by_type(tj.get("conditions"))
+    complete, failed, suspended = conds.get("Complete"), conds.get("Failed"), conds.get("Suspended")
+    jobs = tj.get("jobsStatus") or js.get("replicatedJobsStatus") or []
+    ready = sum(int(j.get("ready") or 0) for j in jobs)
+    total = len(jobs)
+    restarts = int(js.get("restarts") or 0)
+    is_suspended = _true(suspended) if suspended is not None else bool((trainjob.get("spec") or {}).get("suspend"))
+    done = _true(complete) or _true(failed)
+
+    out: list[dict[str, Any]] = [_cond("Created", "True", TRAINJOB_CREATED, f"TrainJob {name} is created",
+                                       meta.get("creationTimestamp"))]
+    if suspended is not None:
+        out.append(_cond("Suspended", suspended.get("status", "Unknown"), suspended.get("reason") or "Suspended",
+                         suspended.get("message", ""), suspended.get("lastTransitionTime")))
+    elif is_suspended:
+        out.append(_cond("Suspended", "True", "Suspended", f"TrainJob {name} is suspended", None))
+    if done:
+        end = complete if _true(complete) else failed
+        out.append(_cond("Running", "False", end.get("reason") or "Finished", "", end.get("lastTransitionTime")))
+    elif is_suspended:
+        out.append(_cond("Running", "False", "Suspended", "", None))
+    elif ready > 0:
+        out.append(_cond("Running", "True", TRAINJOB_RUNNING, f"TrainJob {name} is running: {ready} of {total} "
+                         f"replicated Job(s) ready", None))
+    else:
+        out.append(_cond("Running", "False", JOBS_NOT_READY, "", None))
+    if restarts > 0 and not done and not is_suspended and ready == 0:
+        out.append(_cond("Restarting", "True", JOBSET_RESTARTING,
+                         f"JobSet {name} is restarting all nodes (restart {restarts})", None))
+    if _true(complete):
+        out.append(_cond("Succeeded", "True", complete.get("reason") or "Complete", complete.get("message", ""),
+                         complete.get("lastTransitionTime")))
+    if _true(failed):
+        out.append(_cond("Failed", "True", failed.get("reason") or "Failed", failed.get("message", ""),
+                         failed.get("lastTransitionTime")))
+    status: dict[str, Any] = {"conditions": out}
+    replicas = {}
+    for j in jobs:
+        key = str(j.get("name") or "node")
+        replicas[key[:1].upper() + key[1:]] = {k: int(j.get(k) or 0) for k in ("active", "succeeded", "failed")}
+    if replicas:
+        status["replicaStatuses"] = replicas
+    if meta.get("creationTimestamp"):
+        status["startTime"] = meta["creationTimestamp"]
+    if done:
+        end = complete if _true(complete) else failed
+        if end.get("lastTransitionTime"):
+            status["completionTime"] = end["lastTransitionTime"]
+    return status
+
+
+def from_trainjob(trainjob: dict[str, Any], previous: Optional[dict[str, Any]], generation: Optional[int], now: str,
+                  *, jobset: Optional[dict[str, Any]] = None, run_policy: Optional[dict[str, Any]] = None,
+                  namespace: str = "") -> dict[str, Any]:
+    """The resource's status after observing its TrainJob (and its JobSet, when given): `from_child` on
+    `trainjob_child_status`."""
+    return from_child(trainjob_child_status(trainjob, jobset), previous, generation, now, run_policy=run_policy,
+                      namespace=namespace)

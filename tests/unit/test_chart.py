@@ -102,6 +102,11 @@ OPERATOR_RULES = {
     ("", "serviceaccounts"): {"get"},
     ("", "events"): {"create"},
 }
+# With jobApi: trainjob the PyTorchJob rule gives way to TrainJobs and a read of the JobSet behind one.
+TRAINJOB_RULES = {k: v for k, v in OPERATOR_RULES.items() if k != ("kubeflow.org", "pytorchjobs")} | {
+    ("trainer.kubeflow.org", "trainjobs"): {"get", "list", "watch", "create", "patch"},
+    ("jobset.x-k8s.io", "jobsets"): {"get"},
+}
 # All-namespaces kopf follows CRDs (scanning); exact namespaces turn scanning off.
 SCANNING_RULES = {("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"}}
 CLUSTER_PEERING_RULES = {("kopf.dev", "clusterkopfpeerings"): {"list", "watch", "patch"}}
@@ -112,9 +117,13 @@ TRAINER_RULES = {("training.qwen.dev", "qwentrainingjobs/status"): {"get", "patc
 # fails test_operator_client_calls_are_granted: add it to the table and to the chart's rules together.
 CLIENT_CALLS = {
     "get_namespaced_custom_object": [("training.qwen.dev", "qwentrainingjobs", "get"),
-                                     ("kubeflow.org", "pytorchjobs", "get")],
-    "create_namespaced_custom_object": [("kubeflow.org", "pytorchjobs", "create")],
-    "patch_namespaced_custom_object": [("kubeflow.org", "pytorchjobs", "patch")],
+                                     ("kubeflow.org", "pytorchjobs", "get"),
+                                     ("trainer.kubeflow.org", "trainjobs", "get"),
+                                     ("jobset.x-k8s.io", "jobsets", "get")],
+    "create_namespaced_custom_object": [("kubeflow.org", "pytorchjobs", "create"),
+                                        ("trainer.kubeflow.org", "trainjobs", "create")],
+    "patch_namespaced_custom_object": [("kubeflow.org", "pytorchjobs", "patch"),
+                                       ("trainer.kubeflow.org", "trainjobs", "patch")],
     "patch_namespaced_custom_object_status": [("training.qwen.dev", "qwentrainingjobs/status", "patch")],
     "read_namespaced_config_map": [("", "configmaps", "get")],
     "create_namespaced_config_map": [("", "configmaps", "create")],
@@ -174,6 +183,8 @@ MATRIX = {
     "servicemonitor": {"metrics.serviceMonitor.enabled": True, "metrics.serviceMonitor.labels": {"release": "prom"}},
     "custom-image": {"image.repository": "registry.example.com:5000/qwen/op", "image.tag": "dev-1",
                      "imagePullSecrets": [{"name": "regcred"}]},
+    "trainjob": {"jobApi": "trainjob"},
+    "trainjob-namespaces": {"jobApi": "trainjob", "watch.scope": "namespaces", "watch.namespaces": ["team-a"]},
     "no-rbac": {"rbac.create": False, "serviceAccount.create": False, "serviceAccount.name": "mine",
                 "trainer.serviceAccount.create": False},
 }
@@ -204,7 +215,7 @@ def test_every_rendering_is_restricted_and_labelled(case):
     assert dep["spec"]["strategy"] == {"type": "Recreate"}
     for d in docs:
         assert d["metadata"]["labels"]["app.kubernetes.io/instance"] == RELEASE, d["kind"]
-        if d["kind"] not in ("ClusterRole", "ClusterRoleBinding", "ClusterKopfPeering"):
+        if d["kind"] not in ("ClusterRole", "ClusterRoleBinding", "ClusterKopfPeering", "ClusterTrainingRuntime"):
             assert d["metadata"].get("namespace"), f"{d['kind']} {d['metadata']['name']} has no namespace"
 
 
@@ -309,15 +320,71 @@ def test_operator_client_calls_are_granted():
     calls = set(re.findall(r"\.(?:custom|core|apps|batch|rbac|coordination|events)\.([a-z_]+)\(", source))
     unknown = calls - set(CLIENT_CALLS)
     assert not unknown, f"API calls the chart's RBAC does not account for yet: {sorted(unknown)}"
+    # Each job API's rules grant every call on the resources that API uses (the other API's are never called).
+    other = {"pytorchjob": {("trainer.kubeflow.org", "trainjobs"), ("jobset.x-k8s.io", "jobsets")},
+             "trainjob": {("kubeflow.org", "pytorchjobs")}}
     granted = OPERATOR_RULES
-    for call in calls:
-        for group, resource, verb in CLIENT_CALLS[call]:
-            assert verb in granted.get((group, resource), set()), (call, group, resource, verb)
+    for api, rules in (("pytorchjob", OPERATOR_RULES), ("trainjob", TRAINJOB_RULES)):
+        for call in calls:
+            for group, resource, verb in CLIENT_CALLS[call]:
+                if (group, resource) not in other[api]:
+                    assert verb in rules.get((group, resource), set()), (api, call, group, resource, verb)
+    # The child watch each job API registers (qwen_operator.handlers.watch_children).
+    from qwen_operator import handlers
+    for api, rules in (("pytorchjob", OPERATOR_RULES), ("trainjob", TRAINJOB_RULES)):
+        (group, _, plural), _fn = handlers._CHILD_WATCHES[api]
+        assert {"list", "watch"} <= rules[(group, plural)], api
     # kopf watches every resource a handler is registered for.
     for group, plural in re.findall(r"@kopf\.on\.(?:event|create|update|resume|delete|field)\(\s*"
                                     r"(GROUP|\"[a-z.]*\"),\s*(?:VERSION|\"v1\"),\s*(PLURAL|\"[a-z]+\")", source):
         key = ("training.qwen.dev", "qwentrainingjobs") if group == "GROUP" else (group.strip('"'), plural.strip('"'))
         assert {"list", "watch"} <= granted[key], key
+
+
+def test_trainjob_api_grants_trainjobs_and_not_pytorchjobs():
+    docs = render({"jobApi": "trainjob"})
+    (role,) = operator_role_docs(docs)
+    assert rules_of(role) == TRAINJOB_RULES | SCANNING_RULES
+    args = container(docs)["args"]
+    assert "--job-api=trainjob" in args and "--trainjob-runtime=qwen-torch-distributed" in args
+    docs = render({"jobApi": "trainjob", "watch.scope": "namespaces", "watch.namespaces": ["team-a", "team-b"]})
+    roles = operator_role_docs(docs)
+    assert len(roles) == 2 and all(rules_of(r) == TRAINJOB_RULES for r in roles)
+
+
+def test_pytorchjob_api_is_the_default_and_ships_no_runtime():
+    docs = render()
+    assert "--job-api=pytorchjob" in container(docs)["args"]
+    assert not of_kind(docs, "ClusterTrainingRuntime")
+
+
+def test_cluster_training_runtime_for_trainjob_or_on_request():
+    from qwen_operator import render as r
+
+    for values in ({"jobApi": "trainjob"}, {"trainJob.runtime.create": True}):
+        runtime = one(render(values), "ClusterTrainingRuntime")
+        assert runtime["apiVersion"] == "trainer.kubeflow.org/v1alpha1"
+        assert runtime["metadata"]["name"] == r.DEFAULT_RUNTIME and "namespace" not in runtime["metadata"]
+        assert runtime["spec"]["mlPolicy"] == {"numNodes": 1, "torch": {}}
+        (job,) = runtime["spec"]["template"]["spec"]["replicatedJobs"]
+        assert job["name"] == r.TRAINJOB_NODE
+        assert job["template"]["metadata"]["labels"]["trainer.kubeflow.org/trainjob-ancestor-step"] == "trainer"
+        (c,) = job["template"]["spec"]["template"]["spec"]["containers"]
+        assert c["name"] == r.TRAINJOB_NODE and c["image"] == "ghcr.io/qwen-k8s/trainer-gpu:0.1.0"
+        # The PyTorchJob's command line, with the process count the Trainer injects.
+        expected = [a if not a.startswith("--nproc-per-node") else "--nproc-per-node=$(PET_NPROC_PER_NODE)"
+                    for a in r.torchrun_command(8)]
+        assert c["command"] == expected
+        assert runtime["spec"]["template"]["spec"]["failurePolicy"] == {"maxRestarts": 3}
+    runtime = one(render({"jobApi": "trainjob", "trainJob.runtime.name": "mine", "trainJob.runtime.maxRestarts": 0}),
+                  "ClusterTrainingRuntime")
+    assert runtime["metadata"]["name"] == "mine" and runtime["spec"]["template"]["spec"]["failurePolicy"] == \
+        {"maxRestarts": 0}
+
+
+def test_unknown_job_api_is_refused_by_the_schema():
+    proc = helm("template", RELEASE, str(CHART), "--set", "jobApi=mpijob", check=False)
+    assert proc.returncode != 0 and "jobApi" in proc.stderr
 
 
 # ----------------------------------------------------------------------------------- metrics and tests

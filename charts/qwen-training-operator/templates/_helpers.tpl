@@ -91,9 +91,20 @@ follow PyTorchJobs through a watch, and post Events.
 - apiGroups: ["training.qwen.dev"]
   resources: ["qwentrainingjobs/status"]
   verbs: ["patch"]
+{{- if eq .Values.jobApi "trainjob" }}
+# Kubeflow Trainer v2: create/read/watch TrainJobs, patch their suspend flag; read the JobSet behind one
+# (restarts). The ClusterTrainingRuntime is resolved by the Trainer, not read by the operator.
+- apiGroups: ["trainer.kubeflow.org"]
+  resources: ["trainjobs"]
+  verbs: ["get", "list", "watch", "create", "patch"]
+- apiGroups: ["jobset.x-k8s.io"]
+  resources: ["jobsets"]
+  verbs: ["get"]
+{{- else }}
 - apiGroups: ["kubeflow.org"]
   resources: ["pytorchjobs"]
   verbs: ["get", "list", "watch", "create", "patch"]
+{{- end }}
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["get", "create"]

@@ -110,7 +110,12 @@ class Scheduling(SpecModel):
     priority_class_name: Optional[str] = Field(default=None, max_length=253)
     """PriorityClass of the pods."""
     queue_name: Optional[str] = Field(default=None, max_length=63)
-    """Kueue LocalQueue; set as the kueue.x-k8s.io/queue-name label on the PyTorchJob."""
+    """Kueue LocalQueue; set as the kueue.x-k8s.io/queue-name label on the child job (PyTorchJob or TrainJob),
+    which is then created suspended for Kueue to admit. The resource's own kueue.x-k8s.io/queue-name label is
+    used when this is unset."""
+    workload_priority_class_name: Optional[str] = Field(default=None, max_length=253)
+    """Kueue WorkloadPriorityClass; set as the kueue.x-k8s.io/priority-class label on the child job. The
+    resource's own kueue.x-k8s.io/priority-class label is used when this is unset."""
     gang: Gang = Field(default_factory=Gang)
     """Gang scheduling."""
 

@@ -195,7 +195,7 @@ class QwenTrainingJobStatus(SpecModel):
     conditions: list[Condition] = Field(default_factory=list)
     """Conditions keyed by type."""
     pytorch_job: Optional[str] = None
-    """Name of the child PyTorchJob."""
+    """Name of the child job: a PyTorchJob, or a TrainJob when the operator runs with the trainjob job API."""
     config_map: Optional[str] = None
     """Name of the ConfigMap holding the resolved job spec."""
     replicas: dict[str, ReplicaCounts] = Field(default_factory=dict)
