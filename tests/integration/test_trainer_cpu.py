@@ -230,7 +230,7 @@ def test_progress_and_engine_notes_reach_the_resource_status(data, tmp_path, clu
     job["training"]["cudaGraphs"] = True
     resource = {"apiVersion": "training.qwen.dev/v1alpha1", "kind": "QwenTrainingJob",
                 "metadata": {"name": "tiny-progress", "namespace": namespace},
-                "spec": {**job, "resources": {"gpusPerNode": 0}}}
+                "spec": {**job, "resources": {"gpusPerNode": 0, "cpu": "1", "memory": "2Gi"}}}
     deadline = time.monotonic() + 30
     while True:
         created = subprocess.run([*kube, "apply", "-f", "-"], input=yaml.safe_dump(resource), capture_output=True,
