@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from trainer import faults
+from trainer import faults, progress
 from trainer.checkpoint import store, weights
 from trainer.data import batches
 from trainer.data.prefetch import StepPrefetcher
@@ -217,6 +217,7 @@ def run_training(spec: JobSpec, d: DistEnv, log: Callable[[str], None]) -> int:
     last = None
     end = state.consumed_samples + (plan.train_iters - state.iteration) * t.global_batch_size
     feeder = StepPrefetcher(train_src, t.global_batch_size, t.micro_batch_size, dp, dp_rank, t.num_workers, end=end)
+    loop_started, loop_start_iteration = time.time(), state.iteration
     try:
         while state.iteration < plan.train_iters:
             it = state.iteration + 1
@@ -242,9 +243,11 @@ def run_training(spec: JobSpec, d: DistEnv, log: Callable[[str], None]) -> int:
                                      result.grad_norm, elapsed / n, window["tokens"] / n, window["loss_tokens"])
                 if status is not None:
                     mfu = {"mfu": round(last["mfu"], 4)} if last.get("mfu") is not None else {}
+                    how_far = progress.progress_fields(it, plan.train_iters, loop_started, time.time(),
+                                                       loop_start_iteration)
                     status.report(iteration=it, trainIters=plan.train_iters, loss=last["loss"],
                                   tokensPerSecond=round(last["tokens_per_second"], 1), engine=engine.name, **mfu,
-                                  summary=f"{it}/{plan.train_iters} loss {last['loss']:.4f}")
+                                  **how_far, summary=progress.summary(it, plan.train_iters, last["loss"], how_far))
                 window = {"loss": 0.0, "aux": 0.0, "n": 0, "tokens": 0, "loss_tokens": 0, "t": time.time()}
             if valid_src is not None and t.eval_iters > 0 and (it % t.eval_interval == 0 or it == plan.train_iters):
                 evaluate(engine, valid_src, t, dp, dp_rank, it, metrics)

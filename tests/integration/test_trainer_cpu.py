@@ -248,4 +248,6 @@ def test_progress_and_engine_notes_reach_the_resource_status(data, tmp_path, clu
     progress = got["status"]["progress"]
     assert progress["engine"] == "cpu" and progress["notes"] == ["CUDA graphs off: the CPU engine runs without a GPU"]
     assert progress["iteration"] == progress["trainIters"] == 6
-    assert progress["checkpoint"].endswith("iter_0000006") and progress["summary"].startswith("6/6 loss ")
+    assert progress["checkpoint"].endswith("iter_0000006") and progress["summary"].startswith("6/6 (100.0%) loss ")
+    assert progress["percentage"] == 100.0 and progress["estimatedRemainingSeconds"] == 0
+    assert progress["elapsedSeconds"] >= 0

@@ -151,6 +151,12 @@ class Progress(SpecModel):
     """Throughput of the whole job."""
     mfu: Optional[float] = None
     """Model FLOPs utilisation of each GPU (0-1), where the card's peak is known."""
+    percentage: Optional[float] = None
+    """Completed steps as a percentage of the stage's steps."""
+    elapsed_seconds: Optional[int] = None
+    """Time this run of the stage has trained so far."""
+    estimated_remaining_seconds: Optional[int] = None
+    """The remaining steps at the mean time of this run's steps so far (checkpoints and evaluations included)."""
     checkpoint: Optional[str] = None
     """Newest complete checkpoint."""
     engine: Optional[str] = None
