@@ -130,26 +130,14 @@ def cmd_explain(args) -> int:
 
 def _explain_one(spec) -> dict:
     from trainer.spec import derive, resolve_architecture
-    from trainer.spec.estimate import checkpoint_size, flops_per_token, memory_per_gpu
+    from trainer.spec.estimate import checkpoint_size, flops_per_token, job_memory_per_gpu
 
     job = spec.job_spec()
     world = spec.world_size()
     derived = derive(job, world)
     arch = resolve_architecture(job)
     p, t = job.parallelism, job.training
-    memory = memory_per_gpu(
-        arch,
-        tensor=p.tensor,
-        pipeline=p.pipeline,
-        expert=p.expert,
-        data_parallel=derived.data_parallel_size or 1,
-        distributed_optimizer=p.distributed_optimizer,
-        expert_data_parallel=derived.expert_data_parallel_size or None,
-        micro_batch_size=t.micro_batch_size,
-        seq_length=t.seq_length,
-        recompute=t.activation_checkpointing.mode,
-        sequence_parallel=p.sequence_parallel,
-    )
+    memory = job_memory_per_gpu(job, world)
     report = {
         "derived": derived.to_dict(),
         "architecture": _camel(arch.to_dict()),

@@ -15,6 +15,7 @@
 | `--trainer-service-account NAME` ('' turns it off) | `QWEN_OPERATOR_TRAINER_SERVICE_ACCOUNT` | `qwen-trainer` (used where it exists) |
 | `--job-api pytorchjob|trainjob` | `QWEN_OPERATOR_JOB_API` | `pytorchjob` (Kubeflow training-operator v1); `trainjob`: Kubeflow Trainer v2 |
 | `--trainjob-runtime NAME` | `QWEN_OPERATOR_TRAINJOB_RUNTIME` | `qwen-torch-distributed` (the chart's ClusterTrainingRuntime) |
+| `--gpu-memory-gib N` (0: only cards named by `nvidia.com/gpu.product` in a spec's nodeSelector) | `QWEN_OPERATOR_GPU_MEMORY_GIB` | 79 (an 80 GB H100/A100), the card the MemoryFits condition assumes |
 | `--log-format json|plain` | `QWEN_OPERATOR_LOG_FORMAT` | json |
 | `--verbose`, `--debug` | `QWEN_OPERATOR_LOG_LEVEL=debug` | info |
 """
@@ -55,6 +56,8 @@ class OperatorConfig:
     # Which child job to render: a Kubeflow PyTorchJob or a Kubeflow Trainer v2 TrainJob on `trainjob_runtime`.
     job_api: str = "pytorchjob"
     trainjob_runtime: str = DEFAULT_TRAINJOB_RUNTIME
+    # Memory of the cluster's usual GPU, for the MemoryFits condition where a spec names no card.
+    gpu_memory_gib: Optional[float] = 79.0
     log_format: str = "json"
     verbose: bool = False
     debug: bool = False
@@ -100,6 +103,8 @@ class OperatorConfig:
             cfg.job_api = _job_api(env["QWEN_OPERATOR_JOB_API"])
         if env.get("QWEN_OPERATOR_TRAINJOB_RUNTIME"):
             cfg.trainjob_runtime = env["QWEN_OPERATOR_TRAINJOB_RUNTIME"]
+        if env.get("QWEN_OPERATOR_GPU_MEMORY_GIB"):
+            cfg.gpu_memory_gib = float(env["QWEN_OPERATOR_GPU_MEMORY_GIB"]) or None
         if env.get("QWEN_OPERATOR_LOG_FORMAT"):
             cfg.log_format = env["QWEN_OPERATOR_LOG_FORMAT"]
         level = env.get("QWEN_OPERATOR_LOG_LEVEL", "").lower()
@@ -135,6 +140,8 @@ def parser() -> argparse.ArgumentParser:
                    help="child job API: pytorchjob (Kubeflow training-operator) or trainjob (Kubeflow Trainer v2)")
     p.add_argument("--trainjob-runtime", default=None, metavar="NAME",
                    help="ClusterTrainingRuntime the TrainJobs reference (job API trainjob)")
+    p.add_argument("--gpu-memory-gib", type=float, default=None, metavar="N",
+                   help="GiB of the cluster's usual GPU, for the MemoryFits condition (0: only cards named in specs)")
     p.add_argument("--log-format", choices=["json", "plain", "full"], default=None)
     p.add_argument("-v", "--verbose", action="store_true")
     p.add_argument("--debug", action="store_true")
@@ -170,6 +177,8 @@ def from_args(argv: Optional[Sequence[str]] = None, env: Mapping[str, str] = os.
         cfg.job_api = args.job_api
     if args.trainjob_runtime is not None:
         cfg.trainjob_runtime = args.trainjob_runtime
+    if args.gpu_memory_gib is not None:
+        cfg.gpu_memory_gib = args.gpu_memory_gib or None
     if args.log_format is not None:
         cfg.log_format = args.log_format
     cfg.verbose = cfg.verbose or args.verbose

@@ -30,6 +30,7 @@ from trainer.spec import SpecError, derive
 from . import stages as sg
 from . import status as st
 from .api import GROUP, KIND, PLURAL, VERSION
+from .api.devices import memory_fit
 from .config import OperatorConfig
 from .drift import child_drift
 from .kube import Kube
@@ -230,6 +231,9 @@ def _reconcile(body: dict[str, Any], memo: kopf.Memo, logger: logging.Logger, re
     synced: tuple[str, str, str] = ("True", st.IN_SYNC, "")
     created: list[str] = []
     warnings: list[tuple[str, str]] = []
+    memory = memory_fit(spec, CONFIG.gpu_memory_gib)
+    if memory[0] == "False" and (st.get_condition(previous, st.MEMORY_FITS) or {}).get("status") != "False":
+        warnings.append(memory[1:])  # once, when the estimate first misses
 
     # A child job this resource already created and that is gone now was deleted by someone: do not rerun it.
     if previous.get("pytorchJob") == pj["metadata"]["name"] and kube.get_child(pj) is None:
@@ -265,7 +269,7 @@ def _reconcile(body: dict[str, Any], memo: kopf.Memo, logger: logging.Logger, re
 
     def written(res: dict[str, Any]) -> dict[str, Any]:
         status = st.reconciled(res.get("status"), res["metadata"].get("generation"), now(), pytorch_job=pj_name,
-                               config_map=cm["metadata"]["name"], derived=derived, synced=synced)
+                               config_map=cm["metadata"]["name"], derived=derived, synced=synced, memory=memory)
         return sg.started(status, sg.init_stages(status.get("stages"), [(r["name"], r["stage"]) for r in records]),
                           index, pj_name, now())
 

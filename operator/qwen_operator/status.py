@@ -27,7 +27,8 @@ from typing import Any, Iterable, Optional
 MIRRORED = ("Created", "Running", "Restarting", "Suspended", "Failed")
 SUMMARY = "Succeeded"
 SYNCED = "Synced"
-ORDER = ("Created", "Running", "Restarting", "Suspended", "Succeeded", "Failed", "Synced")
+MEMORY_FITS = "MemoryFits"  # the stage's memory estimate against the card (api.devices): a warning, never a stop
+ORDER = ("Created", "Running", "Restarting", "Suspended", "Succeeded", "Failed", "Synced", "MemoryFits")
 TERMINAL_PHASES = ("Succeeded", "Failed", "Invalid")
 
 # Synced reasons
@@ -192,7 +193,7 @@ def from_child(child_status: Optional[dict[str, Any]], previous: Optional[dict[s
 def reconciled(previous: Optional[dict[str, Any]], generation: Optional[int], now: str, *,
                pytorch_job: Optional[str] = None, config_map: Optional[str] = None,
                derived: Optional[dict[str, Any]] = None, synced: tuple[str, str, str] = ("True", IN_SYNC, ""),
-               ) -> dict[str, Any]:
+               memory: Optional[tuple[str, str, str]] = None) -> dict[str, Any]:
     """The status written by the create/resume handler: names of the children, derived values and the Synced
     condition. Conditions mirrored from the child are left as they are (the child's watch owns them); types not
     yet present are initialised, so that every condition exists from the first reconcile."""
@@ -213,6 +214,9 @@ def reconciled(previous: Optional[dict[str, Any]], generation: Optional[int], no
                                          generation=generation)
     s, reason, message = synced
     conds[SYNCED] = condition(SYNCED, s, reason, message, previous=prev.get(SYNCED), now=now, generation=generation)
+    if memory is not None:
+        conds[MEMORY_FITS] = condition(MEMORY_FITS, *memory, previous=prev.get(MEMORY_FITS), now=now,
+                                       generation=generation)
     if not terminal:
         phase = phase_of(conds)
         if SUMMARY not in conds or conds[SUMMARY].get("status") == "Unknown":
@@ -384,7 +388,7 @@ def describe_failure(failure: dict[str, Any], run_policy: dict[str, Any], namesp
     if deleted:
         text += (f" The pod is deleted when it is replaced or cleaned up: its last lines are the message above;"
                  f" for full logs, keep failed pods with spec.runPolicy {{restartPolicy: Never, cleanPodPolicy: None}}"
-                 f" or ship logs off the pod.")
+                 " or ship logs off the pod.")
     else:
         text += f" Logs: kubectl logs -n {namespace} {pod} -c {_CONTAINER}"
     return text

@@ -110,3 +110,23 @@ def test_trainer_service_account_is_used_where_it_exists(cluster, operator, jobs
     assert pod.spec.service_account_name == "default"
     jobs.wait_phase("with-account", "Running", 60)
     assert jobs.condition("with-account", "Synced")["status"] == "True"
+
+
+def test_a_stage_whose_memory_estimate_misses_the_card_is_warned_and_still_created(cluster, operator, jobs, namespace):
+    """Qwen2.5-7B pretraining on one 80 GB card without model parallelism or the distributed optimizer: the
+    estimate (qwenctl explain's) is about 140-150 GiB per GPU. The resource runs anyway (the estimate is a guide), with
+    MemoryFits False saying what to change and one Warning Event."""
+    jobs.create(tiny_job("too-big", namespace, stage="pretrain", model={"family": "qwen2.5", "size": "7B"},
+                         checkpoint={"output": {"path": "/data/out"}},
+                         data={"pretrain": {"prefixes": [{"path": "/data/c_text_document"}]}},
+                         training={"globalBatchSize": 8, "microBatchSize": 1, "seqLength": 4096, "trainIters": 100},
+                         parallelism={"tensor": 1, "pipeline": 1, "distributedOptimizer": False},
+                         image={"name": "ghcr.io/qwen-k8s/trainer:0.1.0"},
+                         resources={"nodes": 1, "gpusPerNode": 1}))
+    fits = wait_for(lambda: jobs.condition("too-big", "MemoryFits"), 60, what="MemoryFits condition")
+    assert fits["status"] == "False" and fits["reason"] == "MemoryEstimateExceedsDevice"
+    need = float(fits["message"].split("estimated ")[1].split(" GiB")[0])
+    assert need > 79 and "exceeds the 79 GiB" in fits["message"]
+    warned = wait_for(lambda: _events(jobs, "too-big", "MemoryEstimateExceedsDevice"), 30, what="Warning Event")
+    assert warned[0].type == "Warning"
+    assert jobs.pytorchjob("too-big") is not None
