@@ -13,9 +13,10 @@ import threading
 import time
 from typing import Any, Callable, Optional
 
+from trainer.spec.resource_name import GROUP, PLURAL, VERSION
+
 RESOURCE_ENV = "QWEN_STATUS_RESOURCE"
 INTERVAL_ENV = "QWEN_STATUS_INTERVAL"
-GROUP, VERSION, PLURAL = "training.qwen.dev", "v1alpha1", "qwentrainingjobs"
 
 
 class StatusReporter:

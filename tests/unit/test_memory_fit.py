@@ -8,7 +8,7 @@ import yaml
 
 from qwen_operator import status as st
 from qwen_operator.api.devices import EXCEEDS, FITS, NOT_ESTIMATED, PRODUCT_LABEL, device_memory, memory_fit
-from qwen_operator.api.resource import validate_resource_spec
+from qwen_operator.api import validate_resource_spec
 
 EXAMPLES = "manifests/examples"
 NO_MODEL_PARALLEL = {"parallelism.tensor": 1, "parallelism.pipeline": 1, "parallelism.sequenceParallel": False,

@@ -8,8 +8,8 @@ from .resource import (
     VERSION,
     QwenTrainingJobSpec,
     QwenTrainingJobStatus,
-    validate_resource_spec,
 )
+from .validation import validate_resource_spec
 
 __all__ = [
     "API_VERSION",

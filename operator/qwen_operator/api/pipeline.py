@@ -17,6 +17,8 @@ from typing import Any
 from trainer.spec import Problem, SpecError
 from trainer.spec.resolve import checkpoint_formats
 
+from .resource import validate_stage_spec
+
 OVERRIDABLE = ("training", "data", "checkpoint", "evaluate", "parallelism", "resources", "image")
 
 
@@ -36,8 +38,6 @@ def deep_merge(base: Any, override: Any) -> Any:
 def pipeline_steps(spec: dict[str, Any]) -> list[tuple[str, dict[str, Any], Any]]:
     """(step name, effective single-stage spec, its validated QwenTrainingJobSpec) for every step, with
     checkpoints wired from one step to the next. SpecError lists every problem of the pipeline and its steps."""
-    from .resource import validate_resource_spec  # local: resource imports this module
-
     steps = spec.get("pipeline")
     if not isinstance(steps, list) or not steps:
         raise SpecError([Problem("spec.pipeline", "must list at least one stage")])
@@ -75,7 +75,7 @@ def pipeline_steps(spec: dict[str, Any]) -> list[tuple[str, dict[str, Any], Any]
         if "source" not in checkpoint and previous_output is not None:
             checkpoint["source"] = copy.deepcopy(previous_output)
         try:
-            parsed = validate_resource_spec(effective, prefix=where)
+            parsed = validate_stage_spec(effective, prefix=where)
         except SpecError as err:
             problems.extend(err.problems)
             previous_output = None

@@ -12,13 +12,7 @@ from trainer.spec.problems import parse
 
 from .placement import EnvVar, Image, Nccl, Resources, RunPolicy, Scheduling, VolumeMount
 
-GROUP = "training.qwen.dev"
-VERSION = "v1alpha1"
-KIND = "QwenTrainingJob"
-PLURAL = "qwentrainingjobs"
-SINGULAR = "qwentrainingjob"
-SHORT_NAMES = ["qtj"]
-API_VERSION = f"{GROUP}/{VERSION}"
+from trainer.spec.resource_name import API_VERSION, GROUP, KIND, PLURAL, SHORT_NAMES, SINGULAR, VERSION  # noqa: F401
 
 # Fields a user may change after creation; everything else is fixed once the job exists, because the
 # PyTorchJob and the checkpoints on disk were made from it.
@@ -250,15 +244,10 @@ PLACEMENT_CEL = [{
 }]
 
 
-def validate_resource_spec(data: Any, prefix: str = "spec") -> QwenTrainingJobSpec:
-    """Structural then semantic validation of a resource's spec; raises SpecError naming fields under `prefix`.
-    A pipeline is validated step by step (problems name `spec.pipeline[i]...`)."""
+def validate_stage_spec(data: Any, prefix: str = "spec") -> QwenTrainingJobSpec:
+    """Structural then semantic validation of a single-stage spec (a resource's, or one pipeline step's effective
+    spec); raises SpecError naming fields under `prefix`. api.validation.validate_resource_spec takes pipelines."""
     spec = parse(QwenTrainingJobSpec, data, prefix)
-    if spec.pipeline is not None:
-        from .pipeline import pipeline_steps
-
-        pipeline_steps(data)
-        return spec
     if spec.stage is None:
         raise SpecError([Problem(f"{prefix}.stage", "required field is missing (or list stages in spec.pipeline)")])
     problems: list[Problem] = semantic_problems(spec.job_spec(), spec.world_size(), prefix,
