@@ -7,6 +7,14 @@
 #   training-operator.v1 (Kubeflow PyTorchJob controller)           tools/controlplane/training-operator
 #   helm v3                                                         tools/controlplane/helm
 #
+# Opt-in extras (not built by default; --with-extras, QWEN_CONTROLPLANE_EXTRAS=a,b or --only X):
+#   trainer-v2  Kubeflow Trainer v2 controller manager (TrainJob)   tools/controlplane/trainer-v2
+#   jobset      JobSet controller                                   tools/controlplane/jobset
+#   kueue       Kueue controller manager                            tools/controlplane/kueue
+# They go into the same bin dir (the key covers only the default components, so adding an
+# extra never invalidates the default build); each carries a stamp of its own go.mod/go.sum,
+# and its CRDs are copied from the module zip into crds/<extra>/.
+#
 # Each component is its own Go module (go.mod/go.sum pinned in this repository), so the
 # dependency graphs never mix. Binaries go into a version-keyed cache outside the repo:
 #
@@ -15,11 +23,13 @@
 # plus the PyTorchJob CRD and kwok's stock stage files next to it. The script is
 # idempotent: a component whose binary already exists under the key is not rebuilt.
 #
-# Usage: tools/build-controlplane.sh [--print-bin-dir] [--force] [--only COMPONENT]...
+# Usage: tools/build-controlplane.sh [--print-bin-dir] [--force] [--with-extras] [--only COMPONENT]...
 #   --print-bin-dir  print the bin dir for the pinned versions and exit (builds nothing)
 #   --print-key      print the cache key and exit
 #   --force          rebuild even if the binaries exist
-#   --only C         build only component C (k8s, etcd, kwok, training-operator, helm); repeatable
+#   --with-extras    also build trainer-v2, jobset and kueue (env: QWEN_CONTROLPLANE_EXTRAS=trainer-v2,jobset,kueue)
+#   --only C         build only component C (k8s, etcd, kwok, training-operator, helm,
+#                    trainer-v2, jobset, kueue); repeatable
 # On success the last line of stdout is the bin dir, so callers can do
 #   BIN=$(tools/build-controlplane.sh | tail -n1)
 set -euo pipefail
@@ -30,17 +40,22 @@ CACHE="${QWEN_K8S_CACHE:-$HOME/.cache/qwen-k8s}"
 
 # Bump when the build recipe (flags, copied files) changes in a way that needs a rebuild.
 RECIPE=1
+EXTRAS_RECIPE=1
 
 print_only=""
 force=0
 only=()
+EXTRAS_ALL=(trainer-v2 jobset kueue)
+extras=()
+IFS=', ' read -r -a extras <<<"${QWEN_CONTROLPLANE_EXTRAS:-}"
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --print-bin-dir) print_only=bin ;;
     --print-key) print_only=key ;;
     --force) force=1 ;;
     --only) only+=("$2"); shift ;;
-    -h|--help) sed -n '2,24p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --with-extras) extras=("${EXTRAS_ALL[@]}") ;;
+    -h|--help) sed -n '2,34p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "build-controlplane: unknown argument: $1" >&2; exit 2 ;;
   esac
   shift
@@ -56,13 +71,19 @@ ETCD_VERSION="$(modver k8s go.etcd.io/etcd/server/v3)"
 KWOK_VERSION="$(modver kwok sigs.k8s.io/kwok)"
 TFO_VERSION="$(modver training-operator github.com/kubeflow/training-operator)"
 HELM_VERSION="$(modver helm helm.sh/helm/v3)"
-for v in K8S_VERSION ETCD_VERSION KWOK_VERSION TFO_VERSION HELM_VERSION; do
+TRAINER_V2_VERSION="$(modver trainer-v2 github.com/kubeflow/trainer/v2)"
+JOBSET_VERSION="$(modver jobset sigs.k8s.io/jobset)"
+KUEUE_VERSION="$(modver kueue sigs.k8s.io/kueue)"
+for v in K8S_VERSION ETCD_VERSION KWOK_VERSION TFO_VERSION HELM_VERSION TRAINER_V2_VERSION JOBSET_VERSION KUEUE_VERSION; do
   [[ -n "${!v}" ]] || { echo "build-controlplane: could not read $v from $SRC/*/go.mod" >&2; exit 1; }
 done
 
 # A short digest of the pinned module files and this recipe, so that a go.sum change
-# (a different dependency) also gets a fresh directory.
-DIGEST="$( (echo "recipe=$RECIPE"; cat "$SRC"/*/go.mod "$SRC"/*/go.sum) | sha256sum | cut -c1-8)"
+# (a different dependency) also gets a fresh directory. Only the default components count;
+# the extras carry their own stamp (see extra_stamp).
+CORE=(helm k8s kwok training-operator)
+DIGEST="$( (echo "recipe=$RECIPE"; for c in "${CORE[@]}"; do cat "$SRC/$c/go.mod"; done
+            for c in "${CORE[@]}"; do cat "$SRC/$c/go.sum"; done) | sha256sum | cut -c1-8)"
 KEY="k8s-${K8S_VERSION}-etcd-${ETCD_VERSION#v}-kwok-${KWOK_VERSION}-tfo-${TFO_VERSION}-helm-${HELM_VERSION}-${DIGEST}"
 OUT="$CACHE/controlplane/$KEY"
 BIN="$OUT/bin"
@@ -74,7 +95,12 @@ need_go() { # component
   command -v go >/dev/null 2>&1 || { echo "build-controlplane: 'go' is not on PATH (Go >= 1.24 is needed to build $1)" >&2; exit 1; }
 }
 
-mkdir -p "$BIN" "$OUT/crds" "$OUT/kwok-stages" "$OUT/logs"
+for e in "${extras[@]}" "${only[@]}"; do
+  case "$e" in k8s|etcd|kwok|training-operator|helm|trainer-v2|jobset|kueue) ;;
+    *) echo "build-controlplane: unknown component: $e" >&2; exit 2 ;; esac
+done
+
+mkdir -p "$BIN" "$OUT/crds" "$OUT/kwok-stages" "$OUT/logs" "$OUT/extras"
 # One build at a time per key (CI and a test fixture may both ask); a waiting caller then
 # finds the binaries in place. Left-over staging dirs from an interrupted build are removed.
 if command -v flock >/dev/null 2>&1; then
@@ -87,6 +113,18 @@ want() { # component
   [[ ${#only[@]} -eq 0 ]] && return 0
   local c; for c in "${only[@]}"; do [[ "$c" == "$1" ]] && return 0; done
   return 1
+}
+want_extra() { # extra: only when named by --only, --with-extras or QWEN_CONTROLPLANE_EXTRAS
+  local c
+  if [[ ${#only[@]} -gt 0 ]]; then
+    for c in "${only[@]}"; do [[ "$c" == "$1" ]] && return 0; done
+    return 1
+  fi
+  for c in "${extras[@]}"; do [[ "$c" == "$1" ]] && return 0; done
+  return 1
+}
+extra_stamp() { # extra version
+  echo "$2 recipe=$EXTRAS_RECIPE $(cat "$SRC/$1/go.mod" "$SRC/$1/go.sum" | sha256sum | cut -c1-16)"
 }
 have() { # binary...
   [[ $force -eq 1 ]] && return 1
@@ -187,6 +225,48 @@ moddir() { # srcdir module@version
   need_go "$1 data files"
   ( cd "$SRC/$1" && go mod download -json "$2" ) | awk -F'"' '$2=="Dir"{print $4}'
 }
+
+# Opt-in extras: one controller binary each, plus its CRDs in crds/<extra>/ and its webhook
+# configurations in webhooks/<extra>.yaml (both from the module zip; the harness rewrites the
+# webhooks to point at the out-of-cluster process).
+build_extra() { # extra module version binary package crd-subdir webhook-manifest ldflags
+  local e="$1" mod="$2" ver="$3" bin="$4" pkg="$5" crdsub="$6" whfile="$7" ldf="$8"
+  local stamp="$OUT/extras/$e.stamp" want_stamp; want_stamp="$(extra_stamp "$e" "$ver")"
+  local log="$OUT/logs/build-$e.log" t s d
+  if [[ $force -eq 1 || ! -x "$BIN/$bin" || ! -s "$stamp" || "$(cat "$stamp")" != "$want_stamp" ]]; then
+    need_go "$e"
+    t="$(stage_dir)"; s=$(now)
+    echo "build-controlplane: building $bin ($mod $ver) (log: $log)" >&2
+    ( cd "$SRC/$e" && "${GOBUILD[@]}" -ldflags "-s -w $ldf" -o "$t/$bin" "$pkg" ) >"$log" 2>&1 \
+      || fail "$e ($ver)" "$log"
+    install_bins "$t" "$bin"
+    rm -rf "$OUT/crds/$e" "$OUT/webhooks/$e.yaml"
+    echo "$want_stamp" >"$stamp"
+    built+=("$e:$(( $(now) - s ))s,$(( $(stat -c %s "$BIN/$bin") / 1048576 ))MiB")
+  fi
+  if [[ -z "$(ls "$OUT/crds/$e/"*.yaml 2>/dev/null)" || ! -s "$OUT/webhooks/$e.yaml" ]]; then
+    d="$(moddir "$e" "$mod@$ver")" || { echo "build-controlplane: FAILED to locate $mod@$ver for its CRDs" >&2; exit 1; }
+    t="$(stage_dir)"; mkdir -p "$t/crds" "$OUT/webhooks"
+    install -m 0644 "$d/$crdsub"/*.yaml "$t/crds/"
+    rm -f "$t/crds/kustomization.yaml"
+    install -m 0644 "$d/$whfile" "$t/webhook.yaml"
+    rm -rf "$OUT/crds/$e"; mv "$t/crds" "$OUT/crds/$e"; mv -f "$t/webhook.yaml" "$OUT/webhooks/$e.yaml"
+    rm -rf "$t"
+  fi
+}
+if want_extra trainer-v2; then
+  build_extra trainer-v2 github.com/kubeflow/trainer/v2 "$TRAINER_V2_VERSION" trainer-controller-manager \
+    github.com/kubeflow/trainer/v2/cmd/trainer-controller-manager manifests/base/crds \
+    manifests/base/webhook/manifests.yaml ""
+fi
+if want_extra jobset; then
+  build_extra jobset sigs.k8s.io/jobset "$JOBSET_VERSION" jobset-controller-manager sigs.k8s.io/jobset \
+    config/components/crd/bases config/components/webhook/manifests.yaml "-X sigs.k8s.io/jobset/pkg/version.GitVersion=$JOBSET_VERSION"
+fi
+if want_extra kueue; then
+  build_extra kueue sigs.k8s.io/kueue "$KUEUE_VERSION" kueue-controller-manager sigs.k8s.io/kueue/cmd/kueue \
+    config/components/crd/bases config/components/webhook/manifests.yaml "-X sigs.k8s.io/kueue/pkg/version.GitVersion=$KUEUE_VERSION"
+fi
 crd="$OUT/crds/kubeflow.org_pytorchjobs.yaml"
 if [[ ! -s "$crd" || $force -eq 1 ]] && want training-operator; then
   d="$(moddir training-operator "github.com/kubeflow/training-operator@$TFO_VERSION")" \
@@ -208,6 +288,9 @@ ETCD_VERSION=$ETCD_VERSION
 KWOK_VERSION=$KWOK_VERSION
 TRAINING_OPERATOR_VERSION=$TFO_VERSION
 HELM_VERSION=$HELM_VERSION
+TRAINER_V2_VERSION=$TRAINER_V2_VERSION
+JOBSET_VERSION=$JOBSET_VERSION
+KUEUE_VERSION=$KUEUE_VERSION
 KEY=$KEY
 EOF
 

@@ -25,13 +25,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nodes", type=int, default=4, help="up: number of fake GPU nodes (default: 4)")
     ap.add_argument("--gpus-per-node", type=int, default=8)
     ap.add_argument("--no-training-operator", action="store_true", help="up: skip the training-operator")
+    ap.add_argument("--extras", default=os.environ.get("QWEN_CONTROLPLANE_EXTRAS", ""),
+                    help="up: comma-separated opt-in controllers to start too: jobset, trainer-v2, kueue "
+                         "(default: $QWEN_CONTROLPLANE_EXTRAS; build them with tools/build-controlplane.sh --with-extras)")
     ap.add_argument("--keep-logs", action="store_true", help="down: keep <state-dir>/logs")
     args = ap.parse_args(argv)
 
     if args.command == "up":
         try:
             c = up(args.state_dir, build=args.build, gpu_nodes=args.nodes, gpus_per_node=args.gpus_per_node,
-                   training_operator=not args.no_training_operator)
+                   training_operator=not args.no_training_operator,
+                   extras=[e for e in args.extras.replace(",", " ").split() if e])
         except (ClusterStartError, BinariesMissing) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import yaml
 
-from . import binaries, pki
+from . import binaries, extras as extras_mod, pki
 
 HOST = "127.0.0.1"
 STATE_FILE = "state.json"
@@ -96,7 +96,8 @@ def _other_training_operators(ours: list["Proc"]) -> bool:
             argv0 = (d / "cmdline").read_bytes().split(b"\0", 1)[0]
         except OSError:
             continue
-        if argv0.endswith(b"/training-operator.v1"):
+        if argv0.endswith(b"/training-operator.v1") or any(
+                argv0.endswith(b"/" + b.encode()) for b in extras_mod.EXTRAS.values()):
             return True
     return False
 
@@ -180,6 +181,7 @@ class Cluster:
         self.ca_file = state_dir / "pki" / "ca.crt"
         self.startup_s: float | None = None
         self.created_webhook_cert_dir = False
+        self.created_extra_dirs: list[str] = []  # fixed-path cert dirs made for the extras (see extras.py)
         self.nodes: list[str] = []
         self._ssl: ssl.SSLContext | None = None
 
@@ -190,6 +192,7 @@ class Cluster:
             "server": self.server, "kubeconfig": str(self.kubeconfig), "ports": self.ports,
             "procs": [p.to_json() for p in self.procs], "startup_s": self.startup_s,
             "created_webhook_cert_dir": self.created_webhook_cert_dir, "nodes": self.nodes,
+            "created_extra_dirs": self.created_extra_dirs,
         }
         tmp = self.state_dir / (STATE_FILE + ".tmp")
         tmp.write_text(json.dumps(state, indent=2))
@@ -205,6 +208,7 @@ class Cluster:
         c.startup_s = state["startup_s"]
         c.created_webhook_cert_dir = state["created_webhook_cert_dir"]
         c.nodes = state.get("nodes", [])
+        c.created_extra_dirs = state.get("created_extra_dirs", [])
         kc = yaml.safe_load(c.kubeconfig.read_text())
         c.token = kc["users"][0]["user"]["token"]
         return c
@@ -318,11 +322,17 @@ class Cluster:
         if self.created_webhook_cert_dir and not _other_training_operators(self.procs):
             shutil.rmtree(WEBHOOK_CERT_DIR.parent, ignore_errors=True)
             self.created_webhook_cert_dir = False
+        if self.created_extra_dirs and not _other_training_operators(self.procs):
+            for d in self.created_extra_dirs:
+                shutil.rmtree(d, ignore_errors=True)
+            self.created_extra_dirs = []
         self._remove_files(keep_logs)
 
     # Everything the harness writes into a state dir; nothing else is ever deleted from it.
     _CREATED = ("etcd", "pki", "logs", "kubeconfig", "controller-manager.kubeconfig", "scheduler.kubeconfig",
-                "kwok.kubeconfig", "training-operator.kubeconfig", "kwok.yaml", STATE_FILE, STATE_FILE + ".tmp")
+                "kwok.kubeconfig", "training-operator.kubeconfig", "kwok.yaml", STATE_FILE, STATE_FILE + ".tmp",
+                *(f"{u}.kubeconfig" for u in extras_mod.USERS.values()),
+                *(f"{e}-config.yaml" for e in extras_mod.EXTRAS))
 
     def _remove_files(self, keep_logs: bool) -> None:
         if not self.state_dir.exists():
@@ -477,8 +487,12 @@ def _kubeconfig(server: str, ca_pem: bytes, user: str, token: str) -> str:
 
 def start_cluster(state_dir: str | Path | None = None, bin_dir: str | Path | None = None, *,
                   gpu_nodes: int = 4, gpus_per_node: int = 8, node_cpu: str = "96", node_memory: str = "1024Gi",
-                  training_operator: bool = True, die_with_parent: bool = True, timeout: float = 90.0) -> Cluster:
+                  training_operator: bool = True, die_with_parent: bool = True, timeout: float = 90.0,
+                  extras: list[str] | tuple[str, ...] = ()) -> Cluster:
     """Start etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok and the training-operator.
+
+    ``extras`` adds opt-in controllers (``jobset``, ``trainer-v2``, ``kueue``; see ``extras.py``), which
+    must have been built (``tools/build-controlplane.sh --with-extras``).
 
     ``die_with_parent`` makes every component receive SIGTERM when the calling process exits (right for
     pytest; the CLI's ``up`` turns it off so the cluster outlives the command).
@@ -489,6 +503,11 @@ def start_cluster(state_dir: str | Path | None = None, bin_dir: str | Path | Non
     if gone:
         raise binaries.BinariesMissing(f"missing in {bins}: {', '.join(gone)} (run tools/build-controlplane.sh)")
     assets = binaries.assets_dir(bins)
+    extras = extras_mod.order(list(extras))
+    gone = extras_mod.missing(assets, extras)
+    if gone:
+        raise binaries.BinariesMissing(f"missing in {assets}: {', '.join(gone)} "
+                                       "(run tools/build-controlplane.sh --with-extras)")
 
     owns = state_dir is None
     sd = Path(tempfile.mkdtemp(prefix="qwen-devcluster-")) if owns else Path(state_dir).resolve()
@@ -501,7 +520,8 @@ def start_cluster(state_dir: str | Path | None = None, bin_dir: str | Path | Non
         sd.mkdir(parents=True, exist_ok=True)
     c = Cluster(sd, bins, owns)
     try:
-        _start(c, assets, gpu_nodes, gpus_per_node, node_cpu, node_memory, training_operator, die_with_parent, timeout)
+        _start(c, assets, gpu_nodes, gpus_per_node, node_cpu, node_memory, training_operator, die_with_parent, timeout,
+               extras)
     except BaseException:
         c.stop(keep_logs=not owns)
         raise
@@ -511,7 +531,7 @@ def start_cluster(state_dir: str | Path | None = None, bin_dir: str | Path | Non
 
 
 def _start(c: Cluster, assets: Path, gpu_nodes: int, gpus_per_node: int, node_cpu: str, node_memory: str,
-           training_operator: bool, die_with_parent: bool, timeout: float) -> None:
+           training_operator: bool, die_with_parent: bool, timeout: float, extras: list[str] = ()) -> None:
     sd, b = c.state_dir, c.bin_dir
     spawn = lambda name, argv, env=None: c._spawn(name, argv, env, die_with_parent)  # noqa: E731
     ports = c.ports
@@ -539,7 +559,8 @@ def _start(c: Cluster, assets: Path, gpu_nodes: int, gpus_per_node: int, node_cp
     kubeconfigs = {}
     for user, fname in (("admin", "kubeconfig"), ("system:kube-controller-manager", "controller-manager.kubeconfig"),
                         ("system:kube-scheduler", "scheduler.kubeconfig"), ("kwok-controller", "kwok.kubeconfig"),
-                        ("training-operator", "training-operator.kubeconfig")):
+                        ("training-operator", "training-operator.kubeconfig"),
+                        *((extras_mod.USERS[e], f"{extras_mod.USERS[e]}.kubeconfig") for e in extras)):
         path = sd / fname
         path.write_text(_kubeconfig(c.server, ca_pem, user, p.tokens[user]))
         path.chmod(0o600)
@@ -595,11 +616,7 @@ def _start(c: Cluster, assets: Path, gpu_nodes: int, gpus_per_node: int, node_cp
                 ok=(201, 409))
         # Out of cluster nobody mounts the Secret; it only waits for a file to exist at a fixed path.
         # Whichever cluster stops last removes it (see Cluster.stop).
-        c.created_webhook_cert_dir = True
-        if not (WEBHOOK_CERT_DIR / "tls.crt").exists():
-            WEBHOOK_CERT_DIR.mkdir(parents=True, exist_ok=True)
-            pki.self_signed(WEBHOOK_CERT_DIR / "tls.crt", WEBHOOK_CERT_DIR / "tls.key", "training-operator",
-                            [f"IP:{HOST}", "DNS:localhost"])
+        _webhook_cert(c)
 
     # 3-6. controllers: launched in order without waiting on each other, then waited on in order.
     common_auth = lambda kc: [f"--kubeconfig={kc}", f"--authentication-kubeconfig={kc}",  # noqa: E731
@@ -683,3 +700,18 @@ def _start(c: Cluster, assets: Path, gpu_nodes: int, gpus_per_node: int, node_cp
     if op is not None:
         c._wait(op, lambda: Cluster._http_ok(f"http://{HOST}:{ports['operator-probe']}/readyz"), timeout, "/readyz")
     c.save()
+
+    if extras:
+        # The extras read the same controller-runtime default cert dir; the self-signed serving
+        # certificate is also the caBundle of their webhook configurations.
+        _webhook_cert(c)
+        ca_b64 = base64.b64encode((WEBHOOK_CERT_DIR / "tls.crt").read_bytes()).decode()
+        extras_mod.start(c, assets, extras, kubeconfigs, spawn, ca_b64, timeout)
+
+
+def _webhook_cert(c: Cluster) -> None:
+    c.created_webhook_cert_dir = True
+    if not (WEBHOOK_CERT_DIR / "tls.crt").exists():
+        WEBHOOK_CERT_DIR.mkdir(parents=True, exist_ok=True)
+        pki.self_signed(WEBHOOK_CERT_DIR / "tls.crt", WEBHOOK_CERT_DIR / "tls.key", "training-operator",
+                        [f"IP:{HOST}", "DNS:localhost"])

@@ -85,6 +85,10 @@ USERS: dict[str, list[str]] = {
     "system:kube-scheduler": [],
     "kwok-controller": ["system:masters"],
     "training-operator": ["system:masters"],
+    # opt-in extras (qwen_devcluster.extras)
+    "jobset-controller": ["system:masters"],
+    "trainer-controller": ["system:masters"],
+    "kueue-controller": ["system:masters"],
 }
 
 

@@ -1,0 +1,200 @@
+"""Opt-in controllers for the dev cluster: Kubeflow Trainer v2, JobSet and Kueue.
+
+Built only on request (``tools/build-controlplane.sh --with-extras`` or ``--only jobset`` ...) into
+the same bin dir as the default components, with their CRDs in ``crds/<extra>/`` and their webhook
+manifests in ``webhooks/<extra>.yaml`` (both copied from the module zips).
+
+Each runs out of cluster like the training-operator: its own kubeconfig, leader election off,
+metrics off, a free health-probe port (``/readyz``) and a free webhook port on 127.0.0.1, with the
+upstream internal cert management (which wants a Service and a Secret in cluster) turned off.
+Webhooks stay ON, as in production, but served with the harness's self-signed certificate for
+127.0.0.1 (the shared ``/tmp/k8s-webhook-server/serving-certs`` that controller-runtime reads by
+default) and registered by the harness as Mutating/ValidatingWebhookConfigurations whose
+``clientConfig`` is a ``url`` (https://127.0.0.1:<port><path>) with that certificate as
+``caBundle`` instead of the in-cluster Service. Kueue's webhooks are limited to its own kinds and
+the enabled integrations (batch/job, JobSet, TrainJob), and the pod webhooks to the pods those
+controllers own, so a stopped extra never blocks the rest of the cluster's pods.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import yaml
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .cluster import Cluster, Proc
+
+HOST = "127.0.0.1"
+# Kueue reads its metrics serving certificate from this fixed path whenever its internal cert
+# management is off, even with metrics disabled (kueue v0.17.0 cmd/kueue/main.go), and exits
+# without it. The harness writes a self-signed pair there (removed by the last cluster to stop).
+KUEUE_METRICS_CERT_DIR = Path("/etc/kueue/metrics/certs")
+
+# start order: JobSet first (Trainer v2 creates JobSets, Kueue integrates with both).
+EXTRAS: dict[str, str] = {
+    "jobset": "jobset-controller-manager",
+    "trainer-v2": "trainer-controller-manager",
+    "kueue": "kueue-controller-manager",
+}
+USERS = {"jobset": "jobset-controller", "trainer-v2": "trainer-controller", "kueue": "kueue-controller"}
+NAMESPACES = {"jobset": "jobset-system", "trainer-v2": "kubeflow-system", "kueue": "kueue-system"}
+KUEUE_FRAMEWORKS = ["batch/job", "jobset.x-k8s.io/jobset", "trainer.kubeflow.org/trainjob"]
+# Kueue webhook paths kept: its own kinds and the enabled integrations.
+_KUEUE_PATH_KEEP = ("kueue-x-k8s-io", "batch-v1-job", "jobset-x-k8s-io", "trainer-kubeflow-org")
+_POD_SELECTORS = {
+    "jobset": {"matchExpressions": [{"key": "jobset.sigs.k8s.io/jobset-name", "operator": "Exists"}]},
+}
+
+
+def order(extras: list[str] | tuple[str, ...]) -> list[str]:
+    unknown = [e for e in extras if e not in EXTRAS]
+    if unknown:
+        raise ValueError(f"unknown extra controller(s) {unknown}; known: {', '.join(EXTRAS)}")
+    return [e for e in EXTRAS if e in extras]
+
+
+def missing(assets: Path, extras: list[str]) -> list[str]:
+    out = []
+    for e in extras:
+        b = assets / "bin" / EXTRAS[e]
+        if not b.is_file():
+            out.append(f"bin/{EXTRAS[e]}")
+        if not list((assets / "crds" / e).glob("*.yaml")):
+            out.append(f"crds/{e}/*.yaml")
+        if not (assets / "webhooks" / f"{e}.yaml").is_file():
+            out.append(f"webhooks/{e}.yaml")
+    return out
+
+
+def crd_docs(assets: Path, extra: str) -> list[dict[str, Any]]:
+    docs = []
+    for f in sorted((assets / "crds" / extra).glob("*.yaml")):
+        for d in yaml.safe_load_all(f.read_text()):
+            if d and d.get("kind") == "CustomResourceDefinition":
+                d.get("metadata", {}).pop("creationTimestamp", None)
+                docs.append(d)
+    return docs
+
+
+def config(extra: str, probe_port: int, webhook_port: int, status_port: int, namespace: str) -> dict[str, Any]:
+    """The controller's Configuration file (leader election and internal cert management off)."""
+    if extra == "jobset":
+        return {"apiVersion": "config.jobset.x-k8s.io/v1alpha1", "kind": "Configuration",
+                "leaderElection": {"leaderElect": False},
+                "internalCertManagement": {"enable": False},
+                "health": {"healthProbeBindAddress": f"{HOST}:{probe_port}"},
+                "metrics": {"bindAddress": "0"},
+                "webhook": {"port": webhook_port, "host": HOST}}
+    if extra == "trainer-v2":
+        return {"apiVersion": "config.trainer.kubeflow.org/v1alpha1", "kind": "Configuration",
+                "health": {"healthProbeBindAddress": f"{HOST}:{probe_port}", "readinessEndpointName": "readyz",
+                           "livenessEndpointName": "healthz"},
+                "metrics": {"bindAddress": "0", "secureServing": False},
+                "webhook": {"port": webhook_port, "host": HOST},
+                "leaderElection": {"leaderElect": False, "resourceName": "trainer.kubeflow.org",
+                                   "resourceNamespace": namespace},
+                "certManagement": {"enable": False},
+                "statusServer": {"port": status_port},
+                "clientConnection": {"qps": 50, "burst": 100}}
+    if extra == "kueue":
+        return {"apiVersion": "config.kueue.x-k8s.io/v1beta2", "kind": "Configuration",
+                "namespace": namespace,
+                "health": {"healthProbeBindAddress": f"{HOST}:{probe_port}"},
+                "metrics": {"bindAddress": "0"},
+                "webhook": {"port": webhook_port, "host": HOST},
+                "leaderElection": {"leaderElect": False},
+                "internalCertManagement": {"enable": False},
+                "clientConnection": {"qps": 50, "burst": 100},
+                "integrations": {"frameworks": list(KUEUE_FRAMEWORKS)},
+                # The on-demand visibility API is an aggregated API server wanting its own
+                # certificate at a fixed path (/visibility); admission does not need it.
+                "featureGates": {"VisibilityOnDemand": False}}
+    raise ValueError(extra)
+
+
+def webhook_configs(assets: Path, extra: str, port: int, ca_bundle_b64: str) -> list[dict[str, Any]]:
+    """The upstream webhook configurations pointed at https://127.0.0.1:<port> with our caBundle."""
+    out = []
+    for d in yaml.safe_load_all((assets / "webhooks" / f"{extra}.yaml").read_text()):
+        if not d or d.get("kind") not in ("MutatingWebhookConfiguration", "ValidatingWebhookConfiguration"):
+            continue
+        d = copy.deepcopy(d)
+        short = "mutating" if d["kind"].startswith("Mutating") else "validating"
+        d["metadata"] = {"name": f"qwen-dev-{extra}-{short}", "labels": {"qwen.test/devcluster-extra": extra}}
+        hooks = []
+        for w in d.get("webhooks") or []:
+            path = ((w.get("clientConfig") or {}).get("service") or {}).get("path", "/")
+            if extra == "kueue" and not any(k in path for k in _KUEUE_PATH_KEEP):
+                continue
+            if path.endswith("--v1-pod"):
+                if extra not in _POD_SELECTORS:
+                    continue
+                w["objectSelector"] = _POD_SELECTORS[extra]
+            w["clientConfig"] = {"url": f"https://{HOST}:{port}{path}", "caBundle": ca_bundle_b64}
+            hooks.append(w)
+        if hooks:
+            d["webhooks"] = hooks
+            out.append(d)
+    return out
+
+
+def start(c: "Cluster", assets: Path, extras: list[str], kubeconfigs: dict[str, Path],
+          spawn: Callable[..., "Proc"], ca_bundle_b64: str, timeout: float) -> None:
+    """Install CRDs, start each extra, wait for /readyz, then register its webhooks."""
+    from .cluster import ClusterStartError, free_port
+
+    api = next(p for p in c.procs if p.name == "kube-apiserver")
+    for e in order(extras):
+        names = []
+        for crd in crd_docs(assets, e):
+            c._must("kube-apiserver", "POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", crd,
+                    ok=(201, 409))
+            names.append(crd["metadata"]["name"])
+        ns = NAMESPACES[e]
+        c._must("kube-apiserver", "POST", "/api/v1/namespaces",
+                {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}, ok=(201, 409))
+
+        def established(names: list[str] = names) -> bool | str:
+            for n in names:
+                out = c._must("kube-apiserver", "GET", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{n}")
+                conds = (out.get("status") or {}).get("conditions") or []
+                if not any(x["type"] == "Established" and x["status"] == "True" for x in conds):
+                    return f"{n} not Established"
+            return True
+
+        c._wait(api, established, timeout, f"the {e} CRDs to be Established", record=False)
+        for k in ("probe", "webhook", "status"):
+            c.ports[f"{e}-{k}"] = free_port()
+        cfg_path = c.state_dir / f"{e}-config.yaml"
+        cfg_path.write_text(yaml.safe_dump(config(e, c.ports[f"{e}-probe"], c.ports[f"{e}-webhook"],
+                                                  c.ports[f"{e}-status"], ns), sort_keys=False))
+        kc = kubeconfigs[USERS[e]]
+        argv = [str(c.bin_dir / EXTRAS[e]), f"--config={cfg_path}", f"--kubeconfig={kc}"]
+        if e == "kueue":
+            if not (KUEUE_METRICS_CERT_DIR / "tls.crt").exists():
+                from . import pki
+                try:
+                    KUEUE_METRICS_CERT_DIR.mkdir(parents=True, exist_ok=True)
+                except OSError as err:
+                    raise ClusterStartError(e, f"kueue needs a certificate at {KUEUE_METRICS_CERT_DIR} "
+                                               f"(hard-coded upstream) and it cannot be created: {err}")
+                pki.self_signed(KUEUE_METRICS_CERT_DIR / "tls.crt", KUEUE_METRICS_CERT_DIR / "tls.key",
+                                "kueue-metrics", [f"IP:{HOST}", "DNS:localhost"])
+                c.created_extra_dirs.append(str(KUEUE_METRICS_CERT_DIR.parent.parent))
+        proc = spawn(e, argv,
+                     {"KUBECONFIG": str(kc), "POD_NAMESPACE": ns, "TMPDIR": "/tmp"})
+        c.save()
+        c._wait(proc, lambda: c._http_ok(f"http://{HOST}:{c.ports[f'{e}-probe']}/readyz"), timeout, "/readyz")
+        for wh in webhook_configs(assets, e, c.ports[f"{e}-webhook"], ca_bundle_b64):
+            kind = "mutatingwebhookconfigurations" if wh["kind"].startswith("Mutating") else \
+                "validatingwebhookconfigurations"
+            status, out = c.api("POST", f"/apis/admissionregistration.k8s.io/v1/{kind}", wh)
+            if status == 409:
+                status, out = c.api("PUT", f"/apis/admissionregistration.k8s.io/v1/{kind}/{wh['metadata']['name']}",
+                                    wh)
+            if status not in (200, 201):
+                raise ClusterStartError(e, f"registering {kind} -> HTTP {status}: {str(out)[:300]}", proc.log)
+        c.save()
