@@ -4,9 +4,9 @@ For a synthetic (random) Qwen2.5-shaped checkpoint this measures, each in a fres
 memory (VmHWM, see PEAK) is that run's own:
 
     disk copy           read + write + fsync of the same bytes (the ceiling for any converter on this disk)
-    convert hf->mcore   trainer.convert streaming conversion to a Megatron-Core per-rank checkpoint (TP1 PP1)
-    convert mcore->hf   trainer.convert export of that Megatron-Core checkpoint back to HF safetensors
-    convert hf->hf      trainer.convert HF -> HF (same output format as the light baseline)
+    convert hf->mcore   qwen_trainer.convert streaming conversion to a Megatron-Core per-rank checkpoint (TP1 PP1)
+    convert mcore->hf   qwen_trainer.convert export of that Megatron-Core checkpoint back to HF safetensors
+    convert hf->hf      qwen_trainer.convert HF -> HF (same output format as the light baseline)
     light baseline      transformers from_pretrained(dtype=bf16) then save_pretrained(): HF -> HF with no Megatron
                         model at all, the cheapest form of load-everything
     seed-style baseline what Pai-Megatron-Patch's single-process hf2mcore converters do (see seed_style_convert):
@@ -18,7 +18,7 @@ one is the like-for-like comparison: same input, same output format and bytes) a
 
 Usage: python benchmarks/convert_bench.py [--sizes 0.5B 1.5B 7B] [--workdir /tmp/convert-bench] [--keep]
                                           [--check] [--json results.json]
-Needs only torch, transformers (which brings safetensors and tqdm) and megatron-core; trainer.convert imports tqdm
+Needs only torch, transformers (which brings safetensors and tqdm) and megatron-core; qwen_trainer.convert imports tqdm
 only for its progress bar, which the runs here turn off. Imports happen before each child's clock starts.
 Numbers only; it never fails on a target. --check (off by default) compares the seed-style rank file with ours
 tensor by tensor and reports the outcome; tests/unit/test_convert_bench.py runs the same comparison on a tiny shape.
@@ -85,7 +85,7 @@ _report(t, bytes=n)
     "convert": """
 import sys, time, warnings
 warnings.filterwarnings('ignore')
-from trainer.convert import convert
+from qwen_trainer.convert import convert
 src, dst, fmt = sys.argv[1], sys.argv[2], sys.argv[3]
 src_fmt = sys.argv[4] if len(sys.argv) > 4 else 'hf'
 t = time.perf_counter()
@@ -110,7 +110,7 @@ import sys, time, warnings
 warnings.filterwarnings('ignore')
 import torch, convert_bench
 from transformers import AutoModelForCausalLM
-import megatron.core.parallel_state, megatron.core.models.gpt, trainer.convert.mcore_model
+import megatron.core.parallel_state, megatron.core.models.gpt, qwen_trainer.convert.mcore_model
 src, dst = sys.argv[1], sys.argv[2]
 t = time.perf_counter()
 convert_bench.init_single_process_world()
@@ -149,8 +149,8 @@ def seed_style_convert(src, dst) -> None:
     Here: dtype is bf16 for both models (the synthetic checkpoint's config.json torch_dtype, which is what the seed
     loads with, and PR=bf16, so the output is as large as ours). The model is built on CPU with
     use_cpu_initialization (the seed's path for 72B; smaller sizes build on one GPU) with the project's own
-    architecture translation (trainer.convert.mcore_model.build_gpt_model, local layer spec), and the tensors are
-    mapped with the project's own tables (the mcore rules of trainer.convert and each rule kind's fuse(), i.e. the
+    architecture translation (qwen_trainer.convert.mcore_model.build_gpt_model, local layer spec), and the tensors are
+    mapped with the project's own tables (the mcore rules of qwen_trainer.convert and each rule kind's fuse(), i.e. the
     same mapping the streaming converter applies, here applied to the whole model in memory). Not done: the seed's
     HF-vs-Megatron forward check on a GPU (check_hf_mg_forward), which is not conversion work. `args` is the
     project's megatron_args namespace where the seed stores its whole Megatron argument namespace (a few KB either way).
@@ -159,13 +159,13 @@ def seed_style_convert(src, dst) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from trainer.checkpoint.layout import RELEASE, write_tracker
-    from trainer.convert.formats.args import megatron_args
-    from trainer.convert.formats.per_rank import FORMATS as PER_RANK
-    from trainer.convert.mcore_model import build_gpt_model
-    from trainer.convert.plan import Placement, format_rules, instances
-    from trainer.convert.rules import KINDS
-    from trainer.convert.spec import ParallelLayout, load_hf_config, model_spec
+    from qwen_trainer.checkpoint.layout import RELEASE, write_tracker
+    from qwen_trainer.convert.formats.args import megatron_args
+    from qwen_trainer.convert.formats.per_rank import FORMATS as PER_RANK
+    from qwen_trainer.convert.mcore_model import build_gpt_model
+    from qwen_trainer.convert.plan import Placement, format_rules, instances
+    from qwen_trainer.convert.rules import KINDS
+    from qwen_trainer.convert.spec import ParallelLayout, load_hf_config, model_spec
 
     src, dst = Path(src), Path(dst)
     dtype = torch.bfloat16
@@ -220,7 +220,7 @@ def fsync_tree(root: Path) -> None:
 def compare_rank_files(ours: Path, seed: Path) -> dict:
     """Tensor-by-tensor comparison of release/mp_rank_00/model_optim_rng.pt in two TP1 PP1 checkpoints.
 
-    Key mapping: the seed-style file holds exactly our keys minus the `*._extra_state` entries, which trainer.convert
+    Key mapping: the seed-style file holds exactly our keys minus the `*._extra_state` entries, which qwen_trainer.convert
     writes as None (megatron-core linear layers save them; strict loading expects them) and the seed drops.
     Returns counts and a list of problems (empty when the two agree bit for bit)."""
     import torch
@@ -257,7 +257,7 @@ def make_checkpoint(shape: dict, directory: Path) -> int:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from trainer.convert.safetensors_io import SafetensorsWriter
+    from qwen_trainer.convert.safetensors_io import SafetensorsWriter
 
     h, f, n = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
     heads, kv = shape["num_attention_heads"], shape["num_key_value_heads"]
@@ -323,8 +323,8 @@ def run_child(kind: str, *args: str) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-COPY, MCORE, HF = "disk copy (read+write+fsync)", "trainer.convert hf -> mcore", "trainer.convert hf -> hf"
-EXPORT = "trainer.convert mcore -> hf (export of the hf -> mcore output)"
+COPY, MCORE, HF = "disk copy (read+write+fsync)", "qwen_trainer.convert hf -> mcore", "qwen_trainer.convert hf -> hf"
+EXPORT = "qwen_trainer.convert mcore -> hf (export of the hf -> mcore output)"
 LIGHT = "light baseline: from_pretrained + save_pretrained (hf -> hf)"
 SEED = "seed-style baseline: from_pretrained + GPTModel + torch.save (hf -> mcore)"
 

@@ -11,7 +11,7 @@ ENV PIP_NO_CACHE_DIR=1 \
 WORKDIR /src
 RUN python -m venv /opt/venv
 COPY pyproject.toml README.md ./
-COPY trainer trainer
+COPY qwen_trainer qwen_trainer
 COPY operator operator
 COPY tools/qwen_devcluster tools/qwen_devcluster
 RUN /opt/venv/bin/pip install --no-cache-dir ".[operator]" \

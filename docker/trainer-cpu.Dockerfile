@@ -21,11 +21,11 @@ WORKDIR /opt/qwen-k8s-trainer
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 
 COPY pyproject.toml README.md ./
-COPY trainer trainer
+COPY qwen_trainer qwen_trainer
 COPY operator operator
 COPY tools/qwen_devcluster tools/qwen_devcluster
 RUN pip install --no-cache-dir ".[trainer]" \
- && python -c "import torch, trainer.spec; assert not torch.cuda.is_available(); print('torch', torch.__version__)"
+ && python -c "import torch, qwen_trainer.spec; assert not torch.cuda.is_available(); print('torch', torch.__version__)"
 
 LABEL org.opencontainers.image.title="qwen-k8s trainer (CPU)" \
       org.opencontainers.image.source="https://github.com/qwen-k8s/qwen-k8s-trainer" \
@@ -33,4 +33,4 @@ LABEL org.opencontainers.image.title="qwen-k8s trainer (CPU)" \
       dev.qwen.torch="${TORCH_VERSION}+cpu"
 
 WORKDIR /workspace
-CMD ["python", "-m", "trainer", "--help"]
+CMD ["python", "-m", "qwen_trainer", "--help"]

@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# GPU trainer image: NGC PyTorch + megatron-core + MegaBlocks + this project's `trainer` package.
+# GPU trainer image: NGC PyTorch + megatron-core + MegaBlocks + this project's `qwen_trainer` package.
 #
 # Base: nvcr.io/nvidia/pytorch:25.12-py3 (PyTorch 2.10.0a0, CUDA 13.1, Python 3.12). The NGC image brings the
 # CUDA build of torch, Transformer Engine, NCCL, cuDNN, Apex and triton, all built and tested together;
@@ -57,11 +57,11 @@ RUN PIP_CONSTRAINT=/tmp/constraint.txt pip install --no-cache-dir --no-deps --no
         "megablocks==${MEGABLOCKS_VERSION}"
 
 # 5. This project, without dependencies: they are all in place, and torch must stay the base image's.
-COPY trainer trainer
+COPY qwen_trainer qwen_trainer
 COPY operator operator
 COPY tools/qwen_devcluster tools/qwen_devcluster
 RUN pip install --no-cache-dir --no-deps . \
- && python -c "import megatron.core, transformers, trainer.spec; print('megatron-core', megatron.core.__version__)" \
+ && python -c "import megatron.core, transformers, qwen_trainer.spec; print('megatron-core', megatron.core.__version__)" \
  && rm -rf /tmp/requirements.txt /tmp/constraint.txt
 
 LABEL org.opencontainers.image.title="qwen-k8s trainer (GPU)" \
@@ -71,7 +71,7 @@ LABEL org.opencontainers.image.title="qwen-k8s trainer (GPU)" \
       dev.qwen.megatron-core="${MEGATRON_CORE_VERSION}" \
       dev.qwen.megablocks="${MEGABLOCKS_VERSION}"
 
-# The operator renders the command: torchrun ... -m trainer run --spec /etc/qwen/job.yaml
+# The operator renders the command: torchrun ... -m qwen_trainer run --spec /etc/qwen/job.yaml
 WORKDIR /workspace
 ENTRYPOINT []
-CMD ["python", "-m", "trainer", "--help"]
+CMD ["python", "-m", "qwen_trainer", "--help"]

@@ -148,9 +148,9 @@ def simulated_lifecycle(work: Path) -> dict:
 # ------------------------------------------------------------------------------------------- real part
 
 def prepare_data(root: Path) -> None:
-    from trainer.data.synthetic import make_demo_data
-    from trainer.engines.hf_model import build_model, hf_config
-    from trainer.spec import resolve_architecture
+    from qwen_trainer.data.synthetic import make_demo_data
+    from qwen_trainer.engines.hf_model import build_model, hf_config
+    from qwen_trainer.spec import resolve_architecture
     from qwen_operator.api import validate_resource_spec
 
     data = root / "data"
@@ -158,7 +158,7 @@ def prepare_data(root: Path) -> None:
     (data / "sft").mkdir(exist_ok=True)
     shutil.copy(made["sft"], data / "sft" / "train.json")
     (data / "corpus").mkdir(exist_ok=True)
-    subprocess.run([sys.executable, "-m", "trainer", "data", "preprocess", "--input", made["corpus"],
+    subprocess.run([sys.executable, "-m", "qwen_trainer", "data", "preprocess", "--input", made["corpus"],
                     "--output-prefix", str(data / "corpus" / "tiny"), "--tokenizer", made["tokenizer"],
                     "--json-key", "text", "--workers", "2", "--no-progress"], check=True, cwd=ROOT,
                    stdout=subprocess.DEVNULL)
@@ -191,7 +191,7 @@ def run_stage(stage: str, root: Path) -> float:
 
 
 def loss_curve(root: Path) -> list[dict]:
-    from trainer.metrics import read_metrics
+    from qwen_trainer.metrics import read_metrics
 
     records = read_metrics(root / "data" / "tiny-moe-pretrain" / "logs" / "metrics.jsonl")
     lo = min(r["loss"] for r in records)

@@ -1,10 +1,10 @@
 """Training checkpoints on a GPU: the sharded save (every rank its own shard through dist_checkpointing, what
-`trainer run` does now) against the gathered one (every weight and optimizer state gathered to rank 0, renamed to
+`qwen_trainer run` does now) against the gathered one (every weight and optimizer state gathered to rank 0, renamed to
 Hugging Face names and converted to the backend's layout: the path before), in the same run, on the same card.
 
-Each (case, path) runs in a fresh torchrun process group. The worker builds the engine `trainer run` builds
+Each (case, path) runs in a fresh torchrun process group. The worker builds the engine `qwen_trainer run` builds
 (`create_engine(spec)` + `build`), takes one training step so Adam's state exists, then times, through
-`trainer.checkpoint.store` exactly as the training loop calls it:
+`qwen_trainer.checkpoint.store` exactly as the training loop calls it:
 
     save     store.save(..., sharded=...) from its first collective until the checkpoint is committed
     blocked  the time the training loop waits: the whole save, or with `sharded-async` (checkpoint.asyncSave) only
@@ -111,14 +111,14 @@ def worker(case: str, path: str, root: Path, out: Path, saves_wanted: int = 2) -
     import torch
     import torch.distributed as dist
 
-    from trainer.checkpoint import store
-    from trainer.distenv import init_process_group, read_env
-    from trainer.engines import EngineContext
-    from trainer.engines.megatron import create_engine
-    from trainer.engines.megatron.testing import job_spec, random_micro_batches
-    from trainer.spec import resolve_architecture
-    from trainer.spec.layout import megatron_layout
-    from trainer.spec.resolve import init_method_std
+    from qwen_trainer.checkpoint import store
+    from qwen_trainer.distenv import init_process_group, read_env
+    from qwen_trainer.engines import EngineContext
+    from qwen_trainer.engines.megatron import create_engine
+    from qwen_trainer.engines.megatron.testing import job_spec, random_micro_batches
+    from qwen_trainer.spec import resolve_architecture
+    from qwen_trainer.spec.layout import megatron_layout
+    from qwen_trainer.spec.resolve import init_method_std
 
     family, size, arch_over, _ = CASES[case]
     spec = job_spec(family, size, architecture=arch_over or None, parallelism=PARALLEL.get(case),
@@ -154,7 +154,7 @@ def worker(case: str, path: str, root: Path, out: Path, saves_wanted: int = 2) -
                   save_optimizer=True, rank=env.rank, world=env.world_size, log=quiet)
     async_saves = None
     if path.startswith("sharded-async"):
-        from trainer.checkpoint.sharded import AsyncSaves
+        from qwen_trainer.checkpoint.sharded import AsyncSaves
 
         async_saves = AsyncSaves()
     # Two saves with training between them: the first pays one-off costs (the pinned host buffers the GPU copy

@@ -3,10 +3,10 @@ listed variant in turn) or with the Hugging Face baseline, and appends one JSON 
 
 Timing: `--warmup` optimiser steps (compilation, allocator warm-up) are discarded, then `--steps` steps are timed
 between two device synchronisations. Tokens/s counts every input token of the global batch; TFLOPS uses
-Megatron's model-FLOPs formula (trainer.spec.estimate.flops_per_token, causal attention halved); MFU is against
+Megatron's model-FLOPs formula (qwen_trainer.spec.estimate.flops_per_token, causal attention halved); MFU is against
 989 TFLOPS (H100 SXM dense bf16). Peak memory is torch's peak allocation on this rank over the whole run.
 
-Engine runs build and step `MegatronEngine`, the class `trainer run` trains with, as the training loop does
+Engine runs build and step `MegatronEngine`, the class `qwen_trainer run` trains with, as the training loop does
 (process group, build(ctx), train_step with the pretraining loss); only the data (random tokens) and the absent
 checkpoints differ.
 """
@@ -247,7 +247,7 @@ def _profile(step, label, path, ProfilerActivity, profile) -> None:
 
 
 def _figures(case, arch, seconds: float, steps: int) -> dict:
-    from trainer.spec.estimate import flops_per_token
+    from qwen_trainer.spec.estimate import flops_per_token
 
     tokens = case.global_batch * case.seq * steps
     tps_gpu = tokens / seconds / case.gpus
@@ -259,9 +259,9 @@ def _figures(case, arch, seconds: float, steps: int) -> dict:
 
 
 def run_megatron(case, variants, steps, warmup, out):
-    from trainer.engines.megatron import EngineOptions, MegatronEngine, data_parallel_info
-    from trainer.engines.megatron.testing import built_engine, job_spec, random_micro_batches
-    from trainer.spec import resolve_architecture
+    from qwen_trainer.engines.megatron import EngineOptions, MegatronEngine, data_parallel_info
+    from qwen_trainer.engines.megatron.testing import built_engine, job_spec, random_micro_batches
+    from qwen_trainer.spec import resolve_architecture
 
     spec = job_spec(case.family, case.size, **case.spec_args())
     arch = resolve_architecture(spec)
@@ -271,7 +271,7 @@ def run_megatron(case, variants, steps, warmup, out):
                    device=torch.cuda.get_device_name(), options=VARIANTS[variant])
         engine = None
         try:
-            # The class `trainer run` trains with, built and stepped as the training loop does (pretraining loss).
+            # The class `qwen_trainer run` trains with, built and stepped as the training loop does (pretraining loss).
             _reset_peak()
             engine = built_engine(spec, EngineOptions(**VARIANTS[variant]))
             row.update(attention=engine.plan.attention, experts=engine.plan.experts, core=type(engine).__name__)
@@ -318,9 +318,9 @@ def run_hf(case, steps, warmup, out, variant: str = "baseline"):
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
-    from trainer.engines.hf_model import hf_config
-    from trainer.engines.megatron.testing import job_spec, random_micro_batches
-    from trainer.spec import resolve_architecture
+    from qwen_trainer.engines.hf_model import hf_config
+    from qwen_trainer.engines.megatron.testing import job_spec, random_micro_batches
+    from qwen_trainer.spec import resolve_architecture
 
     spec = job_spec(case.family, case.size, **case.spec_args())
     arch = resolve_architecture(spec)

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 import yaml
 
-from trainer.spec import SpecError
+from qwen_trainer.spec import SpecError
 
 from .api import API_VERSION, KIND, validate_resource_spec
 
@@ -62,7 +62,7 @@ def _validated(label: str, doc: dict):
 
 
 def _problem(path: str, message: str):
-    from trainer.spec import Problem
+    from qwen_trainer.spec import Problem
 
     return Problem(path, message)
 
@@ -129,8 +129,8 @@ def cmd_explain(args) -> int:
 
 
 def _explain_one(spec) -> dict:
-    from trainer.spec import derive, resolve_architecture
-    from trainer.spec.estimate import checkpoint_size, flops_per_token, job_memory_per_gpu
+    from qwen_trainer.spec import derive, resolve_architecture
+    from qwen_trainer.spec.estimate import checkpoint_size, flops_per_token, job_memory_per_gpu
 
     job = spec.job_spec()
     world = spec.world_size()

@@ -25,7 +25,7 @@ from typing import Any, Optional
 
 import kopf
 
-from trainer.spec import SpecError, derive
+from qwen_trainer.spec import SpecError, derive
 
 from . import stages as sg
 from . import status as st

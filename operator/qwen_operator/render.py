@@ -11,7 +11,7 @@ Layout of the PyTorchJob:
   `WORLD_SIZE` is the total process count and `PET_NPROC_PER_NODE` agrees with the command line;
 * the container runs `torchrun` with the rendezvous taken from the variables the training-operator injects
   (`PET_NNODES`, `PET_NODE_RANK`, `PET_MASTER_ADDR`, `PET_MASTER_PORT`), expanded by the kubelet through
-  `$(VAR)` references, and then `python -m trainer run --spec /etc/qwen/job.yaml`.
+  `$(VAR)` references, and then `python -m qwen_trainer run --spec /etc/qwen/job.yaml`.
 
 Layout of the TrainJob (trainer.kubeflow.org/v1alpha1, Trainer v2.3.0):
 
@@ -38,7 +38,7 @@ from typing import Any, Optional
 
 import yaml
 
-from trainer.spec import JobSpec, Problem, SpecError, derive
+from qwen_trainer.spec import JobSpec, Problem, SpecError, derive
 
 from .api import API_VERSION, KIND, QwenTrainingJobSpec, validate_resource_spec
 from .api.pipeline import is_pipeline, pipeline_steps
@@ -184,7 +184,7 @@ def torchrun_command(processes_per_node: int) -> list[str]:
         "--master-addr=$(PET_MASTER_ADDR)",
         "--master-port=$(PET_MASTER_PORT)",
         "-m",
-        "trainer",
+        "qwen_trainer",
         "run",
         "--spec",
         SPEC_PATH,
@@ -555,7 +555,7 @@ def render(resource: dict[str, Any], job_api: str = JOB_API_PYTORCHJOB, runtime:
     (a dict as read from the API or a YAML file); for a pipeline, those of every step in order (as each would be
     created, first attempt).
 
-    Raises `trainer.spec.SpecError` (one problem per broken rule, each naming its field) if the spec is invalid.
+    Raises `qwen_trainer.spec.SpecError` (one problem per broken rule, each naming its field) if the spec is invalid.
     """
     count = len(steps(resource))
     return [obj for i in range(count) for obj in render_step(resource, i, 0, job_api=job_api, runtime=runtime)[1]]

@@ -24,9 +24,9 @@ SEQ, MICRO, GLOBAL, STEPS = 512, 2, 8, 5
 
 
 def main() -> int:
-    from trainer.engines.megatron import EngineOptions
-    from trainer.engines.megatron.testing import built_engine, job_spec, random_micro_batches
-    from trainer.spec import resolve_architecture
+    from qwen_trainer.engines.megatron import EngineOptions
+    from qwen_trainer.engines.megatron.testing import built_engine, job_spec, random_micro_batches
+    from qwen_trainer.spec import resolve_architecture
 
     case, graphs = sys.argv[1], sys.argv[2] == "on"
     family, size, shape = CASES[case]

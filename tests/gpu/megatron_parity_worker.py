@@ -32,9 +32,9 @@ SEQ, MICRO, GLOBAL, STEPS = 128, 2, 8, 6
 
 
 def main() -> int:
-    from trainer.engines.megatron import EngineOptions, data_parallel_info
-    from trainer.engines.megatron.testing import built_engine, hf_loss, hf_reference, job_spec, random_micro_batches
-    from trainer.spec import resolve_architecture
+    from qwen_trainer.engines.megatron import EngineOptions, data_parallel_info
+    from qwen_trainer.engines.megatron.testing import built_engine, hf_loss, hf_reference, job_spec, random_micro_batches
+    from qwen_trainer.spec import resolve_architecture
 
     names = sys.argv[1].split(",") if len(sys.argv) > 1 else list(LAYOUTS)
     rank = int(os.environ.get("RANK", "0"))

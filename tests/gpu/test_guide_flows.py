@@ -5,7 +5,7 @@
 Each case is a QwenTrainingJob built in this module (the YAML files are kept under `<root>/resources`) with a
 `spec.pipeline` of convert -> pretrain (-> finetune) -> export and its data on a volume mounted at /data, which
 `--root` maps to a temporary folder. The volume holds the tiny tokenizer (vocabulary 512), the bundled corpus as a
-Megatron .bin/.idx dataset (`python -m trainer data preprocess`), alpaca-style SFT json (train and valid files)
+Megatron .bin/.idx dataset (`python -m qwen_trainer data preprocess`), alpaca-style SFT json (train and valid files)
 and, per case, a random Hugging Face checkpoint of the case's shape (seeded, init std 0.02), as tools/demo.py and
 tests/gpu/test_megatron_loop.py prepare them. Every model has 2 layers, hidden size 128, sequence 128, micro batch
 2, global batch 8, bf16; pretraining runs 30 iterations (checkpoints at 10, 20, 30), SFT 20.
@@ -29,11 +29,11 @@ distributed optimizer (the default) and with the plain one (tp2-to-dp2-plain).
 
 Checked for every case:
 1. Every step ran with the expected engine, and the loss falls (`logs/metrics.jsonl` under each training step's
-   checkpoint output, trainer.metrics' records): mean of the last 3 iterations at least 0.5 below the first 3;
+   checkpoint output, qwen_trainer.metrics' records): mean of the last 3 iterations at least 0.5 below the first 3;
    for the SFT step 0.2.
 2. Kill and resume. The training part runs a second time into other folders (`/data/<case>/resume/...`: pipeline
    convert -> pretrain, the convert step with `checkpoint.overwrite: true` so the same file can simply be run
-   again) with QWEN_TRAINER_FAULT=step@14:<last rank> (trainer.faults: SIGKILL before the optimiser step of
+   again) with QWEN_TRAINER_FAULT=step@14:<last rank> (qwen_trainer.faults: SIGKILL before the optimiser step of
    iteration 14, after the checkpoint of iteration 10). qwenctl must fail naming the pretrain step; running the
    same file again (no fault) resumes from iteration 10. With logInterval 1, the resumed run's first logged loss
    (iteration 11) must equal, within 1e-3 relative, the loss of an uninterrupted run of the same spec at iteration
@@ -44,15 +44,15 @@ Checked for every case:
    engine logs "starting the optimizer afresh"), while iteration 11's loss is the forward pass of the
    checkpoint's weights on the same global batch under any layout; tp2-to-dp2-plain's plain optimizer state
    follows the change, so its window is compared too. The megatron engine's training checkpoints are torch_dist
-   (every rank its shard, trainer.checkpoint.sharded); the CPU engine's are per-rank folders at the spec's layout.
+   (every rank its shard, qwen_trainer.checkpoint.sharded); the CPU engine's are per-rank folders at the spec's layout.
 3. The exported Hugging Face model's loss on held-out tokens equals the engine's own evaluation loss within 1 %.
    The choice made: recompute the trainer's validation exactly rather than pick other held-out text. The step the
-   export reads (pretrain; finetune for mlm-dense) evaluates at its final iteration (trainer.train evaluates at
+   export reads (pretrain; finetune for mlm-dense) evaluates at its final iteration (qwen_trainer.train evaluates at
    the last iteration whatever evalInterval is), whose weights are the ones exported. Its validation samples are
-   rebuilt here as the trainer built them: `trainer.train.build_data` on that step's job spec exactly as qwenctl
+   rebuilt here as the trainer built them: `qwen_trainer.train.build_data` on that step's job spec exactly as qwenctl
    hands it to the trainer (`qwen_operator.local.local_command`), with the trainer's train/valid sample counts,
    hence the same megatron-core GPTDataset validation split (documents held out of training by split 90,10,0), or
-   the SFT validation file in order; and read as `trainer.train.evaluate` reads them (evalIters global batches
+   the SFT validation file in order; and read as `qwen_trainer.train.evaluate` reads them (evalIters global batches
    from sample 0). The exported safetensors (bf16) are loaded by transformers in fp32 on CPU; the loss is the sum
    of the token cross entropies divided by the token count, the trainer's definition, and the token counts must
    be equal. Only the numerics differ (the engine's bf16, or the CPU engine's fp32 weights rounded to bf16 by the
@@ -397,10 +397,10 @@ def run_killed_and_resumed(flow: Flow) -> None:
 def _build_source(name: str, root: Path, seed: int) -> None:
     """A random HF checkpoint of the case's shape (the dense one for upcycling), with the tokenizer."""
     from qwen_operator.api import validate_resource_spec
-    from trainer.checkpoint.weights import write_hf_folder
-    from trainer.engines.hf_model import hf_config
-    from trainer.engines.megatron.testing import hf_reference
-    from trainer.spec import resolve_architecture
+    from qwen_trainer.checkpoint.weights import write_hf_folder
+    from qwen_trainer.engines.hf_model import hf_config
+    from qwen_trainer.engines.megatron.testing import hf_reference
+    from qwen_trainer.spec import resolve_architecture
 
     spec = copy.deepcopy(resources(name, "ref")[0]["spec"])
     if CASES[name].upcycle:
@@ -415,7 +415,7 @@ def _build_source(name: str, root: Path, seed: int) -> None:
 
 
 def _prepare_data(root: Path) -> None:
-    from trainer.data.synthetic import make_demo_data, write_alpaca
+    from qwen_trainer.data.synthetic import make_demo_data, write_alpaca
 
     data = host(root, "/data")
     made = make_demo_data(data, vocab_size=VOCAB, sft_samples=64, corpus_repeat=2)
@@ -423,7 +423,7 @@ def _prepare_data(root: Path) -> None:
     shutil.copy(made["sft"], data / "sft" / "train.json")
     write_alpaca(data / "sft" / "valid.json", 32, seed=1)  # other samples than the training file's
     (data / "corpus").mkdir(exist_ok=True)
-    proc = subprocess.run([sys.executable, "-m", "trainer", "data", "preprocess", "--input", made["corpus"],
+    proc = subprocess.run([sys.executable, "-m", "qwen_trainer", "data", "preprocess", "--input", made["corpus"],
                            "--output-prefix", str(data / "corpus" / "c"), "--tokenizer", made["tokenizer"],
                            "--json-key", "text", "--workers", "1", "--no-progress"],
                           cwd=REPO, capture_output=True, text=True, timeout=300,
@@ -506,7 +506,7 @@ def train_losses(records: list[dict]) -> dict[int, float]:
 
 
 def curve(out: Path) -> dict[int, float]:
-    from trainer.metrics import read_metrics
+    from qwen_trainer.metrics import read_metrics
 
     return {r["iteration"]: r["loss"] for r in read_metrics(out / "logs" / "metrics.jsonl")}
 
@@ -541,7 +541,7 @@ def expected_layout(parallelism: dict, backend: str = "megatron-core") -> list[s
 
 
 def checkpoint_layout(out: Path, iteration: int) -> list[str]:
-    from trainer.checkpoint.sharded import is_sharded
+    from qwen_trainer.checkpoint.sharded import is_sharded
 
     folder = out / f"iter_{iteration:07d}"
     return ["torch_dist"] if is_sharded(folder) else checkpoint_ranks(out, iteration)
@@ -563,7 +563,7 @@ def test_pipeline_runs_every_step_with_the_engine(flows, name):
     for i, step in enumerate(steps):
         assert f"qwenctl: step {step} ({i + 1}/{len(steps)})" in flow.ref.stderr, flow.ref.stderr[-3000:]
     if flow.case.upcycle:  # the conversion resource ran first, upcycling the dense source into the experts
-        from trainer.spec.resolve import BACKEND_FORMAT
+        from qwen_trainer.spec.resolve import BACKEND_FORMAT
 
         src, dst = host(flow.root, f"/data/{name}/hf-source"), flow.out("ref", "mcore")
         fmt = BACKEND_FORMAT[flow.case.backend]
@@ -657,11 +657,11 @@ def test_exported_model_matches_the_engines_evaluation(flows, name, tmp_path):
     from transformers.utils import logging as hf_logging
 
     from qwen_operator.local import local_command
-    from trainer import jobfile
-    from trainer.data import batches
-    from trainer.metrics import read_metrics
-    from trainer.spec import derive, resolve_architecture
-    from trainer.train import build_data, tokenizer_dir
+    from qwen_trainer import jobfile
+    from qwen_trainer.data import batches
+    from qwen_trainer.metrics import read_metrics
+    from qwen_trainer.spec import derive, resolve_architecture
+    from qwen_trainer.train import build_data, tokenizer_dir
 
     flow = flows[name]
     ref_ok(flow)
@@ -687,7 +687,7 @@ def test_exported_model_matches_the_engines_evaluation(flows, name, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(flow.out("ref", "hf"), dtype=torch.float32).eval()
     total, tokens = 0.0, 0
     with torch.no_grad():
-        for k in range(t.eval_iters):  # as trainer.train.evaluate reads them, all data-parallel ranks together
+        for k in range(t.eval_iters):  # as qwen_trainer.train.evaluate reads them, all data-parallel ranks together
             start = (k * t.global_batch_size) % max(len(valid), 1)
             for mb in batches.step_micro_batches(valid, start, t.global_batch_size, t.micro_batch_size, 1, 0):
                 logits = model(input_ids=mb.tokens, position_ids=mb.position_ids, use_cache=False).logits.float()

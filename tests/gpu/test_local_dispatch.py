@@ -15,8 +15,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_
 def test_dispatch_and_grouped_experts_never_synchronise():
     from megatron.core.transformer.moe.moe_utils import permute, unpermute
 
-    from trainer.engines.megatron.dispatch import combine, local_permutation
-    from trainer.engines.megatron.kernels import grouped_mm
+    from qwen_trainer.engines.megatron.dispatch import combine, local_permutation
+    from qwen_trainer.engines.megatron.kernels import grouped_mm
 
     tokens, experts, topk, hidden, ffn = 4096, 60, 4, 2048, 1408
     torch.manual_seed(0)

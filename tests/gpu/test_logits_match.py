@@ -47,8 +47,8 @@ def megatron_world():
 def _megatron_logits(ckpt, fmt, tokens):
     from megatron.core import dist_checkpointing
 
-    from trainer.convert import open_source
-    from trainer.convert.mcore_model import build_gpt_model
+    from qwen_trainer.convert import open_source
+    from qwen_trainer.convert.mcore_model import build_gpt_model
 
     src = open_source(ckpt, fmt)
     spec = src.spec
@@ -72,7 +72,7 @@ def test_logits_match_hf(megatron_world, tmp_path, family, fmt):
     from transformers import AutoModelForCausalLM
 
     from tests.unit.convert_models import save_tiny
-    from trainer.convert import convert
+    from qwen_trainer.convert import convert
 
     hf = save_tiny(family, tmp_path / "hf")
     ckpt = tmp_path / fmt

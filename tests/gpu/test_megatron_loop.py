@@ -1,4 +1,4 @@
-"""GPU check of the megatron engine inside the real training loop (2 GPUs): `torchrun -m trainer run --spec FILE`
+"""GPU check of the megatron engine inside the real training loop (2 GPUs): `torchrun -m qwen_trainer run --spec FILE`
 with QWEN_TRAINER_ENGINE=auto picks the megatron engine and trains tiny Qwen models on a Megatron dataset.
 
 Cases (each from the same seeded HF checkpoint as its CPU reference, 2 processes):
@@ -83,7 +83,7 @@ def _explain(proc: subprocess.CompletedProcess) -> str:
 
 def _launch(spec_path: Path, log: Path, fault: str | None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), "-m", "trainer", "run", "--spec", str(spec_path)]
+           "--master-port", str(_free_port()), "-m", "qwen_trainer", "run", "--spec", str(spec_path)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
            "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2", "QWEN_TRAINER_ENGINE": "auto"}
     env.pop("QWEN_TRAINER_FAULT", None)
@@ -123,10 +123,10 @@ def _spec_dict(data: dict, case: str, out: Path, source: Path) -> dict:
 
 
 def _write_source(spec_dict: dict, folder: Path, tokenizer: str, seed: int) -> None:
-    from trainer.checkpoint.weights import write_hf_folder
-    from trainer.engines.hf_model import hf_config
-    from trainer.engines.megatron.testing import hf_reference
-    from trainer.spec import JobSpec, resolve_architecture
+    from qwen_trainer.checkpoint.weights import write_hf_folder
+    from qwen_trainer.engines.hf_model import hf_config
+    from qwen_trainer.engines.megatron.testing import hf_reference
+    from qwen_trainer.spec import JobSpec, resolve_architecture
 
     arch = resolve_architecture(JobSpec.model_validate(spec_dict))
     _, weights = hf_reference(arch, seed=seed, init_std=0.02)
@@ -135,8 +135,8 @@ def _write_source(spec_dict: dict, folder: Path, tokenizer: str, seed: int) -> N
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict:
-    from trainer.data.preprocess import preprocess
-    from trainer.data.synthetic import make_demo_data
+    from qwen_trainer.data.preprocess import preprocess
+    from qwen_trainer.data.synthetic import make_demo_data
 
     root = tmp_path_factory.mktemp("megatron-loop-data")
     made = make_demo_data(root, vocab_size=600, sft_samples=8, corpus_repeat=2)
@@ -221,12 +221,12 @@ def test_trains_with_the_megatron_engine_and_the_loss_falls(runs, case):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_checkpoint_is_sharded_and_loads_back(runs, case):
-    """Every rank wrote its own shard (torch_dist, trainer.checkpoint.sharded), optimizer state included; the
+    """Every rank wrote its own shard (torch_dist, qwen_trainer.checkpoint.sharded), optimizer state included; the
     converter reads the full weights back (what the export stage does)."""
-    from trainer.checkpoint.sharded import is_sharded, saved_keys
-    from trainer.checkpoint.weights import read_weights
-    from trainer.engines.megatron.weights import weight_problems
-    from trainer.spec import JobSpec, resolve_architecture
+    from qwen_trainer.checkpoint.sharded import is_sharded, saved_keys
+    from qwen_trainer.checkpoint.weights import read_weights
+    from qwen_trainer.engines.megatron.weights import weight_problems
+    from qwen_trainer.spec import JobSpec, resolve_architecture
 
     run = runs[case]
     assert run.final.returncode == 0, _explain(run.final)
@@ -272,13 +272,13 @@ def test_first_step_loss_matches_the_cpu_engine(runs, case, tmp_path):
     """The CPU engine (fp32) on the same source weights and the same first global batch."""
     import yaml
 
-    from trainer.checkpoint.weights import read_weights
-    from trainer.data import batches
-    from trainer.distenv import DistEnv
-    from trainer.engines import EngineContext
-    from trainer.engines.cpu import CpuEngine
-    from trainer.spec import JobSpec, derive, resolve_architecture
-    from trainer.train import build_data, tokenizer_dir
+    from qwen_trainer.checkpoint.weights import read_weights
+    from qwen_trainer.data import batches
+    from qwen_trainer.distenv import DistEnv
+    from qwen_trainer.engines import EngineContext
+    from qwen_trainer.engines.cpu import CpuEngine
+    from qwen_trainer.spec import JobSpec, derive, resolve_architecture
+    from qwen_trainer.train import build_data, tokenizer_dir
 
     run = runs[case]
     assert run.first.stdout, _explain(run.first)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 torch = pytest.importorskip("torch")
-mt = pytest.importorskip("trainer.engines.megatron.triton_kernels")
+mt = pytest.importorskip("qwen_trainer.engines.megatron.triton_kernels")
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or not mt.triton_available(),
                                 reason="needs a CUDA GPU and triton")
@@ -33,7 +33,7 @@ def test_accumulate_on_gpu():
 
 @pytest.mark.parametrize("s,b,g,r,d", [(4096, 2, 2, 6, 128), (33, 3, 4, 1, 64)])
 def test_qkv_rope_on_gpu_matches_reference(s, b, g, r, d):
-    from trainer.engines.megatron.kernels import rope_tables
+    from qwen_trainer.engines.megatron.kernels import rope_tables
 
     torch.manual_seed(2)
     mixed = torch.randn(s, b, g, (r + 2) * d, device="cuda", dtype=torch.bfloat16)

@@ -36,7 +36,7 @@ def pytorchjob(name: str, annotations: dict[str, str] | None, workers: int = 1) 
                 "spec": {"containers": [{
                     "name": "pytorch",
                     "image": "registry.invalid/qwen/trainer:test",
-                    "command": ["python", "-m", "trainer", "run"],
+                    "command": ["python", "-m", "qwen_trainer", "run"],
                     "resources": {"limits": {"nvidia.com/gpu": 8}, "requests": {"cpu": "4", "memory": "16Gi"}},
                 }]},
             },

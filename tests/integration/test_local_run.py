@@ -24,9 +24,9 @@ def test_rendered_pod_command_runs_the_convert_stage(tmp_path):
     import torch
 
     from qwen_operator.api import validate_resource_spec
-    from trainer.data.synthetic import make_demo_data
-    from trainer.engines.hf_model import build_model, hf_config
-    from trainer.spec import resolve_architecture
+    from qwen_trainer.data.synthetic import make_demo_data
+    from qwen_trainer.engines.hf_model import build_model, hf_config
+    from qwen_trainer.spec import resolve_architecture
 
     doc = yaml.safe_load(EXAMPLE.read_text())
     # What the pod would run, exactly as rendered.

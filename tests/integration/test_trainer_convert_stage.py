@@ -19,9 +19,9 @@ def test_upcycle_to_megablocks_then_export(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from trainer.data.synthetic import make_demo_data
-    from trainer.engines.hf_model import build_model, hf_config
-    from trainer.spec import load_job_spec, resolve_architecture
+    from qwen_trainer.data.synthetic import make_demo_data
+    from qwen_trainer.engines.hf_model import build_model, hf_config
+    from qwen_trainer.spec import load_job_spec, resolve_architecture
 
     made = make_demo_data(tmp_path / "data", vocab_size=512, sft_samples=4)
     dense_spec = {"stage": "convert", "model": {"family": "qwen1.5", "size": "0.5B", "architecture": ARCH},

@@ -24,12 +24,12 @@ def data(tmp_path_factory) -> dict:
     import subprocess
     import sys
 
-    from trainer.data.synthetic import make_demo_data
+    from qwen_trainer.data.synthetic import make_demo_data
 
     root = tmp_path_factory.mktemp("trainer-data")
     made = make_demo_data(root, vocab_size=600, sft_samples=192, corpus_repeat=2)
     proc = subprocess.run(
-        [sys.executable, "-m", "trainer", "data", "preprocess", "--input", made["corpus"], "--output-prefix",
+        [sys.executable, "-m", "qwen_trainer", "data", "preprocess", "--input", made["corpus"], "--output-prefix",
          str(root / "corpus"), "--tokenizer", made["tokenizer"], "--json-key", "text", "--workers", "2",
          "--no-progress"],
         cwd=REPO, capture_output=True, text=True, timeout=300, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin",
@@ -103,8 +103,8 @@ def test_checkpoint_exports_to_hf_and_loads_in_transformers(dense_reference, tmp
     import torch
     from transformers import AutoModelForCausalLM
 
-    from trainer.checkpoint.weights import read_weights
-    from trainer.convert import convert
+    from qwen_trainer.checkpoint.weights import read_weights
+    from qwen_trainer.convert import convert
 
     target = tmp_path / "hf"
     convert(dense_reference, "mcore", target, "hf", progress=False, verify=True)
@@ -183,7 +183,7 @@ def test_bad_spec_fails_every_rank_with_one_line_and_no_traceback(data, tmp_path
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if "error:" in line]
     assert any("training.bogus: unknown field" in line for line in errors), proc.stderr
-    assert f'File "{REPO / "trainer"}' not in proc.stderr, "user errors print no traceback from the trainer"
+    assert f'File "{REPO / "qwen_trainer"}' not in proc.stderr, "user errors print no traceback from the trainer"
     # every rank that gets as far as reading the spec reports the same problems; once one rank has exited,
     # torchrun stops the other, which on a loaded machine may not have reached that point yet
     assert 1 <= sum("training.bogus: unknown field" in line for line in errors) <= 2
@@ -195,7 +195,7 @@ def test_missing_data_is_a_user_error(data, tmp_path):
     proc = torchrun(write_spec(tmp_path / "job.yaml", spec), nproc=1)
     assert proc.returncode != 0
     assert f"{tmp_path / 'nope'}.bin and .idx does not exist" in proc.stderr
-    assert f'File "{REPO / "trainer"}' not in proc.stderr
+    assert f'File "{REPO / "qwen_trainer"}' not in proc.stderr
 
 
 def test_resource_document_and_resume_require(data, tmp_path):

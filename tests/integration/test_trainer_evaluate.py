@@ -22,14 +22,14 @@ LOCAL_TASK = "qwen_tiny_glossary"
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> dict:
-    from trainer.data.synthetic import make_demo_data
-    from trainer.engines.hf_model import build_model, hf_config
-    from trainer.spec import load_job_spec, resolve_architecture
+    from qwen_trainer.data.synthetic import make_demo_data
+    from qwen_trainer.engines.hf_model import build_model, hf_config
+    from qwen_trainer.spec import load_job_spec, resolve_architecture
 
     root = tmp_path_factory.mktemp("evaluate")
     made = make_demo_data(root, vocab_size=600, sft_samples=8, corpus_repeat=2)
     proc = subprocess.run(
-        [sys.executable, "-m", "trainer", "data", "preprocess", "--input", made["corpus"], "--output-prefix",
+        [sys.executable, "-m", "qwen_trainer", "data", "preprocess", "--input", made["corpus"], "--output-prefix",
          str(root / "corpus"), "--tokenizer", made["tokenizer"], "--json-key", "text", "--workers", "1", "--no-progress"],
         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, explain(proc)

@@ -29,7 +29,7 @@ def write_spec(path: Path, spec: dict) -> Path:
 
 def torchrun(spec_path: Path, nproc: int = 2, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
-           "127.0.0.1", "--master-port", str(free_port()), "-m", "trainer", "run", "--spec", str(spec_path)]
+           "127.0.0.1", "--master-port", str(free_port()), "-m", "qwen_trainer", "run", "--spec", str(spec_path)]
     full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
                 **(env or {})}
     full_env.pop("QWEN_TRAINER_FAULT", None) if "QWEN_TRAINER_FAULT" not in (env or {}) else None
@@ -37,7 +37,7 @@ def torchrun(spec_path: Path, nproc: int = 2, env: dict | None = None, timeout: 
 
 
 def losses(out_dir: Path) -> dict[int, float]:
-    from trainer.metrics import read_metrics
+    from qwen_trainer.metrics import read_metrics
 
     return {r["iteration"]: r["loss"] for r in read_metrics(out_dir / "logs" / "metrics.jsonl")}
 

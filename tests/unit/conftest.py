@@ -13,7 +13,7 @@ def megatron_world():
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from trainer.distenv import _free_port
+    from qwen_trainer.distenv import _free_port
 
     created = False
     if not dist.is_initialized():

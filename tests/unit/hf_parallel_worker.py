@@ -28,9 +28,9 @@ def main() -> int:
     from torch.distributed.tensor import DTensor
     from transformers import AutoModelForCausalLM
 
-    from trainer.engines.hf_model import hf_config
-    from trainer.engines.megatron.testing import job_spec
-    from trainer.spec import resolve_architecture
+    from qwen_trainer.engines.hf_model import hf_config
+    from qwen_trainer.engines.megatron.testing import job_spec
+    from qwen_trainer.spec import resolve_architecture
 
     mode = sys.argv[1]
     dist.init_process_group("gloo")

@@ -1,4 +1,4 @@
-"""Run under torchrun (gloo): trainer.checkpoint.store's every-rank save with an engine whose shards are plain
+"""Run under torchrun (gloo): qwen_trainer.checkpoint.store's every-rank save with an engine whose shards are plain
 files, so the store's protocol (one scratch folder, every rank's files, the commit by rank 0, the tracker last)
 runs in real processes. argv: ROOT ITERATIONS [LOAD_ITERATION]."""
 
@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from trainer.checkpoint import store
-from trainer.checkpoint.sharded import DCP_METADATA, METADATA
-from trainer.distenv import init_process_group, read_env
+from qwen_trainer.checkpoint import store
+from qwen_trainer.checkpoint.sharded import DCP_METADATA, METADATA
+from qwen_trainer.distenv import init_process_group, read_env
 
 
 class FileShardEngine:

@@ -1,4 +1,4 @@
-"""The benchmark's seed-style baseline writes the same Megatron-Core rank file as trainer.convert (TP1 PP1)."""
+"""The benchmark's seed-style baseline writes the same Megatron-Core rank file as qwen_trainer.convert (TP1 PP1)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.convert import convert
+from qwen_trainer.convert import convert
 
 warnings.filterwarnings("ignore", category=UserWarning)
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from .convert_models import assert_same, save_tiny
-from trainer.__main__ import main
-from trainer.errors import ErrorLines, write_termination_log
+from qwen_trainer.__main__ import main
+from qwen_trainer.errors import ErrorLines, write_termination_log
 
 warnings.filterwarnings("ignore", category=UserWarning)
 
@@ -166,7 +166,7 @@ def test_error_lines_of_two_ranks_come_out_whole_and_once(tmp_path, monkeypatch)
 def test_failing_command_writes_its_error_to_the_termination_log(tmp_path):
     log = tmp_path / "termination-log"
     env = {**os.environ, "QWEN_TERMINATION_LOG": str(log)}
-    r = subprocess.run([sys.executable, "-m", "trainer", "convert", "--from", "hf", "--to", "mcore",
+    r = subprocess.run([sys.executable, "-m", "qwen_trainer", "convert", "--from", "hf", "--to", "mcore",
                         str(tmp_path / "missing"), str(tmp_path / "out")], capture_output=True, text=True, env=env)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert log.read_text() == f"source {tmp_path / 'missing'} does not exist"

@@ -10,8 +10,8 @@ import warnings
 import pytest
 
 from .convert_models import assert_same, save_tiny
-from trainer.__main__ import main
-from trainer.convert import ConversionError, ParallelLayout, convert
+from qwen_trainer.__main__ import main
+from qwen_trainer.convert import ConversionError, ParallelLayout, convert
 
 warnings.filterwarnings("ignore", category=UserWarning)
 
@@ -76,7 +76,7 @@ def test_no_overwrite_without_flag(qwen2, tmp_path):
 
 
 def test_verify_detects_a_corrupted_file(qwen2, tmp_path):
-    from trainer.convert import verify_conversion
+    from qwen_trainer.convert import verify_conversion
 
     out = tmp_path / "out"
     convert(qwen2, "hf", out, "megatron-lm", progress=False)
@@ -102,7 +102,7 @@ def test_cli_roundtrip_and_one_line_errors(qwen2, tmp_path, capsys):
 
 
 def test_cli_as_module_has_no_traceback(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "trainer", "convert", "--from", "hf", "--to", "mcore",
+    r = subprocess.run([sys.executable, "-m", "qwen_trainer", "convert", "--from", "hf", "--to", "mcore",
                         str(tmp_path / "missing"), str(tmp_path / "out")], capture_output=True, text=True)
     assert r.returncode == 1
     assert "Traceback" not in r.stderr and "error: source" in r.stderr

@@ -11,13 +11,13 @@ import threading
 import pytest
 import torch
 
-from trainer.convert import ConversionError, fileio
-from trainer.convert.fileio import HashingFile, map_tensor, populate
-from trainer.convert.formats.per_rank import _Scratch
-from trainer.convert.plan import Instance, read_ahead
-from trainer.convert.rules import KINDS, Rule
-from trainer.convert.safetensors_io import SafetensorsFile, SafetensorsWriter
-from trainer.convert.torchfile import StreamingTorchWriter
+from qwen_trainer.convert import ConversionError, fileio
+from qwen_trainer.convert.fileio import HashingFile, map_tensor, populate
+from qwen_trainer.convert.formats.per_rank import _Scratch
+from qwen_trainer.convert.plan import Instance, read_ahead
+from qwen_trainer.convert.rules import KINDS, Rule
+from qwen_trainer.convert.safetensors_io import SafetensorsFile, SafetensorsWriter
+from qwen_trainer.convert.torchfile import StreamingTorchWriter
 
 
 def test_hashing_file_bytes_and_sha_across_buffer_boundaries(tmp_path):
@@ -182,7 +182,7 @@ def test_safetensors_garbage_header_is_a_conversion_error(tmp_path, content):
 
 
 def test_cat_of_meta_tensors_is_shape_only_and_real_tensors_concatenate():
-    from trainer.convert.rules import cat
+    from qwen_trainer.convert.rules import cat
 
     a = torch.empty(4, 3, device="meta", dtype=torch.bfloat16)
     b = torch.empty(2, 3, device="meta", dtype=torch.bfloat16)
@@ -194,7 +194,7 @@ def test_cat_of_meta_tensors_is_shape_only_and_real_tensors_concatenate():
 
 
 def test_file_arena_tensors_own_exactly_their_bytes_and_the_file_goes_away(tmp_path):
-    from trainer.convert.fileio import FileArena, available_memory
+    from qwen_trainer.convert.fileio import FileArena, available_memory
 
     assert available_memory() > 0
     arena = FileArena(tmp_path / ".arena", [10, 3 * 4096 * 4, 0])

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from .convert_models import load_tensors, save_tiny
-from trainer.convert import convert, open_source
-from trainer.convert.mcore_model import build_gpt_model
+from qwen_trainer.convert import convert, open_source
+from qwen_trainer.convert.mcore_model import build_gpt_model
 
 warnings.filterwarnings("ignore", category=UserWarning)
 

@@ -7,7 +7,7 @@ import warnings
 import pytest
 
 from .convert_models import FAMILIES, assert_same, save_tiny
-from trainer.convert import ConversionError, ParallelLayout, convert
+from qwen_trainer.convert import ConversionError, ParallelLayout, convert
 
 warnings.filterwarnings("ignore", category=UserWarning)
 
@@ -87,7 +87,7 @@ def test_megablocks_cannot_hold_shared_expert_gate(models, tmp_path):
 def test_torch_dist_through_the_scratch_file_arena_is_exact(models, tmp_path, family, monkeypatch):
     """A model larger than the memory left is held in a scratch file while megatron-core saves it (forced here);
     the checkpoint is the same, and the scratch file is gone afterwards."""
-    from trainer.convert.formats import torch_dist
+    from qwen_trainer.convert.formats import torch_dist
 
     monkeypatch.setenv("QWEN_CONVERT_ARENA_BYTES", "0")
     arenas = []

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from .convert_models import load_tensors, save_tiny
-from trainer.convert import ParallelLayout, UpcycleSpec, convert
+from qwen_trainer.convert import ParallelLayout, UpcycleSpec, convert
 
 warnings.filterwarnings("ignore", category=UserWarning)
 UP = UpcycleSpec(num_experts=4, top_k=2, seed=7)

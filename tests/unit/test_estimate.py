@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from trainer.engines.megatron.testing import job_spec
-from trainer.spec import resolve_architecture
-from trainer.spec.estimate import checkpoint_size, memory_per_gpu, parameter_counts
+from qwen_trainer.engines.megatron.testing import job_spec
+from qwen_trainer.spec import resolve_architecture
+from qwen_trainer.spec.estimate import checkpoint_size, memory_per_gpu, parameter_counts
 
 GIB = 1024**3
 

@@ -30,7 +30,7 @@ def test_every_listed_variant_is_defined():
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_variant_options_are_engine_options(name):
     pytest.importorskip("megatron.core")
-    from trainer.engines.megatron.config import EngineOptions
+    from qwen_trainer.engines.megatron.config import EngineOptions
 
     fields = {f.name for f in dataclasses.fields(EngineOptions)}
     assert set(VARIANTS[name]) <= fields
@@ -55,9 +55,9 @@ def test_hf_variants_are_from_config_arguments():
     import torch
     from transformers import AutoModelForCausalLM
 
-    from trainer.engines.hf_model import hf_config
-    from trainer.engines.megatron.testing import job_spec
-    from trainer.spec import resolve_architecture
+    from qwen_trainer.engines.hf_model import hf_config
+    from qwen_trainer.engines.megatron.testing import job_spec
+    from qwen_trainer.spec import resolve_architecture
 
     arch = resolve_architecture(job_spec("qwen1.5", "A2.7B", architecture=dict(
         numLayers=1, hiddenSize=64, numAttentionHeads=4, numQueryGroups=4, ffnHiddenSize=128, vocabSize=256,

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from trainer.engines.hf_model import build_model, checkpoint_state_dict, hf_config, load_checkpoint_state_dict
-from trainer.engines.megatron.testing import job_spec
-from trainer.spec import resolve_architecture
+from qwen_trainer.engines.hf_model import build_model, checkpoint_state_dict, hf_config, load_checkpoint_state_dict
+from qwen_trainer.engines.megatron.testing import job_spec
+from qwen_trainer.spec import resolve_architecture
 
 TINY = dict(numLayers=2, hiddenSize=64, numAttentionHeads=4, numQueryGroups=4, ffnHiddenSize=128, vocabSize=256,
             maxPositionEmbeddings=64)

@@ -10,7 +10,7 @@ pytest.importorskip("megatron.core")
 
 from megatron.core.transformer.moe.moe_utils import permute, unpermute  # noqa: E402
 
-from trainer.engines.megatron.dispatch import combine, local_permutation  # noqa: E402
+from qwen_trainer.engines.megatron.dispatch import combine, local_permutation  # noqa: E402
 
 
 def _routing(tokens: int, experts: int, topk: int, seed: int):
@@ -80,7 +80,7 @@ def _layer(ep=1, tp=1, capacity=None, overlap=False, topk=2):
 
 
 def test_layers_that_keep_megatrons_dispatcher_say_why():
-    from trainer.engines.megatron.dispatch import why_not_local
+    from qwen_trainer.engines.megatron.dispatch import why_not_local
 
     assert why_not_local(_layer()) is None
     assert "several ranks" in why_not_local(_layer(ep=2))

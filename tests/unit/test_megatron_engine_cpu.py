@@ -12,25 +12,25 @@ import torch
 pytest.importorskip("megatron.core")
 warnings.filterwarnings("ignore")
 
-from trainer.engines.megatron import kernels as kernels  # noqa: E402
-from trainer.engines.megatron.config import (  # noqa: E402
+from qwen_trainer.engines.megatron import kernels as kernels  # noqa: E402
+from qwen_trainer.engines.megatron.config import (  # noqa: E402
     Capabilities,
     EngineOptions,
     gpt_model_kwargs,
     layer_spec,
     plan_model,
 )
-from trainer.engines.megatron.loss import (  # noqa: E402
+from qwen_trainer.engines.megatron.loss import (  # noqa: E402
     check_output_grad_scale,
     linear_cross_entropy,
     loss_sum_from_output,
     make_model_class,
     reference_cross_entropy,
 )
-from trainer.engines.megatron.testing import hf_loss, hf_reference, job_spec, random_micro_batches  # noqa: E402
-from trainer.engines.megatron.weights import load_into  # noqa: E402
-from trainer.errors import UserError  # noqa: E402
-from trainer.spec import resolve_architecture  # noqa: E402
+from qwen_trainer.engines.megatron.testing import hf_loss, hf_reference, job_spec, random_micro_batches  # noqa: E402
+from qwen_trainer.engines.megatron.weights import load_into  # noqa: E402
+from qwen_trainer.errors import UserError  # noqa: E402
+from qwen_trainer.spec import resolve_architecture  # noqa: E402
 
 TINY = dict(numLayers=2, hiddenSize=64, numAttentionHeads=4, numQueryGroups=2, ffnHiddenSize=128, vocabSize=512,
             maxPositionEmbeddings=128)
@@ -184,7 +184,7 @@ def test_megablocks_needs_cuda_and_package():
 
 
 def test_megatron_engine_refuses_cpu():
-    from trainer.engines.megatron import MegatronEngine
+    from qwen_trainer.engines.megatron import MegatronEngine
 
     with pytest.raises(UserError, match="needs a CUDA GPU"):
         MegatronEngine(job_spec("qwen2.5", "0.5B"), capabilities=CPU)
@@ -196,7 +196,7 @@ def test_megatron_engine_refuses_cpu():
 def test_fuse_qkv_groups_heads_per_query_group():
     from types import SimpleNamespace
 
-    from trainer.convert.rules import KINDS
+    from qwen_trainer.convert.rules import KINDS
 
     heads, groups, d = 4, 2, 3
     q = torch.arange(heads * d).float()[:, None].expand(-1, 2)
@@ -398,7 +398,7 @@ def test_grouped_experts_match_sequential_in_bf16(megatron_world, monkeypatch):
 
 def test_local_dispatch_matches_megatron_dispatcher(megatron_world, monkeypatch):
     """The sync-free dispatcher swapped into every MoE layer gives megatron's dispatcher's loss exactly."""
-    from trainer.engines.megatron.dispatch import install_local_dispatch
+    from qwen_trainer.engines.megatron.dispatch import install_local_dispatch
 
     case = DENSE_MOE_CASES["qwen1.5-moe-shared-gate"]
     swapped = []
@@ -441,7 +441,7 @@ def test_flash_attention_knob_picks_the_kernels():
 def test_context_parallel_slice_keeps_chunks_r_and_its_mirror(cp, monkeypatch):
     from megatron.core import parallel_state
 
-    from trainer.engines.megatron import MegatronEngine
+    from qwen_trainer.engines.megatron import MegatronEngine
 
     seq, chunk = 8 * cp, 4
     tokens = torch.arange(2 * seq).view(2, seq)
@@ -472,11 +472,11 @@ def test_sharded_save_reads_back_in_the_converter_and_the_model(case, megatron_w
     """What the megatron engine writes at a training checkpoint (its model's sharded state dict through
     dist_checkpointing, every rank its part) is what the export stage's converter reads back as the HF weights,
     and what a fresh model loads back exactly."""
-    from trainer.checkpoint import sharded, store
-    from trainer.checkpoint.layout import write_tracker
-    from trainer.checkpoint.weights import read_weights
-    from trainer.convert.formats.torch_dist import _cpu_only, _in_process_writers
-    from trainer.engines.hf_model import hf_config
+    from qwen_trainer.checkpoint import sharded, store
+    from qwen_trainer.checkpoint.layout import write_tracker
+    from qwen_trainer.checkpoint.weights import read_weights
+    from qwen_trainer.convert.formats.torch_dist import _cpu_only, _in_process_writers
+    from qwen_trainer.engines.hf_model import hf_config
 
     opts, caps, dtype = SHARDED_CASES[case]
     models = []

@@ -1,4 +1,4 @@
-"""The megatron engine (trainer.engines.megatron.MegatronEngine), the parts that run without a GPU: the data-parallel rank order
+"""The megatron engine (qwen_trainer.engines.megatron.MegatronEngine), the parts that run without a GPU: the data-parallel rank order
 against megatron's own rank generator, the HF tensor list against transformers' models, the gather of TP/PP/EP
 shards back into full HF-named tensors (round trip through the loader's split), the loss normalisation against the
 CPU engine's formulas, and the engine selection."""
@@ -14,18 +14,18 @@ import torch
 pytest.importorskip("megatron.core")
 warnings.filterwarnings("ignore")
 
-from trainer.engines.megatron import kernels as kernels  # noqa: E402
-from trainer.engines.megatron.config import (  # noqa: E402
+from qwen_trainer.engines.megatron import kernels as kernels  # noqa: E402
+from qwen_trainer.engines.megatron.config import (  # noqa: E402
     Capabilities,
     EngineOptions,
     gpt_model_kwargs,
     layer_spec,
     plan_model,
 )
-from trainer.engines.megatron.layout import data_parallel_layout  # noqa: E402
-from trainer.engines.megatron.loss import LossScaling  # noqa: E402
-from trainer.engines.megatron.testing import hf_reference, job_spec  # noqa: E402
-from trainer.engines.megatron.weights import (  # noqa: E402
+from qwen_trainer.engines.megatron.layout import data_parallel_layout  # noqa: E402
+from qwen_trainer.engines.megatron.loss import LossScaling  # noqa: E402
+from qwen_trainer.engines.megatron.testing import hf_reference, job_spec  # noqa: E402
+from qwen_trainer.engines.megatron.weights import (  # noqa: E402
     hf_from_shards,
     hf_shapes,
     is_expert_key,
@@ -33,8 +33,8 @@ from trainer.engines.megatron.weights import (  # noqa: E402
     renumber_layers,
     weight_problems,
 )
-from trainer.errors import UserError  # noqa: E402
-from trainer.spec import resolve_architecture  # noqa: E402
+from qwen_trainer.errors import UserError  # noqa: E402
+from qwen_trainer.spec import resolve_architecture  # noqa: E402
 
 TINY = dict(numLayers=2, hiddenSize=64, numAttentionHeads=4, numQueryGroups=2, ffnHiddenSize=128, vocabSize=512,
             maxPositionEmbeddings=128)
@@ -117,7 +117,7 @@ def _cpu_model(spec, experts: str, monkeypatch):
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
-    from trainer.engines.megatron.loss import make_model_class
+    from qwen_trainer.engines.megatron.loss import make_model_class
 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")
     arch = resolve_architecture(spec)
@@ -247,8 +247,8 @@ def test_load_balancing_loss_is_read_from_megatron_tracker(balancing, megatron_w
     that spreads tokens about evenly it is close to 1 (E/k x sum_e fraction_e x mean prob_e)."""
     from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
 
-    from trainer.engines.megatron.loss import load_balancing_loss
-    from trainer.engines.megatron.testing import random_micro_batches
+    from qwen_trainer.engines.megatron.loss import load_balancing_loss
+    from qwen_trainer.engines.megatron.testing import random_micro_batches
 
     family, size, kw = CASES["qwen3-moe"]
     kw = dict(kw, moe=dict(kw["moe"], loadBalancingType=balancing, auxLossCoeff=0.01))
@@ -269,8 +269,8 @@ def test_load_balancing_loss_is_read_from_megatron_tracker(balancing, megatron_w
 
 
 def test_auto_picks_the_megatron_engine_on_cuda(monkeypatch):
-    import trainer.engines as engines
-    from trainer.engines import megatron
+    import qwen_trainer.engines as engines
+    from qwen_trainer.engines import megatron
 
     made = []
     monkeypatch.setenv(engines.ENGINE_ENV, "auto")
@@ -281,7 +281,7 @@ def test_auto_picks_the_megatron_engine_on_cuda(monkeypatch):
 
 
 def test_auto_without_megatron_core_trains_on_cpu_and_says_why(monkeypatch):
-    import trainer.engines as engines
+    import qwen_trainer.engines as engines
 
     said = []
     monkeypatch.setenv(engines.ENGINE_ENV, "auto")
@@ -292,7 +292,7 @@ def test_auto_without_megatron_core_trains_on_cpu_and_says_why(monkeypatch):
 
 
 def test_adapter_refuses_what_it_cannot_train(monkeypatch):
-    from trainer.engines.megatron import MegatronEngine
+    from qwen_trainer.engines.megatron import MegatronEngine
 
     with pytest.raises(UserError, match="expertTensor 1"):
         MegatronEngine(_spec("qwen3-moe", parallelism={"expert": 2, "expertTensor": 2}))

@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("megatron.core")
 
-from trainer.engines.megatron import kernels, patches, triton_kernels  # noqa: E402
+from qwen_trainer.engines.megatron import kernels, patches, triton_kernels  # noqa: E402
 
 
 def _snapshot():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.engines.megatron import triton_kernels as mt
+from qwen_trainer.engines.megatron import triton_kernels as mt
 
 pytestmark = pytest.mark.skipif(not mt.triton_available(), reason="triton is not installed")
 
@@ -148,7 +148,7 @@ def test_grad_accumulation_hook_runs_before_ddp_and_skips_fused_weights(interpre
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("s,b,g,r,d", [(5, 2, 2, 3, 8), (3, 1, 1, 1, 16)])
 def test_qkv_rope_matches_split_rotate_and_layout(interpret, dtype, s, b, g, r, d):
-    from trainer.engines.megatron.kernels import rope_tables
+    from qwen_trainer.engines.megatron.kernels import rope_tables
 
     torch.manual_seed(4)
     mixed = torch.randn(s, b, g, (r + 2) * d, dtype=dtype)

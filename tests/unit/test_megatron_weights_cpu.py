@@ -13,21 +13,21 @@ import torch
 pytest.importorskip("megatron.core")
 warnings.filterwarnings("ignore")
 
-from trainer.checkpoint.layout import RANK_FILE, rank_dir_name  # noqa: E402
-from trainer.checkpoint.weights import write_hf_folder  # noqa: E402
-from trainer.convert import ParallelLayout, convert  # noqa: E402
-from trainer.engines.hf_model import hf_config  # noqa: E402
-from trainer.engines.megatron import kernels  # noqa: E402
-from trainer.engines.megatron.config import (  # noqa: E402
+from qwen_trainer.checkpoint.layout import RANK_FILE, rank_dir_name  # noqa: E402
+from qwen_trainer.checkpoint.weights import write_hf_folder  # noqa: E402
+from qwen_trainer.convert import ParallelLayout, convert  # noqa: E402
+from qwen_trainer.engines.hf_model import hf_config  # noqa: E402
+from qwen_trainer.engines.megatron import kernels  # noqa: E402
+from qwen_trainer.engines.megatron.config import (  # noqa: E402
     Capabilities,
     EngineOptions,
     gpt_model_kwargs,
     layer_spec,
     plan_model,
 )
-from trainer.engines.megatron.testing import hf_reference, job_spec  # noqa: E402
-from trainer.engines.megatron.weights import load_into, megatron_state_dict  # noqa: E402
-from trainer.spec import resolve_architecture  # noqa: E402
+from qwen_trainer.engines.megatron.testing import hf_reference, job_spec  # noqa: E402
+from qwen_trainer.engines.megatron.weights import load_into, megatron_state_dict  # noqa: E402
+from qwen_trainer.spec import resolve_architecture  # noqa: E402
 
 TINY = dict(numLayers=4, hiddenSize=64, numAttentionHeads=4, numQueryGroups=2, ffnHiddenSize=128, vocabSize=512,
             maxPositionEmbeddings=128)
@@ -92,7 +92,7 @@ def _engine_model(case, monkeypatch):
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
-    from trainer.engines.megatron.loss import make_model_class
+    from qwen_trainer.engines.megatron.loss import make_model_class
 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")
     family, size, kw = CASES[case]
@@ -135,7 +135,7 @@ def test_megablocks_backend_experts_are_the_converters_megablocks_checkpoint(tmp
     """The megablocks backend's layers are megatron-core layers whose MLP is MegaBlocks' dMoE
     (`decoder.layers.L.mlp.moe...`): its experts on each expert-parallel rank are the converter's MegaBlocks
     checkpoint's (`language_model.encoder.layers.L.mlp.moe...`), and they gather back to the HF weights."""
-    from trainer.engines.megatron.weights import hf_from_shards
+    from qwen_trainer.engines.megatron.weights import hf_from_shards
 
     arch = _arch("qwen3-moe")
     _, weights = hf_reference(arch, seed=1)

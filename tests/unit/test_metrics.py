@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from trainer.metrics import PEAK_ENV, Metrics, peak_tflops
+from qwen_trainer.metrics import PEAK_ENV, Metrics, peak_tflops
 
 
 @pytest.mark.parametrize("name,peak", [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0),

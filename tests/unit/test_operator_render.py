@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from qwen_operator import render as r
-from trainer.spec import SpecError
+from qwen_trainer.spec import SpecError
 
 # Single-stage examples; multi-step pipelines (spec.pipeline) are not rendered into one PyTorchJob.
 EXAMPLES = sorted(p for p in (Path(__file__).resolve().parents[2] / "manifests" / "examples").glob("*.yaml")
@@ -63,7 +63,7 @@ def test_replicas_master_plus_workers_and_nproc():
     assert "--nproc-per-node=8" in cmd
     assert "--nnodes=$(PET_NNODES)" in cmd and "--node-rank=$(PET_NODE_RANK)" in cmd
     assert "--master-addr=$(PET_MASTER_ADDR)" in cmd and "--master-port=$(PET_MASTER_PORT)" in cmd
-    assert cmd[-5:] == ["-m", "trainer", "run", "--spec", "/etc/qwen/job.yaml"]
+    assert cmd[-5:] == ["-m", "qwen_trainer", "run", "--spec", "/etc/qwen/job.yaml"]
 
 
 def test_single_node_has_no_worker_spec():

@@ -13,7 +13,7 @@ from qwen_operator import config as cfg_mod
 from qwen_operator import drift
 from qwen_operator import render as r
 from qwen_operator import status as st
-from trainer.spec import SpecError
+from qwen_trainer.spec import SpecError
 
 from .test_operator_render import BASE, resource
 

@@ -11,7 +11,7 @@ import yaml
 from qwen_operator.api import validate_resource_spec
 from qwen_operator.api.pipeline import deep_merge, pipeline_steps
 from tests.spec_cases import EXAMPLES
-from trainer.spec import SpecError
+from qwen_trainer.spec import SpecError
 
 PIPELINE = yaml.safe_load((EXAMPLES / "cpu-pipeline.yaml").read_text())["spec"]
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.data.batches import step_micro_batches
-from trainer.data.prefetch import StepPrefetcher
+from qwen_trainer.data.batches import step_micro_batches
+from qwen_trainer.data.prefetch import StepPrefetcher
 
 GBS, MICRO, DP, SEQ, SAMPLES = 8, 2, 2, 16, 64
 
@@ -73,7 +73,7 @@ def test_a_read_error_reaches_the_caller_of_that_step():
 
 
 def _sft_source():
-    from trainer.data.sft import SftSource, SftStats
+    from qwen_trainer.data.sft import SftSource, SftStats
 
     rows = 7  # a global batch of 8 straddles an epoch every step
     tokens = np.arange(rows * 4, dtype=np.int64).reshape(rows, 4)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from trainer.progress import duration, progress_fields, summary
+from qwen_trainer.progress import duration, progress_fields, summary
 
 
 def test_estimate_uses_this_runs_mean_step_time():

@@ -1,4 +1,4 @@
-"""The every-rank checkpoint protocol of trainer.checkpoint.store in two real processes (torchrun, gloo): every
+"""The every-rank checkpoint protocol of qwen_trainer.checkpoint.store in two real processes (torchrun, gloo): every
 rank's shards land in one folder that becomes the checkpoint only when all of them are in, and a rank killed in
 the middle of a save leaves the previous checkpoint the newest complete one."""
 
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from trainer.checkpoint import store
-from trainer.distenv import _free_port
-from trainer.faults import ENV as FAULT_ENV
+from qwen_trainer.checkpoint import store
+from qwen_trainer.distenv import _free_port
+from qwen_trainer.faults import ENV as FAULT_ENV
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("sharded_store_worker.py")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from trainer.engines.megatron.testing import job_spec
-from trainer.spec.layout import megatron_layout, virtual_chunks
+from qwen_trainer.engines.megatron.testing import job_spec
+from qwen_trainer.spec.layout import megatron_layout, virtual_chunks
 
 
 def test_layout_carries_every_parallel_size_the_spec_sets():

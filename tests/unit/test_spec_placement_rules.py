@@ -13,7 +13,7 @@ from qwen_operator.api import validate_resource_spec
 from qwen_operator.api.crd import build_crd
 from qwen_operator.render import child_name, render
 from tests.spec_cases import EXAMPLES
-from trainer.spec import SpecError
+from qwen_trainer.spec import SpecError
 
 MCORE_7B = yaml.safe_load((EXAMPLES / "mcore-dense-pretrain.yaml").read_text())
 

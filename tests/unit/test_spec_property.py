@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from qwen_operator.api import validate_resource_spec
 from qwen_operator.render import render
-from trainer.spec import SpecError, presets
+from qwen_trainer.spec import SpecError, presets
 
 STAGES = ["convert", "pretrain", "finetune", "export", "evaluate"]
 FORMATS = ["hf", "megatron-lm", "mcore", "torch_dist", "megablocks"]

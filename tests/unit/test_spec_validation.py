@@ -11,7 +11,7 @@ import yaml
 from qwen_operator.api import validate_resource_spec
 from qwen_operator.api.pipeline import pipeline_steps
 from tests.spec_cases import CASES, EXAMPLES, Case
-from trainer.spec import SpecError, derive, load_job_spec
+from qwen_trainer.spec import SpecError, derive, load_job_spec
 
 EXAMPLE_FILES = sorted(EXAMPLES.glob("*.yaml"))
 

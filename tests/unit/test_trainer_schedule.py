@@ -6,10 +6,10 @@ import math
 
 import pytest
 
-from trainer.data.batches import step_indices
-from trainer.errors import UserError
-from trainer.schedule import LRSchedule, plan
-from trainer.spec import load_job_spec
+from qwen_trainer.data.batches import step_indices
+from qwen_trainer.errors import UserError
+from qwen_trainer.schedule import LRSchedule, plan
+from qwen_trainer.spec import load_job_spec
 
 
 def test_warmup_then_cosine_to_min():

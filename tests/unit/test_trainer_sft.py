@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from trainer.data import sft
-from trainer.data.batches import IGNORE_INDEX
-from trainer.data.tiny_tokenizer import build_tiny_tokenizer
-from trainer.errors import UserError
+from qwen_trainer.data import sft
+from qwen_trainer.data.batches import IGNORE_INDEX
+from qwen_trainer.data.tiny_tokenizer import build_tiny_tokenizer
+from qwen_trainer.errors import UserError
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
 pydantic emits JSON Schema 2020-12; the API server wants a structural OpenAPI v3 subset. This module inlines
 `$ref`s, turns `Optional[X]` into plain X (absent means unset), `Literal` into enums, free-form dicts into
-`x-kubernetes-preserve-unknown-fields`, and adds the CEL rules declared in `trainer.spec.rules`.
+`x-kubernetes-preserve-unknown-fields`, and adds the CEL rules declared in `qwen_trainer.spec.rules`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from trainer.spec.rules import cel_rules
+from qwen_trainer.spec.rules import cel_rules
 
 from .resource import (
     GROUP,

@@ -14,8 +14,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from trainer.spec import Problem, SpecError
-from trainer.spec.resolve import checkpoint_formats
+from qwen_trainer.spec import Problem, SpecError
+from qwen_trainer.spec.resolve import checkpoint_formats
 
 from .resource import validate_stage_spec
 

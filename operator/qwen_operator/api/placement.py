@@ -6,7 +6,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import Field
 
-from trainer.spec.base import AbsolutePath, PositiveInt, SpecModel
+from qwen_trainer.spec.base import AbsolutePath, PositiveInt, SpecModel
 
 QUANTITY = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"

@@ -6,13 +6,13 @@ from typing import Any, Literal, Optional
 
 from pydantic import Field
 
-from trainer.spec import JobSpec, Problem, SpecError, Stage, semantic_problems
-from trainer.spec.base import SpecModel
-from trainer.spec.problems import parse
+from qwen_trainer.spec import JobSpec, Problem, SpecError, Stage, semantic_problems
+from qwen_trainer.spec.base import SpecModel
+from qwen_trainer.spec.problems import parse
 
 from .placement import EnvVar, Image, Nccl, Resources, RunPolicy, Scheduling, VolumeMount
 
-from trainer.spec.resource_name import API_VERSION, GROUP, KIND, PLURAL, SHORT_NAMES, SINGULAR, VERSION  # noqa: F401
+from qwen_trainer.spec.resource_name import API_VERSION, GROUP, KIND, PLURAL, SHORT_NAMES, SINGULAR, VERSION  # noqa: F401
 
 # Fields a user may change after creation; everything else is fixed once the job exists, because the
 # PyTorchJob and the checkpoints on disk were made from it.

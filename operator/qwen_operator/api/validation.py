@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from trainer.spec.problems import parse
+from qwen_trainer.spec.problems import parse
 
 from .pipeline import pipeline_steps
 from .resource import QwenTrainingJobSpec, validate_stage_spec

@@ -1,0 +1,30 @@
+"""Where this process sits in megatron's parallel layout, worked out from the spec before any group exists."""
+
+from __future__ import annotations
+
+from qwen_trainer.errors import UserError
+from qwen_trainer.spec import JobSpec
+
+
+def data_parallel_layout(spec: JobSpec, world_size: int, rank: int) -> tuple[int, int]:
+    """(data-parallel size, data-parallel rank) of `rank` under megatron's default order tp-cp-ep-dp-pp: the
+    tensor- and context-parallel ranks of one model replica are consecutive, data parallel comes next, pipeline
+    stages are outermost. Ranks with the same data-parallel rank must read the same micro-batches."""
+    p = spec.parallelism
+    model_parallel = p.tensor * p.pipeline * p.context
+    if world_size % model_parallel:
+        raise UserError(f"{world_size} processes do not divide into tensor {p.tensor} x pipeline {p.pipeline} x "
+                        f"context {p.context} parallel replicas", path="parallelism")
+    dp = world_size // model_parallel
+    if (world_size // p.pipeline) % (p.expert * p.expert_tensor):
+        raise UserError(f"expert {p.expert} x expert-tensor {p.expert_tensor} parallel size must divide the "
+                        f"{world_size // p.pipeline} processes of a pipeline stage", path="parallelism.expert")
+    return dp, (rank // (p.tensor * p.context)) % dp
+
+
+def layout_record(spec: JobSpec, world_size: int) -> dict:
+    """The layout a checkpoint was saved at, as its trainer_state records it (compared again at resume)."""
+    p = spec.parallelism
+    return {"world": world_size, "tensor": p.tensor, "pipeline": p.pipeline, "context": p.context,
+            "expert": p.expert, "virtual_pipeline": p.virtual_pipeline_layers,
+            "distributed_optimizer": p.distributed_optimizer}

@@ -1,0 +1,176 @@
+"""The megatron engine's checkpointable state, in the two shapes the checkpoint store writes.
+
+Sharded (every training checkpoint): megatron's sharded state dicts of the model chunks and the optimizer, which
+every rank saves and loads for its own part through dist_checkpointing (qwen_trainer.checkpoint.sharded) and which
+reshard to another layout on load: weights always, the plain optimizer's state too, the distributed optimizer's
+only across a changed data-parallel size (docs/checkpoints.md).
+
+Gathered (MegaBlocks, whose expert modules have no sharded state dict, and the checkpoint benchmark's baseline):
+the weights in Hugging Face naming and every rank's optimizer shard collected on rank 0, which writes them in the
+converter's per-rank layout.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+OPTIMIZER_FORMAT = "megatron-per-rank-v1"
+
+
+def sync_params(chunks) -> None:
+    """With the distributed optimizer and overlapped parameter all-gather, the weights a step updated reach the
+    other data-parallel ranks only in the next training forward pass; evaluation and checkpoints need them now (as
+    Megatron-LM syncs before evaluating or saving)."""
+    for m in chunks:
+        c = m.ddp_config
+        if c.use_distributed_optimizer and c.overlap_param_gather:
+            m.start_param_sync(force_sync=True)
+
+
+# ------------------------------------------------------------------------------------------------ sharded
+
+def sharded_state_dict(model, with_optimizer: bool, is_loading: bool) -> dict:
+    """Megatron's sharded state dicts of the model chunks (keys `model` or `model0..`, as Megatron-LM names them)
+    and, if asked, of the optimizer, in formats that reshard to any layout. `model` is build.Model."""
+    from qwen_trainer.checkpoint.sharded import SHARDED_STATE_METADATA
+
+    md = dict(SHARDED_STATE_METADATA)
+    chunks = model.unwrapped()
+    if len(chunks) == 1:
+        out = {"model": chunks[0].sharded_state_dict(metadata=md)}
+    else:
+        out = {f"model{i}": c.sharded_state_dict(metadata=md) for i, c in enumerate(chunks)}
+    if with_optimizer:
+        out["optimizer"] = model.optimizer.sharded_state_dict(dict(out), is_loading=is_loading, metadata=md)
+    return out
+
+
+def load_sharded_state(model, state: dict, with_optimizer: bool) -> None:
+    chunks = model.unwrapped()
+    for i, chunk in enumerate(chunks):
+        chunk.load_state_dict(state["model" if len(chunks) == 1 else f"model{i}"], strict=True)
+    if with_optimizer:
+        model.optimizer.load_state_dict(state["optimizer"])
+    else:
+        model.optimizer.reload_model_params()  # fp32 master weights follow the loaded weights
+
+
+def moved_fields(saved_layout: Optional[dict], now: dict) -> list[str]:
+    """The model-parallel fields that changed since the distributed optimizer's state was saved (its shards cannot
+    follow those)."""
+    from qwen_trainer.checkpoint.sharded import MODEL_PARALLEL_FIELDS
+
+    if not saved_layout or not saved_layout.get("distributed_optimizer"):
+        return []
+    return [f for f in MODEL_PARALLEL_FIELDS if saved_layout.get(f) != now.get(f)]
+
+
+# ------------------------------------------------------------------------------------------------ gathered
+
+def _local_shards(model, moe: bool) -> tuple[Optional[dict], Optional[dict]]:
+    """(dense tensors, expert tensors) this rank contributes: dense from data-parallel rank 0, experts from
+    expert-data-parallel rank 0; global layer numbers, on CPU."""
+    from megatron.core import parallel_state as ps
+
+    from .weights import is_expert_key, renumber_layers
+
+    dense_wanted = ps.get_data_parallel_rank() == 0
+    expert_wanted = moe and ps.get_expert_data_parallel_rank() == 0
+    dense, experts = {}, {}
+    for chunk, offset in zip(model.unwrapped(), model.layer_offsets):
+        own = {name: param.detach() for name, param in chunk.named_parameters()}
+        for k, v in renumber_layers(own, offset).items():
+            target = experts if is_expert_key(k) else dense
+            if (target is experts and expert_wanted) or (target is dense and dense_wanted):
+                target[k] = v.detach().to("cpu", copy=True)
+    return (dense if dense_wanted else None), (experts if expert_wanted else None)
+
+
+def gather_hf_weights(model, arch, gloo_group) -> Optional[dict[str, torch.Tensor]]:
+    """Collective: the full weights in Hugging Face naming on rank 0 (None elsewhere)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from .weights import hf_from_shards
+
+    dense, experts = _local_shards(model, arch.moe is not None)
+    mine = {"tp": ps.get_tensor_model_parallel_rank(), "ep": ps.get_expert_model_parallel_rank(),
+            "dense": dense, "experts": experts}
+    everyone = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(mine, everyone, dst=0, group=gloo_group)
+    if dist.get_rank() != 0:
+        return None
+    by_tp: dict[int, dict] = {}
+    by_ep: dict[int, dict] = {}
+    for part in everyone:
+        if part["dense"] is not None:
+            by_tp.setdefault(part["tp"], {}).update(part["dense"])
+        if part["experts"] is not None:
+            by_ep.setdefault(part["ep"], {}).update(part["experts"])
+    return hf_from_shards(by_tp, by_ep, arch)
+
+
+def _sub_optimizers(optimizer) -> list:
+    return list(getattr(optimizer, "chained_optimizers", None) or [optimizer])
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def local_optimizer_state(optimizer) -> dict:
+    """This rank's fp32 master weights, Adam moments and loss scaler, on the host."""
+    out = []
+    for opt in _sub_optimizers(optimizer):
+        inner = opt.optimizer
+        params = [p for g in inner.param_groups for p in g["params"]]
+        scaler = getattr(opt, "grad_scaler", None)
+        out.append({"main_params": [p.detach().to("cpu", copy=True) for p in params],
+                    "state": _to_cpu(inner.state_dict()["state"]),
+                    "grad_scaler": scaler.state_dict() if scaler is not None else None})
+    return {"optimizers": out}
+
+
+def gather_optimizer_state(optimizer, layout: dict, gloo_group) -> Optional[dict]:
+    """Collective: every rank's optimizer state on rank 0, in OPTIMIZER_FORMAT (None elsewhere)."""
+    import torch.distributed as dist
+
+    local = local_optimizer_state(optimizer)
+    everyone = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(local, everyone, dst=0, group=gloo_group)
+    if everyone is None:
+        return None
+    return {"format": OPTIMIZER_FORMAT, "layout": layout, "ranks": everyone}
+
+
+def restore_optimizer_state(optimizer, mine: list[dict]) -> None:
+    """This rank's part of a gathered optimizer state, into an optimizer of the same layout."""
+    subs = _sub_optimizers(optimizer)
+    problems = [] if len(mine) == len(subs) else [f"{len(mine)} optimizers saved, {len(subs)} built"]
+    for opt, saved in zip(subs, mine):
+        params = [p for g in opt.optimizer.param_groups for p in g["params"]]
+        if [tuple(p.shape) for p in params] != [tuple(t.shape) for t in saved["main_params"]]:
+            problems.append("parameter shards differ")
+    if problems:
+        raise RuntimeError(f"optimizer state does not fit this model: {'; '.join(problems)}")
+    with torch.no_grad():
+        for opt, saved in zip(subs, mine):
+            inner = opt.optimizer
+            params = [p for g in inner.param_groups for p in g["params"]]
+            for p, t in zip(params, saved["main_params"]):
+                p.copy_(t)
+            current = inner.state_dict()
+            current["state"] = saved["state"]
+            inner.load_state_dict(current)
+            scaler = getattr(opt, "grad_scaler", None)
+            if scaler is not None and saved.get("grad_scaler") is not None:
+                scaler.load_state_dict(saved["grad_scaler"])
+    # The model's bf16 weights came from the same checkpoint and are the rounded master weights already.
