@@ -386,8 +386,8 @@ def describe_failure(failure: dict[str, Any], run_policy: dict[str, Any], namesp
     pod = failure.get("pod")
     deleted = will_restart(failure, run_policy) or run_policy.get("cleanPodPolicy") == "All"
     if deleted:
-        text += (f" The pod is deleted when it is replaced or cleaned up: its last lines are the message above;"
-                 f" for full logs, keep failed pods with spec.runPolicy {{restartPolicy: Never, cleanPodPolicy: None}}"
+        text += (" The pod is deleted when it is replaced or cleaned up: its last lines are the message above;"
+                 " for full logs, keep failed pods with spec.runPolicy {restartPolicy: Never, cleanPodPolicy: None}"
                  " or ship logs off the pod.")
     else:
         text += f" Logs: kubectl logs -n {namespace} {pod} -c {_CONTAINER}"

@@ -588,7 +588,7 @@ def _start(c: Cluster, assets: Path, gpu_nodes: int, gpus_per_node: int, node_cp
         "--requestheader-username-headers=X-Remote-User", "--requestheader-group-headers=X-Remote-Group",
         "--requestheader-extra-headers-prefix=X-Remote-Extra-",
         "--authorization-mode=Node,RBAC",
-        f"--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+        "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
         f"--service-account-key-file={p.sa_pub}", f"--service-account-signing-key-file={p.sa_key}",
         "--service-cluster-ip-range=10.96.0.0/16", "--allow-privileged=true",
         "--enable-priority-and-fairness=false", "--endpoint-reconciler-type=none", "--profiling=false",
