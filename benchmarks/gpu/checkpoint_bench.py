@@ -3,8 +3,8 @@
 Hugging Face names and converted to the backend's layout: the path before), in the same run, on the same card.
 
 Each (case, path) runs in a fresh torchrun process group. The worker builds the engine `qwen_trainer run` builds
-(`create_engine(spec)` + `build`), takes one training step so Adam's state exists, then times, through
-`qwen_trainer.checkpoint.store` exactly as the training loop calls it:
+(`testing.built_engine`: the process group, then `build`), takes a few training steps so Adam's state exists,
+then times, through `qwen_trainer.checkpoint.store` exactly as the training loop calls it:
 
     save     store.save(..., sharded=...) from its first collective until the checkpoint is committed
     blocked  the time the training loop waits: the whole save, or with `sharded-async` (checkpoint.asyncSave) only
@@ -112,26 +112,22 @@ def worker(case: str, path: str, root: Path, out: Path, saves_wanted: int = 2) -
     import torch.distributed as dist
 
     from qwen_trainer.checkpoint import store
-    from qwen_trainer.distenv import init_process_group, read_env
-    from qwen_trainer.engines import EngineContext
-    from qwen_trainer.engines.megatron import create_engine
-    from qwen_trainer.engines.megatron.testing import job_spec, random_micro_batches
+    from qwen_trainer.distenv import read_env
+    from qwen_trainer.engines.megatron.testing import built_engine, job_spec, random_micro_batches
     from qwen_trainer.spec import resolve_architecture
     from qwen_trainer.spec.layout import megatron_layout
-    from qwen_trainer.spec.resolve import init_method_std
 
     family, size, arch_over, _ = CASES[case]
     spec = job_spec(family, size, architecture=arch_over or None, parallelism=PARALLEL.get(case),
                     training={"microBatchSize": 1, "globalBatchSize": 1 * int(os.environ.get("WORLD_SIZE", "1"))
                               // max(PARALLEL.get(case, {}).get("tensor", 1), 1), "seqLength": 4096})
     env = read_env()
-    engine = create_engine(spec)
-    init_process_group(env, "nccl")
     arch = resolve_architecture(spec)
     quiet = lambda _m: None  # noqa: E731
-    engine.build(EngineContext(spec, arch, env, init_method_std(spec), 1234, quiet))
+    engine = built_engine(spec, log=quiet)  # as `qwen_trainer run` builds it
     micro = random_micro_batches(spec.training.global_batch_size // engine.data_parallel_size, 1, 4096,
                                  arch.vocab_size, seed=env.rank)
+
     def timed_steps(n: int, during=None) -> float:
         """Mean seconds of `n` training steps (calling `during` after each, as the loop polls its saves)."""
         torch.cuda.synchronize()

@@ -7,7 +7,6 @@ training-operator, one fake GPU node) and starts every extra that is built.
 
 from __future__ import annotations
 
-import time
 import uuid
 from typing import Any, Callable
 
@@ -16,18 +15,12 @@ import pytest
 k = pytest.importorskip("kubernetes.client")
 
 import qwen_devcluster  # noqa: E402
+from tests.integration import operator_support  # noqa: E402
 from qwen_devcluster import BinariesMissing, extras as extras_mod  # noqa: E402
 
 
-def wait_for(what: str, fn: Callable[[], Any], timeout: float = 90.0, interval: float = 0.3) -> Any:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+def wait_for(what: str, fn: Callable[[], Any], timeout: float = 90.0) -> Any:
+    return operator_support.wait_for(fn, timeout, 0.3, what)
 
 
 @pytest.fixture(scope="module")
