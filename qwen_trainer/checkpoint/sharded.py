@@ -65,18 +65,28 @@ def save(sharded_state_dict: dict, folder: Path, async_save: bool = False):
     """Collective: every rank writes its shards of `sharded_state_dict` into `folder` (which exists).
 
     DCP's file writer fsyncs every file it writes; rank 0 also writes common.pt (the non-tensor state) and
-    metadata.json. With `async_save` the shards are not written yet: the returned request copies them off the GPU
-    when scheduled (AsyncSaves.schedule) and writes them from a background process."""
+    metadata.json. The GPU tensors are copied into this rank's staging buffer first (qwen_trainer.checkpoint.staging:
+    one host buffer the size of the shard, made by the first save, reused by the next). With `async_save` the
+    shards are not written yet: the returned request copies them off the GPU when scheduled (AsyncSaves.schedule)
+    and writes them from a background process."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
+    from . import staging
 
     strategy = TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=writers_per_rank())
     group = _data_parallel_group()
     if group is not None:
         strategy = FullyParallelSaveStrategyWrapper(strategy, group, do_cache_distribution=False)
-    return dist_checkpointing.save(sharded_state_dict, str(folder), strategy, validate_access_integrity=False,
-                                   async_sharded_save=async_save)
+    # the writer is made inside the save: megatron-core's, staging through this rank's one reused host buffer
+    restore = staging.install() if staging.enabled() else None
+    try:
+        return dist_checkpointing.save(sharded_state_dict, str(folder), strategy, validate_access_integrity=False,
+                                       async_sharded_save=async_save)
+    finally:
+        if restore is not None:
+            restore()
 
 
 class AsyncSaves:

@@ -9,6 +9,7 @@ import pytest
 
 pytest.importorskip("megatron.core")
 
+from qwen_trainer.checkpoint import staging  # noqa: E402
 from qwen_trainer.engines.megatron import kernels, patches, triton_kernels  # noqa: E402
 
 
@@ -21,7 +22,8 @@ def _snapshot():
 
 
 @pytest.mark.parametrize("install", [kernels.install_torch_grouped_gemm, kernels.install_grad_accum_fusion,
-                                     kernels.install_foreach_grad_ops, triton_kernels.install_swiglu],
+                                     kernels.install_foreach_grad_ops, triton_kernels.install_swiglu,
+                                     staging.install],
                          ids=lambda f: f.__name__)
 def test_installer_changes_registered_attributes_and_restores_them(install):
     before = _snapshot()

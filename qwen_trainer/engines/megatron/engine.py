@@ -360,9 +360,12 @@ class MegatronEngine:
         return total, int(round(tokens))
 
     def close(self) -> None:
+        from qwen_trainer.checkpoint import staging
+
         if self.model is not None:
             release(self.model)
             self.model = None
+        staging.HOST_BUFFER.free()  # the checkpoint staging buffer (kept while a background save still holds it)
 
 
 def create_engine(spec: JobSpec) -> MegatronEngine:

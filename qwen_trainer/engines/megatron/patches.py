@@ -1,10 +1,11 @@
 """Every megatron-core module attribute the engine replaces, in one place, checked against the pinned version.
 
-The engine's faster paths (kernels.py, triton_kernels.py) enter megatron-core by swapping module-level functions
-and objects it looks up at call time. Such a swap silently does nothing if an upgrade renames or moves the
-attribute, so each one goes through `replace`, which refuses an attribute the module does not have (unless it is
-listed as one megatron-core binds only on some installs), and `version_note` says when the installed megatron-core
-is not the version these patches were checked against.
+The engine's faster paths (kernels.py, triton_kernels.py) and the checkpoint writer's staging
+(qwen_trainer.checkpoint.staging) enter megatron-core by swapping module-level functions and objects it looks up at
+call time. Such a swap silently does nothing if an upgrade renames or moves the attribute, so each one goes through
+`replace`, which refuses an attribute the module does not have (unless it is listed as one megatron-core binds only
+on some installs), and `version_note` says when the installed megatron-core is not the version these patches were
+checked against.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ PATCHED = {
     ("megatron.core.transformer.moe.shared_experts", "bias_swiglu_impl"): "Triton SwiGLU for the shared expert",
     ("megatron.core.transformer.moe.moe_utils", "te_general_gemm"):
         "bound to None without Transformer Engine: the router GEMM refers to it even when TE is absent",
+    ("megatron.core.dist_checkpointing.strategies.torch", "FileSystemWriterAsync"):
+        "the torch_dist writer stages a save's GPU tensors in one reused host buffer per rank, not fresh pinned "
+        "tensors per save (qwen_trainer.checkpoint.staging; set only while a sharded save runs)",
 }
 # attributes megatron-core binds only when an optional package imports (absent here is expected)
 OPTIONAL = {("megatron.core.transformer.moe.moe_utils", "te_general_gemm"),
