@@ -13,16 +13,23 @@ then times, through `qwen_trainer.checkpoint.store` exactly as the training loop
 
 Every run saves twice with a training step between: the first save pays one-off costs (pinned host buffers, the
 planning), the figures are the second's, as every later checkpoint of a run; `first_*` keep the first. A path
-`sharded@N` runs with N writer processes per rank (QWEN_CHECKPOINT_WRITERS).
+`sharded@N` runs with N writer processes per rank (QWEN_CHECKPOINT_WRITERS). The sharded paths stage the GPU tensors
+in one host buffer per rank that the first save makes and the next reuses (qwen_trainer.checkpoint.staging); a path
+with `-fresh` (`sharded-async-fresh`) stages as megatron-core does, into new pinned host tensors at every save
+(QWEN_CHECKPOINT_STAGING=fresh), the baseline of that buffer. `--drop-previous` removes the last checkpoint before
+the next save, for disks that hold one checkpoint of the case but not two.
     disk     the same number of bytes written by one plain writer with an fsync at the end, on the same disk,
              after the checkpoint is removed (the ceiling a save is measured against)
     load     store.load + the optimizer state as the loop restores it, and then the first training step
     memory   peak resident memory of each rank during the save and during the load, above what it held before
+             (the larger of the two saves: the first, which makes the staging buffer)
+    restored the sum of the model's parameters after the load against the same sum taken when the last save began
 
     python benchmarks/gpu/checkpoint_bench.py --cases qwen2.5-1.5b,qwen1.5-moe-a2.7b-l3 --paths sharded,gathered \\
         --out DIR [--root /tmp/ckpt-bench]
 
-Prints one row per run and the ratios sharded / gathered per case; writes DIR/checkpoint_rows.jsonl.
+Prints one row per run and the ratios sharded / gathered and reused / fresh staging per case; appends to
+DIR/checkpoint_rows.jsonl (several calls with one DIR make one table).
 """
 
 from __future__ import annotations
@@ -107,11 +114,18 @@ def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def worker(case: str, path: str, root: Path, out: Path, saves_wanted: int = 2) -> int:
+def param_checksum(engine) -> float:
+    import torch
+
+    return float(torch.stack([p.detach().double().sum() for m in engine.unwrapped() for p in m.parameters()]).sum())
+
+
+def worker(case: str, path: str, root: Path, out: Path, saves_wanted: int = 2, drop_previous: bool = False) -> int:
     import torch
     import torch.distributed as dist
 
     from qwen_trainer.checkpoint import store
+    from qwen_trainer.checkpoint.staging import HOST_BUFFER
     from qwen_trainer.distenv import read_env
     from qwen_trainer.engines.megatron.testing import built_engine, job_spec, random_micro_batches
     from qwen_trainer.spec import resolve_architecture
@@ -156,8 +170,15 @@ def worker(case: str, path: str, root: Path, out: Path, saves_wanted: int = 2) -
     # Two saves with training between them: the first pays one-off costs (the pinned host buffers the GPU copy
     # lands in, the writers' start), the second is what every later checkpoint of a run costs.
     saves = []
+    checksum_saved = None
     for iteration in range(1, saves_wanted + 1):
         state = store.TrainState(iteration=iteration, consumed_samples=iteration * spec.training.global_batch_size)
+        if drop_previous and iteration > 1:
+            if env.rank == 0:
+                shutil.rmtree(target / f"iter_{iteration - 1:07d}")
+            dist.barrier()
+        if iteration == saves_wanted:
+            checksum_saved = param_checksum(engine)
         with PeakRss() as save_mem:
             t0 = time.perf_counter()
             store.save(target, state, engine, sharded=path.startswith("sharded"), async_saves=async_saves, **kwargs)
@@ -186,6 +207,7 @@ def worker(case: str, path: str, root: Path, out: Path, saves_wanted: int = 2) -
             engine.load_optimizer_state_dict(loaded.optimizer)
         torch.cuda.synchronize()
         load_s = time.perf_counter() - t0
+    checksum_loaded = param_checksum(engine)
     t0 = time.perf_counter()
     step = engine.train_step(micro, 1e-5, "mean")
     torch.cuda.synchronize()
@@ -193,8 +215,9 @@ def worker(case: str, path: str, root: Path, out: Path, saves_wanted: int = 2) -
 
     dist.barrier()
     rate = 0.0
-    if env.rank == 0:  # after the checkpoint is gone, so the disk holds one copy of the bytes at a time
-        shutil.rmtree(target / "iter_0000001")
+    if env.rank == 0:  # after the checkpoints are gone, so the disk holds one copy of the bytes at a time
+        for folder in target.glob("iter_*"):
+            shutil.rmtree(folder)
         rate = disk_write_rate(target, nbytes)
     mem = torch.tensor([save_peak, load_mem.above_start], dtype=torch.float64, device="cuda")
     everyone = [torch.zeros_like(mem) for _ in range(env.world_size)]
@@ -211,7 +234,11 @@ def worker(case: str, path: str, root: Path, out: Path, saves_wanted: int = 2) -
                "load_s": load_s, "first_step_s": first_step_s, "loss_after_load": step.loss,
                "save_peak_rss_per_rank": [float(m[0]) for m in everyone],
                "load_peak_rss_per_rank": [float(m[1]) for m in everyone],
-               "shard_bytes_per_rank": nbytes / env.world_size, "local_parameters_rank0": params}
+               "shard_bytes_per_rank": nbytes / env.world_size, "local_parameters_rank0": params,
+               "staging": "fresh" if "-fresh" in path else "reuse", "staging_buffer_bytes": HOST_BUFFER.nbytes,
+               "staging_buffer_pinned": HOST_BUFFER.pinned, "staging_buffers_made": HOST_BUFFER.allocations,
+               "param_checksum_saved": checksum_saved, "param_checksum_loaded": checksum_loaded,
+               "restored_exactly": checksum_saved == checksum_loaded}
         with open(out / "checkpoint_rows.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         shutil.rmtree(target, ignore_errors=True)
@@ -224,8 +251,9 @@ def worker(case: str, path: str, root: Path, out: Path, saves_wanted: int = 2) -
 def report(rows: list[dict]) -> str:
     lines = ["| case | path | GPUs | checkpoint GB | save s | training blocked s | first save: s, blocked s | "
              "step s alone, during write | save GB/s | disk GB/s | "
-             "save / disk | load s | load / save | peak host GB per rank, save | peak host GB per rank, load |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "save / disk | load s | load / save | peak host GB per rank, save | above the shard, GB | "
+             "peak host GB per rank, load | restored exactly |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         during = r.get("step_during_write_s")
         lines.append(
@@ -236,7 +264,9 @@ def report(rows: list[dict]) -> str:
             f"{r['save_rate'] / GB:.2f} | {r['disk_rate'] / GB:.2f} | {r['save_fraction_of_disk']:.0%} | "
             f"{r['load_s']:.2f} | {r['load_s'] / r['save_s']:.2f} | "
             f"{' / '.join(f'{m / GB:.2f}' for m in r['save_peak_rss_per_rank'])} | "
-            f"{' / '.join(f'{m / GB:.2f}' for m in r['load_peak_rss_per_rank'])} |")
+            f"{max(r['save_peak_rss_per_rank']) / GB - r['shard_bytes_per_rank'] / GB:+.2f} | "
+            f"{' / '.join(f'{m / GB:.2f}' for m in r['load_peak_rss_per_rank'])} | "
+            f"{r.get('restored_exactly', '-')} |")
     by_case: dict[str, dict] = {}
     for r in rows:
         by_case.setdefault(r["case"], {})[r["path"]] = r
@@ -249,6 +279,15 @@ def report(rows: list[dict]) -> str:
                          f"blocked {g['blocked_s'] / s['blocked_s']:.1f}x shorter, load {g['load_s'] / s['load_s']:.1f}x "
                          f"faster, peak host memory of rank 0 while saving "
                          f"{s['save_peak_rss_per_rank'][0] / max(g['save_peak_rss_per_rank'][0], 1):.2f}x")
+        for name, fresh in paths.items():  # the reused staging buffer against megatron-core's per-save tensors
+            reuse = paths.get(name.replace("-fresh", ""))
+            if "-fresh" not in name or reuse is None:
+                continue
+            lines.append(f"{case}, {reuse['path']} against {name}: peak host memory of rank 0 while saving "
+                         f"{reuse['save_peak_rss_per_rank'][0] / max(fresh['save_peak_rss_per_rank'][0], 1):.2f}x, "
+                         f"training blocked {reuse['blocked_s'] / fresh['blocked_s']:.2f}x (first save "
+                         f"{reuse['first_blocked_s'] / fresh['first_blocked_s']:.2f}x), save "
+                         f"{reuse['save_s'] / fresh['save_s']:.2f}x, load {reuse['load_s'] / fresh['load_s']:.2f}x")
     return "\n".join(lines)
 
 
@@ -259,11 +298,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path("out/checkpoint-bench"))
     ap.add_argument("--root", type=Path, default=Path("/tmp/qwen-checkpoint-bench"))
     ap.add_argument("--saves", type=int, default=2, help="saves per run; the figures are the last one's")
+    ap.add_argument("--drop-previous", action="store_true",
+                    help="remove the last checkpoint before the next save (a disk that holds only one)")
     ap.add_argument("--worker", nargs=2, metavar=("CASE", "PATH"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.worker:
-        return worker(args.worker[0], args.worker[1], args.root, args.out, args.saves)
+        return worker(args.worker[0], args.worker[1], args.root, args.out, args.saves, args.drop_previous)
     failures = 0
     for case in args.cases.split(","):
         if case not in CASES:
@@ -273,9 +314,11 @@ def main(argv=None) -> int:
         for path in args.paths.split(","):
             cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={gpus}",
                    "--master-port=29533", __file__, "--worker", case, path, "--out", str(args.out),
-                   "--root", str(args.root), "--saves", str(args.saves)]
+                   "--root", str(args.root), "--saves", str(args.saves)] + (["--drop-previous"] if args.drop_previous
+                                                                              else [])
             writers = path.partition("@")[2]  # sharded@8: eight writer processes per rank
             env = dict(os.environ, **({"QWEN_CHECKPOINT_WRITERS": writers} if writers else {}))
+            env["QWEN_CHECKPOINT_STAGING"] = "fresh" if "-fresh" in path else "reuse"
             t0 = time.time()
             done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
             status = "ok" if done.returncode == 0 else f"failed rc={done.returncode}"
