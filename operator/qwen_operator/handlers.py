@@ -24,6 +24,7 @@ import os
 from typing import Any, Optional
 
 import kopf
+from kubernetes.client.exceptions import ApiException
 
 from qwen_trainer.spec import SpecError, derive
 
@@ -31,12 +32,13 @@ from . import stages as sg
 from . import status as st
 from .api import GROUP, KIND, PLURAL, VERSION
 from .api.devices import memory_fit
+from .api.pipeline import is_pipeline
 from .config import OperatorConfig
 from .drift import child_drift
-from .kube import Kube
+from .kube import CHILD_RESOURCES, Kube
 from .metrics import CHILDREN_CREATED, PhaseTracker, Readiness, observe, start_server
 from .render import CHILD_KINDS, HASH_ANNOTATION, LABEL_MANAGED_BY, MANAGED_BY, PYTORCHJOB_KIND, TRAINJOB_GROUP, \
-    TRAINJOB_KIND, TRAINJOB_PLURAL, TRAINJOB_VERSION, child_kind, render_step, steps
+    TRAINJOB_KIND, TRAINJOB_PLURAL, TRAINJOB_VERSION, child_kind, queue_of, render_step, steps
 
 FINALIZER = "training.qwen.dev/finalizer"  # declared for completeness; no handler here needs a finalizer
 ANNOTATION_PREFIX = "training.qwen.dev"
@@ -185,9 +187,9 @@ def _drift_state(desired: dict[str, Any], live: dict[str, Any]) -> Optional[tupl
 
 @kopf.on.resume(GROUP, VERSION, PLURAL, id="reconcile-resume")
 @kopf.on.create(GROUP, VERSION, PLURAL, id="reconcile", retries=20, backoff=5)
-def reconcile(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+def reconcile(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, retry: int = 0, **_: Any) -> None:
     with observe("reconcile"):
-        _reconcile(_plain(body), memo, logger)
+        _reconcile(_plain(body), memo, logger, retry=retry)
 
 
 def _step_records(body: dict[str, Any]) -> list[dict[str, Any]]:
@@ -196,7 +198,39 @@ def _step_records(body: dict[str, Any]) -> list[dict[str, Any]]:
                           [(step or stage, stage) for step, stage, _ in steps(body)])
 
 
-def _reconcile(body: dict[str, Any], memo: kopf.Memo, logger: logging.Logger, rerun: bool = False) -> None:
+def _refused(kube: Kube, err: ApiException, child: dict[str, Any]) -> Optional[tuple[str, str]]:
+    """(reason, message) when the API server refused the child job itself (see status.child_refused)."""
+    kind = child["kind"]
+    served = True
+    if err.status == 404:
+        group, version, plural = CHILD_RESOURCES[kind]
+        served = kube.api_served(group, version, plural, ttl=0)
+    return st.child_refused(kind, child["metadata"]["name"], err.status or 0, err.body, api_served=served,
+                            runtime=((child.get("spec") or {}).get("runtimeRef") or {}).get("name", ""),
+                            job_api_setting=CONFIG.job_api)
+
+
+def _refusal_delay(retry: int) -> float:
+    """Seconds until a refused child is tried again: 10 s, doubling up to 5 minutes (the missing API or runtime
+    may be installed meanwhile)."""
+    return float(min(10 * 2 ** max(retry, 0), 300))
+
+
+def _queue_condition(kube: Kube, resource: dict[str, Any], spec: Any, index: int, pipeline: bool,
+                     child: dict[str, Any]) -> Optional[tuple[str, str, str]]:
+    """The first `Queued` condition of a child with a Kueue queue (None without a queue)."""
+    source = queue_of(resource, spec, f"spec.pipeline[{index}]" if pipeline else "spec")
+    if source is None:
+        return None
+    queue, field = source
+    kind, name = child["kind"], child["metadata"]["name"]
+    if not kube.api_served(st.WORKLOAD_GROUP, st.WORKLOAD_VERSION, st.WORKLOAD_PLURAL):
+        return st.kueue_not_installed(kind, name, queue, field)
+    return st.queue_pending(kind, name, queue, field)
+
+
+def _reconcile(body: dict[str, Any], memo: kopf.Memo, logger: logging.Logger, rerun: bool = False,
+               retry: int = 0) -> None:
     kube: Kube = memo.kube
     meta = body["metadata"]
     ns, name = meta["namespace"], meta["name"]
@@ -243,7 +277,19 @@ def _reconcile(body: dict[str, Any], memo: kopf.Memo, logger: logging.Logger, re
         return
 
     for desired in (cm, pj):  # ConfigMap first: the pods mount it
-        live, was_created = kube.create_or_get(desired)
+        try:
+            live, was_created = kube.create_or_get(desired)
+        except ApiException as err:
+            refused = _refused(kube, err, desired) if desired is pj else None
+            if refused is None:
+                raise
+            reason, message = refused
+            before = (st.get_condition(previous, "Created") or {}).get("reason")
+            kube.update_status(ns, name, lambda res: st.not_created(res.get("status"), reason, message,
+                                                                     res["metadata"].get("generation"), now()))
+            if before != reason:  # one Warning Event per cause, not one per retry
+                kopf.warn(_ref(body), reason=reason, message=message[:1024])
+            raise kopf.TemporaryError(message, delay=_refusal_delay(retry))
         kind, child = desired["kind"], desired["metadata"]["name"]
         if was_created:
             created.append(f"{kind} {child}")
@@ -266,10 +312,16 @@ def _reconcile(body: dict[str, Any], memo: kopf.Memo, logger: logging.Logger, re
             warnings.append(drift)
 
     pj_name = pj["metadata"]["name"] if synced[1] != st.NAME_CONFLICT else None
+    queue = _queue_condition(kube, body, spec, index, is_pipeline(body.get("spec")), pj) if pj_name else None
+    if queue is not None and queue[1] == st.KUEUE_NOT_INSTALLED and \
+            (st.get_condition(previous, st.QUEUED) or {}).get("reason") != st.KUEUE_NOT_INSTALLED:
+        warnings.append((st.KUEUE_NOT_INSTALLED, queue[2]))
 
     def written(res: dict[str, Any]) -> dict[str, Any]:
         status = st.reconciled(res.get("status"), res["metadata"].get("generation"), now(), pytorch_job=pj_name,
                                config_map=cm["metadata"]["name"], derived=derived, synced=synced, memory=memory)
+        if queue is not None:
+            status = st.queued(status, queue, res["metadata"].get("generation"), now(), initial=True) or status
         return sg.started(status, sg.init_stages(status.get("stages"), [(r["name"], r["stage"]) for r in records]),
                           index, pj_name, now())
 
@@ -485,10 +537,11 @@ def _live_service_account(child: dict[str, Any]) -> Optional[str]:
 
 def _run_policy(child: dict[str, Any]) -> dict[str, Any]:
     """The restart and cleanup policy the child runs with (words the Failed message). A TrainJob's JobSet
-    replaces failed pods by restarting all nodes (the runtime's failurePolicy), like OnFailure."""
+    replaces failed pods by restarting all nodes (the runtime's failurePolicy) until it fails, and then keeps the
+    failed pods: when its Failed message is written, that is Never."""
     spec = child.get("spec") or {}
     if child.get("kind") == TRAINJOB_KIND:
-        return {"restartPolicy": "OnFailure", "cleanPodPolicy": "None"}
+        return {"restartPolicy": "Never", "cleanPodPolicy": "None"}
     master = (spec.get("pytorchReplicaSpecs") or {}).get("Master") or {}
     return {"restartPolicy": master.get("restartPolicy", "OnFailure"),
             "cleanPodPolicy": (spec.get("runPolicy") or {}).get("cleanPodPolicy", "None")}
@@ -543,6 +596,11 @@ def pod_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, logger: lo
         if st.pod_running_again(pod, cached.get("status")) is None:
             return
     with observe("pod-status"):
+        # A TrainJob's pods follow its JobSet's failure policy (from the runtime), read once per failed pod.
+        jobset_policy = st.jobset_run_policy(kube.get_jobset(ns, job)) \
+            if failure is not None and st.JOBSET_NAME_LABEL in ((pod.get("metadata") or {}).get("labels") or {}) \
+            else None
+
         def ours(res: dict[str, Any]) -> bool:
             return (res.get("status") or {}).get("pytorchJob") == job and not res["metadata"].get("deletionTimestamp")
 
@@ -552,8 +610,8 @@ def pod_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, logger: lo
             gen = res["metadata"].get("generation")
             if failure is not None:
                 policy = (res.get("spec") or {}).get("runPolicy") or {}
-                policy = {"restartPolicy": policy.get("restartPolicy", "OnFailure"),
-                          "cleanPodPolicy": policy.get("cleanPodPolicy", "None")}
+                policy = jobset_policy or {"restartPolicy": policy.get("restartPolicy", "OnFailure"),
+                                           "cleanPodPolicy": policy.get("cleanPodPolicy", "None")}
                 return st.observe_pod_failure(res.get("status"), failure, policy, ns, gen, now())
             replica = st.pod_running_again(pod, res.get("status"))
             return st.observe_pod_running(res.get("status"), replica, gen, now()) if replica else None
@@ -561,7 +619,7 @@ def pod_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, logger: lo
         written = kube.update_status(ns, name, on_pod)
         if written is None:
             return
-        spec_policy = ((kube.cache.get((ns, name)) or {}).get("spec") or {}).get("runPolicy") or {}
+        spec_policy = jobset_policy or ((kube.cache.get((ns, name)) or {}).get("spec") or {}).get("runPolicy") or {}
         ref = {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND,
                "metadata": {"name": name, "namespace": ns, "uid": (kube.cache.get((ns, name)) or {})
                             .get("metadata", {}).get("uid", "")}}
@@ -572,6 +630,57 @@ def pod_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, logger: lo
             logger.warning("pod %s failed: %s", failure["pod"], message)
         else:
             kopf.event(ref, type="Normal", reason="Restarted", message=(st.get_condition(written, "Restarting") or {}).get("message", ""))
+
+
+def workload_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, logger: logging.Logger,
+                   **_: Any) -> None:
+    """Kueue's Workload of one of our child jobs: why the child waits (the `Queued` condition), and when it is
+    admitted. Workloads name only the child (owner reference); the child names the resource."""
+    workload = _view(body)
+    ref = st.workload_owner(workload)
+    kube: Optional[Kube] = getattr(memo, "kube", None)
+    if ref is None or kube is None or ref.get("kind") != child_kind(CONFIG.job_api):
+        return
+    if event.get("type") == "DELETED":
+        kube.owners.pop(str(ref.get("uid", "")), None)
+        return
+    ns, child = workload["metadata"].get("namespace", ""), ref.get("name", "")
+    owner = kube.owner_of_child(ref["kind"], ns, child, str(ref.get("uid", "")))
+    if owner is None:
+        return
+    name, uid = owner
+    with observe("workload-status"):
+        seen: list[Optional[dict[str, Any]]] = []
+
+        def on_workload(res: dict[str, Any]) -> Optional[dict[str, Any]]:
+            if res["metadata"].get("uid") != uid or res["metadata"].get("deletionTimestamp"):
+                return None
+            status = res.get("status") or {}
+            current = status.get("pytorchJob")
+            # An earlier step's (or attempt's) child no longer drives the status; the next step's child may show
+            # up here before the handler that created it has written its name.
+            if current and current != child and (not status.get("stages") or
+                                                 any(r.get("pytorchJob") == child for r in status["stages"])):
+                return None
+            seen[:] = [st.get_condition(status, st.QUEUED)]
+            return st.from_workload(status, workload, res["metadata"].get("generation"), now())
+
+        written = kube.update_status(ns, name, on_workload)
+        if written is None:
+            return
+        new, old = st.get_condition(written, st.QUEUED) or {}, (seen[0] if seen else None) or {}
+        target = {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND,
+                  "metadata": {"name": name, "namespace": ns, "uid": uid}}
+        if new.get("status") == "False" and old.get("status") == "True":
+            kopf.event(target, type="Normal", reason=st.ADMITTED, message=new.get("message", "")[:1024])
+        elif new.get("status") == "True" and new.get("reason") != old.get("reason"):
+            if new.get("reason") == st.INADMISSIBLE:
+                kopf.warn(target, reason=st.INADMISSIBLE, message=new.get("message", "")[:1024])
+            elif new.get("reason") in (st.WAITING_FOR_QUOTA, st.EVICTED):
+                kopf.event(target, type="Normal", reason=st.QUEUED, message=new.get("message", "")[:1024])
+
+
+kopf.on.event(st.WORKLOAD_GROUP, st.WORKLOAD_VERSION, st.WORKLOAD_PLURAL, id="workload_event")(workload_event)
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
@@ -593,5 +702,6 @@ def job_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
 
 watch_children(CONFIG.job_api)
 
-__all__ = ["CONFIG", "apply_settings", "reconcile", "pytorchjob_event", "trainjob_event", "watch_children",
+__all__ = ["CONFIG", "apply_settings", "reconcile", "pytorchjob_event", "trainjob_event", "workload_event",
+           "watch_children",
            "suspend_changed", "spec_changed", "PYTORCHJOB_KIND"]

@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 import kubernetes
 from kubernetes.client.exceptions import ApiException
 
-from .api import GROUP, PLURAL, VERSION
+from .api import GROUP, KIND, PLURAL, VERSION
 from .render import PYTORCHJOB_KIND, TRAINJOB_GROUP, TRAINJOB_KIND, TRAINJOB_PLURAL, TRAINJOB_VERSION, \
     child_suspend_patch
 
@@ -45,6 +45,10 @@ class Kube:
         self.cache: dict[tuple[str, str], dict[str, Any]] = {}
         # (namespace, name) -> (exists, checked at): the trainer ServiceAccount, read once per namespace.
         self.accounts: dict[tuple[str, str], tuple[bool, float]] = {}
+        # (group, version, plural) -> (served, checked at): API discovery, for the APIs the operator depends on.
+        self.apis: dict[tuple[str, str, str], tuple[bool, float]] = {}
+        # child uid -> (name, uid) of the QwenTrainingJob that owns it (Kueue Workloads name only the child).
+        self.owners: dict[str, tuple[str, str]] = {}
 
     def remember(self, body: dict[str, Any]) -> None:
         meta = body.get("metadata") or {}
@@ -122,6 +126,44 @@ class Kube:
             exists = False
         self.accounts[key] = (exists, time.monotonic())
         return name if exists else None
+
+    def api_served(self, group: str, version: str, plural: str, ttl: float = 60.0) -> bool:
+        """Whether discovery lists `plural` in `group/version` (remembered for `ttl` seconds)."""
+        import time
+
+        key = (group, version, plural)
+        known = self.apis.get(key)
+        if known is not None and time.monotonic() - known[1] < ttl:
+            return known[0]
+        try:
+            listed = self.custom.get_api_resources(group, version)
+            served = any(r.name == plural for r in listed.resources or [])
+        except ApiException as e:
+            if e.status not in (403, 404):
+                raise
+            served = False
+        self.apis[key] = (served, time.monotonic())
+        return served
+
+    def owner_of_child(self, kind: str, namespace: str, name: str, uid: str) -> Optional[tuple[str, str]]:
+        """(name, uid) of the QwenTrainingJob controlling the child job `kind` `name` (read once per child)."""
+        if uid in self.owners:
+            return self.owners[uid]
+        group, version, plural = CHILD_RESOURCES[kind]
+        try:
+            child = self.custom.get_namespaced_custom_object(group, version, namespace, plural, name)
+        except ApiException as e:
+            if e.status in (403, 404):
+                return None
+            raise
+        if (child.get("metadata") or {}).get("uid") != uid:
+            return None
+        for ref in (child.get("metadata") or {}).get("ownerReferences") or []:
+            if ref.get("controller") and ref.get("kind") == KIND and \
+                    str(ref.get("apiVersion", "")).startswith(GROUP + "/"):
+                self.owners[uid] = (ref["name"], ref.get("uid", ""))
+                return self.owners[uid]
+        return None
 
     # ------------------------------------------------------------------------------------------ writes
 

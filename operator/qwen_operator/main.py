@@ -26,7 +26,7 @@ class _QuietWatchHandlers(logging.Filter):
     at hundreds of jobs they are most of the log volume and a measurable share of the CPU)."""
 
     QUIET = ("Handler 'pytorchjob_event' succeeded.", "Handler 'trainjob_event' succeeded.",
-             "Handler 'job_event' succeeded.")
+             "Handler 'job_event' succeeded.", "Handler 'workload_event' succeeded.")
 
     def filter(self, record: logging.LogRecord) -> bool:
         return record.levelno > logging.INFO or record.getMessage() not in self.QUIET

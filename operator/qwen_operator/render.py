@@ -384,6 +384,19 @@ def kueue_labels(resource: dict[str, Any], spec: QwenTrainingJobSpec) -> dict[st
     return out
 
 
+def queue_of(resource: dict[str, Any], spec: QwenTrainingJobSpec, where: str = "spec") -> Optional[tuple[str, str]]:
+    """(Kueue queue name, the field that names it) of a step, or None without a queue."""
+    if spec.scheduling.queue_name:
+        shared = ((resource.get("spec") or {}).get("scheduling") or {}).get("queueName")
+        # A pipeline step inherits the resource's scheduling unless it sets its own.
+        return str(spec.scheduling.queue_name), ("spec" if shared == spec.scheduling.queue_name else where) + \
+            ".scheduling.queueName"
+    own = ((resource.get("metadata") or {}).get("labels") or {}).get(KUEUE_QUEUE_LABEL)
+    if own:
+        return str(own), f"metadata.labels[{KUEUE_QUEUE_LABEL}]"
+    return None
+
+
 def initially_suspended(resource: dict[str, Any], spec: QwenTrainingJobSpec) -> bool:
     """Whether the child is created suspended: the user asked for it, or a Kueue queue admits it."""
     return bool(spec.suspend or KUEUE_QUEUE_LABEL in kueue_labels(resource, spec))

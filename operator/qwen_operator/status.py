@@ -14,6 +14,9 @@ Condition types:
   reason and message when it failed; Unknown, with the current phase as reason, while it runs.
 * `Synced`: whether the operator's children match the resource (False with `InvalidSpec`, `ChildModified`,
   `SpecChangeIgnored`, `NameConflict` or `ChildDeleted`).
+* `Queued` (only for a child with a Kueue queue): True while Kueue holds the child back, with the reason and message
+  of its Workload (`WaitingForQuota`: "insufficient unused quota for nvidia.com/gpu ..."), False once admitted; also
+  True with `KueueNotInstalled` when a queue is named and the cluster does not serve Kueue's API.
 
 Terminal states stay terminal: once `phase` is Succeeded, Failed or Invalid, child updates no longer change
 the conditions or the phase (the training-operator behaves the same way for Failed).
@@ -28,7 +31,8 @@ MIRRORED = ("Created", "Running", "Restarting", "Suspended", "Failed")
 SUMMARY = "Succeeded"
 SYNCED = "Synced"
 MEMORY_FITS = "MemoryFits"  # the stage's memory estimate against the card (api.devices): a warning, never a stop
-ORDER = ("Created", "Running", "Restarting", "Suspended", "Succeeded", "Failed", "Synced", "MemoryFits")
+QUEUED = "Queued"  # Kueue's verdict on the child's Workload (see `workload_queued`)
+ORDER = ("Created", "Queued", "Running", "Restarting", "Suspended", "Succeeded", "Failed", "Synced", "MemoryFits")
 TERMINAL_PHASES = ("Succeeded", "Failed", "Invalid")
 
 # Synced reasons
@@ -42,6 +46,7 @@ CHILD_DELETED = "ChildDeleted"
 _PHASE_ORDER = (  # the first condition that is True names the phase
     ("Failed", "Failed"),
     ("Succeeded", "Succeeded"),
+    ("Queued", "Queued"),  # the child is suspended because Kueue has not admitted it: say why, not just Suspended
     ("Suspended", "Suspended"),
     ("Restarting", "Restarting"),
     ("Running", "Running"),
@@ -207,6 +212,9 @@ def reconciled(previous: Optional[dict[str, Any]], generation: Optional[int], no
     prev = _by_type(status.get("conditions"))
     conds = dict(prev)
     terminal = is_terminal(previous)
+    if not terminal and pytorch_job is not None and \
+            conds.get("Created", {}).get("reason") in (JOB_API_NOT_INSTALLED, RUNTIME_NOT_FOUND, CHILD_REJECTED):
+        del conds["Created"]  # the child exists now: the refusal is over; its watch reports from here on
     if not terminal:
         for type_ in MIRRORED:
             if type_ not in conds:
@@ -331,6 +339,7 @@ def pod_failure(pod: dict[str, Any]) -> Optional[dict[str, Any]]:
     return {
         "replica": _replica_type(pod),
         "pod": meta.get("name", ""),
+        "container": cs.get("name") or _CONTAINER,
         "uid": meta.get("uid", ""),
         "run": max(run, 0),
         "exitCode": term.get("exitCode"),
@@ -353,6 +362,17 @@ def pod_running_again(pod: dict[str, Any], status: Optional[dict[str, Any]]) -> 
         if f.get("replica") == replica and not f.get("replaced") and (f.get("uid") != uid or f.get("run", 0) < runs):
             return replica
     return None
+
+
+def jobset_run_policy(jobset: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """How the JobSet of a TrainJob treats a failed pod, in run-policy words: it restarts every node (deleting the
+    pods) while its `status.restarts` is below `spec.failurePolicy.maxRestarts` (OnFailure), else it fails and
+    keeps the failed pods (Never). Without the JobSet, the runtime's restarts are assumed."""
+    if not jobset:
+        return {"restartPolicy": "OnFailure", "cleanPodPolicy": "None"}
+    limit = int(((jobset.get("spec") or {}).get("failurePolicy") or {}).get("maxRestarts") or 0)
+    done = int((jobset.get("status") or {}).get("restarts") or 0)
+    return {"restartPolicy": "OnFailure" if done < limit else "Never", "cleanPodPolicy": "None"}
 
 
 def pending_restart(status: Optional[dict[str, Any]]) -> bool:
@@ -390,7 +410,7 @@ def describe_failure(failure: dict[str, Any], run_policy: dict[str, Any], namesp
                  " for full logs, keep failed pods with spec.runPolicy {restartPolicy: Never, cleanPodPolicy: None}"
                  " or ship logs off the pod.")
     else:
-        text += f" Logs: kubectl logs -n {namespace} {pod} -c {_CONTAINER}"
+        text += f" Logs: kubectl logs -n {namespace} {pod} -c {failure.get('container') or _CONTAINER}"
     return text
 
 
@@ -567,3 +587,174 @@ def from_trainjob(trainjob: dict[str, Any], previous: Optional[dict[str, Any]], 
     `trainjob_child_status`."""
     return from_child(trainjob_child_status(trainjob, jobset), previous, generation, now, run_policy=run_policy,
                       namespace=namespace)
+
+
+# ---------------------------------------------------------------------------------------------- Kueue
+# A child with a Kueue queue is created suspended; Kueue makes a Workload for it (owner: the child), reserves
+# quota in the ClusterQueue behind the LocalQueue, and unsuspends the child when it admits the Workload. The
+# Workload's conditions (Kueue v0.17, kueue.x-k8s.io/v1beta2) say why it waits: `QuotaReserved` False with
+# reason `Pending` and a message such as "couldn't assign flavors to pod set master: insufficient unused quota
+# for nvidia.com/gpu in flavor default, 8 more needed", or `Inadmissible` ("LocalQueue lq doesn't exist");
+# `Admitted` True once it may run; `Evicted` True (reasons Preempted, PodsReadyTimeout, ...) when Kueue took
+# the quota back and suspended the child again; `Finished` True at the end.
+
+WORKLOAD_GROUP = "kueue.x-k8s.io"
+WORKLOAD_VERSION = "v1beta2"
+WORKLOAD_PLURAL = "workloads"
+
+QUEUE_PENDING = "WaitingForWorkload"  # the child exists, Kueue has not reported on its Workload yet
+WAITING_FOR_QUOTA = "WaitingForQuota"
+INADMISSIBLE = "Inadmissible"
+WAITING_FOR_CHECKS = "WaitingForAdmissionChecks"
+EVICTED = "Evicted"
+ADMITTED = "Admitted"
+KUEUE_NOT_INSTALLED = "KueueNotInstalled"
+
+
+def workload_owner(workload: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """The child job (PyTorchJob or TrainJob) a Kueue Workload was made for: its controller owner reference."""
+    for ref in (workload.get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("controller") and ref.get("kind") in ("PyTorchJob", "TrainJob"):
+            return ref
+    return None
+
+
+def workload_queued(workload: dict[str, Any], queue: str = "") -> tuple[str, str, str]:
+    """(status, reason, message) of the `Queued` condition for a child's Workload."""
+    meta = workload.get("metadata") or {}
+    status = workload.get("status") or {}
+    conds = _by_type(status.get("conditions"))
+    queue = queue or str((workload.get("spec") or {}).get("queueName") or "")
+    where = f"LocalQueue {queue}" if queue else "its LocalQueue"
+    name = meta.get("name", "")
+    cq = ((status.get("admission") or {}).get("clusterQueue")) or ""
+    reserved, admitted = conds.get("QuotaReserved"), conds.get("Admitted")
+    evicted, finished = conds.get("Evicted"), conds.get("Finished")
+    if _true(finished) or _true(admitted):
+        return "False", ADMITTED, f"admitted by ClusterQueue {cq} (Kueue workload {name})" if cq else \
+            f"admitted by Kueue (workload {name})"
+    if _true(evicted) and not _true(reserved):
+        why = evicted.get("message") or evicted.get("reason") or "evicted"
+        return "True", EVICTED, f"Kueue evicted workload {name} ({evicted.get('reason', '')}): {why}; " \
+                                f"it waits in {where} to be admitted again"
+    if _true(reserved):
+        detail = (admitted or {}).get("message") or "waiting for admission checks"
+        return "True", WAITING_FOR_CHECKS, f"quota reserved in ClusterQueue {cq}; {detail} (Kueue workload {name})"
+    if reserved is not None:
+        reason = WAITING_FOR_QUOTA if reserved.get("reason") in ("Pending", "", None) else INADMISSIBLE
+        text = reserved.get("message") or "waiting for quota"
+        if reason == WAITING_FOR_QUOTA:
+            return "True", reason, f"waiting for quota in {where}: {text} (Kueue workload {name})"
+        return "True", reason, f"not admissible in {where}: {text} (Kueue workload {name})"
+    return "True", QUEUE_PENDING, f"waiting in {where} for Kueue to admit it (Kueue workload {name})"
+
+
+def queue_pending(kind: str, child: str, queue: str, field: str) -> tuple[str, str, str]:
+    """The `Queued` condition of a child just created for a queue, before Kueue reported on it."""
+    return ("True", QUEUE_PENDING, f"{kind} {child} waits in LocalQueue {queue} ({field}) for Kueue to admit "
+            f"it; if no Kueue Workload appears, Kueue's integration for {kind} may be off")
+
+
+def kueue_not_installed(kind: str, child: str, queue: str, field: str) -> tuple[str, str, str]:
+    return ("True", KUEUE_NOT_INSTALLED, f"{field} names the Kueue queue {queue!r} but Kueue is not installed "
+            f"(the cluster does not serve {WORKLOAD_GROUP}/{WORKLOAD_VERSION}): {kind} {child} stays suspended "
+            f"until Kueue admits it; install Kueue, or remove the queue name")
+
+
+def queued(previous: Optional[dict[str, Any]], queued_: tuple[str, str, str], generation: Optional[int], now: str,
+           *, initial: bool = False) -> Optional[dict[str, Any]]:
+    """The status with the `Queued` condition set (phase and summary follow), or None when nothing changes.
+    `initial`: only where no `Queued` condition exists yet, or where the last one said Kueue was missing (a
+    Workload's report is never replaced by the guess made at creation)."""
+    if is_terminal(previous):
+        return None
+    prev = _by_type((previous or {}).get("conditions"))
+    old = prev.get(QUEUED)
+    if initial and old is not None and old.get("reason") != KUEUE_NOT_INSTALLED and \
+            queued_[1] != KUEUE_NOT_INSTALLED:
+        return None
+    if old is not None and (old.get("status"), old.get("reason"), old.get("message")) == queued_:
+        return None
+    status = _carried_over(previous, generation)
+    conds = dict(prev)
+    conds[QUEUED] = condition(QUEUED, *queued_, previous=old, now=now, generation=generation)
+    phase = phase_of(conds)
+    conds[SUMMARY] = _summary(conds, {}, phase, prev, now, generation)
+    status["phase"] = phase
+    status["conditions"] = _ordered(conds)
+    return status
+
+
+def from_workload(previous: Optional[dict[str, Any]], workload: dict[str, Any], generation: Optional[int],
+                  now: str) -> Optional[dict[str, Any]]:
+    """The resource's status after observing its current child's Kueue Workload (None: nothing changes)."""
+    return queued(previous, workload_queued(workload), generation, now)
+
+
+# ------------------------------------------------------------------------------- child not created
+# The API server can refuse the child itself: its API is not served (Kubeflow Trainer v2 or the training-operator
+# not installed), or an admission webhook refused it (Trainer v2 refuses a TrainJob whose ClusterTrainingRuntime
+# does not exist). Nothing runs; the resource says why in `Created` (False) and its summary, and the operator
+# tries again later (the missing piece may be installed).
+
+JOB_API_NOT_INSTALLED = "JobAPINotInstalled"
+RUNTIME_NOT_FOUND = "TrainingRuntimeNotFound"
+CHILD_REJECTED = "ChildRejected"
+
+
+def api_message(body: Any) -> str:
+    """The `message` of an API server error body (a Status object), else the body as text."""
+    import json
+
+    if isinstance(body, (bytes, bytearray)):
+        body = body.decode(errors="replace")
+    try:
+        doc = json.loads(body) if isinstance(body, str) else body
+    except ValueError:
+        return str(body or "").strip()
+    if isinstance(doc, dict) and doc.get("message"):
+        return str(doc["message"])
+    return str(body or "").strip()
+
+
+def child_refused(kind: str, name: str, http_status: int, body: Any, *, api_served: bool, runtime: str = "",
+                  job_api_setting: str = "") -> Optional[tuple[str, str]]:
+    """(reason, message) for a child create the API server refused, or None for errors that are not about the
+    child (conflicts, server errors: retried as they are). `api_served`: whether discovery lists the kind's API."""
+    text = api_message(body)
+    if http_status == 404 and not api_served:
+        what = {"TrainJob": "trainjobs.trainer.kubeflow.org/v1alpha1 (Kubeflow Trainer v2)",
+                "PyTorchJob": "pytorchjobs.kubeflow.org/v1 (Kubeflow training-operator)"}.get(kind, kind)
+        other = "pytorchjob" if kind == "TrainJob" else "trainjob"
+        return JOB_API_NOT_INSTALLED, (
+            f"the operator setting jobApi ({job_api_setting or kind.lower()}) creates a {kind}, but this cluster does "
+            f"not serve {what}: install it, or run the operator with --job-api {other} (chart value jobApi); "
+            f"{kind} {name} is created once the API is served")
+    if http_status in (400, 403, 422) and kind == "TrainJob" and "clustertrainingruntime" in text.lower() \
+            and "not found" in text.lower():
+        return RUNTIME_NOT_FOUND, (
+            f"TrainJob {name} was refused: its ClusterTrainingRuntime {runtime!r} (operator setting "
+            f"--trainjob-runtime, chart value trainJob.runtime.name) does not exist; install it (chart value "
+            f"trainJob.runtime.create) or name an existing runtime. The API server said: {text}")
+    if http_status in (400, 403, 422):
+        return CHILD_REJECTED, f"{kind} {name} was refused by the API server: {text}"
+    return None
+
+
+def not_created(previous: Optional[dict[str, Any]], reason: str, message: str, generation: Optional[int],
+                now: str) -> dict[str, Any]:
+    """The status while the child cannot be created: `Created` False with the reason, the summary saying it."""
+    status = _carried_over(previous, generation)
+    if is_terminal(previous):
+        return status
+    prev = _by_type(status.get("conditions"))
+    conds = dict(prev)
+    kw = dict(now=now, generation=generation)
+    for type_ in ("Running", "Restarting", "Suspended", "Failed"):
+        if type_ not in conds:
+            conds[type_] = condition(type_, "False", f"Not{type_}", "", previous=None, **kw)
+    conds["Created"] = condition("Created", "False", reason, message, previous=prev.get("Created"), **kw)
+    conds[SUMMARY] = condition(SUMMARY, "Unknown", reason, message, previous=prev.get(SUMMARY), **kw)
+    status["phase"] = phase_of(conds)
+    status["conditions"] = _ordered(conds)
+    return status

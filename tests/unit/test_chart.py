@@ -101,6 +101,7 @@ OPERATOR_RULES = {
     ("", "pods"): {"get", "list", "watch"},
     ("", "serviceaccounts"): {"get"},
     ("", "events"): {"create"},
+    ("kueue.x-k8s.io", "workloads"): {"get", "list", "watch"},
 }
 # With jobApi: trainjob the PyTorchJob rule gives way to TrainJobs and a read of the JobSet behind one.
 TRAINJOB_RULES = {k: v for k, v in OPERATOR_RULES.items() if k != ("kubeflow.org", "pytorchjobs")} | {
@@ -128,6 +129,7 @@ CLIENT_CALLS = {
     "read_namespaced_config_map": [("", "configmaps", "get")],
     "create_namespaced_config_map": [("", "configmaps", "create")],
     "read_namespaced_service_account": [("", "serviceaccounts", "get")],
+    "get_api_resources": [],  # discovery (is the Kueue or child API served?): open to every authenticated user
 }
 
 
@@ -334,6 +336,11 @@ def test_operator_client_calls_are_granted():
     for api, rules in (("pytorchjob", OPERATOR_RULES), ("trainjob", TRAINJOB_RULES)):
         (group, _, plural), _fn = handlers._CHILD_WATCHES[api]
         assert {"list", "watch"} <= rules[(group, plural)], api
+    # ... and Kueue's Workloads of the children (the Queued condition), for either API; discovery of the Kueue
+    # and child APIs (kube.api_served) is open to every authenticated user.
+    from qwen_operator import status as st
+    for rules in (OPERATOR_RULES, TRAINJOB_RULES):
+        assert {"get", "list", "watch"} <= rules[(st.WORKLOAD_GROUP, st.WORKLOAD_PLURAL)]
     # kopf watches every resource a handler is registered for.
     for group, plural in re.findall(r"@kopf\.on\.(?:event|create|update|resume|delete|field)\(\s*"
                                     r"(GROUP|\"[a-z.]*\"),\s*(?:VERSION|\"v1\"),\s*(PLURAL|\"[a-z]+\")", source):

@@ -203,7 +203,8 @@ def pod(name="j-master-0", uid="u1", phase="Failed", code=137, reason="OOMKilled
 
 def test_pod_failure_reads_exit_code_reason_and_termination_message():
     f = st.pod_failure(pod(message="checkpoint.source: source /x does not exist\n"))
-    assert f == {"replica": "Master", "pod": "j-master-0", "uid": "u1", "run": 0, "exitCode": 137,
+    assert f == {"replica": "Master", "pod": "j-master-0", "container": "pytorch", "uid": "u1", "run": 0,
+                 "exitCode": 137,
                  "reason": "OOMKilled", "message": "checkpoint.source: source /x does not exist", "time": T1}
     assert st.pod_failure(pod(phase="Running", code=None)) is None
     assert st.pod_failure(pod(phase="Succeeded", code=0, reason="Completed")) is None

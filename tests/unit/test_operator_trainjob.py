@@ -322,6 +322,19 @@ def test_pod_of_a_trainjob_is_matched_by_its_jobset():
     assert st.pod_job_name(pj_pod) == "tiny2"
 
 
+def test_failed_trainjob_pod_names_its_node_container_in_the_logs_hint():
+    pod = {"metadata": {"name": "tiny-node-0-0-x7k2p", "uid": "p1",
+                        "labels": {"jobset.sigs.k8s.io/jobset-name": "tiny",
+                                   "jobset.sigs.k8s.io/replicatedjob-name": "node"}},
+           "status": {"phase": "Failed", "containerStatuses": [{"name": "node", "restartCount": 0, "state": {
+               "terminated": {"exitCode": 1, "reason": "Error", "message": "boom"}}}]}}
+    failure = st.pod_failure(pod)
+    assert failure["replica"] == "Node" and failure["container"] == "node"
+    text = st.describe_failure(failure, {"restartPolicy": "Never", "cleanPodPolicy": "None"}, "team-a")
+    assert text.startswith("Node replica pod tiny-node-0-0-x7k2p exited with code 1 (Error): boom.")
+    assert text.endswith("kubectl logs -n team-a tiny-node-0-0-x7k2p -c node")
+
+
 # ------------------------------------------------------------------------------------------ settings
 
 
@@ -363,4 +376,17 @@ def test_handlers_watch_only_the_chosen_api_and_read_the_jobset_only_when_needed
     assert h._needs_jobset(tj_doc([COMPLETE], jobs=[node_job(succeeded=1)])) is False
     _, tj = trainjob(resource(serviceAccountName="trainer"))
     assert h._live_service_account(tj) == "trainer"
-    assert h._run_policy(tj)["restartPolicy"] == "OnFailure"
+    # When a TrainJob reports Failed its JobSet has stopped restarting and keeps the failed pods.
+    assert h._run_policy(tj)["restartPolicy"] == "Never"
+
+
+@pytest.mark.parametrize("failure_policy,restarts,expected", [
+    ({"restartStrategy": "Recreate"}, 0, "Never"),  # maxRestarts 0 (omitted): the first failure fails the JobSet
+    ({"maxRestarts": 3}, 0, "OnFailure"),
+    ({"maxRestarts": 3}, 2, "OnFailure"),
+    ({"maxRestarts": 3}, 3, "Never"),
+])
+def test_jobset_failure_policy_in_run_policy_words(failure_policy, restarts, expected):
+    js = {"spec": {"failurePolicy": failure_policy}, "status": {"restarts": restarts}}
+    assert st.jobset_run_policy(js) == {"restartPolicy": expected, "cleanPodPolicy": "None"}
+    assert st.jobset_run_policy(None)["restartPolicy"] == "OnFailure"

@@ -82,7 +82,7 @@ app.kubernetes.io/part-of: qwen-training-operator
 The operator's rules (see docs/operator.md): kopf lists, watches and patches the QwenTrainingJobs
 (progress and diff-base annotations) and patches their status; the handlers read a job, write its
 status, create and read the ConfigMap and the PyTorchJob, patch the PyTorchJob's runPolicy.suspend,
-follow PyTorchJobs through a watch, and post Events.
+follow PyTorchJobs through a watch, read Kueue's Workloads of their children, and post Events.
 */}}
 {{- define "qto.operatorRules" -}}
 - apiGroups: ["training.qwen.dev"]
@@ -118,6 +118,10 @@ follow PyTorchJobs through a watch, and post Events.
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+# Kueue: the Workloads of queued children say why a job waits (the Queued condition); read only.
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["workloads"]
+  verbs: ["get", "list", "watch"]
 {{- end }}
 
 {{/* kopf peering keep-alives: watch the peering objects and patch our entry into their status. */}}

@@ -113,9 +113,11 @@ class PodFailure(SpecModel):
     """One failed run of a pod, as its container's termination state tells it."""
 
     replica: str
-    """Replica type (Master, Worker)."""
+    """Replica type (Master, Worker; Node for a TrainJob)."""
     pod: str
     """Pod name."""
+    container: str = ""
+    """The failed container (pytorch for a PyTorchJob, node for a TrainJob)."""
     uid: str = ""
     """Pod uid."""
     run: int = 0
@@ -189,7 +191,8 @@ class QwenTrainingJobStatus(SpecModel):
     """Observed state of the job."""
 
     phase: Optional[str] = None
-    """Display summary for kubectl get: Pending, Created, Running, Restarting, Suspended, Succeeded, Failed or Invalid."""
+    """Display summary for kubectl get: Pending, Created, Queued (held by Kueue), Running, Restarting, Suspended,
+    Succeeded, Failed or Invalid."""
     observed_generation: Optional[int] = None
     """The spec generation the status reflects."""
     conditions: list[Condition] = Field(default_factory=list)
