@@ -40,6 +40,9 @@ is chosen by the test through pod annotations, set in the pod template (a PyTorc
 no outcome annotation
     the pod stays Running forever (like a long training run), except pods owned by a batch Job,
     which complete as with kwok's stock stage.
+any other value (e.g. ``qwen.test/outcome: run`` in a pod template)
+    the pod stays Running until a test sets ``succeed`` or ``fail``, also when a batch Job owns it
+    (the pods of a JobSet, hence of a Trainer v2 TrainJob).
 
 Deleted pods are removed at once (kwok clears finalizers), so owner deletion and garbage
 collection finish without a kubelet.

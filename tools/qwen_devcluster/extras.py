@@ -12,7 +12,7 @@ Webhooks stay ON, as in production, but served with the harness's self-signed ce
 default) and registered by the harness as Mutating/ValidatingWebhookConfigurations whose
 ``clientConfig`` is a ``url`` (https://127.0.0.1:<port><path>) with that certificate as
 ``caBundle`` instead of the in-cluster Service. Kueue's webhooks are limited to its own kinds and
-the enabled integrations (batch/job, JobSet, TrainJob), and the pod webhooks to the pods those
+the enabled integrations (batch/job, JobSet, TrainJob, and PyTorchJob where the training-operator runs), and the pod webhooks to the pods those
 controllers own, so a stopped extra never blocks the rest of the cluster's pods.
 """
 
@@ -42,8 +42,11 @@ EXTRAS: dict[str, str] = {
 USERS = {"jobset": "jobset-controller", "trainer-v2": "trainer-controller", "kueue": "kueue-controller"}
 NAMESPACES = {"jobset": "jobset-system", "trainer-v2": "kubeflow-system", "kueue": "kueue-system"}
 KUEUE_FRAMEWORKS = ["batch/job", "jobset.x-k8s.io/jobset", "trainer.kubeflow.org/trainjob"]
+# Also enabled where the training-operator runs (its PyTorchJob CRD is installed before the extras start).
+KUEUE_PYTORCHJOB = "kubeflow.org/pytorchjob"
 # Kueue webhook paths kept: its own kinds and the enabled integrations.
 _KUEUE_PATH_KEEP = ("kueue-x-k8s-io", "batch-v1-job", "jobset-x-k8s-io", "trainer-kubeflow-org")
+_KUEUE_PYTORCHJOB_PATH = "kubeflow-org-v1-pytorchjob"
 _POD_SELECTORS = {
     "jobset": {"matchExpressions": [{"key": "jobset.sigs.k8s.io/jobset-name", "operator": "Exists"}]},
 }
@@ -79,8 +82,10 @@ def crd_docs(assets: Path, extra: str) -> list[dict[str, Any]]:
     return docs
 
 
-def config(extra: str, probe_port: int, webhook_port: int, status_port: int, namespace: str) -> dict[str, Any]:
-    """The controller's Configuration file (leader election and internal cert management off)."""
+def config(extra: str, probe_port: int, webhook_port: int, status_port: int, namespace: str,
+           pytorchjob: bool = False) -> dict[str, Any]:
+    """The controller's Configuration file (leader election and internal cert management off); `pytorchjob`
+    turns on Kueue's PyTorchJob integration."""
     if extra == "jobset":
         return {"apiVersion": "config.jobset.x-k8s.io/v1alpha1", "kind": "Configuration",
                 "leaderElection": {"leaderElect": False},
@@ -108,15 +113,17 @@ def config(extra: str, probe_port: int, webhook_port: int, status_port: int, nam
                 "leaderElection": {"leaderElect": False},
                 "internalCertManagement": {"enable": False},
                 "clientConnection": {"qps": 50, "burst": 100},
-                "integrations": {"frameworks": list(KUEUE_FRAMEWORKS)},
+                "integrations": {"frameworks": KUEUE_FRAMEWORKS + ([KUEUE_PYTORCHJOB] if pytorchjob else [])},
                 # The on-demand visibility API is an aggregated API server wanting its own
                 # certificate at a fixed path (/visibility); admission does not need it.
                 "featureGates": {"VisibilityOnDemand": False}}
     raise ValueError(extra)
 
 
-def webhook_configs(assets: Path, extra: str, port: int, ca_bundle_b64: str) -> list[dict[str, Any]]:
+def webhook_configs(assets: Path, extra: str, port: int, ca_bundle_b64: str,
+                    pytorchjob: bool = False) -> list[dict[str, Any]]:
     """The upstream webhook configurations pointed at https://127.0.0.1:<port> with our caBundle."""
+    keep = _KUEUE_PATH_KEEP + ((_KUEUE_PYTORCHJOB_PATH,) if pytorchjob else ())
     out = []
     for d in yaml.safe_load_all((assets / "webhooks" / f"{extra}.yaml").read_text()):
         if not d or d.get("kind") not in ("MutatingWebhookConfiguration", "ValidatingWebhookConfiguration"):
@@ -127,7 +134,7 @@ def webhook_configs(assets: Path, extra: str, port: int, ca_bundle_b64: str) -> 
         hooks = []
         for w in d.get("webhooks") or []:
             path = ((w.get("clientConfig") or {}).get("service") or {}).get("path", "/")
-            if extra == "kueue" and not any(k in path for k in _KUEUE_PATH_KEEP):
+            if extra == "kueue" and not any(k in path for k in keep):
                 continue
             if path.endswith("--v1-pod"):
                 if extra not in _POD_SELECTORS:
@@ -147,6 +154,7 @@ def start(c: "Cluster", assets: Path, extras: list[str], kubeconfigs: dict[str, 
     from .cluster import ClusterStartError, free_port
 
     api = next(p for p in c.procs if p.name == "kube-apiserver")
+    pytorchjob = any(p.name == "training-operator" for p in c.procs)
     for e in order(extras):
         names = []
         for crd in crd_docs(assets, e):
@@ -170,7 +178,7 @@ def start(c: "Cluster", assets: Path, extras: list[str], kubeconfigs: dict[str, 
             c.ports[f"{e}-{k}"] = free_port()
         cfg_path = c.state_dir / f"{e}-config.yaml"
         cfg_path.write_text(yaml.safe_dump(config(e, c.ports[f"{e}-probe"], c.ports[f"{e}-webhook"],
-                                                  c.ports[f"{e}-status"], ns), sort_keys=False))
+                                                  c.ports[f"{e}-status"], ns, pytorchjob), sort_keys=False))
         kc = kubeconfigs[USERS[e]]
         argv = [str(c.bin_dir / EXTRAS[e]), f"--config={cfg_path}", f"--kubeconfig={kc}"]
         if e == "kueue":
@@ -188,7 +196,7 @@ def start(c: "Cluster", assets: Path, extras: list[str], kubeconfigs: dict[str, 
                      {"KUBECONFIG": str(kc), "POD_NAMESPACE": ns, "TMPDIR": "/tmp"})
         c.save()
         c._wait(proc, lambda: c._http_ok(f"http://{HOST}:{c.ports[f'{e}-probe']}/readyz"), timeout, "/readyz")
-        for wh in webhook_configs(assets, e, c.ports[f"{e}-webhook"], ca_bundle_b64):
+        for wh in webhook_configs(assets, e, c.ports[f"{e}-webhook"], ca_bundle_b64, pytorchjob):
             kind = "mutatingwebhookconfigurations" if wh["kind"].startswith("Mutating") else \
                 "validatingwebhookconfigurations"
             status, out = c.api("POST", f"/apis/admissionregistration.k8s.io/v1/{kind}", wh)
