@@ -544,7 +544,8 @@ def _run_policy(child: dict[str, Any]) -> dict[str, Any]:
         return {"restartPolicy": "Never", "cleanPodPolicy": "None"}
     master = (spec.get("pytorchReplicaSpecs") or {}).get("Master") or {}
     return {"restartPolicy": master.get("restartPolicy", "OnFailure"),
-            "cleanPodPolicy": (spec.get("runPolicy") or {}).get("cleanPodPolicy", "None")}
+            "cleanPodPolicy": (spec.get("runPolicy") or {}).get("cleanPodPolicy", "None"),
+            "backoffLimit": (spec.get("runPolicy") or {}).get("backoffLimit")}
 
 
 def _owner_ref(owner: dict[str, Any], ns: str) -> dict[str, Any]:
@@ -611,7 +612,8 @@ def pod_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, logger: lo
             if failure is not None:
                 policy = (res.get("spec") or {}).get("runPolicy") or {}
                 policy = jobset_policy or {"restartPolicy": policy.get("restartPolicy", "OnFailure"),
-                                           "cleanPodPolicy": policy.get("cleanPodPolicy", "None")}
+                                           "cleanPodPolicy": policy.get("cleanPodPolicy", "None"),
+                                           "backoffLimit": policy.get("backoffLimit", 3)}  # the spec's default
                 return st.observe_pod_failure(res.get("status"), failure, policy, ns, gen, now())
             replica = st.pod_running_again(pod, res.get("status"))
             return st.observe_pod_running(res.get("status"), replica, gen, now()) if replica else None
@@ -619,12 +621,14 @@ def pod_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, logger: lo
         written = kube.update_status(ns, name, on_pod)
         if written is None:
             return
-        spec_policy = jobset_policy or ((kube.cache.get((ns, name)) or {}).get("spec") or {}).get("runPolicy") or {}
+        spec_policy = jobset_policy or {"backoffLimit": 3, **(((kube.cache.get((ns, name)) or {}).get("spec") or {})
+                                                              .get("runPolicy") or {})}
         ref = {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND,
                "metadata": {"name": name, "namespace": ns, "uid": (kube.cache.get((ns, name)) or {})
                             .get("metadata", {}).get("uid", "")}}
         if failure is not None:
-            message = st.describe_failure(failure, spec_policy, ns) if written.get("phase") != "Failed" else \
+            message = st.describe_failure(failure, spec_policy, ns, len(written.get("failures") or [])) \
+                if written.get("phase") != "Failed" else \
                 (st.get_condition(written, "Failed") or {}).get("message", "")
             kopf.warn(ref, reason=st.POD_FAILED, message=message[:1024])
             logger.warning("pod %s failed: %s", failure["pod"], message)

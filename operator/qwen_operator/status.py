@@ -176,7 +176,8 @@ def from_child(child_status: Optional[dict[str, Any]], previous: Optional[dict[s
                 continue  # the pods' watch turned it on; a running replacement turns it off
             message = c.get("message", "")
             if type_ == "Failed" and c["status"] == "True":
-                message = _failed_message(message, failure_detail(status), run_policy or {}, namespace)
+                message = _failed_message(message, failure_detail(status), run_policy or {}, namespace,
+                                          len(status.get("failures") or []))
             conds[type_] = condition(type_, c["status"], c.get("reason") or type_, message,
                                      previous=prev.get(type_), now=now, generation=generation,
                                      transition_hint=c.get("lastTransitionTime"))
@@ -393,8 +394,10 @@ def will_restart(failure: dict[str, Any], run_policy: dict[str, Any]) -> bool:
     return True
 
 
-def describe_failure(failure: dict[str, Any], run_policy: dict[str, Any], namespace: str) -> str:
-    """One paragraph: which pod failed, how, the trainer's own error, and how to get the logs."""
+def describe_failure(failure: dict[str, Any], run_policy: dict[str, Any], namespace: str, runs: int = 1) -> str:
+    """One paragraph: which pod failed, how, the trainer's own error, and how to get the logs. `runs`: the failed
+    runs so far, this one included (the training-operator deletes every pod of a job whose failures exceed
+    runPolicy.backoffLimit, whatever cleanPodPolicy says)."""
     code = failure.get("exitCode")
     how = f"exited with code {code} ({failure.get('reason')})" if code is not None else f"failed ({failure.get('reason')})"
     text = f"{failure.get('replica')} replica pod {failure.get('pod')} {how}"
@@ -404,21 +407,27 @@ def describe_failure(failure: dict[str, Any], run_policy: dict[str, Any], namesp
         text += ": out of memory (raise spec.resources.memory, or lower training.microBatchSize)"
     text = text.rstrip(".") + "."
     pod = failure.get("pod")
-    deleted = will_restart(failure, run_policy) or run_policy.get("cleanPodPolicy") == "All"
-    if deleted:
+    limit = run_policy.get("backoffLimit")
+    backoff = limit is not None and runs > int(limit)
+    deleted = will_restart(failure, run_policy) or run_policy.get("cleanPodPolicy") == "All" or backoff
+    if backoff and not will_restart(failure, run_policy):
+        text += (f" The pod is deleted: the job reached spec.runPolicy.backoffLimit ({limit}); its last lines are the "
+                 "message above. For full logs, keep failed pods with spec.runPolicy {restartPolicy: Never, "
+                 "backoffLimit: 1 or more, cleanPodPolicy: None} or ship logs off the pod.")
+    elif deleted:
         text += (" The pod is deleted when it is replaced or cleaned up: its last lines are the message above;"
-                 " for full logs, keep failed pods with spec.runPolicy {restartPolicy: Never, cleanPodPolicy: None}"
-                 " or ship logs off the pod.")
+                 " for full logs, keep failed pods with spec.runPolicy {restartPolicy: Never, backoffLimit: 1 or more,"
+                 " cleanPodPolicy: None} or ship logs off the pod.")
     else:
         text += f" Logs: kubectl logs -n {namespace} {pod} -c {failure.get('container') or _CONTAINER}"
     return text
 
 
 def _failed_message(child_message: str, failure: Optional[dict[str, Any]], run_policy: dict[str, Any],
-                    namespace: str) -> str:
+                    namespace: str, runs: int = 1) -> str:
     if not failure:
         return child_message
-    detail = describe_failure(failure, run_policy, namespace)
+    detail = describe_failure(failure, run_policy, namespace, runs)
     return f"{detail} ({child_message.strip()})" if child_message else detail
 
 
@@ -451,7 +460,7 @@ def observe_pod_failure(previous: Optional[dict[str, Any]], failure: dict[str, A
         if status.get("phase") == "Failed" and prev.get("Failed", {}).get("reason") not in (INVALID_SPEC, CHILD_DELETED):
             # The child's Failed came first: name the pod now.
             base = prev["Failed"].get("message", "")
-            message = _failed_message(base, failure, run_policy, namespace)
+            message = _failed_message(base, failure, run_policy, namespace, len(status["failures"]))
             for type_ in ("Failed", SUMMARY):
                 if type_ in conds:
                     conds[type_] = {**conds[type_], "message": message[:32768]}
@@ -459,7 +468,8 @@ def observe_pod_failure(previous: Optional[dict[str, Any]], failure: dict[str, A
         return status
     if will_restart(failure, run_policy):
         conds["Restarting"] = condition("Restarting", "True", POD_FAILED,
-                                        describe_failure(failure, run_policy, namespace) + " Restarting it.",
+                                        describe_failure(failure, run_policy, namespace,
+                                                         len(status["failures"])) + " Restarting it.",
                                         previous=prev.get("Restarting"), **kw)
         phase = phase_of(conds)
         conds[SUMMARY] = _summary(conds, {}, phase, prev, now, generation)

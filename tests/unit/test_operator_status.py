@@ -232,6 +232,19 @@ def test_failed_condition_names_pod_exit_code_reason_and_message():
     assert failed["replicas"]["Master"] == {"active": 0, "succeeded": 0, "failed": 1, "restarts": 0}
 
 
+def test_a_job_past_its_backoff_limit_loses_its_pods_and_says_so():
+    """The training-operator (v1.9.3) deletes every pod of a job whose failures exceed runPolicy.backoffLimit,
+    whatever cleanPodPolicy says: with backoffLimit 0 the first failed pod is gone when the job is Failed."""
+    f = st.pod_failure(pod(message="boom"))
+    gone = st.describe_failure(f, {"restartPolicy": "Never", "cleanPodPolicy": "None", "backoffLimit": 0}, "ns")
+    assert "kubectl logs" not in gone and "reached spec.runPolicy.backoffLimit (0)" in gone
+    assert "backoffLimit: 1 or more" in gone
+    kept = st.describe_failure(f, {"restartPolicy": "Never", "cleanPodPolicy": "None", "backoffLimit": 1}, "ns")
+    assert kept.endswith("Logs: kubectl logs -n ns j-master-0 -c pytorch")
+    assert "kubectl logs" not in st.describe_failure(
+        f, {"restartPolicy": "Never", "cleanPodPolicy": "None", "backoffLimit": 1}, "ns", runs=2)
+
+
 def test_pod_failure_after_the_childs_failed_still_names_the_pod():
     policy = {"restartPolicy": "OnFailure", "cleanPodPolicy": "None"}
     failed = st.from_child({"conditions": FAILED}, None, 1, T1, run_policy=policy, namespace="ns")
