@@ -26,6 +26,8 @@ from qwen_operator.peering import peering_crds
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "manifests" / "examples"
+CHART = ROOT / "charts" / "qwen-training-operator"
+JOB_APIS = ("pytorchjob", "trainjob")
 
 
 def free_port() -> int:
@@ -125,13 +127,137 @@ def tiny_job(name: str, namespace: str, **spec: Any) -> dict[str, Any]:
     return body
 
 
-class Jobs:
-    """QwenTrainingJob and PyTorchJob access for one namespace."""
+# ------------------------------------------------------------------------------------------- job APIs
 
-    def __init__(self, api: k.ApiClient, namespace: str):
+
+class ChildApi:
+    """What the tests need to know about one child job API: where its objects live, how its pods are labelled,
+    and its replica and container names."""
+
+    def __init__(self, name: str, group: str, version: str, plural: str, kind: str, replica: str, container: str,
+                 pod_label: str):
+        self.name, self.group, self.version, self.plural, self.kind = name, group, version, plural, kind
+        self.replica, self.container, self.pod_label = replica, container, pod_label
+
+    def pod_selector(self, child: str) -> str:
+        """Label selector of the pods a child job runs (PyTorchJob: its job-name label; TrainJob: its JobSet's)."""
+        return f"{self.pod_label}={child}"
+
+    def suspended(self, child: dict[str, Any]) -> Optional[bool]:
+        spec = child.get("spec") or {}
+        return (spec.get("runPolicy") or {}).get("suspend") if self.kind == "PyTorchJob" else spec.get("suspend")
+
+    def hand_edit(self, child: dict[str, Any]) -> tuple[dict[str, Any], str]:
+        """A merge patch someone might make to a live child by hand, and the field it changes. A PyTorchJob's image;
+        a TrainJob's `trainer` and its pods' containers and volumes are immutable, and its runtime patches may change
+        only while it is suspended: a pod label of our runtime patch."""
+        spec = copy.deepcopy(child["spec"])
+        if self.kind == "TrainJob":
+            # (Kueue's webhook adds a patch of its own, empty unless it admits the job onto a flavor.)
+            (ours,) = [p for p in spec["runtimePatches"] if p["manager"] == "training.qwen.dev/qwen-operator"]
+            pod = ours["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]
+            pod["metadata"]["labels"]["training.qwen.dev/stage"] = "someone-else"
+            return {"spec": {"runtimePatches": spec["runtimePatches"]}}, "labels"
+        spec["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["image"] = "someone/else:1"
+        return {"spec": {"pytorchReplicaSpecs": spec["pytorchReplicaSpecs"]}}, "image"
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+CHILD_APIS = {
+    "pytorchjob": ChildApi("pytorchjob", "kubeflow.org", "v1", "pytorchjobs", "PyTorchJob", "Master", "pytorch",
+                           "training.kubeflow.org/job-name"),
+    "trainjob": ChildApi("trainjob", "trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob", "Node", "node",
+                         "jobset.sigs.k8s.io/jobset-name"),
+}
+
+# The ClusterTrainingRuntimes the trainjob tests run on: the chart's own runtime (helm template), whose pods kwok
+# keeps Running until a test chooses their outcome (`qwen.test/outcome: run`; without it kwok completes any pod a
+# batch Job owns at once). RUNTIME restarts a failed job's nodes as the chart's default does (maxRestarts 3);
+# RUNTIME_NO_RESTARTS fails at the first failed pod, which is what a PyTorchJob's runPolicy {restartPolicy: Never,
+# backoffLimit: 0} says per job (a TrainJob's restarts are its runtime's).
+RUNTIME = "qwen-test-torch"
+RUNTIME_NO_RESTARTS = "qwen-test-torch-no-restarts"
+
+
+def chart_runtime() -> dict[str, Any]:
+    """The chart's ClusterTrainingRuntime, rendered by helm with jobApi=trainjob."""
+    from tests.unit.test_chart import require_helm
+
+    out = subprocess.run([require_helm(), "template", "qwen", str(CHART), "--set", "jobApi=trainjob",
+                          "--show-only", "templates/trainingruntime.yaml"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    (doc,) = [d for d in yaml.safe_load_all(out.stdout) if d]
+    assert doc["kind"] == "ClusterTrainingRuntime"
+    return doc
+
+
+def install_test_runtimes(api: k.ApiClient) -> dict[str, dict[str, Any]]:
+    custom = k.CustomObjectsApi(api)
+    out = {}
+    for name, restarts in ((RUNTIME, None), (RUNTIME_NO_RESTARTS, 0)):
+        doc = chart_runtime()
+        doc["metadata"] = {"name": name, "labels": doc["metadata"]["labels"]}
+        spec = doc["spec"]["template"]["spec"]
+        if restarts is not None:
+            spec["failurePolicy"]["maxRestarts"] = restarts
+        (node,) = spec["replicatedJobs"]
+        pod = node["template"]["spec"]["template"]
+        pod.setdefault("metadata", {}).setdefault("annotations", {})["qwen.test/outcome"] = "run"
+        try:
+            custom.create_cluster_custom_object("trainer.kubeflow.org", "v1alpha1", "clustertrainingruntimes", doc)
+        except ApiException as e:
+            if e.status != 409:
+                raise
+        out[name] = doc
+    return out
+
+
+def operator_args(job_api: str, request: Any = None) -> list[str]:
+    """The operator's job-API flags for a test: `trainjob` runs on RUNTIME, or on RUNTIME_NO_RESTARTS for a test
+    marked `no_restarts` (whose spec says runPolicy {restartPolicy: Never, backoffLimit: 0})."""
+    if job_api != "trainjob":
+        return ["--job-api", job_api]
+    no_restarts = request is not None and request.node.get_closest_marker("no_restarts") is not None
+    return ["--job-api", "trainjob", "--trainjob-runtime", RUNTIME_NO_RESTARTS if no_restarts else RUNTIME]
+
+
+def runtime_of(args: list[str]) -> str:
+    return args[args.index("--trainjob-runtime") + 1] if "--trainjob-runtime" in args else RUNTIME
+
+
+class Jobs:
+    """QwenTrainingJob and child job (PyTorchJob or TrainJob) access for one namespace."""
+
+    def __init__(self, api: k.ApiClient, namespace: str, job_api: str = "pytorchjob"):
         self.api, self.ns = api, namespace
         self.custom = k.CustomObjectsApi(api)
         self.core = k.CoreV1Api(api)
+        self.child_api = CHILD_APIS[job_api]
+
+    def children(self) -> list[dict[str, Any]]:
+        a = self.child_api
+        return self.custom.list_namespaced_custom_object(a.group, a.version, self.ns, a.plural)["items"]
+
+    def child(self, name: str) -> dict[str, Any]:
+        a = self.child_api
+        return self.custom.get_namespaced_custom_object(a.group, a.version, self.ns, a.plural, name)
+
+    def patch_child(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        a = self.child_api
+        return self.custom.patch_namespaced_custom_object(a.group, a.version, self.ns, a.plural, name, body,
+                                                          _content_type="application/merge-patch+json")
+
+    def child_suspended(self, name: str) -> Optional[bool]:
+        return self.child_api.suspended(self.child(name))
+
+    def child_pods(self, child: str) -> list[Any]:
+        return self.core.list_namespaced_pod(self.ns, label_selector=self.child_api.pod_selector(child)).items
+
+    def jobsets(self) -> list[dict[str, Any]]:
+        return self.custom.list_namespaced_custom_object("jobset.x-k8s.io", "v1alpha2", self.ns, "jobsets")["items"]
 
     def create(self, body: dict[str, Any]) -> dict[str, Any]:
         return self.custom.create_namespaced_custom_object(GROUP, VERSION, self.ns, PLURAL, body)
@@ -285,9 +411,10 @@ def crds(kube_client):
 
 
 @pytest.fixture
-def operator(cluster, crds, namespace, tmp_path):
-    """One standalone operator watching the test's namespace, as a real subprocess."""
-    op = OperatorProcess(cluster.kubeconfig, tmp_path, "--namespace", namespace, "--standalone").start()
+def operator(request, cluster, crds, namespace, tmp_path, job_api):
+    """One standalone operator watching the test's namespace with the test's job API, as a real subprocess."""
+    op = OperatorProcess(cluster.kubeconfig, tmp_path, "--namespace", namespace, "--standalone",
+                         *operator_args(job_api, request)).start()
     op.wait_ready()
     yield op
     op.stop()
@@ -295,5 +422,9 @@ def operator(cluster, crds, namespace, tmp_path):
 
 
 @pytest.fixture
-def jobs(crds, namespace):
-    return Jobs(crds, namespace)
+def jobs(crds, namespace, job_api):
+    return Jobs(crds, namespace, job_api)
+
+
+# Parametrise a test over both job APIs: @both_apis (the `job_api` fixture takes the parameter).
+both_apis = pytest.mark.parametrize("job_api", JOB_APIS, indirect=True)

@@ -11,7 +11,7 @@ from kubernetes import client as k
 from kubernetes.client.exceptions import ApiException
 
 from tests.integration.operator_support import (  # noqa: F401  (crds, jobs, operator are fixtures)
-    crds, jobs, operator, tiny_job, wait_for,
+    both_apis, crds, jobs, operator, tiny_job, wait_for,
 )
 
 MESSAGE = "rank 0 crashed: OutOfMemoryError: CUDA out of memory"
@@ -21,33 +21,48 @@ def _events(jobs, name, reason):
     return [e for e in jobs.events(name) if e.reason == reason]
 
 
+@both_apis
+@pytest.mark.no_restarts
 def test_failed_pod_is_named_with_exit_code_reason_and_message(cluster, operator, jobs, namespace):
     jobs.create(tiny_job("oom", namespace, runPolicy={"restartPolicy": "Never", "backoffLimit": 0}))
-    wait_for(lambda: [p for p in jobs.pods("oom") if p.status.phase == "Running"], 60, what="pod Running")
+    (pod,) = wait_for(lambda: [p for p in jobs.pods("oom") if p.status.phase == "Running"], 60, what="pod Running")
+    pod_name, replica, container = pod.metadata.name, jobs.child_api.replica, jobs.child_api.container
     jobs.wait_phase("oom", "Running", 30)
     cluster.set_pod_outcome(namespace, "training.qwen.dev/job=oom", "fail", delay="1s", exit_code=137,
                             reason="OOMKilled", message=MESSAGE)
     jobs.wait_phase("oom", "Failed", 60)
-    failed = wait_for(lambda: (c := jobs.condition("oom", "Failed")) and "oom-master-0" in c.get("message", "") and c,
+    failed = wait_for(lambda: (c := jobs.condition("oom", "Failed")) and pod_name in c.get("message", "") and c,
                       30, what="Failed condition naming the pod")
     msg = failed["message"]
-    assert "Master replica pod oom-master-0 exited with code 137 (OOMKilled): " + MESSAGE in msg
-    assert f"kubectl logs -n {namespace} oom-master-0 -c pytorch" in msg  # Never + cleanPodPolicy None keep it
+    assert f"{replica} replica pod {pod_name} exited with code 137 (OOMKilled): " + MESSAGE in msg
+    if jobs.child_api.kind == "TrainJob":
+        # A JobSet out of restarts keeps its failed pods: the logs are there.
+        assert f"kubectl logs -n {namespace} {pod_name} -c {container}" in msg
+        assert [p.metadata.name for p in jobs.pods("oom")] == [pod_name]
+    else:
+        # The training-operator deletes the pods of a job past its backoffLimit, cleanPodPolicy None or not.
+        assert "The pod is deleted: the job reached spec.runPolicy.backoffLimit (0)" in msg and "kubectl logs" not in msg
+        wait_for(lambda: not jobs.pods("oom"), 30, what="the failed pod deleted by the training-operator")
     assert jobs.condition("oom", "Succeeded")["message"] == msg
     status = jobs.get("oom")["status"]
-    assert status["replicas"]["Master"]["failed"] == 1 and status["replicas"]["Master"]["active"] == 0
+    assert status["replicas"][replica]["failed"] == 1 and status["replicas"][replica]["active"] == 0
     assert status["failures"][-1]["exitCode"] == 137 and status["failures"][-1]["message"] == MESSAGE
     warned = wait_for(lambda: [e for e in jobs.events("oom") if e.type == "Warning" and "137" in (e.message or "")],
                       30, what="Warning Event with the exit code")
     assert any("OOMKilled" in e.message and MESSAGE in e.message for e in warned)
     for reason in ("Created", "Running"):
         assert wait_for(lambda: [e for e in _events(jobs, "oom", reason) if e.type == "Normal"], 30, what=reason)
-    # The rendered pod keeps the log's tail when the trainer wrote no message.
-    container = jobs.pytorchjob("oom")["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
-    assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    # The pod (rendered, or from the chart's runtime) keeps the log's tail when the trainer wrote no message.
+    spec_container = next(c for c in pod.spec.containers if c.name == container)
+    assert spec_container.termination_message_policy == "FallbackToLogsOnError"
+    # No restart was announced: none happens.
+    assert not _events(jobs, "oom", "Restarted") and jobs.condition("oom", "Restarting")["status"] == "False"
 
 
+@both_apis
 def test_restarts_are_counted_with_restarting_true_meanwhile(cluster, operator, jobs, namespace):
+    """PyTorchJob: the training-operator replaces the failed pod; TrainJob: the JobSet restarts every node
+    (runtime failurePolicy.maxRestarts 3)."""
     jobs.create(tiny_job("flaky", namespace, runPolicy={"restartPolicy": "OnFailure", "backoffLimit": 3}))
     first = wait_for(lambda: [p for p in jobs.pods("flaky") if p.status.phase == "Running"], 60, what="pod Running")
     jobs.wait_phase("flaky", "Running", 30)
@@ -55,16 +70,19 @@ def test_restarts_are_counted_with_restarting_true_meanwhile(cluster, operator, 
                             message="nccl timeout")
     # Restarting turns True while the pod is replaced (seen here, or by its transition time and the Events).
     failed = wait_for(lambda: _events(jobs, "flaky", "PodFailed"), 60, what="PodFailed event")
-    assert "flaky-master-0" in failed[0].message and "nccl timeout" in failed[0].message
+    assert first[0].metadata.name in failed[0].message and "nccl timeout" in failed[0].message
     wait_for(lambda: [p for p in jobs.pods("flaky") if p.status.phase == "Running"
                       and p.metadata.uid != first[0].metadata.uid], 90, what="replacement pod Running")
-    done = wait_for(lambda: (r := jobs.get("flaky"))["status"].get("restarts") == 1 and r, 60,
-                    what="restart counted")
-    conds = {c["type"]: c for c in done["status"]["conditions"]}
-    assert conds["Restarting"]["status"] == "False"
+    def restarted():
+        r = jobs.get("flaky")
+        restarting = next(c for c in r["status"]["conditions"] if c["type"] == "Restarting")
+        return r["status"].get("restarts") == 1 and restarting["status"] == "False" and r
+
+    done = wait_for(restarted, 60, what="restart counted, Restarting False again")
     assert done["status"]["phase"] == "Running"
-    assert done["status"]["replicas"]["Master"]["restarts"] == 1
-    assert done["status"]["replicas"]["Master"]["failed"] >= 1
+    replica = jobs.child_api.replica
+    assert done["status"]["replicas"][replica]["restarts"] == 1
+    assert done["status"]["replicas"][replica]["failed"] >= 1
     assert done["status"]["failures"][-1]["message"] == "nccl timeout"
     assert wait_for(lambda: _events(jobs, "flaky", "Restarted"), 30, what="Restarted event")
     # It then succeeds: a Normal Event says so, with how long it ran.
@@ -74,13 +92,15 @@ def test_restarts_are_counted_with_restarting_true_meanwhile(cluster, operator, 
     assert wait_for(lambda: _events(jobs, "flaky", "Succeeded"), 30, what="Succeeded event")
 
 
+@both_apis
 def test_63_character_names_run_and_refusals_carry_field_paths(cluster, operator, jobs, namespace):
     name = "a-very-long-training-job-name-for-the-qwen-operator-tests-63chr"
     assert len(name) == 63
     jobs.create(tiny_job(name, namespace))
-    pj = wait_for(lambda: jobs.pytorchjobs(), 30, what="PyTorchJob")[0]
+    pj = wait_for(lambda: jobs.children(), 30, what=jobs.child_api.kind)[0]
     assert len(pj["metadata"]["name"]) <= 45 and pj["metadata"]["name"] != name
     jobs.wait_phase(name, "Running", 60)
+    assert all(len(p.metadata.name) <= 63 for p in jobs.pods(name))
 
     with pytest.raises(ApiException) as err:
         jobs.create(tiny_job(name + "x", namespace))
@@ -98,6 +118,7 @@ def test_63_character_names_run_and_refusals_carry_field_paths(cluster, operator
     assert "spec.resources" in body and "resources.memory" in body
 
 
+@both_apis
 def test_trainer_service_account_is_used_where_it_exists(cluster, operator, jobs, namespace):
     # (Where it does not exist the pods run as `default`, as in every other test of this suite.)
     k.CoreV1Api(jobs.api).create_namespaced_service_account(
@@ -129,4 +150,4 @@ def test_a_stage_whose_memory_estimate_misses_the_card_is_warned_and_still_creat
     assert need > 79 and "exceeds the 79 GiB" in fits["message"]
     warned = wait_for(lambda: _events(jobs, "too-big", "MemoryEstimateExceedsDevice"), 30, what="Warning Event")
     assert warned[0].type == "Warning"
-    assert jobs.pytorchjob("too-big") is not None
+    assert jobs.child("too-big") is not None

@@ -1,9 +1,11 @@
-"""The operator against the real control plane: examples render and run, status follows the PyTorchJob, invalid
-specs are refused or reported, suspend propagates, hand edits are reported, deletion cascades."""
+"""The operator against the real control plane: examples render and run, status follows the child job, invalid
+specs are refused or reported, suspend propagates, hand edits are reported, deletion cascades.
+
+Cases marked @both_apis run once per job API: `pytorchjob` on the Kubeflow training-operator, `trainjob` on
+Kubeflow Trainer v2 and the JobSet controller (kwok runs the pods of both)."""
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import yaml
@@ -12,34 +14,42 @@ from kubernetes.client.exceptions import ApiException
 from qwen_operator.drift import child_drift
 from qwen_operator.render import render
 from tests.integration.operator_support import (  # noqa: F401  (crds, jobs, operator are fixtures)
-    EXAMPLES, Jobs, OperatorProcess, crds, ensure_pvcs, example, install_crds, jobs, operator, tiny_job, wait_for,
+    EXAMPLES, RUNTIME, Jobs, OperatorProcess, both_apis, crds, ensure_pvcs, example, install_crds, jobs, operator,
+    tiny_job, wait_for,
 )
 
-# Single-stage examples; pipelines run one PyTorchJob per step (test_operator_pipeline.py).
+# Single-stage examples; pipelines run one child job per step (test_operator_pipeline.py).
 ALL_EXAMPLES = sorted(p for p in EXAMPLES.glob("*.yaml") if "pipeline" not in (yaml.safe_load(p.read_text()).get("spec") or {}))
+# Every example on the training-operator; on Trainer v2 one of each stage, on CPU and on GPUs (1 and 8), which is
+# what changes the TrainJob (they all mount a volume); the whole set there doubles the time for no new path.
+TRAINJOB_EXAMPLES = ("cpu-convert", "cpu-pretrain", "mcore-moe-finetune", "qwen-moe-pretrain", "export-hf", "evaluate")
+assert {p.stem for p in ALL_EXAMPLES} >= set(TRAINJOB_EXAMPLES)
+EXAMPLE_CASES = [pytest.param(p, "pytorchjob", id=f"{p.stem}-pytorchjob") for p in ALL_EXAMPLES] + \
+    [pytest.param(p, "trainjob", id=f"{p.stem}-trainjob") for p in ALL_EXAMPLES if p.stem in TRAINJOB_EXAMPLES]
 
 
 def _claims(doc):
     return {v["claimName"] for v in doc["spec"].get("volumes", [])}
 
 
-@pytest.mark.parametrize("path", ALL_EXAMPLES, ids=[p.stem for p in ALL_EXAMPLES])
-def test_example_runs_created_running_succeeded(cluster, operator, jobs, namespace, path):
+@pytest.mark.parametrize("path,job_api", EXAMPLE_CASES, indirect=["job_api"])
+def test_example_runs_created_running_succeeded(cluster, operator, jobs, namespace, path, job_api):
     doc = example(path, namespace)
     name = doc["metadata"]["name"]
     ensure_pvcs(jobs.api, namespace, _claims(doc))
     jobs.create(doc)
 
-    # The PyTorchJob is exactly what render() makes of the live resource.
-    pj = wait_for(lambda: jobs.pytorchjob(name), 30, what="PyTorchJob")
+    # The child job is exactly what render() makes of the live resource.
+    pj = wait_for(lambda: jobs.child(name), 30, what=jobs.child_api.kind)
     live = jobs.get(name)
-    _, desired = render(live)
+    _, desired = render(live, job_api=job_api, runtime=RUNTIME)
     assert child_drift(desired, pj) == []
     assert pj["metadata"]["ownerReferences"][0]["uid"] == live["metadata"]["uid"]
     cm = wait_for(lambda: jobs.configmaps(), 10, what="ConfigMap")[0]
     assert yaml.safe_load(cm.data["job.yaml"])["spec"]["stage"] == doc["spec"]["stage"]
 
-    # The training-operator accepts it and makes one pod per node; kwok runs them.
+    # The training-operator (or Trainer v2 through a JobSet) accepts it and makes one pod per node; kwok runs them,
+    # with the example's volumes mounted.
     nodes = doc["spec"].get("resources", {}).get("nodes", 1)
     wait_for(lambda: len(jobs.pods(name)) == nodes and all(p.status.phase == "Running" for p in jobs.pods(name)),
              60, what="pods Running")
@@ -58,30 +68,44 @@ def test_example_runs_created_running_succeeded(cluster, operator, jobs, namespa
     assert conds["Succeeded"]["status"] == "True" and conds["Running"]["status"] == "False"
     assert conds["Created"]["lastTransitionTime"] <= conds["Running"]["lastTransitionTime"] \
         <= conds["Succeeded"]["lastTransitionTime"]
-    assert done["status"]["replicas"]["Master"]["succeeded"] == 1
+    assert done["status"]["replicas"][jobs.child_api.replica]["succeeded"] == 1
     assert operator.alive()
 
 
-def test_multi_node_job_gets_workers_and_torchrun_env(cluster, operator, jobs, namespace):
+@both_apis
+def test_multi_node_job_gets_workers_and_torchrun_env(cluster, operator, jobs, namespace, job_api):
     body = tiny_job("two-nodes", namespace, resources={"nodes": 2, "gpusPerNode": 8}, training={"globalBatchSize": 16},
                     nccl={"debug": "WARN"})
     jobs.create(body)
     wait_for(lambda: len(jobs.pods("two-nodes")) == 2, 60, what="2 pods")
     pods = {p.metadata.name: p for p in jobs.pods("two-nodes")}
-    assert set(pods) == {"two-nodes-master-0", "two-nodes-worker-0"}
+    ranks = set()
     for pod in pods.values():
-        c = next(c for c in pod.spec.containers if c.name == "pytorch")
-        env = {e.name: e.value for e in c.env}
-        # Every $(VAR) our command uses is injected by the training-operator.
+        c = next(c for c in pod.spec.containers if c.name == jobs.child_api.container)
+        env = {e.name: e for e in c.env}
+        # Every $(VAR) our command uses is injected by the training-operator (or Trainer v2).
         for var in ("PET_NNODES", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT"):
             assert var in env, var
-        assert env["PET_NNODES"] == "2" and env["PET_NPROC_PER_NODE"] == "8" and env["WORLD_SIZE"] == "16"
-        assert env["NCCL_DEBUG"] == "WARN" and env["QWEN_STATUS_RESOURCE"] == f"{namespace}/two-nodes"
+        assert env["PET_NNODES"].value == "2" and env["PET_NPROC_PER_NODE"].value == "8"
+        assert env["NCCL_DEBUG"].value == "WARN" and env["QWEN_STATUS_RESOURCE"].value == f"{namespace}/two-nodes"
         assert c.resources.limits["nvidia.com/gpu"] == "8"
-    assert {e.name: e.value for e in pods["two-nodes-worker-0"].spec.containers[0].env}["PET_NODE_RANK"] == "1"
+        assert "--nproc-per-node=$(PET_NPROC_PER_NODE)" in c.command or "--nproc-per-node=8" in c.command
+        if job_api == "pytorchjob":
+            assert env["WORLD_SIZE"].value == "16"
+            ranks.add(env["PET_NODE_RANK"].value)
+        else:  # Trainer v2: the node rank is the Job's completion index, read from the pod's annotation
+            assert "job-completion-index" in env["PET_NODE_RANK"].value_from.field_ref.field_path
+            ranks.add(pod.metadata.annotations["batch.kubernetes.io/job-completion-index"])
+    assert ranks == {"0", "1"}
+    if job_api == "pytorchjob":
+        assert set(pods) == {"two-nodes-master-0", "two-nodes-worker-0"}
+    else:
+        assert {p.metadata.labels["jobset.sigs.k8s.io/jobset-name"] for p in pods.values()} == {"two-nodes"}
     jobs.wait_phase("two-nodes", "Running", 30)
 
 
+@both_apis
+@pytest.mark.no_restarts
 def test_failing_pod_drives_failed_with_reason(cluster, operator, jobs, namespace):
     jobs.create(tiny_job("fails", namespace, runPolicy={"restartPolicy": "Never", "backoffLimit": 0}))
     wait_for(lambda: [p for p in jobs.pods("fails") if p.status.phase == "Running"], 60, what="pod Running")
@@ -92,7 +116,7 @@ def test_failing_pod_drives_failed_with_reason(cluster, operator, jobs, namespac
     assert conds["Failed"]["reason"] and conds["Failed"]["message"]
     assert conds["Succeeded"]["status"] == "False" and conds["Succeeded"]["reason"] == conds["Failed"]["reason"]
     # Terminal stays terminal: a later child change does not move the phase.
-    jobs.patch_pytorchjob("fails", {"metadata": {"labels": {"touched": "yes"}}})
+    jobs.patch_child("fails", {"metadata": {"labels": {"touched": "yes"}}})
     assert jobs.phase("fails") == "Failed"
 
 
@@ -105,7 +129,7 @@ def test_invalid_spec_rejected_at_apply_time(jobs, namespace, operator):
     with pytest.raises(ApiException) as err:
         jobs.create(tiny_job("bad-enum", namespace, stage="nonsense"))  # schema
     assert err.value.status == 422 and "spec.stage" in err.value.body
-    assert jobs.pytorchjobs() == []
+    assert jobs.children() == []
 
 
 def test_invalid_spec_reported_by_condition_and_event(jobs, namespace, operator):
@@ -118,51 +142,65 @@ def test_invalid_spec_reported_by_condition_and_event(jobs, namespace, operator)
     assert "spec.volumes[0].name" in failed["message"]
     wait_for(lambda: [e for e in jobs.events("bad-volume") if e.reason == "InvalidSpec" and e.type == "Warning"],
              30, what="InvalidSpec event")
-    assert jobs.pytorchjobs() == [] and jobs.configmaps() == []
+    assert jobs.children() == [] and jobs.configmaps() == []
     # The operator keeps running and still reconciles valid jobs.
     assert operator.alive()
     jobs.create(tiny_job("fine", namespace))
     jobs.wait_phase("fine", "Running", 60)
 
 
+@both_apis
 def test_suspend_is_propagated_and_other_changes_refused(jobs, namespace, operator):
     jobs.create(tiny_job("sus", namespace, suspend=True))
-    pj = wait_for(lambda: jobs.pytorchjob("sus"), 30, what="PyTorchJob")
-    assert pj["spec"]["runPolicy"]["suspend"] is True
+    wait_for(lambda: jobs.child("sus"), 30, what=jobs.child_api.kind)
+    assert jobs.child_suspended("sus") is True
     jobs.wait_phase("sus", "Suspended", 30)
     assert jobs.pods("sus") == []
 
     jobs.patch("sus", {"spec": {"suspend": False}})
-    wait_for(lambda: jobs.pytorchjob("sus")["spec"]["runPolicy"]["suspend"] is False, 30, what="child resumed")
+    wait_for(lambda: jobs.child_suspended("sus") is False, 30, what="child resumed")
     jobs.wait_phase("sus", "Running", 60)
     assert jobs.condition("sus", "Suspended")["status"] == "False"
+    assert len(jobs.pods("sus")) == 1
+
+    # Suspended again while running: the pods go, the phase says so; resumed, it runs again.
+    jobs.patch("sus", {"spec": {"suspend": True}})
+    jobs.wait_phase("sus", "Suspended", 60)
+    wait_for(lambda: not jobs.pods("sus"), 60, what="pods removed while suspended")
+    jobs.patch("sus", {"spec": {"suspend": False}})
+    jobs.wait_phase("sus", "Running", 60)
 
     with pytest.raises(ApiException) as err:
         jobs.patch("sus", {"spec": {"resources": {"nodes": 2}}})
     assert err.value.status == 422 and "immutable" in err.value.body
 
 
-def test_hand_edited_child_is_reported_not_reverted(jobs, namespace, operator):
-    jobs.create(tiny_job("edited", namespace))
-    jobs.wait_phase("edited", "Running", 60)
-    pj = jobs.pytorchjob("edited")
-    spec = copy.deepcopy(pj["spec"])
-    spec["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["image"] = "someone/else:1"
-    jobs.patch_pytorchjob("edited", {"spec": {"pytorchReplicaSpecs": spec["pytorchReplicaSpecs"]}})
+@both_apis
+def test_hand_edited_child_is_reported_not_reverted(jobs, namespace, operator, job_api):
+    # Trainer v2 lets a TrainJob's runtime patches change only while it is suspended.
+    jobs.create(tiny_job("edited", namespace, suspend=job_api == "trainjob"))
+    jobs.wait_phase("edited", "Suspended" if job_api == "trainjob" else "Running", 60)
+    patch, field = jobs.child_api.hand_edit(jobs.child("edited"))
+    jobs.patch_child("edited", patch)
     synced = wait_for(lambda: (c := jobs.condition("edited", "Synced")).get("reason") == "ChildModified" and c, 30,
                       what="Synced=False ChildModified")
-    assert synced["status"] == "False" and "image" in synced["message"]
+    assert synced["status"] == "False" and field in synced["message"]
     wait_for(lambda: [e for e in jobs.events("edited") if e.reason == "ChildModified"], 30, what="ChildModified event")
-    img = jobs.pytorchjob("edited")["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["image"]
-    assert img == "someone/else:1"
+    edited = "someone/else:1" if field == "image" else "someone-else"
+    assert edited in str(jobs.child("edited")["spec"])  # reported, not reverted
 
 
-def test_deletion_cascades_to_children(jobs, namespace, operator):
+@both_apis
+def test_deletion_cascades_to_children(jobs, namespace, operator, job_api):
     jobs.create(tiny_job("gone", namespace))
     wait_for(lambda: len(jobs.pods("gone")) == 1, 60, what="pod")
+    if job_api == "trainjob":
+        assert [js["metadata"]["name"] for js in jobs.jobsets()] == ["gone"]
     jobs.delete("gone")
-    wait_for(lambda: not jobs.pytorchjobs() and not jobs.configmaps() and not jobs.pods("gone"), 60,
+    wait_for(lambda: not jobs.children() and not jobs.configmaps() and not jobs.pods("gone"), 60,
              what="children garbage-collected")
+    if job_api == "trainjob":
+        wait_for(lambda: not jobs.jobsets(), 30, what="the TrainJob's JobSet garbage-collected")
 
 
 def test_metrics_and_probes(jobs, namespace, operator):

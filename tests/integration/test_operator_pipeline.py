@@ -1,5 +1,6 @@
-"""A three-step pipeline on the real control plane: steps run in order as separate PyTorchJobs with the right
-inputs, a failing middle step stops the chain naming the step, and re-applying a fix resumes from that step."""
+"""A three-step pipeline on the real control plane: steps run in order as separate child jobs (PyTorchJobs on the
+training-operator, TrainJobs on Trainer v2) with the right inputs, a failing middle step stops the chain naming the
+step, and re-applying a fix resumes from that step."""
 
 from __future__ import annotations
 
@@ -8,16 +9,15 @@ import copy
 import pytest
 import yaml
 
-from tests.integration.operator_support import (  # noqa: F401  (crds, operator are fixtures)
-    EXAMPLES, Jobs, crds, ensure_pvcs, example, operator, wait_for,
+from tests.integration.operator_support import (  # noqa: F401  (crds, jobs, operator are fixtures)
+    EXAMPLES, Jobs, both_apis, crds, ensure_pvcs, example, jobs, operator, wait_for,
 )
 
 NAME = "cpu-tiny-moe-pipeline"
-JOB_LABEL = "training.kubeflow.org/job-name"
 
 
 def _step_job(jobs: Jobs, child: str) -> dict:
-    return wait_for(lambda: jobs.pytorchjob(child), 60, what=f"PyTorchJob {child}")
+    return wait_for(lambda: jobs.child(child), 60, what=f"{jobs.child_api.kind} {child}")
 
 
 def _job_yaml(jobs: Jobs, child: str) -> dict:
@@ -26,13 +26,14 @@ def _job_yaml(jobs: Jobs, child: str) -> dict:
 
 
 def _finish(cluster, jobs: Jobs, child: str, outcome: str) -> None:
-    wait_for(lambda: (pods := jobs.core.list_namespaced_pod(jobs.ns, label_selector=f"{JOB_LABEL}={child}").items)
-             and all(p.status.phase == "Running" for p in pods), 60, what=f"pods of {child} Running")
-    cluster.set_pod_outcome(jobs.ns, f"{JOB_LABEL}={child}", outcome, delay="1s")
+    wait_for(lambda: (pods := jobs.child_pods(child)) and all(p.status.phase == "Running" for p in pods), 60,
+             what=f"pods of {child} Running")
+    cluster.set_pod_outcome(jobs.ns, jobs.child_api.pod_selector(child), outcome, delay="1s")
 
 
-def test_pipeline_runs_in_order_stops_on_failure_and_resumes_after_a_fix(cluster, operator, crds, namespace):
-    jobs = Jobs(crds, namespace)
+@both_apis
+@pytest.mark.no_restarts
+def test_pipeline_runs_in_order_stops_on_failure_and_resumes_after_a_fix(cluster, operator, jobs, namespace):
     doc = example(EXAMPLES / "cpu-pipeline.yaml", namespace)
     doc["spec"]["runPolicy"] = {"backoffLimit": 0, "restartPolicy": "Never"}  # a failed pod fails its step at once
     ensure_pvcs(jobs.api, namespace, {v["claimName"] for v in doc["spec"]["volumes"]})
@@ -52,14 +53,14 @@ def test_pipeline_runs_in_order_stops_on_failure_and_resumes_after_a_fix(cluster
     message = next(c for c in failed["status"]["conditions"] if c["type"] == "Failed")["message"]
     assert message.startswith("stage pretrain (2/3) failed"), message
     assert [s["phase"] for s in failed["status"]["stages"]] == ["Succeeded", "Failed", "Pending"]
-    assert not any(p["metadata"]["name"].endswith("-export") for p in jobs.pytorchjobs())
+    assert not any(p["metadata"]["name"].endswith("-export") for p in jobs.children())
 
     # Fix the failed step and re-apply: it runs again (new attempt), convert does not.
     fixed = copy.deepcopy(jobs.get(NAME)["spec"]["pipeline"])
     fixed[1]["training"]["trainIters"] = 20
     jobs.patch(NAME, {"spec": {"pipeline": fixed}})
     _step_job(jobs, f"{NAME}-pretrain-r1")
-    assert jobs.pytorchjob(f"{NAME}-convert")["metadata"]["uid"] == convert["metadata"]["uid"]
+    assert jobs.child(f"{NAME}-convert")["metadata"]["uid"] == convert["metadata"]["uid"]
     assert _job_yaml(jobs, f"{NAME}-pretrain-r1")["training"]["trainIters"] == 20
     _finish(cluster, jobs, f"{NAME}-pretrain-r1", "succeed")
 
@@ -70,6 +71,6 @@ def test_pipeline_runs_in_order_stops_on_failure_and_resumes_after_a_fix(cluster
     done = jobs.wait_phase(NAME, "Succeeded", 60)
     assert [s["phase"] for s in done["status"]["stages"]] == ["Succeeded"] * 3
     assert [s["attempt"] for s in done["status"]["stages"]] == [0, 1, 0]
-    assert sorted(p["metadata"]["name"] for p in jobs.pytorchjobs()) == sorted(
+    assert sorted(p["metadata"]["name"] for p in jobs.children()) == sorted(
         [f"{NAME}-convert", f"{NAME}-pretrain", f"{NAME}-pretrain-r1", f"{NAME}-export"])
 

@@ -1,5 +1,5 @@
 """Killing the operator at any point and starting it again converges: no duplicate or orphaned children,
-correct final state."""
+correct final state. Every case runs with both job APIs (PyTorchJob, TrainJob)."""
 
 from __future__ import annotations
 
@@ -7,26 +7,20 @@ import time
 
 import pytest
 
-from tests.integration.operator_support import Jobs, OperatorProcess, install_crds, tiny_job, wait_for
+from tests.integration.operator_support import (  # noqa: F401  (crds, jobs are fixtures)
+    OperatorProcess, both_apis, crds, jobs, operator_args, tiny_job, wait_for,
+)
 
-
-@pytest.fixture(scope="module")
-def crds(kube_client):
-    install_crds(kube_client)
-    return kube_client
-
-
-@pytest.fixture
-def jobs(crds, namespace):
-    return Jobs(crds, namespace)
+pytestmark = both_apis
 
 
 @pytest.fixture
-def start(cluster, crds, namespace, tmp_path):
+def start(request, cluster, crds, namespace, tmp_path, job_api):
     procs = []
 
     def _start(name="operator", env=None, wait=True):
-        op = OperatorProcess(cluster.kubeconfig, tmp_path, "--namespace", namespace, "--standalone", name=name, env=env)
+        op = OperatorProcess(cluster.kubeconfig, tmp_path, "--namespace", namespace, "--standalone",
+                             *operator_args(job_api, request), name=name, env=env)
         procs.append(op.start())
         if wait:
             op.wait_ready()
@@ -38,7 +32,7 @@ def start(cluster, crds, namespace, tmp_path):
 
 
 def assert_single_children(jobs, names):
-    pjs = jobs.pytorchjobs()
+    pjs = jobs.children()
     cms = jobs.configmaps()
     assert sorted(p["metadata"]["name"] for p in pjs) == sorted(names)
     assert sorted(c.metadata.name for c in cms) == sorted(f"{n}-spec" for n in names)
@@ -50,13 +44,13 @@ def assert_single_children(jobs, names):
         assert [r.uid for r in cm.metadata.owner_references] == [uid]
 
 
-def test_killed_between_configmap_and_pytorchjob(cluster, jobs, namespace, start):
+def test_killed_between_configmap_and_child(cluster, jobs, namespace, start):
     crashing = start("crashing", env={"QWEN_OPERATOR_FAILPOINT": "after-configmap"})
     jobs.create(tiny_job("half", namespace))
     wait_for(lambda: not crashing.alive(), 30, what="operator to crash at the failpoint")
     assert crashing.proc.returncode == 70
     assert [c.metadata.name for c in jobs.configmaps()] == ["half-spec"]
-    assert jobs.pytorchjobs() == []
+    assert jobs.children() == []
 
     start("restarted")
     jobs.wait_phase("half", "Running", 60)
@@ -65,11 +59,11 @@ def test_killed_between_configmap_and_pytorchjob(cluster, jobs, namespace, start
     jobs.wait_phase("half", "Succeeded", 60)
 
 
-def test_killed_after_pytorchjob_before_status(cluster, jobs, namespace, start):
-    crashing = start("crashing", env={"QWEN_OPERATOR_FAILPOINT": "after-pytorchjob"})
+def test_killed_after_child_before_status(cluster, jobs, namespace, start):
+    crashing = start("crashing", env={"QWEN_OPERATOR_FAILPOINT": f"after-{jobs.child_api.kind.lower()}"})
     jobs.create(tiny_job("nostatus", namespace))
     wait_for(lambda: not crashing.alive(), 30, what="operator to crash at the failpoint")
-    assert len(jobs.pytorchjobs()) == 1 and not (jobs.get("nostatus").get("status") or {}).get("pytorchJob")
+    assert len(jobs.children()) == 1 and not (jobs.get("nostatus").get("status") or {}).get("pytorchJob")
 
     start("restarted")
     jobs.wait_phase("nostatus", "Running", 60)
@@ -101,6 +95,6 @@ def test_changes_while_down_are_applied_on_restart(cluster, jobs, namespace, sta
     op.stop()
     jobs.patch("later", {"spec": {"suspend": True}})
     start("second")
-    wait_for(lambda: jobs.pytorchjob("later")["spec"]["runPolicy"]["suspend"] is True, 30, what="suspend applied")
+    wait_for(lambda: jobs.child_suspended("later") is True, 30, what="suspend applied")
     jobs.wait_phase("later", "Suspended", 60)
     assert_single_children(jobs, ["later"])
