@@ -1,12 +1,13 @@
 # The two commands a newcomer needs:
 #   make demo   set everything up and run the tiny Qwen-MoE job end to end on this machine
-#   make test   set everything up and run the whole test suite (what CI runs)
+#   make test   set everything up and run the whole test suite (what CI runs): unit and integration
+#               tests on the local control plane, then real pods in kind (tests/kind)
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: test demo setup python controlplane unit integration crd manifests images push-images kind-e2e clean
+.PHONY: test demo setup python controlplane unit integration crd manifests images push-images kind-e2e kind-up kind-down clean
 
 setup: python controlplane
 
@@ -18,6 +19,7 @@ controlplane:
 
 test: setup
 	QWEN_REQUIRE_CLUSTER=1 $(PY) -m pytest -ra $(PYTEST_ARGS) tests/unit tests/integration
+	QWEN_REQUIRE_CLUSTER=1 $(PY) -m pytest -ra $(PYTEST_ARGS) tests/kind
 
 unit: python
 	$(PY) -m pytest -ra $(PYTEST_ARGS) tests/unit
@@ -35,14 +37,23 @@ crd: python
 manifests: python
 	tools/render-manifests.sh
 
-images:
-	$(MAKE) -C docker images
+# The operator and CPU trainer images plus everything kind needs, built here on a locally made Debian base
+# (docker/Makefile alone builds on the public bases where a registry is reachable).
+images: setup
+	$(PY) tools/qwen_kind images
 
 push-images:
 	$(MAKE) -C docker push
 
-kind-e2e:
-	tools/kind-e2e.sh
+# Real pods: Docker (started if none runs), the images, a kind cluster, the tests in tests/kind; all stopped after.
+kind-e2e: setup
+	QWEN_REQUIRE_CLUSTER=1 $(PY) -m pytest -ra $(PYTEST_ARGS) tests/kind
+
+kind-up: setup
+	$(PY) tools/qwen_kind up
+
+kind-down: python
+	$(PY) tools/qwen_kind down
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

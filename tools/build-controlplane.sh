@@ -23,11 +23,17 @@
 # plus the PyTorchJob CRD and kwok's stock stage files next to it. The script is
 # idempotent: a component whose binary already exists under the key is not rebuilt.
 #
-# Usage: tools/build-controlplane.sh [--print-bin-dir] [--force] [--with-extras] [--only COMPONENT]...
+# Opt-in kind tools (--with-kind, QWEN_CONTROLPLANE_EXTRAS=kind-node or --only X), for tools/qwen_kind:
+#   kind-node   kubelet, kubeadm, kube-proxy, kubectl (same k8s.io/kubernetes)   tools/controlplane/kind-node
+#   coredns     CoreDNS (the version kubeadm deploys)                            tools/controlplane/coredns
+#   kind        the kind CLI                                                     tools/controlplane/kind
+#
+# Usage: tools/build-controlplane.sh [--print-bin-dir] [--force] [--with-extras] [--with-kind] [--only COMPONENT]...
 #   --print-bin-dir  print the bin dir for the pinned versions and exit (builds nothing)
 #   --print-key      print the cache key and exit
 #   --force          rebuild even if the binaries exist
 #   --with-extras    also build trainer-v2, jobset and kueue (env: QWEN_CONTROLPLANE_EXTRAS=trainer-v2,jobset,kueue)
+#   --with-kind      also build kind-node, coredns and kind (the local kind node image's parts)
 #   --only C         build only component C (k8s, etcd, kwok, training-operator, helm,
 #                    trainer-v2, jobset, kueue); repeatable
 # On success the last line of stdout is the bin dir, so callers can do
@@ -46,6 +52,7 @@ print_only=""
 force=0
 only=()
 EXTRAS_ALL=(trainer-v2 jobset kueue)
+KIND_TOOLS=(kind-node coredns kind)
 extras=()
 IFS=', ' read -r -a extras <<<"${QWEN_CONTROLPLANE_EXTRAS:-}"
 while [[ $# -gt 0 ]]; do
@@ -54,7 +61,8 @@ while [[ $# -gt 0 ]]; do
     --print-key) print_only=key ;;
     --force) force=1 ;;
     --only) only+=("$2"); shift ;;
-    --with-extras) extras=("${EXTRAS_ALL[@]}") ;;
+    --with-extras) extras+=("${EXTRAS_ALL[@]}") ;;
+    --with-kind) extras+=("${KIND_TOOLS[@]}") ;;
     -h|--help) sed -n '2,34p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "build-controlplane: unknown argument: $1" >&2; exit 2 ;;
   esac
@@ -74,7 +82,9 @@ HELM_VERSION="$(modver helm helm.sh/helm/v3)"
 TRAINER_V2_VERSION="$(modver trainer-v2 github.com/kubeflow/trainer/v2)"
 JOBSET_VERSION="$(modver jobset sigs.k8s.io/jobset)"
 KUEUE_VERSION="$(modver kueue sigs.k8s.io/kueue)"
-for v in K8S_VERSION ETCD_VERSION KWOK_VERSION TFO_VERSION HELM_VERSION TRAINER_V2_VERSION JOBSET_VERSION KUEUE_VERSION; do
+COREDNS_VERSION="$(modver coredns github.com/coredns/coredns)"
+KIND_VERSION="$(modver kind sigs.k8s.io/kind)"
+for v in COREDNS_VERSION KIND_VERSION K8S_VERSION ETCD_VERSION KWOK_VERSION TFO_VERSION HELM_VERSION TRAINER_V2_VERSION JOBSET_VERSION KUEUE_VERSION; do
   [[ -n "${!v}" ]] || { echo "build-controlplane: could not read $v from $SRC/*/go.mod" >&2; exit 1; }
 done
 
@@ -96,7 +106,7 @@ need_go() { # component
 }
 
 for e in "${extras[@]}" "${only[@]}"; do
-  case "$e" in k8s|etcd|kwok|training-operator|helm|trainer-v2|jobset|kueue) ;;
+  case "$e" in k8s|etcd|kwok|training-operator|helm|trainer-v2|jobset|kueue|kind-node|coredns|kind) ;;
     *) echo "build-controlplane: unknown component: $e" >&2; exit 2 ;; esac
 done
 
@@ -267,6 +277,34 @@ if want_extra kueue; then
   build_extra kueue sigs.k8s.io/kueue "$KUEUE_VERSION" kueue-controller-manager sigs.k8s.io/kueue/cmd/kueue \
     config/components/crd/bases config/components/webhook/manifests.yaml "-X sigs.k8s.io/kueue/pkg/version.GitVersion=$KUEUE_VERSION"
 fi
+# Opt-in kind tools: binaries only, each with a stamp of its module files (like the extras).
+build_tool() { # tool version ldflags binary:package...
+  local e="$1" ver="$2" ldf="$3"; shift 3
+  local stamp="$OUT/extras/$e.stamp" want_stamp; want_stamp="$(extra_stamp "$e" "$ver")"
+  local log="$OUT/logs/build-$e.log" t s spec bins=() pkgs=()
+  for spec in "$@"; do bins+=("${spec%%:*}"); pkgs+=("${spec#*:}"); done
+  if [[ $force -eq 1 || ! -s "$stamp" || "$(cat "$stamp")" != "$want_stamp" ]] || ! have "${bins[@]}"; then
+    need_go "$e"
+    t="$(stage_dir)"; s=$(now)
+    echo "build-controlplane: building ${bins[*]} ($ver) (log: $log)" >&2
+    ( cd "$SRC/$e" && "${GOBUILD[@]}" -tags=selinux,notest,grpcnotrace -ldflags "-s -w $ldf" -o "$t/" "${pkgs[@]}" ) \
+      >"$log" 2>&1 || fail "$e ($ver)" "$log"
+    install_bins "$t" "${bins[@]}"
+    echo "$want_stamp" >"$stamp"
+    built+=("$e:$(( $(now) - s ))s")
+  fi
+}
+if want_extra kind-node; then
+  build_tool kind-node "$K8S_VERSION" "$(k8s_ldflags)" kubelet:k8s.io/kubernetes/cmd/kubelet \
+    kubeadm:k8s.io/kubernetes/cmd/kubeadm kube-proxy:k8s.io/kubernetes/cmd/kube-proxy kubectl:k8s.io/kubernetes/cmd/kubectl
+fi
+if want_extra coredns; then
+  build_tool coredns "$COREDNS_VERSION" "" coredns:github.com/coredns/coredns
+fi
+if want_extra kind; then
+  build_tool kind "$KIND_VERSION" "" kind:sigs.k8s.io/kind
+fi
+
 crd="$OUT/crds/kubeflow.org_pytorchjobs.yaml"
 if [[ ! -s "$crd" || $force -eq 1 ]] && want training-operator; then
   d="$(moddir training-operator "github.com/kubeflow/training-operator@$TFO_VERSION")" \
@@ -291,6 +329,8 @@ HELM_VERSION=$HELM_VERSION
 TRAINER_V2_VERSION=$TRAINER_V2_VERSION
 JOBSET_VERSION=$JOBSET_VERSION
 KUEUE_VERSION=$KUEUE_VERSION
+COREDNS_VERSION=$COREDNS_VERSION
+KIND_VERSION=$KIND_VERSION
 KEY=$KEY
 EOF
 

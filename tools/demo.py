@@ -1,5 +1,15 @@
-"""`make demo`: the whole product end to end on this machine, with no GPU and no Docker.
+"""`make demo`: the whole product end to end on this machine, with no GPU.
 
+Where Docker works (it is installed and started if need be, as root on Debian), the pipeline runs in REAL PODS:
+1. Builds the images and starts a kind cluster (one control-plane node, two workers), installs the
+   training-operator and the operator's Helm chart (tools/qwen_kind).
+2. `kubectl apply`s manifests/examples/cpu-pipeline.yaml with each step on two pods on the two workers:
+   a random Hugging Face checkpoint of the tiny Qwen-MoE shape is converted to Megatron-Core, pretrained on
+   the bundled corpus (gloo across the two nodes) and exported back to Hugging Face, on a volume both pods
+   mount. Shows the resource's conditions and progress, the loss curve, and loads the exported model.
+3. Deletes the cluster (and stops the Docker daemon if it started it).
+
+Without Docker (`--mode kwok`, or when it cannot start):
 1. Starts the local control plane (real etcd, kube-apiserver, controller-manager, scheduler, the real Kubeflow
    training-operator; kwok stands in for kubelets), installs the QwenTrainingJob CRD and starts the operator.
 2. Applies `manifests/examples/cpu-pretrain.yaml` and shows it moving through its conditions with
@@ -29,6 +39,9 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "manifests" / "examples"
 CRD = ROOT / "manifests" / "crd" / "qwentrainingjobs.training.qwen.dev.yaml"
 sys.path.insert(0, str(ROOT / "tools"))
+
+import demo_inputs  # noqa: E402
+from qwen_kind.errors import KindSetupError  # noqa: E402
 
 NAMESPACE = "qwen-demo"
 STAGES = ("convert", "pretrain", "export")
@@ -145,38 +158,78 @@ def simulated_lifecycle(work: Path) -> dict:
         say("REAL", "operator and control plane stopped")
 
 
+# ------------------------------------------------------------------------------------------ kind (real pods)
+
+def docker_usable() -> bool:
+    """Docker can be used here: running, or installable/startable by us (root on Debian)."""
+    import shutil as _shutil
+
+    if _shutil.which("docker") and subprocess.run(["docker", "info"], capture_output=True).returncode == 0:
+        return True
+    return os.geteuid() == 0 and bool(_shutil.which("dockerd") or _shutil.which("apt-get"))
+
+
+def kind_pipeline(work: Path) -> dict:
+    from qwen_kind import cluster as kind_cluster
+
+    banner("kind: images built here, a cluster of one control-plane node and two workers (real kubelets)")
+    cluster = kind_cluster.up("qwen-demo", workers=2, work=work / "kind")
+    try:
+        say("REAL", "; ".join(f"{k} {v} s" for k, v in cluster.timings.items()))
+        print(cluster.kubectl("get", "nodes", "-o", "wide").rstrip())
+        cluster.kubectl("create", "namespace", NAMESPACE)
+        host = cluster.shared_volume(NAMESPACE, "qwen-tiny-data", "demo/data")
+        demo_inputs.prepare_data(host.parent, say)
+
+        banner("kubectl apply -f manifests/examples/cpu-pipeline.yaml   (each step: 2 pods on 2 nodes, gloo)")
+        doc = yaml.safe_load((EXAMPLES / "cpu-pipeline.yaml").read_text())
+        doc["metadata"]["namespace"] = NAMESPACE
+        doc["spec"]["image"] = {"name": cluster.refs["trainer-cpu"]}
+        doc["spec"]["resources"] = {"nodes": 2, "gpusPerNode": 0, "processesPerNode": 1, "cpu": "1500m",
+                                    "memory": "3Gi", "sharedMemory": "512Mi"}
+        name = doc["metadata"]["name"]
+        print(cluster.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(doc)).strip())
+        t0 = time.monotonic()
+        print(cluster.kubectl("-n", NAMESPACE, "get", "qwentrainingjob", name, "-o", "wide").splitlines()[0])
+        seen: list[str] = []
+        nodes: dict[str, set[str]] = {}
+
+        def done() -> bool:
+            row = cluster.kubectl("-n", NAMESPACE, "get", "qwentrainingjob", name, "-o", "wide", "--no-headers").strip()
+            if not seen or seen[-1] != row:
+                seen.append(row)
+                print(row, flush=True)
+            for pod in json.loads(cluster.kubectl("-n", NAMESPACE, "get", "pods", "-l",
+                                                  f"training.qwen.dev/job={name}", "-o", "json"))["items"]:
+                if pod["spec"].get("nodeName"):
+                    stage = pod["metadata"]["labels"].get("training.qwen.dev/stage", "?")
+                    nodes.setdefault(stage, set()).add(pod["spec"]["nodeName"])
+            phase = cluster.kubectl("-n", NAMESPACE, "get", "qwentrainingjob", name, "-o", "jsonpath={.status.phase}")
+            if phase == "Failed":
+                raise RuntimeError(f"{name} failed: {row}")
+            return phase == "Succeeded"
+
+        wait(done, 1800, f"{name} to succeed", interval=2)
+        seconds = time.monotonic() - t0
+        for stage, where in nodes.items():
+            say("REAL", f"{stage}: pods ran on {', '.join(sorted(where))}")
+        print(cluster.kubectl("-n", NAMESPACE, "get", "pods", "-o", "wide").rstrip())
+        records = loss_curve(host / "pipeline" / "pretrain")
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(host / "pipeline" / "hf")
+        say("REAL", f"exported checkpoint (written by the export pod) loads in transformers as {type(model).__name__}")
+        return {"seconds": seconds, "first_loss": records[0]["loss"], "last_loss": records[-1]["loss"],
+                "timings": cluster.timings}
+    finally:
+        kind_cluster.down(cluster)
+        say("REAL", "kind cluster deleted")
+
+
 # ------------------------------------------------------------------------------------------- real part
 
 def prepare_data(root: Path) -> None:
-    from qwen_trainer.data.synthetic import make_demo_data
-    from qwen_trainer.engines.hf_model import build_model, hf_config
-    from qwen_trainer.spec import resolve_architecture
-    from qwen_operator.api import validate_resource_spec
-
-    data = root / "data"
-    made = make_demo_data(data, vocab_size=512, sft_samples=64, corpus_repeat=2)
-    (data / "sft").mkdir(exist_ok=True)
-    shutil.copy(made["sft"], data / "sft" / "train.json")
-    (data / "corpus").mkdir(exist_ok=True)
-    subprocess.run([sys.executable, "-m", "qwen_trainer", "data", "preprocess", "--input", made["corpus"],
-                    "--output-prefix", str(data / "corpus" / "tiny"), "--tokenizer", made["tokenizer"],
-                    "--json-key", "text", "--workers", "2", "--no-progress"], check=True, cwd=ROOT,
-                   stdout=subprocess.DEVNULL)
-    say("REAL", f"bundled corpus tokenised into {data / 'corpus' / 'tiny_text_document'}.bin/.idx")
-
-    import torch
-
-    spec = validate_resource_spec(yaml.safe_load((EXAMPLES / "cpu-convert.yaml").read_text())["spec"])
-    arch = resolve_architecture(spec.job_spec())
-    torch.manual_seed(0)
-    model = build_model(hf_config(arch))
-    hf_dir = data / "tiny-moe-hf"
-    model.save_pretrained(hf_dir)
-    for f in Path(made["tokenizer"]).iterdir():
-        shutil.copy(f, hf_dir / f.name)
-    params = sum(p.numel() for p in model.parameters())
-    say("REAL", f"random Hugging Face checkpoint of the tiny Qwen1.5-MoE shape ({arch.moe.num_experts} experts, "
-                f"top-{arch.moe.top_k}, {params:,} parameters) in {hf_dir}")
+    demo_inputs.prepare_data(root, say)
 
 
 def run_stage(stage: str, root: Path) -> float:
@@ -190,10 +243,10 @@ def run_stage(stage: str, root: Path) -> float:
     return time.monotonic() - t0
 
 
-def loss_curve(root: Path) -> list[dict]:
+def loss_curve(checkpoint: Path) -> list[dict]:
     from qwen_trainer.metrics import read_metrics
 
-    records = read_metrics(root / "data" / "tiny-moe-pretrain" / "logs" / "metrics.jsonl")
+    records = read_metrics(checkpoint / "logs" / "metrics.jsonl")
     lo = min(r["loss"] for r in records)
     hi = max(r["loss"] for r in records)
     print("\n  iter   loss    tokens/s")
@@ -208,7 +261,7 @@ def real_run(work: Path) -> dict:
     root = work / "root"
     prepare_data(root)
     seconds = {stage: run_stage(stage, root) for stage in STAGES}
-    records = loss_curve(root)
+    records = loss_curve(root / "data" / "tiny-moe-pretrain")
     first, last = records[0]["loss"], records[-1]["loss"]
     tps = [r.get("tokens_per_second", 0) for r in records[1:]] or [0]
     say("REAL", f"loss {first:.3f} -> {last:.3f} over {records[-1]['iteration']} steps; "
@@ -230,30 +283,41 @@ def main(argv=None) -> int:
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default=str(ROOT / "out" / "demo"), help="scratch directory (wiped first)")
-    ap.add_argument("--skip-cluster", action="store_true", help="only the real local run")
+    ap.add_argument("--mode", choices=("auto", "kind", "kwok"), default="auto",
+                    help="kind: real pods (needs Docker); kwok: simulated pods plus the pod command run locally; "
+                         "auto: kind where Docker can be used")
+    ap.add_argument("--skip-cluster", action="store_true", help="kwok mode without the cluster: only the local run")
     args = ap.parse_args(argv)
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     t0 = time.monotonic()
-    sim = None if args.skip_cluster else simulated_lifecycle(work)
-    real = real_run(work)
-    banner("Summary")
-    if sim:
-        say("REAL", f"control plane up in {sim['startup_s']} s; the operator rendered and tracked the PyTorchJob")
-        say("SIMULATED", "pod execution on the cluster (kwok fake nodes): Created -> Running -> Succeeded")
-    say("REAL", "convert {convert:.0f} s, pretrain {pretrain:.0f} s, export {export:.0f} s".format(**real["seconds"]))
-    say("REAL", f"loss fell from {real['first_loss']:.3f} to {real['last_loss']:.3f}")
+    mode = args.mode
+    if mode == "auto":
+        mode = "kind" if not args.skip_cluster and docker_usable() else "kwok"
+    if mode == "kind":
+        real = kind_pipeline(work)
+        banner("Summary")
+        say("REAL", f"pipeline in pods on two kind nodes in {real['seconds']:.0f} s; loss fell from "
+                    f"{real['first_loss']:.3f} to {real['last_loss']:.3f}")
+    else:
+        sim = None if args.skip_cluster else simulated_lifecycle(work)
+        real = real_run(work)
+        banner("Summary")
+        if sim:
+            say("REAL", f"control plane up in {sim['startup_s']} s; the operator rendered and tracked the PyTorchJob")
+            say("SIMULATED", "pod execution on the cluster (kwok fake nodes): Created -> Running -> Succeeded")
+        say("REAL", "convert {convert:.0f} s, pretrain {pretrain:.0f} s, export {export:.0f} s".format(**real["seconds"]))
+        say("REAL", f"loss fell from {real['first_loss']:.3f} to {real['last_loss']:.3f}")
     print(f"\ndemo finished in {time.monotonic() - t0:.0f} s. On a GPU cluster with the Kubeflow training-operator:\n"
           "  helm install qwen charts/qwen-training-operator\n"
           "  kubectl apply -f manifests/examples/qwen-moe-pretrain.yaml   # MegaBlocks MoE, 8 GPUs\n"
           "  kubectl get qtj -w")
     return 0
 
-
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (RuntimeError, subprocess.CalledProcessError) as err:
+    except (RuntimeError, subprocess.CalledProcessError, KindSetupError) as err:
         print(f"demo failed: {err}", file=sys.stderr)
         sys.exit(1)

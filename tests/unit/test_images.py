@@ -239,9 +239,10 @@ def lint(df: Dockerfile, *, non_root: bool) -> list[str]:
                 problems.append(f"{where}:{ins.line}: apt-get install without --no-install-recommends")
             if "rm -rf /var/lib/apt/lists" not in ins.args:
                 problems.append(f"{where}:{ins.line}: apt lists not removed in the same layer")
+        pip_cache_mounted = "--mount=type=cache,target=/root/.cache/pip" in ins.args
         for args in pip_installs(ins):
-            if "--no-cache-dir" not in args:
-                problems.append(f"{where}:{ins.line}: pip install without --no-cache-dir")
+            if "--no-cache-dir" not in args and not pip_cache_mounted:
+                problems.append(f"{where}:{ins.line}: pip install without --no-cache-dir or a BuildKit cache mount")
             third_party = package_specs(args)
             for spec in third_party:
                 if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za-z0-9,._-]+\])?==[^=<>~*!,\s]+", spec):

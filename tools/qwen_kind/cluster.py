@@ -1,0 +1,281 @@
+"""A kind cluster (one control-plane node, two workers) running the training-operator and our chart.
+
+Networking without kindnetd (not on any reachable registry): kind's default CNI is off, each node gets a
+bridge CNI config for its own pod CIDR (Debian's CNI plugins) and routes to the other nodes' pod CIDRs.
+Storage: every node mounts the same host folder at /qwen-shared, so a hostPath PersistentVolume there is
+shared by pods on different nodes, as an NFS volume would be.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from . import images
+from .docker import Docker, ensure_docker, check_disk, log
+from .errors import KindSetupError
+
+ROOT = images.ROOT
+SHARED_IN_NODE = "/qwen-shared"
+CHART = ROOT / "charts" / "qwen-training-operator"
+OPERATOR_NAMESPACE = "qwen-system"
+TFO_UPSTREAM_IMAGE = "ghcr.io/kubeflow/training-v1/training-operator"
+# In a node: remove the layer blobs of image $1 (a docker-save import: one manifest) from containerd's
+# content store; the unpacked snapshots stay, and containerd's garbage collector frees the space.
+DISCARD_LAYERS = """
+manifest=$(ctr -n k8s.io images ls "name==$1" | awk 'NR==2{print $3}')
+test -n "$manifest"
+ctr -n k8s.io content get "$manifest" | jq -r '.layers[].digest' | while read -r layer; do
+  ctr -n k8s.io content rm "$layer" >/dev/null
+done
+"""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("QWEN_K8S_CACHE", Path.home() / ".cache" / "qwen-k8s")) / "kind"
+
+
+def controlplane_bin_dir() -> Path:
+    """Builds (or finds) the Go-built binaries, kind's node parts included."""
+    out = subprocess.run([str(ROOT / "tools" / "build-controlplane.sh"), "--with-kind"], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise KindSetupError("tools/build-controlplane.sh --with-kind failed:\n  "
+                             + "\n  ".join(out.stderr.strip().splitlines()[-8:]))
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+def kind_config(shared: Path, workers: int) -> dict:
+    def mounts() -> list[dict]:
+        return [{"hostPath": str(shared), "containerPath": SHARED_IN_NODE}]
+
+    return {
+        "kind": "Cluster",
+        "apiVersion": "kind.x-k8s.io/v1alpha4",
+        "networking": {"disableDefaultCNI": True, "kubeProxyMode": "nftables"},
+        "nodes": [{"role": "control-plane", "extraMounts": mounts()}]
+                 + [{"role": "worker", "extraMounts": mounts()} for _ in range(workers)],
+        # kubeadm takes every control-plane image from the local name the images were built under.
+        "kubeadmConfigPatches": [yaml.safe_dump({"kind": "ClusterConfiguration",
+                                                 "imageRepository": images.REPO})],
+    }
+
+
+def bridge_conflist(pod_cidr: str) -> str:
+    return json.dumps({
+        "cniVersion": "0.4.0",
+        "name": "qwen-bridge",
+        "plugins": [
+            {"type": "bridge", "bridge": "cni0", "isGateway": True, "ipMasq": True, "hairpinMode": True,
+             "ipam": {"type": "host-local", "ranges": [[{"subnet": pod_cidr}]], "routes": [{"dst": "0.0.0.0/0"}]}},
+            {"type": "portmap", "capabilities": {"portMappings": True}},
+        ],
+    }, indent=1)
+
+
+@dataclass
+class KindCluster:
+    name: str
+    kubeconfig: Path
+    shared: Path
+    docker: Docker
+    kind: Path
+    refs: dict[str, str] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------------------------------ helpers
+    def kind_cmd(self, *args: str, timeout: float = 900) -> str:
+        env = {**os.environ, "PATH": f"{Path(self.docker.cli).parent}:{os.environ.get('PATH', '')}"}
+        out = subprocess.run([str(self.kind), *args], capture_output=True, text=True, env=env, timeout=timeout)
+        if out.returncode != 0:
+            raise KindSetupError(f"kind {' '.join(args[:2])} failed:\n  "
+                                 + "\n  ".join((out.stderr or out.stdout).strip().splitlines()[-10:]))
+        return out.stdout
+
+    def kubectl(self, *args: str, stdin: str | None = None, check: bool = True, timeout: float = 120) -> str:
+        out = subprocess.run(["kubectl", f"--kubeconfig={self.kubeconfig}", *args], input=stdin, capture_output=True,
+                             text=True, timeout=timeout)
+        if check and out.returncode != 0:
+            raise KindSetupError(f"kubectl {' '.join(args[:3])} failed: {out.stderr.strip()[-500:]}")
+        return out.stdout
+
+    def nodes(self) -> list[dict]:
+        return json.loads(self.kubectl("get", "nodes", "-o", "json"))["items"]
+
+    def node_exec(self, node: str, *cmd: str, stdin: str | None = None) -> None:
+        self.docker.run("exec", "-i", node, *cmd, stdin=stdin)
+
+    def workers(self) -> list[str]:
+        return [n["metadata"]["name"] for n in self.nodes()
+                if "node-role.kubernetes.io/control-plane" not in n["metadata"].get("labels", {})]
+
+    # ------------------------------------------------------------------------------------------- steps
+    def network(self) -> None:
+        """Bridge CNI per node and routes between the nodes' pod CIDRs (what kindnetd would do)."""
+        nodes = []
+        for n in self.nodes():
+            ip = next(a["address"] for a in n["status"]["addresses"] if a["type"] == "InternalIP")
+            nodes.append((n["metadata"]["name"], ip, n["spec"]["podCIDR"]))
+        for name, _, cidr in nodes:
+            self.node_exec(name, "sh", "-c", "mkdir -p /etc/cni/net.d && cat > /etc/cni/net.d/10-qwen-bridge.conflist",
+                           stdin=bridge_conflist(cidr))
+            for other, other_ip, other_cidr in nodes:
+                if other != name:
+                    self.node_exec(name, "ip", "route", "replace", other_cidr, "via", other_ip)
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        self.kubectl("wait", "--for=condition=Ready", "node", "--all", f"--timeout={int(timeout)}s", timeout=timeout + 30)
+        self.kubectl("-n", "kube-system", "rollout", "status", "deployment/coredns", f"--timeout={int(timeout)}s",
+                     timeout=timeout + 30)
+
+    def load(self, ref: str, nodes: list[str]) -> None:
+        """`kind load` node by node, then drop the image's layer blobs on the node once unpacked, as
+        containerd's CRI does for pulled images (discard_unpacked_layers): the trainer image would
+        otherwise take twice its size on every node."""
+        for node in nodes:
+            self.kind_cmd("load", "docker-image", "--name", self.name, "--nodes", node, ref, timeout=1800)
+            self.node_exec(node, "sh", "-euc", DISCARD_LAYERS, "discard", ref)
+
+    def install_training_operator(self, bin_dir: Path) -> None:
+        v = images.versions(bin_dir)
+        src = images.module_dir("training-operator",
+                                f"github.com/kubeflow/training-operator@{v['TRAINING_OPERATOR_VERSION']}")
+        with tempfile.TemporaryDirectory() as work:
+            shutil.copytree(src / "manifests", Path(work) / "manifests")
+            subprocess.run(["chmod", "-R", "u+w", work], check=True)
+            rendered = self.kubectl("kustomize", str(Path(work) / "manifests" / "overlays" / "standalone"))
+        docs = [d for d in yaml.safe_load_all(rendered) if d]
+        for doc in docs:
+            if doc.get("kind") == "Deployment":
+                for c in doc["spec"]["template"]["spec"]["containers"]:
+                    if c["image"].startswith(TFO_UPSTREAM_IMAGE):
+                        c["image"] = self.refs["training-operator"]
+                        c["imagePullPolicy"] = "Never"
+                        c.setdefault("args", []).append(f"--pytorch-init-container-image={self.refs['dns-wait']}")
+        self.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", stdin=yaml.safe_dump_all(docs))
+        self.kubectl("-n", "kubeflow", "rollout", "status", "deployment/training-operator", "--timeout=300s",
+                     timeout=330)
+
+    def install_chart(self, helm: Path) -> None:
+        repo, tag = self.refs["operator"].rsplit(":", 1)
+        out = subprocess.run([str(helm), "upgrade", "--install", "qwen-training-operator", str(CHART),
+                              "--kubeconfig", str(self.kubeconfig), "--namespace", OPERATOR_NAMESPACE,
+                              "--create-namespace", "--wait", "--timeout", "5m",
+                              "--set", f"image.repository={repo}", "--set", f"image.tag={tag}",
+                              "--set", "image.pullPolicy=Never"], capture_output=True, text=True, timeout=400)
+        if out.returncode != 0:
+            raise KindSetupError(f"helm install of the chart failed: {out.stderr.strip()[-800:]}")
+
+    def shared_volume(self, namespace: str, claim: str, subdir: str) -> Path:
+        """A ReadWriteMany claim bound to <shared>/<subdir>, which every node mounts; returns the host folder."""
+        host = self.shared / subdir
+        host.mkdir(parents=True, exist_ok=True)
+        pv = f"{namespace}-{claim}"
+        self.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all([
+            {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": pv},
+             "spec": {"capacity": {"storage": "10Gi"}, "accessModes": ["ReadWriteMany"], "storageClassName": "",
+                      "persistentVolumeReclaimPolicy": "Retain",
+                      "hostPath": {"path": f"{SHARED_IN_NODE}/{subdir}", "type": "Directory"},
+                      "claimRef": {"namespace": namespace, "name": claim}}},
+            {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": claim, "namespace": namespace},
+             "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "", "volumeName": pv,
+                      "resources": {"requests": {"storage": "10Gi"}}}},
+        ]))
+        return host
+
+    def delete(self) -> None:
+        try:
+            self.kind_cmd("delete", "cluster", "--name", self.name, timeout=300)
+            log(f"deleted kind cluster {self.name}")
+        except (KindSetupError, subprocess.TimeoutExpired) as err:
+            log(f"could not delete kind cluster {self.name}: {err}")
+
+
+def timed(timings: dict, key: str):
+    class _T:
+        def __enter__(self):
+            self.t0 = time.monotonic()
+            log(f"{key} ...")
+
+        def __exit__(self, *exc):
+            timings[key] = round(time.monotonic() - self.t0, 1)
+            if exc[0] is None:
+                log(f"{key}: {timings[key]} s")
+    return _T()
+
+
+def up(name: str = "qwen-e2e", workers: int = 2, work: Path | None = None) -> KindCluster:
+    """Everything from nothing: Docker, images, the cluster, the training-operator and the chart. On failure
+    everything started so far is stopped again."""
+    cache = cache_dir()
+    check_disk(Path("/var/lib/docker") if Path("/var/lib/docker").exists() else cache)
+    timings: dict[str, float] = {}
+    docker = ensure_docker(cache)
+    cluster = None
+    try:
+        with timed(timings, "Go-built binaries"):
+            bin_dir = controlplane_bin_dir()
+        with timed(timings, "component and node images"):
+            images.base_image(docker, cache)
+            images.python_base(docker)
+            refs = images.component_images(docker, bin_dir, cache)
+            node = images.node_image(docker, bin_dir, cache, refs)
+            refs["dns-wait"] = images.dns_wait_image(docker)
+        with timed(timings, "project images"):
+            refs.update(images.project_images(docker))
+        work = work or Path(tempfile.mkdtemp(prefix="qwen-kind."))
+        shared = work / "shared"
+        shared.mkdir(parents=True, exist_ok=True)
+        kubeconfig = work / "kubeconfig"
+        cluster = KindCluster(name, kubeconfig, shared, docker, bin_dir / "kind", refs, timings)
+        # A cluster left by an interrupted run would make `kind create` fail.
+        subprocess.run([str(cluster.kind), "delete", "cluster", "--name", name], capture_output=True,
+                       env={**os.environ, "PATH": f"{Path(docker.cli).parent}:{os.environ.get('PATH', '')}"})
+        config = work / "kind.yaml"
+        config.write_text(yaml.safe_dump(kind_config(shared, workers)))
+        with timed(timings, "kind create cluster"):
+            cluster.kind_cmd("create", "cluster", "--name", name, "--image", node, "--config", str(config),
+                             "--kubeconfig", str(kubeconfig), "--retain")
+            cluster.network()
+            cluster.wait_ready()
+        with timed(timings, "kind load (images onto the workers)"):
+            for key in ("training-operator", "dns-wait", "operator", "trainer-cpu"):
+                cluster.load(refs[key], cluster.workers())
+        with timed(timings, "training-operator and chart"):
+            cluster.install_training_operator(bin_dir)
+            cluster.install_chart(bin_dir / "helm")
+        return cluster
+    except BaseException:
+        if os.environ.get("QWEN_KIND_KEEP_ON_FAILURE") == "1" and cluster is not None:
+            log(f"keeping the failed cluster {name} (QWEN_KIND_KEEP_ON_FAILURE=1; kubeconfig {cluster.kubeconfig})")
+            raise
+        if cluster is not None:
+            cluster.delete()
+        docker.stop()
+        raise
+
+
+def attach(name: str, work: Path) -> KindCluster:
+    """A cluster `up` left running (python tools/qwen_kind up --work DIR), for iterating on tests; it is not
+    deleted by `down(..., keep=True)`."""
+    docker = ensure_docker(cache_dir())
+    bin_dir = controlplane_bin_dir()
+    refs = {c.name: f"{images.REPO}/{c.name}:{c.tag}" for c in images.components(images.versions(bin_dir))}
+    refs.update({"operator": f"{images.REPO}/operator:kind", "trainer-cpu": f"{images.REPO}/trainer-cpu:kind",
+                 "dns-wait": images.DNS_WAIT})
+    return KindCluster(name, work / "kubeconfig", work / "shared", docker, bin_dir / "kind", refs)
+
+
+def down(cluster: KindCluster, keep: bool = False) -> None:
+    if keep:
+        log(f"leaving kind cluster {cluster.name} running")
+        return
+    cluster.delete()
+    cluster.docker.stop()

@@ -1,0 +1,156 @@
+"""A Docker daemon to build images and run kind's node containers: the one running, or one we start.
+
+On a fresh Debian machine without Docker this installs Debian's `docker.io` (with containerd, runc,
+debootstrap and the CNI plugins the node image also uses) and starts `dockerd` itself; whatever it
+starts it stops again. Where root lacks a capability in its bounding set (CAP_SYS_RESOURCE on some VMs),
+runc refuses every privileged container, so the daemon gets `runc-shim` as its default runtime.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import KindSetupError
+
+HERE = Path(__file__).resolve().parent
+DEBIAN_PACKAGES = ("docker.io", "containerd", "runc", "debootstrap", "containernetworking-plugins", "iptables")
+CAP_SYS_RESOURCE = 24
+MIN_FREE_GIB = 25
+# The Docker CLI that matches Debian's daemon and has BuildKit built in (a newer CLI without the buildx
+# plugin cannot build with BuildKit).
+DEBIAN_DOCKER_CLI = "/usr/bin/docker"
+
+
+def log(text: str) -> None:
+    print(f"[kind] {text}", flush=True)
+
+
+def host_lacks_capabilities() -> bool:
+    with open("/proc/self/status") as status:
+        bounding = next(int(line.split()[1], 16) for line in status if line.startswith("CapBnd:"))
+    return not bounding & (1 << CAP_SYS_RESOURCE)
+
+
+def docker_cli() -> str:
+    if os.environ.get("QWEN_DOCKER"):
+        return os.environ["QWEN_DOCKER"]
+    if Path(DEBIAN_DOCKER_CLI).exists():
+        return DEBIAN_DOCKER_CLI
+    found = shutil.which("docker")
+    if not found:
+        raise KindSetupError("docker is not installed (and could not be installed from Debian's packages)")
+    return found
+
+
+def daemon_answers(cli: str) -> bool:
+    return subprocess.run([cli, "info"], capture_output=True, timeout=30).returncode == 0
+
+
+def install_packages() -> None:
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        raise KindSetupError("Docker is not installed and this is not a Debian machine run as root: install "
+                             "docker (and debootstrap) yourself, or run as root on Debian")
+    log(f"installing Debian packages: {' '.join(DEBIAN_PACKAGES)}")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *DEBIAN_PACKAGES]):
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if out.returncode != 0:
+            tail = (out.stderr or out.stdout).strip().splitlines()[-3:]
+            raise KindSetupError(f"{' '.join(cmd[:2])} failed: {' | '.join(tail)}")
+
+
+def check_disk(path: Path, need_gib: int = MIN_FREE_GIB) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(path).free / 2**30
+    if free < need_gib:
+        raise KindSetupError(f"only {free:.1f} GiB free under {path}; the images and the kind cluster need about "
+                             f"{need_gib} GiB (docker system prune, or free space)")
+
+
+@dataclass
+class Docker:
+    """The daemon in use; `stop()` ends it only if we started it."""
+
+    cli: str
+    started: subprocess.Popen | None = None
+    log_path: Path | None = None
+    env: dict = field(default_factory=dict)
+
+    def run(self, *args: str, check: bool = True, capture: bool = True, stdin=None, timeout: float | None = None,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+        out = subprocess.run([self.cli, *args], capture_output=capture, text=True, input=stdin, timeout=timeout,
+                             env={**os.environ, **self.env, **(env or {})})
+        if check and out.returncode != 0:
+            detail = (out.stderr or out.stdout or "").strip().splitlines()[-5:] if capture else []
+            raise KindSetupError(f"docker {' '.join(args[:3])} failed: {' | '.join(detail)}")
+        return out
+
+    def has_image(self, ref: str) -> bool:
+        return self.run("image", "inspect", ref, check=False).returncode == 0
+
+    def stop(self) -> None:
+        if self.started is None:
+            return
+        log(f"stopping the dockerd we started (pid {self.started.pid})")
+        self.started.terminate()
+        try:
+            self.started.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.started.kill()
+            self.started.wait()
+        self.started = None
+
+
+def write_daemon_config(cache: Path) -> Path | None:
+    """dockerd's config: the capability shim as default runtime where it is needed. Kept in our cache,
+    passed with --config-file, so the machine's /etc/docker stays untouched."""
+    if not host_lacks_capabilities():
+        return None
+    shim = cache / "runc-shim"
+    shutil.copy2(HERE / "runc-shim", shim)
+    shim.chmod(0o755)
+    config = cache / "daemon.json"
+    config.write_text(json.dumps({"runtimes": {"qwen-runc": {"path": str(shim)}}, "default-runtime": "qwen-runc"}))
+    return config
+
+
+def ensure_docker(cache: Path) -> Docker:
+    """A reachable Docker daemon. Reuses a running one (whose runtime must then already cope with this
+    host's capabilities); otherwise installs Debian's packages if needed and starts dockerd."""
+    cache.mkdir(parents=True, exist_ok=True)
+    if not (shutil.which("dockerd") and Path(DEBIAN_DOCKER_CLI).exists()) and not shutil.which("docker"):
+        install_packages()
+    cli = docker_cli()
+    if daemon_answers(cli):
+        log("using the Docker daemon already running")
+        return Docker(cli)
+    if not shutil.which("dockerd"):
+        install_packages()
+    if not shutil.which("debootstrap"):
+        install_packages()
+    if os.geteuid() != 0:
+        raise KindSetupError("no Docker daemon is running and starting one needs root")
+    config = write_daemon_config(cache)
+    log_path = cache / "dockerd.log"
+    cmd = ["dockerd", "--pidfile", str(cache / "dockerd.pid")]
+    if config:
+        cmd += ["--config-file", str(config)]
+        log("this host cannot grant CAP_SYS_RESOURCE: dockerd runs containers through tools/qwen_kind/runc-shim")
+    proc = subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log_path.read_text().strip().splitlines()[-3:]
+            raise KindSetupError(f"dockerd exited with code {proc.returncode}: {' | '.join(tail)} (log: {log_path})")
+        if daemon_answers(cli):
+            log(f"started dockerd (pid {proc.pid}; log {log_path})")
+            return Docker(cli, started=proc, log_path=log_path)
+        time.sleep(0.5)
+    proc.terminate()
+    raise KindSetupError(f"dockerd did not answer within 60 s (log: {log_path})")
