@@ -6,8 +6,10 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+# The opt-in controllers the integration tests run both job APIs and Kueue on (Kubeflow Trainer v2, JobSet, Kueue).
+EXTRAS ?= jobset,trainer-v2,kueue
 
-.PHONY: test demo setup python controlplane unit integration crd manifests images push-images kind-e2e kind-up kind-down clean
+.PHONY: test demo setup python controlplane extras unit integration crd manifests images push-images kind-e2e kind-up kind-down clean
 
 setup: python controlplane
 
@@ -17,15 +19,18 @@ python:
 controlplane:
 	tools/build-controlplane.sh
 
-test: setup
-	QWEN_REQUIRE_CLUSTER=1 $(PY) -m pytest -ra $(PYTEST_ARGS) tests/unit tests/integration
+extras:
+	QWEN_CONTROLPLANE_EXTRAS=$(EXTRAS) tools/build-controlplane.sh
+
+test: setup extras
+	QWEN_REQUIRE_CLUSTER=1 QWEN_CONTROLPLANE_EXTRAS=$(EXTRAS) $(PY) -m pytest -ra $(PYTEST_ARGS) tests/unit tests/integration
 	QWEN_REQUIRE_CLUSTER=1 $(PY) -m pytest -ra $(PYTEST_ARGS) tests/kind
 
 unit: python
 	$(PY) -m pytest -ra $(PYTEST_ARGS) tests/unit
 
-integration: setup
-	QWEN_REQUIRE_CLUSTER=1 $(PY) -m pytest -ra $(PYTEST_ARGS) tests/integration
+integration: setup extras
+	QWEN_REQUIRE_CLUSTER=1 QWEN_CONTROLPLANE_EXTRAS=$(EXTRAS) $(PY) -m pytest -ra $(PYTEST_ARGS) tests/integration
 
 demo: setup
 	$(PY) tools/demo.py
