@@ -173,11 +173,10 @@ def kind_pipeline(work: Path) -> dict:
     from qwen_kind import cluster as kind_cluster
 
     banner("kind: images built here, a cluster of one control-plane node and two workers (real kubelets)")
-    cluster = kind_cluster.up("qwen-demo", workers=2, work=work / "kind")
+    cluster = kind_cluster.up("qwen-demo", workers=2, work=work / "kind", namespaces=(NAMESPACE,))
     try:
         say("REAL", "; ".join(f"{k} {v} s" for k, v in cluster.timings.items()))
         print(cluster.kubectl("get", "nodes", "-o", "wide").rstrip())
-        cluster.kubectl("create", "namespace", NAMESPACE)
         host = cluster.shared_volume(NAMESPACE, "qwen-tiny-data", "demo/data")
         demo_inputs.prepare_data(host.parent, say)
 

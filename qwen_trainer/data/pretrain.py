@@ -58,7 +58,8 @@ def check_prefixes(prefixes: list[str]) -> None:
     for i, p in enumerate(prefixes):
         missing = [ext for ext in (".bin", ".idx") if not os.path.isfile(p + ext)]
         if missing:
-            problems.append(f"data.pretrain.prefixes[{i}].path: {p}{' and '.join(missing)} does not exist")
+            files = " and ".join(f"{p}{suffix}" for suffix in missing)
+            problems.append(f"data.pretrain.prefixes[{i}].path: {files} {'does' if len(missing) == 1 else 'do'} not exist")
     if problems:
         from qwen_trainer.errors import UserErrors
 

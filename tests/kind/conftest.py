@@ -21,6 +21,9 @@ if str(ROOT / "tools") not in sys.path:
 from qwen_kind import cluster as kind_cluster  # noqa: E402
 from qwen_kind.errors import KindSetupError  # noqa: E402
 
+# Where the tests' resources live; the chart creates the trainer ServiceAccount there.
+NAMESPACE = "qwen-kind"
+
 
 def pytest_collection_modifyitems(config, items):
     here = Path(__file__).parent
@@ -40,7 +43,7 @@ def kind(tmp_path_factory):
         yield kind_cluster.attach("qwen-e2e", Path(attached))
         return
     try:
-        cluster = kind_cluster.up("qwen-e2e", workers=2, work=tmp_path_factory.mktemp("kind"))
+        cluster = kind_cluster.up("qwen-e2e", workers=2, work=tmp_path_factory.mktemp("kind"), namespaces=(NAMESPACE,))
     except KindSetupError as err:
         if _required():
             pytest.fail(f"the kind cluster could not be set up: {err}", pytrace=False)

@@ -24,7 +24,8 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import demo_inputs  # noqa: E402
 
-NAMESPACE = "qwen-kind"
+from .conftest import NAMESPACE  # noqa: E402
+
 CLAIM = "qwen-tiny-data"
 EXAMPLE = ROOT / "manifests" / "examples" / "cpu-pipeline.yaml"
 # Two pods of 1.5 CPUs cannot share a 2-CPU worker: the scheduler has to put them on two nodes.

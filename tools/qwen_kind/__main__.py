@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="qwen-e2e")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--work", type=Path, help="folder for the kubeconfig and the shared volume (up)")
+    parser.add_argument("--namespace", action="append", default=[],
+                        help="namespace to create with the trainer ServiceAccount (up; repeatable)")
     args = parser.parse_args(argv)
     try:
         if args.command == "images":
@@ -40,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 docker.stop()
         elif args.command == "up":
-            c = kind_cluster.up(args.name, args.workers, args.work)
+            c = kind_cluster.up(args.name, args.workers, args.work, tuple(args.namespace))
             print(f"KUBECONFIG={c.kubeconfig}")
             print(f"shared volume folder: {c.shared}")
             if c.docker.started is not None:

@@ -163,9 +163,14 @@ class KindCluster:
         self.kubectl("-n", "kubeflow", "rollout", "status", "deployment/training-operator", "--timeout=300s",
                      timeout=330)
 
-    def install_chart(self, helm: Path) -> None:
+    def install_chart(self, helm: Path, namespaces: tuple[str, ...] = ()) -> None:
+        """The chart as a user installs it; `namespaces` (created here) get the trainer ServiceAccount that
+        may report progress into the resources' status."""
+        for ns in namespaces:
+            self.kubectl("create", "namespace", ns, check=False)
+        trainer_ns = ["--set", f"trainer.serviceAccount.namespaces={{{','.join(namespaces)}}}"] if namespaces else []
         repo, tag = self.refs["operator"].rsplit(":", 1)
-        out = subprocess.run([str(helm), "upgrade", "--install", "qwen-training-operator", str(CHART),
+        out = subprocess.run([str(helm), "upgrade", "--install", "qwen-training-operator", str(CHART), *trainer_ns,
                               "--kubeconfig", str(self.kubeconfig), "--namespace", OPERATOR_NAMESPACE,
                               "--create-namespace", "--wait", "--timeout", "5m",
                               "--set", f"image.repository={repo}", "--set", f"image.tag={tag}",
@@ -211,9 +216,10 @@ def timed(timings: dict, key: str):
     return _T()
 
 
-def up(name: str = "qwen-e2e", workers: int = 2, work: Path | None = None) -> KindCluster:
-    """Everything from nothing: Docker, images, the cluster, the training-operator and the chart. On failure
-    everything started so far is stopped again."""
+def up(name: str = "qwen-e2e", workers: int = 2, work: Path | None = None,
+       namespaces: tuple[str, ...] = ()) -> KindCluster:
+    """Everything from nothing: Docker, images, the cluster, the training-operator and the chart (with the
+    trainer ServiceAccount in `namespaces`). On failure everything started so far is stopped again."""
     cache = cache_dir()
     check_disk(Path("/var/lib/docker") if Path("/var/lib/docker").exists() else cache)
     timings: dict[str, float] = {}
@@ -250,7 +256,7 @@ def up(name: str = "qwen-e2e", workers: int = 2, work: Path | None = None) -> Ki
                 cluster.load(refs[key], cluster.workers())
         with timed(timings, "training-operator and chart"):
             cluster.install_training_operator(bin_dir)
-            cluster.install_chart(bin_dir / "helm")
+            cluster.install_chart(bin_dir / "helm", namespaces)
         return cluster
     except BaseException:
         if os.environ.get("QWEN_KIND_KEEP_ON_FAILURE") == "1" and cluster is not None:
