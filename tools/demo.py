@@ -194,18 +194,23 @@ def kind_pipeline(work: Path) -> dict:
         nodes: dict[str, set[str]] = {}
 
         def done() -> bool:
-            row = cluster.kubectl("-n", NAMESPACE, "get", "qwentrainingjob", name, "-o", "wide", "--no-headers").strip()
-            if not seen or seen[-1] != row:
-                seen.append(row)
-                print(row, flush=True)
+            obj = json.loads(cluster.kubectl("-n", NAMESPACE, "get", "qwentrainingjob", name, "-o", "json"))
+            status = obj.get("status", {})
+            # A row when something but the clock changed (stage, phase, progress, message).
+            state = json.dumps([status.get("phase"), status.get("currentStep"), status.get("progress"),
+                                [(c.get("type"), c.get("status"), c.get("message")) for c in status.get("conditions", [])]])
+            if not seen or seen[-1] != state:
+                seen.append(state)
+                print(cluster.kubectl("-n", NAMESPACE, "get", "qwentrainingjob", name, "-o", "wide",
+                                      "--no-headers").strip(), flush=True)
             for pod in json.loads(cluster.kubectl("-n", NAMESPACE, "get", "pods", "-l",
                                                   f"training.qwen.dev/job={name}", "-o", "json"))["items"]:
                 if pod["spec"].get("nodeName"):
                     stage = pod["metadata"]["labels"].get("training.qwen.dev/stage", "?")
                     nodes.setdefault(stage, set()).add(pod["spec"]["nodeName"])
-            phase = cluster.kubectl("-n", NAMESPACE, "get", "qwentrainingjob", name, "-o", "jsonpath={.status.phase}")
+            phase = status.get("phase")
             if phase == "Failed":
-                raise RuntimeError(f"{name} failed: {row}")
+                raise RuntimeError(f"{name} failed: {status.get('conditions')}")
             return phase == "Succeeded"
 
         wait(done, 1800, f"{name} to succeed", interval=2)

@@ -139,9 +139,12 @@ class KindCluster:
         """`kind load` node by node, then drop the image's layer blobs on the node once unpacked, as
         containerd's CRI does for pulled images (discard_unpacked_layers): the trainer image would
         otherwise take twice its size on every node."""
-        for node in nodes:
-            self.kind_cmd("load", "docker-image", "--name", self.name, "--nodes", node, ref, timeout=1800)
-            self.node_exec(node, "sh", "-euc", DISCARD_LAYERS, "discard", ref)
+        with tempfile.TemporaryDirectory(prefix="image.", dir=self.shared.parent) as work:
+            archive = Path(work) / "image.tar"
+            self.docker.run("save", "-o", str(archive), ref, timeout=1800)  # once, not once per node
+            for node in nodes:
+                self.kind_cmd("load", "image-archive", "--name", self.name, "--nodes", node, str(archive), timeout=1800)
+                self.node_exec(node, "sh", "-euc", DISCARD_LAYERS, "discard", ref)
 
     def install_training_operator(self, bin_dir: Path) -> None:
         v = images.versions(bin_dir)
