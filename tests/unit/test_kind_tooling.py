@@ -101,3 +101,9 @@ def test_no_docker_and_no_way_to_install_it_is_one_line(monkeypatch):
     with pytest.raises(KindSetupError) as err:
         docker.install_packages()
     assert "Docker is not installed" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_stock_kind_config_keeps_kinds_own_networking_and_images(tmp_path):
+    cfg = cluster.kind_config(tmp_path, workers=2, stock=True)
+    assert "networking" not in cfg and "kubeadmConfigPatches" not in cfg
+    assert len(cfg["nodes"]) == 3 and all(n["extraMounts"] for n in cfg["nodes"])

@@ -52,20 +52,23 @@ def controlplane_bin_dir() -> Path:
     return Path(out.stdout.strip().splitlines()[-1])
 
 
-def kind_config(shared: Path, workers: int) -> dict:
+def kind_config(shared: Path, workers: int, stock: bool = False) -> dict:
+    """kind's cluster config. `stock`: kind's own node image (kindnetd, registry.k8s.io images); else the
+    node image built here (no default CNI, kubeadm's images under the local name)."""
     def mounts() -> list[dict]:
         return [{"hostPath": str(shared), "containerPath": SHARED_IN_NODE}]
 
-    return {
+    config = {
         "kind": "Cluster",
         "apiVersion": "kind.x-k8s.io/v1alpha4",
-        "networking": {"disableDefaultCNI": True, "kubeProxyMode": "nftables"},
         "nodes": [{"role": "control-plane", "extraMounts": mounts()}]
                  + [{"role": "worker", "extraMounts": mounts()} for _ in range(workers)],
-        # kubeadm takes every control-plane image from the local name the images were built under.
-        "kubeadmConfigPatches": [yaml.safe_dump({"kind": "ClusterConfiguration",
-                                                 "imageRepository": images.REPO})],
     }
+    if not stock:
+        config["networking"] = {"disableDefaultCNI": True, "kubeProxyMode": "nftables"}
+        # kubeadm takes every control-plane image from the local name the images were built under.
+        config["kubeadmConfigPatches"] = [yaml.safe_dump({"kind": "ClusterConfiguration", "imageRepository": images.REPO})]
+    return config
 
 
 def bridge_conflist(pod_cidr: str) -> str:
@@ -156,7 +159,7 @@ class KindCluster:
             rendered = self.kubectl("kustomize", str(Path(work) / "manifests" / "overlays" / "standalone"))
         docs = [d for d in yaml.safe_load_all(rendered) if d]
         for doc in docs:
-            if doc.get("kind") == "Deployment":
+            if doc.get("kind") == "Deployment" and "training-operator" in self.refs:  # built here, else upstream's
                 for c in doc["spec"]["template"]["spec"]["containers"]:
                     if c["image"].startswith(TFO_UPSTREAM_IMAGE):
                         c["image"] = self.refs["training-operator"]
@@ -222,7 +225,12 @@ def timed(timings: dict, key: str):
 def up(name: str = "qwen-e2e", workers: int = 2, work: Path | None = None,
        namespaces: tuple[str, ...] = ()) -> KindCluster:
     """Everything from nothing: Docker, images, the cluster, the training-operator and the chart (with the
-    trainer ServiceAccount in `namespaces`). On failure everything started so far is stopped again."""
+    trainer ServiceAccount in `namespaces`). On failure everything started so far is stopped again.
+
+    With QWEN_KIND_NODE_IMAGE set (e.g. a kindest/node image; needs a registry), kind's stock node image, its
+    default CNI and the upstream images are used and the project images build on their public bases;
+    otherwise everything is built here (no registry needed)."""
+    stock_node = os.environ.get("QWEN_KIND_NODE_IMAGE", "").strip()
     cache = cache_dir()
     check_disk(Path("/var/lib/docker") if Path("/var/lib/docker").exists() else cache)
     timings: dict[str, float] = {}
@@ -232,13 +240,16 @@ def up(name: str = "qwen-e2e", workers: int = 2, work: Path | None = None,
         with timed(timings, "Go-built binaries"):
             bin_dir = controlplane_bin_dir()
         with timed(timings, "component and node images"):
-            images.base_image(docker, cache)
-            images.python_base(docker)
-            refs = images.component_images(docker, bin_dir, cache)
-            node = images.node_image(docker, bin_dir, cache, refs)
-            refs["dns-wait"] = images.dns_wait_image(docker)
+            if stock_node:
+                refs, node = {}, stock_node
+            else:
+                images.base_image(docker, cache)
+                images.python_base(docker)
+                refs = images.component_images(docker, bin_dir, cache)
+                node = images.node_image(docker, bin_dir, cache, refs)
+                refs["dns-wait"] = images.dns_wait_image(docker)
         with timed(timings, "project images"):
-            refs.update(images.project_images(docker))
+            refs.update(images.project_images(docker, local_base=not stock_node))
         work = work or Path(tempfile.mkdtemp(prefix="qwen-kind."))
         shared = work / "shared"
         shared.mkdir(parents=True, exist_ok=True)
@@ -248,15 +259,17 @@ def up(name: str = "qwen-e2e", workers: int = 2, work: Path | None = None,
         subprocess.run([str(cluster.kind), "delete", "cluster", "--name", name], capture_output=True,
                        env={**os.environ, "PATH": f"{Path(docker.cli).parent}:{os.environ.get('PATH', '')}"})
         config = work / "kind.yaml"
-        config.write_text(yaml.safe_dump(kind_config(shared, workers)))
+        config.write_text(yaml.safe_dump(kind_config(shared, workers, stock=bool(stock_node))))
         with timed(timings, "kind create cluster"):
             cluster.kind_cmd("create", "cluster", "--name", name, "--image", node, "--config", str(config),
                              "--kubeconfig", str(kubeconfig), "--retain")
-            cluster.network()
+            if not stock_node:
+                cluster.network()
             cluster.wait_ready()
         with timed(timings, "kind load (images onto the workers)"):
             for key in ("training-operator", "dns-wait", "operator", "trainer-cpu"):
-                cluster.load(refs[key], cluster.workers())
+                if key in refs:
+                    cluster.load(refs[key], cluster.workers())
         with timed(timings, "training-operator and chart"):
             cluster.install_training_operator(bin_dir)
             cluster.install_chart(bin_dir / "helm", namespaces)

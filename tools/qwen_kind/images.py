@@ -226,10 +226,14 @@ def node_image(docker: Docker, bin_dir: Path, cache: Path, refs: dict[str, str])
     return tag
 
 
-def project_images(docker: Docker, tag: str = "kind") -> dict[str, str]:
-    """The operator and CPU trainer images through docker/Makefile, as `make images` builds them."""
+def project_images(docker: Docker, tag: str = "kind", local_base: bool = True) -> dict[str, str]:
+    """The operator and CPU trainer images through docker/Makefile, as `make images` builds them: on the
+    local Python base with torch from PyPI, or (`local_base=False`, a registry is reachable) on the
+    Dockerfiles' public bases with the CPU torch wheel."""
     refs = {"operator": f"{REPO}/operator:{tag}", "trainer-cpu": f"{REPO}/trainer-cpu:{tag}"}
-    build_args = f"--build-arg PYTHON_IMAGE={PYTHON_BASE} --build-arg TORCH_INDEX_URL= --label {LOCAL_LABEL}"
+    build_args = f"--label {LOCAL_LABEL}"
+    if local_base:
+        build_args += f" --build-arg PYTHON_IMAGE={PYTHON_BASE} --build-arg TORCH_INDEX_URL="
     if HOST_CA.exists():
         build_args += f" --secret id=ca,src={HOST_CA}"
     log("building the operator and trainer-cpu images (docker/Makefile)")
