@@ -37,15 +37,12 @@ def host_lacks_capabilities() -> bool:
     return not bounding & (1 << CAP_SYS_RESOURCE)
 
 
-def docker_cli() -> str:
+def docker_cli() -> str | None:
     if os.environ.get("QWEN_DOCKER"):
         return os.environ["QWEN_DOCKER"]
     if Path(DEBIAN_DOCKER_CLI).exists():
         return DEBIAN_DOCKER_CLI
-    found = shutil.which("docker")
-    if not found:
-        raise KindSetupError("docker is not installed (and could not be installed from Debian's packages)")
-    return found
+    return shutil.which("docker")
 
 
 def daemon_answers(cli: str) -> bool:
@@ -54,8 +51,8 @@ def daemon_answers(cli: str) -> bool:
 
 def install_packages() -> None:
     if os.geteuid() != 0 or not shutil.which("apt-get"):
-        raise KindSetupError("Docker is not installed and this is not a Debian machine run as root: install "
-                             "docker (and debootstrap) yourself, or run as root on Debian")
+        raise KindSetupError("no Docker daemon answers, and dockerd/debootstrap can only be installed here as root "
+                             "on Debian: start Docker (and install debootstrap), or run as root on Debian")
     log(f"installing Debian packages: {' '.join(DEBIAN_PACKAGES)}")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *DEBIAN_PACKAGES]):
@@ -124,16 +121,13 @@ def ensure_docker(cache: Path) -> Docker:
     """A reachable Docker daemon. Reuses a running one (whose runtime must then already cope with this
     host's capabilities); otherwise installs Debian's packages if needed and starts dockerd."""
     cache.mkdir(parents=True, exist_ok=True)
-    if not (shutil.which("dockerd") and Path(DEBIAN_DOCKER_CLI).exists()) and not shutil.which("docker"):
-        install_packages()
     cli = docker_cli()
-    if daemon_answers(cli):
+    if cli and daemon_answers(cli):
         log("using the Docker daemon already running")
         return Docker(cli)
-    if not shutil.which("dockerd"):
+    if not (shutil.which("dockerd") and shutil.which("debootstrap") and Path(DEBIAN_DOCKER_CLI).exists()):
         install_packages()
-    if not shutil.which("debootstrap"):
-        install_packages()
+        cli = docker_cli()
     if os.geteuid() != 0:
         raise KindSetupError("no Docker daemon is running and starting one needs root")
     config = write_daemon_config(cache)
