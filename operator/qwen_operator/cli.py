@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Iterator
@@ -162,12 +163,11 @@ def _camel(value):
     return value
 
 
-def cmd_dev_cluster(args) -> int:
-    try:
-        from qwen_devcluster.__main__ import main as devcluster_main
-    except ImportError:
-        raise UsageError("the development cluster harness (tools/qwen_devcluster) is not installed") from None
-    return devcluster_main([args.action, *args.rest])
+def dev_cluster_moved(rest: list[str]) -> int:
+    """The local control plane belongs to the development harness (tools/qwen_devcluster), not to qwenctl."""
+    print(f"qwenctl dev-cluster moved to the development harness: run {shlex.join(['qwen-devcluster', *rest])}",
+          file=sys.stderr)
+    return 2
 
 
 def cmd_run(args) -> int:
@@ -209,10 +209,9 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("-o", "--output", choices=["yaml", "json"], default="yaml")
     e.set_defaults(func=cmd_explain)
 
-    d = sub.add_parser("dev-cluster", help="start or stop the local control plane (etcd, apiserver, kwok, training-operator)")
-    d.add_argument("action", choices=["up", "down", "status"])
-    d.add_argument("rest", nargs=argparse.REMAINDER)
-    d.set_defaults(func=cmd_dev_cluster)
+    # Listed so that `qwenctl --help` says where it went; main() answers it before parsing its options.
+    d = sub.add_parser("dev-cluster", help="moved: the local control plane is `qwen-devcluster up|down|status`")
+    d.set_defaults(func=lambda args: dev_cluster_moved([]))
 
     run = sub.add_parser("run", help="run a resource's stage on this machine with the pod's own command")
     run.add_argument("file")
@@ -227,6 +226,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["dev-cluster"]:
+        return dev_cluster_moved(argv[1:])
     args = parser().parse_args(argv)
     try:
         return args.func(args)

@@ -54,7 +54,8 @@ side. No validating webhook is registered for PyTorchJobs (the apiserver could n
 kube-proxy, no real containers, and the node lifecycle controller is off (fake nodes never go
 NotReady).
 
-Use from the command line: ``python -m qwen_devcluster up|down|status --state-dir DIR``.
+Use from the command line: ``qwen-devcluster up|down|status --state-dir DIR`` (the console script
+the project installs; ``python -m qwen_devcluster`` is the same).
 """
 
 from .binaries import BinariesMissing, bin_dir, ensure_built, missing
@@ -85,7 +86,7 @@ __all__ = [
 
 
 def up(state_dir, *, build: bool = False, **kwargs) -> Cluster:
-    """Start a cluster that outlives this process (``qwenctl dev-cluster up`` calls this)."""
+    """Start a cluster that outlives this process (``qwen-devcluster up`` calls this)."""
     bins = ensure_built() if build else None
     return start_cluster(state_dir, bins, die_with_parent=False, **kwargs)
 

@@ -1,4 +1,7 @@
-"""``python -m qwen_devcluster up|down|status [--state-dir DIR]``."""
+"""qwen-devcluster: start, stop or inspect the local control plane for tests and the demo.
+
+``qwen-devcluster up|down|status [--state-dir DIR]`` (also ``python -m qwen_devcluster ...``).
+"""
 
 from __future__ import annotations
 
@@ -16,8 +19,8 @@ def default_state_dir() -> Path:
     return Path(cache) / "devcluster" / "default"
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m qwen_devcluster", description=__doc__)
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="qwen-devcluster", description=__doc__.splitlines()[0])
     ap.add_argument("command", choices=["up", "down", "status"])
     ap.add_argument("--state-dir", type=Path, default=default_state_dir(),
                     help="where the cluster keeps its data, logs and kubeconfig (default: %(default)s)")
@@ -29,8 +32,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="up: comma-separated opt-in controllers to start too: jobset, trainer-v2, kueue "
                          "(default: $QWEN_CONTROLPLANE_EXTRAS; build them with tools/build-controlplane.sh --with-extras)")
     ap.add_argument("--keep-logs", action="store_true", help="down: keep <state-dir>/logs")
-    args = ap.parse_args(argv)
+    return ap
 
+
+def run(args: argparse.Namespace) -> int:
     if args.command == "up":
         try:
             c = up(args.state_dir, build=args.build, gpu_nodes=args.nodes, gpus_per_node=args.gpus_per_node,
@@ -53,6 +58,20 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(json.dumps(st, indent=2))
     return 0 if all(c["alive"] for c in st["components"].values()) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as err:  # a bug, not a user error: say so briefly
+        if os.environ.get("QWEN_DEVCLUSTER_DEBUG"):
+            raise
+        print(f"qwen-devcluster: internal error: {type(err).__name__}: {err} "
+              "(set QWEN_DEVCLUSTER_DEBUG=1 for a traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
