@@ -12,7 +12,6 @@ RUN python -m venv /opt/venv
 COPY pyproject.toml README.md ./
 COPY qwen_trainer qwen_trainer
 COPY operator operator
-COPY tools/qwen_devcluster tools/qwen_devcluster
 RUN --mount=type=cache,target=/root/.cache/pip --mount=type=secret,id=ca \
     if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
  && /opt/venv/bin/pip install ".[operator]" \

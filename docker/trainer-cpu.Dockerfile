@@ -29,7 +29,6 @@ RUN --mount=type=cache,target=/root/.cache/pip --mount=type=secret,id=ca \
 COPY pyproject.toml README.md ./
 COPY qwen_trainer qwen_trainer
 COPY operator operator
-COPY tools/qwen_devcluster tools/qwen_devcluster
 RUN --mount=type=cache,target=/root/.cache/pip --mount=type=secret,id=ca \
     if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
  && pip install ".[trainer]" \

@@ -59,7 +59,6 @@ RUN PIP_CONSTRAINT=/tmp/constraint.txt pip install --no-cache-dir --no-deps --no
 # 5. This project, without dependencies: they are all in place, and torch must stay the base image's.
 COPY qwen_trainer qwen_trainer
 COPY operator operator
-COPY tools/qwen_devcluster tools/qwen_devcluster
 RUN pip install --no-cache-dir --no-deps . \
  && python -c "import megatron.core, transformers, qwen_trainer.spec; print('megatron-core', megatron.core.__version__)" \
  && rm -rf /tmp/requirements.txt /tmp/constraint.txt
