@@ -22,8 +22,9 @@ kubernetes = pytest.importorskip("kubernetes")
 from kubernetes import client as k  # noqa: E402
 from kubernetes.client.exceptions import ApiException  # noqa: E402
 
+from tests.integration.conftest import TRAINJOB_EXTRAS, need_extras  # noqa: E402
 from tests.integration.operator_support import (  # noqa: E402
-    EXAMPLES, Jobs, OperatorProcess, ensure_pvcs, example, wait_for,
+    CHILD_APIS, EXAMPLES, Jobs, OperatorProcess, ensure_pvcs, example, wait_for,
 )
 from tests.unit.test_chart import CHART, HELM, require_helm  # noqa: E402
 
@@ -100,7 +101,22 @@ SCOPES = {
     "namespace": {"watch.scope": "namespace"},
     # whole cluster with two replicas: ClusterRole, scanning, ClusterKopfPeering
     "cluster-ha": {"watch.scope": "cluster", "replicas": "2"},
+    # one namespace, Kubeflow Trainer v2: the chart's ClusterTrainingRuntime, TrainJob RBAC (Trainer v2 + JobSet)
+    "namespace-trainjob": {"watch.scope": "namespace", "jobApi": "trainjob"},
 }
+
+
+def hold_runtime_pods(kube_client, runtime: str) -> None:
+    """kwok completes every pod a batch Job owns at once; the chart runtime's pods are held Running instead
+    (`qwen.test/outcome: run`), as the trainjob tests' runtimes are, so the lifecycle below has a Running phase."""
+    co = k.CustomObjectsApi(kube_client)
+    rt = co.get_cluster_custom_object("trainer.kubeflow.org", "v1alpha1", "clustertrainingruntimes", runtime)
+    jobs = rt["spec"]["template"]["spec"]["replicatedJobs"]
+    for job in jobs:
+        pod = job["template"]["spec"]["template"]
+        pod.setdefault("metadata", {}).setdefault("annotations", {})["qwen.test/outcome"] = "run"
+    co.patch_cluster_custom_object("trainer.kubeflow.org", "v1alpha1", "clustertrainingruntimes", runtime,
+                                   {"spec": {"template": {"spec": {"replicatedJobs": jobs}}}})
 
 
 @pytest.fixture(params=sorted(SCOPES))
@@ -108,10 +124,14 @@ def release(request, cluster, kube_client, namespace, tmp_path):
     if not HELM:
         require_helm()
     scope = request.param
+    job_api = SCOPES[scope].get("jobApi", "pytorchjob")
+    if job_api == "trainjob":
+        need_extras(cluster, *TRAINJOB_EXTRAS)
     sets = [f"{key}={value}" for key, value in SCOPES[scope].items()]
     name = f"{RELEASE}-{scope}"
-    # Unique cluster-scoped names per install (ClusterRole, ClusterKopfPeering), so installs never collide.
-    sets += [f"fullnameOverride={SA}-{namespace}"]
+    # Unique cluster-scoped names per install (ClusterRole, ClusterKopfPeering, ClusterTrainingRuntime), so installs
+    # never collide.
+    sets += [f"fullnameOverride={SA}-{namespace}", f"trainJob.runtime.name=qwen-torch-{namespace}"]
     args = ["install", name, str(CHART), "--namespace", namespace,
             "--set", "image.repository=registry.invalid/qwen-k8s/operator",
             # kwok finishes the `helm test` pod as Succeeded (tools/qwen_devcluster's outcome annotation).
@@ -120,8 +140,10 @@ def release(request, cluster, kube_client, namespace, tmp_path):
         args += ["--set", s]
     run_helm(cluster, tmp_path, *args)
     manifest = run_helm(cluster, tmp_path, "get", "manifest", name, "--namespace", namespace).stdout
+    if job_api == "trainjob":
+        hold_runtime_pods(kube_client, f"qwen-torch-{namespace}")
     info = {"scope": scope, "name": name, "namespace": namespace, "sa": f"{SA}-{namespace}",
-            "manifest": manifest, "tmp": tmp_path}
+            "manifest": manifest, "tmp": tmp_path, "job_api": job_api}
     try:
         yield info
     finally:
@@ -153,7 +175,7 @@ def test_chart_install_rbac_is_sufficient_and_minimal(cluster, kube_client, rele
     sa_kubeconfig = token_kubeconfig(cluster, kube_client, ns, release["sa"], tmp_path / "operator.kubeconfig")
     chart_args = [a for a in deployment_args(release["manifest"])
                   if not a.startswith(("--liveness=", "--metrics-port="))]
-    if release["scope"] == "namespace":
+    if release["scope"].startswith("namespace"):
         assert f"--namespace={ns}" in chart_args and "--standalone" in chart_args
     else:
         assert "--all-namespaces" in chart_args and any(a.startswith("--peering=") for a in chart_args)
@@ -162,7 +184,7 @@ def test_chart_install_rbac_is_sufficient_and_minimal(cluster, kube_client, rele
     sa_api = k.ApiClient()
     try:
         op.start().wait_ready(90)
-        if release["scope"] != "namespace":
+        if not release["scope"].startswith("namespace"):
             # The keep-alive went through: the replica wrote itself into the chart's ClusterKopfPeering.
             peering = next(a.split("=", 1)[1] for a in chart_args if a.startswith("--peering="))
             wait_for(lambda: (k.CustomObjectsApi(kube_client).get_cluster_custom_object(
@@ -170,16 +192,20 @@ def test_chart_install_rbac_is_sufficient_and_minimal(cluster, kube_client, rele
                 what="peering keep-alive in the ClusterKopfPeering status")
 
         # ---- a full job lifecycle on the tiny CPU example
-        jobs = Jobs(kube_client, ns)
+        job_api = release["job_api"]
+        child_api = CHILD_APIS[job_api]
+        if job_api == "trainjob":
+            assert "--job-api=trainjob" in chart_args and f"--trainjob-runtime=qwen-torch-{ns}" in chart_args
+        jobs = Jobs(kube_client, ns, job_api)
         doc = example(EXAMPLES / "cpu-pretrain.yaml", ns)
         doc["spec"]["serviceAccountName"] = TRAINER_SA
         name = doc["metadata"]["name"]
         ensure_pvcs(kube_client, ns, {v["claimName"] for v in doc["spec"].get("volumes", [])})
         jobs.create(doc)
-        pj = wait_for(lambda: jobs.pytorchjob(name), 60, what="PyTorchJob created by the operator")
-        assert pj["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["serviceAccountName"] == TRAINER_SA
+        wait_for(lambda: jobs.child(name), 60, what=f"{child_api.kind} created by the operator")
         wait_for(lambda: jobs.pods(name) and all(p.status.phase == "Running" for p in jobs.pods(name)), 60,
                  what="trainer pods Running")
+        assert all(p.spec.service_account_name == TRAINER_SA for p in jobs.pods(name))
         jobs.wait_phase(name, "Running", 60)
 
         # The trainer's ServiceAccount may report progress into the status, and nothing else.
@@ -210,13 +236,22 @@ def test_chart_install_rbac_is_sufficient_and_minimal(cluster, kube_client, rele
 
         # ---- what the operator's ServiceAccount may and may not do
         sa_api = kubernetes.config.new_client_from_config(config_file=str(sa_kubeconfig))
-        allowed = [("create", "pytorchjobs", "kubeflow.org", None), ("patch", "pytorchjobs", "kubeflow.org", None),
-                   ("watch", "pytorchjobs", "kubeflow.org", None), ("create", "configmaps", "", None),
+        child, group_ = child_api.plural, child_api.group
+        other = CHILD_APIS["trainjob" if job_api == "pytorchjob" else "pytorchjob"]
+        allowed = [("create", child, group_, None), ("patch", child, group_, None),
+                   ("watch", child, group_, None), ("create", "configmaps", "", None),
                    ("create", "events", "", None), ("patch", "qwentrainingjobs", "training.qwen.dev", "status"),
-                   ("list", "qwentrainingjobs", "training.qwen.dev", None)]
+                   ("list", "qwentrainingjobs", "training.qwen.dev", None),
+                   ("watch", "workloads", "kueue.x-k8s.io", None)]
+        if job_api == "trainjob":
+            allowed.append(("get", "jobsets", "jobset.x-k8s.io", None))
         for verb, resource, group, sub in allowed:
             assert can_i(sa_api, verb, resource, ns, group, sub), (verb, resource, sub)
-        refused = [("delete", "pytorchjobs", "kubeflow.org"), ("update", "pytorchjobs", "kubeflow.org"),
+        refused = [("delete", child, group_), ("update", child, group_),
+                   ("create", other.plural, other.group), ("list", other.plural, other.group),
+                   ("create", "jobsets", "jobset.x-k8s.io"), ("delete", "workloads", "kueue.x-k8s.io"),
+                   ("patch", "workloads", "kueue.x-k8s.io"),
+                   ("create", "clustertrainingruntimes", "trainer.kubeflow.org"),
                    ("delete", "configmaps", ""), ("patch", "configmaps", ""), ("list", "configmaps", ""),
                    ("create", "qwentrainingjobs", "training.qwen.dev"),
                    ("delete", "qwentrainingjobs", "training.qwen.dev"),
@@ -227,8 +262,8 @@ def test_chart_install_rbac_is_sufficient_and_minimal(cluster, kube_client, rele
             assert not can_i(sa_api, verb, resource, ns, group), (verb, resource)
         assert not can_i(sa_api, "delete", "nodes", None)
         assert not can_i(sa_api, "create", "customresourcedefinitions", None, "apiextensions.k8s.io")
-        if release["scope"] == "namespace":
-            assert not can_i(sa_api, "list", "pytorchjobs", other_namespace, "kubeflow.org")
+        if release["scope"].startswith("namespace"):
+            assert not can_i(sa_api, "list", child, other_namespace, group_)
             assert not can_i(sa_api, "list", "qwentrainingjobs", None, "training.qwen.dev")  # cluster-wide
             assert not can_i(sa_api, "list", "customresourcedefinitions", None, "apiextensions.k8s.io")
         else:
@@ -248,9 +283,9 @@ def test_chart_install_rbac_is_sufficient_and_minimal(cluster, kube_client, rele
                 "metadata": {"labels": {"a": "b"}}, "spec": {"containers": [{"name": "c", "image": "x"}]}}}}))
         assert forbidden(lambda: k.CustomObjectsApi(sa_api).delete_namespaced_custom_object(
             "training.qwen.dev", "v1alpha1", ns, "qwentrainingjobs", name))
-        if release["scope"] == "namespace":
+        if release["scope"].startswith("namespace"):
             assert forbidden(lambda: k.CustomObjectsApi(sa_api).list_namespaced_custom_object(
-                "kubeflow.org", "v1", other_namespace, "pytorchjobs"))
+                group_, child_api.version, other_namespace, child))
     finally:
         op.stop()
         sa_api.close()
