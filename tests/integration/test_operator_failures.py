@@ -74,12 +74,13 @@ def test_restarts_are_counted_with_restarting_true_meanwhile(cluster, operator, 
     wait_for(lambda: [p for p in jobs.pods("flaky") if p.status.phase == "Running"
                       and p.metadata.uid != first[0].metadata.uid], 90, what="replacement pod Running")
     def restarted():
+        # A TrainJob's phase follows its JobSet, which reports the new pods a moment after they run.
         r = jobs.get("flaky")
         restarting = next(c for c in r["status"]["conditions"] if c["type"] == "Restarting")
-        return r["status"].get("restarts") == 1 and restarting["status"] == "False" and r
+        return (r["status"].get("restarts") == 1 and restarting["status"] == "False"
+                and r["status"]["phase"] == "Running" and r)
 
-    done = wait_for(restarted, 60, what="restart counted, Restarting False again")
-    assert done["status"]["phase"] == "Running"
+    done = wait_for(restarted, 60, what="restart counted, Restarting False again, Running")
     replica = jobs.child_api.replica
     assert done["status"]["replicas"][replica]["restarts"] == 1
     assert done["status"]["replicas"][replica]["failed"] >= 1

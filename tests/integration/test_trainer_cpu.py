@@ -194,7 +194,7 @@ def test_missing_data_is_a_user_error(data, tmp_path):
     spec["data"]["pretrain"]["prefixes"] = [{"path": str(tmp_path / "nope")}]
     proc = torchrun(write_spec(tmp_path / "job.yaml", spec), nproc=1)
     assert proc.returncode != 0
-    assert f"{tmp_path / 'nope'}.bin and .idx does not exist" in proc.stderr
+    assert f"{tmp_path / 'nope'}.bin and {tmp_path / 'nope'}.idx do not exist" in proc.stderr
     assert f'File "{REPO / "qwen_trainer"}' not in proc.stderr
 
 
