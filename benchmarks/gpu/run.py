@@ -202,6 +202,8 @@ def main(argv=None) -> int:
     if args.report_only:
         return report(out, names, cases, args, ngpu, device_name())
     not_run = [f"{c.name} (needs {c.gpus} GPUs, {ngpu} visible)" for c in cases if c.gpus > ngpu]
+    if not_run:
+        log("not run here: " + ", ".join(not_run))
     single = [c for c in cases if c.gpus == 1 and ngpu >= 1]
     multi = [c for c in cases if 1 < c.gpus <= ngpu]
     # one-GPU cases: one lane per card, each case (baseline + variants) stays on its card
