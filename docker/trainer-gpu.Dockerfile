@@ -50,11 +50,19 @@ RUN python -c "import flash_attn; print('flash-attn', flash_attn.__version__, '(
 
 # 4. MegaBlocks. Its metadata asks for torch<2.7.1 and packaging<24.2 (megatron-core wants >=24.2), so it is
 #    installed without dependency resolution, against the base image's torch, with its dependencies pinned
-#    here: stanford-stk (block-sparse kernels on triton, which the base image has) and grouped_gemm.
-RUN PIP_CONSTRAINT=/tmp/constraint.txt pip install --no-cache-dir --no-deps --no-build-isolation \
+#    here: stanford-stk (block-sparse kernels on triton, which the base image has) and grouped_gemm. PyPI has
+#    only their sources, and megablocks' CUDA code needs a one-line fix for CUDA 13's CUB: the wheels are
+#    built by the same script that builds them on a GPU machine (tools/build-megablocks-wheels.sh).
+COPY tools/build-megablocks-wheels.sh /tmp/build-megablocks-wheels.sh
+RUN pip download --no-cache-dir --no-deps --no-binary=:all: -d /tmp/mb-src \
         "stanford-stk==${STANFORD_STK_VERSION}" \
         "grouped_gemm==${GROUPED_GEMM_VERSION}" \
-        "megablocks==${MEGABLOCKS_VERSION}"
+        "megablocks==${MEGABLOCKS_VERSION}" \
+ && TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST}" MAX_JOBS="${MAX_JOBS}" \
+    bash /tmp/build-megablocks-wheels.sh /tmp/mb-src /tmp/mb-wheels \
+ && pip install --no-cache-dir --no-deps /tmp/mb-wheels/*.whl \
+ && python -c "import megablocks, grouped_gemm, stk; print('megablocks', megablocks.__version__)" \
+ && rm -rf /tmp/mb-src /tmp/mb-wheels /tmp/build-megablocks-wheels.sh
 
 # 5. This project, without dependencies: they are all in place, and torch must stay the base image's.
 COPY qwen_trainer qwen_trainer

@@ -6,6 +6,8 @@
 # pins (--no-deps) against the torch already in the image. The wheels are built once per (torch, CUDA, GPU arch)
 # and carried to machines without internet.
 #
+# docker/trainer-gpu.Dockerfile runs it too (with TORCH_CUDA_ARCH_LIST set, as a build has no GPU).
+#
 # Usage: tools/build-megablocks-wheels.sh SDIST_DIR OUT_DIR
 #   SDIST_DIR holds megablocks-0.10.0.tar.gz, grouped_gemm-0.3.0.tar.gz, stanford_stk-0.7.1.tar.gz
 #   (fetch them with: pip download --no-deps --no-binary=:all: --no-build-isolation ..., or from files.pythonhosted.org)
@@ -20,8 +22,11 @@ command -v nvcc >/dev/null || [[ -x "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ]] 
   || { echo "build-megablocks-wheels: nvcc not found (set CUDA_HOME)" >&2; exit 1; }
 export PATH="${CUDA_HOME:-/usr/local/cuda}/bin:$PATH"
 
-arch="$("$PY" -c 'import torch; m, n = torch.cuda.get_device_capability(); print(f"{m}.{n}")')"
-export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$arch}"
+# The GPU's own architecture, unless TORCH_CUDA_ARCH_LIST names them (an image build has no GPU).
+if [[ -z "${TORCH_CUDA_ARCH_LIST:-}" ]]; then
+  TORCH_CUDA_ARCH_LIST="$("$PY" -c 'import torch; m, n = torch.cuda.get_device_capability(); print(f"{m}.{n}")')"
+fi
+export TORCH_CUDA_ARCH_LIST
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 echo "build-megablocks-wheels: torch $("$PY" -c 'import torch; print(torch.__version__)'), arch $TORCH_CUDA_ARCH_LIST, $MAX_JOBS jobs"
 
