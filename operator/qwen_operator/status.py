@@ -394,10 +394,16 @@ def will_restart(failure: dict[str, Any], run_policy: dict[str, Any]) -> bool:
     return True
 
 
+BACKOFF_MESSAGE = "reached the specified backoff limit"  # the training-operator's Failed message on that path
+
+
 def describe_failure(failure: dict[str, Any], run_policy: dict[str, Any], namespace: str, runs: int = 1) -> str:
     """One paragraph: which pod failed, how, the trainer's own error, and how to get the logs. `runs`: the failed
-    runs so far, this one included (the training-operator deletes every pod of a job whose failures exceed
-    runPolicy.backoffLimit, whatever cleanPodPolicy says)."""
+    runs so far, this one included. The training-operator (v1.9.3) deletes every pod of a job it fails for
+    reaching runPolicy.backoffLimit, whatever cleanPodPolicy says, but fails a job of Never replicas either that way
+    or through the replica's status (keeping the pods), whichever its reconcile sees first: `run_policy`'s
+    `podsDeleted`, when known (from the child's Failed message), says which; unknown, a failure past the limit
+    says the pod may go."""
     code = failure.get("exitCode")
     how = f"exited with code {code} ({failure.get('reason')})" if code is not None else f"failed ({failure.get('reason')})"
     text = f"{failure.get('replica')} replica pod {failure.get('pod')} {how}"
@@ -407,19 +413,23 @@ def describe_failure(failure: dict[str, Any], run_policy: dict[str, Any], namesp
         text += ": out of memory (raise spec.resources.memory, or lower training.microBatchSize)"
     text = text.rstrip(".") + "."
     pod = failure.get("pod")
+    logs = f"kubectl logs -n {namespace} {pod} -c {failure.get('container') or _CONTAINER}"
+    keep = ("spec.runPolicy {restartPolicy: Never, backoffLimit: 1 or more, cleanPodPolicy: None} or ship logs off "
+            "the pod.")
     limit = run_policy.get("backoffLimit")
     backoff = limit is not None and runs > int(limit)
-    deleted = will_restart(failure, run_policy) or run_policy.get("cleanPodPolicy") == "All" or backoff
-    if backoff and not will_restart(failure, run_policy):
-        text += (f" The pod is deleted: the job reached spec.runPolicy.backoffLimit ({limit}); its last lines are the "
-                 "message above. For full logs, keep failed pods with spec.runPolicy {restartPolicy: Never, "
-                 "backoffLimit: 1 or more, cleanPodPolicy: None} or ship logs off the pod.")
-    elif deleted:
+    deleted = run_policy.get("podsDeleted")
+    if will_restart(failure, run_policy) or run_policy.get("cleanPodPolicy") == "All":
         text += (" The pod is deleted when it is replaced or cleaned up: its last lines are the message above;"
-                 " for full logs, keep failed pods with spec.runPolicy {restartPolicy: Never, backoffLimit: 1 or more,"
-                 " cleanPodPolicy: None} or ship logs off the pod.")
+                 " for full logs, keep failed pods with " + keep)
+    elif deleted is True:
+        text += (f" The pod is deleted: the job reached spec.runPolicy.backoffLimit ({limit}); its last lines are the "
+                 "message above. For full logs, keep failed pods with " + keep)
+    elif deleted is None and backoff:
+        text += (f" The job reached spec.runPolicy.backoffLimit ({limit}), and the training-operator may delete its "
+                 f"pods: logs while the pod exists: {logs}; for full logs, keep failed pods with " + keep)
     else:
-        text += f" Logs: kubectl logs -n {namespace} {pod} -c {failure.get('container') or _CONTAINER}"
+        text += f" Logs: {logs}"
     return text
 
 
@@ -427,6 +437,8 @@ def _failed_message(child_message: str, failure: Optional[dict[str, Any]], run_p
                     namespace: str, runs: int = 1) -> str:
     if not failure:
         return child_message
+    if "backoffLimit" in run_policy:  # a PyTorchJob's: its Failed message says whether the pods were deleted
+        run_policy = {**run_policy, "podsDeleted": BACKOFF_MESSAGE in child_message}
     detail = describe_failure(failure, run_policy, namespace, runs)
     return f"{detail} ({child_message.strip()})" if child_message else detail
 

@@ -39,10 +39,14 @@ def test_failed_pod_is_named_with_exit_code_reason_and_message(cluster, operator
         # A JobSet out of restarts keeps its failed pods: the logs are there.
         assert f"kubectl logs -n {namespace} {pod_name} -c {container}" in msg
         assert [p.metadata.name for p in jobs.pods("oom")] == [pod_name]
-    else:
-        # The training-operator deletes the pods of a job past its backoffLimit, cleanPodPolicy None or not.
+    elif "reached the specified backoff limit" in msg:
+        # The training-operator failed the job for its backoffLimit and deletes its pods, cleanPodPolicy None or not.
         assert "The pod is deleted: the job reached spec.runPolicy.backoffLimit (0)" in msg and "kubectl logs" not in msg
         wait_for(lambda: not jobs.pods("oom"), 30, what="the failed pod deleted by the training-operator")
+    else:
+        # ... or through the Master replica's failure (whichever its reconcile saw first), keeping the pod.
+        assert "Master replica(s) failed" in msg and f"Logs: kubectl logs -n {namespace} {pod_name} -c pytorch" in msg
+        assert [p.metadata.name for p in jobs.pods("oom")] == [pod_name]
     assert jobs.condition("oom", "Succeeded")["message"] == msg
     status = jobs.get("oom")["status"]
     assert status["replicas"][replica]["failed"] == 1 and status["replicas"][replica]["active"] == 0

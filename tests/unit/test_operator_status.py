@@ -232,17 +232,26 @@ def test_failed_condition_names_pod_exit_code_reason_and_message():
     assert failed["replicas"]["Master"] == {"active": 0, "succeeded": 0, "failed": 1, "restarts": 0}
 
 
-def test_a_job_past_its_backoff_limit_loses_its_pods_and_says_so():
-    """The training-operator (v1.9.3) deletes every pod of a job whose failures exceed runPolicy.backoffLimit,
-    whatever cleanPodPolicy says: with backoffLimit 0 the first failed pod is gone when the job is Failed."""
+def test_a_job_past_its_backoff_limit_says_whether_its_pods_went():
+    """The training-operator (v1.9.3) fails a job of Never replicas with backoffLimit 0 either for the backoff limit
+    (deleting every pod, whatever cleanPodPolicy says) or through the replica's status (keeping it); both were seen
+    on the dev cluster. Its Failed message tells which."""
+    policy = {"restartPolicy": "Never", "cleanPodPolicy": "None", "backoffLimit": 0}
     f = st.pod_failure(pod(message="boom"))
-    gone = st.describe_failure(f, {"restartPolicy": "Never", "cleanPodPolicy": "None", "backoffLimit": 0}, "ns")
-    assert "kubectl logs" not in gone and "reached spec.runPolicy.backoffLimit (0)" in gone
-    assert "backoffLimit: 1 or more" in gone
-    kept = st.describe_failure(f, {"restartPolicy": "Never", "cleanPodPolicy": "None", "backoffLimit": 1}, "ns")
-    assert kept.endswith("Logs: kubectl logs -n ns j-master-0 -c pytorch")
-    assert "kubectl logs" not in st.describe_failure(
-        f, {"restartPolicy": "Never", "cleanPodPolicy": "None", "backoffLimit": 1}, "ns", runs=2)
+    early = st.describe_failure(f, policy, "ns")  # the pod's watch, before the job's verdict
+    assert "may delete its pods" in early and "kubectl logs -n ns j-master-0 -c pytorch" in early
+    running = st.from_child({"conditions": RUNNING, "replicaStatuses": {"Master": {"active": 1}}}, None, 1, T1)
+    seen = st.observe_pod_failure(running, f, policy, "ns", 1, T1)
+    by_backoff = FAILED[:2] + [{**FAILED[2], "message": "Job j has failed because it has reached the specified backoff limit"}]
+    gone = conds(st.from_child({"conditions": by_backoff}, seen, 1, T2, run_policy=policy, namespace="ns"))
+    assert "The pod is deleted: the job reached spec.runPolicy.backoffLimit (0)" in gone["Failed"]["message"]
+    assert "kubectl logs" not in gone["Failed"]["message"] and "backoffLimit: 1 or more" in gone["Failed"]["message"]
+    by_status = FAILED[:2] + [{**FAILED[2], "message": "PyTorchJob j is failed because 1 Master replica(s) failed."}]
+    kept = conds(st.from_child({"conditions": by_status}, seen, 1, T2, run_policy=policy, namespace="ns"))
+    assert "Logs: kubectl logs -n ns j-master-0 -c pytorch (PyTorchJob j is failed" in kept["Failed"]["message"]
+    # Within the limit nothing is deleted.
+    assert st.describe_failure(f, {**policy, "backoffLimit": 1}, "ns").endswith(
+        "Logs: kubectl logs -n ns j-master-0 -c pytorch")
 
 
 def test_pod_failure_after_the_childs_failed_still_names_the_pod():
