@@ -162,11 +162,12 @@ def simulated_lifecycle(work: Path) -> dict:
 
 def docker_usable() -> bool:
     """Docker can be used here: running, or installable/startable by us (root on Debian)."""
-    import shutil as _shutil
+    from qwen_kind.docker import daemon_answers, docker_cli
 
-    if _shutil.which("docker") and subprocess.run(["docker", "info"], capture_output=True).returncode == 0:
+    cli = docker_cli()
+    if cli and daemon_answers(cli):
         return True
-    return os.geteuid() == 0 and bool(_shutil.which("dockerd") or _shutil.which("apt-get"))
+    return os.geteuid() == 0 and bool(shutil.which("dockerd") or shutil.which("apt-get"))
 
 
 def kind_pipeline(work: Path) -> dict:
