@@ -80,12 +80,15 @@ def need(c, *extras: str) -> None:
         pytest.skip(f"extra controller(s) not built: {', '.join(gone)} (tools/build-controlplane.sh --only ...)")
 
 
-def pod_template(gpus: int = 0) -> dict[str, Any]:
+def pod_template(gpus: int = 0, hold: bool = False) -> dict[str, Any]:
+    """A pod kwok runs; ``hold`` keeps it Running (kwok's stock stage would complete a Job's pod at once) until
+    the test sets its outcome."""
     res = {"requests": {"cpu": "1", "memory": "1Gi"}}
     if gpus:
         res["limits"] = {"nvidia.com/gpu": str(gpus)}
         res["requests"]["nvidia.com/gpu"] = str(gpus)
-    return {"spec": {"restartPolicy": "Never",
+    meta = {"annotations": {qwen_devcluster.cluster.OUTCOME_ANNOTATION: "hold"}} if hold else {}
+    return {"metadata": meta, "spec": {"restartPolicy": "Never",
                      "containers": [{"name": "c", "image": "registry.invalid/x:1", "resources": res}]}}
 
 
@@ -174,7 +177,8 @@ def test_kueue_admits_within_quota_and_queues_the_rest(xcluster, xclient, ns):
             batch.create_namespaced_job(ns, {
                 "apiVersion": "batch/v1", "kind": "Job",
                 "metadata": {"name": name, "labels": {"kueue.x-k8s.io/queue-name": "lq"}},
-                "spec": {"parallelism": 1, "completions": 1, "backoffLimit": 0, "template": pod_template(gpus=8)}})
+                "spec": {"parallelism": 1, "completions": 1, "backoffLimit": 0,
+                         "template": pod_template(gpus=8, hold=True)}})
             if name == "first":
                 # Kueue's webhook created it suspended; admission (quota reserved) unsuspends it.
                 wait_for("the first Job to be admitted", lambda: batch.read_namespaced_job(name, ns).spec.suspend is False)
@@ -190,6 +194,11 @@ def test_kueue_admits_within_quota_and_queues_the_rest(xcluster, xclient, ns):
         cond = wait_for("the second Job's Workload to wait for quota", pending_workload)
         assert "nvidia.com/gpu" in cond.get("message", ""), cond
         assert batch.read_namespaced_job("second", ns).spec.suspend is True
+        # The first finishes: its quota goes to the second.
+        wait_for("the first Job's pod Running", lambda: [p for p in k.CoreV1Api(xclient).list_namespaced_pod(
+            ns, label_selector="job-name=first").items if p.status.phase == "Running"])
+        xcluster.set_pod_outcome(ns, "job-name=first", "succeed")
+        wait_for("the second Job to be admitted", lambda: batch.read_namespaced_job("second", ns).spec.suspend is False)
     finally:
         for name in ("first", "second"):
             try:

@@ -42,7 +42,9 @@ def test_failed_pod_is_named_with_exit_code_reason_and_message(cluster, operator
     elif "reached the specified backoff limit" in msg:
         # The training-operator failed the job for its backoffLimit and deletes its pods, cleanPodPolicy None or not.
         assert "The pod is deleted: the job reached spec.runPolicy.backoffLimit (0)" in msg and "kubectl logs" not in msg
-        wait_for(lambda: not jobs.pods("oom"), 30, what="the failed pod deleted by the training-operator")
+        # By UID: a reconcile that raced its own status update may start a fresh pod under the same name.
+        wait_for(lambda: pod.metadata.uid not in {p.metadata.uid for p in jobs.pods("oom")}, 30,
+                 what="the failed pod deleted by the training-operator")
     else:
         # ... or through the Master replica's failure (whichever its reconcile saw first), keeping the pod.
         assert "Master replica(s) failed" in msg and f"Logs: kubectl logs -n {namespace} {pod_name} -c pytorch" in msg
