@@ -2,7 +2,8 @@
 tests (CEL and schema checks in a real API server).
 
 Each case starts from a valid base resource, applies a patch, and names the field the error must mention.
-`server` says whether the CRD alone (schema or CEL) must reject it at `kubectl apply` time.
+`server` says whether the CRD alone (schema or CEL) must reject it at `kubectl apply` time; `numbers`, what its
+message must say with the spec's own values.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class Case:
     patch: Callable[[dict], None]
     path: str
     server: bool
+    numbers: tuple[str, ...] = ()  # fragments of the API server's message that carry the spec's values
 
     def resource(self) -> dict:
         doc = copy.deepcopy(load_example(self.base))
@@ -78,15 +80,22 @@ CASES: tuple[Case, ...] = (
     Case("tp-vocab", DENSE, _set("model.architecture", {"vocabSize": 151937}), "spec.parallelism.tensor", False),
     Case("gqa-groups", DENSE, _set("model.architecture", {"numQueryGroups": 3}), "spec.model.architecture.numQueryGroups", False),
     Case("pp-layers", DENSE, _all(_set("parallelism.pipeline", 3), _set("parallelism.tensor", 1), _set("parallelism.sequenceParallel", False), _set("resources.gpusPerNode", 6), _set("training.globalBatchSize", 32)), "spec.parallelism.pipeline", False),
-    Case("first-stage-pp1", DENSE, _set("parallelism.firstStageLayers", 4), "spec.parallelism.firstStageLayers", True),
-    Case("vpp-pp1", DENSE, _set("parallelism.virtualPipelineLayers", 2), "spec.parallelism.virtualPipelineLayers", True),
-    Case("experts-ep", MOE, _all(_set("parallelism.expert", 3), _set("resources.gpusPerNode", 6), _set("training.globalBatchSize", 6)), "spec.parallelism.expert", True),
+    Case("first-stage-pp1", DENSE, _set("parallelism.firstStageLayers", 4), "spec.parallelism.firstStageLayers", True,
+         ("pipeline parallel size > 1, not 1",)),
+    Case("vpp-pp1", DENSE, _set("parallelism.virtualPipelineLayers", 2), "spec.parallelism.virtualPipelineLayers", True,
+         ("pipeline parallel size > 1, not 1",)),
+    Case("experts-ep", MOE, _all(_set("parallelism.expert", 3), _set("resources.gpusPerNode", 6), _set("training.globalBatchSize", 6)), "spec.parallelism.expert", True,
+         ("expert parallel size 3 must divide the 8 experts",)),
     Case("dense-ep", DENSE, _set("parallelism.expert", 2), "spec.parallelism.expert", False),
-    Case("topk", MOE, _set("model.moe.topK", 9), "spec.model.moe.topK", True),
-    Case("world-mp", DENSE, _set("resources.gpusPerNode", 3), "spec.resources.gpusPerNode", True),
-    Case("world-expert", MOE, _all(_set("resources.gpusPerNode", 4), _set("training.globalBatchSize", 8)), "spec.parallelism.expert", True),
-    Case("gbs-dp", DENSE, _set("training.globalBatchSize", 6), "spec.training.globalBatchSize", True),
-    Case("sp-tp1", MOE, _set("parallelism.sequenceParallel", True), "spec.parallelism.sequenceParallel", True),
+    Case("topk", MOE, _set("model.moe.topK", 9), "spec.model.moe.topK", True, ("topK 9 must not exceed the 8 experts",)),
+    Case("world-mp", DENSE, _set("resources.gpusPerNode", 3), "spec.resources.gpusPerNode", True,
+         ("3 processes are not a multiple of tensor 2 x pipeline 1 x context 1",)),
+    Case("world-expert", MOE, _all(_set("resources.gpusPerNode", 4), _set("training.globalBatchSize", 8)), "spec.parallelism.expert", True,
+         ("4 processes are not a multiple of pipeline 1 x expert 8 x expertTensor 1",)),
+    Case("gbs-dp", DENSE, _set("training.globalBatchSize", 6), "spec.training.globalBatchSize", True,
+         ("global batch size 6 is not a multiple of micro batch", "data parallel size 4")),
+    Case("sp-tp1", MOE, _set("parallelism.sequenceParallel", True), "spec.parallelism.sequenceParallel", True,
+         ("tensor parallel size > 1, not 1",)),
     Case("megablocks-do", MOE, _set("parallelism.distributedOptimizer", True), "spec.parallelism.distributedOptimizer", True),
     Case("megablocks-te", MOE, _set("training.transformerEngine", True), "spec.training.transformerEngine", True),
     Case("megablocks-dense", MOE, _del("model.moe"), "spec.model.moe.numExperts", False),
@@ -101,10 +110,12 @@ CASES: tuple[Case, ...] = (
     Case("two-lengths", DENSE, _set("training.trainIters", 100), "spec.training", True),
     Case("warmup-basis", DENSE, _set("training.warmupIters", 10), "spec.training", True),
     Case("too-short", DENSE, _set("training.trainTokens", 1000), "spec.training", False),
-    Case("min-lr", DENSE, _set("training.minLr", 1.0), "spec.training.minLr", True),
-    Case("packing-mbs", SFT, _all(_set("data.sft.packing", True), _set("training.microBatchSize", 2), _set("training.globalBatchSize", 64)), "spec.data.sft.packing", True),
+    Case("min-lr", DENSE, _set("training.minLr", 1.0), "spec.training.minLr", True, ("minLr 1", "must not exceed lr")),
+    Case("packing-mbs", SFT, _all(_set("data.sft.packing", True), _set("training.microBatchSize", 2), _set("training.globalBatchSize", 64)), "spec.data.sft.packing", True,
+         ("context parallel size 1, not 2 and 1",)),
     Case("recompute-layers", DENSE, _set("training.activationCheckpointing", {"mode": "full", "layers": 5}), "spec.training.activationCheckpointing.layers", False),
-    Case("cp-seq", DENSE, _all(_set("parallelism.context", 2), _set("training.seqLength", 4098)), "spec.training.seqLength", True),
+    Case("cp-seq", DENSE, _all(_set("parallelism.context", 2), _set("training.seqLength", 4098)), "spec.training.seqLength", True,
+         ("seqLength 4098 is not a multiple of 2 x context parallel size 2",)),
     Case("pretrain-data", DENSE, _del("data.pretrain"), "spec.data.pretrain", True),
     Case("pretrain-length", DENSE, _all(_del("training.trainTokens"), _del("training.warmupTokens")), "spec.training.trainTokens", True),
     Case("finetune-data", SFT, _del("data.sft"), "spec.data.sft", True),

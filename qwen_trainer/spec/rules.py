@@ -46,6 +46,10 @@ class Rule:
     cel: Optional[str] = None
     needs_world: bool = False
     needs_gpus: bool = False
+    # The API server's message with the numbers: a CEL format string (``%s`` for each value) and the CEL
+    # expressions of its values. Format, not ``+`` with ``string()``: the API server's cost estimate treats a
+    # converted number as unbounded text and refuses the concatenation.
+    cel_message: Optional[tuple[str, tuple[str, ...]]] = None
 
 
 def _describe(ctx: Context) -> str:
@@ -315,28 +319,41 @@ RULES: tuple[Rule, ...] = (
         "firstStageLayers needs pipeline parallel size > 1",
         _first_stage_needs_pp,
         f"!has({S}.parallelism.firstStageLayers) || {S}.parallelism.pipeline > 1",
+        cel_message=("firstStageLayers needs pipeline parallel size > 1, not %s", (f"{S}.parallelism.pipeline",)),
     ),
     Rule("parallelism.virtualPipelineLayers", "virtual pipeline needs pipeline > 1 and must divide the stage's layers", _vpp,
-         f"!has({S}.parallelism.virtualPipelineLayers) || {S}.parallelism.pipeline > 1"),
+         f"!has({S}.parallelism.virtualPipelineLayers) || {S}.parallelism.pipeline > 1",
+         cel_message=("virtualPipelineLayers needs pipeline parallel size > 1, not %s", (f"{S}.parallelism.pipeline",))),
     Rule("parallelism.expert", "expert parallel size must divide the experts", _experts_divisible,
-         f"!has({S}.model.moe) || !has({S}.model.moe.numExperts) || {S}.model.moe.numExperts % {S}.parallelism.expert == 0"),
+         f"!has({S}.model.moe) || !has({S}.model.moe.numExperts) || {S}.model.moe.numExperts % {S}.parallelism.expert == 0",
+         cel_message=("expert parallel size %s must divide the %s experts",
+                      (f"{S}.parallelism.expert", f"{S}.model.moe.numExperts"))),
     Rule("model.moe.topK", "topK must not exceed the number of experts", _topk,
-         f"!has({S}.model.moe) || !has({S}.model.moe.numExperts) || !has({S}.model.moe.topK) || {S}.model.moe.topK <= {S}.model.moe.numExperts"),
+         f"!has({S}.model.moe) || !has({S}.model.moe.numExperts) || !has({S}.model.moe.topK) || {S}.model.moe.topK <= {S}.model.moe.numExperts",
+         cel_message=("topK %s must not exceed the %s experts", (f"{S}.model.moe.topK", f"{S}.model.moe.numExperts"))),
     Rule("resources.gpusPerNode", "GPUs must be a multiple of tensor x pipeline x context", _world_model_parallel,
-         f"({{world}}) % ({S}.parallelism.tensor * {S}.parallelism.pipeline * {S}.parallelism.context) == 0", needs_world=True),
+         f"({{world}}) % ({S}.parallelism.tensor * {S}.parallelism.pipeline * {S}.parallelism.context) == 0", needs_world=True,
+         cel_message=("%s processes are not a multiple of tensor %s x pipeline %s x context %s",
+                      ("{world}", f"{S}.parallelism.tensor", f"{S}.parallelism.pipeline", f"{S}.parallelism.context"))),
     Rule("parallelism.expert", "GPUs must be a multiple of pipeline x expert x expertTensor", _world_expert,
-         f"({{world}}) % ({S}.parallelism.pipeline * {S}.parallelism.expert * {S}.parallelism.expertTensor) == 0", needs_world=True),
+         f"({{world}}) % ({S}.parallelism.pipeline * {S}.parallelism.expert * {S}.parallelism.expertTensor) == 0", needs_world=True,
+         cel_message=("%s processes are not a multiple of pipeline %s x expert %s x expertTensor %s",
+                      ("{world}", f"{S}.parallelism.pipeline", f"{S}.parallelism.expert", f"{S}.parallelism.expertTensor"))),
     Rule("training.globalBatchSize", "global batch size must be a multiple of micro batch x data parallel size", _global_batch,
          f"({{world}}) % ({S}.parallelism.tensor * {S}.parallelism.pipeline * {S}.parallelism.context) != 0 || "
          f"{S}.training.globalBatchSize % ({S}.training.microBatchSize * (({{world}}) / ({S}.parallelism.tensor * {S}.parallelism.pipeline * {S}.parallelism.context))) == 0",
-         needs_world=True),
+         needs_world=True,
+         cel_message=("global batch size %s is not a multiple of micro batch %s x data parallel size %s",
+                      (f"{S}.training.globalBatchSize", f"{S}.training.microBatchSize",
+                       f"({{world}}) / ({S}.parallelism.tensor * {S}.parallelism.pipeline * {S}.parallelism.context)"))),
     Rule("resources.gpusPerNode", "training on CPU (gpusPerNode 0) cannot use Transformer Engine, flash attention or fp8",
          _gpu_features,
          f"!has({S}.stage) || !({S}.stage in {list(TRAINING_STAGES)}) || ({{gpus}}) > 0 || "
          f"(!{S}.training.transformerEngine && {S}.training.precision != 'fp8' && "
          f"(!has({S}.training.flashAttention) || !{S}.training.flashAttention))", needs_gpus=True),
     Rule("parallelism.sequenceParallel", "sequence parallelism needs tensor parallel size > 1", _sequence_parallel,
-         f"!{S}.parallelism.sequenceParallel || {S}.parallelism.tensor > 1"),
+         f"!{S}.parallelism.sequenceParallel || {S}.parallelism.tensor > 1",
+         cel_message=("sequence parallelism needs tensor parallel size > 1, not %s", (f"{S}.parallelism.tensor",))),
     Rule("parallelism.distributedOptimizer", "megablocks does not support the distributed optimizer", _megablocks_dist_opt,
          f"{S}.model.backend != 'megablocks' || !{S}.parallelism.distributedOptimizer"),
     Rule("training.transformerEngine", "megablocks does not support Transformer Engine", _megablocks_te,
@@ -355,12 +372,17 @@ RULES: tuple[Rule, ...] = (
     Rule("training", "warmupTokens goes with trainTokens, warmupIters with trainIters or epochs", _warmup_basis,
          f"(!has({S}.training.warmupTokens) || has({S}.training.trainTokens)) && (!has({S}.training.warmupIters) || !has({S}.training.trainTokens))"),
     Rule("training", "training must last at least one step beyond warmup", _train_tokens_enough),
-    Rule("training.minLr", "minLr must not exceed lr", _min_lr, f"{S}.training.minLr <= {S}.training.lr"),
+    Rule("training.minLr", "minLr must not exceed lr", _min_lr, f"{S}.training.minLr <= {S}.training.lr",
+         cel_message=("minLr %s must not exceed lr %s", (f"{S}.training.minLr", f"{S}.training.lr"))),
     Rule("data.sft.packing", "SFT packing needs microBatchSize 1 and context parallel size 1", _packing,
-         f"!has({S}.data.sft) || !{S}.data.sft.packing || ({S}.training.microBatchSize == 1 && {S}.parallelism.context == 1)"),
+         f"!has({S}.data.sft) || !{S}.data.sft.packing || ({S}.training.microBatchSize == 1 && {S}.parallelism.context == 1)",
+         cel_message=("SFT packing needs microBatchSize 1 and context parallel size 1, not %s and %s",
+                      (f"{S}.training.microBatchSize", f"{S}.parallelism.context"))),
     Rule("training.activationCheckpointing.layers", "recompute layers must divide the layers per stage", _recompute_layers),
     Rule("training.seqLength", "seqLength must be a multiple of 2 x context parallel size", _context_seq,
-         f"{S}.parallelism.context == 1 || {S}.training.seqLength % (2 * {S}.parallelism.context) == 0"),
+         f"{S}.parallelism.context == 1 || {S}.training.seqLength % (2 * {S}.parallelism.context) == 0",
+         cel_message=("seqLength %s is not a multiple of 2 x context parallel size %s",
+                      (f"{S}.training.seqLength", f"{S}.parallelism.context"))),
     Rule("data.pretrain", "the pretrain stage needs data.pretrain", _stage_needs("pretrain", "data.pretrain", lambda s: s.data.pretrain is not None),
          f"{S}.stage != 'pretrain' || has({S}.data.pretrain)"),
     Rule("data.sft", "the finetune stage needs data.sft", _stage_needs("finetune", "data.sft", lambda s: s.data.sft is not None),
@@ -409,15 +431,20 @@ def check_rules(spec: JobSpec, world_size: Optional[int] = None,
 def cel_rules(world_expression: str, gpus_expression: str = "self.resources.gpusPerNode") -> list[dict]:
     """The CEL-expressible rules as x-kubernetes-validations entries for the object holding the job spec."""
     out = []
+    def fill(expression: str) -> str:
+        return expression.replace("{world}", world_expression).replace("{gpus}", gpus_expression)
+
     for rule in RULES:
         if rule.cel is None:
             continue
-        out.append(
-            {
-                "rule": rule.cel.replace("{world}", world_expression).replace("{gpus}", gpus_expression),
-                "message": f"{rule.path}: {rule.summary}",
-                "fieldPath": "." + rule.path,
-                "reason": "FieldValueInvalid",
-            }
-        )
+        entry = {
+            "rule": fill(rule.cel),
+            "message": f"{rule.path}: {rule.summary}",
+            "fieldPath": "." + rule.path,
+            "reason": "FieldValueInvalid",
+        }
+        if rule.cel_message is not None:
+            text, values = rule.cel_message
+            entry["messageExpression"] = f"'{rule.path}: {text}'.format([{', '.join(fill(v) for v in values)}])"
+        out.append(entry)
     return out
