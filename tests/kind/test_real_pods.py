@@ -77,6 +77,21 @@ def base_resource(kind, name: str) -> dict:
     return doc
 
 
+def single_stage(kind, name: str, stage: str, *, drop: tuple[str, ...] = (), training: dict | None = None,
+                 **fields) -> dict:
+    """The example as one stage: its pipeline (and ``drop``) removed, ``training`` merged into the example's,
+    ``fields`` set on the spec."""
+    doc = base_resource(kind, name)
+    spec = doc["spec"]
+    for key in ("pipeline", *drop):
+        spec.pop(key, None)
+    spec["stage"] = stage
+    if training is not None:
+        spec["training"] = {**spec.get("training", {}), **training}
+    spec.update(fields)
+    return doc
+
+
 def pods_of(kind, name: str) -> list[dict]:
     return json.loads(kind.kubectl("-n", NAMESPACE, "get", "pods", "-l", f"training.qwen.dev/job={name}",
                                    "-o", "json"))["items"]
@@ -155,13 +170,8 @@ def test_pipeline_runs_on_two_nodes_and_exports_a_loadable_model(kind, data, pip
 
 
 def test_a_deleted_pod_resumes_from_the_last_checkpoint(kind, data, pipeline):
-    doc = base_resource(kind, "resume")
-    spec = doc["spec"]
-    spec.pop("pipeline")
-    spec["stage"] = "pretrain"
-    spec["training"] = {**spec["training"], **PRETRAIN}
-    spec["checkpoint"] = {"source": {"path": "/data/pipeline/mcore"}, "output": {"path": "/data/resume/pretrain"}}
-    apply(kind, doc)
+    apply(kind, single_stage(kind, "resume", "pretrain", training=PRETRAIN, checkpoint={
+        "source": {"path": "/data/pipeline/mcore"}, "output": {"path": "/data/resume/pretrain"}}))
     save = PRETRAIN["saveInterval"]
 
     def past_the_save(obj) -> bool:
@@ -194,16 +204,11 @@ def test_a_deleted_pod_resumes_from_the_last_checkpoint(kind, data, pipeline):
 
 
 def test_pods_that_fail_for_good_say_why(kind, data):
-    doc = base_resource(kind, "broken")
-    spec = doc["spec"]
-    spec.pop("pipeline")
-    spec["stage"] = "pretrain"
-    spec["training"] = {**spec["training"], **PRETRAIN}
-    spec["data"] = {"pretrain": {"prefixes": [{"path": "/data/no/such/corpus"}]}}
-    spec["checkpoint"] = {"source": {"path": "/data/pipeline/mcore"}, "output": {"path": "/data/broken/out"}}
-    spec["resources"] = dict(ONE_POD)
-    spec["runPolicy"] = {"restartPolicy": "Never", "backoffLimit": 0}
-    apply(kind, doc)
+    apply(kind, single_stage(
+        kind, "broken", "pretrain", training=PRETRAIN,
+        data={"pretrain": {"prefixes": [{"path": "/data/no/such/corpus"}]}},
+        checkpoint={"source": {"path": "/data/pipeline/mcore"}, "output": {"path": "/data/broken/out"}},
+        resources=dict(ONE_POD), runPolicy={"restartPolicy": "Never", "backoffLimit": 0}))
     final = wait_for(kind, "broken", {"Failed", "Succeeded"}, 600)
     assert final["status"]["phase"] == "Failed", diagnose(kind, "broken")
     failed = next(c for c in final["status"]["conditions"] if c["type"] == "Failed")
@@ -216,26 +221,19 @@ def test_pods_that_fail_for_good_say_why(kind, data):
 
 
 def test_sft_and_evaluate_stages_in_pods(kind, data, pipeline):
-    sft = base_resource(kind, "sft")
-    spec = sft["spec"]
-    spec.pop("pipeline")
-    spec["stage"] = "finetune"
-    spec["training"] = {**spec["training"], "globalBatchSize": 4, "padLength": 64, "trainIters": 10, "warmupIters": 2,
-                        "saveInterval": 10, "logInterval": 5, "lr": 1.0e-3, "minLr": 1.0e-4}
-    spec["data"] = {"sft": {"trainPath": "/data/sft/train.json"}}
-    spec["checkpoint"] = {"source": {"path": "/data/pipeline/pretrain"}, "output": {"path": "/data/sft/out"}}
-    spec["resources"] = dict(ONE_POD)
-
-    evaluate = base_resource(kind, "evaluate")
-    espec = evaluate["spec"]
-    for key in ("pipeline", "training", "parallelism"):
-        espec.pop(key, None)
-    espec["stage"] = "evaluate"
-    espec["training"] = {"seqLength": 64}
-    espec["evaluate"] = {"tasks": ["perplexity"], "batchSize": 4, "limit": 16}
-    espec["data"] = {"pretrain": {"prefixes": [{"path": "/data/corpus/tiny_text_document"}], "split": "80,20,0"}}
-    espec["checkpoint"] = {"source": {"path": "/data/pipeline/hf", "format": "hf"}, "output": {"path": "/data/eval"}}
-    espec["resources"] = dict(ONE_POD)
+    sft = single_stage(
+        kind, "sft", "finetune",
+        training={"globalBatchSize": 4, "padLength": 64, "trainIters": 10, "warmupIters": 2, "saveInterval": 10,
+                  "logInterval": 5, "lr": 1.0e-3, "minLr": 1.0e-4},
+        data={"sft": {"trainPath": "/data/sft/train.json"}},
+        checkpoint={"source": {"path": "/data/pipeline/pretrain"}, "output": {"path": "/data/sft/out"}},
+        resources=dict(ONE_POD))
+    evaluate = single_stage(
+        kind, "evaluate", "evaluate", drop=("training", "parallelism"), training={"seqLength": 64},
+        evaluate={"tasks": ["perplexity"], "batchSize": 4, "limit": 16},
+        data={"pretrain": {"prefixes": [{"path": "/data/corpus/tiny_text_document"}], "split": "80,20,0"}},
+        checkpoint={"source": {"path": "/data/pipeline/hf", "format": "hf"}, "output": {"path": "/data/eval"}},
+        resources=dict(ONE_POD))
 
     apply(kind, sft)
     assert wait_for(kind, "sft", {"Succeeded", "Failed"}, 900)["status"]["phase"] == "Succeeded", diagnose(kind, "sft")
