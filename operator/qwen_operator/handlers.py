@@ -653,6 +653,8 @@ def workload_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, logge
     if owner is None:
         return
     name, uid = owner
+    by_uid = st.preemptor_job_uid(workload)
+    by = kube.owner_of_child_uid(ref["kind"], ns, by_uid) if by_uid else None
     with observe("workload-status"):
         seen: list[Optional[dict[str, Any]]] = []
 
@@ -667,7 +669,8 @@ def workload_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, logge
                                                  any(r.get("pytorchJob") == child for r in status["stages"])):
                 return None
             seen[:] = [st.get_condition(status, st.QUEUED)]
-            return st.from_workload(status, workload, res["metadata"].get("generation"), now())
+            return st.from_workload(status, workload, res["metadata"].get("generation"), now(),
+                                    preemptor=by[0] if by else None)
 
         written = kube.update_status(ns, name, on_workload)
         if written is None:
@@ -678,8 +681,8 @@ def workload_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, logge
         if new.get("status") == "False" and old.get("status") == "True":
             kopf.event(target, type="Normal", reason=st.ADMITTED, message=new.get("message", "")[:1024])
         elif new.get("status") == "True" and new.get("reason") != old.get("reason"):
-            if new.get("reason") == st.INADMISSIBLE:
-                kopf.warn(target, reason=st.INADMISSIBLE, message=new.get("message", "")[:1024])
+            if new.get("reason") in (st.INADMISSIBLE, st.PREEMPTED):
+                kopf.warn(target, reason=new["reason"], message=new.get("message", "")[:1024])
             elif new.get("reason") in (st.WAITING_FOR_QUOTA, st.EVICTED):
                 kopf.event(target, type="Normal", reason=st.QUEUED, message=new.get("message", "")[:1024])
 

@@ -165,6 +165,24 @@ class Kube:
                 return self.owners[uid]
         return None
 
+    def owner_of_child_uid(self, kind: str, namespace: str, uid: str) -> Optional[tuple[str, str]]:
+        """(name, uid) of the QwenTrainingJob controlling the child job `kind` whose UID is `uid` in `namespace`
+        (a list of that namespace's children where the UID is not cached), or None."""
+        if uid in self.owners:
+            return self.owners[uid]
+        group, version, plural = CHILD_RESOURCES[kind]
+        try:
+            listed = self.custom.list_namespaced_custom_object(group, version, namespace, plural)
+        except ApiException as e:
+            if e.status in (403, 404):
+                return None
+            raise
+        for child in listed.get("items") or []:
+            meta = child.get("metadata") or {}
+            if meta.get("uid") == uid:
+                return self.owner_of_child(kind, namespace, meta.get("name", ""), uid)
+        return None
+
     # ------------------------------------------------------------------------------------------ writes
 
     def create(self, obj: dict[str, Any]) -> dict[str, Any]:

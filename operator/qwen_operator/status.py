@@ -16,7 +16,8 @@ Condition types:
   `SpecChangeIgnored`, `NameConflict` or `ChildDeleted`).
 * `Queued` (only for a child with a Kueue queue): True while Kueue holds the child back, with the reason and message
   of its Workload (`WaitingForQuota`: "insufficient unused quota for nvidia.com/gpu ..."), False once admitted; also
-  True with `KueueNotInstalled` when a queue is named and the cluster does not serve Kueue's API.
+  True with `KueueNotInstalled` when a queue is named and the cluster does not serve Kueue's API, and True with
+  `Preempted` while Kueue has evicted it for a higher-priority workload (until it is admitted again).
 
 Terminal states stay terminal: once `phase` is Succeeded, Failed or Invalid, child updates no longer change
 the conditions or the phase (the training-operator behaves the same way for Failed).
@@ -25,6 +26,7 @@ the conditions or the phase (the training-operator behaves the same way for Fail
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any, Iterable, Optional
 
 MIRRORED = ("Created", "Running", "Restarting", "Suspended", "Failed")
@@ -618,7 +620,10 @@ def from_trainjob(trainjob: dict[str, Any], previous: Optional[dict[str, Any]], 
 # reason `Pending` and a message such as "couldn't assign flavors to pod set master: insufficient unused quota
 # for nvidia.com/gpu in flavor default, 8 more needed", or `Inadmissible` ("LocalQueue lq doesn't exist");
 # `Admitted` True once it may run; `Evicted` True (reasons Preempted, PodsReadyTimeout, ...) when Kueue took
-# the quota back and suspended the child again; `Finished` True at the end.
+# the quota back and suspended the child again; `Finished` True at the end. A preempted Workload carries
+# `Evicted` (reason Preempted) and `Preempted` (reason InClusterQueue, InCohortReclamation, ...) True, both with
+# "Preempted to accommodate a workload (UID: <its Workload>, JobUID: <its job>) due to prioritization in the
+# ClusterQueue; ..."; both go False when quota is reserved again.
 
 WORKLOAD_GROUP = "kueue.x-k8s.io"
 WORKLOAD_VERSION = "v1beta2"
@@ -629,6 +634,7 @@ WAITING_FOR_QUOTA = "WaitingForQuota"
 INADMISSIBLE = "Inadmissible"
 WAITING_FOR_CHECKS = "WaitingForAdmissionChecks"
 EVICTED = "Evicted"
+PREEMPTED = "Preempted"
 ADMITTED = "Admitted"
 KUEUE_NOT_INSTALLED = "KueueNotInstalled"
 
@@ -641,8 +647,22 @@ def workload_owner(workload: dict[str, Any]) -> Optional[dict[str, Any]]:
     return None
 
 
-def workload_queued(workload: dict[str, Any], queue: str = "") -> tuple[str, str, str]:
-    """(status, reason, message) of the `Queued` condition for a child's Workload."""
+_JOB_UID = re.compile(r"JobUID: ([0-9a-fA-F-]{8,})")
+
+
+def preemptor_job_uid(workload: dict[str, Any]) -> Optional[str]:
+    """The UID of the job whose Workload preempted this one (from Kueue's eviction message), or None."""
+    conds = _by_type((workload.get("status") or {}).get("conditions"))
+    for type_ in ("Preempted", "Evicted"):
+        c = conds.get(type_)
+        if _true(c) and (found := _JOB_UID.search(c.get("message") or "")):
+            return found.group(1)
+    return None
+
+
+def workload_queued(workload: dict[str, Any], queue: str = "", preemptor: Optional[str] = None) -> tuple[str, str, str]:
+    """(status, reason, message) of the `Queued` condition for a child's Workload. `preemptor`: the name of the
+    QwenTrainingJob whose child preempted it, where known."""
     meta = workload.get("metadata") or {}
     status = workload.get("status") or {}
     conds = _by_type(status.get("conditions"))
@@ -652,7 +672,17 @@ def workload_queued(workload: dict[str, Any], queue: str = "") -> tuple[str, str
     cq = ((status.get("admission") or {}).get("clusterQueue")) or ""
     reserved, admitted = conds.get("QuotaReserved"), conds.get("Admitted")
     evicted, finished = conds.get("Evicted"), conds.get("Finished")
-    if _true(finished) or _true(admitted):
+    if _true(finished):
+        return "False", ADMITTED, f"admitted by ClusterQueue {cq} (Kueue workload {name})" if cq else \
+            f"admitted by Kueue (workload {name})"
+    preempted = conds.get("Preempted")
+    if _true(evicted) and (evicted.get("reason") == "Preempted" or _true(preempted)):
+        # Evicted stays True until quota is reserved again: the reason holds while the job waits.
+        why = (evicted.get("message") or (preempted or {}).get("message") or "").strip()
+        by = f" to admit QwenTrainingJob {preemptor}" if preemptor else ""
+        return "True", PREEMPTED, f"Kueue preempted workload {name}{by}: {why or 'preempted'}; the job is " \
+                                  f"suspended and waits in {where} to be admitted again"
+    if _true(admitted):
         return "False", ADMITTED, f"admitted by ClusterQueue {cq} (Kueue workload {name})" if cq else \
             f"admitted by Kueue (workload {name})"
     if _true(evicted) and not _true(reserved):
@@ -708,9 +738,9 @@ def queued(previous: Optional[dict[str, Any]], queued_: tuple[str, str, str], ge
 
 
 def from_workload(previous: Optional[dict[str, Any]], workload: dict[str, Any], generation: Optional[int],
-                  now: str) -> Optional[dict[str, Any]]:
+                  now: str, preemptor: Optional[str] = None) -> Optional[dict[str, Any]]:
     """The resource's status after observing its current child's Kueue Workload (None: nothing changes)."""
-    return queued(previous, workload_queued(workload), generation, now)
+    return queued(previous, workload_queued(workload, preemptor=preemptor), generation, now)
 
 
 # ------------------------------------------------------------------------------- child not created

@@ -20,24 +20,25 @@ G, V = "kueue.x-k8s.io", "v1beta2"
 GPUS = {"nodes": 1, "gpusPerNode": 8, "processesPerNode": 8}
 
 
-@pytest.fixture
-def local_queue(cluster, kube_client, namespace):
-    """A ResourceFlavor, a ClusterQueue of 8 GPUs (cpu and memory to spare) and a LocalQueue `lq` in the test's
-    namespace; the cluster-scoped ones are removed afterwards."""
+def _make_queue(cluster, kube_client, namespace, preemption=None):
+    """A ResourceFlavor, a ClusterQueue of 8 GPUs (cpu and memory to spare, `preemption` as given) and a LocalQueue
+    `lq` in the test's namespace; yields the ClusterQueue's name and removes the cluster-scoped ones afterwards."""
     need_extras(cluster, "kueue")
     co = k.CustomObjectsApi(kube_client)
     suffix = uuid.uuid4().hex[:6]
     flavor, cq = f"default-{suffix}", f"gpus-{suffix}"
     co.create_cluster_custom_object(G, V, "resourceflavors", {
         "apiVersion": f"{G}/{V}", "kind": "ResourceFlavor", "metadata": {"name": flavor}})
+    spec = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
+            "resourceGroups": [{"coveredResources": ["cpu", "memory", "nvidia.com/gpu"],
+                                "flavors": [{"name": flavor, "resources": [
+                                    {"name": "cpu", "nominalQuota": "64"},
+                                    {"name": "memory", "nominalQuota": "256Gi"},
+                                    {"name": "nvidia.com/gpu", "nominalQuota": "8"}]}]}]}
+    if preemption:
+        spec["preemption"] = preemption
     co.create_cluster_custom_object(G, V, "clusterqueues", {
-        "apiVersion": f"{G}/{V}", "kind": "ClusterQueue", "metadata": {"name": cq},
-        "spec": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
-                 "resourceGroups": [{"coveredResources": ["cpu", "memory", "nvidia.com/gpu"],
-                                     "flavors": [{"name": flavor, "resources": [
-                                         {"name": "cpu", "nominalQuota": "64"},
-                                         {"name": "memory", "nominalQuota": "256Gi"},
-                                         {"name": "nvidia.com/gpu", "nominalQuota": "8"}]}]}]}})
+        "apiVersion": f"{G}/{V}", "kind": "ClusterQueue", "metadata": {"name": cq}, "spec": spec})
     co.create_namespaced_custom_object(G, V, namespace, "localqueues", {
         "apiVersion": f"{G}/{V}", "kind": "LocalQueue", "metadata": {"name": "lq"}, "spec": {"clusterQueue": cq}})
     wait_for(lambda: any(c["type"] == "Active" and c["status"] == "True" for c in
@@ -47,6 +48,37 @@ def local_queue(cluster, kube_client, namespace):
     for plural, name in (("clusterqueues", cq), ("resourceflavors", flavor)):
         try:
             co.delete_cluster_custom_object(G, V, plural, name)
+        except ApiException as e:
+            if e.status != 404:
+                raise
+
+
+@pytest.fixture
+def local_queue(cluster, kube_client, namespace):
+    yield from _make_queue(cluster, kube_client, namespace)
+
+
+@pytest.fixture
+def preempting_queue(cluster, kube_client, namespace):
+    """The same queue, whose ClusterQueue preempts lower-priority workloads for a higher-priority one."""
+    yield from _make_queue(cluster, kube_client, namespace, {"withinClusterQueue": "LowerPriority"})
+
+
+@pytest.fixture
+def priority_classes(cluster, kube_client):
+    """Two Kueue WorkloadPriorityClasses, (low, high), values 100 and 10000."""
+    need_extras(cluster, "kueue")
+    co = k.CustomObjectsApi(kube_client)
+    suffix = uuid.uuid4().hex[:6]
+    names = (f"low-{suffix}", f"high-{suffix}")
+    for name, value in zip(names, (100, 10000)):
+        co.create_cluster_custom_object(G, V, "workloadpriorityclasses", {
+            "apiVersion": f"{G}/{V}", "kind": "WorkloadPriorityClass", "metadata": {"name": name}, "value": value,
+            "description": f"test priority {value}"})
+    yield names
+    for name in names:
+        try:
+            co.delete_cluster_custom_object(G, V, "workloadpriorityclasses", name)
         except ApiException as e:
             if e.status != 404:
                 raise
@@ -107,3 +139,62 @@ def test_second_8_gpu_job_is_queued_for_quota_and_runs_when_the_first_finishes(c
     assert len(jobs.pods("second")) == 1 and jobs.child_suspended("second") is False
     assert wait_for(lambda: [e for e in jobs.events("second") if e.reason == "Admitted"], 30, what="Admitted event")
     assert _queued(jobs, "first")["reason"] == "Admitted"  # a finished job keeps its last word
+
+
+@both_apis
+def test_a_higher_priority_job_preempts_a_lower_one_which_runs_again_when_it_finishes(
+        cluster, operator, jobs, namespace, preempting_queue, priority_classes):
+    low_class, high_class = priority_classes
+    # The low one names its WorkloadPriorityClass in its spec; it is admitted and runs.
+    jobs.create(tiny_job("low", namespace, resources=GPUS,
+                         scheduling={"queueName": "lq", "workloadPriorityClassName": low_class}))
+    wait_for(lambda: _queued(jobs, "low").get("reason") == "Admitted", 60, what="the low one admitted")
+    jobs.wait_phase("low", "Running", 60)
+    low_child = jobs.child("low")
+    assert low_child["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == low_class
+    low_workload = _workload_of(jobs, low_child["metadata"]["name"])
+    assert low_workload["spec"]["priorityClassRef"] == {"group": G, "kind": "WorkloadPriorityClass",
+                                                        "name": low_class}
+    assert low_workload["spec"]["priority"] == 100
+
+    # The high one names its class with the standard label on the resource; the ClusterQueue preempts the low one.
+    high = tiny_job("high", namespace, resources=GPUS, scheduling={"queueName": "lq"})
+    high["metadata"]["labels"] = {"kueue.x-k8s.io/priority-class": high_class}
+    jobs.create(high)
+    preempted = wait_for(lambda: (q := _queued(jobs, "low")).get("reason") == "Preempted" and q, 90,
+                         what="the low one preempted")
+    assert preempted["status"] == "True"
+    assert "Preempted to accommodate a workload" in preempted["message"]
+    assert "prioritization in the ClusterQueue" in preempted["message"]
+    assert low_workload["metadata"]["name"] in preempted["message"]
+    assert "QwenTrainingJob high" in preempted["message"]  # the preemptor, by the resource's name
+    # ... from the Workload's own conditions.
+    workload = _workload_of(jobs, low_child["metadata"]["name"])
+    conds = {c["type"]: c for c in workload["status"]["conditions"]}
+    assert conds["Evicted"]["status"] == "True" and conds["Evicted"]["reason"] == "Preempted"
+    assert conds["Preempted"]["status"] == "True" and conds["Preempted"]["reason"] == "InClusterQueue"
+    warning = wait_for(lambda: [e for e in jobs.events("low") if e.reason == "Preempted" and e.type == "Warning"],
+                       30, what="Preempted Warning event")
+    assert "QwenTrainingJob high" in warning[0].message
+
+    # The high one is admitted and runs; the low one is suspended, its pods gone, and waits (phase Queued).
+    wait_for(lambda: _queued(jobs, "high").get("reason") == "Admitted", 90, what="the high one admitted")
+    jobs.wait_phase("high", "Running", 60)
+    assert jobs.get("high")["status"].get("phase") == "Running"
+    assert _workload_of(jobs, jobs.child("high")["metadata"]["name"])["spec"]["priority"] == 10000
+    wait_for(lambda: jobs.child_suspended("low") is True and jobs.pods("low") == [], 60,
+             what="the low one suspended, its pods gone")
+    low = jobs.get("low")["status"]
+    assert low["phase"] == "Queued"
+    summary = next(c for c in low["conditions"] if c["type"] == "Succeeded")
+    assert summary["status"] == "Unknown" and "Preempted" in summary["message"]
+
+    # The high one finishes: the low one is admitted again and runs.
+    cluster.set_pod_outcome(namespace, "training.qwen.dev/job=high", "succeed", delay="1s")
+    jobs.wait_phase("high", "Succeeded", 60)
+    wait_for(lambda: _queued(jobs, "low").get("reason") == "Admitted", 90, what="the low one admitted again")
+    jobs.wait_phase("low", "Running", 60)
+    assert len(jobs.pods("low")) == 1 and jobs.child_suspended("low") is False
+    assert wait_for(lambda: len([e for e in jobs.events("low") if e.reason == "Admitted"]) >= 2 or
+                    [e for e in jobs.events("low") if e.reason == "Admitted" and (e.count or 1) >= 2], 30,
+                    what="a second Admitted event")

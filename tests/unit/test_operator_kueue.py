@@ -50,7 +50,12 @@ INADMISSIBLE = cond("QuotaReserved", "False", "Inadmissible", "LocalQueue lq doe
 RESERVED = cond("QuotaReserved", "True", "QuotaReserved", "Quota reserved in ClusterQueue cq")
 ADMITTED = cond("Admitted", "True", "Admitted", "The workload is admitted")
 NOT_ADMITTED = cond("Admitted", "False", "NoReservation", "waiting for the provisioning request")
-EVICTED = cond("Evicted", "True", "Preempted", "Preempted to accommodate a workload (UID: x) due to prioritization")
+BY_HIGH = ("Preempted to accommodate a workload (UID: 0f3c2a1e-aaaa-bbbb-cccc-000000000001, JobUID: "
+           "9d1e5c7a-aaaa-bbbb-cccc-000000000002) due to prioritization in the ClusterQueue; preemptor path: /cq; "
+           "preemptee path: /cq")
+EVICTED = cond("Evicted", "True", "Preempted", BY_HIGH)
+PREEMPTED = cond("Preempted", "True", "InClusterQueue", BY_HIGH)
+TIMED_OUT = cond("Evicted", "True", "PodsReadyTimeout", "Exceeded the PodsReady timeout default/low")
 FINISHED = cond("Finished", "True", "Succeeded", "jobset completed successfully")
 
 
@@ -62,14 +67,44 @@ FINISHED = cond("Finished", "True", "Succeeded", "jobset completed successfully"
                                                  "quota reserved in ClusterQueue cq; waiting for the provisioning")),
     (workload(RESERVED, ADMITTED, cq="cq"), ("False", st.ADMITTED, "admitted by ClusterQueue cq")),
     (workload(RESERVED, ADMITTED, FINISHED, cq="cq"), ("False", st.ADMITTED, "admitted by ClusterQueue cq")),
-    (workload(cond("QuotaReserved", "False", "Pending", "Preempted"), EVICTED),
-     ("True", st.EVICTED, "Kueue evicted workload trainjob-second-62154 (Preempted): Preempted to accommodate")),
-], ids=["no-report-yet", "waiting-for-quota", "inadmissible", "admission-checks", "admitted", "finished", "evicted"])
+    (workload(cond("QuotaReserved", "False", "Pending", "Preempted"), EVICTED, PREEMPTED),
+     ("True", st.PREEMPTED, "Kueue preempted workload trainjob-second-62154: Preempted to accommodate a workload")),
+    # Being preempted: Evicted is set before Kueue suspends the job and releases the quota.
+    (workload(RESERVED, ADMITTED, EVICTED, PREEMPTED, cq="cq"),
+     ("True", st.PREEMPTED, "Kueue preempted workload trainjob-second-62154: Preempted to accommodate a workload")),
+    # Preempted, and the scheduler's later attempts find no quota: still Preempted until admitted again.
+    (workload(PENDING, EVICTED, PREEMPTED), ("True", st.PREEMPTED, "Kueue preempted workload trainjob-second-62154")),
+    # Admitted again: Kueue turned Evicted and Preempted False.
+    (workload(RESERVED, ADMITTED, cond("Evicted", "False", "QuotaReserved", "Previously: " + BY_HIGH),
+              cond("Preempted", "False", "QuotaReserved", "Previously: " + BY_HIGH), cq="cq"),
+     ("False", st.ADMITTED, "admitted by ClusterQueue cq")),
+    (workload(cond("QuotaReserved", "False", "Pending", "Evicted"), TIMED_OUT),
+     ("True", st.EVICTED, "Kueue evicted workload trainjob-second-62154 (PodsReadyTimeout): Exceeded the PodsReady")),
+], ids=["no-report-yet", "waiting-for-quota", "inadmissible", "admission-checks", "admitted", "finished", "preempted",
+        "being-preempted", "preempted-still-no-quota", "admitted-again", "evicted-other-reason"])
 def test_workload_maps_to_queued(doc, expected):
     status, reason, message = st.workload_queued(doc)
     assert (status, reason) == expected[:2]
     assert message.startswith(expected[2]), message
     assert "trainjob-second-62154" in message  # the Workload to `kubectl describe`
+
+
+def test_preempted_names_the_preemptor_where_known_and_keeps_the_kueue_words():
+    doc = workload(RESERVED, ADMITTED, EVICTED, PREEMPTED, cq="cq")
+    assert st.preemptor_job_uid(doc) == "9d1e5c7a-aaaa-bbbb-cccc-000000000002"
+    status, reason, message = st.workload_queued(doc, preemptor="high")
+    assert (status, reason) == ("True", st.PREEMPTED)
+    assert message.startswith("Kueue preempted workload trainjob-second-62154 to admit QwenTrainingJob high: " + BY_HIGH)
+    assert message.endswith("the job is suspended and waits in LocalQueue lq to be admitted again")
+    assert st.preemptor_job_uid(workload(PENDING)) is None
+    assert st.preemptor_job_uid(workload(RESERVED, ADMITTED, cond("Evicted", "False", "QuotaReserved",
+                                                                   "Previously: " + BY_HIGH), cq="cq")) is None
+    before = st.from_workload(st.reconciled(None, 1, T0, pytorch_job="second"), workload(RESERVED, ADMITTED, cq="cq"),
+                              1, T0)
+    s = st.from_workload(before, doc, 1, NOW, preemptor="high")
+    assert s["phase"] == "Queued" and st.get_condition(s, st.QUEUED)["lastTransitionTime"] == NOW
+    summary = st.get_condition(s, "Succeeded")
+    assert summary["status"] == "Unknown" and "to admit QwenTrainingJob high" in summary["message"]
 
 
 def test_waiting_for_quota_is_the_phase_and_the_summary():
@@ -228,6 +263,9 @@ class FakeKube:
     def owner_of_child(self, kind, namespace, name, uid):
         return self.owner
 
+    def owner_of_child_uid(self, kind, namespace, uid):
+        return self.owners.get(uid)
+
     def api_served(self, *a: Any, **kw: Any) -> bool:
         return self.served
 
@@ -255,6 +293,24 @@ def test_workload_watch_writes_queued_and_posts_events(monkeypatch, posted):
     assert len(kube.computed) == 1 and len(posted) == 1
     send(kube, workload(RESERVED, ADMITTED, cq="cq"))
     assert posted[-1][:2] == ("Normal", "Admitted") and "ClusterQueue cq" in posted[-1][2]
+
+
+def test_a_preempted_workload_is_one_warning_naming_the_preemptor_then_admitted_again(monkeypatch, posted):
+    monkeypatch.setattr(handlers.CONFIG, "job_api", "trainjob")
+    kube = FakeKube({"pytorchJob": "second", "phase": "Running"})
+    send(kube, workload(RESERVED, ADMITTED, cq="cq"))
+    kube.owners["9d1e5c7a-aaaa-bbbb-cccc-000000000002"] = ("high", "u2")  # the preemptor's child -> resource
+    send(kube, workload(RESERVED, ADMITTED, EVICTED, PREEMPTED, cq="cq"))
+    q = st.get_condition(kube.resource["status"], st.QUEUED)
+    assert (q["status"], q["reason"]) == ("True", st.PREEMPTED) and "to admit QwenTrainingJob high" in q["message"]
+    assert posted[-1] == ("Warning", st.PREEMPTED, q["message"])
+    n = len(posted)
+    send(kube, workload(cond("QuotaReserved", "False", "Pending", "Preempted"), EVICTED, PREEMPTED))
+    send(kube, workload(PENDING, EVICTED, PREEMPTED))  # still waiting: no second event
+    assert len(posted) == n and kube.resource["status"]["phase"] == "Queued"
+    send(kube, workload(RESERVED, ADMITTED, cond("Evicted", "False", "QuotaReserved", "Previously: " + BY_HIGH),
+                        cq="cq"))
+    assert posted[-1][:2] == ("Normal", "Admitted") and len(posted) == n + 1
 
 
 def test_workload_watch_ignores_other_kinds_old_steps_and_deleted_workloads(monkeypatch, posted):
