@@ -165,13 +165,13 @@ def seed_style_convert(src, dst) -> None:
     from qwen_trainer.convert.mcore_model import build_gpt_model
     from qwen_trainer.convert.plan import Placement, format_rules, instances
     from qwen_trainer.convert.rules import KINDS
-    from qwen_trainer.convert.spec import ParallelLayout, load_hf_config, model_spec
+    from qwen_trainer.convert.dims import ParallelLayout, load_hf_config, model_dims
 
     src, dst = Path(src), Path(dst)
     dtype = torch.bfloat16
-    spec = model_spec(load_hf_config(src))
+    dims = model_dims(load_hf_config(src))
     hf = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
-    mg = build_gpt_model(spec, dtype=dtype)
+    mg = build_gpt_model(dims, dtype=dtype)
     # As the seed does for PR=bf16 (convert_checkpoint_from_transformers_to_megatron); without it megatron-core's
     # local RMSNorm weights stay fp32.
     mg.bfloat16()
@@ -179,13 +179,13 @@ def seed_style_convert(src, dst) -> None:
     fmt = PER_RANK["mcore"]
     schemes = fmt.resolve_schemes(False, False)
     layout = ParallelLayout()
-    place = Placement(spec, layout, 1, schemes, fmt.tied_head_name)
+    place = Placement(dims, layout, 1, schemes, fmt.tied_head_name)
     hf_state = hf.state_dict()
     mg_state = mg.state_dict(keep_vars=True)
     filled = set()
     with torch.no_grad():
-        for inst in instances(spec, format_rules(spec, schemes, "mcore")):
-            canon = KINDS[inst.rule.kind].fuse(spec, *(hf_state[n] for n in inst.hf_names))
+        for inst in instances(dims, format_rules(dims, schemes, "mcore")):
+            canon = KINDS[inst.rule.kind].fuse(dims, *(hf_state[n] for n in inst.hf_names))
             for slot in place.slots(inst):
                 mg_state[slot.name].copy_(canon)
                 filled.add(slot.name)
@@ -202,7 +202,7 @@ def seed_style_convert(src, dst) -> None:
     for k in list(full_model):
         if full_model[k] is None or "_extra_state" in k:
             full_model.pop(k)
-    args = megatron_args(spec, layout, 1, ckpt_format="torch", transformer_impl="local", dtype=dtype)
+    args = megatron_args(dims, layout, 1, ckpt_format="torch", transformer_impl="local", dtype=dtype)
     path = dst / RANK_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"args": args, "checkpoint_version": 3.0, "iteration": 0, "model": full_model}, path)

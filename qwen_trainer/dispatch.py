@@ -40,9 +40,9 @@ def run_conversion(spec: JobSpec, d: DistEnv, log: Callable[[str], None]) -> int
         kwargs = megatron_layout(spec)
         moe = spec.model.moe
         if moe is not None and moe.upcycling.enabled:
-            from qwen_trainer.convert import UpcycleSpec
+            from qwen_trainer.convert import UpcycleOptions
 
-            kwargs["upcycle"] = UpcycleSpec(num_experts=arch.moe.num_experts, top_k=arch.moe.top_k,
+            kwargs["upcycle"] = UpcycleOptions(num_experts=arch.moe.num_experts, top_k=arch.moe.top_k,
                                             router_std=moe.upcycling.router_init_std, seed=moe.upcycling.seed,
                                             norm_topk_prob=arch.moe.norm_topk_prob)
     log(f"{spec.stage}: {source} ({src_fmt}) -> {target} ({out_fmt}), dtype {spec.checkpoint.dtype}")

@@ -199,7 +199,7 @@ def run_evaluation(spec: JobSpec, d: DistEnv, log: Callable[[str], None]) -> int
 
 
 def _report(document: dict, path: str, log) -> None:
-    from qwen_trainer.status import StatusReporter
+    from qwen_trainer.status_reporter import StatusReporter
 
     reporter = StatusReporter(log)
     if reporter.enabled:

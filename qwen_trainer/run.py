@@ -47,7 +47,7 @@ def run(args) -> int:
     try:
         from qwen_trainer import jobfile
         from qwen_trainer.distenv import read_env
-        from qwen_trainer.stages import run_stage
+        from qwen_trainer.dispatch import run_stage
 
         if not args.spec:
             raise UserError("no spec file: pass --spec FILE or set QWEN_JOB_SPEC", path="--spec")

@@ -28,7 +28,7 @@ from qwen_trainer.schedule import plan as plan_steps
 from qwen_trainer.spec import JobSpec, derive, resolve_architecture
 from qwen_trainer.spec.estimate import flops_per_token
 from qwen_trainer.spec.resolve import checkpoint_formats
-from qwen_trainer.status import StatusReporter
+from qwen_trainer.status_reporter import StatusReporter
 
 QWEN_EOD = 151643  # <|endoftext|> in every Qwen vocabulary
 

@@ -8,7 +8,7 @@ torch and torch_dist, MegaBlocks) for the Qwen families, with TP/PP/EP/ETP shard
 from .api import ConversionResult, convert, open_source, verify_conversion
 from .errors import ConversionError
 from .formats import FORMATS
-from .spec import ModelSpec, ParallelLayout, UpcycleSpec
+from .dims import ModelDims, ParallelLayout, UpcycleOptions
 
 __all__ = ["convert", "verify_conversion", "open_source", "ConversionResult", "ConversionError", "FORMATS",
-           "ModelSpec", "ParallelLayout", "UpcycleSpec"]
+           "ModelDims", "ParallelLayout", "UpcycleOptions"]

@@ -27,7 +27,7 @@ from .formats.torch_dist import DistSource, is_torch_dist_dir, write_torch_dist
 from .manifest import MANIFEST, check_manifest, write_manifest
 from .plan import Placement, format_rules, instances, iter_groups, rules_for
 from .sources import ByName, Upcycled
-from .spec import ParallelLayout, UpcycleSpec, layout_problems, load_hf_config, model_spec
+from .dims import ParallelLayout, UpcycleOptions, layout_problems, load_hf_config, model_dims
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
@@ -59,23 +59,23 @@ def open_source(path: Path, fmt: str, *, family=None, extra_vocab_size=0, padded
     if not path.exists():
         raise ConversionError(f"source {path} does not exist")
     if fmt == "hf":
-        spec = model_spec(load_hf_config(path), family, extra_vocab_size=extra_vocab_size,
+        dims = model_dims(load_hf_config(path), family, extra_vocab_size=extra_vocab_size,
                           padded_vocab_size=padded_vocab_size)
-        return HFSource(path, spec)
+        return HFSource(path, dims)
     root, iter_dir = resolve_iteration_dir(path)
     if not iter_dir.is_dir():
         raise ConversionError(f"{path}: no checkpoint iteration folder (release/ or iter_*/)")
     config = load_hf_config(Path(hf_config) if hf_config else root)
 
-    def spec_for(padded: int):
-        return model_spec(config, family, padded_vocab_size=padded)
+    def dims_for(padded: int):
+        return model_dims(config, family, padded_vocab_size=padded)
 
     if fmt == "torch_dist" or is_torch_dist_dir(iter_dir):  # training checkpoints of sharded engines are torch_dist
-        src = DistSource(root, iter_dir, spec_for)
-        return ByName(src, instances(src.spec, format_rules(src.spec, ("mcore",), fmt)))
+        src = DistSource(root, iter_dir, dims_for)
+        return ByName(src, instances(src.dims, format_rules(src.dims, ("mcore",), fmt)))
     pr = PER_RANK[fmt]
-    src = PerRankSource(root, iter_dir, pr, spec_for)
-    return ByName(src, instances(src.spec, format_rules(src.spec, src.schemes, fmt)))
+    src = PerRankSource(root, iter_dir, pr, dims_for)
+    return ByName(src, instances(src.dims, format_rules(src.dims, src.schemes, fmt)))
 
 
 def _carry_files(src_root: Optional[Path], dst: Path, config: dict) -> dict[Path, str]:
@@ -160,7 +160,7 @@ def convert(source: Union[str, Path], source_format: str, target: Union[str, Pat
             layout: Optional[ParallelLayout] = None, family: Optional[str] = None, extra_vocab_size: int = 0,
             padded_vocab_size: Optional[int] = None, dtype=None, transformer_engine_keys: bool = False,
             expert_layout: str = "sequential", overwrite: bool = False, verify: bool = False,
-            upcycle: Optional[UpcycleSpec] = None, progress: Union[bool, Callable] = True,
+            upcycle: Optional[UpcycleOptions] = None, progress: Union[bool, Callable] = True,
             hf_config: Optional[Union[str, Path]] = None, max_shard_size: int = 5 << 30) -> ConversionResult:
     """Convert a checkpoint between `hf`, `megatron-lm`, `mcore`, `torch_dist` and `megablocks`.
 
@@ -205,33 +205,33 @@ def _convert(source: Path, source_format: str, target: Path, target_format: str,
     src = open_source(source, source_format, family=family, extra_vocab_size=extra_vocab_size,
                       padded_vocab_size=padded_vocab_size, hf_config=hf_config)
     try:
-        config = dict(src.spec.hf_config)
+        config = dict(src.dims.hf_config)
         if upcycle is not None:
             src = Upcycled(src, upcycle)
             config = src.config
-        spec = src.spec
+        dims = src.dims
         if source_format != "hf" and (extra_vocab_size or padded_vocab_size):
-            padded = padded_vocab_size or spec.vocab + extra_vocab_size
-            spec = dataclasses.replace(spec, padded_vocab=int(padded))
+            padded = padded_vocab_size or dims.vocab + extra_vocab_size
+            dims = dataclasses.replace(dims, padded_vocab=int(padded))
         if cast_to is not None:
             config["torch_dtype" if "torch_dtype" in config else "dtype"] = str(cast_to).removeprefix("torch.")
         if source_format == "hf" and upcycle is None:
-            extra = unmapped(src, instances(spec, rules_for(spec)))
-            check([f"source tensor {n} is not described by the {spec.family} table" for n in extra[:20]])
+            extra = unmapped(src, instances(dims, rules_for(dims)))
+            check([f"source tensor {n} is not described by the {dims.family} table" for n in extra[:20]])
 
         if target_format == "hf":
-            insts = instances(spec, format_rules(spec, ("mcore",), "hf"))
+            insts = instances(dims, format_rules(dims, ("mcore",), "hf"))
         elif target_format == "torch_dist":
-            insts = instances(spec, format_rules(spec, ("mcore",), target_format))
+            insts = instances(dims, format_rules(dims, ("mcore",), target_format))
         else:
             pr = PER_RANK[target_format]
             etp = layout.etp if layout.etp is not None else (layout.tp if pr.experts_tp else 1)
             if not pr.experts_tp and etp != 1:
                 problems.append(f"{target_format} experts are not tensor-parallel: etp must be 1 (got {etp})")
-            check(problems + layout_problems(spec, layout, etp))
+            check(problems + layout_problems(dims, layout, etp))
             schemes = pr.resolve_schemes(transformer_engine_keys, expert_layout == "grouped")
-            insts = instances(spec, format_rules(spec, schemes, target_format))
-            place = Placement(spec, layout, etp, schemes, pr.tied_head_name)
+            insts = instances(dims, format_rules(dims, schemes, target_format))
+            place = Placement(dims, layout, etp, schemes, pr.tied_head_name)
 
         emb_dtype = src.read(insts[0], meta=True)[0].dtype
         out_dtype = cast_to or emb_dtype
@@ -253,11 +253,11 @@ def _convert(source: Path, source_format: str, target: Path, target_format: str,
                 impl = "transformer_engine" if transformer_engine_keys else "local"
                 fmt_name = "torch_dist" if target_format == "torch_dist" else "torch"
                 lay = layout if target_format in PER_RANK else ParallelLayout()
-                args = megatron_args(spec, lay, place.etp if target_format in PER_RANK else 1, ckpt_format=fmt_name,
+                args = megatron_args(dims, lay, place.etp if target_format in PER_RANK else 1, ckpt_format=fmt_name,
                                      transformer_impl=impl, dtype=out_dtype)
                 iter_dir = tmp / RELEASE
                 if target_format == "torch_dist":
-                    files |= write_torch_dist(src, iter_dir, spec, insts, te=transformer_engine_keys, cast=cast,
+                    files |= write_torch_dist(src, iter_dir, dims, insts, te=transformer_engine_keys, cast=cast,
                                               tick=tick, args=args)
                 else:
                     files |= write_per_rank(src, iter_dir, PER_RANK[target_format], place, insts, cast=cast,
@@ -265,8 +265,8 @@ def _convert(source: Path, source_format: str, target: Path, target_format: str,
             if bar is not None:
                 bar.close()
             info = {"source": str(source), "source_format": source_format, "target_format": target_format,
-                    "family": spec.family, "layout": layout.as_dict() if target_format in PER_RANK else None,
-                    "padded_vocab_size": spec.padded_vocab, "vocab_size": spec.vocab,
+                    "family": dims.family, "layout": layout.as_dict() if target_format in PER_RANK else None,
+                    "padded_vocab_size": dims.padded_vocab, "vocab_size": dims.vocab,
                     "dtype": str(out_dtype).removeprefix("torch."),
                     "transformer_engine_keys": transformer_engine_keys, "expert_layout": expert_layout,
                     "upcycle": dataclasses.asdict(upcycle) if upcycle else None}
@@ -284,7 +284,7 @@ def _convert(source: Path, source_format: str, target: Path, target_format: str,
 
 
 def verify_conversion(source: Path, source_format: str, target: Path, target_format: str, *, family=None,
-                      hf_config=None, upcycle: Optional[UpcycleSpec] = None, exact: bool = True) -> None:
+                      hf_config=None, upcycle: Optional[UpcycleOptions] = None, exact: bool = True) -> None:
     """Re-read the target: checksums must match the manifest, and (unless the dtype changed) every HF tensor read
     back from the target must equal the one read from the source."""
     check(check_manifest(Path(target)))
@@ -296,7 +296,7 @@ def verify_conversion(source: Path, source_format: str, target: Path, target_for
         if upcycle is not None:
             a = Upcycled(a, upcycle)
         problems = []
-        for inst in instances(b.spec, format_rules(b.spec, ("mcore",), "hf")):
+        for inst in instances(b.dims, format_rules(b.dims, ("mcore",), "hf")):
             for name, x, y in zip(inst.hf_names, a.read(inst), b.read(inst)):
                 if x.shape != y.shape or x.dtype != y.dtype or not torch.equal(x, y):
                     problems.append(f"verify: {name} differs between {source} and {target}")

@@ -41,9 +41,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(a: argparse.Namespace) -> int:
     from .api import convert
-    from .spec import ParallelLayout, UpcycleSpec
+    from .dims import ParallelLayout, UpcycleOptions
 
-    upcycle = UpcycleSpec(a.upcycle_experts, a.upcycle_top_k, seed=a.upcycle_seed) if a.upcycle_experts else None
+    upcycle = UpcycleOptions(a.upcycle_experts, a.upcycle_top_k, seed=a.upcycle_seed) if a.upcycle_experts else None
     try:
         r = convert(a.source, a.source_format, a.target, a.target_format,
                     layout=ParallelLayout(a.tp, a.pp, a.ep, a.etp, a.vpp), family=a.family,

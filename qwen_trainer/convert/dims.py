@@ -20,7 +20,7 @@ FAMILY_ALIASES = {
 
 
 @dataclass(frozen=True)
-class ModelSpec:
+class ModelDims:
     """The numbers the mapping rules need; everything else in the HF config is carried along untouched."""
 
     family: str
@@ -83,8 +83,8 @@ def resolve_family(config: dict, family: Optional[str]) -> str:
     return table
 
 
-def model_spec(config: dict, family: Optional[str] = None, *, extra_vocab_size: int = 0,
-               padded_vocab_size: Optional[int] = None) -> ModelSpec:
+def model_dims(config: dict, family: Optional[str] = None, *, extra_vocab_size: int = 0,
+               padded_vocab_size: Optional[int] = None) -> ModelDims:
     fam = resolve_family(config, family)
     try:
         hidden = int(config["hidden_size"])
@@ -105,7 +105,7 @@ def model_spec(config: dict, family: Optional[str] = None, *, extra_vocab_size: 
         raise ConversionError("decoder_sparse_step != 1 (dense layers inside an MoE model) is not supported")
     qkv_bias = fam in ("qwen2", "qwen2_moe") and bool(config.get("qkv_bias", True)) or bool(
         config.get("attention_bias", False))
-    return ModelSpec(
+    return ModelDims(
         family=fam, hidden=hidden, layers=layers, heads=heads, groups=groups, head_dim=head_dim,
         ffn=int(config.get("intermediate_size") or 0), vocab=vocab, padded_vocab=padded,
         tied=bool(config.get("tie_word_embeddings", False)), qkv_bias=qkv_bias, qk_norm=fam.startswith("qwen3"),
@@ -133,7 +133,7 @@ class ParallelLayout:
         return {"tp": self.tp, "pp": self.pp, "ep": self.ep, "etp": self.etp, "vpp": self.vpp}
 
 
-def layout_problems(spec: ModelSpec, lay: ParallelLayout, etp: int) -> list[str]:
+def layout_problems(dims: ModelDims, lay: ParallelLayout, etp: int) -> list[str]:
     """Every way the layout fails to divide the model, one line each."""
     p: list[str] = []
     for name, v in (("tp", lay.tp), ("pp", lay.pp), ("ep", lay.ep), ("etp", etp), ("vpp", lay.vpp)):
@@ -146,28 +146,28 @@ def layout_problems(spec: ModelSpec, lay: ParallelLayout, etp: int) -> list[str]
         if value % by:
             p.append(f"{what} ({value}) is not divisible by {axis} ({by})")
 
-    need(spec.heads, lay.tp, "attention heads", "tp")
-    need(spec.groups, lay.tp, "query groups (num_key_value_heads)", "tp")
-    need(spec.padded_vocab, lay.tp, "padded vocab size", "tp; use extra_vocab_size to pad")
-    if spec.ffn and not spec.is_moe:
-        need(spec.ffn, lay.tp, "intermediate_size", "tp")
-    need(spec.layers, lay.pp * lay.vpp, "layers", "pp*vpp")
+    need(dims.heads, lay.tp, "attention heads", "tp")
+    need(dims.groups, lay.tp, "query groups (num_key_value_heads)", "tp")
+    need(dims.padded_vocab, lay.tp, "padded vocab size", "tp; use extra_vocab_size to pad")
+    if dims.ffn and not dims.is_moe:
+        need(dims.ffn, lay.tp, "intermediate_size", "tp")
+    need(dims.layers, lay.pp * lay.vpp, "layers", "pp*vpp")
     if lay.vpp > 1 and lay.pp == 1:
         p.append("vpp > 1 needs pp > 1")
-    if spec.is_moe:
-        need(spec.num_experts, lay.ep, "experts", "ep")
-        need(spec.moe_ffn, etp, "moe_intermediate_size", "etp")
-        if spec.shared_ffn:
-            need(spec.shared_ffn, lay.tp, "shared_expert_intermediate_size", "tp")
+    if dims.is_moe:
+        need(dims.num_experts, lay.ep, "experts", "ep")
+        need(dims.moe_ffn, etp, "moe_intermediate_size", "etp")
+        if dims.shared_ffn:
+            need(dims.shared_ffn, lay.tp, "shared_expert_intermediate_size", "tp")
         if etp not in (1, lay.tp):
             p.append(f"etp ({etp}) must be 1 or equal to tp ({lay.tp}) in per-rank checkpoint formats")
     elif lay.ep > 1:
-        p.append(f"ep={lay.ep} needs an MoE model (this {spec.family} model has no experts)")
+        p.append(f"ep={lay.ep} needs an MoE model (this {dims.family} model has no experts)")
     return p
 
 
 @dataclass(frozen=True)
-class UpcycleSpec:
+class UpcycleOptions:
     """Dense -> MoE upcycling: every expert starts as a copy of the dense MLP (gate stays gate, up stays up);
     the router starts small and random (normal(0, router_std), seeded) so experts diverge during training."""
 

@@ -8,7 +8,7 @@ from typing import Iterator, Optional, Sequence
 from .errors import ConversionError
 from .families import FAMILIES
 from .rules import KINDS, UNSUPPORTED, Rule
-from .spec import ModelSpec, ParallelLayout
+from .dims import ModelDims, ParallelLayout
 
 
 @dataclass(frozen=True)
@@ -27,33 +27,33 @@ class Instance:
         return self.hf_names[0]
 
 
-def rules_for(spec: ModelSpec) -> list[Rule]:
-    return [r for r in FAMILIES[spec.family] if r.active(spec)]
+def rules_for(dims: ModelDims) -> list[Rule]:
+    return [r for r in FAMILIES[dims.family] if r.active(dims)]
 
 
-def instances(spec: ModelSpec, rules: Sequence[Rule]) -> list[Instance]:
+def instances(dims: ModelDims, rules: Sequence[Rule]) -> list[Instance]:
     """Canonical order: embedding, then layer by layer (experts rule-major, so stacked MegaBlocks tensors fill
     up one at a time), then the final norm and output layer."""
     out = [Instance(r) for r in rules if r.scope == "first"]
-    for layer in range(spec.layers):
+    for layer in range(dims.layers):
         out += [Instance(r, layer) for r in rules if r.scope == "layer"]
         for r in rules:
             if r.scope == "expert":
-                out += [Instance(r, layer, e) for e in range(spec.num_experts)]
+                out += [Instance(r, layer, e) for e in range(dims.num_experts)]
     out += [Instance(r) for r in rules if r.scope == "last"]
     return out
 
 
-def format_rules(spec: ModelSpec, schemes: Sequence[str], fmt: str) -> list[Rule]:
+def format_rules(dims: ModelDims, schemes: Sequence[str], fmt: str) -> list[Rule]:
     """The rules a format uses (those that name the tensor in one of its schemes); error on unsupported ones."""
     out, problems = [], []
-    for r in rules_for(spec):
+    for r in rules_for(dims):
         name = r.mg_name(schemes)
         if name is None:
             continue
         if name == UNSUPPORTED:
             problems.append(f"{fmt} format cannot hold {r.hf[0].format(layer='N', expert='E')} "
-                            f"({spec.family}); convert to mcore or torch_dist instead")
+                            f"({dims.family}); convert to mcore or torch_dist instead")
             continue
         out.append(r)
     if problems:
@@ -72,12 +72,12 @@ class Slot:
 class Placement:
     """Where each instance lives in a per-rank checkpoint of a given layout."""
 
-    def __init__(self, spec: ModelSpec, layout: ParallelLayout, etp: int, schemes: Sequence[str],
+    def __init__(self, dims: ModelDims, layout: ParallelLayout, etp: int, schemes: Sequence[str],
                  tied_head_name: Optional[str]):
-        self.spec, self.layout, self.etp, self.schemes = spec, layout, etp, tuple(schemes)
+        self.dims, self.layout, self.etp, self.schemes = dims, layout, etp, tuple(schemes)
         self.tied_head_name = tied_head_name
-        self.per_chunk = spec.layers // (layout.pp * layout.vpp)
-        self.experts_per_rank = spec.num_experts // layout.ep if spec.num_experts else 0
+        self.per_chunk = dims.layers // (layout.pp * layout.vpp)
+        self.experts_per_rank = dims.num_experts // layout.ep if dims.num_experts else 0
 
     def layer_slot(self, layer: int) -> tuple[int, int, int]:
         # Virtual stage v*pp + p holds consecutive layers; Megatron numbers layers from 0 inside every chunk.
@@ -94,7 +94,7 @@ class Placement:
         if r.scope == "first":
             out = [Slot(0, 0, pattern)]
             # Tied embeddings with several stages: the last stage keeps its own copy of the output weights.
-            if self.spec.tied and lay.pp > 1 and self.tied_head_name:
+            if self.dims.tied and lay.pp > 1 and self.tied_head_name:
                 out.append(Slot(lay.pp - 1, lay.vpp - 1, self.tied_head_name))
             return out
         if r.scope == "last":

@@ -17,7 +17,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .spec import ModelSpec
+from .dims import ModelDims
 
 # A Megatron name of None means "this format spells the tensor through another rule" (skip silently);
 # UNSUPPORTED means the format has no way to hold it (a conversion that needs it fails with a clear error).
@@ -29,7 +29,7 @@ class Rule:
     hf: tuple[str, ...]
     mg: dict[str, Optional[str]]  # naming scheme -> Megatron name pattern
     kind: str = "replicated"
-    when: Optional[str] = None  # name of a ModelSpec boolean property; rule applies only when it is true
+    when: Optional[str] = None  # name of a ModelDims boolean property; rule applies only when it is true
     scope: str = "layer"  # "first" (first pipeline stage), "last", "layer", "expert"
     linear: bool = False  # Megatron module is a linear layer (carries an `_extra_state` entry in mcore)
     # A name without {expert} holds every local expert, one after another in memory (see `stack`); the nominal
@@ -37,8 +37,8 @@ class Rule:
     stack_dim: int = 0
     note: str = field(default="", compare=False)
 
-    def active(self, spec: ModelSpec) -> bool:
-        return self.when is None or bool(getattr(spec, self.when))
+    def active(self, dims: ModelDims) -> bool:
+        return self.when is None or bool(getattr(dims, self.when))
 
     def mg_name(self, schemes: Sequence[str]) -> Optional[str]:
         for s in schemes:
@@ -70,22 +70,22 @@ def _cat(parts, dim: int, alloc):
     return torch.cat(parts, dim=dim, out=alloc(tuple(shape), parts[0].dtype))
 
 
-def _qkv_fuse(spec: ModelSpec, q, k, v, alloc=None):
+def _qkv_fuse(dims: ModelDims, q, k, v, alloc=None):
     # Megatron groups rows by KV head: for each group g, [q heads of g; k_g; v_g] (see reference §0.1).
-    g, d = spec.groups, spec.head_dim
-    per = spec.heads // g
+    g, d = dims.groups, dims.head_dim
+    per = dims.heads // g
     tail = q.shape[1:]
     return _cat([q.reshape(g, per * d, *tail), k.reshape(g, d, *tail), v.reshape(g, d, *tail)], 1, alloc).reshape(
         -1, *tail)
 
 
-def _gate_up_fuse(spec: ModelSpec, g, u, alloc=None):
+def _gate_up_fuse(dims: ModelDims, g, u, alloc=None):
     return _cat([g, u], 0, alloc)
 
 
-def _qkv_unfuse(spec: ModelSpec, t):
-    g, d = spec.groups, spec.head_dim
-    per = spec.heads // g
+def _qkv_unfuse(dims: ModelDims, t):
+    g, d = dims.groups, dims.head_dim
+    per = dims.heads // g
     tail = t.shape[1:]
     x = t.reshape(g, (per + 2) * d, *tail)
     q, k, v = torch.split(x, [per * d, d, d], dim=1)
@@ -102,8 +102,8 @@ def _gate_up_merge(shards):
     return cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
 
 
-def _pad_rows(spec: ModelSpec, t):
-    extra = spec.padded_vocab - t.shape[0]
+def _pad_rows(dims: ModelDims, t):
+    extra = dims.padded_vocab - t.shape[0]
     if extra <= 0:
         return t
     # Zero rows: padded token ids are never produced by the tokenizer, and zeros keep the round trip exact.
@@ -131,25 +131,25 @@ def unstack(t, n: int, dim: int = 0) -> list:
     return [b.view(shape) for b in t.reshape(n, -1)]
 
 
-def _t(spec, t):
+def _t(dims, t):
     return t.t()
 
 
 @dataclass(frozen=True)
 class Kind:
-    fuse: Callable  # (spec, *hf) -> canonical; kinds that concatenate also take alloc=(shape, dtype) -> out buffer
-    unfuse: Callable  # (spec, canonical) -> list of hf
+    fuse: Callable  # (dims, *hf) -> canonical; kinds that concatenate also take alloc=(shape, dtype) -> out buffer
+    unfuse: Callable  # (dims, canonical) -> list of hf
     split: Callable  # (canonical, rank, size) -> shard
     merge: Callable  # (list of shards) -> canonical
     tp_split: bool = True
     fuse_alloc: bool = False  # fuse accepts alloc=
 
 
-def _one(spec, t):
+def _one(dims, t):
     return t
 
 
-def _unone(spec, t):
+def _unone(dims, t):
     return [t]
 
 
@@ -162,17 +162,17 @@ KINDS: dict[str, Kind] = {
     "replicated": Kind(_one, _unone, lambda t, r, n: t, lambda s: s[0], tp_split=False),
     "column": Kind(_one, _unone, *_dim(0)),
     "row": Kind(_one, _unone, *_dim(1)),
-    "vocab": Kind(_pad_rows, lambda spec, t: [t[: spec.vocab]], *_dim(0)),
+    "vocab": Kind(_pad_rows, lambda dims, t: [t[: dims.vocab]], *_dim(0)),
     # whole groups per rank, so a plain dim-0 chunk
     "qkv": Kind(_qkv_fuse, _qkv_unfuse, *_dim(0), fuse_alloc=True),
-    "gate_up": Kind(_gate_up_fuse, lambda spec, t: list(t.chunk(2, dim=0)),
+    "gate_up": Kind(_gate_up_fuse, lambda dims, t: list(t.chunk(2, dim=0)),
                     _gate_up_split, _gate_up_merge, fuse_alloc=True),
     # MegaBlocks stores w2 as down_proj transposed ([ffn, hidden] per expert); not tensor-parallel.
-    "transposed": Kind(_t, lambda spec, t: [t.t()], lambda t, r, n: t, lambda s: s[0], tp_split=False),
+    "transposed": Kind(_t, lambda dims, t: [t.t()], lambda t, r, n: t, lambda s: s[0], tp_split=False),
     # megatron-core's legacy GroupedMLP keeps expert weights transposed ([in, out]): the transposes of gate_up and
     # row, split on the same features
-    "gate_up_t": Kind(lambda spec, g, u: cat([g, u], dim=0).t(), lambda spec, t: list(t.t().chunk(2, dim=0)),
+    "gate_up_t": Kind(lambda dims, g, u: cat([g, u], dim=0).t(), lambda dims, t: list(t.t().chunk(2, dim=0)),
                       lambda t, r, n: _gate_up_split(t.t(), r, n).t(),
                       lambda s: _gate_up_merge([x.t() for x in s]).t()),
-    "row_t": Kind(_t, lambda spec, t: [t.t()], *_dim(0)),
+    "row_t": Kind(_t, lambda dims, t: [t.t()], *_dim(0)),
 }

@@ -15,12 +15,12 @@ import torch
 from .errors import ConversionError
 from .plan import Instance
 from .rules import Rule
-from .spec import ModelSpec, UpcycleSpec, model_spec
+from .dims import ModelDims, UpcycleOptions, model_dims
 
 
 class ByName:
     def __init__(self, source, own: Sequence[Instance]):
-        self.source, self.spec = source, source.spec
+        self.source, self.dims = source, source.dims
         self.root = getattr(source, "root", None)
         self._own = {(i.rule, i.layer, i.expert) for i in own}
         self._where = {n: (i, k) for i in own for k, n in enumerate(i.hf_names)}
@@ -46,7 +46,7 @@ class ByName:
 UPCYCLE_TARGETS = {"qwen2": ("qwen2_moe", "Qwen2MoeForCausalLM"), "qwen3": ("qwen3_moe", "Qwen3MoeForCausalLM")}
 
 
-def upcycled_config(dense: ModelSpec, up: UpcycleSpec) -> dict:
+def upcycled_config(dense: ModelDims, up: UpcycleOptions) -> dict:
     if dense.family not in UPCYCLE_TARGETS:
         raise ConversionError(f"upcycling needs a dense model; {dense.family} is not one")
     if up.num_experts < 1 or not 1 <= up.top_k <= up.num_experts:
@@ -67,12 +67,12 @@ class Upcycled:
     """Dense -> MoE: expert e of layer l is the dense MLP of layer l (gate stays gate, up stays up); the router is
     normal(0, router_std) from a generator seeded by (seed, layer), so reruns give identical checkpoints."""
 
-    def __init__(self, dense_source, up: UpcycleSpec):
+    def __init__(self, dense_source, up: UpcycleOptions):
         self.dense, self.up = dense_source, up
         self.root = getattr(dense_source, "root", None)
-        dspec = dense_source.spec
-        self.config = upcycled_config(dspec, up)
-        self.spec = model_spec(self.config, padded_vocab_size=dspec.padded_vocab)
+        ddims = dense_source.dims
+        self.config = upcycled_config(ddims, up)
+        self.dims = model_dims(self.config, padded_vocab_size=ddims.padded_vocab)
 
     def _dense_read(self, name: str, meta: bool) -> torch.Tensor:
         # A one-name ad-hoc rule: HF sources look names up directly, ByName sources through their own rules.
@@ -88,7 +88,7 @@ class Upcycled:
             elif name.endswith(".mlp.gate.weight"):
                 layer = int(parts[2])
                 like = self._dense_read(f"model.layers.{layer}.mlp.gate_proj.weight", True)
-                shape = (self.up.num_experts, self.spec.hidden)
+                shape = (self.up.num_experts, self.dims.hidden)
                 if meta:
                     out.append(torch.empty(shape, dtype=like.dtype, device="meta"))
                 else:

@@ -51,9 +51,9 @@ def _megatron_logits(ckpt, fmt, tokens):
     from qwen_trainer.convert.mcore_model import build_gpt_model
 
     src = open_source(ckpt, fmt)
-    spec = src.spec
+    dims = src.dims
     src.close()
-    model = build_gpt_model(spec, moe_router_dtype="fp32").cuda().eval()
+    model = build_gpt_model(dims, moe_router_dtype="fp32").cuda().eval()
     if fmt == "torch_dist":
         state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(ckpt / "release"))["model"]
     else:
@@ -63,7 +63,7 @@ def _megatron_logits(ckpt, fmt, tokens):
     pos = torch.arange(ids.shape[1], device="cuda").unsqueeze(0).expand_as(ids)
     with torch.no_grad():
         logits = model(ids, pos, attention_mask=None)
-    return logits.float()[..., : spec.vocab].cpu()
+    return logits.float()[..., : dims.vocab].cpu()
 
 
 @pytest.mark.parametrize("family", ["qwen2.5-tied", "qwen2-moe", "qwen3-moe"])

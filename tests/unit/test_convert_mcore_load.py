@@ -19,8 +19,8 @@ def test_per_rank_checkpoint_loads_strict(megatron_world, tmp_path, family):
     hf = save_tiny(family, tmp_path / "hf")
     out = tmp_path / "mcore"
     convert(hf, "hf", out, "mcore", extra_vocab_size=12, progress=False)
-    spec = open_source(out, "mcore").spec
-    model = build_gpt_model(spec)
+    dims = open_source(out, "mcore").dims
+    model = build_gpt_model(dims)
     state = torch.load(out / "release" / "mp_rank_00" / "model_optim_rng.pt", weights_only=False)
     model.load_state_dict(state["model"], strict=True)  # raises on any missing or unexpected key / shape
     emb = load_tensors(hf)["model.embed_tokens.weight"]
@@ -35,8 +35,8 @@ def test_torch_dist_checkpoint_loads_through_sharded_state_dict(megatron_world, 
     hf = save_tiny(family, tmp_path / "hf")
     out = tmp_path / "dist"
     convert(hf, "hf", out, "torch_dist", extra_vocab_size=12, progress=False)
-    spec = open_source(out, "torch_dist").spec
-    model = build_gpt_model(spec)
+    dims = open_source(out, "torch_dist").dims
+    model = build_gpt_model(dims)
     with torch.no_grad():
         for p in model.parameters():
             p.fill_(float("nan"))  # anything the checkpoint does not fill stays NaN
@@ -48,7 +48,7 @@ def test_torch_dist_checkpoint_loads_through_sharded_state_dict(megatron_world, 
     t = load_tensors(hf)
     qkv = model.decoder.layers[1].self_attention.linear_qkv.weight
     q, k, v = (t[f"model.layers.1.self_attn.{x}_proj.weight"] for x in "qkv")
-    qd = spec.heads // spec.groups * spec.head_dim  # query rows of one KV group, then that group's k and v
-    d = spec.head_dim
+    qd = dims.heads // dims.groups * dims.head_dim  # query rows of one KV group, then that group's k and v
+    d = dims.head_dim
     assert torch.equal(qkv[:qd], q[:qd]) and torch.equal(qkv[qd:qd + d], k[:d])
     assert torch.equal(qkv[qd + d:qd + 2 * d], v[:d]) and torch.equal(qkv[qd + 2 * d:2 * qd + 2 * d], q[qd:2 * qd])

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from .convert_models import load_tensors, save_tiny
-from qwen_trainer.convert import ParallelLayout, UpcycleSpec, convert
+from qwen_trainer.convert import ParallelLayout, UpcycleOptions, convert
 
 warnings.filterwarnings("ignore", category=UserWarning)
-UP = UpcycleSpec(num_experts=4, top_k=2, seed=7)
+UP = UpcycleOptions(num_experts=4, top_k=2, seed=7)
 
 
 @pytest.mark.parametrize("family", ["qwen3", "qwen1.5"])

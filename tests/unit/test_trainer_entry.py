@@ -11,7 +11,7 @@ from qwen_trainer import jobfile
 from qwen_trainer.checkpoint import store
 from qwen_trainer.distenv import read_env
 from qwen_trainer.errors import UserError, UserErrors
-from qwen_trainer.status import StatusReporter
+from qwen_trainer.status_reporter import StatusReporter
 
 JOB = {"stage": "pretrain", "model": {"family": "qwen2.5", "size": "0.5B"},
        "training": {"globalBatchSize": 8, "trainIters": 10},

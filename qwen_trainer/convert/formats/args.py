@@ -6,27 +6,27 @@ import argparse
 
 import torch
 
-from ..spec import ModelSpec, ParallelLayout
+from ..dims import ModelDims, ParallelLayout
 
 
-def megatron_args(spec: ModelSpec, layout: ParallelLayout, etp: int, *, ckpt_format: str, transformer_impl: str,
+def megatron_args(dims: ModelDims, layout: ParallelLayout, etp: int, *, ckpt_format: str, transformer_impl: str,
                   dtype: torch.dtype) -> argparse.Namespace:
-    cfg = spec.hf_config
+    cfg = dims.hf_config
     rope = cfg.get("rope_parameters") or {}
     return argparse.Namespace(
-        num_layers=spec.layers, hidden_size=spec.hidden, ffn_hidden_size=spec.ffn or spec.moe_ffn,
-        num_attention_heads=spec.heads, num_query_groups=spec.groups, group_query_attention=spec.groups != spec.heads,
-        kv_channels=spec.head_dim, padded_vocab_size=spec.padded_vocab, orig_vocab_size=spec.vocab,
+        num_layers=dims.layers, hidden_size=dims.hidden, ffn_hidden_size=dims.ffn or dims.moe_ffn,
+        num_attention_heads=dims.heads, num_query_groups=dims.groups, group_query_attention=dims.groups != dims.heads,
+        kv_channels=dims.head_dim, padded_vocab_size=dims.padded_vocab, orig_vocab_size=dims.vocab,
         # The padded size is exact; stop Megatron from rounding it again.
         make_vocab_size_divisible_by=1,
         tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
         expert_model_parallel_size=layout.ep, expert_tensor_parallel_size=etp,
         virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
-        num_experts=spec.num_experts or None, moe_ffn_hidden_size=spec.moe_ffn or None,
-        moe_shared_expert_intermediate_size=spec.shared_ffn or None, moe_router_topk=spec.top_k or None,
-        moe_shared_expert_gate=spec.shared_ffn > 0,
-        moe_router_pre_softmax=not bool(cfg.get("norm_topk_prob", False)) if spec.is_moe else False,
-        untie_embeddings_and_output_weights=not spec.tied, add_qkv_bias=spec.qkv_bias, qk_layernorm=spec.qk_norm,
+        num_experts=dims.num_experts or None, moe_ffn_hidden_size=dims.moe_ffn or None,
+        moe_shared_expert_intermediate_size=dims.shared_ffn or None, moe_router_topk=dims.top_k or None,
+        moe_shared_expert_gate=dims.shared_ffn > 0,
+        moe_router_pre_softmax=not bool(cfg.get("norm_topk_prob", False)) if dims.is_moe else False,
+        untie_embeddings_and_output_weights=not dims.tied, add_qkv_bias=dims.qkv_bias, qk_layernorm=dims.qk_norm,
         add_bias_linear=False, swiglu=True, normalization="RMSNorm", norm_epsilon=cfg.get("rms_norm_eps", 1e-6),
         position_embedding_type="rope", rotary_base=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
         max_position_embeddings=cfg.get("max_position_embeddings"), seq_length=cfg.get("max_position_embeddings"),

@@ -11,14 +11,14 @@ import torch
 from ..errors import ConversionError
 from ..plan import Instance, read_ahead
 from ..safetensors_io import SafetensorsFile, SafetensorsWriter
-from ..spec import ModelSpec
+from ..dims import ModelDims
 
 INDEX = "model.safetensors.index.json"
 
 
 class HFSource:
-    def __init__(self, root: Path, spec: ModelSpec):
-        self.root, self.spec = Path(root), spec
+    def __init__(self, root: Path, dims: ModelDims):
+        self.root, self.dims = Path(root), dims
         index = self.root / INDEX
         if index.is_file():
             files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -57,7 +57,7 @@ def unmapped(source: HFSource, insts: Sequence[Instance]) -> list[str]:
     """Source tensors no rule consumes: a sign of an architecture variant the tables do not describe."""
     used = {n for i in insts for n in i.hf_names}
     extra = source.names() - used
-    if source.spec.tied:
+    if source.dims.tied:
         extra.discard("lm_head.weight")  # some tied checkpoints still store the (identical) head
     return sorted(extra)
 

@@ -18,7 +18,7 @@ from ...checkpoint.layout import RANK_FILE, rank_dir_name, scan_rank_dirs
 from ..errors import ConversionError
 from ..plan import Instance, Placement, Slot, iter_groups, read_ahead
 from ..rules import KINDS, stack, unstack
-from ..spec import ModelSpec, ParallelLayout
+from ..dims import ModelDims, ParallelLayout
 from ..torchfile import LazyTensor, LazyTorchFile, StreamingTorchWriter
 
 _LEGACY_NEST = ("language_model.embedding.word_embeddings.", "language_model.encoder.",
@@ -85,7 +85,7 @@ def flatten(obj: dict, prefix: str = "") -> dict:
 def write_per_rank(source, iter_dir: Path, fmt: PerRankFormat, place: Placement, insts: Sequence[Instance], *,
                    cast: Callable, tick: Callable[[int], None], args) -> dict[Path, str]:
     """Returns {file: sha256}."""
-    spec, lay = place.spec, place.layout
+    dims, lay = place.dims, place.layout
     files: dict[Path, str] = {}
     # One (pp, ep) group at a time; its tp files are written side by side so each source tensor is read once.
     for pp, ep in iter_groups(lay):
@@ -104,9 +104,9 @@ def write_per_rank(source, iter_dir: Path, fmt: PerRankFormat, place: Placement,
             # Written (copied out) before the next instance: the fused tensor can reuse one buffer, unless a
             # stacked slot keeps its shards until all local experts are in.
             if kind.fuse_alloc and not any(s.stacked for s in slots):
-                canon = cast(kind.fuse(spec, *hf, alloc=scratch))
+                canon = cast(kind.fuse(dims, *hf, alloc=scratch))
             else:
-                canon = cast(kind.fuse(spec, *hf))
+                canon = cast(kind.fuse(dims, *hf))
             n = place.split_ranks(inst)
             for tp in range(lay.tp):
                 shard = canon if n == 1 else kind.split(canon, tp % n, n)
@@ -154,7 +154,7 @@ def _put(fmt, inst, slot: Slot, shard, writer, model, stacks, tp, experts_per_ra
 class PerRankSource:
     """Reads a per-rank checkpoint lazily; `read(instance)` merges the shards back into HF tensors."""
 
-    def __init__(self, root: Path, iter_dir: Path, fmt: PerRankFormat, spec_for: Callable[[int], ModelSpec]):
+    def __init__(self, root: Path, iter_dir: Path, fmt: PerRankFormat, dims_for: Callable[[int], ModelDims]):
         self.root, self.iter_dir, self.fmt = Path(root), Path(iter_dir), fmt
         ranks = scan_rank_dirs(self.iter_dir, order=fmt.order)
         if not ranks.paths:
@@ -179,11 +179,11 @@ class PerRankSource:
         self.schemes = fmt.resolve_schemes(te, grouped)
         self.transformer_engine_keys, self.expert_layout = te, "grouped" if grouped else "sequential"
         emb = self._find_embedding(keys)
-        self.spec = spec_for(emb * ranks.tp)
+        self.dims = dims_for(emb * ranks.tp)
         layout = ParallelLayout(tp=ranks.tp, pp=ranks.pp, ep=ranks.ep, vpp=vpp)
         # Placement with etp=tp first, to locate an expert tensor whose shape tells the real etp.
-        self.place = Placement(self.spec, layout, ranks.tp, self.schemes, fmt.tied_head_name)
-        self.place = Placement(self.spec, layout, self._detect_etp(layout), self.schemes, fmt.tied_head_name)
+        self.place = Placement(self.dims, layout, ranks.tp, self.schemes, fmt.tied_head_name)
+        self.place = Placement(self.dims, layout, self._detect_etp(layout), self.schemes, fmt.tied_head_name)
         self.layout = ParallelLayout(tp=ranks.tp, pp=ranks.pp, ep=ranks.ep, etp=self.place.etp, vpp=vpp)
         self._cache: dict = {}
 
@@ -197,15 +197,15 @@ class PerRankSource:
     def _detect_etp(self, layout: ParallelLayout) -> int:
         if not self.fmt.experts_tp:
             return 1
-        if not self.spec.is_moe or layout.tp == 1:
+        if not self.dims.is_moe or layout.tp == 1:
             return layout.tp
         from ..plan import rules_for  # local: only needed for MoE sources
-        for r in rules_for(self.spec):
+        for r in rules_for(self.dims):
             if r.scope == "expert" and r.kind == "row" and r.mg_name(self.schemes):
                 slot = self.place.slots(Instance(r, 0, 0))[0]
                 t = self._chunks[(0, slot.pp, 0)][slot.chunk].get(slot.name)
                 if t is not None:
-                    return 1 if t.shape[1] == self.spec.moe_ffn else layout.tp
+                    return 1 if t.shape[1] == self.dims.moe_ffn else layout.tp
         return layout.tp
 
     def _tensor(self, tp: int, ep: int, slot: Slot, meta: bool) -> torch.Tensor:
@@ -230,7 +230,7 @@ class PerRankSource:
         if slot.stacked:
             i = inst.expert % self.place.experts_per_rank
             shards = [unstack(s, self.place.experts_per_rank, inst.rule.stack_dim)[i] for s in shards]
-        return kind.unfuse(self.spec, kind.merge(shards))
+        return kind.unfuse(self.dims, kind.merge(shards))
 
     def close(self) -> None:
         for f in self._files.values():

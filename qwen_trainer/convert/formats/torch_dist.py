@@ -23,10 +23,10 @@ import torch
 from ..errors import ConversionError
 from ..plan import Instance, read_ahead
 from ..rules import KINDS
-from ..spec import ModelSpec
+from ..dims import ModelDims
 
 # The local layer spec renames its separate norms to the TE fused names in sharded_state_dict, so both specs share
-# keys for dense layers; MoE layers keep `pre_mlp_layernorm` under the TE spec only.
+# keys for dense layers; MoE layers keep `pre_mlp_layernorm` under the TE dims only.
 _LOCAL_KEYS_MAP = (("input_layernorm.", "self_attention.linear_qkv.layer_norm_"),
                    ("pre_mlp_layernorm.", "mlp.linear_fc1.layer_norm_"))
 
@@ -101,7 +101,7 @@ def _in_process_writers() -> Iterator[None]:
         fa.mp, fa._results_queue, fa._process_memory = saved
 
 
-def dist_key(inst: Instance, spec: ModelSpec, te: bool) -> tuple[str, tuple, str]:
+def dist_key(inst: Instance, dims: ModelDims, te: bool) -> tuple[str, tuple, str]:
     """(key, sharded offsets, extra-state key) for an instance."""
     schemes = ("te", "mcore") if te else ("mcore",)
     name = inst.rule.mg_name(schemes)
@@ -112,15 +112,15 @@ def dist_key(inst: Instance, spec: ModelSpec, te: bool) -> tuple[str, tuple, str
             for old, new in _LOCAL_KEYS_MAP:
                 if name == "decoder.layers." + old + "weight":
                     name = "decoder.layers." + new + "weight"
-        offsets = ((0, inst.layer, spec.layers),)
+        offsets = ((0, inst.layer, dims.layers),)
     if inst.expert is not None:
         name = name.replace("mlp.experts.local_experts.{expert}.", "mlp.experts.experts.")
-        offsets += ((1, inst.expert, spec.num_experts),)
+        offsets += ((1, inst.expert, dims.num_experts),)
     extra = name[: -len("weight")] + "_extra_state" if inst.rule.linear and inst.layer is not None else ""
     return name, offsets, extra
 
 
-def write_torch_dist(source, iter_dir: Path, spec: ModelSpec, insts: Sequence[Instance], *, te: bool,
+def write_torch_dist(source, iter_dir: Path, dims: ModelDims, insts: Sequence[Instance], *, te: bool,
                      cast: Callable, tick: Callable[[int], None], args) -> dict:
     # dist_checkpointing.save takes the whole sharded state dict at once, so this format holds the whole model.
     # When that would not fit in the memory left (a 72B model in a pod), the tensors live in a scratch file beside
@@ -128,7 +128,7 @@ def write_torch_dist(source, iter_dir: Path, spec: ModelSpec, insts: Sequence[In
     arena = None
     shapes = []
     for inst in insts:
-        canon = cast(KINDS[inst.rule.kind].fuse(spec, *source.read(inst, meta=True)))
+        canon = cast(KINDS[inst.rule.kind].fuse(dims, *source.read(inst, meta=True)))
         shapes.append((canon.dtype, tuple(canon.shape), canon.numel() * canon.element_size()))
     if sum(n for _, _, n in shapes) > arena_threshold():
         from ..fileio import FileArena
@@ -136,7 +136,7 @@ def write_torch_dist(source, iter_dir: Path, spec: ModelSpec, insts: Sequence[In
         iter_dir.parent.mkdir(parents=True, exist_ok=True)
         arena = FileArena(iter_dir.parent / f".{iter_dir.name}.arena", [n for _, _, n in shapes])
     try:
-        return _save(source, iter_dir, spec, insts, te, cast, tick, args, arena, shapes)
+        return _save(source, iter_dir, dims, insts, te, cast, tick, args, arena, shapes)
     finally:
         if arena is not None:
             arena.close()
@@ -153,7 +153,7 @@ def arena_threshold() -> int:
     return available_memory() // 2
 
 
-def _save(source, iter_dir: Path, spec: ModelSpec, insts: Sequence[Instance], te: bool, cast: Callable,
+def _save(source, iter_dir: Path, dims: ModelDims, insts: Sequence[Instance], te: bool, cast: Callable,
           tick: Callable[[int], None], args, arena, shapes) -> dict:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
@@ -161,12 +161,12 @@ def _save(source, iter_dir: Path, spec: ModelSpec, insts: Sequence[Instance], te
     sd: dict = {}
     for i, (inst, hf) in enumerate(read_ahead(source, insts)):  # in the order of insts
         kind = KINDS[inst.rule.kind]
-        canon = cast(kind.fuse(spec, *hf)).contiguous()
+        canon = cast(kind.fuse(dims, *hf)).contiguous()
         if arena is not None:
             held = arena.tensor(i, shapes[i][0], shapes[i][1])
             held.copy_(canon)
             canon = held
-        key, offsets, extra = dist_key(inst, spec, te)
+        key, offsets, extra = dist_key(inst, dims, te)
         local = f"{key}@{inst.layer}.{inst.expert}"
         sd[local] = ShardedTensor.from_rank_offsets(key, canon, *offsets, replica_id=0, prepend_axis_num=len(offsets))
         if extra:
@@ -231,26 +231,26 @@ class DcpReader:
 
 
 def is_torch_dist_dir(iter_dir: Path) -> bool:
-    """An iteration folder written by dist_checkpointing (whatever format a spec names for it)."""
+    """An iteration folder written by dist_checkpointing (whatever format a dims names for it)."""
     return (Path(iter_dir) / "metadata.json").is_file() and (Path(iter_dir) / ".metadata").is_file()
 
 
 class DistSource:
     """Reads a torch_dist checkpoint one tensor (one layer of it) at a time."""
 
-    def __init__(self, root: Path, iter_dir: Path, spec_for: Callable[[int], ModelSpec]):
+    def __init__(self, root: Path, iter_dir: Path, dims_for: Callable[[int], ModelDims]):
         self.root, self.iter_dir = Path(root), Path(iter_dir)
         if not (self.iter_dir / "metadata.json").is_file() or not (self.iter_dir / ".metadata").is_file():
             raise ConversionError(f"{self.iter_dir}: not a torch_dist checkpoint (metadata.json or .metadata missing)")
         self._dcp = DcpReader(self.iter_dir)
         if "embedding.word_embeddings.weight" not in self._dcp.tensors:
             raise ConversionError(f"{self.iter_dir}: no embedding.word_embeddings.weight in the checkpoint")
-        self.spec = spec_for(self._dcp.shape("embedding.word_embeddings.weight")[0])
+        self.dims = dims_for(self._dcp.shape("embedding.word_embeddings.weight")[0])
         self.te = "decoder.layers.pre_mlp_layernorm.weight" in self._dcp.tensors
         self.transformer_engine_keys = self.te
 
     def read(self, inst: Instance, meta: bool = False) -> list[torch.Tensor]:
-        key, offsets, _ = dist_key(inst, self.spec, self.te)
+        key, offsets, _ = dist_key(inst, self.dims, self.te)
         if key not in self._dcp.tensors:
             raise ConversionError(f"{self.iter_dir}: missing tensor {key}")
         kind = KINDS[inst.rule.kind]
@@ -259,7 +259,7 @@ class DistSource:
         else:
             t = self._dcp.read(key, inst.layer)
             canon = t[inst.expert] if inst.expert is not None else t
-        return kind.unfuse(self.spec, canon)
+        return kind.unfuse(self.dims, canon)
 
     def close(self) -> None:
         pass

@@ -19,17 +19,17 @@ import torch
 from qwen_trainer.convert.formats.per_rank import FORMATS, mcore_traits
 from qwen_trainer.convert.plan import Instance, Placement, format_rules, instances
 from qwen_trainer.convert.rules import KINDS, stack, unstack
-from qwen_trainer.convert.spec import FAMILY_ALIASES, ModelSpec, ParallelLayout
+from qwen_trainer.convert.dims import FAMILY_ALIASES, ModelDims, ParallelLayout
 from qwen_trainer.spec.resolve import ResolvedArchitecture
 
 _TIED_HEAD = FORMATS["mcore"].tied_head_name
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
 
-def model_spec(arch: ResolvedArchitecture) -> ModelSpec:
+def model_dims(arch: ResolvedArchitecture) -> ModelDims:
     """The converter's description of the engine's model; the engine's vocabulary is already padded."""
     moe = arch.moe
-    return ModelSpec(
+    return ModelDims(
         family=FAMILY_ALIASES[arch.family] + ("_moe" if moe else ""), hidden=arch.hidden_size, layers=arch.num_layers,
         heads=arch.num_attention_heads, groups=arch.num_query_groups, head_dim=arch.kv_channels,
         ffn=arch.ffn_hidden_size, vocab=arch.vocab_size, padded_vocab=arch.vocab_size, tied=arch.tie_word_embeddings,
@@ -43,41 +43,41 @@ class _Mapping:
     one, or every local expert of a stacked name."""
 
     def __init__(self, arch: ResolvedArchitecture, keys, tp: int, ep: int):
-        self.spec = model_spec(arch)
+        self.dims = model_dims(arch)
         te, grouped = mcore_traits(keys)
         schemes = (("gmm",) if any(k.endswith(".experts.weight1") for k in keys) else ()) + \
             (("megablocks_mcore",) if any(k.endswith(".mlp.moe.experts.mlp.w1") for k in keys) else ()) + \
             FORMATS["mcore"].resolve_schemes(te, grouped)
         # one pipeline stage: every layer keeps its global number
-        self.place = Placement(self.spec, ParallelLayout(tp=tp, ep=ep), 1, schemes, None)
+        self.place = Placement(self.dims, ParallelLayout(tp=tp, ep=ep), 1, schemes, None)
         self.names: dict[tuple[str, Optional[int]], list[Instance]] = {}
         self.stacked: set[str] = set()
-        for inst in instances(self.spec, format_rules(self.spec, schemes, "engine")):
+        for inst in instances(self.dims, format_rules(self.dims, schemes, "engine")):
             for slot in self.place.slots(inst):
                 self.names.setdefault((slot.name, self.place.ep_rank(inst)), []).append(inst)
                 if slot.stacked:
                     self.stacked.add(slot.name)
-                if self.spec.tied and inst.rule.scope == "first":
+                if self.dims.tied and inst.rule.scope == "first":
                     self.names[(_TIED_HEAD, None)] = [inst]
 
     def __call__(self, key: str, ep_rank: int) -> list[Instance]:
         found = self.names.get((key, ep_rank)) or self.names.get((key, None))
         if found is None:
-            raise KeyError(f"no Hugging Face tensor for {key} in the {self.spec.family} table")
+            raise KeyError(f"no Hugging Face tensor for {key} in the {self.dims.family} table")
         return found
 
     def to_megatron(self, key: str, hf: dict[str, torch.Tensor], tp_rank: int, ep_rank: int) -> torch.Tensor:
         insts, shards = self(key, ep_rank), []
         for inst in insts:
             kind = KINDS[inst.rule.kind]
-            canon = kind.fuse(self.spec, *(hf[n] for n in inst.hf_names))
+            canon = kind.fuse(self.dims, *(hf[n] for n in inst.hf_names))
             n = self.place.split_ranks(inst)
             shards.append(canon if n == 1 else kind.split(canon, tp_rank % n, n))
         return stack(shards, insts[0].rule.stack_dim) if key in self.stacked else shards[0]
 
     def to_hf(self, inst: Instance, shards: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         kind = KINDS[inst.rule.kind]
-        return dict(zip(inst.hf_names, kind.unfuse(self.spec, kind.merge(shards))))
+        return dict(zip(inst.hf_names, kind.unfuse(self.dims, kind.merge(shards))))
 
 
 def _renumber(key: str, offset: int) -> str:
@@ -133,7 +133,7 @@ def hf_from_shards(dense: dict[int, dict[str, torch.Tensor]], experts: dict[int,
     mapping = _Mapping(arch, keys, len(dense), max(len(experts), 1))
     out: dict[str, torch.Tensor] = {}
     for key in sorted(dense[0]):
-        if mapping.spec.tied and key == _TIED_HEAD:
+        if mapping.dims.tied and key == _TIED_HEAD:
             continue  # the last stage's copy of the embedding
         inst = mapping(key, None)[0]
         out.update(mapping.to_hf(inst, [dense[r][key] for r in range(mapping.place.split_ranks(inst))]))
