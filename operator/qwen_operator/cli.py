@@ -131,7 +131,8 @@ def cmd_explain(args) -> int:
 
 def _explain_one(spec) -> dict:
     from qwen_trainer.spec import derive, resolve_architecture
-    from qwen_trainer.spec.estimate import checkpoint_size, flops_per_token, job_memory_per_gpu
+    from qwen_trainer.spec.estimate import checkpoint_size, flops_per_token
+    from qwen_trainer.spec.resolve import job_memory_per_gpu
 
     job = spec.job_spec()
     world = spec.world_size()

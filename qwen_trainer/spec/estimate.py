@@ -9,8 +9,10 @@ formula; allocator fragmentation and communication buffers are not in it, so tre
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
-from .resolve import ResolvedArchitecture
+if TYPE_CHECKING:  # a type only: resolve imports this module
+    from .resolve import ResolvedArchitecture
 
 
 def _attention_params(a: ResolvedArchitecture) -> int:
@@ -144,25 +146,3 @@ def checkpoint_size(a: ResolvedArchitecture, *, tensor: int, pipeline: int, expe
     expert_dp = max(world // (expert * pipeline), 1)
     per_rank = dense_params / (tensor * pipeline) / dense_dp + expert_params / (expert * pipeline) / expert_dp
     return CheckpointSize(round(total * per_param / GIB, 3), round(per_rank * per_param / GIB, 3))
-
-
-def job_memory_per_gpu(job, world_size: int) -> MemoryEstimate:
-    """memory_per_gpu for a job spec run on `world_size` processes (the layout `qwenctl explain` reports)."""
-    from qwen_trainer.spec import derive, resolve_architecture
-
-    derived = derive(job, world_size)
-    p, t = job.parallelism, job.training
-    return memory_per_gpu(
-        resolve_architecture(job),
-        tensor=p.tensor,
-        pipeline=p.pipeline,
-        expert=p.expert,
-        data_parallel=derived.data_parallel_size or 1,
-        distributed_optimizer=p.distributed_optimizer,
-        expert_data_parallel=derived.expert_data_parallel_size or None,
-        micro_batch_size=t.micro_batch_size,
-        seq_length=t.seq_length,
-        recompute=t.activation_checkpointing.mode,
-        sequence_parallel=p.sequence_parallel,
-    )
-

@@ -13,6 +13,7 @@ from typing import Optional
 from pydantic.alias_generators import to_camel
 
 from . import presets
+from .estimate import MemoryEstimate, memory_per_gpu, parameter_counts
 from .job import JobSpec
 
 BACKEND_FORMAT = {"megatron-lm": "megatron-lm", "megatron-core": "mcore", "megablocks": "megablocks"}
@@ -209,8 +210,6 @@ class Derived:
 
 
 def derive(spec: JobSpec, world_size: Optional[int] = None) -> Derived:
-    from .estimate import parameter_counts  # local: estimate imports resolve
-
     arch = resolve_architecture(spec)
     p = spec.parallelism
     model_parallel = p.tensor * p.pipeline * p.context
@@ -242,4 +241,24 @@ def derive(spec: JobSpec, world_size: Optional[int] = None) -> Derived:
         output_format=out,
         parameters=total,
         active_parameters=active,
+    )
+
+
+def job_memory_per_gpu(job: JobSpec, world_size: int) -> MemoryEstimate:
+    """estimate.memory_per_gpu for a job spec run on `world_size` processes (the layout `qwenctl explain`
+    reports)."""
+    derived = derive(job, world_size)
+    p, t = job.parallelism, job.training
+    return memory_per_gpu(
+        resolve_architecture(job),
+        tensor=p.tensor,
+        pipeline=p.pipeline,
+        expert=p.expert,
+        data_parallel=derived.data_parallel_size or 1,
+        distributed_optimizer=p.distributed_optimizer,
+        expert_data_parallel=derived.expert_data_parallel_size or None,
+        micro_batch_size=t.micro_batch_size,
+        seq_length=t.seq_length,
+        recompute=t.activation_checkpointing.mode,
+        sequence_parallel=p.sequence_parallel,
     )

@@ -48,7 +48,7 @@ def device_memory(node_selector: dict[str, str], default_gib: Optional[float]) -
 
 def memory_fit(spec, default_gib: Optional[float]) -> tuple[str, str, str]:
     """(status, reason, message) of the MemoryFits condition of a single-stage resource spec."""
-    from qwen_trainer.spec.estimate import job_memory_per_gpu
+    from qwen_trainer.spec.resolve import job_memory_per_gpu
 
     if spec.stage not in ("pretrain", "finetune") or spec.resources.gpus_per_node == 0:
         return "True", NOT_ESTIMATED, "not a training stage on GPUs"
