@@ -40,11 +40,14 @@ import yaml
 
 from qwen_trainer.spec import JobSpec, Problem, SpecError, derive
 
-from .api import API_VERSION, KIND, QwenTrainingJobSpec, validate_resource_spec
+from .api import API_VERSION, GROUP, KIND, QwenTrainingJobSpec, validate_resource_spec
 from .api.pipeline import is_pipeline, pipeline_steps
 
-PYTORCHJOB_API_VERSION = "kubeflow.org/v1"
+PYTORCHJOB_GROUP = "kubeflow.org"
+PYTORCHJOB_VERSION = "v1"
+PYTORCHJOB_API_VERSION = f"{PYTORCHJOB_GROUP}/{PYTORCHJOB_VERSION}"
 PYTORCHJOB_KIND = "PyTorchJob"
+PYTORCHJOB_PLURAL = "pytorchjobs"
 CONTAINER_NAME = "pytorch"  # the training-operator requires this name
 PORT_NAME = "pytorchjob-port"
 DEFAULT_PORT = 23456  # the training-operator's default; rendered explicitly so defaulting changes nothing
@@ -58,9 +61,9 @@ RESERVED_VOLUMES = (SPEC_VOLUME, SHM_VOLUME)
 
 MANAGED_BY = "qwen-operator"
 APP_NAME = "qwen-training-job"
-LABEL_JOB = "training.qwen.dev/job"
-LABEL_STAGE = "training.qwen.dev/stage"
-LABEL_STEP = "training.qwen.dev/step"
+LABEL_JOB = f"{GROUP}/job"
+LABEL_STAGE = f"{GROUP}/stage"
+LABEL_STEP = f"{GROUP}/step"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
@@ -79,10 +82,10 @@ TRAINJOB_PLURAL = "trainjobs"
 CLUSTER_RUNTIME_KIND = "ClusterTrainingRuntime"
 DEFAULT_RUNTIME = "qwen-torch-distributed"  # the chart's ClusterTrainingRuntime
 TRAINJOB_NODE = "node"  # the runtime's replicated job and container name (Trainer v2's convention)
-RUNTIME_PATCH_MANAGER = "training.qwen.dev/qwen-operator"
+RUNTIME_PATCH_MANAGER = f"{GROUP}/qwen-operator"
 CHILD_KINDS = (PYTORCHJOB_KIND, TRAINJOB_KIND)
 # Hash of what was rendered (suspend excluded): tells a changed resource spec apart from a hand-edited child.
-HASH_ANNOTATION = "training.qwen.dev/rendered-hash"
+HASH_ANNOTATION = f"{GROUP}/rendered-hash"
 
 GANG_SCHEDULER_NAMES = {"volcano": "volcano", "scheduler-plugins": "scheduler-plugins-scheduler"}
 
