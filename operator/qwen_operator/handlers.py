@@ -28,8 +28,8 @@ from kubernetes.client.exceptions import ApiException
 
 from qwen_trainer.spec import SpecError, derive
 
-from . import stages as sg
-from . import status as st
+from . import step_records as sr
+from . import conditions as cnd
 from .api import GROUP, KIND, PLURAL, VERSION
 from .api.devices import memory_fit
 from .api.pipeline import is_pipeline
@@ -172,13 +172,13 @@ def _drift_state(desired: dict[str, Any], live: dict[str, Any]) -> Optional[tupl
     kind, name = desired["kind"], desired["metadata"]["name"]
     live_hash = ((live.get("metadata") or {}).get("annotations") or {}).get(HASH_ANNOTATION)
     if live_hash != desired["metadata"]["annotations"][HASH_ANNOTATION]:
-        return (st.SPEC_CHANGE_IGNORED,
+        return (cnd.SPEC_CHANGE_IGNORED,
                 f"{kind} {name} was rendered from a different spec (or operator version); only spec.suspend is "
                 f"applied to an existing job: delete and recreate the QwenTrainingJob to change anything else")
     paths = child_drift(desired, live)
     if paths:
         shown = ", ".join(paths[:10]) + (f" (+{len(paths) - 10} more)" if len(paths) > 10 else "")
-        return st.CHILD_MODIFIED, f"{kind} {name} was changed by hand and no longer matches the spec: {shown}"
+        return cnd.CHILD_MODIFIED, f"{kind} {name} was changed by hand and no longer matches the spec: {shown}"
     return None
 
 
@@ -194,7 +194,7 @@ def reconcile(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, retry: i
 
 def _step_records(body: dict[str, Any]) -> list[dict[str, Any]]:
     """status.stages for the resource's steps (raises SpecError for an invalid spec)."""
-    return sg.init_stages((body.get("status") or {}).get("stages"),
+    return sr.init_stages((body.get("status") or {}).get("stages"),
                           [(step or stage, stage) for step, stage, _ in steps(body)])
 
 
@@ -205,7 +205,7 @@ def _refused(kube: Kube, err: ApiException, child: dict[str, Any]) -> Optional[t
     if err.status == 404:
         group, version, plural = CHILD_RESOURCES[kind]
         served = kube.api_served(group, version, plural, ttl=0)
-    return st.child_refused(kind, child["metadata"]["name"], err.status or 0, err.body, api_served=served,
+    return cnd.child_refused(kind, child["metadata"]["name"], err.status or 0, err.body, api_served=served,
                             runtime=((child.get("spec") or {}).get("runtimeRef") or {}).get("name", ""),
                             job_api_setting=CONFIG.job_api)
 
@@ -224,9 +224,9 @@ def _queue_condition(kube: Kube, resource: dict[str, Any], spec: Any, index: int
         return None
     queue, field = source
     kind, name = child["kind"], child["metadata"]["name"]
-    if not kube.api_served(st.WORKLOAD_GROUP, st.WORKLOAD_VERSION, st.WORKLOAD_PLURAL):
-        return st.kueue_not_installed(kind, name, queue, field)
-    return st.queue_pending(kind, name, queue, field)
+    if not kube.api_served(cnd.WORKLOAD_GROUP, cnd.WORKLOAD_VERSION, cnd.WORKLOAD_PLURAL):
+        return cnd.kueue_not_installed(kind, name, queue, field)
+    return cnd.queue_pending(kind, name, queue, field)
 
 
 def _reconcile(body: dict[str, Any], memo: kopf.Memo, logger: logging.Logger, rerun: bool = False,
@@ -235,7 +235,7 @@ def _reconcile(body: dict[str, Any], memo: kopf.Memo, logger: logging.Logger, re
     meta = body["metadata"]
     ns, name = meta["namespace"], meta["name"]
     previous = body.get("status") or {}
-    if st.is_terminal(previous) and not rerun:
+    if cnd.is_terminal(previous) and not rerun:
         return
     if meta.get("deletionTimestamp"):
         return
@@ -243,11 +243,11 @@ def _reconcile(body: dict[str, Any], memo: kopf.Memo, logger: logging.Logger, re
     try:
         records = _step_records(body)
         if rerun:
-            previous = kube.update_status(ns, name, lambda res: sg.rerun(
+            previous = kube.update_status(ns, name, lambda res: sr.rerun(
                 res.get("status") or {}, _step_records(res), res["metadata"].get("generation"))) or previous
-            records = sg.init_stages(previous.get("stages"), [(r["name"], r["stage"]) for r in records])
+            records = sr.init_stages(previous.get("stages"), [(r["name"], r["stage"]) for r in records])
             logger.info("spec fixed after %s: running again from %s", "failure", previous.get("currentStage"))
-        index = sg.current_index(records)
+        index = sr.current_index(records)
         if index is None:
             return  # every step has succeeded
         account = kube.service_account(ns, CONFIG.trainer_service_account)
@@ -255,25 +255,25 @@ def _reconcile(body: dict[str, Any], memo: kopf.Memo, logger: logging.Logger, re
                                      job_api=CONFIG.job_api, runtime=CONFIG.trainjob_runtime)
     except SpecError as err:
         problems = [str(p) for p in err.problems]
-        kube.update_status(ns, name, lambda res: st.invalid(res.get("status"), problems,
+        kube.update_status(ns, name, lambda res: cnd.invalid(res.get("status"), problems,
                                                               res["metadata"].get("generation"), now()), body=body)
-        kopf.warn(_ref(body), reason=st.INVALID_SPEC, message="; ".join(problems)[:1024])
+        kopf.warn(_ref(body), reason=cnd.INVALID_SPEC, message="; ".join(problems)[:1024])
         logger.warning("invalid spec, nothing created: %s", "; ".join(problems))
         return
 
     derived = derive(spec.job_spec(), spec.world_size()).to_dict()
-    synced: tuple[str, str, str] = ("True", st.IN_SYNC, "")
+    synced: tuple[str, str, str] = ("True", cnd.IN_SYNC, "")
     created: list[str] = []
     warnings: list[tuple[str, str]] = []
     memory = memory_fit(spec, CONFIG.gpu_memory_gib)
-    if memory[0] == "False" and (st.get_condition(previous, st.MEMORY_FITS) or {}).get("status") != "False":
+    if memory[0] == "False" and (cnd.get_condition(previous, cnd.MEMORY_FITS) or {}).get("status") != "False":
         warnings.append(memory[1:])  # once, when the estimate first misses
 
     # A child job this resource already created and that is gone now was deleted by someone: do not rerun it.
     if previous.get("pytorchJob") == pj["metadata"]["name"] and kube.get_child(pj) is None:
-        kube.update_status(ns, name, lambda res: st.child_deleted(res.get("status"), res["metadata"].get("generation"),
+        kube.update_status(ns, name, lambda res: cnd.child_deleted(res.get("status"), res["metadata"].get("generation"),
                                                                   now(), pj["metadata"]["name"], kind=pj["kind"]))
-        kopf.warn(_ref(body), reason=st.CHILD_DELETED, message=f"{pj['kind']} {pj['metadata']['name']} was deleted")
+        kopf.warn(_ref(body), reason=cnd.CHILD_DELETED, message=f"{pj['kind']} {pj['metadata']['name']} was deleted")
         return
 
     for desired in (cm, pj):  # ConfigMap first: the pods mount it
@@ -284,8 +284,8 @@ def _reconcile(body: dict[str, Any], memo: kopf.Memo, logger: logging.Logger, re
             if refused is None:
                 raise
             reason, message = refused
-            before = (st.get_condition(previous, "Created") or {}).get("reason")
-            kube.update_status(ns, name, lambda res: st.not_created(res.get("status"), reason, message,
+            before = (cnd.get_condition(previous, "Created") or {}).get("reason")
+            kube.update_status(ns, name, lambda res: cnd.not_created(res.get("status"), reason, message,
                                                                      res["metadata"].get("generation"), now()))
             if before != reason:  # one Warning Event per cause, not one per retry
                 kopf.warn(_ref(body), reason=reason, message=message[:1024])
@@ -303,26 +303,26 @@ def _reconcile(body: dict[str, Any], memo: kopf.Memo, logger: logging.Logger, re
                 raise kopf.TemporaryError(f"{kind} {child} still belongs to an earlier {KIND} {owner.get('uid')}",
                                           delay=2)
             message = f"{kind} {child} exists and is not owned by this {KIND}; it is left alone"
-            synced = ("False", st.NAME_CONFLICT, message)
-            warnings.append((st.NAME_CONFLICT, message))
+            synced = ("False", cnd.NAME_CONFLICT, message)
+            warnings.append((cnd.NAME_CONFLICT, message))
             break
         drift = _drift_state(desired, live)
         if drift is not None and synced[0] == "True":
             synced = ("False", drift[0], drift[1])
             warnings.append(drift)
 
-    pj_name = pj["metadata"]["name"] if synced[1] != st.NAME_CONFLICT else None
+    pj_name = pj["metadata"]["name"] if synced[1] != cnd.NAME_CONFLICT else None
     queue = _queue_condition(kube, body, spec, index, is_pipeline(body.get("spec")), pj) if pj_name else None
-    if queue is not None and queue[1] == st.KUEUE_NOT_INSTALLED and \
-            (st.get_condition(previous, st.QUEUED) or {}).get("reason") != st.KUEUE_NOT_INSTALLED:
-        warnings.append((st.KUEUE_NOT_INSTALLED, queue[2]))
+    if queue is not None and queue[1] == cnd.KUEUE_NOT_INSTALLED and \
+            (cnd.get_condition(previous, cnd.QUEUED) or {}).get("reason") != cnd.KUEUE_NOT_INSTALLED:
+        warnings.append((cnd.KUEUE_NOT_INSTALLED, queue[2]))
 
     def written(res: dict[str, Any]) -> dict[str, Any]:
-        status = st.reconciled(res.get("status"), res["metadata"].get("generation"), now(), pytorch_job=pj_name,
+        status = cnd.reconciled(res.get("status"), res["metadata"].get("generation"), now(), pytorch_job=pj_name,
                                config_map=cm["metadata"]["name"], derived=derived, synced=synced, memory=memory)
         if queue is not None:
-            status = st.queued(status, queue, res["metadata"].get("generation"), now(), initial=True) or status
-        return sg.started(status, sg.init_stages(status.get("stages"), [(r["name"], r["stage"]) for r in records]),
+            status = cnd.queued(status, queue, res["metadata"].get("generation"), now(), initial=True) or status
+        return sr.started(status, sr.init_stages(status.get("stages"), [(r["name"], r["stage"]) for r in records]),
                           index, pj_name, now())
 
     kube.update_status(ns, name, written)
@@ -334,7 +334,7 @@ def _reconcile(body: dict[str, Any], memo: kopf.Memo, logger: logging.Logger, re
     for reason, message in warnings:
         kopf.warn(_ref(body), reason=reason, message=message[:1024])
         logger.warning(message)
-    if synced[1] == st.NAME_CONFLICT:
+    if synced[1] == cnd.NAME_CONFLICT:
         raise kopf.TemporaryError(synced[2], delay=30)
 
 
@@ -345,7 +345,7 @@ def _reconcile(body: dict[str, Any], memo: kopf.Memo, logger: logging.Logger, re
 def suspend_changed(body: kopf.Body, new: Any, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
     with observe("suspend"):
         resource = _plain(body)
-        if st.is_terminal(resource.get("status")):
+        if cnd.is_terminal(resource.get("status")):
             return
         name = (resource.get("status") or {}).get("pytorchJob")
         if not name:
@@ -368,15 +368,15 @@ def spec_changed(body: kopf.Body, diff: kopf.Diff, memo: kopf.Memo, logger: logg
         if not fields:
             return
         resource = _plain(body)
-        if sg.is_fixable(resource.get("status")):
+        if sr.is_fixable(resource.get("status")):
             _reconcile(resource, memo, logger, rerun=True)  # a failed or refused job, fixed and re-applied
             return
         message = ("only spec.suspend may change after creation; ignored changes to " + ", ".join(fields))
         meta = resource["metadata"]
-        memo.kube.update_status(meta["namespace"], meta["name"], lambda res: st.reconciled(
+        memo.kube.update_status(meta["namespace"], meta["name"], lambda res: cnd.reconciled(
             res.get("status"), res["metadata"].get("generation"), now(),
-            synced=("False", st.SPEC_CHANGE_IGNORED, message)))
-        kopf.warn(_ref(resource), reason=st.SPEC_CHANGE_IGNORED, message=message[:1024])
+            synced=("False", cnd.SPEC_CHANGE_IGNORED, message)))
+        kopf.warn(_ref(resource), reason=cnd.SPEC_CHANGE_IGNORED, message=message[:1024])
         logger.warning(message)
 
 
@@ -415,9 +415,9 @@ def _child_status(kind: str, child: dict[str, Any], previous: Optional[dict[str,
                   kube: Kube, ns: str) -> dict[str, Any]:
     if kind == TRAINJOB_KIND:
         jobset = kube.get_jobset(ns, child["metadata"]["name"]) if _needs_jobset(child) else None
-        return st.from_trainjob(child, previous, generation, now(), jobset=jobset, run_policy=_run_policy(child),
+        return cnd.from_trainjob(child, previous, generation, now(), jobset=jobset, run_policy=_run_policy(child),
                                 namespace=ns)
-    return st.from_child(child.get("status"), previous, generation, now(), run_policy=_run_policy(child), namespace=ns)
+    return cnd.from_child(child.get("status"), previous, generation, now(), run_policy=_run_policy(child), namespace=ns)
 
 
 def _needs_jobset(trainjob: dict[str, Any]) -> bool:
@@ -445,14 +445,14 @@ def _child_event(kind: str, event: kopf.RawEvent, body: kopf.Body, memo: kopf.Me
             def on_delete(res: dict[str, Any]) -> Optional[dict[str, Any]]:
                 if not ours(res) or (res.get("status") or {}).get("pytorchJob") != child_name:
                     return None
-                return st.child_deleted(res.get("status"), res["metadata"].get("generation"), now(), child_name,
+                return cnd.child_deleted(res.get("status"), res["metadata"].get("generation"), now(), child_name,
                                         kind=kind)
             written = kube.update_status(ns, owner["name"], on_delete)
             if written is not None and written.get("phase") == "Failed" and \
-                    (st.get_condition(written, "Failed") or {}).get("reason") == st.CHILD_DELETED:
+                    (cnd.get_condition(written, "Failed") or {}).get("reason") == cnd.CHILD_DELETED:
                 kopf.warn({"apiVersion": owner["apiVersion"], "kind": KIND,
                            "metadata": {"name": owner["name"], "namespace": ns, "uid": owner["uid"]}},
-                          reason=st.CHILD_DELETED, message=f"{kind} {child_name} was deleted before it finished")
+                          reason=cnd.CHILD_DELETED, message=f"{kind} {child_name} was deleted before it finished")
             return
 
         child_status = child.get("status") or {}
@@ -481,14 +481,14 @@ def _child_event(kind: str, event: kopf.RawEvent, body: kopf.Body, memo: kopf.Me
             new.setdefault("pytorchJob", child_name)  # the child exists, whichever handler writes first
             records = new.get("stages") or []
             index = next((i for i, r in enumerate(records) if r.get("pytorchJob") == child_name),
-                         sg.current_index(records))
+                         sr.current_index(records))
             if index is not None and records:
-                new, moved = sg.observed(new, index, now())
+                new, moved = sr.observed(new, index, now())
                 advanced[:] = [moved]
                 if moved:
                     return new
             # A spec change of the child after creation (generation > 1): check it still matches the rendering.
-            if (child["metadata"].get("generation") or 1) > 1 and not st.is_terminal(new):
+            if (child["metadata"].get("generation") or 1) > 1 and not cnd.is_terminal(new):
                 try:
                     attempt = int(records[index].get("attempt") or 0) if index is not None and records else 0
                     desired = render_step(res, index or 0, attempt, _live_service_account(child),
@@ -498,13 +498,13 @@ def _child_event(kind: str, event: kopf.RawEvent, body: kopf.Body, memo: kopf.Me
                 except SpecError:
                     return new
                 drift = _drift_state(desired, child)
-                synced = st.get_condition(new, st.SYNCED) or {}
+                synced = cnd.get_condition(new, cnd.SYNCED) or {}
                 if drift is not None and synced.get("reason") != drift[0]:
-                    new = st.reconciled(new, res["metadata"].get("generation"), now(),
+                    new = cnd.reconciled(new, res["metadata"].get("generation"), now(),
                                         synced=("False", drift[0], drift[1]))
                     warning[:] = [drift]
-                elif drift is None and synced.get("reason") in (st.CHILD_MODIFIED,):
-                    new = st.reconciled(new, res["metadata"].get("generation"), now())
+                elif drift is None and synced.get("reason") in (cnd.CHILD_MODIFIED,):
+                    new = cnd.reconciled(new, res["metadata"].get("generation"), now())
             return new
 
         written = kube.update_status(ns, owner["name"], on_change)
@@ -558,7 +558,7 @@ def _post_phase(owner: dict[str, Any], ns: str, child_name: str, status: dict[st
     """Normal Events for Running and Succeeded, a Warning with the failed pod's story for Failed."""
     phase = status.get("phase")
     if phase == "Failed":
-        failed = st.get_condition(status, "Failed") or {}
+        failed = cnd.get_condition(status, "Failed") or {}
         kopf.warn(_owner_ref(owner, ns), reason="Failed", message=(failed.get("message") or "")[:1024])
     elif phase == "Running":
         kopf.event(_owner_ref(owner, ns), type="Normal", reason="Running", message=f"{kind} {child_name} is running")
@@ -583,23 +583,23 @@ def pod_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, logger: lo
     events change nothing here and cost no API call: a running pod is only looked at when the cached resource is
     Restarting."""
     pod = _view(body)
-    failure = st.pod_failure(pod)
+    failure = cnd.pod_failure(pod)
     kube: Optional[Kube] = getattr(memo, "kube", None)
     where = _resource_of(pod)
     if kube is None or where is None:
         return
     ns, name = where
-    job = st.pod_job_name(pod)
+    job = cnd.pod_job_name(pod)
     if failure is None:
         cached = kube.cache.get((ns, name))
-        if cached is None or not st.pending_restart(cached.get("status")):
+        if cached is None or not cnd.pending_restart(cached.get("status")):
             return
-        if st.pod_running_again(pod, cached.get("status")) is None:
+        if cnd.pod_running_again(pod, cached.get("status")) is None:
             return
     with observe("pod-status"):
         # A TrainJob's pods follow its JobSet's failure policy (from the runtime), read once per failed pod.
-        jobset_policy = st.jobset_run_policy(kube.get_jobset(ns, job)) \
-            if failure is not None and st.JOBSET_NAME_LABEL in ((pod.get("metadata") or {}).get("labels") or {}) \
+        jobset_policy = cnd.jobset_run_policy(kube.get_jobset(ns, job)) \
+            if failure is not None and cnd.JOBSET_NAME_LABEL in ((pod.get("metadata") or {}).get("labels") or {}) \
             else None
 
         def ours(res: dict[str, Any]) -> bool:
@@ -614,9 +614,9 @@ def pod_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, logger: lo
                 policy = jobset_policy or {"restartPolicy": policy.get("restartPolicy", "OnFailure"),
                                            "cleanPodPolicy": policy.get("cleanPodPolicy", "None"),
                                            "backoffLimit": policy.get("backoffLimit", 3)}  # the spec's default
-                return st.observe_pod_failure(res.get("status"), failure, policy, ns, gen, now())
-            replica = st.pod_running_again(pod, res.get("status"))
-            return st.observe_pod_running(res.get("status"), replica, gen, now()) if replica else None
+                return cnd.observe_pod_failure(res.get("status"), failure, policy, ns, gen, now())
+            replica = cnd.pod_running_again(pod, res.get("status"))
+            return cnd.observe_pod_running(res.get("status"), replica, gen, now()) if replica else None
 
         written = kube.update_status(ns, name, on_pod)
         if written is None:
@@ -627,13 +627,13 @@ def pod_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, logger: lo
                "metadata": {"name": name, "namespace": ns, "uid": (kube.cache.get((ns, name)) or {})
                             .get("metadata", {}).get("uid", "")}}
         if failure is not None:
-            message = st.describe_failure(failure, spec_policy, ns, len(written.get("failures") or [])) \
+            message = cnd.describe_failure(failure, spec_policy, ns, len(written.get("failures") or [])) \
                 if written.get("phase") != "Failed" else \
-                (st.get_condition(written, "Failed") or {}).get("message", "")
-            kopf.warn(ref, reason=st.POD_FAILED, message=message[:1024])
+                (cnd.get_condition(written, "Failed") or {}).get("message", "")
+            kopf.warn(ref, reason=cnd.POD_FAILED, message=message[:1024])
             logger.warning("pod %s failed: %s", failure["pod"], message)
         else:
-            kopf.event(ref, type="Normal", reason="Restarted", message=(st.get_condition(written, "Restarting") or {}).get("message", ""))
+            kopf.event(ref, type="Normal", reason="Restarted", message=(cnd.get_condition(written, "Restarting") or {}).get("message", ""))
 
 
 def workload_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, logger: logging.Logger,
@@ -641,7 +641,7 @@ def workload_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, logge
     """Kueue's Workload of one of our child jobs: why the child waits (the `Queued` condition), and when it is
     admitted. Workloads name only the child (owner reference); the child names the resource."""
     workload = _view(body)
-    ref = st.workload_owner(workload)
+    ref = cnd.workload_owner(workload)
     kube: Optional[Kube] = getattr(memo, "kube", None)
     if ref is None or kube is None or ref.get("kind") != child_kind(CONFIG.job_api):
         return
@@ -653,7 +653,7 @@ def workload_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, logge
     if owner is None:
         return
     name, uid = owner
-    by_uid = st.preemptor_job_uid(workload)
+    by_uid = cnd.preemptor_job_uid(workload)
     by = kube.owner_of_child_uid(ref["kind"], ns, by_uid) if by_uid else None
     with observe("workload-status"):
         seen: list[Optional[dict[str, Any]]] = []
@@ -668,26 +668,26 @@ def workload_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, logge
             if current and current != child and (not status.get("stages") or
                                                  any(r.get("pytorchJob") == child for r in status["stages"])):
                 return None
-            seen[:] = [st.get_condition(status, st.QUEUED)]
-            return st.from_workload(status, workload, res["metadata"].get("generation"), now(),
+            seen[:] = [cnd.get_condition(status, cnd.QUEUED)]
+            return cnd.from_workload(status, workload, res["metadata"].get("generation"), now(),
                                     preemptor=by[0] if by else None)
 
         written = kube.update_status(ns, name, on_workload)
         if written is None:
             return
-        new, old = st.get_condition(written, st.QUEUED) or {}, (seen[0] if seen else None) or {}
+        new, old = cnd.get_condition(written, cnd.QUEUED) or {}, (seen[0] if seen else None) or {}
         target = {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND,
                   "metadata": {"name": name, "namespace": ns, "uid": uid}}
         if new.get("status") == "False" and old.get("status") == "True":
-            kopf.event(target, type="Normal", reason=st.ADMITTED, message=new.get("message", "")[:1024])
+            kopf.event(target, type="Normal", reason=cnd.ADMITTED, message=new.get("message", "")[:1024])
         elif new.get("status") == "True" and new.get("reason") != old.get("reason"):
-            if new.get("reason") in (st.INADMISSIBLE, st.PREEMPTED):
+            if new.get("reason") in (cnd.INADMISSIBLE, cnd.PREEMPTED):
                 kopf.warn(target, reason=new["reason"], message=new.get("message", "")[:1024])
-            elif new.get("reason") in (st.WAITING_FOR_QUOTA, st.EVICTED):
-                kopf.event(target, type="Normal", reason=st.QUEUED, message=new.get("message", "")[:1024])
+            elif new.get("reason") in (cnd.WAITING_FOR_QUOTA, cnd.EVICTED):
+                kopf.event(target, type="Normal", reason=cnd.QUEUED, message=new.get("message", "")[:1024])
 
 
-kopf.on.event(st.WORKLOAD_GROUP, st.WORKLOAD_VERSION, st.WORKLOAD_PLURAL, id="workload_event")(workload_event)
+kopf.on.event(cnd.WORKLOAD_GROUP, cnd.WORKLOAD_VERSION, cnd.WORKLOAD_PLURAL, id="workload_event")(workload_event)
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)

@@ -6,7 +6,7 @@ import copy
 
 import yaml
 
-from qwen_operator import status as st
+from qwen_operator import conditions as cnd
 from qwen_operator.api.devices import EXCEEDS, FITS, NOT_ESTIMATED, PRODUCT_LABEL, device_memory, memory_fit
 from qwen_operator.api import validate_resource_spec
 
@@ -58,7 +58,7 @@ def test_the_shipped_example_fits_and_other_stages_are_not_estimated():
 
 def test_reconciled_status_carries_the_condition_without_changing_the_phase():
     miss = ("False", EXCEEDS, "estimated 150.0 GiB per GPU ...")
-    status = st.reconciled(None, 1, "2026-12-06T00:00:00Z", pytorch_job="j", memory=miss)
+    status = cnd.reconciled(None, 1, "2026-12-06T00:00:00Z", pytorch_job="j", memory=miss)
     got = {c["type"]: c for c in status["conditions"]}
-    assert got[st.MEMORY_FITS]["status"] == "False" and got[st.MEMORY_FITS]["reason"] == EXCEEDS
-    assert status["phase"] == st.reconciled(None, 1, "2026-12-06T00:00:00Z", pytorch_job="j")["phase"]
+    assert got[cnd.MEMORY_FITS]["status"] == "False" and got[cnd.MEMORY_FITS]["reason"] == EXCEEDS
+    assert status["phase"] == cnd.reconciled(None, 1, "2026-12-06T00:00:00Z", pytorch_job="j")["phase"]

@@ -17,7 +17,7 @@ import pytest
 
 from qwen_operator import handlers
 from qwen_operator import render as r
-from qwen_operator import status as st
+from qwen_operator import conditions as cnd
 from qwen_operator.api import GROUP, KIND, VERSION
 
 from .test_operator_render import resource
@@ -60,30 +60,30 @@ FINISHED = cond("Finished", "True", "Succeeded", "jobset completed successfully"
 
 
 @pytest.mark.parametrize("doc,expected", [
-    (workload(), ("True", st.QUEUE_PENDING, "waiting in LocalQueue lq for Kueue to admit it")),
-    (workload(PENDING), ("True", st.WAITING_FOR_QUOTA, "waiting for quota in LocalQueue lq: " + NO_QUOTA)),
-    (workload(INADMISSIBLE), ("True", st.INADMISSIBLE, "not admissible in LocalQueue lq: LocalQueue lq doesn't exist")),
-    (workload(RESERVED, NOT_ADMITTED, cq="cq"), ("True", st.WAITING_FOR_CHECKS,
+    (workload(), ("True", cnd.QUEUE_PENDING, "waiting in LocalQueue lq for Kueue to admit it")),
+    (workload(PENDING), ("True", cnd.WAITING_FOR_QUOTA, "waiting for quota in LocalQueue lq: " + NO_QUOTA)),
+    (workload(INADMISSIBLE), ("True", cnd.INADMISSIBLE, "not admissible in LocalQueue lq: LocalQueue lq doesn't exist")),
+    (workload(RESERVED, NOT_ADMITTED, cq="cq"), ("True", cnd.WAITING_FOR_CHECKS,
                                                  "quota reserved in ClusterQueue cq; waiting for the provisioning")),
-    (workload(RESERVED, ADMITTED, cq="cq"), ("False", st.ADMITTED, "admitted by ClusterQueue cq")),
-    (workload(RESERVED, ADMITTED, FINISHED, cq="cq"), ("False", st.ADMITTED, "admitted by ClusterQueue cq")),
+    (workload(RESERVED, ADMITTED, cq="cq"), ("False", cnd.ADMITTED, "admitted by ClusterQueue cq")),
+    (workload(RESERVED, ADMITTED, FINISHED, cq="cq"), ("False", cnd.ADMITTED, "admitted by ClusterQueue cq")),
     (workload(cond("QuotaReserved", "False", "Pending", "Preempted"), EVICTED, PREEMPTED),
-     ("True", st.PREEMPTED, "Kueue preempted workload trainjob-second-62154: Preempted to accommodate a workload")),
+     ("True", cnd.PREEMPTED, "Kueue preempted workload trainjob-second-62154: Preempted to accommodate a workload")),
     # Being preempted: Evicted is set before Kueue suspends the job and releases the quota.
     (workload(RESERVED, ADMITTED, EVICTED, PREEMPTED, cq="cq"),
-     ("True", st.PREEMPTED, "Kueue preempted workload trainjob-second-62154: Preempted to accommodate a workload")),
+     ("True", cnd.PREEMPTED, "Kueue preempted workload trainjob-second-62154: Preempted to accommodate a workload")),
     # Preempted, and the scheduler's later attempts find no quota: still Preempted until admitted again.
-    (workload(PENDING, EVICTED, PREEMPTED), ("True", st.PREEMPTED, "Kueue preempted workload trainjob-second-62154")),
+    (workload(PENDING, EVICTED, PREEMPTED), ("True", cnd.PREEMPTED, "Kueue preempted workload trainjob-second-62154")),
     # Admitted again: Kueue turned Evicted and Preempted False.
     (workload(RESERVED, ADMITTED, cond("Evicted", "False", "QuotaReserved", "Previously: " + BY_HIGH),
               cond("Preempted", "False", "QuotaReserved", "Previously: " + BY_HIGH), cq="cq"),
-     ("False", st.ADMITTED, "admitted by ClusterQueue cq")),
+     ("False", cnd.ADMITTED, "admitted by ClusterQueue cq")),
     (workload(cond("QuotaReserved", "False", "Pending", "Evicted"), TIMED_OUT),
-     ("True", st.EVICTED, "Kueue evicted workload trainjob-second-62154 (PodsReadyTimeout): Exceeded the PodsReady")),
+     ("True", cnd.EVICTED, "Kueue evicted workload trainjob-second-62154 (PodsReadyTimeout): Exceeded the PodsReady")),
 ], ids=["no-report-yet", "waiting-for-quota", "inadmissible", "admission-checks", "admitted", "finished", "preempted",
         "being-preempted", "preempted-still-no-quota", "admitted-again", "evicted-other-reason"])
 def test_workload_maps_to_queued(doc, expected):
-    status, reason, message = st.workload_queued(doc)
+    status, reason, message = cnd.workload_queued(doc)
     assert (status, reason) == expected[:2]
     assert message.startswith(expected[2]), message
     assert "trainjob-second-62154" in message  # the Workload to `kubectl describe`
@@ -91,88 +91,88 @@ def test_workload_maps_to_queued(doc, expected):
 
 def test_preempted_names_the_preemptor_where_known_and_keeps_the_kueue_words():
     doc = workload(RESERVED, ADMITTED, EVICTED, PREEMPTED, cq="cq")
-    assert st.preemptor_job_uid(doc) == "9d1e5c7a-aaaa-bbbb-cccc-000000000002"
-    status, reason, message = st.workload_queued(doc, preemptor="high")
-    assert (status, reason) == ("True", st.PREEMPTED)
+    assert cnd.preemptor_job_uid(doc) == "9d1e5c7a-aaaa-bbbb-cccc-000000000002"
+    status, reason, message = cnd.workload_queued(doc, preemptor="high")
+    assert (status, reason) == ("True", cnd.PREEMPTED)
     assert message.startswith("Kueue preempted workload trainjob-second-62154 to admit QwenTrainingJob high: " + BY_HIGH)
     assert message.endswith("the job is suspended and waits in LocalQueue lq to be admitted again")
-    assert st.preemptor_job_uid(workload(PENDING)) is None
-    assert st.preemptor_job_uid(workload(RESERVED, ADMITTED, cond("Evicted", "False", "QuotaReserved",
+    assert cnd.preemptor_job_uid(workload(PENDING)) is None
+    assert cnd.preemptor_job_uid(workload(RESERVED, ADMITTED, cond("Evicted", "False", "QuotaReserved",
                                                                    "Previously: " + BY_HIGH), cq="cq")) is None
-    before = st.from_workload(st.reconciled(None, 1, T0, pytorch_job="second"), workload(RESERVED, ADMITTED, cq="cq"),
+    before = cnd.from_workload(cnd.reconciled(None, 1, T0, pytorch_job="second"), workload(RESERVED, ADMITTED, cq="cq"),
                               1, T0)
-    s = st.from_workload(before, doc, 1, NOW, preemptor="high")
-    assert s["phase"] == "Queued" and st.get_condition(s, st.QUEUED)["lastTransitionTime"] == NOW
-    summary = st.get_condition(s, "Succeeded")
+    s = cnd.from_workload(before, doc, 1, NOW, preemptor="high")
+    assert s["phase"] == "Queued" and cnd.get_condition(s, cnd.QUEUED)["lastTransitionTime"] == NOW
+    summary = cnd.get_condition(s, "Succeeded")
     assert summary["status"] == "Unknown" and "to admit QwenTrainingJob high" in summary["message"]
 
 
 def test_waiting_for_quota_is_the_phase_and_the_summary():
-    before = st.reconciled(None, 1, T0, pytorch_job="second", config_map="second-spec")
-    before = st.from_trainjob({"metadata": {"name": "second", "creationTimestamp": T0},
+    before = cnd.reconciled(None, 1, T0, pytorch_job="second", config_map="second-spec")
+    before = cnd.from_trainjob({"metadata": {"name": "second", "creationTimestamp": T0},
                                "spec": {"suspend": True},
                                "status": {"conditions": [cond("Suspended", "True", "Suspended", "TrainJob is suspended")]}},
                               before, 1, T0)
     assert before["phase"] == "Suspended"
-    s = st.from_workload(before, workload(PENDING), 1, NOW)
-    q = st.get_condition(s, st.QUEUED)
-    assert s["phase"] == "Queued" and q["status"] == "True" and q["reason"] == st.WAITING_FOR_QUOTA
+    s = cnd.from_workload(before, workload(PENDING), 1, NOW)
+    q = cnd.get_condition(s, cnd.QUEUED)
+    assert s["phase"] == "Queued" and q["status"] == "True" and q["reason"] == cnd.WAITING_FOR_QUOTA
     assert q["lastTransitionTime"] == NOW and q["observedGeneration"] == 1
-    summary = st.get_condition(s, "Succeeded")
+    summary = cnd.get_condition(s, "Succeeded")
     assert summary["status"] == "Unknown" and summary["reason"] == "Queued" and NO_QUOTA in summary["message"]
     # The child's own Suspended stays mirrored; Queued says why.
-    assert st.get_condition(s, "Suspended")["status"] == "True"
+    assert cnd.get_condition(s, "Suspended")["status"] == "True"
     assert [c["type"] for c in s["conditions"]][:2] == ["Created", "Queued"]
     # The same report again writes nothing.
-    assert st.from_workload(s, workload(PENDING), 1, NOW) is None
+    assert cnd.from_workload(s, workload(PENDING), 1, NOW) is None
 
     # Admitted: Queued False, the phase follows the child again, the transition time moves.
-    admitted = st.from_workload(s, workload(RESERVED, ADMITTED, cq="cq"), 1, "2026-07-01T12:05:00Z")
-    q = st.get_condition(admitted, st.QUEUED)
-    assert q["status"] == "False" and q["reason"] == st.ADMITTED and q["lastTransitionTime"] == "2026-07-01T12:05:00Z"
+    admitted = cnd.from_workload(s, workload(RESERVED, ADMITTED, cq="cq"), 1, "2026-07-01T12:05:00Z")
+    q = cnd.get_condition(admitted, cnd.QUEUED)
+    assert q["status"] == "False" and q["reason"] == cnd.ADMITTED and q["lastTransitionTime"] == "2026-07-01T12:05:00Z"
     assert admitted["phase"] == "Suspended"  # until the Trainer resumes the TrainJob
-    running = st.from_trainjob({"metadata": {"name": "second", "creationTimestamp": T0}, "spec": {"suspend": False},
+    running = cnd.from_trainjob({"metadata": {"name": "second", "creationTimestamp": T0}, "spec": {"suspend": False},
                                 "status": {"conditions": [cond("Suspended", "False", "Resumed", "resumed")],
                                            "jobsStatus": [{"name": "node", "active": 1, "ready": 1}]}},
                                admitted, 1, NOW)
-    assert running["phase"] == "Running" and st.get_condition(running, st.QUEUED)["status"] == "False"
+    assert running["phase"] == "Running" and cnd.get_condition(running, cnd.QUEUED)["status"] == "False"
 
 
 def test_pytorchjob_child_mirroring_keeps_the_queued_condition():
-    s = st.from_workload(st.reconciled(None, 1, T0, pytorch_job="second"), workload(PENDING, kind="PyTorchJob"), 1, NOW)
+    s = cnd.from_workload(cnd.reconciled(None, 1, T0, pytorch_job="second"), workload(PENDING, kind="PyTorchJob"), 1, NOW)
     pj = {"conditions": [cond("Created", "True", "PyTorchJobCreated", "created"),
                          cond("Suspended", "True", "PyTorchJobSuspended", "PyTorchJob second is suspended.")]}
-    mirrored = st.from_child(pj, s, 1, NOW)
-    assert mirrored["phase"] == "Queued" and st.get_condition(mirrored, st.QUEUED)["reason"] == st.WAITING_FOR_QUOTA
+    mirrored = cnd.from_child(pj, s, 1, NOW)
+    assert mirrored["phase"] == "Queued" and cnd.get_condition(mirrored, cnd.QUEUED)["reason"] == cnd.WAITING_FOR_QUOTA
 
 
 def test_terminal_resources_do_not_change_on_workload_reports():
     done = {"phase": "Succeeded", "conditions": [cond("Succeeded", "True", "AllJobsCompleted")]}
-    assert st.from_workload(done, workload(PENDING), 1, NOW) is None
+    assert cnd.from_workload(done, workload(PENDING), 1, NOW) is None
 
 
 def test_the_guess_at_creation_never_replaces_a_workload_report():
-    reported = st.from_workload(st.reconciled(None, 1, T0), workload(PENDING), 1, T0)
-    guess = st.queue_pending("TrainJob", "second", "lq", "spec.scheduling.queueName")
-    assert st.queued(reported, guess, 1, NOW, initial=True) is None
-    fresh = st.queued(st.reconciled(None, 1, T0), guess, 1, NOW, initial=True)
-    q = st.get_condition(fresh, st.QUEUED)
-    assert q["reason"] == st.QUEUE_PENDING and "spec.scheduling.queueName" in q["message"]
+    reported = cnd.from_workload(cnd.reconciled(None, 1, T0), workload(PENDING), 1, T0)
+    guess = cnd.queue_pending("TrainJob", "second", "lq", "spec.scheduling.queueName")
+    assert cnd.queued(reported, guess, 1, NOW, initial=True) is None
+    fresh = cnd.queued(cnd.reconciled(None, 1, T0), guess, 1, NOW, initial=True)
+    q = cnd.get_condition(fresh, cnd.QUEUED)
+    assert q["reason"] == cnd.QUEUE_PENDING and "spec.scheduling.queueName" in q["message"]
     assert "integration for TrainJob may be off" in q["message"]
 
 
 def test_kueue_not_installed_names_the_field_and_replaces_any_guess():
-    missing = st.kueue_not_installed("PyTorchJob", "j", "lq", "metadata.labels[kueue.x-k8s.io/queue-name]")
-    assert missing[:2] == ("True", st.KUEUE_NOT_INSTALLED)
+    missing = cnd.kueue_not_installed("PyTorchJob", "j", "lq", "metadata.labels[kueue.x-k8s.io/queue-name]")
+    assert missing[:2] == ("True", cnd.KUEUE_NOT_INSTALLED)
     assert missing[2].startswith("metadata.labels[kueue.x-k8s.io/queue-name] names the Kueue queue 'lq' but Kueue "
                                  "is not installed")
     assert "PyTorchJob j stays suspended" in missing[2]
-    pending = st.queued(st.reconciled(None, 1, T0), st.queue_pending("PyTorchJob", "j", "lq", "x"), 1, T0)
-    s = st.queued(pending, missing, 1, NOW, initial=True)
-    assert s["phase"] == "Queued" and st.get_condition(s, "Succeeded")["message"] == missing[2]
+    pending = cnd.queued(cnd.reconciled(None, 1, T0), cnd.queue_pending("PyTorchJob", "j", "lq", "x"), 1, T0)
+    s = cnd.queued(pending, missing, 1, NOW, initial=True)
+    assert s["phase"] == "Queued" and cnd.get_condition(s, "Succeeded")["message"] == missing[2]
     # Kueue installed later (the operator restarted): the creation guess replaces the complaint.
-    again = st.queued(s, st.queue_pending("PyTorchJob", "j", "lq", "x"), 1, NOW, initial=True)
-    assert st.get_condition(again, st.QUEUED)["reason"] == st.QUEUE_PENDING
+    again = cnd.queued(s, cnd.queue_pending("PyTorchJob", "j", "lq", "x"), 1, NOW, initial=True)
+    assert cnd.get_condition(again, cnd.QUEUED)["reason"] == cnd.QUEUE_PENDING
 
 
 @pytest.mark.parametrize("labels,spec,field", [
@@ -201,19 +201,19 @@ NOT_FOUND = json.dumps({"kind": "Status", "status": "Failure", "reason": "NotFou
 
 
 def test_trainjob_api_not_served():
-    reason, message = st.child_refused("TrainJob", "j", 404, NOT_FOUND, api_served=False, job_api_setting="trainjob")
-    assert reason == st.JOB_API_NOT_INSTALLED
+    reason, message = cnd.child_refused("TrainJob", "j", 404, NOT_FOUND, api_served=False, job_api_setting="trainjob")
+    assert reason == cnd.JOB_API_NOT_INSTALLED
     assert "does not serve trainjobs.trainer.kubeflow.org/v1alpha1 (Kubeflow Trainer v2)" in message
     assert "--job-api pytorchjob" in message and "jobApi" in message
-    reason, message = st.child_refused("PyTorchJob", "j", 404, NOT_FOUND, api_served=False)
-    assert reason == st.JOB_API_NOT_INSTALLED and "pytorchjobs.kubeflow.org/v1" in message
+    reason, message = cnd.child_refused("PyTorchJob", "j", 404, NOT_FOUND, api_served=False)
+    assert reason == cnd.JOB_API_NOT_INSTALLED and "pytorchjobs.kubeflow.org/v1" in message
     # A 404 while the API is served is not about the child (e.g. the namespace is going away): retried as is.
-    assert st.child_refused("TrainJob", "j", 404, NOT_FOUND, api_served=True) is None
+    assert cnd.child_refused("TrainJob", "j", 404, NOT_FOUND, api_served=True) is None
 
 
 def test_trainjob_runtime_missing_names_the_setting_and_quotes_the_server():
-    reason, message = st.child_refused("TrainJob", "j", 403, RUNTIME_REFUSAL, api_served=True, runtime="nope")
-    assert reason == st.RUNTIME_NOT_FOUND
+    reason, message = cnd.child_refused("TrainJob", "j", 403, RUNTIME_REFUSAL, api_served=True, runtime="nope")
+    assert reason == cnd.RUNTIME_NOT_FOUND
     assert message.startswith("TrainJob j was refused: its ClusterTrainingRuntime 'nope' (operator setting "
                               "--trainjob-runtime, chart value trainJob.runtime.name) does not exist")
     assert 'ClusterTrainingRuntime.trainer.kubeflow.org "nope" not found' in message
@@ -222,21 +222,21 @@ def test_trainjob_runtime_missing_names_the_setting_and_quotes_the_server():
 
 def test_other_refusals_and_server_errors():
     body = json.dumps({"kind": "Status", "message": 'admission webhook "x" denied the request: no'})
-    assert st.child_refused("PyTorchJob", "j", 422, body, api_served=True) == (
-        st.CHILD_REJECTED, 'PyTorchJob j was refused by the API server: admission webhook "x" denied the request: no')
-    assert st.child_refused("PyTorchJob", "j", 500, "boom", api_served=True) is None
-    assert st.child_refused("PyTorchJob", "j", 409, "exists", api_served=True) is None
+    assert cnd.child_refused("PyTorchJob", "j", 422, body, api_served=True) == (
+        cnd.CHILD_REJECTED, 'PyTorchJob j was refused by the API server: admission webhook "x" denied the request: no')
+    assert cnd.child_refused("PyTorchJob", "j", 500, "boom", api_served=True) is None
+    assert cnd.child_refused("PyTorchJob", "j", 409, "exists", api_served=True) is None
 
 
 def test_not_created_then_created():
-    s = st.not_created(st.reconciled(None, 1, T0), st.RUNTIME_NOT_FOUND, "no runtime", 1, NOW)
-    created = st.get_condition(s, "Created")
-    assert s["phase"] == "Pending" and created["status"] == "False" and created["reason"] == st.RUNTIME_NOT_FOUND
-    assert st.get_condition(s, "Succeeded")["message"] == "no runtime"
+    s = cnd.not_created(cnd.reconciled(None, 1, T0), cnd.RUNTIME_NOT_FOUND, "no runtime", 1, NOW)
+    created = cnd.get_condition(s, "Created")
+    assert s["phase"] == "Pending" and created["status"] == "False" and created["reason"] == cnd.RUNTIME_NOT_FOUND
+    assert cnd.get_condition(s, "Succeeded")["message"] == "no runtime"
     # The child exists after a later attempt: the refusal is gone, the child's watch reports from here on.
-    after = st.reconciled(s, 1, NOW, pytorch_job="j", config_map="j-spec")
-    assert st.get_condition(after, "Created")["reason"] == "NotCreated"
-    assert st.get_condition(after, "Succeeded")["message"] == ""
+    after = cnd.reconciled(s, 1, NOW, pytorch_job="j", config_map="j-spec")
+    assert cnd.get_condition(after, "Created")["reason"] == "NotCreated"
+    assert cnd.get_condition(after, "Succeeded")["message"] == ""
 
 
 # ------------------------------------------------------------------------------------------- shells
@@ -288,7 +288,7 @@ def test_workload_watch_writes_queued_and_posts_events(monkeypatch, posted):
     kube = FakeKube({"pytorchJob": "second", "phase": "Suspended"})
     send(kube, workload(PENDING))
     assert kube.resource["status"]["phase"] == "Queued"
-    assert posted == [("Normal", "Queued", st.get_condition(kube.resource["status"], st.QUEUED)["message"])]
+    assert posted == [("Normal", "Queued", cnd.get_condition(kube.resource["status"], cnd.QUEUED)["message"])]
     send(kube, workload(PENDING))  # unchanged: nothing written, nothing posted
     assert len(kube.computed) == 1 and len(posted) == 1
     send(kube, workload(RESERVED, ADMITTED, cq="cq"))
@@ -301,9 +301,9 @@ def test_a_preempted_workload_is_one_warning_naming_the_preemptor_then_admitted_
     send(kube, workload(RESERVED, ADMITTED, cq="cq"))
     kube.owners["9d1e5c7a-aaaa-bbbb-cccc-000000000002"] = ("high", "u2")  # the preemptor's child -> resource
     send(kube, workload(RESERVED, ADMITTED, EVICTED, PREEMPTED, cq="cq"))
-    q = st.get_condition(kube.resource["status"], st.QUEUED)
-    assert (q["status"], q["reason"]) == ("True", st.PREEMPTED) and "to admit QwenTrainingJob high" in q["message"]
-    assert posted[-1] == ("Warning", st.PREEMPTED, q["message"])
+    q = cnd.get_condition(kube.resource["status"], cnd.QUEUED)
+    assert (q["status"], q["reason"]) == ("True", cnd.PREEMPTED) and "to admit QwenTrainingJob high" in q["message"]
+    assert posted[-1] == ("Warning", cnd.PREEMPTED, q["message"])
     n = len(posted)
     send(kube, workload(cond("QuotaReserved", "False", "Pending", "Preempted"), EVICTED, PREEMPTED))
     send(kube, workload(PENDING, EVICTED, PREEMPTED))  # still waiting: no second event
@@ -330,4 +330,4 @@ def test_workload_watch_ignores_other_kinds_old_steps_and_deleted_workloads(monk
     # An inadmissible workload (e.g. the LocalQueue does not exist) is a Warning.
     kube = FakeKube({"pytorchJob": "second"})
     send(kube, workload(INADMISSIBLE))
-    assert posted[-1][:2] == ("Warning", st.INADMISSIBLE)
+    assert posted[-1][:2] == ("Warning", cnd.INADMISSIBLE)

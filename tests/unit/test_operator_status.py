@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from qwen_operator import status as st
+from qwen_operator import conditions as cnd
 
 T0, T1, T2 = "2026-01-01T00:00:00Z", "2026-01-01T00:01:00Z", "2026-01-01T00:02:00Z"
 
@@ -44,7 +44,7 @@ RESUMED = [cond("Created"), cond("Running"), cond("Suspended", "False", reason="
 )
 def test_phase_and_summary(child_conditions, phase, summary_status, summary_reason):
     child = None if child_conditions is None else {"conditions": child_conditions}
-    new = st.from_child(child, None, 3, T1)
+    new = cnd.from_child(child, None, 3, T1)
     assert new["phase"] == phase
     c = conds(new)
     assert [x["type"] for x in new["conditions"]] == ["Created", "Running", "Restarting", "Suspended", "Succeeded", "Failed"]
@@ -65,40 +65,40 @@ def test_phase_and_summary(child_conditions, phase, summary_status, summary_reas
     ],
 )
 def test_mirrored_conditions_by_type(child_conditions, expected):
-    c = conds(st.from_child({"conditions": child_conditions}, None, 1, T1))
+    c = conds(cnd.from_child({"conditions": child_conditions}, None, 1, T1))
     for type_, status in expected.items():
         assert c[type_]["status"] == status, type_
 
 
 def test_failure_reason_and_message_are_copied():
-    c = conds(st.from_child({"conditions": FAILED}, None, 1, T1))
+    c = conds(cnd.from_child({"conditions": FAILED}, None, 1, T1))
     assert c["Failed"]["reason"] == "BackoffLimitExceeded"
     assert "backoff limit" in c["Failed"]["message"]
     assert c["Succeeded"]["message"] == c["Failed"]["message"]
 
 
 def test_last_transition_time_moves_only_on_flips():
-    first = st.from_child({"conditions": CREATED}, None, 1, T1)
+    first = cnd.from_child({"conditions": CREATED}, None, 1, T1)
     # Same statuses later, new message: times stay.
-    again = st.from_child({"conditions": [cond("Created", message="still", when=T2)]}, first, 1, T2)
+    again = cnd.from_child({"conditions": [cond("Created", message="still", when=T2)]}, first, 1, T2)
     assert conds(again)["Created"]["lastTransitionTime"] == conds(first)["Created"]["lastTransitionTime"]
     assert conds(again)["Created"]["message"] == "still"
     assert conds(again)["Running"]["lastTransitionTime"] == conds(first)["Running"]["lastTransitionTime"]
     # Running flips to True: its time moves (to the child's transition time), Created's does not.
-    running = st.from_child({"conditions": [cond("Created"), cond("Running", when=T2)]}, again, 1, T2)
+    running = cnd.from_child({"conditions": [cond("Created"), cond("Running", when=T2)]}, again, 1, T2)
     assert conds(running)["Running"]["lastTransitionTime"] == T2
     assert conds(running)["Created"]["lastTransitionTime"] == conds(first)["Created"]["lastTransitionTime"]
 
 
 def test_unreported_type_is_false_with_now():
-    c = conds(st.from_child({"conditions": CREATED}, None, 1, T1))
+    c = conds(cnd.from_child({"conditions": CREATED}, None, 1, T1))
     assert c["Running"] == {"type": "Running", "status": "False", "reason": "NotRunning", "message": "",
                             "lastTransitionTime": T1, "observedGeneration": 1}
 
 
 def test_restart_drops_running():
-    running = st.from_child({"conditions": RUNNING}, None, 1, T1)
-    restarting = st.from_child({"conditions": RESTARTING}, running, 1, T2)
+    running = cnd.from_child({"conditions": RUNNING}, None, 1, T1)
+    restarting = cnd.from_child({"conditions": RESTARTING}, running, 1, T2)
     c = conds(restarting)
     assert c["Running"]["status"] == "False" and c["Running"]["lastTransitionTime"] == T2
     assert restarting["phase"] == "Restarting"
@@ -106,8 +106,8 @@ def test_restart_drops_running():
 
 @pytest.mark.parametrize("terminal", [SUCCEEDED, FAILED])
 def test_terminal_states_stay_terminal(terminal):
-    done = st.from_child({"conditions": terminal}, None, 1, T1)
-    later = st.from_child({"conditions": RUNNING, "replicaStatuses": {"Master": {"active": 1}}}, done, 1, T2)
+    done = cnd.from_child({"conditions": terminal}, None, 1, T1)
+    later = cnd.from_child({"conditions": RUNNING, "replicaStatuses": {"Master": {"active": 1}}}, done, 1, T2)
     assert later["phase"] == done["phase"]
     assert later["conditions"] == done["conditions"]
     assert later["replicas"] == {"Master": {"active": 1, "succeeded": 0, "failed": 0, "restarts": 0}}
@@ -116,11 +116,11 @@ def test_terminal_states_stay_terminal(terminal):
 def test_replicas_and_times():
     child = {"conditions": RUNNING, "startTime": T0, "completionTime": None,
              "replicaStatuses": {"Master": {"active": 1}, "Worker": {"active": 2, "failed": 1, "selector": "x"}}}
-    new = st.from_child(child, None, 1, T1)
+    new = cnd.from_child(child, None, 1, T1)
     assert new["replicas"] == {"Master": {"active": 1, "succeeded": 0, "failed": 0, "restarts": 0},
                                "Worker": {"active": 2, "succeeded": 0, "failed": 1, "restarts": 0}}
     assert new["startTime"] == T0 and "completionTime" not in new
-    done = st.from_child({"conditions": SUCCEEDED, "completionTime": T2}, new, 1, T2)
+    done = cnd.from_child({"conditions": SUCCEEDED, "completionTime": T2}, new, 1, T2)
     assert done["completionTime"] == T2 and done["startTime"] == T0
 
 
@@ -128,7 +128,7 @@ def test_other_status_fields_are_kept():
     previous = {"pytorchJob": "x", "configMap": "x-spec", "derived": {"trainIters": 3}, "progress": {"iteration": 2},
                 "conditions": [{"type": "Synced", "status": "True", "reason": "ChildrenInSync", "message": "",
                                 "lastTransitionTime": T0}]}
-    new = st.from_child({"conditions": RUNNING}, previous, 1, T1)
+    new = cnd.from_child({"conditions": RUNNING}, previous, 1, T1)
     for key in ("pytorchJob", "configMap", "derived", "progress"):
         assert new[key] == previous[key]
     assert conds(new)["Synced"] == previous["conditions"][0]
@@ -136,54 +136,54 @@ def test_other_status_fields_are_kept():
 
 
 def test_reconciled_initialises_every_condition():
-    new = st.reconciled(None, 1, T0, pytorch_job="x", config_map="x-spec", derived={"a": 1})
+    new = cnd.reconciled(None, 1, T0, pytorch_job="x", config_map="x-spec", derived={"a": 1})
     c = conds(new)
     assert set(c) == {"Created", "Running", "Restarting", "Suspended", "Succeeded", "Failed", "Synced"}
-    assert c["Synced"]["status"] == "True" and c["Synced"]["reason"] == st.IN_SYNC
+    assert c["Synced"]["status"] == "True" and c["Synced"]["reason"] == cnd.IN_SYNC
     assert c["Succeeded"]["status"] == "Unknown"
     assert new["phase"] == "Pending" and new["pytorchJob"] == "x" and new["configMap"] == "x-spec"
 
 
 def test_reconciled_keeps_child_conditions():
-    running = st.from_child({"conditions": RUNNING}, None, 1, T1)
-    new = st.reconciled(running, 1, T2, pytorch_job="x")
+    running = cnd.from_child({"conditions": RUNNING}, None, 1, T1)
+    new = cnd.reconciled(running, 1, T2, pytorch_job="x")
     assert conds(new)["Running"] == conds(running)["Running"]
     assert new["phase"] == "Running"
 
 
 def test_reconciled_synced_false_then_true_flips_time():
-    bad = st.reconciled(None, 1, T0, synced=("False", st.CHILD_MODIFIED, "spec.x changed"))
+    bad = cnd.reconciled(None, 1, T0, synced=("False", cnd.CHILD_MODIFIED, "spec.x changed"))
     assert conds(bad)["Synced"]["reason"] == "ChildModified"
-    good = st.reconciled(bad, 1, T1)
+    good = cnd.reconciled(bad, 1, T1)
     assert conds(good)["Synced"]["status"] == "True" and conds(good)["Synced"]["lastTransitionTime"] == T1
 
 
 def test_invalid_spec_is_terminal():
-    new = st.invalid(None, ["spec.stage: bad", "spec.model: missing"], 1, T0)
+    new = cnd.invalid(None, ["spec.stage: bad", "spec.model: missing"], 1, T0)
     c = conds(new)
     assert new["phase"] == "Invalid"
     assert c["Failed"]["status"] == "True" and c["Failed"]["reason"] == "InvalidSpec"
     assert "spec.stage: bad" in c["Failed"]["message"] and "spec.model: missing" in c["Failed"]["message"]
     assert c["Succeeded"]["status"] == "False" and c["Synced"]["reason"] == "InvalidSpec"
-    assert st.from_child({"conditions": RUNNING}, new, 1, T1)["conditions"] == new["conditions"]
+    assert cnd.from_child({"conditions": RUNNING}, new, 1, T1)["conditions"] == new["conditions"]
 
 
 def test_child_deleted_before_finishing_fails():
-    running = st.from_child({"conditions": RUNNING}, None, 1, T0)
-    gone = st.child_deleted(running, 1, T1, "x")
+    running = cnd.from_child({"conditions": RUNNING}, None, 1, T0)
+    gone = cnd.child_deleted(running, 1, T1, "x")
     assert gone["phase"] == "Failed"
     assert conds(gone)["Failed"]["reason"] == "ChildDeleted"
 
 
 def test_child_deleted_after_finishing_changes_nothing():
-    done = st.from_child({"conditions": SUCCEEDED}, None, 1, T0)
-    assert st.child_deleted(done, 1, T1, "x") == done
+    done = cnd.from_child({"conditions": SUCCEEDED}, None, 1, T0)
+    assert cnd.child_deleted(done, 1, T1, "x") == done
 
 
 def test_from_child_does_not_mutate_previous():
-    previous = st.from_child({"conditions": CREATED}, None, 1, T0)
+    previous = cnd.from_child({"conditions": CREATED}, None, 1, T0)
     snapshot = repr(previous)
-    st.from_child({"conditions": FAILED}, previous, 2, T1)
+    cnd.from_child({"conditions": FAILED}, previous, 2, T1)
     assert repr(previous) == snapshot
 
 
@@ -202,28 +202,28 @@ def pod(name="j-master-0", uid="u1", phase="Failed", code=137, reason="OOMKilled
 
 
 def test_pod_failure_reads_exit_code_reason_and_termination_message():
-    f = st.pod_failure(pod(message="checkpoint.source: source /x does not exist\n"))
+    f = cnd.pod_failure(pod(message="checkpoint.source: source /x does not exist\n"))
     assert f == {"replica": "Master", "pod": "j-master-0", "container": "pytorch", "uid": "u1", "run": 0,
                  "exitCode": 137,
                  "reason": "OOMKilled", "message": "checkpoint.source: source /x does not exist", "time": T1}
-    assert st.pod_failure(pod(phase="Running", code=None)) is None
-    assert st.pod_failure(pod(phase="Succeeded", code=0, reason="Completed")) is None
+    assert cnd.pod_failure(pod(phase="Running", code=None)) is None
+    assert cnd.pod_failure(pod(phase="Succeeded", code=0, reason="Completed")) is None
     # An in-place restart (kubelet, OnFailure): the previous run's termination is in lastState.
-    inplace = st.pod_failure(pod(phase="Running", code=None, restarts=2, replica="worker",
+    inplace = cnd.pod_failure(pod(phase="Running", code=None, restarts=2, replica="worker",
                                  last={"exitCode": 1, "reason": "Error", "message": "boom"}))
     assert inplace["replica"] == "Worker" and inplace["run"] == 1 and inplace["exitCode"] == 1
 
 
 def test_failed_condition_names_pod_exit_code_reason_and_message():
     policy = {"restartPolicy": "Never", "cleanPodPolicy": "None"}
-    running = st.from_child({"conditions": RUNNING, "replicaStatuses": {"Master": {"active": 1}}}, None, 1, T1)
-    f = st.pod_failure(pod(message="rank 0 crashed: CUDA out of memory"))
-    seen = st.observe_pod_failure(running, f, policy, "ns", 1, T1)
+    running = cnd.from_child({"conditions": RUNNING, "replicaStatuses": {"Master": {"active": 1}}}, None, 1, T1)
+    f = cnd.pod_failure(pod(message="rank 0 crashed: CUDA out of memory"))
+    seen = cnd.observe_pod_failure(running, f, policy, "ns", 1, T1)
     assert seen["replicas"]["Master"] == {"active": 0, "succeeded": 0, "failed": 1, "restarts": 0}
     assert conds(seen)["Restarting"]["status"] == "False"  # Never: no restart follows
-    assert st.observe_pod_failure(seen, f, policy, "ns", 1, T1) is None  # the same run twice counts once
+    assert cnd.observe_pod_failure(seen, f, policy, "ns", 1, T1) is None  # the same run twice counts once
     # The child's Failed (stale replica counts: active 1, failed 0) now carries the pod's story.
-    failed = st.from_child({"conditions": FAILED, "replicaStatuses": {"Master": {"active": 1}}}, seen, 1, T2,
+    failed = cnd.from_child({"conditions": FAILED, "replicaStatuses": {"Master": {"active": 1}}}, seen, 1, T2,
                            run_policy=policy, namespace="ns")
     msg = conds(failed)["Failed"]["message"]
     assert "Master replica pod j-master-0 exited with code 137 (OOMKilled): rank 0 crashed: CUDA out of memory" in msg
@@ -237,28 +237,28 @@ def test_a_job_past_its_backoff_limit_says_whether_its_pods_went():
     (deleting every pod, whatever cleanPodPolicy says) or through the replica's status (keeping it); both were seen
     on the dev cluster. Its Failed message tells which."""
     policy = {"restartPolicy": "Never", "cleanPodPolicy": "None", "backoffLimit": 0}
-    f = st.pod_failure(pod(message="boom"))
-    early = st.describe_failure(f, policy, "ns")  # the pod's watch, before the job's verdict
+    f = cnd.pod_failure(pod(message="boom"))
+    early = cnd.describe_failure(f, policy, "ns")  # the pod's watch, before the job's verdict
     assert "may delete its pods" in early and "kubectl logs -n ns j-master-0 -c pytorch" in early
-    running = st.from_child({"conditions": RUNNING, "replicaStatuses": {"Master": {"active": 1}}}, None, 1, T1)
-    seen = st.observe_pod_failure(running, f, policy, "ns", 1, T1)
+    running = cnd.from_child({"conditions": RUNNING, "replicaStatuses": {"Master": {"active": 1}}}, None, 1, T1)
+    seen = cnd.observe_pod_failure(running, f, policy, "ns", 1, T1)
     by_backoff = FAILED[:2] + [{**FAILED[2], "message": "Job j has failed because it has reached the specified backoff limit"}]
-    gone = conds(st.from_child({"conditions": by_backoff}, seen, 1, T2, run_policy=policy, namespace="ns"))
+    gone = conds(cnd.from_child({"conditions": by_backoff}, seen, 1, T2, run_policy=policy, namespace="ns"))
     assert "The pod is deleted: the job reached spec.runPolicy.backoffLimit (0)" in gone["Failed"]["message"]
     assert "kubectl logs" not in gone["Failed"]["message"] and "backoffLimit: 1 or more" in gone["Failed"]["message"]
     by_status = FAILED[:2] + [{**FAILED[2], "message": "PyTorchJob j is failed because 1 Master replica(s) failed."}]
-    kept = conds(st.from_child({"conditions": by_status}, seen, 1, T2, run_policy=policy, namespace="ns"))
+    kept = conds(cnd.from_child({"conditions": by_status}, seen, 1, T2, run_policy=policy, namespace="ns"))
     assert "Logs: kubectl logs -n ns j-master-0 -c pytorch (PyTorchJob j is failed" in kept["Failed"]["message"]
     # Within the limit nothing is deleted.
-    assert st.describe_failure(f, {**policy, "backoffLimit": 1}, "ns").endswith(
+    assert cnd.describe_failure(f, {**policy, "backoffLimit": 1}, "ns").endswith(
         "Logs: kubectl logs -n ns j-master-0 -c pytorch")
 
 
 def test_pod_failure_after_the_childs_failed_still_names_the_pod():
     policy = {"restartPolicy": "OnFailure", "cleanPodPolicy": "None"}
-    failed = st.from_child({"conditions": FAILED}, None, 1, T1, run_policy=policy, namespace="ns")
-    f = st.pod_failure(pod(code=1, reason="Error", message="bad spec"))
-    later = st.observe_pod_failure(failed, f, policy, "ns", 1, T2)
+    failed = cnd.from_child({"conditions": FAILED}, None, 1, T1, run_policy=policy, namespace="ns")
+    f = cnd.pod_failure(pod(code=1, reason="Error", message="bad spec"))
+    later = cnd.observe_pod_failure(failed, f, policy, "ns", 1, T2)
     msg = conds(later)["Failed"]["message"]
     assert msg.startswith("Master replica pod j-master-0 exited with code 1 (Error): bad spec.")
     assert "restartPolicy: Never" in msg  # the pod is replaced or deleted: how to keep it for logs
@@ -267,30 +267,30 @@ def test_pod_failure_after_the_childs_failed_still_names_the_pod():
 
 def test_restarting_true_while_a_pod_is_replaced_then_counted():
     policy = {"restartPolicy": "OnFailure"}
-    running = st.from_child({"conditions": RUNNING, "replicaStatuses": {"Master": {"active": 1}}}, None, 1, T1)
-    f = st.pod_failure(pod(code=1, reason="Error", message="nccl timeout"))
-    restarting = st.observe_pod_failure(running, f, policy, "ns", 1, T1)
+    running = cnd.from_child({"conditions": RUNNING, "replicaStatuses": {"Master": {"active": 1}}}, None, 1, T1)
+    f = cnd.pod_failure(pod(code=1, reason="Error", message="nccl timeout"))
+    restarting = cnd.observe_pod_failure(running, f, policy, "ns", 1, T1)
     assert restarting["phase"] == "Restarting"
     c = conds(restarting)["Restarting"]
     assert c["status"] == "True" and c["reason"] == "PodFailed" and "nccl timeout" in c["message"]
     # The child's own status (Running, Restarting never reported) does not turn it off...
-    still = st.from_child({"conditions": RUNNING, "replicaStatuses": {"Master": {"active": 0}}}, restarting, 1, T2)
+    still = cnd.from_child({"conditions": RUNNING, "replicaStatuses": {"Master": {"active": 0}}}, restarting, 1, T2)
     assert conds(still)["Restarting"]["status"] == "True" and still["phase"] == "Restarting"
     # ...a running replacement does.
     replacement = pod(uid="u2", phase="Running", code=None)
-    assert st.pod_running_again(replacement, still) == "Master"
-    assert st.pod_running_again(pod(uid="u1", phase="Running", code=None), still) is None
-    assert st.pending_restart(still)
-    again = st.observe_pod_running(still, "Master", 1, T2)
+    assert cnd.pod_running_again(replacement, still) == "Master"
+    assert cnd.pod_running_again(pod(uid="u1", phase="Running", code=None), still) is None
+    assert cnd.pending_restart(still)
+    again = cnd.observe_pod_running(still, "Master", 1, T2)
     assert conds(again)["Restarting"]["status"] == "False" and again["phase"] == "Running"
     assert again["replicas"]["Master"]["restarts"] == 1 and again["restarts"] == 1
-    assert st.observe_pod_running(again, "Master", 1, T2) is None and not st.pending_restart(again)
+    assert cnd.observe_pod_running(again, "Master", 1, T2) is None and not cnd.pending_restart(again)
     # ExitCode restarts only retryable codes.
-    assert st.will_restart({"exitCode": 137}, {"restartPolicy": "ExitCode"})
-    assert not st.will_restart({"exitCode": 1}, {"restartPolicy": "ExitCode"})
+    assert cnd.will_restart({"exitCode": 137}, {"restartPolicy": "ExitCode"})
+    assert not cnd.will_restart({"exitCode": 1}, {"restartPolicy": "ExitCode"})
 
 
 def test_duration_on_completion():
-    done = st.from_child({"conditions": SUCCEEDED, "startTime": T0, "completionTime": T2}, None, 1, T2)
+    done = cnd.from_child({"conditions": SUCCEEDED, "startTime": T0, "completionTime": T2}, None, 1, T2)
     assert done["duration"] == "2m0s"
-    assert st.duration("2026-01-01T00:00:00Z", "2026-01-01T01:02:03Z") == "1h2m3s"
+    assert cnd.duration("2026-01-01T00:00:00Z", "2026-01-01T01:02:03Z") == "1h2m3s"

@@ -12,7 +12,7 @@ import yaml
 from qwen_operator import config as cfg_mod
 from qwen_operator import drift
 from qwen_operator import render as r
-from qwen_operator import status as st
+from qwen_operator import conditions as cnd
 from qwen_trainer.spec import SpecError
 
 from .test_operator_render import BASE, resource
@@ -226,38 +226,38 @@ def conds(status):
 
 
 def test_created_but_not_yet_running():
-    s = st.from_trainjob(tj_doc(jobs=[node_job(active=1)]), None, 1, NOW)
+    s = cnd.from_trainjob(tj_doc(jobs=[node_job(active=1)]), None, 1, NOW)
     assert s["phase"] == "Created"
     c = conds(s)
-    assert c["Created"] == ("True", st.TRAINJOB_CREATED) and c["Running"] == ("False", st.JOBS_NOT_READY)
+    assert c["Created"] == ("True", cnd.TRAINJOB_CREATED) and c["Running"] == ("False", cnd.JOBS_NOT_READY)
     assert c["Succeeded"][0] == "Unknown"
     assert s["replicas"] == {"Node": {"active": 1, "succeeded": 0, "failed": 0, "restarts": 0}}
     assert s["startTime"] == CREATED_AT
 
 
 def test_queued_by_kueue_is_suspended():
-    s = st.from_trainjob(tj_doc([SUSPENDED], jobs=[node_job(suspended=1)], suspend=True), None, 1, NOW)
+    s = cnd.from_trainjob(tj_doc([SUSPENDED], jobs=[node_job(suspended=1)], suspend=True), None, 1, NOW)
     assert s["phase"] == "Suspended"
     assert conds(s)["Suspended"] == ("True", "Suspended") and conds(s)["Running"][0] == "False"
 
 
 def test_suspended_from_spec_before_any_condition():
-    s = st.from_trainjob(tj_doc(suspend=True), None, 1, NOW)
+    s = cnd.from_trainjob(tj_doc(suspend=True), None, 1, NOW)
     assert s["phase"] == "Suspended"
 
 
 def test_resumed_and_running():
-    s = st.from_trainjob(tj_doc([RESUMED], jobs=[node_job(active=1, ready=1)]), None, 1, NOW)
+    s = cnd.from_trainjob(tj_doc([RESUMED], jobs=[node_job(active=1, ready=1)]), None, 1, NOW)
     assert s["phase"] == "Running"
     c = conds(s)
-    assert c["Running"] == ("True", st.TRAINJOB_RUNNING) and c["Suspended"] == ("False", "Resumed")
-    assert "1 of 1" in st.get_condition(s, "Running")["message"]
+    assert c["Running"] == ("True", cnd.TRAINJOB_RUNNING) and c["Suspended"] == ("False", "Resumed")
+    assert "1 of 1" in cnd.get_condition(s, "Running")["message"]
 
 
 def test_complete_maps_to_succeeded_with_completion_time_and_duration():
-    s = st.from_trainjob(tj_doc([COMPLETE], jobs=[node_job(succeeded=1)]), None, 1, NOW)
+    s = cnd.from_trainjob(tj_doc([COMPLETE], jobs=[node_job(succeeded=1)]), None, 1, NOW)
     assert s["phase"] == "Succeeded"
-    summary = st.get_condition(s, "Succeeded")
+    summary = cnd.get_condition(s, "Succeeded")
     assert (summary["status"], summary["reason"]) == ("True", "AllJobsCompleted")
     assert summary["lastTransitionTime"] == COMPLETE["lastTransitionTime"]
     assert s["completionTime"] == COMPLETE["lastTransitionTime"] and s["duration"] == "1h0m0s"
@@ -266,20 +266,20 @@ def test_complete_maps_to_succeeded_with_completion_time_and_duration():
 
 @pytest.mark.parametrize("failed", [FAILED, DEADLINE])
 def test_failed_maps_to_failed_with_reason(failed):
-    s = st.from_trainjob(tj_doc([RESUMED, failed], jobs=[node_job(failed=1)]), None, 1, NOW, namespace="team-a")
+    s = cnd.from_trainjob(tj_doc([RESUMED, failed], jobs=[node_job(failed=1)]), None, 1, NOW, namespace="team-a")
     assert s["phase"] == "Failed"
-    f = st.get_condition(s, "Failed")
+    f = cnd.get_condition(s, "Failed")
     assert (f["status"], f["reason"], f["message"]) == ("True", failed["reason"], failed["message"])
-    summary = st.get_condition(s, "Succeeded")
+    summary = cnd.get_condition(s, "Succeeded")
     assert (summary["status"], summary["reason"]) == ("False", failed["reason"])
 
 
 def test_failed_message_names_the_failed_pod_when_the_pods_watch_saw_it():
     previous = {"failures": [{"replica": "Node", "pod": "tiny-node-0-0-abcde", "uid": "p1", "run": 0, "exitCode": 1,
                               "reason": "Error", "message": "error: out of data", "replaced": True}]}
-    s = st.from_trainjob(tj_doc([FAILED], jobs=[node_job(failed=1)]), previous, 1, NOW,
+    s = cnd.from_trainjob(tj_doc([FAILED], jobs=[node_job(failed=1)]), previous, 1, NOW,
                          run_policy={"restartPolicy": "OnFailure"}, namespace="team-a")
-    message = st.get_condition(s, "Failed")["message"]
+    message = cnd.get_condition(s, "Failed")["message"]
     assert "tiny-node-0-0-abcde" in message and "out of data" in message and "ReachedMaxRestarts" not in message
     assert FAILED["message"] in message
 
@@ -287,39 +287,39 @@ def test_failed_message_names_the_failed_pod_when_the_pods_watch_saw_it():
 def test_jobset_restart_shows_restarting():
     jobset = {"apiVersion": "jobset.x-k8s.io/v1alpha2", "kind": "JobSet", "metadata": {"name": "tiny"},
               "status": {"restarts": 1, "replicatedJobsStatus": [node_job(active=1)]}}
-    s = st.from_trainjob(tj_doc([RESUMED], jobs=[node_job(active=1)]), None, 1, NOW, jobset=jobset)
+    s = cnd.from_trainjob(tj_doc([RESUMED], jobs=[node_job(active=1)]), None, 1, NOW, jobset=jobset)
     assert s["phase"] == "Restarting"
-    assert conds(s)["Restarting"] == ("True", st.JOBSET_RESTARTING)
+    assert conds(s)["Restarting"] == ("True", cnd.JOBSET_RESTARTING)
     # Ready again: Restarting turns off.
     jobset["status"]["replicatedJobsStatus"] = [node_job(active=1, ready=1)]
-    s = st.from_trainjob(tj_doc([RESUMED], jobs=[node_job(active=1, ready=1)]), s, 1, NOW, jobset=jobset)
+    s = cnd.from_trainjob(tj_doc([RESUMED], jobs=[node_job(active=1, ready=1)]), s, 1, NOW, jobset=jobset)
     assert s["phase"] == "Running" and conds(s)["Restarting"][0] == "False"
 
 
 def test_jobs_from_the_jobset_when_the_trainjob_has_none_yet():
     jobset = {"status": {"replicatedJobsStatus": [node_job(active=2, ready=2)]}}
-    child = st.trainjob_child_status(tj_doc(), jobset)
+    child = cnd.trainjob_child_status(tj_doc(), jobset)
     assert child["replicaStatuses"] == {"Node": {"active": 2, "succeeded": 0, "failed": 0}}
     assert {c["type"]: c["status"] for c in child["conditions"]}["Running"] == "True"
 
 
 def test_terminal_stays_terminal():
-    done = st.from_trainjob(tj_doc([COMPLETE], jobs=[node_job(succeeded=1)]), None, 1, NOW)
-    again = st.from_trainjob(tj_doc([COMPLETE, FAILED], jobs=[node_job(failed=1)]), done, 1, NOW)
+    done = cnd.from_trainjob(tj_doc([COMPLETE], jobs=[node_job(succeeded=1)]), None, 1, NOW)
+    again = cnd.from_trainjob(tj_doc([COMPLETE, FAILED], jobs=[node_job(failed=1)]), done, 1, NOW)
     assert again["phase"] == "Succeeded" and again["conditions"] == done["conditions"]
 
 
 def test_child_deleted_names_the_kind():
-    s = st.child_deleted({"phase": "Running"}, 1, NOW, "tiny", kind="TrainJob")
-    assert s["phase"] == "Failed" and st.get_condition(s, "Failed")["message"].startswith("TrainJob tiny was deleted")
+    s = cnd.child_deleted({"phase": "Running"}, 1, NOW, "tiny", kind="TrainJob")
+    assert s["phase"] == "Failed" and cnd.get_condition(s, "Failed")["message"].startswith("TrainJob tiny was deleted")
 
 
 def test_pod_of_a_trainjob_is_matched_by_its_jobset():
     pod = {"metadata": {"labels": {"jobset.sigs.k8s.io/jobset-name": "tiny",
                                    "jobset.sigs.k8s.io/replicatedjob-name": "node"}}}
-    assert st.pod_job_name(pod) == "tiny"
+    assert cnd.pod_job_name(pod) == "tiny"
     pj_pod = {"metadata": {"labels": {"training.kubeflow.org/job-name": "tiny2"}}}
-    assert st.pod_job_name(pj_pod) == "tiny2"
+    assert cnd.pod_job_name(pj_pod) == "tiny2"
 
 
 def test_failed_trainjob_pod_names_its_node_container_in_the_logs_hint():
@@ -328,9 +328,9 @@ def test_failed_trainjob_pod_names_its_node_container_in_the_logs_hint():
                                    "jobset.sigs.k8s.io/replicatedjob-name": "node"}},
            "status": {"phase": "Failed", "containerStatuses": [{"name": "node", "restartCount": 0, "state": {
                "terminated": {"exitCode": 1, "reason": "Error", "message": "boom"}}}]}}
-    failure = st.pod_failure(pod)
+    failure = cnd.pod_failure(pod)
     assert failure["replica"] == "Node" and failure["container"] == "node"
-    text = st.describe_failure(failure, {"restartPolicy": "Never", "cleanPodPolicy": "None"}, "team-a")
+    text = cnd.describe_failure(failure, {"restartPolicy": "Never", "cleanPodPolicy": "None"}, "team-a")
     assert text.startswith("Node replica pod tiny-node-0-0-x7k2p exited with code 1 (Error): boom.")
     assert text.endswith("kubectl logs -n team-a tiny-node-0-0-x7k2p -c node")
 
@@ -388,5 +388,5 @@ def test_handlers_watch_only_the_chosen_api_and_read_the_jobset_only_when_needed
 ])
 def test_jobset_failure_policy_in_run_policy_words(failure_policy, restarts, expected):
     js = {"spec": {"failurePolicy": failure_policy}, "status": {"restarts": restarts}}
-    assert st.jobset_run_policy(js) == {"restartPolicy": expected, "cleanPodPolicy": "None"}
-    assert st.jobset_run_policy(None)["restartPolicy"] == "OnFailure"
+    assert cnd.jobset_run_policy(js) == {"restartPolicy": expected, "cleanPodPolicy": "None"}
+    assert cnd.jobset_run_policy(None)["restartPolicy"] == "OnFailure"

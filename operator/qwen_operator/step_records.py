@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 from typing import Any, Optional
 
-from . import status as st
+from . import conditions as cnd
 
 
 def init_stages(previous: Optional[list[dict[str, Any]]], steps: list[tuple[str, str]]) -> list[dict[str, Any]]:
@@ -71,7 +71,7 @@ def observed(status: dict[str, Any], index: int, now: str) -> tuple[dict[str, An
     if phase == "Failed":
         step["phase"] = "Failed"
         step.setdefault("completionTime", now)
-        failed = st.get_condition(status, "Failed") or {}
+        failed = cnd.get_condition(status, "Failed") or {}
         step["message"] = failed.get("message", "")
         if len(stages) > 1:
             _prefix_messages(status, f"{label(stages, index)} failed: ")
@@ -85,7 +85,7 @@ def observed(status: dict[str, Any], index: int, now: str) -> tuple[dict[str, An
             _prefix_messages(status, f"all {len(stages)} stages succeeded; last: ")
         return status, False
     # The next step starts from a clean slate: the job is no longer done.
-    status["conditions"] = [c for c in status.get("conditions") or [] if c["type"] == st.SYNCED]
+    status["conditions"] = [c for c in status.get("conditions") or [] if c["type"] == cnd.SYNCED]
     status["phase"] = "Pending"
     status.pop("pytorchJob", None)
     status.pop("configMap", None)
@@ -97,7 +97,7 @@ def observed(status: dict[str, Any], index: int, now: str) -> tuple[dict[str, An
 
 def _prefix_messages(status: dict[str, Any], prefix: str) -> None:
     for c in status.get("conditions") or []:
-        if c["type"] in ("Failed", st.SUMMARY) and c.get("status") in ("True", "False") and \
+        if c["type"] in ("Failed", cnd.SUMMARY) and c.get("status") in ("True", "False") and \
                 not (c.get("message") or "").startswith(prefix):
             c["message"] = (prefix + (c.get("message") or ""))[:32768]
 
