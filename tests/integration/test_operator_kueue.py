@@ -198,3 +198,24 @@ def test_a_higher_priority_job_preempts_a_lower_one_which_runs_again_when_it_fin
     assert wait_for(lambda: len([e for e in jobs.events("low") if e.reason == "Admitted"]) >= 2 or
                     [e for e in jobs.events("low") if e.reason == "Admitted" and (e.count or 1) >= 2], 30,
                     what="a second Admitted event")
+
+
+def test_a_pytorchjob_takes_its_kueue_priority_from_the_pods_priority_class(cluster, operator, jobs, namespace,
+                                                                             local_queue, kube_client):
+    """Without a WorkloadPriorityClass, Kueue reads a PyTorchJob's priority from its pods' PriorityClass
+    (spec.scheduling.priorityClassName). A TrainJob cannot set it (the operator refuses it: unit-tested)."""
+    sched = k.SchedulingV1Api(kube_client)
+    name = f"train-{uuid.uuid4().hex[:6]}"
+    sched.create_priority_class(k.V1PriorityClass(metadata=k.V1ObjectMeta(name=name), value=500))
+    try:
+        jobs.create(tiny_job("pc", namespace, resources=GPUS,
+                             scheduling={"queueName": "lq", "priorityClassName": name}))
+        workload = wait_for(lambda: (w := _workload_of(jobs, jobs.child("pc")["metadata"]["name"])) and
+                            w["spec"].get("priority") is not None and w, 60, what="the Workload's priority")
+        assert workload["spec"]["priorityClassRef"] == {"group": "scheduling.k8s.io", "kind": "PriorityClass",
+                                                        "name": name}
+        assert workload["spec"]["priority"] == 500
+        jobs.wait_phase("pc", "Running", 60)
+        assert {p.spec.priority_class_name for p in jobs.pods("pc")} == {name}
+    finally:
+        sched.delete_priority_class(name)
