@@ -3,6 +3,9 @@ runs), every image built on this machine, one control-plane node and two workers
 the project's chart. Started once per session and deleted at its end, also on failure.
 
 QWEN_KIND_ATTACH=DIR runs them on a cluster `python tools/qwen_kind up --work DIR` left running.
+With QWEN_KIND_TRAINJOB=1 the cluster also runs JobSet, Kubeflow Trainer v2 and a second release of the chart
+with jobApi trainjob watching TRAINJOB_NAMESPACE (`up --trainjob NS`); the TrainJob test skips where they are not
+installed.
 Without Docker the tests are skipped, unless QWEN_REQUIRE_CLUSTER is set (CI, `make test`): then they fail.
 """
 
@@ -23,6 +26,8 @@ from qwen_kind.errors import KindSetupError  # noqa: E402
 
 # Where the tests' resources live; the chart creates the trainer ServiceAccount there.
 NAMESPACE = "qwen-kind"
+# Where the TrainJob test's resources live: the trainjob release of the chart watches only this one.
+TRAINJOB_NAMESPACE = "qwen-kind-trainjob"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -43,7 +48,9 @@ def kind(tmp_path_factory):
         yield kind_cluster.attach("qwen-e2e", Path(attached))
         return
     try:
-        cluster = kind_cluster.up("qwen-e2e", workers=2, work=tmp_path_factory.mktemp("kind"), namespaces=(NAMESPACE,))
+        trainjob = os.environ.get("QWEN_KIND_TRAINJOB", "").strip().lower() not in ("", "0", "false", "no")
+        cluster = kind_cluster.up("qwen-e2e", workers=2, work=tmp_path_factory.mktemp("kind"), namespaces=(NAMESPACE,),
+                                  trainjob_namespace=TRAINJOB_NAMESPACE if trainjob else None)
     except KindSetupError as err:
         if _required():
             pytest.fail(f"the kind cluster could not be set up: {err}", pytrace=False)

@@ -5,7 +5,9 @@
 - a pod deleted mid-pretraining: the job restarts it, the trainer resumes from the last checkpoint and the
   loss continues exactly as in the uninterrupted run;
 - pods failing for good (a missing dataset): Failed, the trainer's own error in the condition and an Event;
-- the SFT and evaluate stages in a pod.
+- the SFT and evaluate stages in a pod;
+- a convert -> pretrain pipeline through Kubeflow Trainer v2: each step a TrainJob (run as a JobSet) on two
+  pods on two nodes, rendezvous through the JobSet's headless Service (the chart's trainjob release).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import demo_inputs  # noqa: E402
 
-from .conftest import NAMESPACE  # noqa: E402
+from .conftest import NAMESPACE, TRAINJOB_NAMESPACE  # noqa: E402
 
 CLAIM = "qwen-tiny-data"
 EXAMPLE = ROOT / "manifests" / "examples" / "cpu-pipeline.yaml"
@@ -38,39 +40,40 @@ PRETRAIN = {"trainIters": 200, "warmupIters": 10, "saveInterval": 50, "logInterv
 
 # ------------------------------------------------------------------------------------------------ helpers
 
-def get(kind, name: str) -> dict:
-    return json.loads(kind.kubectl("-n", NAMESPACE, "get", "qwentrainingjob", name, "-o", "json"))
+def get(kind, name: str, namespace: str = NAMESPACE) -> dict:
+    return json.loads(kind.kubectl("-n", namespace, "get", "qwentrainingjob", name, "-o", "json"))
 
 
-def diagnose(kind, name: str) -> str:
-    parts = [kind.kubectl("-n", NAMESPACE, "get", "qwentrainingjob,pytorchjob,pods", "-o", "wide", check=False)]
+def diagnose(kind, name: str, namespace: str = NAMESPACE) -> str:
+    children = "trainjob,jobset" if namespace == TRAINJOB_NAMESPACE else "pytorchjob"
+    parts = [kind.kubectl("-n", namespace, "get", f"qwentrainingjob,{children},pods", "-o", "wide", check=False)]
     try:
-        parts.append(json.dumps(get(kind, name).get("status", {}), indent=1)[-3000:])
+        parts.append(json.dumps(get(kind, name, namespace).get("status", {}), indent=1)[-3000:])
     except Exception as err:  # noqa: BLE001 - diagnostics only
         parts.append(str(err))
-    parts.append(kind.kubectl("-n", NAMESPACE, "get", "events", "--sort-by=.lastTimestamp", check=False)[-3000:])
+    parts.append(kind.kubectl("-n", namespace, "get", "events", "--sort-by=.lastTimestamp", check=False)[-3000:])
     return "\n".join(parts)
 
 
-def wait_for(kind, name: str, phases: set[str], timeout: float, watch=None) -> dict:
+def wait_for(kind, name: str, phases: set[str], timeout: float, watch=None, namespace: str = NAMESPACE) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        obj = get(kind, name)
+        obj = get(kind, name, namespace)
         if watch:
             watch(obj)
         if obj.get("status", {}).get("phase") in phases:
             return obj
         time.sleep(1)
-    pytest.fail(f"{name} did not reach {sorted(phases)} in {timeout:.0f} s:\n{diagnose(kind, name)}")
+    pytest.fail(f"{name} did not reach {sorted(phases)} in {timeout:.0f} s:\n{diagnose(kind, name, namespace)}")
 
 
 def apply(kind, doc: dict) -> None:
     kind.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(doc))
 
 
-def base_resource(kind, name: str) -> dict:
+def base_resource(kind, name: str, namespace: str = NAMESPACE) -> dict:
     doc = yaml.safe_load(EXAMPLE.read_text())
-    doc["metadata"] = {"name": name, "namespace": NAMESPACE}
+    doc["metadata"] = {"name": name, "namespace": namespace}
     doc["spec"]["image"] = {"name": kind.refs["trainer-cpu"]}
     doc["spec"]["resources"] = dict(TWO_NODES)
     doc["spec"]["volumes"] = [{"name": "data", "claimName": CLAIM, "mountPath": "/data"}]
@@ -92,9 +95,17 @@ def single_stage(kind, name: str, stage: str, *, drop: tuple[str, ...] = (), tra
     return doc
 
 
-def pods_of(kind, name: str) -> list[dict]:
-    return json.loads(kind.kubectl("-n", NAMESPACE, "get", "pods", "-l", f"training.qwen.dev/job={name}",
+def pods_of(kind, name: str, namespace: str = NAMESPACE) -> list[dict]:
+    return json.loads(kind.kubectl("-n", namespace, "get", "pods", "-l", f"training.qwen.dev/job={name}",
                                    "-o", "json"))["items"]
+
+
+def trainjob_release(kind) -> bool:
+    """Whether the cluster runs Trainer v2 and the chart's trainjob release (`up --trainjob`)."""
+    out = kind.kubectl("-n", "kubeflow-system", "get", "deployment", "kubeflow-trainer-controller-manager",
+                       "-o", "name", check=False)
+    watched = kind.kubectl("get", "namespace", TRAINJOB_NAMESPACE, "-o", "name", check=False)
+    return bool(out.strip()) and bool(watched.strip())
 
 
 def train_losses(path: Path) -> dict[int, float]:
@@ -247,3 +258,44 @@ def test_sft_and_evaluate_stages_in_pods(kind, data, pipeline):
     assert results["results"]["perplexity"]["tokens"] > 0
     assert final["status"]["evaluation"]["summary"].startswith("perplexity")
 
+
+
+def test_a_pipeline_runs_as_trainjobs_in_real_pods(kind):
+    """Each step a Kubeflow Trainer v2 TrainJob (the chart's ClusterTrainingRuntime, run as a JobSet) on two pods
+    on two nodes; the pretrain step trains from the converted checkpoint and its loss falls."""
+    if not trainjob_release(kind):
+        pytest.skip("no Trainer v2 and trainjob chart release on this cluster (QWEN_KIND_TRAINJOB=1, or "
+                    "python tools/qwen_kind up --trainjob NS)")
+    ns = TRAINJOB_NAMESPACE
+    host = kind.shared_volume(ns, CLAIM, "qwen-kind/data")  # the same host folder as the other tests' claim
+    if not (host / "tiny-moe-hf").exists():
+        demo_inputs.prepare_data(host.parent)
+    doc = base_resource(kind, "trainjob", ns)
+    convert, pretrain, _export = doc["spec"]["pipeline"]
+    convert["checkpoint"] = {"output": {"path": "/data/trainjob/mcore"}}
+    pretrain["training"] = {"trainIters": 20, "warmupIters": 2, "saveInterval": 20, "logInterval": 5}
+    pretrain["checkpoint"] = {"output": {"path": "/data/trainjob/pretrain"}}
+    doc["spec"]["pipeline"] = [convert, pretrain]
+    apply(kind, doc)
+    nodes: dict[str, set[str]] = {}
+
+    def watch(obj):
+        for pod in pods_of(kind, "trainjob", ns):
+            if pod["spec"].get("nodeName"):
+                nodes.setdefault(pod["metadata"]["labels"].get("training.qwen.dev/stage", ""), set()).add(
+                    pod["spec"]["nodeName"])
+
+    t0 = time.monotonic()
+    final = wait_for(kind, "trainjob", {"Succeeded", "Failed"}, 1200, watch, namespace=ns)
+    seconds = time.monotonic() - t0
+    assert final["status"]["phase"] == "Succeeded", diagnose(kind, "trainjob", ns)
+    trainjobs = json.loads(kind.kubectl("-n", ns, "get", "trainjobs.trainer.kubeflow.org", "-o", "json"))["items"]
+    assert {t["spec"]["runtimeRef"]["name"] for t in trainjobs} == {"qwen-torch-distributed"}
+    assert len(trainjobs) == 2 and all(t["spec"]["trainer"]["numNodes"] == 2 for t in trainjobs)
+    assert json.loads(kind.kubectl("-n", ns, "get", "pytorchjobs", "-o", "json"))["items"] == []
+    for stage in ("convert", "pretrain"):
+        assert len(nodes.get(stage, ())) == 2, f"{stage} pods did not run on two nodes: {nodes}"
+    losses = train_losses(host / "trainjob" / "pretrain" / "logs" / "metrics.jsonl")
+    assert max(losses) == 20 and losses[20] < losses[min(losses)], losses
+    print(f"\n[kind] convert -> pretrain as TrainJobs on two nodes: {seconds:.0f} s; loss {losses[min(losses)]:.4f} -> "
+          f"{losses[20]:.4f}")

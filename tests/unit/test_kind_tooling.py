@@ -90,6 +90,24 @@ def test_component_images_use_the_pinned_versions():
     assert {c.name: c.target for c in images.components(v)}["training-operator"] == "/manager"
 
 
+def test_trainjob_controller_images_are_apart_from_the_node_image():
+    v = {"K8S_VERSION": "v1.34.4", "ETCD_VERSION": "v3.6.5", "COREDNS_VERSION": "v1.12.1",
+         "TRAINING_OPERATOR_VERSION": "v1.9.3", "JOBSET_VERSION": "v0.10.1", "TRAINER_V2_VERSION": "v2.3.0"}
+    extra = {c.name: c for c in images.trainjob_components(v)}
+    assert {n: (c.binary, c.tag, c.target) for n, c in extra.items()} == {
+        "jobset": ("jobset-controller-manager", "v0.10.1", "/manager"),
+        "trainer-controller-manager": ("trainer-controller-manager", "v2.3.0", "/manager")}
+    # Not preloaded in (nor part of the digest of) the node image: asking for them rebuilds nothing else.
+    assert not set(extra) & {c.name for c in images.components(v)}
+
+
+def test_trainjob_needs_the_node_image_built_here(monkeypatch):
+    monkeypatch.setenv("QWEN_KIND_NODE_IMAGE", "kindest/node:v1.34.0")
+    with pytest.raises(KindSetupError) as err:
+        cluster.up(trainjob_namespace="qwen-kind-trainjob")
+    assert "QWEN_KIND_NODE_IMAGE" in str(err.value) and "\n" not in str(err.value)
+
+
 def test_not_enough_disk_is_one_line(tmp_path):
     with pytest.raises(KindSetupError) as err:
         docker.check_disk(tmp_path, need_gib=10**6)

@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, help="folder for the kubeconfig and the shared volume (up)")
     parser.add_argument("--namespace", action="append", default=[],
                         help="namespace to create with the trainer ServiceAccount (up; repeatable)")
+    parser.add_argument("--trainjob", metavar="NS", default=None,
+                        help="up: also JobSet and Kubeflow Trainer v2, and the chart with jobApi trainjob watching "
+                             "namespace NS (the first release then watches only the --namespace ones)")
     args = parser.parse_args(argv)
     try:
         if args.command == "images":
@@ -42,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 docker.stop()
         elif args.command == "up":
-            c = kind_cluster.up(args.name, args.workers, args.work, tuple(args.namespace))
+            c = kind_cluster.up(args.name, args.workers, args.work, tuple(args.namespace),
+                                trainjob_namespace=args.trainjob)
             print(f"KUBECONFIG={c.kubeconfig}")
             print(f"shared volume folder: {c.shared}")
             if c.docker.started is not None:

@@ -28,6 +28,11 @@ SHARED_IN_NODE = "/qwen-shared"
 CHART = ROOT / "charts" / "qwen-training-operator"
 OPERATOR_NAMESPACE = "qwen-system"
 TFO_UPSTREAM_IMAGE = "ghcr.io/kubeflow/training-v1/training-operator"
+# `up --trainjob`: JobSet and Kubeflow Trainer v2 (controllers built from Go modules, manifests from the same
+# modules), and a second release of the chart with jobApi trainjob watching only TRAINJOB_NAMESPACE.
+TRAINJOB_EXTRAS = ("jobset", "trainer-v2")
+TRAINJOB_RELEASE = "qwen-trainjob"
+TRAINJOB_OPERATOR_NAMESPACE = "qwen-trainjob-system"
 # In a node: remove the layer blobs of image $1 (a docker-save import: one manifest) from containerd's
 # content store; the unpacked snapshots stay, and containerd's garbage collector frees the space.
 DISCARD_LAYERS = """
@@ -43,9 +48,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("QWEN_K8S_CACHE", Path.home() / ".cache" / "qwen-k8s")) / "kind"
 
 
-def controlplane_bin_dir() -> Path:
-    """Builds (or finds) the Go-built binaries, kind's node parts included."""
-    out = subprocess.run([str(ROOT / "tools" / "build-controlplane.sh"), "--with-kind"], capture_output=True, text=True)
+def controlplane_bin_dir(trainjob: bool = False) -> Path:
+    """Builds (or finds) the Go-built binaries, kind's node parts included; `trainjob`: the JobSet and Kubeflow
+    Trainer v2 controllers too."""
+    env = dict(os.environ)
+    if trainjob:
+        named = env.get("QWEN_CONTROLPLANE_EXTRAS", "").replace(",", " ").split()
+        env["QWEN_CONTROLPLANE_EXTRAS"] = ",".join(dict.fromkeys([*named, *TRAINJOB_EXTRAS]))
+    out = subprocess.run([str(ROOT / "tools" / "build-controlplane.sh"), "--with-kind"], capture_output=True, text=True,
+                         env=env)
     if out.returncode != 0:
         raise KindSetupError("tools/build-controlplane.sh --with-kind failed:\n  "
                              + "\n  ".join(out.stderr.strip().splitlines()[-8:]))
@@ -169,20 +180,78 @@ class KindCluster:
         self.kubectl("-n", "kubeflow", "rollout", "status", "deployment/training-operator", "--timeout=300s",
                      timeout=330)
 
-    def install_chart(self, helm: Path, namespaces: tuple[str, ...] = ()) -> None:
+    def install_trainjob_controllers(self, bin_dir: Path) -> None:
+        """JobSet, then Kubeflow Trainer v2, from their modules' manifests (JobSet's config/default, Trainer's
+        manifests/overlays/manager without its JobSet release URL, which is not reachable here), with the
+        controller images built here. Both manage their webhook certificates themselves."""
+        v = images.versions(bin_dir)
+        jobset_src = images.module_dir("jobset", f"sigs.k8s.io/jobset@{v['JOBSET_VERSION']}")
+        trainer_src = images.module_dir("trainer-v2", f"github.com/kubeflow/trainer/v2@{v['TRAINER_V2_VERSION']}")
+        with tempfile.TemporaryDirectory() as work:
+            w = Path(work)
+            shutil.copytree(jobset_src / "config", w / "jobset")
+            shutil.copytree(trainer_src / "manifests", w / "trainer")
+            subprocess.run(["chmod", "-R", "u+w", work], check=True)
+            overlay = w / "trainer" / "overlays" / "manager"
+            kustomization = yaml.safe_load((overlay / "kustomization.yaml").read_text())
+            kustomization["resources"] = [r for r in kustomization["resources"] if "third-party" not in r]
+            (overlay / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+            rendered = [(self.kubectl("kustomize", str(w / "jobset" / "default")), self.refs["jobset"],
+                         "jobset-system", "jobset-controller-manager"),
+                        (self.kubectl("kustomize", str(overlay)), self.refs["trainer-controller-manager"],
+                         "kubeflow-system", "kubeflow-trainer-controller-manager")]
+        for text, ref, namespace, deployment in rendered:
+            docs = [d for d in yaml.safe_load_all(text) if d]
+            for doc in docs:
+                if doc.get("kind") == "Deployment":
+                    for c in doc["spec"]["template"]["spec"]["containers"]:
+                        if c["name"] == "manager":
+                            c["image"], c["imagePullPolicy"] = ref, "Never"
+            self.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", stdin=yaml.safe_dump_all(docs),
+                         timeout=300)
+            self.kubectl("-n", namespace, "rollout", "status", f"deployment/{deployment}", "--timeout=300s",
+                         timeout=330)
+        # The webhooks answer once each controller has written its certificate and injected its CA.
+        self.wait_webhooks(("jobset-", ".trainer.kubeflow.org"))
+
+    def wait_webhooks(self, names: tuple[str, ...], timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            pending = []
+            for kind in ("validatingwebhookconfigurations", "mutatingwebhookconfigurations"):
+                for cfg in json.loads(self.kubectl("get", kind, "-o", "json"))["items"]:
+                    if not any(n in cfg["metadata"]["name"] for n in names):
+                        continue
+                    pending += [w["name"] for w in cfg.get("webhooks") or [] if not w["clientConfig"].get("caBundle")]
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                raise KindSetupError(f"webhooks without a CA bundle after {timeout:.0f} s: {', '.join(pending)}")
+            time.sleep(2)
+
+    def install_chart(self, helm: Path, namespaces: tuple[str, ...] = (), release: str = "qwen-training-operator",
+                      operator_namespace: str = OPERATOR_NAMESPACE, extra: tuple[str, ...] = ()) -> None:
         """The chart as a user installs it; `namespaces` (created here) get the trainer ServiceAccount that
-        may report progress into the resources' status."""
+        may report progress into the resources' status; `extra`: more helm arguments."""
         for ns in namespaces:
             self.kubectl("create", "namespace", ns, check=False)
         trainer_ns = ["--set", f"trainer.serviceAccount.namespaces={{{','.join(namespaces)}}}"] if namespaces else []
         repo, tag = self.refs["operator"].rsplit(":", 1)
-        out = subprocess.run([str(helm), "upgrade", "--install", "qwen-training-operator", str(CHART), *trainer_ns,
-                              "--kubeconfig", str(self.kubeconfig), "--namespace", OPERATOR_NAMESPACE,
+        out = subprocess.run([str(helm), "upgrade", "--install", release, str(CHART), *trainer_ns,
+                              "--kubeconfig", str(self.kubeconfig), "--namespace", operator_namespace,
                               "--create-namespace", "--wait", "--timeout", "5m",
                               "--set", f"image.repository={repo}", "--set", f"image.tag={tag}",
-                              "--set", "image.pullPolicy=Never"], capture_output=True, text=True, timeout=400)
+                              "--set", "image.pullPolicy=Never", *extra], capture_output=True, text=True, timeout=400)
         if out.returncode != 0:
             raise KindSetupError(f"helm install of the chart failed: {out.stderr.strip()[-800:]}")
+
+    def install_trainjob_chart(self, helm: Path, namespace: str) -> None:
+        """A second release with jobApi trainjob watching only `namespace` (the first release, cluster-wide
+        with jobApi pytorchjob, is told to leave it alone by watching only its own namespaces)."""
+        self.install_chart(helm, (namespace,), release=TRAINJOB_RELEASE, operator_namespace=TRAINJOB_OPERATOR_NAMESPACE,
+                           extra=("--set", "jobApi=trainjob", "--set", "watch.scope=namespaces",
+                                  "--set", f"watch.namespaces={{{namespace}}}",
+                                  "--set", f"trainJob.runtime.image={self.refs['trainer-cpu']}"))
 
     def shared_volume(self, namespace: str, claim: str, subdir: str) -> Path:
         """A ReadWriteMany claim bound to <shared>/<subdir>, which every node mounts; returns the host folder."""
@@ -223,14 +292,20 @@ def timed(timings: dict, key: str):
 
 
 def up(name: str = "qwen-e2e", workers: int = 2, work: Path | None = None,
-       namespaces: tuple[str, ...] = ()) -> KindCluster:
+       namespaces: tuple[str, ...] = (), trainjob_namespace: str | None = None) -> KindCluster:
     """Everything from nothing: Docker, images, the cluster, the training-operator and the chart (with the
     trainer ServiceAccount in `namespaces`). On failure everything started so far is stopped again.
+
+    `trainjob_namespace`: also JobSet and Kubeflow Trainer v2 (controller images built here from the Go
+    binaries) and a second release of the chart with jobApi trainjob watching only that namespace; the first
+    release then watches only `namespaces` (two operators must not both act on one resource).
 
     With QWEN_KIND_NODE_IMAGE set (e.g. a kindest/node image; needs a registry), kind's stock node image, its
     default CNI and the upstream images are used and the project images build on their public bases;
     otherwise everything is built here (no registry needed)."""
     stock_node = os.environ.get("QWEN_KIND_NODE_IMAGE", "").strip()
+    if trainjob_namespace and stock_node:
+        raise KindSetupError("the TrainJob controllers are built here: unset QWEN_KIND_NODE_IMAGE for them")
     cache = cache_dir()
     check_disk(Path("/var/lib/docker") if Path("/var/lib/docker").exists() else cache)
     timings: dict[str, float] = {}
@@ -238,7 +313,7 @@ def up(name: str = "qwen-e2e", workers: int = 2, work: Path | None = None,
     cluster = None
     try:
         with timed(timings, "Go-built binaries"):
-            bin_dir = controlplane_bin_dir()
+            bin_dir = controlplane_bin_dir(trainjob=bool(trainjob_namespace))
         with timed(timings, "component and node images"):
             if stock_node:
                 refs, node = {}, stock_node
@@ -248,6 +323,8 @@ def up(name: str = "qwen-e2e", workers: int = 2, work: Path | None = None,
                 refs = images.component_images(docker, bin_dir, cache)
                 node = images.node_image(docker, bin_dir, cache, refs)
                 refs["dns-wait"] = images.dns_wait_image(docker)
+                if trainjob_namespace:
+                    refs.update(images.trainjob_images(docker, bin_dir))
         with timed(timings, "project images"):
             refs.update(images.project_images(docker, local_base=not stock_node))
         work = work or Path(tempfile.mkdtemp(prefix="qwen-kind."))
@@ -267,12 +344,19 @@ def up(name: str = "qwen-e2e", workers: int = 2, work: Path | None = None,
                 cluster.network()
             cluster.wait_ready()
         with timed(timings, "kind load (images onto the workers)"):
-            for key in ("training-operator", "dns-wait", "operator", "trainer-cpu"):
+            for key in ("training-operator", "dns-wait", "operator", "trainer-cpu", "jobset",
+                        "trainer-controller-manager"):
                 if key in refs:
                     cluster.load(refs[key], cluster.workers())
         with timed(timings, "training-operator and chart"):
             cluster.install_training_operator(bin_dir)
-            cluster.install_chart(bin_dir / "helm", namespaces)
+            scope = ("--set", "watch.scope=namespaces", "--set", f"watch.namespaces={{{','.join(namespaces)}}}") \
+                if trainjob_namespace and namespaces else ()
+            cluster.install_chart(bin_dir / "helm", namespaces, extra=scope)
+        if trainjob_namespace:
+            with timed(timings, "JobSet, Trainer v2 and the trainjob chart release"):
+                cluster.install_trainjob_controllers(bin_dir)
+                cluster.install_trainjob_chart(bin_dir / "helm", trainjob_namespace)
         return cluster
     except BaseException:
         if os.environ.get("QWEN_KIND_KEEP_ON_FAILURE") == "1" and cluster is not None:
@@ -292,6 +376,8 @@ def attach(name: str, work: Path) -> KindCluster:
     refs = {c.name: f"{images.REPO}/{c.name}:{c.tag}" for c in images.components(images.versions(bin_dir))}
     refs.update({"operator": f"{images.REPO}/operator:kind", "trainer-cpu": f"{images.REPO}/trainer-cpu:kind",
                  "dns-wait": images.DNS_WAIT})
+    refs.update({c.name: f"{images.REPO}/{c.name}:{c.tag}"
+                 for c in images.trainjob_components(images.versions(bin_dir))})
     return KindCluster(name, work / "kubeconfig", work / "shared", docker, bin_dir / "kind", refs)
 
 

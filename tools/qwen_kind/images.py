@@ -3,9 +3,9 @@
 - `qwen-k8s.local/debian:bookworm`: `debootstrap --variant=minbase` imported into Docker;
 - `qwen-k8s.local/python:3.11-bookworm`: that plus Debian's Python in a venv (stands in for python:3.11-slim);
 - the Kubernetes components kubeadm runs (kube-apiserver, -controller-manager, -scheduler, kube-proxy, etcd,
-  CoreDNS, pause) and the training-operator, from the binaries tools/build-controlplane.sh builds from Go
-  modules; all under the local name `qwen-k8s.local/...` (kubeadm's imageRepository points there), never
-  under an upstream registry's name;
+  CoreDNS, pause) and the training-operator (and, when asked, the JobSet and Kubeflow Trainer v2
+  controllers), from the binaries tools/build-controlplane.sh builds from Go modules; all under the local
+  name `qwen-k8s.local/...` (kubeadm's imageRepository points there), never under an upstream registry's name;
 - the kind node image (`node/Dockerfile`), with those component images preloaded;
 - the project's own images through docker/Makefile (`make images`), with the local Python base.
 
@@ -162,23 +162,43 @@ def module_dir(component_dir: str, module: str) -> Path:
     return Path(json.loads(out.stdout)["Dir"])
 
 
+def trainjob_components(v: dict[str, str]) -> list[Component]:
+    """The controllers a TrainJob needs (Kubeflow Trainer v2 and JobSet), from the binaries
+    `tools/build-controlplane.sh` builds with the extras; both Deployments run `/manager`. Apart from
+    `components()` because they are loaded only when asked for (`up --trainjob`), not preloaded in the node image."""
+    return [
+        Component("jobset", "jobset-controller-manager", v["JOBSET_VERSION"], target="/manager"),
+        Component("trainer-controller-manager", "trainer-controller-manager", v["TRAINER_V2_VERSION"],
+                  target="/manager"),
+    ]
+
+
+def _component_image(docker: Docker, bin_dir: Path, c: Component) -> str:
+    ref = f"{REPO}/{c.name}:{c.tag}"
+    if docker.has_image(ref):
+        return ref
+    if not (bin_dir / c.binary).exists():
+        raise KindSetupError(f"{bin_dir / c.binary} is missing: run tools/build-controlplane.sh --with-kind"
+                             + (" --with-extras" if c in trainjob_components(versions(bin_dir)) else ""))
+    log(f"building {ref}")
+    args = {"BASE_IMAGE": BASE, "BINARY": c.binary, "PACKAGES": c.packages}
+    if c.target:
+        args["TARGET"] = c.target
+    build(docker, HERE / "images" / "component.Dockerfile", bin_dir, ref, args)
+    return ref
+
+
+def trainjob_images(docker: Docker, bin_dir: Path) -> dict[str, str]:
+    """The JobSet and Trainer v2 controller images; returns name -> image reference."""
+    return {c.name: _component_image(docker, bin_dir, c) for c in trainjob_components(versions(bin_dir))}
+
+
 def component_images(docker: Docker, bin_dir: Path, cache: Path) -> dict[str, str]:
     """Build every component image; returns name -> image reference."""
     v = versions(bin_dir)
     refs: dict[str, str] = {}
-    dockerfile = HERE / "images" / "component.Dockerfile"
     for c in components(v):
-        ref = f"{REPO}/{c.name}:{c.tag}"
-        refs[c.name] = ref
-        if docker.has_image(ref):
-            continue
-        if not (bin_dir / c.binary).exists():
-            raise KindSetupError(f"{bin_dir / c.binary} is missing: run tools/build-controlplane.sh --with-kind")
-        log(f"building {ref}")
-        args = {"BASE_IMAGE": BASE, "BINARY": c.binary, "PACKAGES": c.packages}
-        if c.target:
-            args["TARGET"] = c.target
-        build(docker, dockerfile, bin_dir, ref, args)
+        refs[c.name] = _component_image(docker, bin_dir, c)
     kube_src = module_dir("kind-node", f"k8s.io/kubernetes@{v['K8S_VERSION']}")
     pause_ref = f"{REPO}/pause:{pause_version(kube_src)}"
     refs["pause"] = pause_ref
