@@ -1,4 +1,6 @@
-"""kopf handlers: read, call the pure functions in `render` and `status`, write. Importable on its own for
+"""kopf handlers: read what the event and the cluster say, ask the pure core what to do (`render` for the children,
+`reconcile` for the create/resume/update decisions, `mirror` for what a watched child, pod or Kueue Workload changes),
+apply its answer (create, patch the status, post Events) and return. Importable on its own for
 `kopf run -m qwen_operator.handlers` (configured from QWEN_OPERATOR_* environment variables), or started by
 `qwen-operator` (flags).
 
@@ -21,27 +23,27 @@ import copy
 import datetime
 import logging
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import kopf
 from kubernetes.client.exceptions import ApiException
 
 from qwen_trainer.spec import SpecError, derive
 
-from . import step_records as sr
 from . import conditions as cnd
-from .api import GROUP, KIND, PLURAL, VERSION
+from . import mirror
+from . import reconcile as rc
+from . import step_records as sr
+from .api import GROUP, PLURAL, VERSION
 from .api.devices import memory_fit
-from .api.pipeline import is_pipeline
 from .config import OperatorConfig
-from .drift import child_drift
 from .kube import CHILD_RESOURCES, Kube
 from .metrics import CHILDREN_CREATED, PhaseTracker, Readiness, observe, start_server
-from .render import CHILD_KINDS, HASH_ANNOTATION, LABEL_MANAGED_BY, MANAGED_BY, PYTORCHJOB_KIND, TRAINJOB_GROUP, \
-    TRAINJOB_KIND, TRAINJOB_PLURAL, TRAINJOB_VERSION, child_kind, queue_of, render_step, steps
+from .render import LABEL_MANAGED_BY, MANAGED_BY, PYTORCHJOB_GROUP, PYTORCHJOB_KIND, PYTORCHJOB_PLURAL, \
+    PYTORCHJOB_VERSION, TRAINJOB_GROUP, TRAINJOB_KIND, TRAINJOB_PLURAL, TRAINJOB_VERSION, child_kind, render_step
 
-FINALIZER = "training.qwen.dev/finalizer"  # declared for completeness; no handler here needs a finalizer
-ANNOTATION_PREFIX = "training.qwen.dev"
+FINALIZER = f"{GROUP}/finalizer"  # declared for completeness; no handler here needs a finalizer
+ANNOTATION_PREFIX = GROUP
 
 # Replaced by qwen_operator.main before kopf starts; `kopf run -m qwen_operator.handlers` uses the environment.
 CONFIG: OperatorConfig = OperatorConfig.from_env()
@@ -147,39 +149,30 @@ def _view(body: Any) -> dict[str, Any]:
     return {k: body[k] for k in body}
 
 
-def _controller(obj: dict[str, Any]) -> Optional[dict[str, Any]]:
-    for ref in (obj.get("metadata") or {}).get("ownerReferences") or []:
-        if ref.get("controller"):
-            return ref
-    return None
+def _post(target: dict[str, Any], events: Iterable[rc.Event], logger: Optional[logging.Logger] = None) -> None:
+    """Post Events about `target` through kopf's background poster; Warnings are logged too when a logger is given."""
+    for type_, reason, message in events:
+        if type_ == "Warning":
+            kopf.warn(target, reason=reason, message=message[:1024])
+            if logger is not None:
+                logger.warning(message)
+        else:
+            kopf.event(target, type=type_, reason=reason, message=message[:1024])
 
 
-def _owner_of(child: dict[str, Any]) -> Optional[dict[str, Any]]:
-    ref = _controller(child)
-    if ref and ref.get("kind") == KIND and str(ref.get("apiVersion", "")).startswith(GROUP + "/"):
-        return ref
-    return None
+def _write(kube: Kube, namespace: str, name: str,
+           decide: Callable[[dict[str, Any]], mirror.Decision]) -> tuple[Optional[dict[str, Any]], mirror.Decision]:
+    """Write the status `decide` gives for the resource as read (again after a conflict): (the status written or
+    None, the decision it came from)."""
+    last = mirror.NOTHING
 
+    def compute(resource: dict[str, Any]) -> Optional[dict[str, Any]]:
+        nonlocal last
+        last = decide(resource)
+        return last.status
 
-def _ref(body: dict[str, Any]) -> dict[str, Any]:
-    meta = body["metadata"]
-    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND,
-            "metadata": {"name": meta["name"], "namespace": meta["namespace"], "uid": meta["uid"]}}
-
-
-def _drift_state(desired: dict[str, Any], live: dict[str, Any]) -> Optional[tuple[str, str]]:
-    """(reason, message) when a live child no longer matches what we render, else None."""
-    kind, name = desired["kind"], desired["metadata"]["name"]
-    live_hash = ((live.get("metadata") or {}).get("annotations") or {}).get(HASH_ANNOTATION)
-    if live_hash != desired["metadata"]["annotations"][HASH_ANNOTATION]:
-        return (cnd.SPEC_CHANGE_IGNORED,
-                f"{kind} {name} was rendered from a different spec (or operator version); only spec.suspend is "
-                f"applied to an existing job: delete and recreate the QwenTrainingJob to change anything else")
-    paths = child_drift(desired, live)
-    if paths:
-        shown = ", ".join(paths[:10]) + (f" (+{len(paths) - 10} more)" if len(paths) > 10 else "")
-        return cnd.CHILD_MODIFIED, f"{kind} {name} was changed by hand and no longer matches the spec: {shown}"
-    return None
+    written = kube.update_status(namespace, name, compute)
+    return written, (last if written is not None else mirror.NOTHING)
 
 
 # ------------------------------------------------------------------------------------ create/resume
@@ -192,43 +185,6 @@ def reconcile(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, retry: i
         _reconcile(_plain(body), memo, logger, retry=retry)
 
 
-def _step_records(body: dict[str, Any]) -> list[dict[str, Any]]:
-    """status.stages for the resource's steps (raises SpecError for an invalid spec)."""
-    return sr.init_stages((body.get("status") or {}).get("stages"),
-                          [(step or stage, stage) for step, stage, _ in steps(body)])
-
-
-def _refused(kube: Kube, err: ApiException, child: dict[str, Any]) -> Optional[tuple[str, str]]:
-    """(reason, message) when the API server refused the child job itself (see status.child_refused)."""
-    kind = child["kind"]
-    served = True
-    if err.status == 404:
-        group, version, plural = CHILD_RESOURCES[kind]
-        served = kube.api_served(group, version, plural, ttl=0)
-    return cnd.child_refused(kind, child["metadata"]["name"], err.status or 0, err.body, api_served=served,
-                            runtime=((child.get("spec") or {}).get("runtimeRef") or {}).get("name", ""),
-                            job_api_setting=CONFIG.job_api)
-
-
-def _refusal_delay(retry: int) -> float:
-    """Seconds until a refused child is tried again: 10 s, doubling up to 5 minutes (the missing API or runtime
-    may be installed meanwhile)."""
-    return float(min(10 * 2 ** max(retry, 0), 300))
-
-
-def _queue_condition(kube: Kube, resource: dict[str, Any], spec: Any, index: int, pipeline: bool,
-                     child: dict[str, Any]) -> Optional[tuple[str, str, str]]:
-    """The first `Queued` condition of a child with a Kueue queue (None without a queue)."""
-    source = queue_of(resource, spec, f"spec.pipeline[{index}]" if pipeline else "spec")
-    if source is None:
-        return None
-    queue, field = source
-    kind, name = child["kind"], child["metadata"]["name"]
-    if not kube.api_served(cnd.WORKLOAD_GROUP, cnd.WORKLOAD_VERSION, cnd.WORKLOAD_PLURAL):
-        return cnd.kueue_not_installed(kind, name, queue, field)
-    return cnd.queue_pending(kind, name, queue, field)
-
-
 def _reconcile(body: dict[str, Any], memo: kopf.Memo, logger: logging.Logger, rerun: bool = False,
                retry: int = 0) -> None:
     kube: Kube = memo.kube
@@ -239,103 +195,95 @@ def _reconcile(body: dict[str, Any], memo: kopf.Memo, logger: logging.Logger, re
         return
     if meta.get("deletionTimestamp"):
         return
+    ref = rc.ref_of(body)
 
     try:
-        records = _step_records(body)
+        records = rc.step_records(body)
         if rerun:
             previous = kube.update_status(ns, name, lambda res: sr.rerun(
-                res.get("status") or {}, _step_records(res), res["metadata"].get("generation"))) or previous
+                res.get("status") or {}, rc.step_records(res), res["metadata"].get("generation"))) or previous
             records = sr.init_stages(previous.get("stages"), [(r["name"], r["stage"]) for r in records])
             logger.info("spec fixed after %s: running again from %s", "failure", previous.get("currentStage"))
         index = sr.current_index(records)
         if index is None:
             return  # every step has succeeded
         account = kube.service_account(ns, CONFIG.trainer_service_account)
-        spec, (cm, pj) = render_step(body, index, int(records[index].get("attempt") or 0), account,
-                                     job_api=CONFIG.job_api, runtime=CONFIG.trainjob_runtime)
+        spec, (cm, job) = render_step(body, index, int(records[index].get("attempt") or 0), account,
+                                      job_api=CONFIG.job_api, runtime=CONFIG.trainjob_runtime)
     except SpecError as err:
         problems = [str(p) for p in err.problems]
         kube.update_status(ns, name, lambda res: cnd.invalid(res.get("status"), problems,
-                                                              res["metadata"].get("generation"), now()), body=body)
-        kopf.warn(_ref(body), reason=cnd.INVALID_SPEC, message="; ".join(problems)[:1024])
+                                                             res["metadata"].get("generation"), now()), body=body)
+        _post(ref, [("Warning", cnd.INVALID_SPEC, "; ".join(problems))])
         logger.warning("invalid spec, nothing created: %s", "; ".join(problems))
         return
 
-    derived = derive(spec.job_spec(), spec.world_size()).to_dict()
-    synced: tuple[str, str, str] = ("True", cnd.IN_SYNC, "")
-    created: list[str] = []
-    warnings: list[tuple[str, str]] = []
-    memory = memory_fit(spec, CONFIG.gpu_memory_gib)
-    if memory[0] == "False" and (cnd.get_condition(previous, cnd.MEMORY_FITS) or {}).get("status") != "False":
-        warnings.append(memory[1:])  # once, when the estimate first misses
-
+    job_kind, job_name = job["kind"], job["metadata"]["name"]
     # A child job this resource already created and that is gone now was deleted by someone: do not rerun it.
-    if previous.get("pytorchJob") == pj["metadata"]["name"] and kube.get_child(pj) is None:
-        kube.update_status(ns, name, lambda res: cnd.child_deleted(res.get("status"), res["metadata"].get("generation"),
-                                                                  now(), pj["metadata"]["name"], kind=pj["kind"]))
-        kopf.warn(_ref(body), reason=cnd.CHILD_DELETED, message=f"{pj['kind']} {pj['metadata']['name']} was deleted")
+    if previous.get("pytorchJob") == job_name and kube.get_child(job) is None:
+        kube.update_status(ns, name, lambda res: cnd.child_deleted(
+            res.get("status"), res["metadata"].get("generation"), now(), job_name, kind=job_kind))
+        _post(ref, [("Warning", cnd.CHILD_DELETED, f"{job_kind} {job_name} was deleted")])
         return
 
-    for desired in (cm, pj):  # ConfigMap first: the pods mount it
+    seen: list[rc.ChildSeen] = []
+    for desired in (cm, job):  # ConfigMap first: the pods mount it
         try:
             live, was_created = kube.create_or_get(desired)
         except ApiException as err:
-            refused = _refused(kube, err, desired) if desired is pj else None
-            if refused is None:
+            if desired is not job:
                 raise
-            reason, message = refused
-            before = (cnd.get_condition(previous, "Created") or {}).get("reason")
-            kube.update_status(ns, name, lambda res: cnd.not_created(res.get("status"), reason, message,
-                                                                     res["metadata"].get("generation"), now()))
-            if before != reason:  # one Warning Event per cause, not one per retry
-                kopf.warn(_ref(body), reason=reason, message=message[:1024])
-            raise kopf.TemporaryError(message, delay=_refusal_delay(retry))
-        kind, child = desired["kind"], desired["metadata"]["name"]
-        if was_created:
-            created.append(f"{kind} {child}")
-            CHILDREN_CREATED.labels(kind).inc()
-            failpoint(f"after-{kind.lower()}")
-            continue
-        owner = _controller(live)
-        if owner is None or owner.get("uid") != meta["uid"]:
-            if owner is not None and owner.get("kind") == KIND:
-                # Left over from an earlier resource of the same name; the garbage collector removes it soon.
-                raise kopf.TemporaryError(f"{kind} {child} still belongs to an earlier {KIND} {owner.get('uid')}",
-                                          delay=2)
-            message = f"{kind} {child} exists and is not owned by this {KIND}; it is left alone"
-            synced = ("False", cnd.NAME_CONFLICT, message)
-            warnings.append((cnd.NAME_CONFLICT, message))
+            _refused(kube, err, job, ref, previous, retry)
+        child = rc.judge_child(desired, live, was_created, meta["uid"])
+        if child.leftover:
+            raise kopf.TemporaryError(child.leftover, delay=2)
+        seen.append(child)
+        if child.created:
+            CHILDREN_CREATED.labels(desired["kind"]).inc()
+            failpoint(f"after-{desired['kind'].lower()}")
+        if child.conflict:
             break
-        drift = _drift_state(desired, live)
-        if drift is not None and synced[0] == "True":
-            synced = ("False", drift[0], drift[1])
-            warnings.append(drift)
+    synced, problems = rc.children_synced(seen)
 
-    pj_name = pj["metadata"]["name"] if synced[1] != cnd.NAME_CONFLICT else None
-    queue = _queue_condition(kube, body, spec, index, is_pipeline(body.get("spec")), pj) if pj_name else None
-    if queue is not None and queue[1] == cnd.KUEUE_NOT_INSTALLED and \
-            (cnd.get_condition(previous, cnd.QUEUED) or {}).get("reason") != cnd.KUEUE_NOT_INSTALLED:
-        warnings.append((cnd.KUEUE_NOT_INSTALLED, queue[2]))
+    memory = memory_fit(spec, CONFIG.gpu_memory_gib)
+    child_name = job_name if synced[1] != cnd.NAME_CONFLICT else None
+    source = rc.queue_source(body, spec, index) if child_name else None
+    queue = rc.queue_condition(job, source, kube.api_served(cnd.WORKLOAD_GROUP, cnd.WORKLOAD_VERSION,
+                                                            cnd.WORKLOAD_PLURAL)) if source else None
+    derived = derive(spec.job_spec(), spec.world_size()).to_dict()
+    kube.update_status(ns, name, lambda res: rc.reconciled_status(
+        res, now(), records=records, index=index, child=child_name, config_map=cm["metadata"]["name"],
+        derived=derived, synced=synced, memory=memory, queue=queue))
 
-    def written(res: dict[str, Any]) -> dict[str, Any]:
-        status = cnd.reconciled(res.get("status"), res["metadata"].get("generation"), now(), pytorch_job=pj_name,
-                               config_map=cm["metadata"]["name"], derived=derived, synced=synced, memory=memory)
-        if queue is not None:
-            status = cnd.queued(status, queue, res["metadata"].get("generation"), now(), initial=True) or status
-        return sr.started(status, sr.init_stages(status.get("stages"), [(r["name"], r["stage"]) for r in records]),
-                          index, pj_name, now())
-
-    kube.update_status(ns, name, written)
+    created = [c.label for c in seen if c.created]
     if created:
         logger.info("created %s", ", ".join(created))
-        if any(c.startswith(kind) for c in created for kind in CHILD_KINDS):
-            # One Normal Event per created child job, posted by kopf's background poster.
-            kopf.event(_ref(body), type="Normal", reason="Created", message=", ".join(created))
-    for reason, message in warnings:
-        kopf.warn(_ref(body), reason=reason, message=message[:1024])
-        logger.warning(message)
+        _post(ref, [e for e in [rc.created_event(created)] if e])
+    warnings = [p for p in [rc.memory_problem(previous, memory), *problems, rc.queue_problem(previous, queue)] if p]
+    _post(ref, [("Warning", reason, message) for reason, message in warnings], logger)
     if synced[1] == cnd.NAME_CONFLICT:
         raise kopf.TemporaryError(synced[2], delay=30)
+
+
+def _refused(kube: Kube, err: ApiException, job: dict[str, Any], ref: dict[str, Any], previous: dict[str, Any],
+             retry: int) -> None:
+    """The API server refused the child job: say why in the status (one Warning per cause) and try again later;
+    anything else is raised as it is."""
+    kind, name = job["kind"], job["metadata"]["name"]
+    served = True
+    if err.status == 404:
+        served = kube.api_served(*CHILD_RESOURCES[kind], ttl=0)
+    refused = cnd.child_refused(kind, name, err.status or 0, err.body, api_served=served,
+                                runtime=((job.get("spec") or {}).get("runtimeRef") or {}).get("name", ""),
+                                job_api_setting=CONFIG.job_api)
+    if refused is None:
+        raise err
+    reason, message = refused
+    kube.update_status(ref["metadata"]["namespace"], ref["metadata"]["name"], lambda res: cnd.not_created(
+        res.get("status"), reason, message, res["metadata"].get("generation"), now()))
+    if rc.refusal_is_new(previous, reason):
+        _post(ref, [("Warning", reason, message)])
+    raise kopf.TemporaryError(message, delay=rc.refusal_delay(retry))
 
 
 # ---------------------------------------------------------------------------------------- updates
@@ -363,21 +311,19 @@ def suspend_changed(body: kopf.Body, new: Any, memo: kopf.Memo, logger: logging.
 def spec_changed(body: kopf.Body, diff: kopf.Diff, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
     """The CRD's CEL rules refuse these changes; without them (an older CRD) the change is reported and ignored."""
     with observe("immutable"):
-        fields = sorted({".".join(str(p) for p in d[1]) for d in diff
-                         if len(d[1]) >= 1 and d[1][0] == "spec" and tuple(d[1][:2]) != ("spec", "suspend")})
+        fields = rc.changed_spec_fields(diff)
         if not fields:
             return
         resource = _plain(body)
         if sr.is_fixable(resource.get("status")):
             _reconcile(resource, memo, logger, rerun=True)  # a failed or refused job, fixed and re-applied
             return
-        message = ("only spec.suspend may change after creation; ignored changes to " + ", ".join(fields))
+        message = rc.spec_change_ignored(fields)
         meta = resource["metadata"]
         memo.kube.update_status(meta["namespace"], meta["name"], lambda res: cnd.reconciled(
             res.get("status"), res["metadata"].get("generation"), now(),
             synced=("False", cnd.SPEC_CHANGE_IGNORED, message)))
-        kopf.warn(_ref(resource), reason=cnd.SPEC_CHANGE_IGNORED, message=message[:1024])
-        logger.warning(message)
+        _post(rc.ref_of(resource), [("Warning", cnd.SPEC_CHANGE_IGNORED, message)], logger)
 
 
 # --------------------------------------------------------------------------------- child watching
@@ -394,7 +340,7 @@ def trainjob_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, logge
 
 
 _CHILD_WATCHES = {
-    "pytorchjob": (("kubeflow.org", "v1", "pytorchjobs"), pytorchjob_event),
+    "pytorchjob": ((PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, PYTORCHJOB_PLURAL), pytorchjob_event),
     "trainjob": ((TRAINJOB_GROUP, TRAINJOB_VERSION, TRAINJOB_PLURAL), trainjob_event),
 }
 _WATCHED: set[str] = set()
@@ -411,170 +357,31 @@ def watch_children(job_api: str) -> None:
     _WATCHED.add(job_api)
 
 
-def _child_status(kind: str, child: dict[str, Any], previous: Optional[dict[str, Any]], generation: Optional[int],
-                  kube: Kube, ns: str) -> dict[str, Any]:
-    if kind == TRAINJOB_KIND:
-        jobset = kube.get_jobset(ns, child["metadata"]["name"]) if _needs_jobset(child) else None
-        return cnd.from_trainjob(child, previous, generation, now(), jobset=jobset, run_policy=_run_policy(child),
-                                namespace=ns)
-    return cnd.from_child(child.get("status"), previous, generation, now(), run_policy=_run_policy(child), namespace=ns)
-
-
-def _needs_jobset(trainjob: dict[str, Any]) -> bool:
-    """The JobSet is read only for what the TrainJob does not say: restarts while no node Job is ready."""
-    status = trainjob.get("status") or {}
-    finished = any(c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
-                   for c in status.get("conditions") or [])
-    ready = sum(int(j.get("ready") or 0) for j in status.get("jobsStatus") or [])
-    return not finished and ready == 0 and bool(status.get("jobsStatus"))
-
-
 def _child_event(kind: str, event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, logger: logging.Logger) -> None:
     with observe("child-status"):
         child = _view(body)
-        owner = _owner_of(child)
+        child.setdefault("kind", kind)
+        owner = rc.owner_of(child)
         if owner is None:
             return
         ns, child_name = child["metadata"]["namespace"], child["metadata"]["name"]
+        target = rc.resource_ref(ns, owner["name"], owner["uid"])
         kube: Kube = memo.kube
-
-        def ours(res: dict[str, Any]) -> bool:
-            return res["metadata"].get("uid") == owner.get("uid") and not res["metadata"].get("deletionTimestamp")
-
         if event.get("type") == "DELETED":
-            def on_delete(res: dict[str, Any]) -> Optional[dict[str, Any]]:
-                if not ours(res) or (res.get("status") or {}).get("pytorchJob") != child_name:
-                    return None
-                return cnd.child_deleted(res.get("status"), res["metadata"].get("generation"), now(), child_name,
-                                        kind=kind)
-            written = kube.update_status(ns, owner["name"], on_delete)
-            if written is not None and written.get("phase") == "Failed" and \
-                    (cnd.get_condition(written, "Failed") or {}).get("reason") == cnd.CHILD_DELETED:
-                kopf.warn({"apiVersion": owner["apiVersion"], "kind": KIND,
-                           "metadata": {"name": owner["name"], "namespace": ns, "uid": owner["uid"]}},
-                          reason=cnd.CHILD_DELETED, message=f"{kind} {child_name} was deleted before it finished")
+            _, decision = _write(kube, ns, owner["name"],
+                                 lambda res: mirror.child_deleted_decision(res, owner["uid"], child, now()))
+            _post(target, decision.events)
             return
-
-        child_status = child.get("status") or {}
-        if not child_status.get("conditions") and not child_status.get("jobsStatus") and \
-                (child["metadata"].get("generation") or 1) <= 1:
-            # A child its controller has not acted on yet: nothing to mirror. The handler that created
-            # it writes the status (with its name) right after creating it, so writing here would only race that
-            # write (a 409 and a re-read, or a second patch).
+        if mirror.nothing_to_mirror(child):
             return
-
-        warning: list[tuple[str, str]] = []
-        transitions: list[tuple[str, dict[str, Any]]] = []
-
-        advanced: list[bool] = []
-
-        def on_change(res: dict[str, Any]) -> Optional[dict[str, Any]]:
-            if not ours(res):
-                return None
-            current = (res.get("status") or {}).get("pytorchJob")
-            if current and current != child_name:
-                return None  # an earlier step's (or attempt's) PyTorchJob: it no longer drives the status
-            new = _child_status(kind, child, res.get("status"), res["metadata"].get("generation"), kube, ns)
-            before = (res.get("status") or {}).get("phase")
-            if new.get("phase") != before and new.get("phase") in ("Running", "Succeeded", "Failed"):
-                transitions[:] = [(new["phase"], new)]
-            new.setdefault("pytorchJob", child_name)  # the child exists, whichever handler writes first
-            records = new.get("stages") or []
-            index = next((i for i, r in enumerate(records) if r.get("pytorchJob") == child_name),
-                         sr.current_index(records))
-            if index is not None and records:
-                new, moved = sr.observed(new, index, now())
-                advanced[:] = [moved]
-                if moved:
-                    return new
-            # A spec change of the child after creation (generation > 1): check it still matches the rendering.
-            if (child["metadata"].get("generation") or 1) > 1 and not cnd.is_terminal(new):
-                try:
-                    attempt = int(records[index].get("attempt") or 0) if index is not None and records else 0
-                    desired = render_step(res, index or 0, attempt, _live_service_account(child),
-                                          job_api="trainjob" if kind == TRAINJOB_KIND else "pytorchjob",
-                                          runtime=((child.get("spec") or {}).get("runtimeRef") or {}).get("name")
-                                          or CONFIG.trainjob_runtime)[1][1]
-                except SpecError:
-                    return new
-                drift = _drift_state(desired, child)
-                synced = cnd.get_condition(new, cnd.SYNCED) or {}
-                if drift is not None and synced.get("reason") != drift[0]:
-                    new = cnd.reconciled(new, res["metadata"].get("generation"), now(),
-                                        synced=("False", drift[0], drift[1]))
-                    warning[:] = [drift]
-                elif drift is None and synced.get("reason") in (cnd.CHILD_MODIFIED,):
-                    new = cnd.reconciled(new, res["metadata"].get("generation"), now())
-            return new
-
-        written = kube.update_status(ns, owner["name"], on_change)
-        if written is not None and transitions and written.get("phase") == transitions[0][0]:
-            _post_phase(owner, ns, child_name, written, kind)
-        if advanced and advanced[0]:  # the step succeeded and another follows: start it now
+        jobset = kube.get_jobset(ns, child_name) if kind == TRAINJOB_KIND and mirror.needs_jobset(child) else None
+        _, decision = _write(kube, ns, owner["name"], lambda res: mirror.child_changed_decision(
+            res, owner["uid"], child, now(), jobset=jobset, default_runtime=CONFIG.trainjob_runtime))
+        _post(target, decision.events, logger)
+        if decision.advance:  # the step succeeded and another follows: start it now
             latest = kube.get_job(ns, owner["name"])
             if latest is not None:
                 _reconcile(latest, memo, logger)
-        for reason, message in warning:
-            kopf.warn({"apiVersion": owner["apiVersion"], "kind": KIND,
-                       "metadata": {"name": owner["name"], "namespace": ns, "uid": owner["uid"]}},
-                      reason=reason, message=message[:1024])
-            logger.warning(message)
-
-
-def _live_service_account(child: dict[str, Any]) -> Optional[str]:
-    spec = child.get("spec") or {}
-    if child.get("kind") == TRAINJOB_KIND:
-        for patch in spec.get("runtimePatches") or []:
-            for job in (((patch.get("trainingRuntimeSpec") or {}).get("template") or {}).get("spec") or {}) \
-                    .get("replicatedJobs") or []:
-                pod = ((((job.get("template") or {}).get("spec") or {}).get("template") or {}).get("spec") or {})
-                if pod.get("serviceAccountName"):
-                    return pod["serviceAccountName"]
-        return None
-    return (((spec.get("pytorchReplicaSpecs") or {}).get("Master") or {}).get("template", {}).get("spec", {})
-            .get("serviceAccountName"))
-
-
-def _run_policy(child: dict[str, Any]) -> dict[str, Any]:
-    """The restart and cleanup policy the child runs with (words the Failed message). A TrainJob's JobSet
-    replaces failed pods by restarting all nodes (the runtime's failurePolicy) until it fails, and then keeps the
-    failed pods: when its Failed message is written, that is Never."""
-    spec = child.get("spec") or {}
-    if child.get("kind") == TRAINJOB_KIND:
-        return {"restartPolicy": "Never", "cleanPodPolicy": "None"}
-    master = (spec.get("pytorchReplicaSpecs") or {}).get("Master") or {}
-    return {"restartPolicy": master.get("restartPolicy", "OnFailure"),
-            "cleanPodPolicy": (spec.get("runPolicy") or {}).get("cleanPodPolicy", "None"),
-            "backoffLimit": (spec.get("runPolicy") or {}).get("backoffLimit")}
-
-
-def _owner_ref(owner: dict[str, Any], ns: str) -> dict[str, Any]:
-    return {"apiVersion": owner["apiVersion"], "kind": KIND,
-            "metadata": {"name": owner["name"], "namespace": ns, "uid": owner["uid"]}}
-
-
-def _post_phase(owner: dict[str, Any], ns: str, child_name: str, status: dict[str, Any],
-                kind: str = PYTORCHJOB_KIND) -> None:
-    """Normal Events for Running and Succeeded, a Warning with the failed pod's story for Failed."""
-    phase = status.get("phase")
-    if phase == "Failed":
-        failed = cnd.get_condition(status, "Failed") or {}
-        kopf.warn(_owner_ref(owner, ns), reason="Failed", message=(failed.get("message") or "")[:1024])
-    elif phase == "Running":
-        kopf.event(_owner_ref(owner, ns), type="Normal", reason="Running", message=f"{kind} {child_name} is running")
-    elif phase == "Succeeded":
-        took = f" in {status['duration']}" if status.get("duration") else ""
-        kopf.event(_owner_ref(owner, ns), type="Normal", reason="Succeeded", message=f"{kind} {child_name} succeeded{took}")
-
-
-def _resource_of(pod: dict[str, Any]) -> Optional[tuple[str, str]]:
-    """(namespace, name) of the QwenTrainingJob a pod runs for: rendered into its QWEN_STATUS_RESOURCE."""
-    for c in (pod.get("spec") or {}).get("containers") or []:
-        for e in c.get("env") or []:
-            if e.get("name") == "QWEN_STATUS_RESOURCE" and "/" in str(e.get("value") or ""):
-                ns, name = str(e["value"]).split("/", 1)
-                return ns, name
-    return None
 
 
 @kopf.on.event("", "v1", "pods", labels={LABEL_MANAGED_BY: MANAGED_BY})
@@ -585,55 +392,25 @@ def pod_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, logger: lo
     pod = _view(body)
     failure = cnd.pod_failure(pod)
     kube: Optional[Kube] = getattr(memo, "kube", None)
-    where = _resource_of(pod)
+    where = mirror.resource_of_pod(pod)
     if kube is None or where is None:
         return
     ns, name = where
-    job = cnd.pod_job_name(pod)
-    if failure is None:
-        cached = kube.cache.get((ns, name))
-        if cached is None or not cnd.pending_restart(cached.get("status")):
-            return
-        if cnd.pod_running_again(pod, cached.get("status")) is None:
-            return
+    if not mirror.pod_worth_reading(pod, failure, kube.cache.get((ns, name))):
+        return
     with observe("pod-status"):
         # A TrainJob's pods follow its JobSet's failure policy (from the runtime), read once per failed pod.
-        jobset_policy = cnd.jobset_run_policy(kube.get_jobset(ns, job)) \
+        jobset_policy = cnd.jobset_run_policy(kube.get_jobset(ns, cnd.pod_job_name(pod))) \
             if failure is not None and cnd.JOBSET_NAME_LABEL in ((pod.get("metadata") or {}).get("labels") or {}) \
             else None
-
-        def ours(res: dict[str, Any]) -> bool:
-            return (res.get("status") or {}).get("pytorchJob") == job and not res["metadata"].get("deletionTimestamp")
-
-        def on_pod(res: dict[str, Any]) -> Optional[dict[str, Any]]:
-            if not ours(res):
-                return None
-            gen = res["metadata"].get("generation")
-            if failure is not None:
-                policy = (res.get("spec") or {}).get("runPolicy") or {}
-                policy = jobset_policy or {"restartPolicy": policy.get("restartPolicy", "OnFailure"),
-                                           "cleanPodPolicy": policy.get("cleanPodPolicy", "None"),
-                                           "backoffLimit": policy.get("backoffLimit", 3)}  # the spec's default
-                return cnd.observe_pod_failure(res.get("status"), failure, policy, ns, gen, now())
-            replica = cnd.pod_running_again(pod, res.get("status"))
-            return cnd.observe_pod_running(res.get("status"), replica, gen, now()) if replica else None
-
-        written = kube.update_status(ns, name, on_pod)
+        written, decision = _write(kube, ns, name,
+                                   lambda res: mirror.pod_decision(res, pod, failure, now(), jobset_policy))
         if written is None:
             return
-        spec_policy = jobset_policy or {"backoffLimit": 3, **(((kube.cache.get((ns, name)) or {}).get("spec") or {})
-                                                              .get("runPolicy") or {})}
-        ref = {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND,
-               "metadata": {"name": name, "namespace": ns, "uid": (kube.cache.get((ns, name)) or {})
-                            .get("metadata", {}).get("uid", "")}}
-        if failure is not None:
-            message = cnd.describe_failure(failure, spec_policy, ns, len(written.get("failures") or [])) \
-                if written.get("phase") != "Failed" else \
-                (cnd.get_condition(written, "Failed") or {}).get("message", "")
-            kopf.warn(ref, reason=cnd.POD_FAILED, message=message[:1024])
-            logger.warning("pod %s failed: %s", failure["pod"], message)
-        else:
-            kopf.event(ref, type="Normal", reason="Restarted", message=(cnd.get_condition(written, "Restarting") or {}).get("message", ""))
+        uid = ((kube.cache.get((ns, name)) or {}).get("metadata") or {}).get("uid", "")
+        _post(rc.resource_ref(ns, name, uid), decision.events)
+        if failure is not None and decision.events:
+            logger.warning("pod %s failed: %s", failure["pod"], decision.events[0][2])
 
 
 def workload_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, logger: logging.Logger,
@@ -656,35 +433,9 @@ def workload_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, logge
     by_uid = cnd.preemptor_job_uid(workload)
     by = kube.owner_of_child_uid(ref["kind"], ns, by_uid) if by_uid else None
     with observe("workload-status"):
-        seen: list[Optional[dict[str, Any]]] = []
-
-        def on_workload(res: dict[str, Any]) -> Optional[dict[str, Any]]:
-            if res["metadata"].get("uid") != uid or res["metadata"].get("deletionTimestamp"):
-                return None
-            status = res.get("status") or {}
-            current = status.get("pytorchJob")
-            # An earlier step's (or attempt's) child no longer drives the status; the next step's child may show
-            # up here before the handler that created it has written its name.
-            if current and current != child and (not status.get("stages") or
-                                                 any(r.get("pytorchJob") == child for r in status["stages"])):
-                return None
-            seen[:] = [cnd.get_condition(status, cnd.QUEUED)]
-            return cnd.from_workload(status, workload, res["metadata"].get("generation"), now(),
-                                    preemptor=by[0] if by else None)
-
-        written = kube.update_status(ns, name, on_workload)
-        if written is None:
-            return
-        new, old = cnd.get_condition(written, cnd.QUEUED) or {}, (seen[0] if seen else None) or {}
-        target = {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND,
-                  "metadata": {"name": name, "namespace": ns, "uid": uid}}
-        if new.get("status") == "False" and old.get("status") == "True":
-            kopf.event(target, type="Normal", reason=cnd.ADMITTED, message=new.get("message", "")[:1024])
-        elif new.get("status") == "True" and new.get("reason") != old.get("reason"):
-            if new.get("reason") in (cnd.INADMISSIBLE, cnd.PREEMPTED):
-                kopf.warn(target, reason=new["reason"], message=new.get("message", "")[:1024])
-            elif new.get("reason") in (cnd.WAITING_FOR_QUOTA, cnd.EVICTED):
-                kopf.event(target, type="Normal", reason=cnd.QUEUED, message=new.get("message", "")[:1024])
+        _, decision = _write(kube, ns, name, lambda res: mirror.workload_decision(
+            res, uid, child, workload, now(), preemptor=by[0] if by else None))
+        _post(rc.resource_ref(ns, name, uid), decision.events)
 
 
 kopf.on.event(cnd.WORKLOAD_GROUP, cnd.WORKLOAD_VERSION, cnd.WORKLOAD_PLURAL, id="workload_event")(workload_event)

@@ -364,6 +364,7 @@ def test_qwenctl_render_job_api_trainjob(tmp_path):
 
 def test_handlers_watch_only_the_chosen_api_and_read_the_jobset_only_when_needed():
     from qwen_operator import handlers as h
+    from qwen_operator import mirror
 
     assert h.CONFIG.job_api in h._WATCHED
     h.watch_children("trainjob")
@@ -371,13 +372,13 @@ def test_handlers_watch_only_the_chosen_api_and_read_the_jobset_only_when_needed
     assert "trainjob" in h._WATCHED
     with pytest.raises(ValueError):
         h.watch_children("mpijob")
-    assert h._needs_jobset(tj_doc([RESUMED], jobs=[node_job(active=1)])) is True
-    assert h._needs_jobset(tj_doc([RESUMED], jobs=[node_job(active=1, ready=1)])) is False
-    assert h._needs_jobset(tj_doc([COMPLETE], jobs=[node_job(succeeded=1)])) is False
+    assert mirror.needs_jobset(tj_doc([RESUMED], jobs=[node_job(active=1)])) is True
+    assert mirror.needs_jobset(tj_doc([RESUMED], jobs=[node_job(active=1, ready=1)])) is False
+    assert mirror.needs_jobset(tj_doc([COMPLETE], jobs=[node_job(succeeded=1)])) is False
     _, tj = trainjob(resource(serviceAccountName="trainer"))
-    assert h._live_service_account(tj) == "trainer"
+    assert mirror.live_service_account(tj) == "trainer"
     # When a TrainJob reports Failed its JobSet has stopped restarting and keeps the failed pods.
-    assert h._run_policy(tj)["restartPolicy"] == "Never"
+    assert mirror.run_policy(tj)["restartPolicy"] == "Never"
 
 
 @pytest.mark.parametrize("failure_policy,restarts,expected", [
