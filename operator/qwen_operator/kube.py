@@ -16,12 +16,12 @@ import kubernetes
 from kubernetes.client.exceptions import ApiException
 
 from .api import GROUP, KIND, PLURAL, VERSION
-from .render import PYTORCHJOB_KIND, TRAINJOB_GROUP, TRAINJOB_KIND, TRAINJOB_PLURAL, TRAINJOB_VERSION, \
-    child_suspend_patch
+from .render import PYTORCHJOB_GROUP, PYTORCHJOB_KIND, PYTORCHJOB_PLURAL, PYTORCHJOB_VERSION, TRAINJOB_GROUP, \
+    TRAINJOB_KIND, TRAINJOB_PLURAL, TRAINJOB_VERSION, child_suspend_patch
 
 # (group, version, plural) of the custom-resource children, by kind.
 CHILD_RESOURCES = {
-    PYTORCHJOB_KIND: ("kubeflow.org", "v1", "pytorchjobs"),
+    PYTORCHJOB_KIND: (PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, PYTORCHJOB_PLURAL),
     TRAINJOB_KIND: (TRAINJOB_GROUP, TRAINJOB_VERSION, TRAINJOB_PLURAL),
 }
 JOBSET_RESOURCE = ("jobset.x-k8s.io", "v1alpha2", "jobsets")
