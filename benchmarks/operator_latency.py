@@ -55,7 +55,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 import qwen_devcluster  # noqa: E402
 from kubernetes import client as k, config as kconfig, watch  # noqa: E402
 from kubernetes.client.exceptions import ApiException  # noqa: E402
-from qwen_devcluster.cluster import gpu_node  # noqa: E402
+from qwen_devcluster.cluster import create, gpu_node  # noqa: E402
 
 from qwen_operator.api import GROUP, PLURAL, VERSION  # noqa: E402
 from qwen_operator.api.crd import build_crd  # noqa: E402
@@ -107,9 +107,10 @@ WRITE_VERBS = ("POST", "PUT", "PATCH", "APPLY")
 def apiserver_writes(cluster: Any) -> dict[str, float]:
     """Write requests the API server has served so far, by `VERB resource[/subresource]` (apiserver_request_total;
     every client's, not only the operator's); refused optimistic-locking conflicts are counted apart."""
-    status, text = cluster.api("GET", "/metrics")
+    resp = cluster.client().call_api("GET", cluster.server + "/metrics", _request_timeout=30)
+    text = resp.read().decode(errors="replace")
     counts: dict[str, float] = {}
-    if status != 200 or not isinstance(text, str):
+    if resp.status != 200:
         return counts
     for line in text.splitlines():
         m = REQUEST_LINE.match(line)
@@ -428,9 +429,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         api = kconfig.new_client_from_config(config_file=str(cluster.kubeconfig))
         for i in range(4, args.nodes):  # more fake nodes so every pod of the largest burst fits
-            status, out = cluster.api("POST", "/api/v1/nodes", gpu_node(f"gpu-node-{i}", 8, "96", "1024Gi"))
-            if status not in (200, 201, 409):
-                raise RuntimeError(f"could not add node gpu-node-{i}: HTTP {status} {out}")
+            create(lambda: k.CoreV1Api(api).create_node(gpu_node(f"gpu-node-{i}", 8, "96", "1024Gi")))
         install_crd(api, args.crd)
         if "trainjob" in apis:
             install_runtime(api, cluster)
@@ -438,7 +437,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         for job_api in apis:
             operator = start_operator(cluster, state, job_api, args.workers)
             for n in bursts:
-                others = {p.name: p.pid for p in cluster.procs if p.alive()}
+                others = {name: c["pid"] for name, c in cluster.measure()["components"].items() if c["alive"]}
                 r = burst(api, cluster, n, operator.pid, args.timeout, others, job_api)
                 results.append(r)
                 print(json.dumps(r), flush=True)

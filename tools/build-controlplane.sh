@@ -4,6 +4,7 @@
 #
 #   kube-apiserver, kube-controller-manager, kube-scheduler, etcd   tools/controlplane/k8s
 #   kwok (fake kubelets)                                            tools/controlplane/kwok
+#   kwokctl (creates the dev cluster from the binaries above)       tools/controlplane/kwokctl
 #   training-operator.v1 (Kubeflow PyTorchJob controller)           tools/controlplane/training-operator
 #   helm v3                                                         tools/controlplane/helm
 #
@@ -14,6 +15,9 @@
 # They go into the same bin dir (the key covers only the default components, so adding an
 # extra never invalidates the default build); each carries a stamp of its own go.mod/go.sum,
 # and its CRDs are copied from the module zip into crds/<extra>/.
+#
+# kwokctl is the same kwok release as kwok, in a module of its own (its dependency graph is larger); like
+# the extras it carries a stamp of its go.mod/go.sum and stays out of the key.
 #
 # Each component is its own Go module (go.mod/go.sum pinned in this repository), so the
 # dependency graphs never mix. Binaries go into a version-keyed cache outside the repo:
@@ -34,7 +38,7 @@
 #   --force          rebuild even if the binaries exist
 #   --with-extras    also build trainer-v2, jobset and kueue (env: QWEN_CONTROLPLANE_EXTRAS=trainer-v2,jobset,kueue)
 #   --with-kind      also build kind-node, coredns and kind (the local kind node image's parts)
-#   --only C         build only component C (k8s, etcd, kwok, training-operator, helm,
+#   --only C         build only component C (k8s, etcd, kwok, kwokctl, training-operator, helm,
 #                    trainer-v2, jobset, kueue); repeatable
 # On success the last line of stdout is the bin dir, so callers can do
 #   BIN=$(tools/build-controlplane.sh | tail -n1)
@@ -63,7 +67,7 @@ while [[ $# -gt 0 ]]; do
     --only) only+=("$2"); shift ;;
     --with-extras) extras+=("${EXTRAS_ALL[@]}") ;;
     --with-kind) extras+=("${KIND_TOOLS[@]}") ;;
-    -h|--help) sed -n '2,34p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,/^set -euo/{/^#/p}' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "build-controlplane: unknown argument: $1" >&2; exit 2 ;;
   esac
   shift
@@ -77,6 +81,7 @@ modver() { # dir module
 K8S_VERSION="$(modver k8s k8s.io/kubernetes)"
 ETCD_VERSION="$(modver k8s go.etcd.io/etcd/server/v3)"
 KWOK_VERSION="$(modver kwok sigs.k8s.io/kwok)"
+KWOKCTL_VERSION="$(modver kwokctl sigs.k8s.io/kwok)"
 TFO_VERSION="$(modver training-operator github.com/kubeflow/training-operator)"
 HELM_VERSION="$(modver helm helm.sh/helm/v3)"
 TRAINER_V2_VERSION="$(modver trainer-v2 github.com/kubeflow/trainer/v2)"
@@ -84,9 +89,11 @@ JOBSET_VERSION="$(modver jobset sigs.k8s.io/jobset)"
 KUEUE_VERSION="$(modver kueue sigs.k8s.io/kueue)"
 COREDNS_VERSION="$(modver coredns github.com/coredns/coredns)"
 KIND_VERSION="$(modver kind sigs.k8s.io/kind)"
-for v in COREDNS_VERSION KIND_VERSION K8S_VERSION ETCD_VERSION KWOK_VERSION TFO_VERSION HELM_VERSION TRAINER_V2_VERSION JOBSET_VERSION KUEUE_VERSION; do
+for v in COREDNS_VERSION KIND_VERSION K8S_VERSION ETCD_VERSION KWOK_VERSION KWOKCTL_VERSION TFO_VERSION HELM_VERSION TRAINER_V2_VERSION JOBSET_VERSION KUEUE_VERSION; do
   [[ -n "${!v}" ]] || { echo "build-controlplane: could not read $v from $SRC/*/go.mod" >&2; exit 1; }
 done
+[[ "$KWOKCTL_VERSION" == "$KWOK_VERSION" ]] || {
+  echo "build-controlplane: kwokctl ($KWOKCTL_VERSION) and kwok ($KWOK_VERSION) must be the same kwok release" >&2; exit 1; }
 
 # A short digest of the pinned module files and this recipe, so that a go.sum change
 # (a different dependency) also gets a fresh directory. Only the default components count;
@@ -106,7 +113,7 @@ need_go() { # component
 }
 
 for e in "${extras[@]}" "${only[@]}"; do
-  case "$e" in k8s|etcd|kwok|training-operator|helm|trainer-v2|jobset|kueue|kind-node|coredns|kind) ;;
+  case "$e" in k8s|etcd|kwok|kwokctl|training-operator|helm|trainer-v2|jobset|kueue|kind-node|coredns|kind) ;;
     *) echo "build-controlplane: unknown component: $e" >&2; exit 2 ;; esac
 done
 
@@ -287,13 +294,18 @@ build_tool() { # tool version ldflags binary:package...
     need_go "$e"
     t="$(stage_dir)"; s=$(now)
     echo "build-controlplane: building ${bins[*]} ($ver) (log: $log)" >&2
-    ( cd "$SRC/$e" && "${GOBUILD[@]}" -tags=selinux,notest,grpcnotrace -ldflags "-s -w $ldf" -o "$t/" "${pkgs[@]}" ) \
+    ( cd "$SRC/$e" && "${GOBUILD[@]}" -tags="${TOOL_TAGS-selinux,notest,grpcnotrace}" -ldflags "-s -w $ldf" -o "$t/" \
+        "${pkgs[@]}" ) \
       >"$log" 2>&1 || fail "$e ($ver)" "$log"
     install_bins "$t" "${bins[@]}"
     echo "$want_stamp" >"$stamp"
     built+=("$e:$(( $(now) - s ))s")
   fi
 }
+if want kwokctl || want kwok; then  # no build tags, as for kwok: the two share Go's build cache
+  TOOL_TAGS="" build_tool kwokctl "$KWOKCTL_VERSION" "-X sigs.k8s.io/kwok/pkg/consts.Version=${KWOKCTL_VERSION#v}" \
+    kwokctl:sigs.k8s.io/kwok/cmd/kwokctl
+fi
 if want_extra kind-node; then
   build_tool kind-node "$K8S_VERSION" "$(k8s_ldflags)" kubelet:k8s.io/kubernetes/cmd/kubelet \
     kubeadm:k8s.io/kubernetes/cmd/kubeadm kube-proxy:k8s.io/kubernetes/cmd/kube-proxy kubectl:k8s.io/kubernetes/cmd/kubectl
@@ -324,6 +336,7 @@ cat >"$OUT/versions.env" <<EOF
 K8S_VERSION=$K8S_VERSION
 ETCD_VERSION=$ETCD_VERSION
 KWOK_VERSION=$KWOK_VERSION
+KWOKCTL_VERSION=$KWOKCTL_VERSION
 TRAINING_OPERATOR_VERSION=$TFO_VERSION
 HELM_VERSION=$HELM_VERSION
 TRAINER_V2_VERSION=$TRAINER_V2_VERSION

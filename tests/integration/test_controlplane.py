@@ -148,7 +148,7 @@ def test_deleting_pytorchjob_removes_its_pods(cluster, kube_client, namespace):
 
 def test_measure_reports_every_component(cluster):
     m = cluster.measure()
-    assert set(m["components"]) == {"etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok",
-                                    "training-operator", *cluster.extras}
+    assert set(m["components"]) == {"etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler",
+                                    "kwok-controller", "training-operator", *cluster.extras}
     assert all(c["alive"] for c in m["components"].values())
     assert m["total_rss_mib"] > 0 and m["startup_s"] > 0

@@ -1,27 +1,25 @@
 """A real, local Kubernetes control plane for integration tests and the demo, without Docker.
 
 Binaries come from ``tools/build-controlplane.sh`` (built from Go modules into a version-keyed
-cache; ``QWEN_K8S_BIN_DIR`` overrides where they are looked for). ``start_cluster()`` runs, as
-plain processes on 127.0.0.1 with free ports, and in this order:
+cache; ``QWEN_K8S_BIN_DIR`` overrides where they are looked for). ``start_cluster()``:
 
-1. etcd (``--unsafe-no-fsync``), ready on ``/health``;
-2. kube-apiserver: serving certificate from a throw-away CA (openssl), ECDSA service-account
-   signing keys, a static token file (admin is ``system:masters``; the scheduler is
-   ``system:kube-scheduler`` under the RBAC bootstrap roles), ``--authorization-mode=Node,RBAC``;
-   ready on ``/readyz``;
-3. kube-controller-manager with every in-tree controller except node lifecycle and the cloud ones
-   (so garbage collection, namespaces, service accounts, Jobs, ReplicaSets... all work); ready when
-   ``/healthz`` answers and ``default/default`` ServiceAccount exists;
-4. kube-scheduler, ready on ``/healthz``;
-5. kwok managing every node; the harness registers ``gpu_nodes`` fake nodes ``gpu-node-<i>`` with
-   ``nvidia.com/gpu: 8`` (plus cpu, memory, pods) and waits until kwok has made them Ready;
-6. the Kubeflow training-operator (``--enable-scheme=pytorchjob``) out of cluster, after its
-   PyTorchJob CRD (from the training-operator module) is installed and Established; ready on
-   ``/readyz``.
+1. has kwok's ``kwokctl`` create the cluster ``qwen-dev`` with its binary runtime on those binaries
+   (``KWOK_WORKDIR`` is the state dir; nothing is downloaded): its PKI and admin kubeconfig, etcd
+   (``--unsafe-no-fsync``), kube-apiserver (``Node,RBAC``, default admission plugins but
+   ``TaintNodesByCondition``), kube-controller-manager (every in-tree controller except node
+   lifecycle and the cloud ones), kube-scheduler and kwok managing every node with the stages below;
+   plain processes on 127.0.0.1 with free ports;
+2. registers ``gpu_nodes`` fake nodes ``gpu-node-<i>`` with ``nvidia.com/gpu: 8`` (plus cpu,
+   memory, pods) and waits until kwok has made them Ready, the API server answers ``/readyz``,
+   the ``default/default`` ServiceAccount exists and the scheduler answers ``/healthz``;
+3. runs what kwokctl cannot: the Kubeflow training-operator (``--enable-scheme=pytorchjob``) out of
+   cluster once its PyTorchJob CRD is Established (ready on ``/readyz``), and the opt-in extras
+   (``extras.py``).
 
-An admin kubeconfig is written to ``<state dir>/kubeconfig``; each process logs to
-``<state dir>/logs/<component>.log``. A component that fails to come up raises
-``ClusterStartError`` naming it, with the tail of its log.
+The admin kubeconfig is ``<state dir>/clusters/qwen-dev/kubeconfig.yaml`` (``Cluster.kubeconfig``);
+every component logs to ``<state dir>/clusters/qwen-dev/logs/<component>.log``. A component that
+fails to come up raises ``ClusterStartError`` naming it, with the tail of its log. Under pytest
+the cluster goes when the test process does, however it ends.
 
 Pod lifecycle convention (kwok stages)
 --------------------------------------
@@ -55,7 +53,8 @@ kube-proxy, no real containers, and the node lifecycle controller is off (fake n
 NotReady).
 
 Use from the command line: ``qwen-devcluster up|down|status --state-dir DIR`` (the console script
-the project installs; ``python -m qwen_devcluster`` is the same).
+the project installs; ``python -m qwen_devcluster`` is the same); ``KWOK_WORKDIR=DIR kwokctl ...
+--name qwen-dev`` works on the same cluster.
 """
 
 from .binaries import BinariesMissing, bin_dir, ensure_built, missing

@@ -11,7 +11,8 @@ import os
 import subprocess
 from pathlib import Path
 
-BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok", "training-operator.v1")
+BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok", "kwokctl",
+            "training-operator.v1")
 OPTIONAL_BINARIES = ("helm",)
 PYTORCHJOB_CRD = "crds/kubeflow.org_pytorchjobs.yaml"
 KWOK_STAGES = ("node-initialize.yaml", "node-heartbeat-with-lease.yaml", "pod-ready.yaml", "pod-complete.yaml",

@@ -4,7 +4,7 @@ Built only on request (``tools/build-controlplane.sh --with-extras`` or ``--only
 the same bin dir as the default components, with their CRDs in ``crds/<extra>/`` and their webhook
 manifests in ``webhooks/<extra>.yaml`` (both copied from the module zips).
 
-Each runs out of cluster like the training-operator: its own kubeconfig, leader election off,
+Each runs out of cluster like the training-operator: the admin kubeconfig, leader election off,
 metrics off, a free health-probe port (``/readyz``) and a free webhook port on 127.0.0.1, with the
 upstream internal cert management (which wants a Service and a Secret in cluster) turned off.
 Webhooks stay ON, as in production, but served with the harness's self-signed certificate for
@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .cluster import Cluster, Proc
+    from .cluster import Cluster
 
 HOST = "127.0.0.1"
 # Kueue reads its metrics serving certificate from this fixed path whenever its internal cert
@@ -39,7 +39,6 @@ EXTRAS: dict[str, str] = {
     "trainer-v2": "trainer-controller-manager",
     "kueue": "kueue-controller-manager",
 }
-USERS = {"jobset": "jobset-controller", "trainer-v2": "trainer-controller", "kueue": "kueue-controller"}
 NAMESPACES = {"jobset": "jobset-system", "trainer-v2": "kubeflow-system", "kueue": "kueue-system"}
 KUEUE_FRAMEWORKS = ["batch/job", "jobset.x-k8s.io/jobset", "trainer.kubeflow.org/trainjob"]
 # Also enabled where the training-operator runs (its PyTorchJob CRD is installed before the extras start).
@@ -148,61 +147,45 @@ def webhook_configs(assets: Path, extra: str, port: int, ca_bundle_b64: str,
     return out
 
 
-def start(c: "Cluster", assets: Path, extras: list[str], kubeconfigs: dict[str, Path],
-          spawn: Callable[..., "Proc"], ca_bundle_b64: str, timeout: float) -> None:
+def start(c: "Cluster", assets: Path, extras: list[str], ca_bundle_b64: str, timeout: float,
+          die_with_parent: bool) -> None:
     """Install CRDs, start each extra, wait for /readyz, then register its webhooks."""
-    from .cluster import ClusterStartError, free_port
+    from kubernetes import client as k
 
-    api = next(p for p in c.procs if p.name == "kube-apiserver")
+    from .cluster import ClusterStartError, _http_ok, create, free_port
+
+    core, adm = k.CoreV1Api(c.client()), k.AdmissionregistrationV1Api(c.client())
     pytorchjob = any(p.name == "training-operator" for p in c.procs)
     for e in order(extras):
-        names = []
-        for crd in crd_docs(assets, e):
-            c._must("kube-apiserver", "POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", crd,
-                    ok=(201, 409))
-            names.append(crd["metadata"]["name"])
+        c.install_crds(crd_docs(assets, e), timeout)
         ns = NAMESPACES[e]
-        c._must("kube-apiserver", "POST", "/api/v1/namespaces",
-                {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}, ok=(201, 409))
-
-        def established(names: list[str] = names) -> bool | str:
-            for n in names:
-                out = c._must("kube-apiserver", "GET", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{n}")
-                conds = (out.get("status") or {}).get("conditions") or []
-                if not any(x["type"] == "Established" and x["status"] == "True" for x in conds):
-                    return f"{n} not Established"
-            return True
-
-        c._wait(api, established, timeout, f"the {e} CRDs to be Established", record=False)
-        for k in ("probe", "webhook", "status"):
-            c.ports[f"{e}-{k}"] = free_port()
+        create(lambda: core.create_namespace({"metadata": {"name": ns}}))
+        for port in ("probe", "webhook", "status"):
+            c.ports[f"{e}-{port}"] = free_port()
         cfg_path = c.state_dir / f"{e}-config.yaml"
         cfg_path.write_text(yaml.safe_dump(config(e, c.ports[f"{e}-probe"], c.ports[f"{e}-webhook"],
                                                   c.ports[f"{e}-status"], ns, pytorchjob), sort_keys=False))
-        kc = kubeconfigs[USERS[e]]
-        argv = [str(c.bin_dir / EXTRAS[e]), f"--config={cfg_path}", f"--kubeconfig={kc}"]
-        if e == "kueue":
-            if not (KUEUE_METRICS_CERT_DIR / "tls.crt").exists():
-                from . import pki
-                try:
-                    KUEUE_METRICS_CERT_DIR.mkdir(parents=True, exist_ok=True)
-                except OSError as err:
-                    raise ClusterStartError(e, f"kueue needs a certificate at {KUEUE_METRICS_CERT_DIR} "
-                                               f"(hard-coded upstream) and it cannot be created: {err}")
-                pki.self_signed(KUEUE_METRICS_CERT_DIR / "tls.crt", KUEUE_METRICS_CERT_DIR / "tls.key",
-                                "kueue-metrics", [f"IP:{HOST}", "DNS:localhost"])
-                c.created_extra_dirs.append(str(KUEUE_METRICS_CERT_DIR.parent.parent))
-        proc = spawn(e, argv,
-                     {"KUBECONFIG": str(kc), "POD_NAMESPACE": ns, "TMPDIR": "/tmp"})
+        if e == "kueue" and not (KUEUE_METRICS_CERT_DIR / "tls.crt").exists():
+            from . import pki
+            try:
+                KUEUE_METRICS_CERT_DIR.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise ClusterStartError(e, f"kueue needs a certificate at {KUEUE_METRICS_CERT_DIR} "
+                                           f"(hard-coded upstream) and it cannot be created: {err}")
+            pki.self_signed(KUEUE_METRICS_CERT_DIR / "tls.crt", KUEUE_METRICS_CERT_DIR / "tls.key",
+                            "kueue-metrics", [f"IP:{HOST}", "DNS:localhost"])
+            c.created_extra_dirs.append(str(KUEUE_METRICS_CERT_DIR.parent.parent))
+        proc = c._spawn(e, [str(c.bin_dir / EXTRAS[e]), f"--config={cfg_path}", f"--kubeconfig={c.kubeconfig}"],
+                        {"POD_NAMESPACE": ns}, die_with_parent)
         c.save()
-        c._wait(proc, lambda: c._http_ok(f"http://{HOST}:{c.ports[f'{e}-probe']}/readyz"), timeout, "/readyz")
+        c._wait(e, lambda: _http_ok(f"http://{HOST}:{c.ports[f'{e}-probe']}/readyz"), timeout, "/readyz")
         for wh in webhook_configs(assets, e, c.ports[f"{e}-webhook"], ca_bundle_b64, pytorchjob):
-            kind = "mutatingwebhookconfigurations" if wh["kind"].startswith("Mutating") else \
-                "validatingwebhookconfigurations"
-            status, out = c.api("POST", f"/apis/admissionregistration.k8s.io/v1/{kind}", wh)
-            if status == 409:
-                status, out = c.api("PUT", f"/apis/admissionregistration.k8s.io/v1/{kind}/{wh['metadata']['name']}",
-                                    wh)
-            if status not in (200, 201):
-                raise ClusterStartError(e, f"registering {kind} -> HTTP {status}: {str(out)[:300]}", proc.log)
+            kind = "mutating" if wh["kind"].startswith("Mutating") else "validating"
+            name = wh["metadata"]["name"]
+            try:
+                if create(lambda: getattr(adm, f"create_{kind}_webhook_configuration")(wh)) is None:
+                    getattr(adm, f"replace_{kind}_webhook_configuration")(name, wh)
+            except k.ApiException as err:
+                raise ClusterStartError(e, f"registering {name} -> HTTP {err.status}: {str(err.body)[:300]}",
+                                        proc.log)
         c.save()
