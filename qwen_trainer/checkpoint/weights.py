@@ -114,7 +114,7 @@ def read_weights(path: Path, fmt: str, scratch_parent: Optional[Path] = None) ->
     src = open_source(Path(path), fmt)
     try:
         out: dict[str, torch.Tensor] = {}
-        for inst in instances(src.spec, format_rules(src.spec, ("mcore",), "hf")):
+        for inst in instances(src.dims, format_rules(src.dims, ("mcore",), "hf")):
             for name, t in zip(inst.hf_names, src.read(inst)):
                 out[name] = t.clone()
         return out
