@@ -114,6 +114,17 @@ def _block_spec(plan: ModelPlan, options: EngineOptions, config, vp_stage):
     return TransformerBlockSubmodules(layer_specs=[spec] * num, layer_norm=norm)
 
 
+def _params_in_training_dtype(chunk, dtype) -> None:
+    """Every parameter in the training dtype, as Megatron-LM's Float16Module makes them. torch's own norm
+    (WrappedTorchNorm, the stock path with fused_rmsnorm off) creates fp32 weights in a bf16 model; megatron's
+    plain mixed-precision optimizer keeps such parameters apart and its sharded state dict cannot place them."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return
+    for param in chunk.parameters():
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+
+
 def _chunks(spec, plan: ModelPlan, options: EngineOptions, config, notes: list[str]) -> tuple[list, list[int]]:
     from megatron.core import parallel_state
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
@@ -140,6 +151,7 @@ def _chunks(spec, plan: ModelPlan, options: EngineOptions, config, notes: list[s
         # use_cpu_initialization (the shared expert's gate of Qwen1.5/Qwen2-MoE), which the mixed precision
         # optimizer then refuses.
         chunk.cuda(torch.cuda.current_device())
+        _params_in_training_dtype(chunk, config.params_dtype)
         chunks.append(chunk)
         offsets.append(get_transformer_layer_offset(config, vp_stage=stage))
     if options.local_dispatch and plan.experts == "torch-grouped":

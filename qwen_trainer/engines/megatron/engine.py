@@ -194,20 +194,37 @@ class MegatronEngine:
 
     def load_sharded(self, folder, load_optimizer: bool, saved_layout: Optional[dict] = None) -> bool:
         """Collective: the regions of a sharded checkpoint this rank needs, whatever layout saved it. Returns whether
-        optimizer state was restored: where the checkpoint holds it, it is asked for, and (distributed optimizer) the
-        checkpoint's TP/PP/EP split is this run's."""
+        optimizer state was restored: where the checkpoint holds it under the names this optimizer asks for, it is
+        asked for, megatron chained as many optimizers when it was saved (MoE: EP 1 against EP > 1), and
+        (distributed optimizer) the checkpoint's TP/PP/EP split is this run's. tests/unit/test_megatron_resume_cpu.py
+        runs this engine on CPU under torchrun through each case."""
         from qwen_trainer.checkpoint import sharded
 
         from .kernels import use_fused_adam
 
-        with_optimizer = load_optimizer and any(k.startswith("optimizer.") for k in sharded.saved_keys(folder))
+        with_optimizer = load_optimizer and state.holds_optimizer(sharded.saved_keys(folder))
         moved = state.moved_fields(saved_layout, self.layout()) if with_optimizer else []
+        chains = state.optimizer_chains(folder) if with_optimizer else None
+        if chains is not None and chains != state.chain_length(self.model.optimizer):
+            self.ctx.log(f"the checkpoint's optimizer was megatron's chain of {chains} optimizers and this run's is "
+                         f"{state.chain_length(self.model.optimizer)} (MoE: one for the experts apart from the dense "
+                         "parameters at expert parallel > 1 only), whose kept settings cannot be matched: starting the "
+                         "optimizer afresh from the checkpoint's weights")
+            with_optimizer = False
         if moved:
             self.ctx.log(f"the distributed optimizer's state was saved at {saved_layout} and this run is "
                          f"{self.layout()} ({', '.join(moved)} changed); its shards cannot follow that change: "
                          "starting the optimizer afresh from the checkpoint's weights")
             with_optimizer = False
-        loaded = sharded.load(state.sharded_state_dict(self.model, with_optimizer, is_loading=True), folder)
+        request = state.sharded_state_dict(self.model, with_optimizer, is_loading=True)
+        missing = state.missing_optimizer_keys(request, sharded.saved_keys(folder)) if with_optimizer else []
+        if missing:
+            self.ctx.log(f"the checkpoint's optimizer state does not name the tensors this optimizer needs "
+                         f"({len(missing)} missing, e.g. {missing[0]}): starting the optimizer afresh from the "
+                         "checkpoint's weights")
+            with_optimizer = False
+            request = state.sharded_state_dict(self.model, False, is_loading=True)
+        loaded = sharded.load(request, folder)
         state.load_sharded_state(self.model, loaded, with_optimizer)
         if with_optimizer and self.options.fused_adam:
             use_fused_adam(self.model.optimizer)  # a restored step sits on the host

@@ -12,6 +12,7 @@ converter's per-rank layout.
 
 from __future__ import annotations
 
+import re
 from typing import Optional
 
 import torch
@@ -37,14 +38,80 @@ def sharded_state_dict(model, with_optimizer: bool, is_loading: bool) -> dict:
     from qwen_trainer.checkpoint.sharded import SHARDED_STATE_METADATA
 
     md = dict(SHARDED_STATE_METADATA)
+    if not model.chunks[0].ddp_config.use_distributed_optimizer:
+        # megatron prefixes a chained optimizer's keys (`chained_<i>.`) whenever a distributed-optimizer format is
+        # named; MoE chains a dense and an expert optimizer at EP > 1 and only one at EP 1, so the plain optimizer's
+        # keys would change with the layout
+        md.pop("distrib_optim_sharding_type", None)
     chunks = model.unwrapped()
     if len(chunks) == 1:
         out = {"model": chunks[0].sharded_state_dict(metadata=md)}
     else:
         out = {f"model{i}": c.sharded_state_dict(metadata=md) for i, c in enumerate(chunks)}
     if with_optimizer:
+        if is_loading:
+            init_optimizer_state(model.optimizer)
         out["optimizer"] = model.optimizer.sharded_state_dict(dict(out), is_loading=is_loading, metadata=md)
     return out
+
+
+def holds_optimizer(saved_keys) -> bool:
+    """Whether a torch_dist checkpoint's tensor names include optimizer state: `optimizer.*`, or
+    `chained_<i>.optimizer.*` where megatron chains several optimizers (MoE: one for the dense parameters, one for
+    the experts) and keeps their keys apart."""
+    return any(k.startswith("optimizer.") or re.match(r"chained_\d+\.optimizer\.", k) for k in saved_keys)
+
+
+def chain_length(optimizer) -> int:
+    return len(_sub_optimizers(optimizer))
+
+
+def optimizer_chains(folder) -> Optional[int]:
+    """How many optimizers megatron chained in the run that saved a torch_dist folder (its common state keeps one
+    entry per optimizer where there were several), or None where that cannot be read."""
+    from pathlib import Path
+
+    try:
+        common = torch.load(Path(folder) / "common.pt", map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError):
+        return None
+    saved = common.get("optimizer") if isinstance(common, dict) else None
+    if not isinstance(saved, dict):
+        return None
+    numbered = [k for k in saved if isinstance(k, int)]
+    return len(numbered) if numbered else 1
+
+
+def missing_optimizer_keys(sharded: dict, saved_keys) -> list[str]:
+    """The optimizer tensors `sharded` (a sharded state dict for loading) asks for that the checkpoint lacks: a
+    checkpoint written by another kind of optimizer, or by this engine before its keys were made layout-free."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    saved = set(saved_keys)
+    asked = {v.key for v in nested_values(sharded.get("optimizer", {})) if isinstance(v, ShardedTensor)}
+    return sorted(asked - saved)
+
+
+def init_optimizer_state(optimizer) -> None:
+    """Adam's state of every parameter that has none yet (zero moments, step 0), so that a sharded state dict for
+    loading can be made before the first step. megatron's distributed optimizer reads the step from its torch Adam's
+    per-parameter state when neither Transformer Engine nor Apex provides the optimizer, and refuses an empty state
+    (`assert len(steps) == 1`): without this, a fresh process could not load a distributed optimizer's checkpoint."""
+    for opt in _sub_optimizers(optimizer):
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                st = inner.state[p]
+                if "exp_avg" not in st:
+                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if "step" not in st:
+                    # where torch's Adam would put it: beside the parameter for fused/capturable, else on the host
+                    on_device = group.get("fused") or group.get("capturable")
+                    st["step"] = torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu")
 
 
 def load_sharded_state(model, state: dict, with_optimizer: bool) -> None:
@@ -53,8 +120,30 @@ def load_sharded_state(model, state: dict, with_optimizer: bool) -> None:
         chunk.load_state_dict(state["model" if len(chunks) == 1 else f"model{i}"], strict=True)
     if with_optimizer:
         model.optimizer.load_state_dict(state["optimizer"])
+        restore_steps(model.optimizer)
     else:
         model.optimizer.reload_model_params()  # fp32 master weights follow the loaded weights
+
+
+def restore_steps(optimizer) -> None:
+    """Adam's step count of every parameter from its group, each in a tensor of its own, after a sharded load.
+
+    megatron's distributed optimizer keeps the step in its parameter groups in the checkpoint. Without Transformer
+    Engine or Apex its load gives every parameter's state one shared step tensor (torch's Adam then adds 1 to it once
+    per parameter at every step), and its 'dp_reshardable' load then puts back the step each state held before the
+    load (0 in a fresh process): the bias correction of the first steps after a resume would be wrong."""
+    for opt in _sub_optimizers(optimizer):
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        for group in inner.param_groups:
+            if "step" not in group:
+                continue
+            on_device = group.get("fused") or group.get("capturable")
+            for p in group["params"]:
+                if p in inner.state:
+                    inner.state[p]["step"] = torch.tensor(float(group["step"]), dtype=torch.float32,
+                                                          device=p.device if on_device else "cpu")
 
 
 def moved_fields(saved_layout: Optional[dict], now: dict) -> list[str]:
