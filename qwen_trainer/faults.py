@@ -1,7 +1,9 @@
 """Fault injection for tests: make a process die at a named point, to prove crashes lose nothing.
 
-QWEN_TRAINER_FAULT="<point>@<iteration>[:<rank>]" (comma-separated for several). Points: save_before_rename
-(checkpoint files written, folder not yet renamed), save_before_tracker (folder renamed, tracker not yet moved),
+QWEN_TRAINER_FAULT="<point>@<iteration>[:<rank>]" (comma-separated for several). Points: save_writing (a
+sharded save: this rank's shard files written, or with an async save staged and being written by its background
+writers, while other ranks may still be writing; nothing committed), save_before_rename (checkpoint files written,
+folder not yet renamed), save_before_tracker (folder renamed, tracker not yet moved),
 after_save (checkpoint complete), step (before the optimiser step of that iteration). The process kills itself
 with SIGKILL, like the OOM killer or a node loss would; rank defaults to 0.
 """

@@ -151,6 +151,9 @@ def save(root: Path, state: TrainState, engine, *, fmt: str, layout: dict, sched
         scratch = _sharded_scratch(target, rank, world)
         payload = _payload(state, engine, scheduler, fingerprint, rngs, "torch_dist", None)
         request = engine.save_sharded(scratch, save_optimizer, async_save=async_saves is not None)
+        # this rank's files are in the scratch folder (or, in the background, being written) while the other
+        # ranks may still be writing theirs; nothing is committed yet
+        faults.hit("save_writing", state.iteration, rank)
 
         def commit(started: float = t0, what: str = ", every rank its shard") -> None:
             faults.hit("save_before_rename", state.iteration, rank)
@@ -276,7 +279,7 @@ def load(root: Path, iteration: int, engine, *, fmt: str, rank: int, load_optimi
         restored = engine.load_sharded(folder, load_optimizer and payload.get("engine") == engine.name,
                                        payload.get("layout"))
         if load_optimizer and not restored:
-            log("the checkpoint holds no optimizer state of this engine; starting the optimizer afresh")
+            log("optimizer state not restored from the checkpoint; starting the optimizer afresh")
     else:
         engine.load_checkpoint_weights(weights.read_weights(folder, saved_fmt, scratch_parent=root))
         optimizer = payload.get("optimizer") if load_optimizer else None

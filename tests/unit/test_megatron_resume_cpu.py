@@ -1,0 +1,150 @@
+"""The megatron engine's training checkpoints in real processes (torchrun, gloo, CPU): saved through
+qwen_trainer.checkpoint.store.save (every rank its shard, torch_dist) at one parallel layout and resumed at another,
+optimizer state included; and a rank killed in the middle of a save.
+
+The worker (megatron_resume_worker.py) runs MegatronEngine itself, with its CUDA calls pointed at the CPU. After the
+load, the weights, fp32 master weights, Adam moments and step counts, gathered to full tensors through the
+converter's mapping, must equal what was saved, and the losses of the next two steps must match the uninterrupted
+run's within 1e-3 relative (the first checks the weights, the second the optimizer state)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("megatron.core")
+
+import torch  # noqa: E402
+
+from qwen_trainer.checkpoint import store  # noqa: E402
+from qwen_trainer.distenv import _free_port  # noqa: E402
+from qwen_trainer.faults import ENV as FAULT_ENV  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+WORKER = Path(__file__).with_name("megatron_resume_worker.py")
+RTOL = 1e-3
+QUANTITIES = ("weight", "main", "exp_avg", "exp_avg_sq")
+
+
+def _run(procs: int, *args: str, log: Path, fault: str | None = None) -> int:
+    """torchrun in a session of its own (a rank killed mid-save leaves megatron's spawned writer helpers behind,
+    which are ended with the session); output to a file."""
+    env = {k: v for k, v in os.environ.items() if k != FAULT_ENV}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "operator")])
+    env["TORCHDYNAMO_DISABLE"] = "1"  # megatron's compiled helpers run eagerly: same numbers, no compile time
+    if fault:
+        env[FAULT_ENV] = fault
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={procs}", f"--master-port={_free_port()}",
+           str(WORKER), *map(str, args)]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+        try:
+            rc = proc.wait(timeout=240)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    return rc
+
+
+def _tail(log: Path) -> str:
+    lines = [x for x in log.read_text().splitlines() if "Warning" not in x and "warnings.warn" not in x]
+    return "\n".join(lines[-40:])
+
+
+def _same_state(saved: dict, resumed: dict) -> None:
+    assert saved["steps"] == resumed["steps"] and len(saved["steps"]) == 1, (saved["steps"], resumed["steps"])
+    for q in QUANTITIES:
+        a, b = saved[q], resumed[q]
+        assert sorted(a) == sorted(b), q
+        for name in a:
+            assert not torch.isnan(a[name]).any(), (q, name)  # every region of the tensor was gathered
+            assert torch.equal(a[name], b[name]), (q, name, float((a[name] - b[name]).abs().max()))
+
+
+def _close(a: list[float], b: list[float]) -> bool:
+    return len(a) == len(b) and all(abs(x - y) <= RTOL * abs(y) for x, y in zip(a, b))
+
+
+# (case, saved at, processes, resumed at, processes)
+LAYOUT_CHANGES = {
+    # the plain mixed-precision optimizer: its state is cut like the parameters, so it follows any change
+    "dense-tp2-to-pp2": ("dense", ["tp=2"], 2, ["pp=2"], 2),
+    "moe-dp2-to-one-process": ("moe", [], 2, [], 1),
+    # the distributed optimizer ('dp_reshardable'): a changed data-parallel size
+    "dense-distopt-dp2-to-one-process": ("dense", ["dopt=1"], 2, ["dopt=1"], 1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUT_CHANGES))
+def test_resume_at_another_layout_restores_weights_and_optimizer(name, tmp_path):
+    case, before, n_before, after, n_after = LAYOUT_CHANGES[name]
+    root, out = tmp_path / "ckpt", tmp_path / "out"
+    rc = _run(n_before, case, root, out, "save", *before, log=tmp_path / "save.log")
+    assert rc == 0, _tail(tmp_path / "save.log")
+    rc = _run(n_after, case, root, out, "resume", *after, log=tmp_path / "resume.log")
+    assert rc == 0, _tail(tmp_path / "resume.log")
+    saved = torch.load(out / "save.pt", weights_only=False)
+    resumed = torch.load(out / "resume.pt", weights_only=False)
+    assert resumed["iteration"] == saved["iteration"] == 2
+    _same_state(saved["state"], resumed["state"])
+    assert _close(resumed["losses"], saved["losses"]), (resumed["losses"], saved["losses"])
+
+
+RESTARTS = {
+    # the distributed optimizer's dp_reshardable state cannot follow a TP/PP/EP change
+    "dense-distopt-tp2-to-one-process": ("dense", ["tp=2", "dopt=1"], 2, ["dopt=1"], 1),
+    # megatron chains an expert optimizer apart from the dense one at EP > 1 only; its kept settings do not match
+    "moe-ep2-to-one-process": ("moe", ["ep=2"], 2, [], 1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RESTARTS))
+def test_where_the_optimizer_cannot_follow_the_weights_load_and_the_optimizer_restarts(name, tmp_path):
+    """The weights load, the optimizer starts afresh, and the log says so (docs/checkpoints.md)."""
+    case, before, n_before, after, n_after = RESTARTS[name]
+    root, out = tmp_path / "ckpt", tmp_path / "out"
+    assert _run(n_before, case, root, out, "save", *before, "extra=1", log=tmp_path / "save.log") == 0, \
+        _tail(tmp_path / "save.log")
+    assert _run(n_after, case, root, out, "resume", *after, "extra=1", log=tmp_path / "resume.log") == 0, \
+        _tail(tmp_path / "resume.log")
+    assert "starting the optimizer afresh" in (tmp_path / "resume.log").read_text()
+    saved = torch.load(out / "save.pt", weights_only=False)["state"]
+    resumed = torch.load(out / "resume.pt", weights_only=False)
+    for name in saved["weight"]:
+        assert torch.equal(saved["weight"][name], resumed["state"]["weight"][name]), name
+    assert _close(resumed["losses"], torch.load(out / "save.pt", weights_only=False)["losses"])
+
+
+@pytest.mark.parametrize("how", ["sync", "async"])
+def test_a_rank_killed_mid_save_leaves_the_previous_checkpoint(how, tmp_path):
+    """An EP 2 MoE run saves at iterations 1 and 2; rank 1 dies while the second save's files are being written.
+    The folder of iteration 2 is never committed, iteration 1 stays the newest complete checkpoint, and a restart
+    removes the leftover and resumes from iteration 1 with its exact state."""
+    root, out = tmp_path / "ckpt", tmp_path / "out"
+    rc = _run(2, "moe", root, out, "save", "ep=2", "steps=2", "save_at=1,2", f"async={int(how == 'async')}",
+              log=tmp_path / "killed.log", fault="save_writing@2:1")
+    assert rc != 0 and "[fault injection] save_writing at iteration 2 on rank 1" in (tmp_path / "killed.log").read_text()
+    assert store.find_latest(root) == 1
+    assert (root / "latest_checkpointed_iteration.txt").read_text() == "1"
+    assert not (root / "iter_0000002").exists()
+    leftovers = [p.name for p in root.iterdir() if p.name.startswith(".iter_0000002.tmp-")]
+    assert len(leftovers) == 1 and not (root / leftovers[0] / store.STATE_FILE).exists()
+    killed_losses = torch.load(out / "losses.pt")
+    assert sorted(killed_losses) == [1, 2]
+
+    rc = _run(2, "moe", root, out, "resume", "ep=2", "extra=1", log=tmp_path / "resume.log")
+    assert rc == 0, _tail(tmp_path / "resume.log")
+    assert f"removing {leftovers[0]}" in (tmp_path / "resume.log").read_text()
+    assert not [p for p in root.iterdir() if p.name.startswith(".")]
+    resumed = torch.load(out / "resume.pt", weights_only=False)
+    assert resumed["iteration"] == 1
+    _same_state(torch.load(out / "save-1.pt", weights_only=False)["state"], resumed["state"])
+    assert _close(resumed["losses"], [killed_losses[2]]), (resumed["losses"], killed_losses)
