@@ -126,6 +126,9 @@ CLIENT_CALLS = {
     "patch_namespaced_custom_object": [("kubeflow.org", "pytorchjobs", "patch"),
                                        ("trainer.kubeflow.org", "trainjobs", "patch")],
     "patch_namespaced_custom_object_status": [("training.qwen.dev", "qwentrainingjobs/status", "patch")],
+    # the preempting resource, found from its child job's UID (kube.owner_of_child_uid)
+    "list_namespaced_custom_object": [("kubeflow.org", "pytorchjobs", "list"),
+                                      ("trainer.kubeflow.org", "trainjobs", "list")],
     "read_namespaced_config_map": [("", "configmaps", "get")],
     "create_namespaced_config_map": [("", "configmaps", "create")],
     "read_namespaced_service_account": [("", "serviceaccounts", "get")],
