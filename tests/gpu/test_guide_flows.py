@@ -535,9 +535,9 @@ def checkpoint_ranks(out: Path, iteration: int) -> list[str]:
 
 def expected_layout(parallelism: dict, backend: str = "megatron-core") -> list[str]:
     """What a training checkpoint holds: the megatron engine's every-rank shards (torch_dist, no per-rank
-    folders), the CPU engine's per-rank folders at the spec's layout. MegaBlocks' expert modules have no sharded
-    state dict, so that backend's checkpoints are gathered into its per-rank layout on the GPU too."""
-    return rank_dirs(parallelism) if ON_CPU or backend == "megablocks" else ["torch_dist"]
+    folders), MegaBlocks' experts included (its MLP's sharded state dict, under megatron-core's keys), the CPU
+    engine's per-rank folders at the spec's layout."""
+    return rank_dirs(parallelism) if ON_CPU else ["torch_dist"]
 
 
 def checkpoint_layout(out: Path, iteration: int) -> list[str]:

@@ -14,7 +14,8 @@ The loop (qwen_trainer.train) owns the schedule, the data and the checkpoint cad
                               optimizer state (state.py, qwen_trainer.checkpoint.sharded); the loop's checkpoints take
                               this path
     prepare_checkpoint()      collective: weights in Hugging Face naming and every rank's optimizer shard gathered
-                              on rank 0, for the converter's per-rank layout (MegaBlocks; the benchmark baseline)
+                              on rank 0, for the converter's per-rank layout (the checkpoint benchmark's baseline,
+                              store.save(sharded=False))
 """
 
 from __future__ import annotations
@@ -66,9 +67,8 @@ class MegatronEngine:
         torch.cuda.set_device(self.env.local_rank)
         self.data_parallel_size, self.data_parallel_rank = data_parallel_layout(spec, self.env.world_size,
                                                                                 self.env.rank)
-        # every rank saves and loads its own shard; MegaBlocks' expert modules have no sharded state dict, so that
-        # backend's checkpoints are gathered on rank 0
-        self.saves_sharded = spec.model.backend != "megablocks"
+        # every rank saves and loads its own shard (MegaBlocks' experts through megablocks_mlp's sharded state dict)
+        self.saves_sharded = True
         self.model: Optional[Model] = None
         self.ctx: Optional[EngineContext] = None
         self.notes: list[str] = []
