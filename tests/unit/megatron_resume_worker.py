@@ -16,7 +16,8 @@ each rank's part is gathered over gloo and put together by the converter's mappi
 metadata), so a checkpoint that stored a region in the wrong place shows up as a difference.
 
 Without a GPU, the CUDA calls the engine makes are pointed at the CPU (cpu_stand_ins); the engine's own code,
-megatron-core's model, DDP, optimizer and dist_checkpointing run unchanged.
+megatron-core's model, DDP, optimizer and dist_checkpointing run unchanged. With one, it runs on the GPU (NCCL),
+one process per GPU.
 """
 
 from __future__ import annotations
@@ -234,7 +235,7 @@ def main() -> int:
     with stand_ins:
         torch.manual_seed(spec.training.seed)  # megatron initialises weights on the CPU with torch's generator
         engine = MegatronEngine(spec, EngineOptions(**CPU_OPTIONS), env=env, capabilities=Capabilities(cuda=True))
-        init_process_group(env, "gloo")
+        init_process_group(env, "nccl" if torch.cuda.is_available() else "gloo")
         arch = resolve_architecture(spec)
         engine.build(EngineContext(spec, arch, env, init_method_std(spec), spec.training.seed, say))
         dp, dp_rank = engine.data_parallel_size, engine.data_parallel_rank

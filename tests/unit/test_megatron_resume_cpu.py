@@ -28,6 +28,10 @@ from qwen_trainer.faults import ENV as FAULT_ENV  # noqa: E402
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("megatron_resume_worker.py")
 RTOL = 1e-3
+# On a GPU machine the worker runs one process per GPU (NCCL): the layout changes need two, and the kill test runs
+# in one process there (tests/gpu's device command selects it)
+GPUS = torch.cuda.device_count()
+needs_two = pytest.mark.skipif(0 < GPUS < 2, reason="two processes need two GPUs here")
 QUANTITIES = ("weight", "main", "exp_avg", "exp_avg_sq")
 
 
@@ -83,6 +87,7 @@ LAYOUT_CHANGES = {
 }
 
 
+@needs_two
 @pytest.mark.parametrize("name", sorted(LAYOUT_CHANGES))
 def test_resume_at_another_layout_restores_weights_and_optimizer(name, tmp_path):
     case, before, n_before, after, n_after = LAYOUT_CHANGES[name]
@@ -106,6 +111,7 @@ RESTARTS = {
 }
 
 
+@needs_two
 @pytest.mark.parametrize("name", sorted(RESTARTS))
 def test_where_the_optimizer_cannot_follow_the_weights_load_and_the_optimizer_restarts(name, tmp_path):
     """The weights load, the optimizer starts afresh, and the log says so (docs/checkpoints.md)."""
@@ -125,13 +131,16 @@ def test_where_the_optimizer_cannot_follow_the_weights_load_and_the_optimizer_re
 
 @pytest.mark.parametrize("how", ["sync", "async"])
 def test_a_rank_killed_mid_save_leaves_the_previous_checkpoint(how, tmp_path):
-    """An EP 2 MoE run saves at iterations 1 and 2; rank 1 dies while the second save's files are being written.
+    """An EP 2 MoE run saves at iterations 1 and 2; rank 1 dies while the second save's files are being written
+    (on a one-GPU machine: one process, which dies).
     The folder of iteration 2 is never committed, iteration 1 stays the newest complete checkpoint, and a restart
     removes the leftover and resumes from iteration 1 with its exact state."""
     root, out = tmp_path / "ckpt", tmp_path / "out"
-    rc = _run(2, "moe", root, out, "save", "ep=2", "steps=2", "save_at=1,2", f"async={int(how == 'async')}",
-              log=tmp_path / "killed.log", fault="save_writing@2:1")
-    assert rc != 0 and "[fault injection] save_writing at iteration 2 on rank 1" in (tmp_path / "killed.log").read_text()
+    procs, layout, victim = (1, "ep=1", 0) if GPUS == 1 else (2, "ep=2", 1)
+    rc = _run(procs, "moe", root, out, "save", layout, "steps=2", "save_at=1,2", f"async={int(how == 'async')}",
+              log=tmp_path / "killed.log", fault=f"save_writing@2:{victim}")
+    assert rc != 0, _tail(tmp_path / "killed.log")
+    assert f"[fault injection] save_writing at iteration 2 on rank {victim}" in (tmp_path / "killed.log").read_text()
     assert store.find_latest(root) == 1
     assert (root / "latest_checkpointed_iteration.txt").read_text() == "1"
     assert not (root / "iter_0000002").exists()
@@ -140,7 +149,7 @@ def test_a_rank_killed_mid_save_leaves_the_previous_checkpoint(how, tmp_path):
     killed_losses = torch.load(out / "losses.pt")
     assert sorted(killed_losses) == [1, 2]
 
-    rc = _run(2, "moe", root, out, "resume", "ep=2", "extra=1", log=tmp_path / "resume.log")
+    rc = _run(procs, "moe", root, out, "resume", layout, "extra=1", log=tmp_path / "resume.log")
     assert rc == 0, _tail(tmp_path / "resume.log")
     assert f"removing {leftovers[0]}" in (tmp_path / "resume.log").read_text()
     assert not [p for p in root.iterdir() if p.name.startswith(".")]
