@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -35,10 +36,32 @@ needs_two = pytest.mark.skipif(0 < GPUS < 2, reason="two processes need two GPUs
 QUANTITIES = ("weight", "main", "exp_avg", "exp_avg_sq")
 
 
+MARK = "QWEN_RESUME_TEST_RUN"
+
+
+def _end_leftovers(token: str) -> None:
+    """End the processes of one run that outlived it: megatron's writer starts a multiprocessing manager (and its
+    resource tracker) from each rank, which torchrun's ranks, each in a session of their own, leave behind. They are
+    found by the marker this run put in their environment."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if f"{MARK}={token}".encode() in environ.split(b"\0"):
+            try:
+                os.kill(int(entry.name), signal.SIGKILL)
+            except OSError:
+                pass
+
+
 def _run(procs: int, *args: str, log: Path, fault: str | None = None) -> int:
-    """torchrun in a session of its own (a rank killed mid-save leaves megatron's spawned writer helpers behind,
-    which are ended with the session); output to a file."""
+    """torchrun with its output in a file; whatever it started is ended afterwards."""
     env = {k: v for k, v in os.environ.items() if k != FAULT_ENV}
+    token = uuid.uuid4().hex
+    env[MARK] = token
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "operator")])
     env["TORCHDYNAMO_DISABLE"] = "1"  # megatron's compiled helpers run eagerly: same numbers, no compile time
     if fault:
@@ -55,6 +78,7 @@ def _run(procs: int, *args: str, log: Path, fault: str | None = None) -> int:
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+            _end_leftovers(token)
     return rc
 
 
