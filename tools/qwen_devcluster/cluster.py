@@ -291,13 +291,17 @@ class Cluster:
         ext = k.ApiextensionsV1Api(self.client())
         for crd in crds:
             crd.get("metadata", {}).pop("creationTimestamp", None)
-            create(lambda: ext.create_custom_resource_definition(crd))
+            create(lambda: ext.create_custom_resource_definition(crd, _preload_content=False))
 
-        def established() -> bool | str:
-            for crd in crds:
-                live = ext.read_custom_resource_definition(crd["metadata"]["name"])
-                if not any(c.type == "Established" and c.status == "True" for c in live.status.conditions or []):
-                    return f"{crd['metadata']['name']} not Established"
+        waiting = [crd["metadata"]["name"] for crd in crds]
+
+        def established() -> bool | str:  # read as JSON: a CRD's schema is slow to turn into client models
+            while waiting:
+                live = json.loads(ext.read_custom_resource_definition(waiting[0], _preload_content=False).data)
+                if not any(c["type"] == "Established" and c["status"] == "True"
+                           for c in live.get("status", {}).get("conditions") or []):
+                    return f"{waiting[0]} not Established"
+                waiting.pop(0)
             return True
 
         self._wait("kube-apiserver", established, timeout, "the CRDs to be Established")
