@@ -644,10 +644,16 @@ def test_killed_pretrain_resumes_where_the_uninterrupted_run_was(flows, name):
     print(f"{name}: iteration {it}: uninterrupted {uninterrupted[it]:.6f} killed run {before[it]:.6f} "
           f"resumed {after[it]:.6f} (relative {rel(after[it], uninterrupted[it]):.1e}); window "
           f"{[(i, round(after[i], 5), round(uninterrupted[i], 5)) for i in window]}")
+    # The resume itself: the step re-run from the checkpoint equals the killed run's own step.
     assert rel(after[it], before[it]) < RESUME_RTOL, (after[it], before[it])
-    assert rel(after[it], uninterrupted[it]) < RESUME_RTOL, (it, after[it], uninterrupted[it])
+    # Against a separate uninterrupted run, the kernels' run-to-run spread adds to it: MegaBlocks' (atomic adds in
+    # its grouped kernels) already parts the killed and the uninterrupted run before the checkpoint (1.7e-3 at
+    # iteration 10 on an H100, both runs unbroken there), the deterministic backends' not at all (spread 0).
+    spread = rel(before[RESUMED_FROM], uninterrupted[RESUMED_FROM]) if RESUMED_FROM in before else 0.0
+    print(f"{name}: run-to-run spread at iteration {RESUMED_FROM}: {spread:.1e}")
+    assert rel(after[it], uninterrupted[it]) < max(RESUME_RTOL, 2 * spread), (it, after[it], uninterrupted[it], spread)
     for i in window:
-        assert rel(after[i], uninterrupted[i]) < WINDOW_RTOL, (i, after[i], uninterrupted[i])
+        assert rel(after[i], uninterrupted[i]) < max(WINDOW_RTOL, 2 * spread), (i, after[i], uninterrupted[i], spread)
 
 
 @pytest.mark.parametrize("name", _params(ALL))

@@ -62,7 +62,8 @@ def _run(procs: int, *args: str, log: Path, fault: str | None = None) -> int:
     env = {k: v for k, v in os.environ.items() if k != FAULT_ENV}
     token = uuid.uuid4().hex
     env[MARK] = token
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "operator")])
+    # The repository first, then whatever the caller's path holds (the GPU machine's packages live there).
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "operator"), *filter(None, [os.environ.get("PYTHONPATH")])])
     env["TORCHDYNAMO_DISABLE"] = "1"  # megatron's compiled helpers run eagerly: same numbers, no compile time
     if fault:
         env[FAULT_ENV] = fault
