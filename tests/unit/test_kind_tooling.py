@@ -94,9 +94,9 @@ def test_trainjob_controller_images_are_apart_from_the_node_image():
     v = {"K8S_VERSION": "v1.34.4", "ETCD_VERSION": "v3.6.5", "COREDNS_VERSION": "v1.12.1",
          "TRAINING_OPERATOR_VERSION": "v1.9.3", "JOBSET_VERSION": "v0.10.1", "TRAINER_V2_VERSION": "v2.3.0"}
     extra = {c.name: c for c in images.trainjob_components(v)}
-    assert {n: (c.binary, c.tag, c.target) for n, c in extra.items()} == {
-        "jobset": ("jobset-controller-manager", "v0.10.1", "/manager"),
-        "trainer-controller-manager": ("trainer-controller-manager", "v2.3.0", "/manager")}
+    assert {n: (c.binary, c.tag, c.target, c.user) for n, c in extra.items()} == {
+        "jobset": ("jobset-controller-manager", "v0.10.1-nonroot", "/manager", "65532"),
+        "trainer-controller-manager": ("trainer-controller-manager", "v2.3.0-nonroot", "/manager", "65532")}
     # Not preloaded in (nor part of the digest of) the node image: asking for them rebuilds nothing else.
     assert not set(extra) & {c.name for c in images.components(v)}
 

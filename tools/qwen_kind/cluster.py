@@ -207,6 +207,10 @@ class KindCluster:
                     for c in doc["spec"]["template"]["spec"]["containers"]:
                         if c["name"] == "manager":
                             c["image"], c["imagePullPolicy"] = ref, "Never"
+                            # JobSet asks for half a CPU; the kind workers have the host's 2 and the tests'
+                            # two-node pods take 1.5 each, so the controllers ask for a tenth.
+                            requests = c.setdefault("resources", {}).setdefault("requests", {})
+                            requests["cpu"] = "100m"
             self.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", stdin=yaml.safe_dump_all(docs),
                          timeout=300)
             self.kubectl("-n", namespace, "rollout", "status", f"deployment/{deployment}", "--timeout=300s",

@@ -36,6 +36,9 @@ HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
 LOCAL_LABEL = "dev.qwen.k8s.local-build=1"
 
 
+NONROOT_UID = "65532"
+
+
 @dataclass(frozen=True)
 class Component:
     """One Kubernetes component image: the binary, where it goes, the Debian packages it needs."""
@@ -45,6 +48,7 @@ class Component:
     tag: str
     target: str = ""
     packages: str = ""
+    user: str = "0"  # UID the image runs as; a Deployment with runAsNonRoot refuses an image that runs as root
 
 
 def versions(bin_dir: Path) -> dict[str, str]:
@@ -167,9 +171,11 @@ def trainjob_components(v: dict[str, str]) -> list[Component]:
     `tools/build-controlplane.sh` builds with the extras; both Deployments run `/manager`. Apart from
     `components()` because they are loaded only when asked for (`up --trainjob`), not preloaded in the node image."""
     return [
-        Component("jobset", "jobset-controller-manager", v["JOBSET_VERSION"], target="/manager"),
-        Component("trainer-controller-manager", "trainer-controller-manager", v["TRAINER_V2_VERSION"],
-                  target="/manager"),
+        # Both Deployments say runAsNonRoot: the UID their release images (distroless nonroot) run as.
+        Component("jobset", "jobset-controller-manager", f"{v['JOBSET_VERSION']}-nonroot", target="/manager",
+                  user=NONROOT_UID),
+        Component("trainer-controller-manager", "trainer-controller-manager", f"{v['TRAINER_V2_VERSION']}-nonroot",
+                  target="/manager", user=NONROOT_UID),
     ]
 
 
@@ -181,7 +187,7 @@ def _component_image(docker: Docker, bin_dir: Path, c: Component) -> str:
         raise KindSetupError(f"{bin_dir / c.binary} is missing: run tools/build-controlplane.sh --with-kind"
                              + (" --with-extras" if c in trainjob_components(versions(bin_dir)) else ""))
     log(f"building {ref}")
-    args = {"BASE_IMAGE": BASE, "BINARY": c.binary, "PACKAGES": c.packages}
+    args = {"BASE_IMAGE": BASE, "BINARY": c.binary, "PACKAGES": c.packages, "USER": c.user}
     if c.target:
         args["TARGET"] = c.target
     build(docker, HERE / "images" / "component.Dockerfile", bin_dir, ref, args)

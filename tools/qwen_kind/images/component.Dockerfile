@@ -13,4 +13,7 @@ ARG BINARY
 ARG TARGET=/usr/local/bin/${BINARY}
 COPY ${BINARY} ${TARGET}
 RUN ln -s "${TARGET}" /usr/local/bin/component-entrypoint
+# Numeric, so that the kubelet can check a Deployment's runAsNonRoot against it.
+ARG USER=0
+USER ${USER}
 ENTRYPOINT ["/usr/local/bin/component-entrypoint"]
