@@ -24,7 +24,7 @@ extras:
 
 test: setup extras
 	QWEN_REQUIRE_CLUSTER=1 QWEN_CONTROLPLANE_EXTRAS=$(EXTRAS) $(PY) -m pytest -ra $(PYTEST_ARGS) tests/unit tests/integration
-	QWEN_REQUIRE_CLUSTER=1 QWEN_KIND_TRAINJOB=1 $(PY) -m pytest -ra $(PYTEST_ARGS) tests/kind
+	QWEN_REQUIRE_CLUSTER=1 $(PY) -m pytest -ra $(PYTEST_ARGS) tests/kind
 
 unit: python
 	$(PY) -m pytest -ra $(PYTEST_ARGS) tests/unit

@@ -782,8 +782,11 @@ def child_refused(kind: str, name: str, http_status: int, body: Any, *, api_serv
             f"the operator setting jobApi ({job_api_setting or kind.lower()}) creates a {kind}, but this cluster does "
             f"not serve {what}: install it, or run the operator with --job-api {other} (chart value jobApi); "
             f"{kind} {name} is created once the API is served")
-    if http_status in (400, 403, 422) and kind == "TrainJob" and "clustertrainingruntime" in text.lower() \
-            and "not found" in text.lower():
+    # Two webhooks check the runtime and either may answer first: Trainer v2's ("ClusterTrainingRuntime... not
+    # found") and, where Kueue runs with its TrainJob integration, Kueue's ("runtime '<name>' not found").
+    lower = text.lower()
+    if http_status in (400, 403, 422) and kind == "TrainJob" and "not found" in lower \
+            and ("clustertrainingruntime" in lower or (runtime and f"runtime '{runtime}' not found" in text)):
         return RUNTIME_NOT_FOUND, (
             f"TrainJob {name} was refused: its ClusterTrainingRuntime {runtime!r} (operator setting "
             f"--trainjob-runtime, chart value trainJob.runtime.name) does not exist; install it (chart value "

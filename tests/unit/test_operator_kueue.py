@@ -220,6 +220,15 @@ def test_trainjob_runtime_missing_names_the_setting_and_quotes_the_server():
     assert "Traceback" not in message and '"kind":"Status"' not in message  # the server's words, not its envelope
 
 
+def test_trainjob_runtime_missing_in_kueues_words():
+    body = json.dumps({"kind": "Status", "status": "Failure", "reason": "Forbidden", "code": 403,
+                       "message": 'admission webhook "vtrainjob.kb.io" denied the request: runtime \'nope\' not found'})
+    reason, message = cnd.child_refused("TrainJob", "j", 403, body, api_served=True, runtime="nope")
+    assert reason == cnd.RUNTIME_NOT_FOUND and message.endswith("runtime 'nope' not found")
+    # Another runtime's absence is not this one's.
+    assert cnd.child_refused("TrainJob", "j", 403, body, api_served=True, runtime="other")[0] == cnd.CHILD_REJECTED
+
+
 def test_other_refusals_and_server_errors():
     body = json.dumps({"kind": "Status", "message": 'admission webhook "x" denied the request: no'})
     assert cnd.child_refused("PyTorchJob", "j", 422, body, api_served=True) == (
