@@ -245,43 +245,43 @@ def _carried_over(previous: Optional[dict[str, Any]], generation: Optional[int])
     return status
 
 
+def _failed_for_good(previous: Optional[dict[str, Any]], generation: Optional[int], now: str, reason: str,
+                     message: str, phase: str, others: dict[str, tuple[str, str, str]]) -> dict[str, Any]:
+    """A terminal status: Failed True and Succeeded/Synced False, all with `reason` and `message`, plus the
+    `others` conditions (type -> status, reason, message)."""
+    status = _carried_over(previous, generation)
+    prev = _by_type(status.get("conditions"))
+    conds = dict(prev)
+    kw = dict(now=now, generation=generation)
+    for type_, (s, r, m) in others.items():
+        conds[type_] = condition(type_, s, r, m, previous=prev.get(type_), **kw)
+    conds["Failed"] = condition("Failed", "True", reason, message, previous=prev.get("Failed"), **kw)
+    for type_ in (SUMMARY, SYNCED):
+        conds[type_] = condition(type_, "False", reason, message, previous=prev.get(type_), **kw)
+    status["conditions"] = _ordered(conds)
+    status["phase"] = phase
+    return status
+
+
 def invalid(previous: Optional[dict[str, Any]], problems: Iterable[str], generation: Optional[int],
             now: str) -> dict[str, Any]:
     """An invalid spec: nothing is created. The spec is immutable, so this is terminal."""
     message = "; ".join(problems) or "the spec is invalid"
-    status = _carried_over(previous, generation)
-    prev = _by_type(status.get("conditions"))
-    conds = dict(prev)
-    kw = dict(now=now, generation=generation)
-    for type_ in ("Running", "Restarting", "Suspended"):
-        conds[type_] = condition(type_, "False", f"Not{type_}", "", previous=prev.get(type_), **kw)
-    conds["Created"] = condition("Created", "False", INVALID_SPEC, "nothing was created", previous=prev.get("Created"), **kw)
-    conds["Failed"] = condition("Failed", "True", INVALID_SPEC, message, previous=prev.get("Failed"), **kw)
-    conds[SUMMARY] = condition(SUMMARY, "False", INVALID_SPEC, message, previous=prev.get(SUMMARY), **kw)
-    conds[SYNCED] = condition(SYNCED, "False", INVALID_SPEC, message, previous=prev.get(SYNCED), **kw)
-    status["conditions"] = _ordered(conds)
-    status["phase"] = "Invalid"
-    return status
+    others = {type_: ("False", f"Not{type_}", "") for type_ in ("Running", "Restarting", "Suspended")}
+    others["Created"] = ("False", INVALID_SPEC, "nothing was created")
+    return _failed_for_good(previous, generation, now, INVALID_SPEC, message, "Invalid", others)
 
 
 def child_deleted(previous: Optional[dict[str, Any]], generation: Optional[int], now: str,
                   name: str, kind: str = "PyTorchJob") -> dict[str, Any]:
-    """The child job (PyTorchJob or TrainJob) disappeared. After the job finished that is expected (ttlSecondsAfterFinished) and changes
-    nothing; before, the job cannot finish any more and is marked Failed (it is not recreated)."""
+    """The child job (PyTorchJob or TrainJob) disappeared. After the job finished that is expected
+    (ttlSecondsAfterFinished) and changes nothing; before, the job cannot finish any more and is marked Failed
+    (it is not recreated)."""
     if is_terminal(previous):
         return copy.deepcopy(previous)
     message = f"{kind} {name} was deleted before it finished; it is not recreated"
-    status = _carried_over(previous, generation)
-    prev = _by_type(status.get("conditions"))
-    conds = dict(prev)
-    kw = dict(now=now, generation=generation)
-    conds["Running"] = condition("Running", "False", CHILD_DELETED, message, previous=prev.get("Running"), **kw)
-    conds["Failed"] = condition("Failed", "True", CHILD_DELETED, message, previous=prev.get("Failed"), **kw)
-    conds[SUMMARY] = condition(SUMMARY, "False", CHILD_DELETED, message, previous=prev.get(SUMMARY), **kw)
-    conds[SYNCED] = condition(SYNCED, "False", CHILD_DELETED, message, previous=prev.get(SYNCED), **kw)
-    status["conditions"] = _ordered(conds)
-    status["phase"] = "Failed"
-    return status
+    return _failed_for_good(previous, generation, now, CHILD_DELETED, message, "Failed",
+                            {"Running": ("False", CHILD_DELETED, message)})
 
 
 def get_condition(status: Optional[dict[str, Any]], type_: str) -> Optional[dict[str, Any]]:
