@@ -192,6 +192,21 @@ class MegatronEngine:
         return sharded.save(state.sharded_state_dict(self.model, save_optimizer, is_loading=False), folder,
                             async_save)
 
+    def _unusable_optimizer_state(self, folder, saved_layout: Optional[dict]) -> list[str]:
+        """Why the optimizer state of a sharded checkpoint cannot be restored into this run's optimizer (none: it can,
+        as far as its chain and layout tell)."""
+        reasons = []
+        chains = state.optimizer_chains(folder)
+        if chains is not None and chains != state.chain_length(self.model.optimizer):
+            reasons.append(f"the checkpoint's optimizer was megatron's chain of {chains} optimizers and this run's is "
+                           f"{state.chain_length(self.model.optimizer)} (MoE: one for the experts apart from the dense "
+                           "parameters at expert parallel > 1 only), whose kept settings cannot be matched")
+        moved = state.moved_fields(saved_layout, self.layout())
+        if moved:
+            reasons.append(f"the distributed optimizer's state was saved at {saved_layout} and this run is "
+                           f"{self.layout()} ({', '.join(moved)} changed); its shards cannot follow that change")
+        return reasons
+
     def load_sharded(self, folder, load_optimizer: bool, saved_layout: Optional[dict] = None) -> bool:
         """Collective: the regions of a sharded checkpoint this rank needs, whatever layout saved it. Returns whether
         optimizer state was restored: where the checkpoint holds it under the names this optimizer asks for, it is
@@ -203,27 +218,17 @@ class MegatronEngine:
         from .kernels import use_fused_adam
 
         with_optimizer = load_optimizer and state.holds_optimizer(sharded.saved_keys(folder))
-        moved = state.moved_fields(saved_layout, self.layout()) if with_optimizer else []
-        chains = state.optimizer_chains(folder) if with_optimizer else None
-        if chains is not None and chains != state.chain_length(self.model.optimizer):
-            self.ctx.log(f"the checkpoint's optimizer was megatron's chain of {chains} optimizers and this run's is "
-                         f"{state.chain_length(self.model.optimizer)} (MoE: one for the experts apart from the dense "
-                         "parameters at expert parallel > 1 only), whose kept settings cannot be matched: starting the "
-                         "optimizer afresh from the checkpoint's weights")
+        unusable = self._unusable_optimizer_state(folder, saved_layout) if with_optimizer else []
+        request = state.sharded_state_dict(self.model, with_optimizer and not unusable, is_loading=True)
+        if with_optimizer and not unusable:
+            missing = state.missing_optimizer_keys(request, sharded.saved_keys(folder))
+            if missing:
+                unusable.append(f"the checkpoint's optimizer state does not name the tensors this optimizer needs "
+                                f"({len(missing)} missing, e.g. {missing[0]})")
+                request = state.sharded_state_dict(self.model, False, is_loading=True)
+        if unusable:
+            self.ctx.log("; ".join(unusable) + ": starting the optimizer afresh from the checkpoint's weights")
             with_optimizer = False
-        if moved:
-            self.ctx.log(f"the distributed optimizer's state was saved at {saved_layout} and this run is "
-                         f"{self.layout()} ({', '.join(moved)} changed); its shards cannot follow that change: "
-                         "starting the optimizer afresh from the checkpoint's weights")
-            with_optimizer = False
-        request = state.sharded_state_dict(self.model, with_optimizer, is_loading=True)
-        missing = state.missing_optimizer_keys(request, sharded.saved_keys(folder)) if with_optimizer else []
-        if missing:
-            self.ctx.log(f"the checkpoint's optimizer state does not name the tensors this optimizer needs "
-                         f"({len(missing)} missing, e.g. {missing[0]}): starting the optimizer afresh from the "
-                         "checkpoint's weights")
-            with_optimizer = False
-            request = state.sharded_state_dict(self.model, False, is_loading=True)
         loaded = sharded.load(request, folder)
         state.load_sharded_state(self.model, loaded, with_optimizer)
         if with_optimizer and self.options.fused_adam:
