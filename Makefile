@@ -22,7 +22,10 @@ controlplane:
 extras:
 	QWEN_CONTROLPLANE_EXTRAS=$(EXTRAS) tools/build-controlplane.sh
 
-test: setup extras
+# Every Go-built binary in one build run (they share its temporary Go build cache): the control plane, the
+# extras and kind's node parts.
+test: python
+	QWEN_CONTROLPLANE_EXTRAS=$(EXTRAS) tools/build-controlplane.sh --with-kind
 	QWEN_REQUIRE_CLUSTER=1 QWEN_CONTROLPLANE_EXTRAS=$(EXTRAS) $(PY) -m pytest -ra $(PYTEST_ARGS) tests/unit tests/integration
 	QWEN_REQUIRE_CLUSTER=1 $(PY) -m pytest -ra $(PYTEST_ARGS) tests/kind
 

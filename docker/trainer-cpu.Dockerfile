@@ -1,9 +1,11 @@
 # CPU trainer image for kind and the demo: the `cpu` engine (transformers model + torch.distributed gloo).
 # Build from the repository root with BuildKit (Docker >= 20.10; no `# syntax` line, so no frontend image is
 # pulled):  DOCKER_BUILDKIT=1 docker build -f docker/trainer-cpu.Dockerfile -t IMAGE .
-# Where download.pytorch.org is unreachable, pass --build-arg TORCH_INDEX_URL= to take torch from PyPI (its
-# Linux wheel carries the CUDA libraries: about 4 GB more). Behind a TLS-intercepting proxy, pass its CA
-# bundle as a build secret: --secret id=ca,src=/etc/ssl/certs/ca-certificates.crt (never stored in a layer).
+# Where download.pytorch.org is unreachable, pass --build-arg TORCH_INDEX_URL= to take torch from PyPI: its
+# Linux wheel needs the CUDA libraries (about 2.7 GB; libtorch links them, so `import torch` fails without
+# them even on a CPU), and pulls in triton (0.6 GB, a GPU compiler), which this image removes again in the
+# layer that installs it. Behind a TLS-intercepting proxy, pass its CA bundle as a build secret: --secret id=ca,src=/etc/ssl/certs/ca-certificates.crt
+# (never stored in a layer).
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 FROM ${PYTHON_IMAGE}
 
@@ -18,21 +20,29 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 
 WORKDIR /opt/qwen-k8s-trainer
 
-# The CPU-only torch wheel first (~200 MB instead of the CUDA one's gigabytes); the project's `torch==` pin
-# is then already satisfied and pip keeps it. pip's cache lives in a BuildKit cache mount: rebuilds reuse
-# the downloads and no layer keeps them.
-RUN --mount=type=cache,target=/root/.cache/pip --mount=type=secret,id=ca \
+# 1. torch and every other pinned dependency in one layer, so that triton (which pip would put back for any
+#    later requirement that names torch) never reaches the image. No pip cache: it would keep gigabytes of
+#    CUDA wheels in Docker's build cache, and this layer is rebuilt only when pyproject.toml changes.
+COPY pyproject.toml ./
+COPY docker/pins.py docker/pins.py
+RUN --mount=type=secret,id=ca \
     if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
- && if [ -n "${TORCH_INDEX_URL}" ]; then export PIP_INDEX_URL="${TORCH_INDEX_URL}"; fi \
- && pip install "torch==${TORCH_VERSION}"
+ && (if [ -n "${TORCH_INDEX_URL}" ]; then export PIP_INDEX_URL="${TORCH_INDEX_URL}"; fi; \
+     pip install --no-cache-dir "torch==${TORCH_VERSION}") \
+ && python docker/pins.py requirements base,trainer --exclude torch > /tmp/requirements.txt \
+ && pip install --no-cache-dir -r /tmp/requirements.txt \
+ && if pip show --quiet triton 2>/dev/null; then pip uninstall -y triton; fi \
+ && rm /tmp/requirements.txt \
+ && python -c "import torch, torch.distributed as dist; assert not torch.cuda.is_available() and dist.is_gloo_available(); x = torch.ones(4, requires_grad=True); (x * x).sum().backward(); print('torch', torch.__version__)"
 
-COPY pyproject.toml README.md ./
+# 2. This project, without dependencies: they are all in place, and pip must not bring triton back.
+COPY README.md ./
 COPY qwen_trainer qwen_trainer
 COPY operator operator
-RUN --mount=type=cache,target=/root/.cache/pip --mount=type=secret,id=ca \
+RUN --mount=type=secret,id=ca \
     if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
- && pip install ".[trainer]" \
- && python -c "import torch, qwen_trainer.spec; assert not torch.cuda.is_available(); print('torch', torch.__version__)"
+ && pip install --no-cache-dir --no-deps . \
+ && python -c "import transformers, qwen_trainer.spec, qwen_trainer.engines.cpu; print('transformers', transformers.__version__)"
 
 LABEL org.opencontainers.image.title="qwen-k8s trainer (CPU)" \
       org.opencontainers.image.source="https://github.com/qwen-k8s/qwen-k8s-trainer" \

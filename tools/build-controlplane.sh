@@ -125,6 +125,14 @@ if command -v flock >/dev/null 2>&1; then
   flock 9
 fi
 rm -rf "$OUT"/.build.*
+# Go's build cache lives only as long as this run: the binaries under $BIN are the cache (by version), and a
+# cold build of every component leaves gigabytes of compiled packages that nothing reads again until a pin
+# changes, on a disk the kind images also need. Build everything in one run (make test does) so that the
+# components share it. A GOCACHE set in the environment is used as it is, and kept.
+if [[ -z "${GOCACHE:-}" ]]; then
+  export GOCACHE="$OUT/.gocache"
+  trap 'rm -rf "$GOCACHE"' EXIT
+fi
 
 want() { # component
   [[ ${#only[@]} -eq 0 ]] && return 0

@@ -14,13 +14,14 @@ import shutil
 import subprocess
 import tempfile
 import time
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from . import images
-from .docker import Docker, ensure_docker, check_disk, log
+from .docker import CLUSTER_GIB, IMAGES_GIB, Docker, check_disk, ensure_docker, log, make_room
 from .errors import KindSetupError
 
 ROOT = images.ROOT
@@ -150,15 +151,38 @@ class KindCluster:
                      timeout=timeout + 30)
 
     def load(self, ref: str, nodes: list[str]) -> None:
-        """`kind load` node by node, then drop the image's layer blobs on the node once unpacked, as
-        containerd's CRI does for pulled images (discard_unpacked_layers): the trainer image would
-        otherwise take twice its size on every node."""
-        with tempfile.TemporaryDirectory(prefix="image.", dir=self.shared.parent) as work:
-            archive = Path(work) / "image.tar"
-            self.docker.run("save", "-o", str(archive), ref, timeout=1800)  # once, not once per node
-            for node in nodes:
-                self.kind_cmd("load", "image-archive", "--name", self.name, "--nodes", node, str(archive), timeout=1800)
-                self.node_exec(node, "sh", "-euc", DISCARD_LAYERS, "discard", ref)
+        """What `kind load` does, node by node, but streamed: `docker save` straight into the node's containerd,
+        with no archive on the host disk (the trainer image would need its size once more there). Then the
+        image's layer blobs are dropped on the node once unpacked, as containerd's CRI does for pulled images
+        (discard_unpacked_layers): otherwise it would take twice its size on every node."""
+        env = {**os.environ, **self.docker.env}
+        for node in nodes:
+            command = ["ctr", "--namespace=k8s.io", "images", "import", "--all-platforms", "--digests",
+                       f"--snapshotter={self.snapshotter(node)}", "-"]
+            with tempfile.TemporaryFile() as save_errors:
+                save = subprocess.Popen([self.docker.cli, "save", ref], stdout=subprocess.PIPE, stderr=save_errors,
+                                        env=env)
+                try:
+                    imported = subprocess.run([self.docker.cli, "exec", "-i", node, *command], stdin=save.stdout,
+                                              capture_output=True, text=True, env=env, timeout=1800)
+                finally:
+                    save.stdout.close()
+                    save.wait(timeout=60)
+                save_errors.seek(0)
+                if save.returncode != 0:
+                    raise KindSetupError(f"docker save {ref} failed: {save_errors.read().decode().strip()[-300:]}")
+            if imported.returncode != 0:
+                raise KindSetupError(f"loading {ref} onto {node} failed: "
+                                     f"{(imported.stderr or imported.stdout).strip()[-300:]}")
+            self.node_exec(node, "sh", "-euc", DISCARD_LAYERS, "discard", ref)
+
+    def snapshotter(self, node: str) -> str:
+        """The snapshotter the node's CRI unpacks images with (an import must use the same one)."""
+        config = tomllib.loads(self.docker.run("exec", node, "containerd", "config", "dump").stdout)
+        plugins = config.get("plugins", {})
+        if config.get("version", 1) >= 3:
+            return plugins.get("io.containerd.cri.v1.images", {}).get("snapshotter") or "overlayfs"
+        return plugins.get("io.containerd.grpc.v1.cri", {}).get("containerd", {}).get("snapshotter") or "overlayfs"
 
     def install_training_operator(self, bin_dir: Path) -> None:
         v = images.versions(bin_dir)
@@ -311,9 +335,11 @@ def up(name: str = "qwen-e2e", workers: int = 2, work: Path | None = None,
     if trainjob_namespace and stock_node:
         raise KindSetupError("the TrainJob controllers are built here: unset QWEN_KIND_NODE_IMAGE for them")
     cache = cache_dir()
-    check_disk(Path("/var/lib/docker") if Path("/var/lib/docker").exists() else cache)
+    docker_root = Path("/var/lib/docker") if Path("/var/lib/docker").exists() else cache
     timings: dict[str, float] = {}
     docker = ensure_docker(cache)
+    built = docker.has_image(f"{images.REPO}/trainer-cpu:kind")
+    check_disk(docker_root, CLUSTER_GIB + (0 if built else IMAGES_GIB))
     cluster = None
     try:
         with timed(timings, "Go-built binaries"):
@@ -331,6 +357,7 @@ def up(name: str = "qwen-e2e", workers: int = 2, work: Path | None = None,
                     refs.update(images.trainjob_images(docker, bin_dir))
         with timed(timings, "project images"):
             refs.update(images.project_images(docker, local_base=not stock_node))
+        make_room(docker, docker_root, CLUSTER_GIB)
         work = work or Path(tempfile.mkdtemp(prefix="qwen-kind."))
         shared = work / "shared"
         shared.mkdir(parents=True, exist_ok=True)
