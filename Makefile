@@ -27,7 +27,7 @@ extras:
 test: python
 	QWEN_CONTROLPLANE_EXTRAS=$(EXTRAS) tools/build-controlplane.sh --with-kind
 	QWEN_REQUIRE_CLUSTER=1 QWEN_CONTROLPLANE_EXTRAS=$(EXTRAS) $(PY) -m pytest -ra $(PYTEST_ARGS) tests/unit tests/integration
-	QWEN_REQUIRE_CLUSTER=1 $(PY) -m pytest -ra $(PYTEST_ARGS) tests/kind
+	QWEN_REQUIRE_CLUSTER=1 QWEN_KIND_TRAINJOB=1 $(PY) -m pytest -ra $(PYTEST_ARGS) tests/kind
 
 unit: python
 	$(PY) -m pytest -ra $(PYTEST_ARGS) tests/unit
@@ -55,7 +55,7 @@ push-images:
 
 # Real pods: Docker (started if none runs), the images, a kind cluster, the tests in tests/kind; all stopped after.
 kind-e2e: setup
-	QWEN_REQUIRE_CLUSTER=1 $(PY) -m pytest -ra $(PYTEST_ARGS) tests/kind
+	QWEN_REQUIRE_CLUSTER=1 QWEN_KIND_TRAINJOB=1 $(PY) -m pytest -ra $(PYTEST_ARGS) tests/kind
 
 kind-up: setup
 	$(PY) tools/qwen_kind up
