@@ -23,10 +23,10 @@ METADATA = "metadata.json"  # written by dist_checkpointing.save on rank 0, with
 DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's index of every shard
 
 # Metadata for the sharded state dicts. The plain mixed-precision optimizer's states are cut like their parameters,
-# so they load at any layout. The distributed optimizer's are saved 'dp_reshardable': every rank writes its own flat
-# range with no gathering, loadable at another data-parallel size but not at another TP/PP/EP split (megatron's only
-# format that reshards those, 'fully_reshardable', gathers each model-parallel shard's whole optimizer state on its
-# first data-parallel rank, which is what this module avoids).
+# so they load at any layout. The distributed optimizer's are saved 'dp_reshardable' by default: every rank writes its
+# own flat range with no gathering, loadable at another data-parallel size but not at another TP/PP/EP split.
+# checkpoint.reshardableOptimizer asks for megatron's 'fully_reshardable' instead (engines/megatron/state.py), which
+# gathers each model-parallel group's optimizer state on its first data-parallel rank and loads at any layout.
 SHARDED_STATE_METADATA = {
     "distrib_optim_sharding_type": "dp_reshardable",
     "singleton_local_shards": False,

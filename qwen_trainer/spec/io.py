@@ -73,6 +73,8 @@ class Checkpoint(SpecModel):
     """Restore optimizer state on resume."""
     async_save: bool = True
     """Write training checkpoints in the background (GPU engine's sharded checkpoints): training waits only while the shards are copied off the GPU; the checkpoint counts once every rank's writer is done. false: training waits for the whole save."""
+    reshardable_optimizer: bool = False
+    """Distributed optimizer: save its state so that a run at another tensor/pipeline/expert parallel split can load it (megatron's 'fully_reshardable' format). The default format ('dp_reshardable') is written by every rank without any exchange and follows a changed data-parallel size only; a resume at another split then starts the optimizer afresh from the checkpoint's weights. The price, at every save: the first data-parallel rank of each model-parallel group gathers that group's whole optimizer state (fp32 weights and Adam moments, 12 bytes a parameter) in host memory over gloo and writes it."""
     verify: bool = False
     """After conversion, re-read the output and compare checksums."""
     overwrite: bool = False

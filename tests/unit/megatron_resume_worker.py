@@ -7,8 +7,8 @@ argv: CASE ROOT OUT PHASE [key=value ...]
   CASE   dense | moe (tiny Qwen3 shapes)
   PHASE  save    train STEPS steps, save, dump the gathered state, train EXTRA more steps (the uninterrupted run)
          resume  load the newest checkpoint, dump the gathered state, train EXTRA steps
-  keys   tp, pp, ep (parallel sizes), dopt (distributed optimizer 0/1), steps, extra, async (0/1: save as `qwen_trainer
-         run` does by default, in the background)
+  keys   tp, pp, ep (parallel sizes), dopt (distributed optimizer 0/1), reshard (0/1: checkpoint.reshardableOptimizer),
+         steps, extra, async (0/1: save as `qwen_trainer run` does by default, in the background)
 
 OUT/<PHASE>.pt (rank 0) holds the losses of the steps after the checkpoint and the full tensors, in Hugging Face
 naming, of the bf16 weights, the fp32 master weights and Adam's exp_avg / exp_avg_sq, plus the Adam step counts:
@@ -107,7 +107,7 @@ def cpu_stand_ins():
             setattr(obj, name, value)
 
 
-def make_spec(case: str, tp: int, pp: int, ep: int, dopt: bool):
+def make_spec(case: str, tp: int, pp: int, ep: int, dopt: bool, reshardable: bool = False):
     from qwen_trainer.engines.megatron.testing import job_spec
 
     moe = MOE if case == "moe" else None
@@ -116,7 +116,8 @@ def make_spec(case: str, tp: int, pp: int, ep: int, dopt: bool):
                                  "sequenceParallel": tp > 1 and moe is not None},
                     training={"seqLength": SEQ, "precision": "bf16", "globalBatchSize": GLOBAL_BATCH,
                               "microBatchSize": 1, "lr": LR, "minLr": LR, "weightDecay": 0.1,
-                              "activationCheckpointing": {"mode": "none"}})
+                              "activationCheckpointing": {"mode": "none"}},
+                    checkpoint={"reshardableOptimizer": reshardable})
 
 
 def step_batches(step: int, vocab: int, dp: int, dp_rank: int):
@@ -225,7 +226,7 @@ def main() -> int:
     dopt, steps, extra = kv.get("dopt", "0") == "1", int(kv.get("steps", 2)), int(kv.get("extra", 2))
     save_at = [int(x) for x in kv.get("save_at", str(steps)).split(",")]
     use_async = kv.get("async", "0") == "1"
-    spec = make_spec(case, tp, pp, ep, dopt)
+    spec = make_spec(case, tp, pp, ep, dopt, reshardable=kv.get("reshard", "0") == "1")
     env = read_env()
     started = time.time()
     say = print if env.rank == 0 else (lambda _m: None)

@@ -109,6 +109,9 @@ LAYOUT_CHANGES = {
     "moe-dp2-to-one-process": ("moe", [], 2, [], 1),
     # the distributed optimizer ('dp_reshardable'): a changed data-parallel size
     "dense-distopt-dp2-to-one-process": ("dense", ["dopt=1"], 2, ["dopt=1"], 1),
+    # checkpoint.reshardableOptimizer ('fully_reshardable'): a changed tensor/pipeline split too
+    "dense-distopt-reshardable-tp2-to-pp2": ("dense", ["tp=2", "dopt=1", "reshard=1"], 2, ["pp=2", "dopt=1"], 2),
+    "moe-distopt-reshardable-dp2-to-pp2": ("moe", ["dopt=1", "reshard=1"], 2, ["pp=2", "dopt=1"], 2),
 }
 
 

@@ -35,7 +35,7 @@ from ..base import EngineContext, StepResult
 from . import state
 from .build import Model, build_model, init_model_parallel, pin_communication_order, release
 from .config import Capabilities, EngineOptions, plan_model
-from .layout import data_parallel_layout, layout_record
+from .layout import data_parallel_layout, layout_record, optimizer_sharding
 from .loss import LossScaling, check_output_grad_scale, load_balancing_loss, loss_sum_from_output
 
 
@@ -189,8 +189,9 @@ class MegatronEngine:
         from qwen_trainer.checkpoint import sharded
 
         state.sync_params(self.model.chunks)
-        return sharded.save(state.sharded_state_dict(self.model, save_optimizer, is_loading=False), folder,
-                            async_save)
+        return sharded.save(state.sharded_state_dict(self.model, save_optimizer, is_loading=False,
+                                                     optimizer_sharding=optimizer_sharding(self.layout())),
+                            folder, async_save)
 
     def _unusable_optimizer_state(self, folder, saved_layout: Optional[dict]) -> list[str]:
         """Why the optimizer state of a sharded checkpoint cannot be restored into this run's optimizer (none: it can,
@@ -219,7 +220,9 @@ class MegatronEngine:
 
         with_optimizer = load_optimizer and state.holds_optimizer(sharded.saved_keys(folder))
         unusable = self._unusable_optimizer_state(folder, saved_layout) if with_optimizer else []
-        request = state.sharded_state_dict(self.model, with_optimizer and not unusable, is_loading=True)
+        saved_sharding = optimizer_sharding(saved_layout)
+        request = state.sharded_state_dict(self.model, with_optimizer and not unusable, is_loading=True,
+                                           optimizer_sharding=saved_sharding)
         if with_optimizer and not unusable:
             missing = state.missing_optimizer_keys(request, sharded.saved_keys(folder))
             if missing:
@@ -230,7 +233,7 @@ class MegatronEngine:
             self.ctx.log("; ".join(unusable) + ": starting the optimizer afresh from the checkpoint's weights")
             with_optimizer = False
         loaded = sharded.load(request, folder)
-        state.load_sharded_state(self.model, loaded, with_optimizer)
+        state.load_sharded_state(self.model, loaded, with_optimizer, saved_sharding)
         if with_optimizer and self.options.fused_adam:
             use_fused_adam(self.model.optimizer)  # a restored step sits on the host
         self._pending_weights = None

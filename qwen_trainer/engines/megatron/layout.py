@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 from qwen_trainer.errors import UserError
 from qwen_trainer.spec import JobSpec
+
+# megatron-core's formats for the distributed optimizer's sharded state: every rank its own flat range, no exchange,
+# loadable at another data-parallel size only; or gathered per model-parallel group into the parameters' shapes,
+# loadable at any layout
+DP_RESHARDABLE = "dp_reshardable"
+FULLY_RESHARDABLE = "fully_reshardable"
 
 
 def data_parallel_layout(spec: JobSpec, world_size: int, rank: int) -> tuple[int, int]:
@@ -25,6 +33,15 @@ def data_parallel_layout(spec: JobSpec, world_size: int, rank: int) -> tuple[int
 def layout_record(spec: JobSpec, world_size: int) -> dict:
     """The layout a checkpoint was saved at, as its trainer_state records it (compared again at resume)."""
     p = spec.parallelism
-    return {"world": world_size, "tensor": p.tensor, "pipeline": p.pipeline, "context": p.context,
-            "expert": p.expert, "virtual_pipeline": p.virtual_pipeline_layers,
-            "distributed_optimizer": p.distributed_optimizer}
+    record = {"world": world_size, "tensor": p.tensor, "pipeline": p.pipeline, "context": p.context,
+              "expert": p.expert, "virtual_pipeline": p.virtual_pipeline_layers,
+              "distributed_optimizer": p.distributed_optimizer}
+    if p.distributed_optimizer and spec.checkpoint.reshardable_optimizer:
+        record["optimizer_sharding"] = FULLY_RESHARDABLE
+    return record
+
+
+def optimizer_sharding(layout: Optional[dict]) -> str:
+    """The format the distributed optimizer's state of a checkpoint saved at `layout` is in (a load must ask for the
+    same one)."""
+    return (layout or {}).get("optimizer_sharding", DP_RESHARDABLE)

@@ -17,6 +17,8 @@ from typing import Optional
 
 import torch
 
+from .layout import DP_RESHARDABLE, FULLY_RESHARDABLE, optimizer_sharding
+
 OPTIMIZER_FORMAT = "megatron-per-rank-v1"
 
 
@@ -32,12 +34,18 @@ def sync_params(chunks) -> None:
 
 # ------------------------------------------------------------------------------------------------ sharded
 
-def sharded_state_dict(model, with_optimizer: bool, is_loading: bool) -> dict:
+def sharded_state_dict(model, with_optimizer: bool, is_loading: bool, optimizer_sharding: str = DP_RESHARDABLE) -> dict:
     """Megatron's sharded state dicts of the model chunks (keys `model` or `model0..`, as Megatron-LM names them)
-    and, if asked, of the optimizer, in formats that reshard to any layout. `model` is build.Model."""
+    and, if asked, of the optimizer: the plain optimizer's cut like the parameters (loadable at any layout), the
+    distributed optimizer's in `optimizer_sharding` (layout.DP_RESHARDABLE or FULLY_RESHARDABLE; a load asks for the
+    format the checkpoint was saved in). `model` is build.Model."""
     from qwen_trainer.checkpoint.sharded import SHARDED_STATE_METADATA
 
-    md = dict(SHARDED_STATE_METADATA)
+    md = dict(SHARDED_STATE_METADATA, distrib_optim_sharding_type=optimizer_sharding)
+    if optimizer_sharding == FULLY_RESHARDABLE:
+        # gathered over gloo onto the first data-parallel rank only (host memory), not all-gathered onto every
+        # rank's GPU
+        md["distrib_optim_fully_reshardable_mem_efficient"] = True
     if not model.chunks[0].ddp_config.use_distributed_optimizer:
         # megatron prefixes a chained optimizer's keys (`chained_<i>.`) whenever a distributed-optimizer format is
         # named; MoE chains a dense and an expert optimizer at EP > 1 and only one at EP 1, so the plain optimizer's
@@ -114,15 +122,47 @@ def init_optimizer_state(optimizer) -> None:
                     st["step"] = torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu")
 
 
-def load_sharded_state(model, state: dict, with_optimizer: bool) -> None:
+def load_sharded_state(model, state: dict, with_optimizer: bool, optimizer_sharding: str = DP_RESHARDABLE) -> None:
     chunks = model.unwrapped()
     for i, chunk in enumerate(chunks):
         chunk.load_state_dict(state["model" if len(chunks) == 1 else f"model{i}"], strict=True)
     if with_optimizer:
-        model.optimizer.load_state_dict(state["optimizer"])
+        if optimizer_sharding == FULLY_RESHARDABLE:
+            _load_fully_reshardable(model.optimizer, state["optimizer"])
+        else:
+            model.optimizer.load_state_dict(state["optimizer"])
         restore_steps(model.optimizer)
     else:
         model.optimizer.reload_model_params()  # fp32 master weights follow the loaded weights
+
+
+def _load_fully_reshardable(optimizer, saved) -> None:
+    """megatron's load of a distributed optimizer's 'fully_reshardable' state, where the optimizer is torch's Adam.
+    megatron's own (DistributedOptimizer.load_state_dict) first gives every parameter's Adam state a step, as torch's
+    Adam keeps one there, then copies the checkpoint's tensors into every entry of that state, and the checkpoint
+    holds no per-parameter step (KeyError 'step'). So the common part (groups, steps, scaler) loads through megatron's
+    load_state_dict without the parameters' state, then the parameters' state through megatron's loader for it with
+    the steps set aside meanwhile; restore_steps then sets every step from the groups."""
+    subs = list(getattr(optimizer, "chained_optimizers", [optimizer]))
+    if len(subs) == 1:
+        parts = [saved]
+    else:
+        parts = [v for _, v in sorted(saved.items())] if isinstance(saved, dict) else list(saved)
+        if len(parts) != len(subs):
+            raise RuntimeError(f"the checkpoint holds {len(parts)} optimizers' state and this run chains {len(subs)}")
+    for opt, part in zip(subs, parts):
+        part = dict(part)
+        param_state = part.pop("param_state", None)
+        opt.load_state_dict(part)
+        if param_state is None:
+            continue
+        inner = opt.optimizer
+        steps = {p: st.pop("step") for p, st in inner.state.items() if "step" in st}
+        opt.load_parameter_state_from_fully_reshardable(param_state)
+        for p, step in steps.items():
+            inner.state[p]["step"] = step
+    if len(subs) > 1:
+        optimizer._synchronize_steps()
 
 
 def restore_steps(optimizer) -> None:
@@ -151,7 +191,8 @@ def moved_fields(saved_layout: Optional[dict], now: dict) -> list[str]:
     follow those)."""
     from qwen_trainer.checkpoint.sharded import MODEL_PARALLEL_FIELDS
 
-    if not saved_layout or not saved_layout.get("distributed_optimizer"):
+    if not saved_layout or not saved_layout.get("distributed_optimizer") or \
+            optimizer_sharding(saved_layout) == FULLY_RESHARDABLE:
         return []
     return [f for f in MODEL_PARALLEL_FIELDS if saved_layout.get(f) != now.get(f)]
 

@@ -11,7 +11,8 @@ from qwen_trainer.spec.job import JobSpec
 
 
 def job_spec(family: str, size: str, *, architecture: Optional[dict] = None, moe: Optional[dict] = None,
-             parallelism: Optional[dict] = None, training: Optional[dict] = None, backend: str = "megatron-core") -> JobSpec:
+             parallelism: Optional[dict] = None, training: Optional[dict] = None, backend: str = "megatron-core",
+             checkpoint: Optional[dict] = None) -> JobSpec:
     """A pretrain job spec with the given shape (structural validation only: data paths are not needed here)."""
     model: dict[str, Any] = {"family": family, "size": size, "backend": backend}
     if architecture:
@@ -22,7 +23,7 @@ def job_spec(family: str, size: str, *, architecture: Optional[dict] = None, moe
              "seqLength": 4096}
     train.update(training or {})
     return JobSpec.model_validate({"stage": "pretrain", "model": model, "parallelism": parallelism or {},
-                                   "training": train})
+                                   "training": train, "checkpoint": checkpoint or {}})
 
 
 def random_micro_batches(n: int, micro: int, seq: int, vocab: int, seed: int = 0, ignore_first: int = 0):
