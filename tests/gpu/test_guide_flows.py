@@ -25,7 +25,8 @@ Cases on one GPU (`resources: {nodes: 1, gpusPerNode: 1}`):
 On two GPUs (`gpusPerNode: 2`; skipped with fewer): tp2 (tensor parallel 2, sequence parallel), ep2 (the Qwen2-MoE
 shape, expert parallel 2), pp2 (pipeline parallel 2), dp2-distopt (data parallel 2, distributed optimizer) and
 tp2-to-dp2 (the killed run saved its checkpoint at TP 2; the job is resumed at TP 1, i.e. DP 2), with the
-distributed optimizer (the default) and with the plain one (tp2-to-dp2-plain).
+distributed optimizer (the default), with the plain one (tp2-to-dp2-plain) and with the distributed optimizer's state
+saved reshardable (tp2-to-dp2-reshardable, `checkpoint.reshardableOptimizer`).
 
 Checked for every case:
 1. Every step ran with the expected engine, and the loss falls (`logs/metrics.jsonl` under each training step's
@@ -42,8 +43,8 @@ Checked for every case:
    WINDOW_RTOL on a GPU (kernels are not bitwise deterministic between two runs; see there). For
    tp2-to-dp2 only iteration 11 is: the distributed optimizer's saved shards cannot follow a changed TP split (the
    engine logs "starting the optimizer afresh"), while iteration 11's loss is the forward pass of the
-   checkpoint's weights on the same global batch under any layout; tp2-to-dp2-plain's plain optimizer state
-   follows the change, so its window is compared too. The megatron engine's training checkpoints are torch_dist
+   checkpoint's weights on the same global batch under any layout; tp2-to-dp2-plain's plain optimizer state and
+   tp2-to-dp2-reshardable's 'fully_reshardable' one follow the change, so their windows are compared too. The megatron engine's training checkpoints are torch_dist
    (every rank its shard, qwen_trainer.checkpoint.sharded); the CPU engine's are per-rank folders at the spec's layout.
 3. The exported Hugging Face model's loss on held-out tokens equals the engine's own evaluation loss within 1 %.
    The choice made: recompute the trainer's validation exactly rather than pick other held-out text. The step the
@@ -140,6 +141,7 @@ class Case:
     moe: Optional[dict] = None
     parallelism: dict = field(default_factory=dict)
     resume_parallelism: Optional[dict] = None  # the layout the killed job is resumed at (None: unchanged)
+    reshardable_optimizer: bool = False  # checkpoint.reshardableOptimizer on the pretrain step
     finetune: bool = False
     gpus: int = 1
     upcycle: bool = False  # the HF source is dense and the convert step upcycles it to the MoE
@@ -175,6 +177,9 @@ CASES: dict[str, Case] = {
     "tp2-to-dp2-plain": Case("qwen2.5", "0.5B", "megatron-core", DENSE25,
                              parallelism={"tensor": 2, "distributedOptimizer": False},
                              resume_parallelism={"tensor": 1, "distributedOptimizer": False}, gpus=2),
+    # the distributed optimizer's state saved 'fully_reshardable' follows the layout change too
+    "tp2-to-dp2-reshardable": Case("qwen2.5", "0.5B", "megatron-core", DENSE25, parallelism={"tensor": 2},
+                                   resume_parallelism={"tensor": 1}, reshardable_optimizer=True, gpus=2),
 }
 
 
@@ -260,6 +265,8 @@ def resources(name: str, flow: str, parallelism: Optional[dict] = None) -> list[
     convert = {"name": "convert", "stage": "convert",
                "checkpoint": {"output": {"path": f"{base}/mcore"}, "overwrite": True}}
     pretrain_checkpoint = {"output": {"path": f"{base}/pretrain"}}
+    if case.reshardable_optimizer:
+        pretrain_checkpoint["reshardableOptimizer"] = True
     if flow == "resume":
         # The fault strikes 4 tiny iterations after the checkpoint of iteration 10: a background save (the default)
         # may still be writing then, and a killed run rightly resumes from its last *committed* checkpoint (none).
@@ -637,7 +644,8 @@ def test_killed_pretrain_resumes_where_the_uninterrupted_run_was(flows, name):
     it = RESUMED_FROM + 1
     same_layout = flow.case.resume_parallelism is None
     # the distributed optimizer's saved shards cannot follow a changed TP/PP/EP split; the plain optimizer's can
-    fresh_optimizer = not ON_CPU and not same_layout and flow.case.parallelism.get("distributedOptimizer", True)
+    fresh_optimizer = not ON_CPU and not same_layout and flow.case.parallelism.get("distributedOptimizer", True) \
+        and not flow.case.reshardable_optimizer
     if fresh_optimizer:
         assert "starting the optimizer afresh" in resumed.stdout, resumed.stdout[-3000:]
     window = range(it, it + (1 if fresh_optimizer else RESUME_WINDOW))
