@@ -148,11 +148,16 @@ def _explain_one(spec) -> dict:
         "memoryNote": "weights, gradients and Adam state exact; activations by formula; allocator overhead not included",
     }
     if job.stage in ("pretrain", "finetune"):
+        reshardable = p.distributed_optimizer and job.checkpoint.reshardable_optimizer
         ckpt = checkpoint_size(arch, tensor=p.tensor, pipeline=p.pipeline, expert=p.expert, world=world,
-                               save_optimizer=job.checkpoint.save_optimizer)
+                               save_optimizer=job.checkpoint.save_optimizer, reshardable_optimizer=reshardable)
         report["checkpointEstimate"] = _camel(ckpt.to_dict())
         report["checkpointNote"] = ("every rank writes its own shard (bf16 weights + fp32 main weights and Adam "
                                     "moments); perRankGib is also what a rank stages in host memory while saving")
+        if reshardable and job.checkpoint.save_optimizer:
+            report["checkpointNote"] += ("; checkpoint.reshardableOptimizer: the first data-parallel rank of each "
+                                         "model-parallel group gathers that group's optimizer state in host memory "
+                                         "and writes it (perRankGib is that rank's)")
     return report
 
 

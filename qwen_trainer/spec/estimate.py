@@ -131,18 +131,27 @@ class CheckpointSize:
 
 
 def checkpoint_size(a: ResolvedArchitecture, *, tensor: int, pipeline: int, expert: int, world: int,
-                    save_optimizer: bool = True) -> CheckpointSize:
+                    save_optimizer: bool = True, reshardable_optimizer: bool = False) -> CheckpointSize:
     """A sharded training checkpoint (qwen_trainer.checkpoint.sharded): bf16 weights, and with the optimizer its fp32
     main weights and Adam's two moments, 14 bytes a parameter in all. Each parameter is written once; the fully
     parallel save spreads the replicas' writing over the data-parallel ranks (the distributed optimizer's states
-    are each rank's own already), so a rank writes its model-parallel shard divided by the data-parallel size."""
+    are each rank's own already), so a rank writes its model-parallel shard divided by the data-parallel size.
+    `reshardable_optimizer` (the distributed optimizer saved 'fully_reshardable'): the first data-parallel rank of
+    each model-parallel group gathers and writes that group's whole optimizer state (12 bytes a parameter of the
+    shard; of the dense and of the expert shard where it is first in both groups), beside its share of the weights."""
     total, _ = parameter_counts(a)
     expert_params = 0
     if a.moe is not None:
         expert_params = a.num_layers * a.moe.num_experts * 3 * a.hidden_size * a.moe.ffn_hidden_size
     dense_params = total - expert_params
-    per_param = 14 if save_optimizer else 2
+    dense_shard = dense_params / (tensor * pipeline)
+    expert_shard = expert_params / (expert * pipeline)
     dense_dp = max(world // (tensor * pipeline), 1)
     expert_dp = max(world // (expert * pipeline), 1)
-    per_rank = dense_params / (tensor * pipeline) / dense_dp + expert_params / (expert * pipeline) / expert_dp
-    return CheckpointSize(round(total * per_param / GIB, 3), round(per_rank * per_param / GIB, 3))
+    spread = dense_shard / dense_dp + expert_shard / expert_dp
+    if not save_optimizer:
+        return CheckpointSize(round(total * 2 / GIB, 3), round(spread * 2 / GIB, 3))
+    per_rank = spread * 14
+    if reshardable_optimizer:
+        per_rank = (dense_shard + expert_shard) * 12 + spread * 2
+    return CheckpointSize(round(total * 14 / GIB, 3), round(per_rank / GIB, 3))

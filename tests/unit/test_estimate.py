@@ -24,6 +24,19 @@ def test_checkpoint_is_fourteen_bytes_a_parameter_spread_over_the_ranks():
     assert weights_only.total_gib == pytest.approx(total * 2 / GIB, rel=1e-3)
 
 
+def test_a_reshardable_optimizer_state_is_gathered_on_one_rank_of_each_model_parallel_group():
+    arch = resolve_architecture(job_spec("qwen2.5", "1.5B"))
+    total, _ = parameter_counts(arch)
+    spread = checkpoint_size(arch, tensor=2, pipeline=1, expert=1, world=8)  # 2 model-parallel ranks x DP 4
+    gathered = checkpoint_size(arch, tensor=2, pipeline=1, expert=1, world=8, reshardable_optimizer=True)
+    assert gathered.total_gib == spread.total_gib
+    # the whole TP shard's fp32 weights and moments, plus its quarter of the shard's bf16 weights
+    assert gathered.per_rank_gib == pytest.approx((total / 2 * 12 + total / 8 * 2) / GIB, rel=1e-3)
+    assert gathered.per_rank_gib > 3 * spread.per_rank_gib
+    one = dict(tensor=1, pipeline=1, expert=1, world=1)  # one rank: nothing to gather from others
+    assert checkpoint_size(arch, reshardable_optimizer=True, **one) == checkpoint_size(arch, **one)
+
+
 def test_qwen3_235b_on_256_gpus_writes_about_twelve_gib_a_rank():
     """The paper check in docs/checkpoints.md: TP 4, PP 8, EP 32 on 256 GPUs."""
     arch = resolve_architecture(job_spec("qwen3", "A22B"))
