@@ -31,6 +31,8 @@ from kubernetes.client.exceptions import ApiException
 from qwen_trainer.spec import SpecError, derive
 
 from . import conditions as cnd
+from . import kueue_status
+from . import pod_failures as pods
 from . import mirror
 from . import reconcile as rc
 from . import step_records as sr
@@ -248,8 +250,8 @@ def _reconcile(body: dict[str, Any], memo: kopf.Memo, logger: logging.Logger, re
     memory = memory_fit(spec, CONFIG.gpu_memory_gib)
     child_name = job_name if synced[1] != cnd.NAME_CONFLICT else None
     source = rc.queue_source(body, spec, index) if child_name else None
-    queue = rc.queue_condition(job, source, kube.api_served(cnd.WORKLOAD_GROUP, cnd.WORKLOAD_VERSION,
-                                                            cnd.WORKLOAD_PLURAL)) if source else None
+    queue = rc.queue_condition(job, source, kube.api_served(kueue_status.WORKLOAD_GROUP, kueue_status.WORKLOAD_VERSION,
+                                                            kueue_status.WORKLOAD_PLURAL)) if source else None
     derived = derive(spec.job_spec(), spec.world_size()).to_dict()
     kube.update_status(ns, name, lambda res: rc.reconciled_status(
         res, now(), records=records, index=index, child=child_name, config_map=cm["metadata"]["name"],
@@ -390,7 +392,7 @@ def pod_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, logger: lo
     events change nothing here and cost no API call: a running pod is only looked at when the cached resource is
     Restarting."""
     pod = _view(body)
-    failure = cnd.pod_failure(pod)
+    failure = pods.pod_failure(pod)
     kube: Optional[Kube] = getattr(memo, "kube", None)
     where = mirror.resource_of_pod(pod)
     if kube is None or where is None:
@@ -400,8 +402,8 @@ def pod_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, logger: lo
         return
     with observe("pod-status"):
         # A TrainJob's pods follow its JobSet's failure policy (from the runtime), read once per failed pod.
-        jobset_policy = cnd.jobset_run_policy(kube.get_jobset(ns, cnd.pod_job_name(pod))) \
-            if failure is not None and cnd.JOBSET_NAME_LABEL in ((pod.get("metadata") or {}).get("labels") or {}) \
+        jobset_policy = pods.jobset_run_policy(kube.get_jobset(ns, pods.pod_job_name(pod))) \
+            if failure is not None and pods.JOBSET_NAME_LABEL in ((pod.get("metadata") or {}).get("labels") or {}) \
             else None
         written, decision = _write(kube, ns, name,
                                    lambda res: mirror.pod_decision(res, pod, failure, now(), jobset_policy))
@@ -418,7 +420,7 @@ def workload_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, logge
     """Kueue's Workload of one of our child jobs: why the child waits (the `Queued` condition), and when it is
     admitted. Workloads name only the child (owner reference); the child names the resource."""
     workload = _view(body)
-    ref = cnd.workload_owner(workload)
+    ref = kueue_status.workload_owner(workload)
     kube: Optional[Kube] = getattr(memo, "kube", None)
     if ref is None or kube is None or ref.get("kind") != child_kind(CONFIG.job_api):
         return
@@ -430,7 +432,7 @@ def workload_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, logge
     if owner is None:
         return
     name, uid = owner
-    by_uid = cnd.preemptor_job_uid(workload)
+    by_uid = kueue_status.preemptor_job_uid(workload)
     by = kube.owner_of_child_uid(ref["kind"], ns, by_uid) if by_uid else None
     with observe("workload-status"):
         _, decision = _write(kube, ns, name, lambda res: mirror.workload_decision(
@@ -438,7 +440,7 @@ def workload_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, logge
         _post(rc.resource_ref(ns, name, uid), decision.events)
 
 
-kopf.on.event(cnd.WORKLOAD_GROUP, cnd.WORKLOAD_VERSION, cnd.WORKLOAD_PLURAL, id="workload_event")(workload_event)
+kopf.on.event(kueue_status.WORKLOAD_GROUP, kueue_status.WORKLOAD_VERSION, kueue_status.WORKLOAD_PLURAL, id="workload_event")(workload_event)
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)

@@ -14,6 +14,8 @@ from typing import Any, Optional
 from qwen_trainer.spec import SpecError
 
 from . import conditions as cnd
+from . import kueue_status
+from . import pod_failures as pods
 from . import step_records as sr
 from .reconcile import Event, Problem, drift_state
 from .render import JOB_API_PYTORCHJOB, JOB_API_TRAINJOB, TRAINJOB_KIND, render_step
@@ -195,14 +197,14 @@ def pod_worth_reading(pod: dict[str, Any], failure: Optional[dict[str, Any]],
         return True
     if cached is None or not cnd.pending_restart(cached.get("status")):
         return False
-    return cnd.pod_running_again(pod, cached.get("status")) is not None
+    return pods.pod_running_again(pod, cached.get("status")) is not None
 
 
 def pod_decision(resource: dict[str, Any], pod: dict[str, Any], failure: Optional[dict[str, Any]], now: str,
                  jobset_policy: Optional[dict[str, Any]] = None) -> Decision:
     """A failed pod run (exit code, reason, the trainer's termination message), or a replacement running again.
-    `jobset_policy`: a TrainJob pod's JobSet failure policy (cnd.jobset_run_policy), where read."""
-    job = cnd.pod_job_name(pod)
+    `jobset_policy`: a TrainJob pod's JobSet failure policy (pods.jobset_run_policy), where read."""
+    job = pods.pod_job_name(pod)
     status = resource.get("status") or {}
     if status.get("pytorchJob") != job or resource["metadata"].get("deletionTimestamp"):
         return NOTHING
@@ -216,10 +218,10 @@ def pod_decision(resource: dict[str, Any], pod: dict[str, Any], failure: Optiona
         if new is None:
             return NOTHING
         spec_policy = jobset_policy or {"backoffLimit": 3, **run_policy}
-        message = cnd.describe_failure(failure, spec_policy, ns, len(new.get("failures") or [])) \
+        message = pods.describe_failure(failure, spec_policy, ns, len(new.get("failures") or [])) \
             if new.get("phase") != "Failed" else (cnd.get_condition(new, "Failed") or {}).get("message", "")
         return Decision(new, (("Warning", cnd.POD_FAILED, message),))
-    replica = cnd.pod_running_again(pod, resource.get("status"))
+    replica = pods.pod_running_again(pod, resource.get("status"))
     new = cnd.observe_pod_running(resource.get("status"), replica, gen, now) if replica else None
     if new is None:
         return NOTHING
@@ -255,11 +257,11 @@ def queued_events(old: dict[str, Any], new: dict[str, Any]) -> tuple[Event, ...]
     Warning for Inadmissible or Preempted, a Normal `Queued` for waiting for quota or an eviction."""
     message = new.get("message", "")
     if new.get("status") == "False" and old.get("status") == "True":
-        return (("Normal", cnd.ADMITTED, message),)
+        return (("Normal", kueue_status.ADMITTED, message),)
     if new.get("status") == "True" and new.get("reason") != old.get("reason"):
-        if new.get("reason") in (cnd.INADMISSIBLE, cnd.PREEMPTED):
+        if new.get("reason") in (kueue_status.INADMISSIBLE, kueue_status.PREEMPTED):
             return (("Warning", new["reason"], message),)
-        if new.get("reason") in (cnd.WAITING_FOR_QUOTA, cnd.EVICTED):
+        if new.get("reason") in (kueue_status.WAITING_FOR_QUOTA, kueue_status.EVICTED):
             return (("Normal", cnd.QUEUED, message),)
     return ()
 

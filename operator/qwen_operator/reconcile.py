@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
 from . import conditions as cnd
+from . import kueue_status
 from . import step_records as sr
 from .api import API_VERSION, GROUP, KIND
 from .api.pipeline import is_pipeline
@@ -140,15 +141,15 @@ def queue_condition(child: dict[str, Any], source: tuple[str, str], kueue_served
     queue, field = source
     kind, name = child["kind"], child["metadata"]["name"]
     if not kueue_served:
-        return cnd.kueue_not_installed(kind, name, queue, field)
-    return cnd.queue_pending(kind, name, queue, field)
+        return kueue_status.kueue_not_installed(kind, name, queue, field)
+    return kueue_status.queue_pending(kind, name, queue, field)
 
 
 def queue_problem(previous: dict[str, Any], queue: Optional[tuple[str, str, str]]) -> Optional[Problem]:
     """A Warning when a queue is named and Kueue is not installed, once."""
-    if queue is not None and queue[1] == cnd.KUEUE_NOT_INSTALLED and \
-            (cnd.get_condition(previous, cnd.QUEUED) or {}).get("reason") != cnd.KUEUE_NOT_INSTALLED:
-        return cnd.KUEUE_NOT_INSTALLED, queue[2]
+    if queue is not None and queue[1] == kueue_status.KUEUE_NOT_INSTALLED and \
+            (cnd.get_condition(previous, cnd.QUEUED) or {}).get("reason") != kueue_status.KUEUE_NOT_INSTALLED:
+        return kueue_status.KUEUE_NOT_INSTALLED, queue[2]
     return None
 
 

@@ -341,9 +341,9 @@ def test_operator_client_calls_are_granted():
         assert {"list", "watch"} <= rules[(group, plural)], api
     # ... and Kueue's Workloads of the children (the Queued condition), for either API; discovery of the Kueue
     # and child APIs (kube.api_served) is open to every authenticated user.
-    from qwen_operator import conditions as cnd
+    from qwen_operator import kueue_status
     for rules in (OPERATOR_RULES, TRAINJOB_RULES):
-        assert {"get", "list", "watch"} <= rules[(cnd.WORKLOAD_GROUP, cnd.WORKLOAD_PLURAL)]
+        assert {"get", "list", "watch"} <= rules[(kueue_status.WORKLOAD_GROUP, kueue_status.WORKLOAD_PLURAL)]
     # kopf watches every resource a handler is registered for.
     for group, plural in re.findall(r"@kopf\.on\.(?:event|create|update|resume|delete|field)\(\s*"
                                     r"(GROUP|\"[a-z.]*\"),\s*(?:VERSION|\"v1\"),\s*(PLURAL|\"[a-z]+\")", source):

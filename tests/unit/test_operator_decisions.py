@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 
 from qwen_operator import conditions as cnd
+from qwen_operator import kueue_status
+from qwen_operator import pod_failures as pods
 from qwen_operator import mirror
 from qwen_operator import reconcile as rc
 from qwen_operator.api import API_VERSION, KIND
@@ -133,7 +135,7 @@ def test_reconciled_status_names_the_children_and_starts_the_step():
     assert cnd.get_condition(status, cnd.QUEUED) is None
     queued = rc.reconciled_status(res, T1, records=records, index=0, child="j", config_map="j-spec", derived={},
                                   synced=rc.IN_SYNC, memory=("True", "Fits", "ok"),
-                                  queue=cnd.queue_pending("PyTorchJob", "j", "lq", "spec.scheduling.queueName"))
+                                  queue=kueue_status.queue_pending("PyTorchJob", "j", "lq", "spec.scheduling.queueName"))
     assert cnd.get_condition(queued, cnd.QUEUED)["status"] == "True"
 
 
@@ -142,9 +144,9 @@ def test_warnings_are_said_once():
     assert rc.memory_problem({}, missing) == ("Exceeds", "needs 90 GiB")
     assert rc.memory_problem({"conditions": [cond(cnd.MEMORY_FITS, "False")]}, missing) is None
     assert rc.memory_problem({}, ("True", "Fits", "")) is None
-    no_kueue = cnd.kueue_not_installed("PyTorchJob", "j", "lq", "spec.scheduling.queueName")
-    assert rc.queue_problem({}, no_kueue) == (cnd.KUEUE_NOT_INSTALLED, no_kueue[2])
-    assert rc.queue_problem({"conditions": [cond(cnd.QUEUED, reason=cnd.KUEUE_NOT_INSTALLED)]}, no_kueue) is None
+    no_kueue = kueue_status.kueue_not_installed("PyTorchJob", "j", "lq", "spec.scheduling.queueName")
+    assert rc.queue_problem({}, no_kueue) == (kueue_status.KUEUE_NOT_INSTALLED, no_kueue[2])
+    assert rc.queue_problem({"conditions": [cond(cnd.QUEUED, reason=kueue_status.KUEUE_NOT_INSTALLED)]}, no_kueue) is None
     assert rc.queue_problem({}, None) is None
     assert rc.refusal_is_new({}, cnd.RUNTIME_NOT_FOUND)
     assert not rc.refusal_is_new({"conditions": [cond("Created", "False", cnd.RUNTIME_NOT_FOUND)]},
@@ -156,8 +158,8 @@ def test_queue_condition_says_whether_kueue_is_there():
     _, job = rendered(res)
     source = rc.queue_source(res, render_step(res, 0)[0], 0)
     assert source is not None and source[0] == "lq"
-    assert rc.queue_condition(job, source, True)[1] == cnd.QUEUE_PENDING
-    assert rc.queue_condition(job, source, False)[1] == cnd.KUEUE_NOT_INSTALLED
+    assert rc.queue_condition(job, source, True)[1] == kueue_status.QUEUE_PENDING
+    assert rc.queue_condition(job, source, False)[1] == kueue_status.KUEUE_NOT_INSTALLED
     assert rc.queue_source(resource(), render_step(resource(), 0)[0], 0) is None
 
 
@@ -287,7 +289,7 @@ def pod(phase: str = "Failed", code: int | None = 1, uid: str = "p1", restarts: 
     state = {"terminated": {"exitCode": code, "reason": "Error", "message": "boom", "finishedAt": T1}} \
         if code is not None else {"running": {"startedAt": T1}}
     return {"metadata": {"name": "j-master-0", "uid": uid,
-                         "labels": {cnd.JOB_NAME_LABEL: "j", cnd.REPLICA_TYPE_LABEL: "master"}},
+                         "labels": {pods.JOB_NAME_LABEL: "j", pods.REPLICA_TYPE_LABEL: "master"}},
             "spec": {"containers": [{"name": "pytorch", "env": [{"name": mirror.STATUS_ENV, "value": "ns/j"}]}]},
             "status": {"phase": phase, "containerStatuses": [{"name": "pytorch", "restartCount": restarts,
                                                               "state": state}]}}
@@ -298,7 +300,7 @@ def test_a_failed_pod_is_recorded_and_one_warning_then_its_replacement_is_restar
     assert mirror.resource_of_pod({"spec": {"containers": [{"env": []}]}}) is None
     running = resource(mirror.child_changed_decision(resource(created_status()), UID, child_job(
         [cond("Created"), cond("Running")]), T1).status)
-    failure = cnd.pod_failure(pod())
+    failure = pods.pod_failure(pod())
     failed = mirror.pod_decision(running, pod(), failure, T1)
     assert failed.status["failures"][0]["pod"] == "j-master-0"
     assert [e[:2] for e in failed.events] == [("Warning", cnd.POD_FAILED)] and "exited with code 1" in failed.events[0][2]
@@ -325,11 +327,11 @@ def test_a_workload_moves_queued_and_speaks_on_changes_only():
     pending = mirror.workload_decision(res, UID, "j", workload(
         cond("QuotaReserved", "False", "Pending", "insufficient unused quota for nvidia.com/gpu")), T1)
     q = cnd.get_condition(pending.status, cnd.QUEUED)
-    assert q["status"] == "True" and q["reason"] == cnd.WAITING_FOR_QUOTA
+    assert q["status"] == "True" and q["reason"] == kueue_status.WAITING_FOR_QUOTA
     assert pending.events == (("Normal", cnd.QUEUED, q["message"]),)
     admitted = mirror.workload_decision(resource(pending.status), UID, "j", workload(
         cond("QuotaReserved"), cond("Admitted")), T2)
-    assert [e[:2] for e in admitted.events] == [("Normal", cnd.ADMITTED)]
+    assert [e[:2] for e in admitted.events] == [("Normal", kueue_status.ADMITTED)]
     assert mirror.workload_decision(res, "someone-else", "j", workload(), T1) is mirror.NOTHING
     # An earlier child's Workload; a child not recorded yet may be the next step's, whose name is not written yet.
     assert mirror.workload_decision(resource({"pytorchJob": "j"}), UID, "j-old", workload(), T1) is mirror.NOTHING
@@ -339,12 +341,12 @@ def test_a_workload_moves_queued_and_speaks_on_changes_only():
 
 def test_queued_events():
     assert mirror.queued_events({"status": "True"}, {"status": "False", "message": "m"}) == \
-        (("Normal", cnd.ADMITTED, "m"),)
-    assert mirror.queued_events({}, {"status": "True", "reason": cnd.INADMISSIBLE, "message": "m"}) == \
-        (("Warning", cnd.INADMISSIBLE, "m"),)
-    assert mirror.queued_events({}, {"status": "True", "reason": cnd.PREEMPTED, "message": "m"}) == \
-        (("Warning", cnd.PREEMPTED, "m"),)
-    held = {"status": "True", "reason": cnd.WAITING_FOR_QUOTA, "message": "m"}
+        (("Normal", kueue_status.ADMITTED, "m"),)
+    assert mirror.queued_events({}, {"status": "True", "reason": kueue_status.INADMISSIBLE, "message": "m"}) == \
+        (("Warning", kueue_status.INADMISSIBLE, "m"),)
+    assert mirror.queued_events({}, {"status": "True", "reason": kueue_status.PREEMPTED, "message": "m"}) == \
+        (("Warning", kueue_status.PREEMPTED, "m"),)
+    held = {"status": "True", "reason": kueue_status.WAITING_FOR_QUOTA, "message": "m"}
     assert mirror.queued_events({}, held) == (("Normal", cnd.QUEUED, "m"),)
     assert mirror.queued_events(held, held) == ()
-    assert mirror.queued_events({}, {"status": "True", "reason": cnd.WAITING_FOR_CHECKS}) == ()
+    assert mirror.queued_events({}, {"status": "True", "reason": kueue_status.WAITING_FOR_CHECKS}) == ()

@@ -18,6 +18,7 @@ import pytest
 from qwen_operator import handlers
 from qwen_operator import render as r
 from qwen_operator import conditions as cnd
+from qwen_operator import kueue_status
 from qwen_operator.api import GROUP, KIND, VERSION
 
 from .test_operator_render import resource
@@ -60,30 +61,30 @@ FINISHED = cond("Finished", "True", "Succeeded", "jobset completed successfully"
 
 
 @pytest.mark.parametrize("doc,expected", [
-    (workload(), ("True", cnd.QUEUE_PENDING, "waiting in LocalQueue lq for Kueue to admit it")),
-    (workload(PENDING), ("True", cnd.WAITING_FOR_QUOTA, "waiting for quota in LocalQueue lq: " + NO_QUOTA)),
-    (workload(INADMISSIBLE), ("True", cnd.INADMISSIBLE, "not admissible in LocalQueue lq: LocalQueue lq doesn't exist")),
-    (workload(RESERVED, NOT_ADMITTED, cq="cq"), ("True", cnd.WAITING_FOR_CHECKS,
+    (workload(), ("True", kueue_status.QUEUE_PENDING, "waiting in LocalQueue lq for Kueue to admit it")),
+    (workload(PENDING), ("True", kueue_status.WAITING_FOR_QUOTA, "waiting for quota in LocalQueue lq: " + NO_QUOTA)),
+    (workload(INADMISSIBLE), ("True", kueue_status.INADMISSIBLE, "not admissible in LocalQueue lq: LocalQueue lq doesn't exist")),
+    (workload(RESERVED, NOT_ADMITTED, cq="cq"), ("True", kueue_status.WAITING_FOR_CHECKS,
                                                  "quota reserved in ClusterQueue cq; waiting for the provisioning")),
-    (workload(RESERVED, ADMITTED, cq="cq"), ("False", cnd.ADMITTED, "admitted by ClusterQueue cq")),
-    (workload(RESERVED, ADMITTED, FINISHED, cq="cq"), ("False", cnd.ADMITTED, "admitted by ClusterQueue cq")),
+    (workload(RESERVED, ADMITTED, cq="cq"), ("False", kueue_status.ADMITTED, "admitted by ClusterQueue cq")),
+    (workload(RESERVED, ADMITTED, FINISHED, cq="cq"), ("False", kueue_status.ADMITTED, "admitted by ClusterQueue cq")),
     (workload(cond("QuotaReserved", "False", "Pending", "Preempted"), EVICTED, PREEMPTED),
-     ("True", cnd.PREEMPTED, "Kueue preempted workload trainjob-second-62154: Preempted to accommodate a workload")),
+     ("True", kueue_status.PREEMPTED, "Kueue preempted workload trainjob-second-62154: Preempted to accommodate a workload")),
     # Being preempted: Evicted is set before Kueue suspends the job and releases the quota.
     (workload(RESERVED, ADMITTED, EVICTED, PREEMPTED, cq="cq"),
-     ("True", cnd.PREEMPTED, "Kueue preempted workload trainjob-second-62154: Preempted to accommodate a workload")),
+     ("True", kueue_status.PREEMPTED, "Kueue preempted workload trainjob-second-62154: Preempted to accommodate a workload")),
     # Preempted, and the scheduler's later attempts find no quota: still Preempted until admitted again.
-    (workload(PENDING, EVICTED, PREEMPTED), ("True", cnd.PREEMPTED, "Kueue preempted workload trainjob-second-62154")),
+    (workload(PENDING, EVICTED, PREEMPTED), ("True", kueue_status.PREEMPTED, "Kueue preempted workload trainjob-second-62154")),
     # Admitted again: Kueue turned Evicted and Preempted False.
     (workload(RESERVED, ADMITTED, cond("Evicted", "False", "QuotaReserved", "Previously: " + BY_HIGH),
               cond("Preempted", "False", "QuotaReserved", "Previously: " + BY_HIGH), cq="cq"),
-     ("False", cnd.ADMITTED, "admitted by ClusterQueue cq")),
+     ("False", kueue_status.ADMITTED, "admitted by ClusterQueue cq")),
     (workload(cond("QuotaReserved", "False", "Pending", "Evicted"), TIMED_OUT),
-     ("True", cnd.EVICTED, "Kueue evicted workload trainjob-second-62154 (PodsReadyTimeout): Exceeded the PodsReady")),
+     ("True", kueue_status.EVICTED, "Kueue evicted workload trainjob-second-62154 (PodsReadyTimeout): Exceeded the PodsReady")),
 ], ids=["no-report-yet", "waiting-for-quota", "inadmissible", "admission-checks", "admitted", "finished", "preempted",
         "being-preempted", "preempted-still-no-quota", "admitted-again", "evicted-other-reason"])
 def test_workload_maps_to_queued(doc, expected):
-    status, reason, message = cnd.workload_queued(doc)
+    status, reason, message = kueue_status.workload_queued(doc)
     assert (status, reason) == expected[:2]
     assert message.startswith(expected[2]), message
     assert "trainjob-second-62154" in message  # the Workload to `kubectl describe`
@@ -91,13 +92,13 @@ def test_workload_maps_to_queued(doc, expected):
 
 def test_preempted_names_the_preemptor_where_known_and_keeps_the_kueue_words():
     doc = workload(RESERVED, ADMITTED, EVICTED, PREEMPTED, cq="cq")
-    assert cnd.preemptor_job_uid(doc) == "9d1e5c7a-aaaa-bbbb-cccc-000000000002"
-    status, reason, message = cnd.workload_queued(doc, preemptor="high")
-    assert (status, reason) == ("True", cnd.PREEMPTED)
+    assert kueue_status.preemptor_job_uid(doc) == "9d1e5c7a-aaaa-bbbb-cccc-000000000002"
+    status, reason, message = kueue_status.workload_queued(doc, preemptor="high")
+    assert (status, reason) == ("True", kueue_status.PREEMPTED)
     assert message.startswith("Kueue preempted workload trainjob-second-62154 to admit QwenTrainingJob high: " + BY_HIGH)
     assert message.endswith("the job is suspended and waits in LocalQueue lq to be admitted again")
-    assert cnd.preemptor_job_uid(workload(PENDING)) is None
-    assert cnd.preemptor_job_uid(workload(RESERVED, ADMITTED, cond("Evicted", "False", "QuotaReserved",
+    assert kueue_status.preemptor_job_uid(workload(PENDING)) is None
+    assert kueue_status.preemptor_job_uid(workload(RESERVED, ADMITTED, cond("Evicted", "False", "QuotaReserved",
                                                                    "Previously: " + BY_HIGH), cq="cq")) is None
     before = cnd.from_workload(cnd.reconciled(None, 1, T0, pytorch_job="second"), workload(RESERVED, ADMITTED, cq="cq"),
                               1, T0)
@@ -116,7 +117,7 @@ def test_waiting_for_quota_is_the_phase_and_the_summary():
     assert before["phase"] == "Suspended"
     s = cnd.from_workload(before, workload(PENDING), 1, NOW)
     q = cnd.get_condition(s, cnd.QUEUED)
-    assert s["phase"] == "Queued" and q["status"] == "True" and q["reason"] == cnd.WAITING_FOR_QUOTA
+    assert s["phase"] == "Queued" and q["status"] == "True" and q["reason"] == kueue_status.WAITING_FOR_QUOTA
     assert q["lastTransitionTime"] == NOW and q["observedGeneration"] == 1
     summary = cnd.get_condition(s, "Succeeded")
     assert summary["status"] == "Unknown" and summary["reason"] == "Queued" and NO_QUOTA in summary["message"]
@@ -129,7 +130,7 @@ def test_waiting_for_quota_is_the_phase_and_the_summary():
     # Admitted: Queued False, the phase follows the child again, the transition time moves.
     admitted = cnd.from_workload(s, workload(RESERVED, ADMITTED, cq="cq"), 1, "2026-07-01T12:05:00Z")
     q = cnd.get_condition(admitted, cnd.QUEUED)
-    assert q["status"] == "False" and q["reason"] == cnd.ADMITTED and q["lastTransitionTime"] == "2026-07-01T12:05:00Z"
+    assert q["status"] == "False" and q["reason"] == kueue_status.ADMITTED and q["lastTransitionTime"] == "2026-07-01T12:05:00Z"
     assert admitted["phase"] == "Suspended"  # until the Trainer resumes the TrainJob
     running = cnd.from_trainjob({"metadata": {"name": "second", "creationTimestamp": T0}, "spec": {"suspend": False},
                                 "status": {"conditions": [cond("Suspended", "False", "Resumed", "resumed")],
@@ -143,7 +144,7 @@ def test_pytorchjob_child_mirroring_keeps_the_queued_condition():
     pj = {"conditions": [cond("Created", "True", "PyTorchJobCreated", "created"),
                          cond("Suspended", "True", "PyTorchJobSuspended", "PyTorchJob second is suspended.")]}
     mirrored = cnd.from_child(pj, s, 1, NOW)
-    assert mirrored["phase"] == "Queued" and cnd.get_condition(mirrored, cnd.QUEUED)["reason"] == cnd.WAITING_FOR_QUOTA
+    assert mirrored["phase"] == "Queued" and cnd.get_condition(mirrored, cnd.QUEUED)["reason"] == kueue_status.WAITING_FOR_QUOTA
 
 
 def test_terminal_resources_do_not_change_on_workload_reports():
@@ -153,26 +154,26 @@ def test_terminal_resources_do_not_change_on_workload_reports():
 
 def test_the_guess_at_creation_never_replaces_a_workload_report():
     reported = cnd.from_workload(cnd.reconciled(None, 1, T0), workload(PENDING), 1, T0)
-    guess = cnd.queue_pending("TrainJob", "second", "lq", "spec.scheduling.queueName")
+    guess = kueue_status.queue_pending("TrainJob", "second", "lq", "spec.scheduling.queueName")
     assert cnd.queued(reported, guess, 1, NOW, initial=True) is None
     fresh = cnd.queued(cnd.reconciled(None, 1, T0), guess, 1, NOW, initial=True)
     q = cnd.get_condition(fresh, cnd.QUEUED)
-    assert q["reason"] == cnd.QUEUE_PENDING and "spec.scheduling.queueName" in q["message"]
+    assert q["reason"] == kueue_status.QUEUE_PENDING and "spec.scheduling.queueName" in q["message"]
     assert "integration for TrainJob may be off" in q["message"]
 
 
 def test_kueue_not_installed_names_the_field_and_replaces_any_guess():
-    missing = cnd.kueue_not_installed("PyTorchJob", "j", "lq", "metadata.labels[kueue.x-k8s.io/queue-name]")
-    assert missing[:2] == ("True", cnd.KUEUE_NOT_INSTALLED)
+    missing = kueue_status.kueue_not_installed("PyTorchJob", "j", "lq", "metadata.labels[kueue.x-k8s.io/queue-name]")
+    assert missing[:2] == ("True", kueue_status.KUEUE_NOT_INSTALLED)
     assert missing[2].startswith("metadata.labels[kueue.x-k8s.io/queue-name] names the Kueue queue 'lq' but Kueue "
                                  "is not installed")
     assert "PyTorchJob j stays suspended" in missing[2]
-    pending = cnd.queued(cnd.reconciled(None, 1, T0), cnd.queue_pending("PyTorchJob", "j", "lq", "x"), 1, T0)
+    pending = cnd.queued(cnd.reconciled(None, 1, T0), kueue_status.queue_pending("PyTorchJob", "j", "lq", "x"), 1, T0)
     s = cnd.queued(pending, missing, 1, NOW, initial=True)
     assert s["phase"] == "Queued" and cnd.get_condition(s, "Succeeded")["message"] == missing[2]
     # Kueue installed later (the operator restarted): the creation guess replaces the complaint.
-    again = cnd.queued(s, cnd.queue_pending("PyTorchJob", "j", "lq", "x"), 1, NOW, initial=True)
-    assert cnd.get_condition(again, cnd.QUEUED)["reason"] == cnd.QUEUE_PENDING
+    again = cnd.queued(s, kueue_status.queue_pending("PyTorchJob", "j", "lq", "x"), 1, NOW, initial=True)
+    assert cnd.get_condition(again, cnd.QUEUED)["reason"] == kueue_status.QUEUE_PENDING
 
 
 @pytest.mark.parametrize("labels,spec,field", [
@@ -311,8 +312,8 @@ def test_a_preempted_workload_is_one_warning_naming_the_preemptor_then_admitted_
     kube.owners["9d1e5c7a-aaaa-bbbb-cccc-000000000002"] = ("high", "u2")  # the preemptor's child -> resource
     send(kube, workload(RESERVED, ADMITTED, EVICTED, PREEMPTED, cq="cq"))
     q = cnd.get_condition(kube.resource["status"], cnd.QUEUED)
-    assert (q["status"], q["reason"]) == ("True", cnd.PREEMPTED) and "to admit QwenTrainingJob high" in q["message"]
-    assert posted[-1] == ("Warning", cnd.PREEMPTED, q["message"])
+    assert (q["status"], q["reason"]) == ("True", kueue_status.PREEMPTED) and "to admit QwenTrainingJob high" in q["message"]
+    assert posted[-1] == ("Warning", kueue_status.PREEMPTED, q["message"])
     n = len(posted)
     send(kube, workload(cond("QuotaReserved", "False", "Pending", "Preempted"), EVICTED, PREEMPTED))
     send(kube, workload(PENDING, EVICTED, PREEMPTED))  # still waiting: no second event
@@ -339,4 +340,4 @@ def test_workload_watch_ignores_other_kinds_old_steps_and_deleted_workloads(monk
     # An inadmissible workload (e.g. the LocalQueue does not exist) is a Warning.
     kube = FakeKube({"pytorchJob": "second"})
     send(kube, workload(INADMISSIBLE))
-    assert posted[-1][:2] == ("Warning", cnd.INADMISSIBLE)
+    assert posted[-1][:2] == ("Warning", kueue_status.INADMISSIBLE)

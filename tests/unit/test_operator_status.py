@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from qwen_operator import conditions as cnd
+from qwen_operator import pod_failures as pods
 
 T0, T1, T2 = "2026-01-01T00:00:00Z", "2026-01-01T00:01:00Z", "2026-01-01T00:02:00Z"
 
@@ -202,14 +203,14 @@ def pod(name="j-master-0", uid="u1", phase="Failed", code=137, reason="OOMKilled
 
 
 def test_pod_failure_reads_exit_code_reason_and_termination_message():
-    f = cnd.pod_failure(pod(message="checkpoint.source: source /x does not exist\n"))
+    f = pods.pod_failure(pod(message="checkpoint.source: source /x does not exist\n"))
     assert f == {"replica": "Master", "pod": "j-master-0", "container": "pytorch", "uid": "u1", "run": 0,
                  "exitCode": 137,
                  "reason": "OOMKilled", "message": "checkpoint.source: source /x does not exist", "time": T1}
-    assert cnd.pod_failure(pod(phase="Running", code=None)) is None
-    assert cnd.pod_failure(pod(phase="Succeeded", code=0, reason="Completed")) is None
+    assert pods.pod_failure(pod(phase="Running", code=None)) is None
+    assert pods.pod_failure(pod(phase="Succeeded", code=0, reason="Completed")) is None
     # An in-place restart (kubelet, OnFailure): the previous run's termination is in lastState.
-    inplace = cnd.pod_failure(pod(phase="Running", code=None, restarts=2, replica="worker",
+    inplace = pods.pod_failure(pod(phase="Running", code=None, restarts=2, replica="worker",
                                  last={"exitCode": 1, "reason": "Error", "message": "boom"}))
     assert inplace["replica"] == "Worker" and inplace["run"] == 1 and inplace["exitCode"] == 1
 
@@ -217,7 +218,7 @@ def test_pod_failure_reads_exit_code_reason_and_termination_message():
 def test_failed_condition_names_pod_exit_code_reason_and_message():
     policy = {"restartPolicy": "Never", "cleanPodPolicy": "None"}
     running = cnd.from_child({"conditions": RUNNING, "replicaStatuses": {"Master": {"active": 1}}}, None, 1, T1)
-    f = cnd.pod_failure(pod(message="rank 0 crashed: CUDA out of memory"))
+    f = pods.pod_failure(pod(message="rank 0 crashed: CUDA out of memory"))
     seen = cnd.observe_pod_failure(running, f, policy, "ns", 1, T1)
     assert seen["replicas"]["Master"] == {"active": 0, "succeeded": 0, "failed": 1, "restarts": 0}
     assert conds(seen)["Restarting"]["status"] == "False"  # Never: no restart follows
@@ -237,8 +238,8 @@ def test_a_job_past_its_backoff_limit_says_whether_its_pods_went():
     (deleting every pod, whatever cleanPodPolicy says) or through the replica's status (keeping it); both were seen
     on the dev cluster. Its Failed message tells which."""
     policy = {"restartPolicy": "Never", "cleanPodPolicy": "None", "backoffLimit": 0}
-    f = cnd.pod_failure(pod(message="boom"))
-    early = cnd.describe_failure(f, policy, "ns")  # the pod's watch, before the job's verdict
+    f = pods.pod_failure(pod(message="boom"))
+    early = pods.describe_failure(f, policy, "ns")  # the pod's watch, before the job's verdict
     assert "may delete its pods" in early and "kubectl logs -n ns j-master-0 -c pytorch" in early
     running = cnd.from_child({"conditions": RUNNING, "replicaStatuses": {"Master": {"active": 1}}}, None, 1, T1)
     seen = cnd.observe_pod_failure(running, f, policy, "ns", 1, T1)
@@ -250,14 +251,14 @@ def test_a_job_past_its_backoff_limit_says_whether_its_pods_went():
     kept = conds(cnd.from_child({"conditions": by_status}, seen, 1, T2, run_policy=policy, namespace="ns"))
     assert "Logs: kubectl logs -n ns j-master-0 -c pytorch (PyTorchJob j is failed" in kept["Failed"]["message"]
     # Within the limit nothing is deleted.
-    assert cnd.describe_failure(f, {**policy, "backoffLimit": 1}, "ns").endswith(
+    assert pods.describe_failure(f, {**policy, "backoffLimit": 1}, "ns").endswith(
         "Logs: kubectl logs -n ns j-master-0 -c pytorch")
 
 
 def test_pod_failure_after_the_childs_failed_still_names_the_pod():
     policy = {"restartPolicy": "OnFailure", "cleanPodPolicy": "None"}
     failed = cnd.from_child({"conditions": FAILED}, None, 1, T1, run_policy=policy, namespace="ns")
-    f = cnd.pod_failure(pod(code=1, reason="Error", message="bad spec"))
+    f = pods.pod_failure(pod(code=1, reason="Error", message="bad spec"))
     later = cnd.observe_pod_failure(failed, f, policy, "ns", 1, T2)
     msg = conds(later)["Failed"]["message"]
     assert msg.startswith("Master replica pod j-master-0 exited with code 1 (Error): bad spec.")
@@ -268,7 +269,7 @@ def test_pod_failure_after_the_childs_failed_still_names_the_pod():
 def test_restarting_true_while_a_pod_is_replaced_then_counted():
     policy = {"restartPolicy": "OnFailure"}
     running = cnd.from_child({"conditions": RUNNING, "replicaStatuses": {"Master": {"active": 1}}}, None, 1, T1)
-    f = cnd.pod_failure(pod(code=1, reason="Error", message="nccl timeout"))
+    f = pods.pod_failure(pod(code=1, reason="Error", message="nccl timeout"))
     restarting = cnd.observe_pod_failure(running, f, policy, "ns", 1, T1)
     assert restarting["phase"] == "Restarting"
     c = conds(restarting)["Restarting"]
@@ -278,16 +279,16 @@ def test_restarting_true_while_a_pod_is_replaced_then_counted():
     assert conds(still)["Restarting"]["status"] == "True" and still["phase"] == "Restarting"
     # ...a running replacement does.
     replacement = pod(uid="u2", phase="Running", code=None)
-    assert cnd.pod_running_again(replacement, still) == "Master"
-    assert cnd.pod_running_again(pod(uid="u1", phase="Running", code=None), still) is None
+    assert pods.pod_running_again(replacement, still) == "Master"
+    assert pods.pod_running_again(pod(uid="u1", phase="Running", code=None), still) is None
     assert cnd.pending_restart(still)
     again = cnd.observe_pod_running(still, "Master", 1, T2)
     assert conds(again)["Restarting"]["status"] == "False" and again["phase"] == "Running"
     assert again["replicas"]["Master"]["restarts"] == 1 and again["restarts"] == 1
     assert cnd.observe_pod_running(again, "Master", 1, T2) is None and not cnd.pending_restart(again)
     # ExitCode restarts only retryable codes.
-    assert cnd.will_restart({"exitCode": 137}, {"restartPolicy": "ExitCode"})
-    assert not cnd.will_restart({"exitCode": 1}, {"restartPolicy": "ExitCode"})
+    assert pods.will_restart({"exitCode": 137}, {"restartPolicy": "ExitCode"})
+    assert not pods.will_restart({"exitCode": 1}, {"restartPolicy": "ExitCode"})
 
 
 def test_duration_on_completion():

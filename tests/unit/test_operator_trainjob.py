@@ -13,6 +13,8 @@ from qwen_operator import config as cfg_mod
 from qwen_operator import drift
 from qwen_operator import render as r
 from qwen_operator import conditions as cnd
+from qwen_operator import pod_failures as pods
+from qwen_operator import trainjob_status
 from qwen_trainer.spec import SpecError
 
 from .test_operator_render import BASE, resource
@@ -229,7 +231,7 @@ def test_created_but_not_yet_running():
     s = cnd.from_trainjob(tj_doc(jobs=[node_job(active=1)]), None, 1, NOW)
     assert s["phase"] == "Created"
     c = conds(s)
-    assert c["Created"] == ("True", cnd.TRAINJOB_CREATED) and c["Running"] == ("False", cnd.JOBS_NOT_READY)
+    assert c["Created"] == ("True", trainjob_status.TRAINJOB_CREATED) and c["Running"] == ("False", trainjob_status.JOBS_NOT_READY)
     assert c["Succeeded"][0] == "Unknown"
     assert s["replicas"] == {"Node": {"active": 1, "succeeded": 0, "failed": 0, "restarts": 0}}
     assert s["startTime"] == CREATED_AT
@@ -250,7 +252,7 @@ def test_resumed_and_running():
     s = cnd.from_trainjob(tj_doc([RESUMED], jobs=[node_job(active=1, ready=1)]), None, 1, NOW)
     assert s["phase"] == "Running"
     c = conds(s)
-    assert c["Running"] == ("True", cnd.TRAINJOB_RUNNING) and c["Suspended"] == ("False", "Resumed")
+    assert c["Running"] == ("True", trainjob_status.TRAINJOB_RUNNING) and c["Suspended"] == ("False", "Resumed")
     assert "1 of 1" in cnd.get_condition(s, "Running")["message"]
 
 
@@ -289,7 +291,7 @@ def test_jobset_restart_shows_restarting():
               "status": {"restarts": 1, "replicatedJobsStatus": [node_job(active=1)]}}
     s = cnd.from_trainjob(tj_doc([RESUMED], jobs=[node_job(active=1)]), None, 1, NOW, jobset=jobset)
     assert s["phase"] == "Restarting"
-    assert conds(s)["Restarting"] == ("True", cnd.JOBSET_RESTARTING)
+    assert conds(s)["Restarting"] == ("True", trainjob_status.JOBSET_RESTARTING)
     # Ready again: Restarting turns off.
     jobset["status"]["replicatedJobsStatus"] = [node_job(active=1, ready=1)]
     s = cnd.from_trainjob(tj_doc([RESUMED], jobs=[node_job(active=1, ready=1)]), s, 1, NOW, jobset=jobset)
@@ -298,7 +300,7 @@ def test_jobset_restart_shows_restarting():
 
 def test_jobs_from_the_jobset_when_the_trainjob_has_none_yet():
     jobset = {"status": {"replicatedJobsStatus": [node_job(active=2, ready=2)]}}
-    child = cnd.trainjob_child_status(tj_doc(), jobset)
+    child = trainjob_status.trainjob_child_status(tj_doc(), jobset)
     assert child["replicaStatuses"] == {"Node": {"active": 2, "succeeded": 0, "failed": 0}}
     assert {c["type"]: c["status"] for c in child["conditions"]}["Running"] == "True"
 
@@ -317,9 +319,9 @@ def test_child_deleted_names_the_kind():
 def test_pod_of_a_trainjob_is_matched_by_its_jobset():
     pod = {"metadata": {"labels": {"jobset.sigs.k8s.io/jobset-name": "tiny",
                                    "jobset.sigs.k8s.io/replicatedjob-name": "node"}}}
-    assert cnd.pod_job_name(pod) == "tiny"
+    assert pods.pod_job_name(pod) == "tiny"
     pj_pod = {"metadata": {"labels": {"training.kubeflow.org/job-name": "tiny2"}}}
-    assert cnd.pod_job_name(pj_pod) == "tiny2"
+    assert pods.pod_job_name(pj_pod) == "tiny2"
 
 
 def test_failed_trainjob_pod_names_its_node_container_in_the_logs_hint():
@@ -328,9 +330,9 @@ def test_failed_trainjob_pod_names_its_node_container_in_the_logs_hint():
                                    "jobset.sigs.k8s.io/replicatedjob-name": "node"}},
            "status": {"phase": "Failed", "containerStatuses": [{"name": "node", "restartCount": 0, "state": {
                "terminated": {"exitCode": 1, "reason": "Error", "message": "boom"}}}]}}
-    failure = cnd.pod_failure(pod)
+    failure = pods.pod_failure(pod)
     assert failure["replica"] == "Node" and failure["container"] == "node"
-    text = cnd.describe_failure(failure, {"restartPolicy": "Never", "cleanPodPolicy": "None"}, "team-a")
+    text = pods.describe_failure(failure, {"restartPolicy": "Never", "cleanPodPolicy": "None"}, "team-a")
     assert text.startswith("Node replica pod tiny-node-0-0-x7k2p exited with code 1 (Error): boom.")
     assert text.endswith("kubectl logs -n team-a tiny-node-0-0-x7k2p -c node")
 
@@ -389,5 +391,5 @@ def test_handlers_watch_only_the_chosen_api_and_read_the_jobset_only_when_needed
 ])
 def test_jobset_failure_policy_in_run_policy_words(failure_policy, restarts, expected):
     js = {"spec": {"failurePolicy": failure_policy}, "status": {"restarts": restarts}}
-    assert cnd.jobset_run_policy(js) == {"restartPolicy": expected, "cleanPodPolicy": "None"}
-    assert cnd.jobset_run_policy(None)["restartPolicy"] == "OnFailure"
+    assert pods.jobset_run_policy(js) == {"restartPolicy": expected, "cleanPodPolicy": "None"}
+    assert pods.jobset_run_policy(None)["restartPolicy"] == "OnFailure"
