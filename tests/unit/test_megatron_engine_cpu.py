@@ -27,13 +27,13 @@ from qwen_trainer.engines.megatron.loss import (  # noqa: E402
     make_model_class,
     reference_cross_entropy,
 )
-from qwen_trainer.engines.megatron.testing import hf_loss, hf_reference, job_spec, random_micro_batches  # noqa: E402
+from qwen_trainer.engines.megatron.testing import (  # noqa: E402
+    hf_loss, hf_reference, job_spec, random_micro_batches, tiny_architecture)
 from qwen_trainer.engines.megatron.weights import load_into  # noqa: E402
 from qwen_trainer.errors import UserError  # noqa: E402
 from qwen_trainer.spec import resolve_architecture  # noqa: E402
 
-TINY = dict(numLayers=2, hiddenSize=64, numAttentionHeads=4, numQueryGroups=2, ffnHiddenSize=128, vocabSize=512,
-            maxPositionEmbeddings=128)
+TINY = tiny_architecture()
 CPU = Capabilities()
 
 

@@ -24,7 +24,7 @@ from qwen_trainer.engines.megatron.config import (  # noqa: E402
 )
 from qwen_trainer.engines.megatron.layout import data_parallel_layout  # noqa: E402
 from qwen_trainer.engines.megatron.loss import LossScaling  # noqa: E402
-from qwen_trainer.engines.megatron.testing import hf_reference, job_spec  # noqa: E402
+from qwen_trainer.engines.megatron.testing import family_cases, hf_reference, job_spec, tiny_architecture  # noqa: E402
 from qwen_trainer.engines.megatron.weights import (  # noqa: E402
     hf_from_shards,
     hf_shapes,
@@ -36,19 +36,8 @@ from qwen_trainer.engines.megatron.weights import (  # noqa: E402
 from qwen_trainer.errors import UserError  # noqa: E402
 from qwen_trainer.spec import resolve_architecture  # noqa: E402
 
-TINY = dict(numLayers=2, hiddenSize=64, numAttentionHeads=4, numQueryGroups=2, ffnHiddenSize=128, vocabSize=512,
-            maxPositionEmbeddings=128)
-CASES = {
-    "qwen2.5-tied": ("qwen2.5", "1.5B", dict(architecture=TINY)),
-    "qwen2.5-untied": ("qwen2.5", "7B", dict(architecture=dict(TINY, tieWordEmbeddings=False))),
-    "qwen3-qk-norm": ("qwen3", "0.6B", dict(architecture=dict(TINY, kvChannels=16))),
-    "qwen1.5-moe-shared-gate": ("qwen1.5", "A2.7B", dict(
-        architecture=dict(TINY, numQueryGroups=4),
-        moe=dict(numExperts=4, topK=2, ffnHiddenSize=32, sharedExpertFfnHiddenSize=64, tokenDispatcher="allgather"))),
-    "qwen3-moe": ("qwen3", "A3B", dict(
-        architecture=dict(TINY, kvChannels=16),
-        moe=dict(numExperts=4, topK=2, ffnHiddenSize=32, normTopkProb=True, tokenDispatcher="allgather"))),
-}
+TINY = tiny_architecture()
+CASES = family_cases()
 
 
 def _spec(case, **extra):

@@ -10,6 +10,30 @@ import torch
 from qwen_trainer.spec.job import JobSpec
 
 
+def tiny_architecture(num_layers: int = 2, **overrides: Any) -> dict:
+    """A model small enough for CPU tests, in the spec's architecture override form."""
+    return dict(numLayers=num_layers, hiddenSize=64, numAttentionHeads=4, numQueryGroups=2, ffnHiddenSize=128,
+                vocabSize=512, maxPositionEmbeddings=128, **overrides)
+
+
+def family_cases(num_layers: int = 2) -> dict[str, tuple[str, str, dict]]:
+    """name -> (family, size, job_spec keywords): a tiny model of each way the families differ (tied and untied
+    embeddings, q/k norm, a MoE with a gated shared expert, a MoE without one)."""
+    tiny = tiny_architecture(num_layers)
+    return {
+        "qwen2.5-tied": ("qwen2.5", "1.5B", dict(architecture=tiny)),
+        "qwen2.5-untied": ("qwen2.5", "7B", dict(architecture=dict(tiny, tieWordEmbeddings=False))),
+        "qwen3-qk-norm": ("qwen3", "0.6B", dict(architecture=dict(tiny, kvChannels=16))),
+        "qwen1.5-moe-shared-gate": ("qwen1.5", "A2.7B", dict(
+            architecture=dict(tiny, numQueryGroups=4),
+            moe=dict(numExperts=4, topK=2, ffnHiddenSize=32, sharedExpertFfnHiddenSize=64,
+                     tokenDispatcher="allgather"))),
+        "qwen3-moe": ("qwen3", "A3B", dict(
+            architecture=dict(tiny, kvChannels=16),
+            moe=dict(numExperts=4, topK=2, ffnHiddenSize=32, normTopkProb=True, tokenDispatcher="allgather"))),
+    }
+
+
 def job_spec(family: str, size: str, *, architecture: Optional[dict] = None, moe: Optional[dict] = None,
              parallelism: Optional[dict] = None, training: Optional[dict] = None, backend: str = "megatron-core",
              checkpoint: Optional[dict] = None) -> JobSpec:
