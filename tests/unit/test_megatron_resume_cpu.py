@@ -107,6 +107,9 @@ LAYOUT_CHANGES = {
     # the plain mixed-precision optimizer: its state is cut like the parameters, so it follows any change
     "dense-tp2-to-pp2": ("dense", ["tp=2"], 2, ["pp=2"], 2),
     "moe-dp2-to-one-process": ("moe", [], 2, [], 1),
+    # megatron chains an expert optimizer apart from the dense one at EP > 1 only: the state is regrouped
+    "moe-ep2-to-one-process": ("moe", ["ep=2"], 2, [], 1),
+    "moe-one-process-to-ep2": ("moe", [], 1, ["ep=2"], 2),
     # the distributed optimizer ('dp_reshardable'): a changed data-parallel size
     "dense-distopt-dp2-to-one-process": ("dense", ["dopt=1"], 2, ["dopt=1"], 1),
     # checkpoint.reshardableOptimizer ('fully_reshardable'): a changed tensor/pipeline split too
@@ -134,8 +137,6 @@ def test_resume_at_another_layout_restores_weights_and_optimizer(name, tmp_path)
 RESTARTS = {
     # the distributed optimizer's dp_reshardable state cannot follow a TP/PP/EP change
     "dense-distopt-tp2-to-one-process": ("dense", ["tp=2", "dopt=1"], 2, ["dopt=1"], 1),
-    # megatron chains an expert optimizer apart from the dense one at EP > 1 only; its kept settings do not match
-    "moe-ep2-to-one-process": ("moe", ["ep=2"], 2, [], 1),
 }
 
 

@@ -197,6 +197,8 @@ class MegatronEngine:
         """Why the optimizer state of a sharded checkpoint cannot be restored into this run's optimizer (none: it can,
         as far as its chain and layout tell)."""
         reasons = []
+        if self._regroup(folder):
+            return reasons  # the plain optimizer's state follows another chain (state._load_regrouped)
         chains = state.optimizer_chains(folder)
         if chains is not None and chains != state.chain_length(self.model.optimizer):
             reasons.append(f"the checkpoint's optimizer was megatron's chain of {chains} optimizers and this run's is "
@@ -208,11 +210,19 @@ class MegatronEngine:
                            f"{self.layout()} ({', '.join(moved)} changed); its shards cannot follow that change")
         return reasons
 
+    def _regroup(self, folder) -> bool:
+        """Whether the checkpoint's plain optimizer state was saved by a run that chained another number of
+        optimizers (MoE: expert parallel 1 against more)."""
+        chains = state.optimizer_chains(folder)
+        return chains is not None and chains != state.chain_length(self.model.optimizer) and \
+            not self.model.chunks[0].ddp_config.use_distributed_optimizer
+
     def load_sharded(self, folder, load_optimizer: bool, saved_layout: Optional[dict] = None) -> bool:
         """Collective: the regions of a sharded checkpoint this rank needs, whatever layout saved it. Returns whether
         optimizer state was restored: where the checkpoint holds it under the names this optimizer asks for, it is
-        asked for, megatron chained as many optimizers when it was saved (MoE: EP 1 against EP > 1), and
-        (distributed optimizer) the checkpoint's TP/PP/EP split is this run's. tests/unit/test_megatron_resume_cpu.py
+        asked for, and (distributed optimizer) megatron chained as many optimizers when it was saved (MoE: EP 1
+        against EP > 1; the plain optimizer's state is regrouped) and the checkpoint's TP/PP/EP split is this run's
+        or was saved reshardable. tests/unit/test_megatron_resume_cpu.py
         runs this engine on CPU under torchrun through each case."""
         from qwen_trainer.checkpoint import sharded
 
@@ -233,7 +243,8 @@ class MegatronEngine:
             self.ctx.log("; ".join(unusable) + ": starting the optimizer afresh from the checkpoint's weights")
             with_optimizer = False
         loaded = sharded.load(request, folder)
-        state.load_sharded_state(self.model, loaded, with_optimizer, saved_sharding)
+        state.load_sharded_state(self.model, loaded, with_optimizer, saved_sharding,
+                                 regroup=with_optimizer and self._regroup(folder))
         if with_optimizer and self.options.fused_adam:
             use_fused_adam(self.model.optimizer)  # a restored step sits on the host
         self._pending_weights = None

@@ -122,18 +122,61 @@ def init_optimizer_state(optimizer) -> None:
                     st["step"] = torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu")
 
 
-def load_sharded_state(model, state: dict, with_optimizer: bool, optimizer_sharding: str = DP_RESHARDABLE) -> None:
+def load_sharded_state(model, state: dict, with_optimizer: bool, optimizer_sharding: str = DP_RESHARDABLE,
+                       regroup: bool = False) -> None:
+    """`regroup`: the plain optimizer's state saved by a run that chained another number of optimizers (see
+    _load_regrouped)."""
     chunks = model.unwrapped()
     for i, chunk in enumerate(chunks):
         chunk.load_state_dict(state["model" if len(chunks) == 1 else f"model{i}"], strict=True)
     if with_optimizer:
-        if optimizer_sharding == FULLY_RESHARDABLE:
+        if regroup:
+            _load_regrouped(model.optimizer, state["optimizer"])
+        elif optimizer_sharding == FULLY_RESHARDABLE:
             _load_fully_reshardable(model.optimizer, state["optimizer"])
         else:
             model.optimizer.load_state_dict(state["optimizer"])
         restore_steps(model.optimizer)
     else:
         model.optimizer.reload_model_params()  # fp32 master weights follow the loaded weights
+
+
+def _load_regrouped(optimizer, loaded: dict) -> None:
+    """The plain optimizer's state from a checkpoint whose run chained another number of optimizers (a MoE model:
+    megatron keeps the experts' parameters in an optimizer of their own at expert parallel > 1 only).
+
+    Its tensors (fp32 main weights, Adam's moments) are named by parameter whatever the chain, so the request made
+    for this run's chain finds them all. What a chain keeps per optimizer in the checkpoint's common part (its
+    parameter groups and the shared step) no longer lines up with this run's optimizers; dist_checkpointing puts
+    it beside the tensors, under the saved chain's keys. Each optimizer here takes its own tensors, its own current
+    parameter groups (this run's settings: learning rate and weight decay come from the restored scheduler and the
+    spec anyway) and the saved step, which megatron keeps equal across a chain."""
+    subs = _sub_optimizers(optimizer)
+    parts = [loaded] if len(subs) == 1 else [loaded[i] for i in range(len(subs))]
+    step = _saved_common_step(loaded, len(subs))
+    for sub, part in zip(subs, parts):
+        current = sub.state_dict()
+        saved_state = {k: v for k, v in part["optimizer"]["state"].items() if k != "common_step"}
+        if step is not None:
+            saved_state["common_step"] = step
+        regrouped = {**current, "optimizer": {"state": saved_state,
+                                              "param_groups": current["optimizer"]["param_groups"]},
+                     "fp32_from_fp16_params": part["fp32_from_fp16_params"]}
+        sub.load_state_dict(regrouped)
+    if len(subs) > 1:
+        optimizer._synchronize_steps()
+
+
+def _saved_common_step(loaded: dict, chained_now: int):
+    """The step the checkpoint's optimizers kept (the first found in its common part), or None."""
+    if chained_now > 1:  # the checkpoint had one optimizer: its common part sits under `optimizer`
+        candidates = [loaded.get("optimizer")]
+    else:  # it had several: numbered entries
+        candidates = [loaded[k].get("optimizer") for k in sorted(k for k in loaded if isinstance(k, int))]
+    for c in candidates:
+        if isinstance(c, dict) and isinstance(c.get("state"), dict) and "common_step" in c["state"]:
+            return c["state"]["common_step"]
+    return None
 
 
 def _load_fully_reshardable(optimizer, saved) -> None:
