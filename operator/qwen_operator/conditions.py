@@ -30,6 +30,7 @@ from typing import Any, Iterable, Optional
 
 from . import kueue_status, trainjob_status
 from . import pod_failures as pods
+from .object_conditions import by_type as _by_type
 
 MIRRORED = ("Created", "Running", "Restarting", "Suspended", "Failed")
 SUMMARY = "Succeeded"
@@ -56,10 +57,6 @@ _PHASE_ORDER = (  # the first condition that is True names the phase
     ("Running", "Running"),
     ("Created", "Created"),
 )
-
-
-def _by_type(conditions: Optional[Iterable[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
-    return {c["type"]: c for c in (conditions or []) if isinstance(c, dict) and c.get("type")}
 
 
 def condition(type_: str, status: str, reason: str, message: str = "", *, previous: Optional[dict[str, Any]],

@@ -18,6 +18,8 @@ from __future__ import annotations
 import re
 from typing import Any, Optional
 
+from .object_conditions import by_type as _by_type, is_true as _true
+
 WORKLOAD_GROUP = "kueue.x-k8s.io"
 WORKLOAD_VERSION = "v1beta2"
 WORKLOAD_PLURAL = "workloads"
@@ -30,14 +32,6 @@ EVICTED = "Evicted"
 PREEMPTED = "Preempted"
 ADMITTED = "Admitted"
 KUEUE_NOT_INSTALLED = "KueueNotInstalled"
-
-
-def _by_type(conditions) -> dict[str, dict[str, Any]]:
-    return {c["type"]: c for c in (conditions or []) if isinstance(c, dict) and c.get("type")}
-
-
-def _true(c: Optional[dict[str, Any]]) -> bool:
-    return c is not None and c.get("status") == "True"
 
 
 def workload_owner(workload: dict[str, Any]) -> Optional[dict[str, Any]]:

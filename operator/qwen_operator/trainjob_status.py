@@ -13,18 +13,12 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from .object_conditions import by_type as _by_type, is_true as _true
+
 TRAINJOB_CREATED = "TrainJobCreated"
 TRAINJOB_RUNNING = "TrainJobRunning"
 JOBS_NOT_READY = "JobsNotReady"
 JOBSET_RESTARTING = "JobSetRestarting"
-
-
-def _by_type(conditions) -> dict[str, dict[str, Any]]:
-    return {c["type"]: c for c in (conditions or []) if isinstance(c, dict) and c.get("type")}
-
-
-def _true(c: Optional[dict[str, Any]]) -> bool:
-    return c is not None and c.get("status") == "True"
 
 
 def _cond(type_: str, status: str, reason: str, message: str, when: Optional[str]) -> dict[str, Any]:
