@@ -193,29 +193,20 @@ class MegatronEngine:
                                                      optimizer_sharding=optimizer_sharding(self.layout())),
                             folder, async_save)
 
-    def _unusable_optimizer_state(self, folder, saved_layout: Optional[dict]) -> list[str]:
-        """Why the optimizer state of a sharded checkpoint cannot be restored into this run's optimizer (none: it can,
-        as far as its chain and layout tell)."""
+    def _unusable_optimizer_state(self, saved_layout: Optional[dict], saved_chains: Optional[int],
+                                  regroup: bool) -> list[str]:
+        """Why the optimizer state of a sharded checkpoint (saved by a run that chained `saved_chains` optimizers)
+        cannot be restored into this run's optimizer (none: it can, as far as its chain and layout tell)."""
         reasons = []
-        if self._regroup(folder):
-            return reasons  # the plain optimizer's state follows another chain (state._load_regrouped)
-        chains = state.optimizer_chains(folder)
-        if chains is not None and chains != state.chain_length(self.model.optimizer):
-            reasons.append(f"the checkpoint's optimizer was megatron's chain of {chains} optimizers and this run's is "
-                           f"{state.chain_length(self.model.optimizer)} (MoE: one for the experts apart from the dense "
-                           "parameters at expert parallel > 1 only), whose kept settings cannot be matched")
+        if not regroup and saved_chains is not None and saved_chains != state.chain_length(self.model.optimizer):
+            reasons.append(f"the checkpoint's optimizer was megatron's chain of {saved_chains} optimizers and this "
+                           f"run's is {state.chain_length(self.model.optimizer)} (MoE: one for the experts apart from "
+                           "the dense parameters at expert parallel > 1 only), whose kept settings cannot be matched")
         moved = state.moved_fields(saved_layout, self.layout())
         if moved:
             reasons.append(f"the distributed optimizer's state was saved at {saved_layout} and this run is "
                            f"{self.layout()} ({', '.join(moved)} changed); its shards cannot follow that change")
         return reasons
-
-    def _regroup(self, folder) -> bool:
-        """Whether the checkpoint's plain optimizer state was saved by a run that chained another number of
-        optimizers (MoE: expert parallel 1 against more)."""
-        chains = state.optimizer_chains(folder)
-        return chains is not None and chains != state.chain_length(self.model.optimizer) and \
-            not self.model.chunks[0].ddp_config.use_distributed_optimizer
 
     def load_sharded(self, folder, load_optimizer: bool, saved_layout: Optional[dict] = None) -> bool:
         """Collective: the regions of a sharded checkpoint this rank needs, whatever layout saved it. Returns whether
@@ -229,7 +220,11 @@ class MegatronEngine:
         from .kernels import use_fused_adam
 
         with_optimizer = load_optimizer and state.holds_optimizer(sharded.saved_keys(folder))
-        unusable = self._unusable_optimizer_state(folder, saved_layout) if with_optimizer else []
+        saved_chains = state.optimizer_chains(folder) if with_optimizer else None
+        # the plain optimizer's state follows another chain (MoE: expert parallel 1 against more), regrouped
+        regroup = saved_chains is not None and saved_chains != state.chain_length(self.model.optimizer) and \
+            not self.model.chunks[0].ddp_config.use_distributed_optimizer
+        unusable = self._unusable_optimizer_state(saved_layout, saved_chains, regroup) if with_optimizer else []
         saved_sharding = optimizer_sharding(saved_layout)
         request = state.sharded_state_dict(self.model, with_optimizer and not unusable, is_loading=True,
                                            optimizer_sharding=saved_sharding)
@@ -243,8 +238,7 @@ class MegatronEngine:
             self.ctx.log("; ".join(unusable) + ": starting the optimizer afresh from the checkpoint's weights")
             with_optimizer = False
         loaded = sharded.load(request, folder)
-        state.load_sharded_state(self.model, loaded, with_optimizer, saved_sharding,
-                                 regroup=with_optimizer and self._regroup(folder))
+        state.load_sharded_state(self.model, loaded, with_optimizer, saved_sharding, regroup=with_optimizer and regroup)
         if with_optimizer and self.options.fused_adam:
             use_fused_adam(self.model.optimizer)  # a restored step sits on the host
         self._pending_weights = None

@@ -186,7 +186,7 @@ def _load_fully_reshardable(optimizer, saved) -> None:
     holds no per-parameter step (KeyError 'step'). So the common part (groups, steps, scaler) loads through megatron's
     load_state_dict without the parameters' state, then the parameters' state through megatron's loader for it with
     the steps set aside meanwhile; restore_steps then sets every step from the groups."""
-    subs = list(getattr(optimizer, "chained_optimizers", [optimizer]))
+    subs = _sub_optimizers(optimizer)
     if len(subs) == 1:
         parts = [saved]
     else:
