@@ -104,6 +104,7 @@ class KindCluster:
     kind: Path
     refs: dict[str, str] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    _snapshotters: dict[str, str] = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------------------------------------ helpers
     def kind_cmd(self, *args: str, timeout: float = 900) -> str:
@@ -177,7 +178,12 @@ class KindCluster:
             self.node_exec(node, "sh", "-euc", DISCARD_LAYERS, "discard", ref)
 
     def snapshotter(self, node: str) -> str:
-        """The snapshotter the node's CRI unpacks images with (an import must use the same one)."""
+        """The snapshotter the node's CRI unpacks images with (an import must use the same one); read once a node."""
+        if node not in self._snapshotters:
+            self._snapshotters[node] = self._read_snapshotter(node)
+        return self._snapshotters[node]
+
+    def _read_snapshotter(self, node: str) -> str:
         config = tomllib.loads(self.docker.run("exec", node, "containerd", "config", "dump").stdout)
         plugins = config.get("plugins", {})
         if config.get("version", 1) >= 3:
