@@ -115,6 +115,9 @@ LAYOUT_CHANGES = {
     # checkpoint.reshardableOptimizer ('fully_reshardable'): a changed tensor/pipeline split too
     "dense-distopt-reshardable-tp2-to-pp2": ("dense", ["tp=2", "dopt=1", "reshard=1"], 2, ["pp=2", "dopt=1"], 2),
     "moe-distopt-reshardable-dp2-to-pp2": ("moe", ["dopt=1", "reshard=1"], 2, ["pp=2", "dopt=1"], 2),
+    # ... and across the expert optimizer's chain (EP 1 <-> 2), regrouped as the plain optimizer's state is
+    "moe-distopt-reshardable-ep2-to-one-process": ("moe", ["ep=2", "dopt=1", "reshard=1"], 2, ["dopt=1"], 1),
+    "moe-distopt-reshardable-one-process-to-ep2": ("moe", ["dopt=1", "reshard=1"], 1, ["ep=2", "dopt=1"], 2),
 }
 
 

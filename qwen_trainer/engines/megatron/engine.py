@@ -35,7 +35,7 @@ from ..base import EngineContext, StepResult
 from . import state
 from .build import Model, build_model, init_model_parallel, pin_communication_order, release
 from .config import Capabilities, EngineOptions, plan_model
-from .layout import data_parallel_layout, layout_record, optimizer_sharding
+from .layout import FULLY_RESHARDABLE, data_parallel_layout, layout_record, optimizer_sharding
 from .loss import LossScaling, check_output_grad_scale, load_balancing_loss, loss_sum_from_output
 
 
@@ -211,9 +211,10 @@ class MegatronEngine:
     def load_sharded(self, folder, load_optimizer: bool, saved_layout: Optional[dict] = None) -> bool:
         """Collective: the regions of a sharded checkpoint this rank needs, whatever layout saved it. Returns whether
         optimizer state was restored: where the checkpoint holds it under the names this optimizer asks for, it is
-        asked for, and (distributed optimizer) megatron chained as many optimizers when it was saved (MoE: EP 1
-        against EP > 1; the plain optimizer's state is regrouped) and the checkpoint's TP/PP/EP split is this run's
-        or was saved reshardable. tests/unit/test_megatron_resume_cpu.py
+        asked for, megatron chained as many optimizers when it was saved (MoE: EP 1 against EP > 1) or the state is
+        named by parameter (the plain optimizer's, the distributed optimizer's saved reshardable: regrouped), and
+        (distributed optimizer) the checkpoint's TP/PP/EP split is this run's or was saved reshardable.
+        tests/unit/test_megatron_resume_cpu.py
         runs this engine on CPU under torchrun through each case."""
         from qwen_trainer.checkpoint import sharded
 
@@ -221,11 +222,12 @@ class MegatronEngine:
 
         with_optimizer = load_optimizer and state.holds_optimizer(sharded.saved_keys(folder))
         saved_chains = state.optimizer_chains(folder) if with_optimizer else None
-        # the plain optimizer's state follows another chain (MoE: expert parallel 1 against more), regrouped
-        regroup = saved_chains is not None and saved_chains != state.chain_length(self.model.optimizer) and \
-            not self.model.chunks[0].ddp_config.use_distributed_optimizer
-        unusable = self._unusable_optimizer_state(saved_layout, saved_chains, regroup) if with_optimizer else []
         saved_sharding = optimizer_sharding(saved_layout)
+        # state saved by another chain (MoE: expert parallel 1 against more) is regrouped where it is named by
+        # parameter: the plain optimizer's, and the distributed optimizer's in the fully_reshardable format
+        regroup = saved_chains is not None and saved_chains != state.chain_length(self.model.optimizer) and \
+            (not self.model.chunks[0].ddp_config.use_distributed_optimizer or saved_sharding == FULLY_RESHARDABLE)
+        unusable = self._unusable_optimizer_state(saved_layout, saved_chains, regroup) if with_optimizer else []
         request = state.sharded_state_dict(self.model, with_optimizer and not unusable, is_loading=True,
                                            optimizer_sharding=saved_sharding)
         if with_optimizer and not unusable:

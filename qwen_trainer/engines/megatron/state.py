@@ -3,7 +3,7 @@
 Sharded (every training checkpoint): megatron's sharded state dicts of the model chunks and the optimizer, which
 every rank saves and loads for its own part through dist_checkpointing (qwen_trainer.checkpoint.sharded) and which
 reshard to another layout on load: weights always, the plain optimizer's state too, the distributed optimizer's
-only across a changed data-parallel size (docs/checkpoints.md).
+across a changed data-parallel size, or any change where it was saved 'fully_reshardable' (docs/checkpoints.md).
 
 Gathered (MegaBlocks, whose expert modules have no sharded state dict, and the checkpoint benchmark's baseline):
 the weights in Hugging Face naming and every rank's optimizer shard collected on rank 0, which writes them in the
@@ -124,16 +124,16 @@ def init_optimizer_state(optimizer) -> None:
 
 def load_sharded_state(model, state: dict, with_optimizer: bool, optimizer_sharding: str = DP_RESHARDABLE,
                        regroup: bool = False) -> None:
-    """`regroup`: the plain optimizer's state saved by a run that chained another number of optimizers (see
-    _load_regrouped)."""
+    """`regroup`: the optimizer's state saved by a run that chained another number of optimizers (see
+    _load_regrouped and _load_fully_reshardable)."""
     chunks = model.unwrapped()
     for i, chunk in enumerate(chunks):
         chunk.load_state_dict(state["model" if len(chunks) == 1 else f"model{i}"], strict=True)
     if with_optimizer:
-        if regroup:
+        if optimizer_sharding == FULLY_RESHARDABLE and model.chunks[0].ddp_config.use_distributed_optimizer:
+            _load_fully_reshardable(model.optimizer, state["optimizer"], regroup)
+        elif regroup:
             _load_regrouped(model.optimizer, state["optimizer"])
-        elif optimizer_sharding == FULLY_RESHARDABLE:
-            _load_fully_reshardable(model.optimizer, state["optimizer"])
         else:
             model.optimizer.load_state_dict(state["optimizer"])
         restore_steps(model.optimizer)
@@ -152,9 +152,8 @@ def _load_regrouped(optimizer, loaded: dict) -> None:
     parameter groups (this run's settings: learning rate and weight decay come from the restored scheduler and the
     spec anyway) and the saved step, which megatron keeps equal across a chain."""
     subs = _sub_optimizers(optimizer)
-    parts = [loaded] if len(subs) == 1 else [loaded[i] for i in range(len(subs))]
-    step = _saved_common_step(loaded, len(subs))
-    for sub, part in zip(subs, parts):
+    step = _saved_step(loaded, len(subs), lambda part: part["optimizer"]["state"].get("common_step"))
+    for sub, part in zip(subs, _parts_for_chain(loaded, len(subs))):
         current = sub.state_dict()
         saved_state = {k: v for k, v in part["optimizer"]["state"].items() if k != "common_step"}
         if step is not None:
@@ -167,27 +166,51 @@ def _load_regrouped(optimizer, loaded: dict) -> None:
         optimizer._synchronize_steps()
 
 
-def _saved_common_step(loaded: dict, chained_now: int):
-    """The step the checkpoint's optimizers kept (the first found in its common part), or None."""
-    if chained_now > 1:  # the checkpoint had one optimizer: its common part sits under `optimizer`
-        candidates = [loaded.get("optimizer")]
-    else:  # it had several: numbered entries
-        candidates = [loaded[k].get("optimizer") for k in sorted(k for k in loaded if isinstance(k, int))]
+def _parts_for_chain(loaded: dict, chained_now: int) -> list[dict]:
+    """The loaded tensors of each optimizer of this run's chain (the request's structure)."""
+    return [loaded] if chained_now == 1 else [loaded[i] for i in range(chained_now)]
+
+
+def _saved_step(loaded: dict, chained_now: int, read):
+    """The step the checkpoint's optimizers kept, read by `read` from the first of the saved chain's common parts
+    that has one (None if none has). With another chain than this run's, the saved common parts sit under the
+    saved chain's keys: one optimizer's at the top, several numbered."""
+    if chained_now > 1:
+        candidates = [loaded]
+    else:
+        candidates = [loaded[k] for k in sorted(k for k in loaded if isinstance(k, int))]
     for c in candidates:
-        if isinstance(c, dict) and isinstance(c.get("state"), dict) and "common_step" in c["state"]:
-            return c["state"]["common_step"]
+        try:
+            step = read(c)
+        except (KeyError, IndexError, TypeError):
+            continue
+        if step is not None:
+            return step
     return None
 
 
-def _load_fully_reshardable(optimizer, saved) -> None:
+def _load_fully_reshardable(optimizer, saved, regroup: bool = False) -> None:
     """megatron's load of a distributed optimizer's 'fully_reshardable' state, where the optimizer is torch's Adam.
     megatron's own (DistributedOptimizer.load_state_dict) first gives every parameter's Adam state a step, as torch's
     Adam keeps one there, then copies the checkpoint's tensors into every entry of that state, and the checkpoint
     holds no per-parameter step (KeyError 'step'). So the common part (groups, steps, scaler) loads through megatron's
     load_state_dict without the parameters' state, then the parameters' state through megatron's loader for it with
-    the steps set aside meanwhile; restore_steps then sets every step from the groups."""
+    the steps set aside meanwhile; restore_steps then sets every step from the groups.
+
+    `regroup`: saved by a run that chained another number of optimizers (MoE, expert parallel 1 against more).
+    The parameters' state is named by parameter, so this run's request found it; each optimizer keeps its current
+    parameter groups with the saved step, as _load_regrouped does for the plain optimizer."""
     subs = _sub_optimizers(optimizer)
-    if len(subs) == 1:
+    if regroup:
+        step = _saved_step(saved, len(subs), lambda part: part["optimizer"]["param_groups"][0]["step"])
+        parts = []
+        for sub, mine in zip(subs, _parts_for_chain(saved, len(subs))):
+            current = sub.state_dict()
+            if step is not None:
+                for group in current["optimizer"]["param_groups"]:
+                    group["step"] = step
+            parts.append({**current, "param_state": mine["param_state"]})
+    elif len(subs) == 1:
         parts = [saved]
     else:
         parts = [v for _, v in sorted(saved.items())] if isinstance(saved, dict) else list(saved)
