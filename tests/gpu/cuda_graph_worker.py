@@ -1,6 +1,6 @@
 """Run under torchrun with 1 process: trains a small model with the megatron engine, CUDA graphs
-on or off (argv: case, on|off[, more EngineOptions as JSON[, loss mode]]), evaluating between steps, and prints one JSON line
-with every loss."""
+on or off (argv: case, on|off[, more EngineOptions as JSON[, loss mode[, steps]]]), evaluating between steps, and prints
+one JSON line with every loss and gradient norm."""
 
 from __future__ import annotations
 
@@ -35,20 +35,26 @@ def main() -> int:
     vocab = resolve_architecture(spec).vocab_size
     extra = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
     loss_mode = sys.argv[4] if len(sys.argv) > 4 else "mean"
+    steps = int(sys.argv[5]) if len(sys.argv) > 5 else STEPS
     engine = built_engine(spec, EngineOptions(cuda_graphs=graphs, **extra))
     tied = engine.unwrapped()[-1].share_embeddings_and_output_weights
     train = random_micro_batches(GLOBAL // MICRO, MICRO, SEQ, vocab, seed=1)
     held_out = random_micro_batches(2, MICRO, SEQ, vocab, seed=2)
-    losses, evals = [], []
-    for step in range(STEPS):
-        losses.append(engine.train_step(train, spec.training.lr, loss_mode).loss)
-        if step in (1, STEPS - 1):
+    losses, evals, norms = [], [], []
+    for step in range(steps):
+        result = engine.train_step(train, spec.training.lr, loss_mode)
+        losses.append(result.loss)
+        norms.append(result.grad_norm)
+        if step in (1, steps - 1):
             total, tokens = engine.eval_step(held_out)
             evals.append(total / tokens)
     graphed = engine.model.config.cuda_graph_impl == "local"
+    from qwen_trainer.engines.megatron.expert_wgrad import MARK
+
+    wgrad_into_buffer = sum(bool(getattr(p, MARK, False)) for c in engine.model.chunks for p in c.parameters())
     engine.close()
     row = dict(case=case, graphs=graphs, options=extra, loss_mode=loss_mode, tied=tied, graphed=graphed, losses=losses,
-               evals=evals)
+               evals=evals, grad_norms=norms, wgrad_into_buffer=wgrad_into_buffer)
     print("GRAPHS " + json.dumps(row), flush=True)
     return 0
 

@@ -199,6 +199,11 @@ def build_model(spec, plan: ModelPlan, options: EngineOptions, transformer_engin
                for i, chunk in enumerate(chunks)]
     # Without Transformer Engine only: TE's linear layers put their weight gradient into main_grad themselves under
     # names of their own, and the hook must never add their placeholder gradients.
+    if options.expert_wgrad_into_buffer and plan.experts == "torch-grouped" and triton_available() and \
+            (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        from .expert_wgrad import mark_expert_weights
+
+        mark_expert_weights(wrapped)
     if options.triton_grad_accumulation and triton_available() and not plan.use_te:
         handles = install_grad_accumulation(wrapped)
         restore.append(lambda: [h.remove() for h in handles])
@@ -225,6 +230,10 @@ def build_model(spec, plan: ModelPlan, options: EngineOptions, transformer_engin
         from .kernels import use_fused_adam
 
         use_fused_adam(optimizer)
+        if options.clip_in_adam and t.clip_grad > 0:
+            from . import clip_in_adam
+
+            restore.append(clip_in_adam.install(optimizer))
 
     config.grad_scale_func = optimizer.scale_loss
     config.finalize_model_grads_func = finalize_model_grads

@@ -316,7 +316,13 @@ class _ContiguousGrad(torch.autograd.Function):
 
 def grouped_mm(a: torch.Tensor, b: torch.Tensor, batch_sizes: torch.Tensor, trans_b: bool = False) -> torch.Tensor:
     """sum over groups g of a[rows of g] @ b[g] (b[g].T with trans_b); the grouped_gemm package's `gmm` contract."""
+    from .expert_wgrad import GroupedMMIntoMainGrad, main_grad_param
+
     offs = torch.cumsum(batch_sizes.to(device=a.device, dtype=torch.int32), dim=0, dtype=torch.int32)
+    if not trans_b and b.requires_grad and torch.is_grad_enabled():
+        param = main_grad_param(b)  # set where the experts' weight gradients go straight into the fp32 buffer
+        if param is not None:
+            return GroupedMMIntoMainGrad.apply(a, b, offs, param)
     w = b.transpose(-1, -2) if trans_b else b
     return torch._grouped_mm(_ContiguousGrad.apply(a), w, offs=offs)
 

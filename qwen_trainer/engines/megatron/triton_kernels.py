@@ -225,6 +225,8 @@ def install_grad_accumulation(modules: list[torch.nn.Module]) -> list[Any]:
                 continue
             if not hasattr(param, "grad_added_to_main_grad"):
                 continue  # not a parameter megatron's DDP manages
+            if getattr(param, "wgrad_into_main_grad", False):
+                continue  # its grouped GEMM accumulates into main_grad itself (expert_wgrad)
             handles.append(param.register_post_accumulate_grad_hook(hook))
     return handles
 
