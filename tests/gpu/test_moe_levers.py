@@ -48,7 +48,7 @@ def test_each_lever_trains_like_the_path_it_replaces(defaults, lever):
     off = _run({lever: False})
     for a, b in zip(defaults["losses"] + defaults["evals"], off["losses"] + off["evals"]):
         assert abs(a - b) <= RTOL * abs(b), (lever, defaults["losses"], off["losses"])
-    assert defaults["losses"][-1] < defaults["losses"][0] - 0.5, defaults["losses"]
+    assert defaults["losses"][-1] < defaults["losses"][0] - 0.1, defaults["losses"]
     if lever == "expert_wgrad_into_buffer":
         assert defaults["wgrad_into_buffer"] > 0 and off["wgrad_into_buffer"] == 0
     else:  # the clipping really happened in these steps (norms above the spec's clipGrad of 1)
