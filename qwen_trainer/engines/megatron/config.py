@@ -108,17 +108,19 @@ class EngineOptions:
     on the device without megatron's host copies of the per-expert token counts (no GPU-idle waits)."""
     grad_accum_fusion: bool = True
     """Accumulate weight gradients straight into the fp32 gradient buffer (one GEMM with fp32 output)."""
-    expert_wgrad_into_buffer: bool = True
+    expert_wgrad_into_buffer: bool = False
     """With torch-grouped experts: each expert's weight gradient accumulated in fp32 straight into the gradient
-    buffer by one Triton grouped GEMM (expert_wgrad), instead of a bf16 gradient added in a separate pass."""
+    buffer by one Triton grouped GEMM (expert_wgrad), instead of a bf16 gradient added in a separate pass. Off
+    until it has run on a GPU (its arithmetic is checked on CPU by Triton's interpreter)."""
     triton_grad_accumulation: bool = True
     """Every other gradient (embeddings, norms, biases, router, MoE experts) added into the fp32 buffer by a
     vectorised Triton kernel instead of torch's mixed-dtype add."""
     fused_adam: bool = True
     """torch's fused AdamW kernel (megatron falls back to the multi-kernel foreach AdamW without TE/Apex)."""
-    clip_in_adam: bool = True
+    clip_in_adam: bool = False
     """With fused_adam: gradient clipping applied by the fused AdamW kernel as it reads each gradient (its
-    grad_scale divisor) instead of a separate scaling pass over the fp32 gradients (clip_in_adam)."""
+    grad_scale divisor) instead of a separate scaling pass over the fp32 gradients (clip_in_adam). Off until it
+    has run on a GPU (checked on CPU against megatron's pass with torch's fused CPU AdamW)."""
     foreach_grad_norm: bool = True
     """Gradient norm and clipping with torch._foreach ops (megatron's fallback syncs once per tensor)."""
     cuda_graphs: Optional[bool] = None
