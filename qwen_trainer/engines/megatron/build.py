@@ -197,13 +197,13 @@ def build_model(spec, plan: ModelPlan, options: EngineOptions, transformer_engin
     )
     wrapped = [DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0)
                for i, chunk in enumerate(chunks)]
-    # Without Transformer Engine only: TE's linear layers put their weight gradient into main_grad themselves under
-    # names of their own, and the hook must never add their placeholder gradients.
     if options.expert_wgrad_into_buffer and plan.experts == "torch-grouped" and triton_available() and \
             (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
         from .expert_wgrad import mark_expert_weights
 
         mark_expert_weights(wrapped)
+    # Without Transformer Engine only: TE's linear layers put their weight gradient into main_grad themselves under
+    # names of their own, and the hook must never add their placeholder gradients.
     if options.triton_grad_accumulation and triton_available() and not plan.use_te:
         handles = install_grad_accumulation(wrapped)
         restore.append(lambda: [h.remove() for h in handles])
