@@ -21,8 +21,8 @@ from typing import Any, Optional
 
 import torch
 
-MARK = "wgrad_into_main_grad"
-"""Set on a parameter whose gradient this module writes into main_grad (accumulation hooks must leave it)."""
+from .triton_kernels import WGRAD_IN_MAIN_GRAD as MARK
+from .triton_kernels import _use_kernels
 
 CONFIG = dict(BLOCK_K=128, BLOCK_N=128, BLOCK_T=64, num_warps=8, num_stages=3)
 """The kernel's tiles (benchmarks/gpu/expert_wgrad_bench.py compares others)."""
@@ -62,14 +62,6 @@ def _kernel(interpret: bool) -> Any:
     return grouped_wgrad
 
 
-def _use_kernel(*tensors: torch.Tensor) -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return all(t.is_cuda for t in tensors) or os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def grouped_wgrad_reference(x: torch.Tensor, dy: torch.Tensor, ends: torch.Tensor, acc: torch.Tensor) -> None:
     """acc[e] += x[rows of e]^T @ dy[rows of e] in fp32, expert by expert (reads the boundaries on the host)."""
     start = 0
@@ -85,7 +77,7 @@ def grouped_wgrad_(x: torch.Tensor, dy: torch.Tensor, ends: torch.Tensor, acc: t
     if not acc.is_contiguous() or acc.dtype != torch.float32:
         raise ValueError("the gradient buffer must be a contiguous fp32 tensor")
     x, dy = x.contiguous(), dy.contiguous()
-    if not _use_kernel(x, dy, acc):
+    if not _use_kernels(x, dy, acc):
         grouped_wgrad_reference(x, dy, ends, acc)
         return
     experts, k, n = acc.shape

@@ -27,6 +27,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from .expert_wgrad import GroupedMMIntoMainGrad, main_grad_param
+
 # --------------------------------------------------------------------------------------------------------------
 # compiled helpers
 
@@ -316,8 +318,6 @@ class _ContiguousGrad(torch.autograd.Function):
 
 def grouped_mm(a: torch.Tensor, b: torch.Tensor, batch_sizes: torch.Tensor, trans_b: bool = False) -> torch.Tensor:
     """sum over groups g of a[rows of g] @ b[g] (b[g].T with trans_b); the grouped_gemm package's `gmm` contract."""
-    from .expert_wgrad import GroupedMMIntoMainGrad, main_grad_param
-
     offs = torch.cumsum(batch_sizes.to(device=a.device, dtype=torch.int32), dim=0, dtype=torch.int32)
     if not trans_b and b.requires_grad and torch.is_grad_enabled():
         param = main_grad_param(b)  # set where the experts' weight gradients go straight into the fp32 buffer

@@ -26,6 +26,9 @@ from typing import Any, Callable, Iterable
 import torch
 
 _BLOCK_1D = 4096
+WGRAD_IN_MAIN_GRAD = "wgrad_into_main_grad"
+"""Set on a parameter whose weight gradient its own GEMM writes into main_grad (expert_wgrad): the accumulation
+hook leaves it alone."""
 _BLOCK_COLS = 1024
 
 
@@ -225,7 +228,7 @@ def install_grad_accumulation(modules: list[torch.nn.Module]) -> list[Any]:
                 continue
             if not hasattr(param, "grad_added_to_main_grad"):
                 continue  # not a parameter megatron's DDP manages
-            if getattr(param, "wgrad_into_main_grad", False):
+            if getattr(param, WGRAD_IN_MAIN_GRAD, False):
                 continue  # its grouped GEMM accumulates into main_grad itself (expert_wgrad)
             handles.append(param.register_post_accumulate_grad_hook(hook))
     return handles
