@@ -52,9 +52,12 @@ def main() -> int:
     from qwen_trainer.engines.megatron.expert_wgrad import MARK
 
     wgrad_into_buffer = sum(bool(getattr(p, MARK, False)) for c in engine.model.chunks for p in c.parameters())
+    gather_dispatch = sum(bool(getattr(getattr(m, "token_dispatcher", None), "gather", False))
+                          for c in engine.model.chunks for m in c.modules())
     engine.close()
     row = dict(case=case, graphs=graphs, options=extra, loss_mode=loss_mode, tied=tied, graphed=graphed, losses=losses,
-               evals=evals, grad_norms=norms, wgrad_into_buffer=wgrad_into_buffer)
+               evals=evals, grad_norms=norms, wgrad_into_buffer=wgrad_into_buffer,
+               gather_dispatch=gather_dispatch)
     print("GRAPHS " + json.dumps(row), flush=True)
     return 0
 

@@ -12,10 +12,11 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_
                                 reason="needs a Hopper GPU (torch grouped GEMM)")
 
 
-def test_dispatch_and_grouped_experts_never_synchronise():
+@pytest.mark.parametrize("gather", [False, True], ids=["scatter", "gather"])
+def test_dispatch_and_grouped_experts_never_synchronise(gather):
     from megatron.core.transformer.moe.moe_utils import permute, unpermute
 
-    from qwen_trainer.engines.megatron.dispatch import combine, local_permutation
+    from qwen_trainer.engines.megatron.dispatch import CombineRows, PermuteRows, combine, local_permutation, token_slots
     from qwen_trainer.engines.megatron.kernels import grouped_mm
 
     tokens, experts, topk, hidden, ffn = 4096, 60, 4, 2048, 1408
@@ -31,8 +32,13 @@ def test_dispatch_and_grouped_experts_never_synchronise():
     torch.cuda.set_sync_debug_mode("error")
     try:
         token, row_probs, per_expert = local_permutation(routing_map, probs, topk)
-        rows = grouped_mm(x.index_select(0, token), w, per_expert) * row_probs.unsqueeze(1).to(torch.bfloat16)
-        out = combine(rows @ w[0].t(), token, x.shape)
+        if gather:
+            slots = token_slots(token, topk)
+            permuted, combined = PermuteRows.apply(x, token, slots), (lambda r: CombineRows.apply(r, token, slots))
+        else:
+            permuted, combined = x.index_select(0, token), (lambda r: combine(r, token, x.shape))
+        rows = grouped_mm(permuted, w, per_expert) * row_probs.unsqueeze(1).to(torch.bfloat16)
+        out = combined(rows @ w[0].t())
         out.float().square().mean().backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
@@ -42,6 +48,9 @@ def test_dispatch_and_grouped_experts_never_synchronise():
     assert torch.equal(per_expert.cpu(), routing_map.sum(0).cpu())
     restored = unpermute(ref_rows, ref_index, x.shape, routing_map=routing_map)
     assert torch.equal(x.detach().index_select(0, token), ref_rows)
-    # both add each token's rows with atomics (bf16, order not fixed)
+    # both add each token's rows with atomics (bf16, order not fixed); the gather sums in fp32, rounds once
     torch.testing.assert_close(combine(ref_rows, token, x.shape), restored, rtol=1e-2, atol=1e-2)
+    exact = torch.zeros(x.shape, dtype=torch.float64, device="cuda").index_add_(0, token, ref_rows.double())
+    gathered = CombineRows.apply(ref_rows, token, token_slots(token, topk))
+    torch.testing.assert_close(gathered, exact.to(torch.bfloat16), rtol=8e-3, atol=1e-6)
     assert x.grad is not None and w.grad is not None and torch.isfinite(w.grad.float()).all()

@@ -4,7 +4,9 @@ each lever on against off, loss and held-out loss within 1e-3 relative.
 - expert_wgrad_into_buffer: the experts' weight gradients accumulated in fp32 into the gradient buffer by the
   grouped GEMM's backward (one rounding fewer than the bf16 gradient and the add, so equal to the last digits only);
 - clip_in_adam: clipping as fused AdamW's gradient divisor instead of megatron's scaling pass (a division against
-  a multiplication)."""
+  a multiplication);
+- gather_permute: the token combine and the permutation's backward as gathers summed in fp32 instead of atomic
+  bf16 scatter-adds (one rounding per token instead of one per add)."""
 
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ def _run(options: dict) -> dict:
     raise AssertionError(f"worker failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
 
 
-@pytest.mark.parametrize("lever", ["expert_wgrad_into_buffer", "clip_in_adam"])
+@pytest.mark.parametrize("lever", ["expert_wgrad_into_buffer", "clip_in_adam", "gather_permute"])
 def test_each_lever_trains_like_the_path_it_replaces(lever):
     on, off = _run({lever: True}), _run({lever: False})
     for a, b in zip(on["losses"] + on["evals"], off["losses"] + off["evals"]):
@@ -46,5 +48,7 @@ def test_each_lever_trains_like_the_path_it_replaces(lever):
     assert on["losses"][-1] < on["losses"][0] - 0.1, on["losses"]
     if lever == "expert_wgrad_into_buffer":
         assert on["wgrad_into_buffer"] > 0 and off["wgrad_into_buffer"] == 0
-    else:  # the clipping really happened in these steps (norms above the spec's clipGrad of 1)
+    elif lever == "clip_in_adam":  # the clipping really happened in these steps (norms above the spec's clipGrad of 1)
         assert max(on["grad_norms"]) > 1.0, on["grad_norms"]
+    else:
+        assert on["gather_dispatch"] > 0 and off["gather_dispatch"] == 0

@@ -10,7 +10,13 @@ pytest.importorskip("megatron.core")
 
 from megatron.core.transformer.moe.moe_utils import permute, unpermute  # noqa: E402
 
-from qwen_trainer.engines.megatron.dispatch import combine, local_permutation  # noqa: E402
+from qwen_trainer.engines.megatron.dispatch import (  # noqa: E402
+    CombineRows,
+    PermuteRows,
+    combine,
+    local_permutation,
+    token_slots,
+)
 
 
 def _routing(tokens: int, experts: int, topk: int, seed: int):
@@ -34,8 +40,37 @@ def test_permutation_matches_megatron(tokens, experts, topk):
     assert per_expert.tolist() == routing_map.sum(0).tolist() and int(per_expert.sum()) == tokens * topk
 
 
-@pytest.mark.parametrize("deterministic", [False, True])
-def test_round_trip_and_gradients_match_megatron(deterministic):
+@pytest.mark.parametrize("tokens,experts,topk", [(37, 8, 2), (64, 60, 4), (5, 4, 4), (1, 3, 1), (300, 128, 8)])
+def test_token_slots_list_each_tokens_rows_in_expert_order(tokens, experts, topk):
+    routing_map, probs = _routing(tokens, experts, topk, seed=tokens + 1)
+    token, _, per_expert = local_permutation(routing_map, probs, topk)
+    slots = token_slots(token, topk)
+    assert slots.shape == (tokens, topk)
+    assert torch.equal(token[slots], torch.arange(tokens).unsqueeze(1).expand(-1, topk))  # each row t holds token t
+    assert bool((slots[:, 1:] > slots[:, :-1]).all())  # ascending rows, so ascending experts
+    assert sorted(slots.reshape(-1).tolist()) == list(range(tokens * topk))  # every permuted row exactly once
+    # the expert of each slot, from the row's position among the per-expert blocks, is the token's chosen expert
+    expert_of_row = torch.repeat_interleave(torch.arange(experts), per_expert)
+    assert torch.equal(routing_map.nonzero()[:, 1].view(tokens, topk), expert_of_row[slots])
+
+
+def test_gather_sum_rounds_once_where_scatter_add_rounds_per_add():
+    """bf16 rows: the gather sums in fp32 and rounds once, so it equals the fp64 sum rounded to bf16; the atomic
+    scatter-add path rounds after every add."""
+    tokens, experts, topk, width = 256, 16, 8, 64
+    routing_map, probs = _routing(tokens, experts, topk, seed=11)
+    token, _, _ = local_permutation(routing_map, probs, topk)
+    rows = torch.randn(tokens * topk, width).to(torch.bfloat16)
+    gathered = CombineRows.apply(rows, token, token_slots(token, topk))
+    exact = torch.zeros(tokens, width, dtype=torch.float64).index_add_(0, token, rows.double())
+    assert torch.equal(gathered, exact.to(torch.float32).to(torch.bfloat16))
+    scattered = combine(rows, token, (tokens, width))
+    assert (scattered.double() - exact).abs().max() >= (gathered.double() - exact).abs().max()
+
+
+@pytest.mark.parametrize("path", ["scatter", "scatter-deterministic", "gather"])
+def test_round_trip_and_gradients_match_megatron(path):
+    deterministic, gather = path == "scatter-deterministic", path == "gather"
     tokens, experts, topk, width = 48, 6, 2, 8
     routing_map, probs = _routing(tokens, experts, topk, seed=3)
     base = torch.randn(tokens, width, dtype=torch.float64)
@@ -52,7 +87,12 @@ def test_round_trip_and_gradients_match_megatron(deterministic):
         p = probs.to(torch.float64).clone().requires_grad_(True)
         if local:
             token, row_probs, per_expert = local_permutation(routing_map, p, topk)
-            out = combine(experts_apply(x.index_select(0, token), per_expert, row_probs), token, x.shape)
+            if gather:
+                slots = token_slots(token, topk)
+                out = CombineRows.apply(experts_apply(PermuteRows.apply(x, token, slots), per_expert, row_probs),
+                                        token, slots)
+            else:
+                out = combine(experts_apply(x.index_select(0, token), per_expert, row_probs), token, x.shape)
         else:
             rows, row_probs, index = permute(x, routing_map, probs=p, num_out_tokens=tokens * topk)
             out = unpermute(experts_apply(rows, routing_map.sum(0), row_probs), index, x.shape,

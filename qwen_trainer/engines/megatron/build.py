@@ -157,7 +157,7 @@ def _chunks(spec, plan: ModelPlan, options: EngineOptions, config, notes: list[s
     if options.local_dispatch and plan.experts == "torch-grouped":
         from .dispatch import install_local_dispatch
 
-        _, reasons = install_local_dispatch(chunks)
+        _, reasons = install_local_dispatch(chunks, gather=options.gather_permute)
         if reasons:
             notes.append(f"megatron's token dispatcher kept on some MoE layers: {'; '.join(reasons)}")
     return chunks, offsets

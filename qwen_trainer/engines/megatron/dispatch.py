@@ -11,6 +11,11 @@ known on the host, and torch's grouped GEMM takes its group offsets on the devic
 megatron's permutation order (tokens grouped by expert, ascending token index within an expert) and combine
 (scatter-add, or index-add when deterministic algorithms are on), so results match megatron's dispatcher; it
 only replaces how the order is computed (`nonzero_static`, sync-free on CUDA) and leaves out the host copies.
+
+With `gather=True` (EngineOptions.gather_permute) the two adds of the permutation, the combine's forward and the
+dispatch's backward, become gathers over each token's `topk` rows (`token_slots`): one fp32 sum per token and a
+single rounding to bf16, where megatron's scatter-add/index-add take `topk` atomic bf16 adds into a zeroed
+tensor (slow on the GPU and one rounding per add). The order of rows and everything the experts see are unchanged.
 """
 
 from __future__ import annotations
@@ -43,13 +48,56 @@ def combine(expert_output: torch.Tensor, token: torch.Tensor, restore_shape) -> 
     return out.scatter_add_(0, token.unsqueeze(1).expand(-1, restore_shape[-1]), expert_output)
 
 
+def token_slots(token: torch.Tensor, topk: int) -> torch.Tensor:
+    """[tokens, topk]: the permuted rows holding each token (its experts in ascending order).
+
+    `token` lists the token of each permuted row; with dropless top-k routing every token appears exactly `topk`
+    times, so a stable sort by token lists token 0's rows, then token 1's, each in row (that is expert) order.
+    """
+    return torch.sort(token, stable=True).indices.view(-1, topk)
+
+
+def gather_sum(rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """out[t] = sum of rows[slots[t, j]] over j, summed in fp32 (torch's reduction) and rounded once."""
+    num_tokens, topk = slots.shape
+    return rows.index_select(0, slots.reshape(-1)).view(num_tokens, topk, rows.shape[-1]).sum(dim=1)
+
+
+class PermuteRows(torch.autograd.Function):
+    """rows = tokens[token]; its gradient sums each token's rows by gathering them (no atomic index-add)."""
+
+    @staticmethod
+    def forward(ctx, tokens, token, slots):
+        ctx.save_for_backward(slots)
+        return tokens.index_select(0, token)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (slots,) = ctx.saved_tensors
+        return gather_sum(grad, slots), None, None
+
+
+class CombineRows(torch.autograd.Function):
+    """out[t] = sum of the rows holding token t, by gathering them (no zero fill, no atomic scatter-add)."""
+
+    @staticmethod
+    def forward(ctx, rows, token, slots):
+        ctx.save_for_backward(token)
+        return gather_sum(rows, slots)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (token,) = ctx.saved_tensors
+        return grad.index_select(0, token), None, None
+
+
 def _dispatcher_class():
     from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
     class LocalTokenDispatcher(MoETokenDispatcher):
         """Dispatcher for one rank holding every expert (see the module docstring)."""
 
-        def __init__(self, replaced: MoETokenDispatcher):
+        def __init__(self, replaced: MoETokenDispatcher, gather: bool = False):
             # The replaced dispatcher's process groups and config; no CUDA side stream, no host buffers.
             self.config = replaced.config
             self.shared_experts = None
@@ -58,13 +106,19 @@ def _dispatcher_class():
             # what a CUDA graph of the router + permutation must hand to the eager experts that follow it
             self.cudagraph_attrs, self.valid_cudagraph_attrs = ["token", "tokens_per_expert"], None
             self.topk = self.config.moe_router_topk
+            self.gather, self.slots = gather, None
+            if gather:
+                self.cudagraph_attrs.append("slots")
 
         def dispatch_preprocess(self, hidden_states, routing_map, probs):
             self.hidden_shape = hidden_states.shape
             tokens = hidden_states.view(-1, self.hidden_shape[-1])
             self.restore_shape = tokens.shape
             self.token, permuted_probs, self.tokens_per_expert = local_permutation(routing_map, probs, self.topk)
-            return tokens.index_select(0, self.token), permuted_probs
+            if not self.gather:
+                return tokens.index_select(0, self.token), permuted_probs
+            self.slots = token_slots(self.token, self.topk)
+            return PermuteRows.apply(tokens, self.token, self.slots), permuted_probs
 
         def token_dispatch(self, hidden_states, probs):
             return hidden_states, probs
@@ -80,8 +134,11 @@ def _dispatcher_class():
             return hidden_states
 
         def combine_postprocess(self, hidden_states):
-            out = combine(hidden_states, self.token, self.restore_shape)
-            self.token = None
+            if self.gather:
+                out = CombineRows.apply(hidden_states, self.token, self.slots)
+            else:
+                out = combine(hidden_states, self.token, self.restore_shape)
+            self.token = self.slots = None
             return out.view(self.hidden_shape)
 
     return LocalTokenDispatcher
@@ -103,8 +160,9 @@ def why_not_local(layer) -> str | None:
     return None
 
 
-def install_local_dispatch(chunks: Iterable[torch.nn.Module]) -> tuple[int, list[str]]:
-    """Swap in the local dispatcher on every MoE layer where it applies; (layers swapped, reasons for the rest)."""
+def install_local_dispatch(chunks: Iterable[torch.nn.Module], gather: bool = False) -> tuple[int, list[str]]:
+    """Swap in the local dispatcher on every MoE layer where it applies; (layers swapped, reasons for the rest).
+    gather: permute's backward and the combine as gathers (see the module docstring)."""
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
     cls = _dispatcher_class()
@@ -115,7 +173,7 @@ def install_local_dispatch(chunks: Iterable[torch.nn.Module]) -> tuple[int, list
                 continue
             reason = why_not_local(module)
             if reason is None:
-                module.token_dispatcher = cls(module.token_dispatcher)
+                module.token_dispatcher = cls(module.token_dispatcher, gather)
                 swapped += 1
             elif reason not in reasons:
                 reasons.append(reason)
