@@ -38,6 +38,7 @@ VARIANTS: dict[str, dict] = {
     "no-overlap": {"overlap_grad_reduce": False},
     "dispatcher-allgather": {"extra_config": {"moe_token_dispatcher_type": "allgather"}, "local_dispatch": False},
     "cuda-graphs": {"cuda_graphs": True},  # each layer's forward and backward replayed as CUDA graphs
+    "graphs-moe-layer": {"cuda_graphs": True, "graph_moe_experts": True},  # MoE layers captured whole, experts too
     "dispatch-megatron": {"local_dispatch": False},  # megatron's alltoall dispatcher (host copies, syncs)
     "stock": {"attention": "local", "fused_rope": False, "fused_rmsnorm": False, "fused_swiglu": False,
               "chunked_cross_entropy": False, "grad_accum_fusion": False, "fused_adam": False,
@@ -89,13 +90,14 @@ CASES: dict[str, Case] = {c.name: c for c in [
          variants=tuple(DENSE_ABLATIONS) + ("stock",)),
     Case("qwen1.5-moe-a2.7b-l3", "qwen1.5", "A2.7B", gpus=1, seq=4096, micro_batch=1, global_batch=4,
          variants=("best", "expert-wgrad-fused", "clip-in-adam", "gather-permute", "moe-levers", "cuda-graphs",
-                   "ce-grad-bf16", "dispatch-megatron", "grad-add-torch", "swiglu-compiled", "experts-sequential",
-                   "dispatcher-allgather"),
+                   "graphs-moe-layer", "ce-grad-bf16", "dispatch-megatron", "grad-add-torch", "swiglu-compiled",
+                   "experts-sequential", "dispatcher-allgather"),
          hf_variants=("baseline", "experts-eager"), architecture={"numLayers": 3},
          note="3 of 24 layers: 14.3B parameters with fp32 gradients and Adam state (18 bytes each) do not fit one "
               "80 GB card; all layers are identical, so per-token cost scales with the layer count"),
     Case("qwen3-30b-a3b-l3", "qwen3", "A3B", gpus=1, seq=4096, micro_batch=1, global_batch=4,
-         variants=("best", "expert-wgrad-fused", "clip-in-adam", "gather-permute", "moe-levers", "cuda-graphs"),
+         variants=("best", "expert-wgrad-fused", "clip-in-adam", "gather-permute", "moe-levers", "cuda-graphs",
+                   "graphs-moe-layer"),
          architecture={"numLayers": 3},
          note="3 of 48 layers of Qwen3-30B-A3B (128 experts, top-8) on one card"),
     Case("qwen2.5-1.5b-dp2", "qwen2.5", "1.5B", gpus=2, seq=4096, micro_batch=2, global_batch=16,

@@ -23,10 +23,11 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_
 WORKER = Path(__file__).with_name("cuda_graph_worker.py")
 
 
-def _run(case: str, graphs: str) -> dict:
+def _run(case: str, graphs: str, options: dict | None = None) -> dict:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-                           str(WORKER), case, graphs], env=env, capture_output=True, text=True, timeout=600)
+                           str(WORKER), case, graphs, json.dumps(options or {})], env=env, capture_output=True,
+                          text=True, timeout=600)
     for line in proc.stdout.splitlines():
         if line.startswith("GRAPHS "):
             return json.loads(line[len("GRAPHS "):])
@@ -41,8 +42,11 @@ def test_dense_losses_match_with_cuda_graphs():
     assert graphed["losses"][-1] < graphed["losses"][0]
 
 
-def test_moe_losses_match_with_cuda_graphs():
-    eager, graphed = _run("moe", "off"), _run("moe", "on")
+@pytest.mark.parametrize("scope", ["router", "whole-layer"])
+def test_moe_losses_match_with_cuda_graphs(scope):
+    """router: attention, router and permutation captured, experts eager; whole-layer: the experts too."""
+    options = {"graph_moe_experts": scope == "whole-layer"}
+    eager, graphed = _run("moe", "off", options), _run("moe", "on", options)
     assert graphed["graphed"] and not eager["graphed"]
     # the bf16 token combine adds with atomics: a little looser than dense
     for a, b in zip(graphed["losses"] + graphed["evals"], eager["losses"] + eager["evals"]):

@@ -101,6 +101,8 @@ def test_cuda_graph_scope_follows_the_dispatch():
                                                 parallelism={"tensor": 2}), EngineOptions())
     moe = kw(job_spec("qwen1.5", "A2.7B"))
     assert moe["cuda_graph_impl"] == "local" and moe["cuda_graph_scope"] == ["moe_router", "moe_preprocess"]
+    whole = kw(job_spec("qwen1.5", "A2.7B"), graphs.replace(graph_moe_experts=True))
+    assert whole["cuda_graph_impl"] == "local" and "cuda_graph_scope" not in whole  # whole MoE layers
     # megatron's dispatchers bring token counts to the host inside that scope: no graphs there
     assert "cuda_graph_impl" not in kw(job_spec("qwen1.5", "A2.7B", parallelism={"expert": 2}))
     assert "cuda_graph_impl" not in kw(job_spec("qwen1.5", "A2.7B"), graphs.replace(local_dispatch=False))

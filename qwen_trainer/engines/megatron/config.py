@@ -132,6 +132,10 @@ class EngineOptions:
     own capture, no Transformer Engine needed); MoE layers capture attention, router and token permutation, the
     experts stay eager. Removes the host's kernel-launch time where it exceeds the GPU's work (small models).
     None follows the spec's training.cudaGraphs; cuda_graph_blocker lists where capture is refused."""
+    graph_moe_experts: bool = False
+    """With CUDA graphs on MoE layers: capture the whole layer, the experts' grouped GEMMs and the combine
+    included (with the local dispatcher nothing in it waits for the host or changes shape), instead of the
+    router and permutation only. Off until it has run on a GPU."""
     overlap_grad_reduce: Optional[bool] = None
     """None: take spec.parallelism.overlapGradReduce."""
     recompute: Optional[str] = None
@@ -344,7 +348,7 @@ def transformer_config_kwargs(arch: ResolvedArchitecture, spec, opts: EngineOpti
         kw["attention_backend"] = AttnBackend.flash if spec.training.flash_attention else AttnBackend.fused
     if wants_cuda_graphs(spec, opts) and cuda_graph_blocker(spec, opts, kw, attention, experts) is None:
         kw.update(cuda_graph_impl="local", cuda_graph_warmup_steps=1)
-        if moe is not None:
+        if moe is not None and not opts.graph_moe_experts:
             kw["cuda_graph_scope"] = ["moe_router", "moe_preprocess"]
     kw.update(opts.extra_config)
     return kw
