@@ -8,7 +8,8 @@ argv: CASE ROOT OUT PHASE [key=value ...]
   PHASE  save    train STEPS steps, save, dump the gathered state, train EXTRA more steps (the uninterrupted run)
          resume  load the newest checkpoint, dump the gathered state, train EXTRA steps
   keys   tp, pp, ep (parallel sizes), dopt (distributed optimizer 0/1), reshard (0/1: checkpoint.reshardableOptimizer),
-         steps, extra, async (0/1: save as `qwen_trainer run` does by default, in the background)
+         steps, extra, async (0/1: save as `qwen_trainer run` does by default, in the background),
+         dispatcher (allgather | alltoall: the MoE token dispatcher), gather (0/1: EngineOptions.gather_permute)
 
 OUT/<PHASE>.pt (rank 0) holds the losses of the steps after the checkpoint and the full tensors, in Hugging Face
 naming, of the bf16 weights, the fp32 master weights and Adam's exp_avg / exp_avg_sq, plus the Adam step counts:
@@ -88,6 +89,25 @@ def cpu_stand_ins():
             return name
         return name.replace("torch.", "torch.cuda.", 1)
 
+    class HostStream:  # megatron's all-to-all dispatcher copies token counts to the host on a side stream
+        def wait_stream(self, other):
+            pass
+
+        def record_event(self):
+            return HostStream()
+
+        def synchronize(self):
+            pass
+
+    host_stream = HostStream()
+    from megatron.core.transformer.moe import token_dispatcher
+
+    # its host copies of the all-to-all splits: numpy arrays, as from a GPU (the CPU tensors are never copied)
+    put(token_dispatcher, "maybe_move_tensor_to_cpu",
+        lambda t, as_numpy=False, record_stream=False: t.numpy() if as_numpy and torch.is_tensor(t) else t)
+    put(torch.cuda, "Stream", lambda *a, **k: HostStream())
+    put(torch.cuda, "current_stream", lambda *a, **k: host_stream)
+    put(torch.cuda, "stream", lambda *a, **k: contextlib.nullcontext())
     put(torch.cuda, "set_device", lambda *a, **k: None)
     put(torch.cuda, "current_device", lambda: "cpu")
     put(torch.cuda, "synchronize", lambda *a, **k: None)
@@ -107,10 +127,11 @@ def cpu_stand_ins():
             setattr(obj, name, value)
 
 
-def make_spec(case: str, tp: int, pp: int, ep: int, dopt: bool, reshardable: bool = False):
+def make_spec(case: str, tp: int, pp: int, ep: int, dopt: bool, reshardable: bool = False,
+              dispatcher: str = "allgather"):
     from qwen_trainer.engines.megatron.testing import job_spec
 
-    moe = MOE if case == "moe" else None
+    moe = dict(MOE, tokenDispatcher=dispatcher) if case == "moe" else None
     return job_spec("qwen3", "A3B" if moe else "0.6B", architecture=TINY, moe=moe,
                     parallelism={"tensor": tp, "pipeline": pp, "expert": ep, "distributedOptimizer": dopt,
                                  "sequenceParallel": tp > 1 and moe is not None},
@@ -226,7 +247,9 @@ def main() -> int:
     dopt, steps, extra = kv.get("dopt", "0") == "1", int(kv.get("steps", 2)), int(kv.get("extra", 2))
     save_at = [int(x) for x in kv.get("save_at", str(steps)).split(",")]
     use_async = kv.get("async", "0") == "1"
-    spec = make_spec(case, tp, pp, ep, dopt, reshardable=kv.get("reshard", "0") == "1")
+    spec = make_spec(case, tp, pp, ep, dopt, reshardable=kv.get("reshard", "0") == "1",
+                     dispatcher=kv.get("dispatcher", "allgather"))
+    options = EngineOptions(**CPU_OPTIONS, gather_permute=kv.get("gather", "0") == "1")
     env = read_env()
     started = time.time()
     say = print if env.rank == 0 else (lambda _m: None)
@@ -235,12 +258,16 @@ def main() -> int:
     stand_ins = cpu_stand_ins() if not torch.cuda.is_available() else contextlib.nullcontext()
     with stand_ins:
         torch.manual_seed(spec.training.seed)  # megatron initialises weights on the CPU with torch's generator
-        engine = MegatronEngine(spec, EngineOptions(**CPU_OPTIONS), env=env, capabilities=Capabilities(cuda=True))
+        engine = MegatronEngine(spec, options, env=env, capabilities=Capabilities(cuda=True))
         init_process_group(env, "nccl" if torch.cuda.is_available() else "gloo")
         arch = resolve_architecture(spec)
         engine.build(EngineContext(spec, arch, env, init_method_std(spec), spec.training.seed, say))
         dp, dp_rank = engine.data_parallel_size, engine.data_parallel_rank
         say(f"built in {time.time() - started:.1f}s")
+        dispatchers = [type(m.token_dispatcher).__name__ for c in engine.model.unwrapped() for m in c.modules()
+                       if hasattr(m, "token_dispatcher")]
+        if env.rank == 0:
+            torch.save({"dispatchers": dispatchers}, out / "dispatchers.pt")
 
         def train(it: int) -> float:
             return engine.train_step(step_batches(it, arch.vocab_size, dp, dp_rank), LR, "mean").loss

@@ -182,6 +182,13 @@ def build_model(spec, plan: ModelPlan, options: EngineOptions, transformer_engin
         why = cuda_graph_blocker(spec, options, plan.config_kwargs, plan.attention, plan.experts)
         notes.append(f"CUDA graphs off: {why or 'set off in extra_config'}")
     chunks, offsets = _chunks(spec, plan, options, config, notes)
+    if options.gather_permute and config.num_moe_experts:
+        from .dispatch import install_alltoall_gather
+
+        _, reasons, undo = install_alltoall_gather(chunks)
+        restore.append(undo)
+        if reasons:
+            notes.append(f"gathered MoE permutation off on some layers: {'; '.join(reasons)}")
 
     p = spec.parallelism
     dp = parallel_state.get_data_parallel_world_size()

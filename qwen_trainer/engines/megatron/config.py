@@ -107,9 +107,10 @@ class EngineOptions:
     """With torch-grouped experts, every expert on this rank and no token dropping: permute and combine tokens
     on the device without megatron's host copies of the per-expert token counts (no GPU-idle waits)."""
     gather_permute: bool = False
-    """With the local dispatcher: the combine and the permutation's backward sum each token's expert rows by
-    gathering them (fp32 sum, one rounding) instead of atomic bf16 scatter-adds into a zeroed tensor. Off until it
-    has run on a GPU (checked on CPU against megatron's permute/unpermute)."""
+    """MoE token combine and the permutation's backward as gathers over each token's expert rows (fp32 sum, one
+    rounding) instead of atomic bf16 scatter-adds into a zeroed tensor: in the local dispatcher and, under expert
+    parallelism, in megatron's all-to-all dispatcher (dropless routing). Off until it has run on a GPU (checked on
+    CPU against megatron's permute/unpermute)."""
     grad_accum_fusion: bool = True
     """Accumulate weight gradients straight into the fp32 gradient buffer (one GEMM with fp32 output)."""
     expert_wgrad_into_buffer: bool = False

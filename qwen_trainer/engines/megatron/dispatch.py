@@ -16,26 +16,31 @@ With `gather=True` (EngineOptions.gather_permute) the two adds of the permutatio
 dispatch's backward, become gathers over each token's `topk` rows (`token_slots`): one fp32 sum per token and a
 single rounding to bf16, where megatron's scatter-add/index-add take `topk` atomic bf16 adds into a zeroed
 tensor (slow on the GPU and one rounding per add). The order of rows and everything the experts see are unchanged.
+With experts spread over ranks, megatron's all-to-all dispatcher keeps its communication and host-side splits and
+gets the same gathers for its first permutation and last unpermutation (`install_alltoall_gather`), which list
+every token `topk` times just as here.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+import contextvars
+from typing import Callable, Iterable, Optional
 
 import torch
 
 
-def local_permutation(routing_map: torch.Tensor, probs: torch.Tensor, topk: int):
+def local_permutation(routing_map: torch.Tensor, probs: Optional[torch.Tensor], topk: int):
     """(token index, routing probability) of each permuted row, and tokens per expert, all on the device.
 
     routing_map: [tokens, experts] bool with exactly `topk` entries per row (dropless top-k routing).
-    Rows are ordered by expert, then by token index, as megatron's `permute` orders them.
+    Rows are ordered by expert, then by token index, as megatron's `permute` orders them. Without probs the
+    permuted probabilities are None.
     """
     num_tokens, num_experts = routing_map.shape
     flat = torch.nonzero_static(routing_map.t().reshape(-1), size=num_tokens * topk).squeeze(1)
     expert = torch.div(flat, num_tokens, rounding_mode="floor")
     token = flat - expert * num_tokens
-    permuted_probs = probs.reshape(-1).index_select(0, token * num_experts + expert)
+    permuted_probs = None if probs is None else probs.reshape(-1).index_select(0, token * num_experts + expert)
     tokens_per_expert = routing_map.sum(dim=0)
     return token, permuted_probs, tokens_per_expert
 
@@ -142,6 +147,98 @@ def _dispatcher_class():
             return out.view(self.hidden_shape)
 
     return LocalTokenDispatcher
+
+
+_GATHERING: contextvars.ContextVar = contextvars.ContextVar("qwen_gather_dispatcher", default=None)
+"""The all-to-all dispatcher whose permutation is running with gathers (set around its pre/post-processing)."""
+
+
+def _gathering_permute(original: Callable) -> Callable:
+    def permute(tokens, routing_map, probs=None, num_out_tokens=None, fused=False, drop_and_pad=False):
+        dispatcher = _GATHERING.get()
+        if dispatcher is None or fused or drop_and_pad:
+            return original(tokens, routing_map, probs=probs, num_out_tokens=num_out_tokens, fused=fused,
+                            drop_and_pad=drop_and_pad)
+        token, permuted_probs, _ = local_permutation(routing_map, probs, dispatcher.config.moe_router_topk)
+        dispatcher.gather_slots = token_slots(token, dispatcher.config.moe_router_topk)
+        return PermuteRows.apply(tokens, token, dispatcher.gather_slots), permuted_probs, token
+    return permute
+
+
+def _gathering_unpermute(original: Callable) -> Callable:
+    def unpermute(permuted_tokens, sorted_indices, restore_shape, probs=None, routing_map=None, fused=False,
+                  drop_and_pad=False):
+        dispatcher = _GATHERING.get()
+        slots = None if dispatcher is None else dispatcher.gather_slots
+        if slots is None or probs is not None or fused or drop_and_pad:
+            return original(permuted_tokens, sorted_indices, restore_shape, probs=probs, routing_map=routing_map,
+                            fused=fused, drop_and_pad=drop_and_pad)
+        dispatcher.gather_slots = None
+        return CombineRows.apply(permuted_tokens, sorted_indices, slots)
+    return unpermute
+
+
+def _alltoall_gather_class():
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+    class GatherAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
+        """megatron's all-to-all dispatcher, its local permutation and unpermutation done by gathers."""
+
+        gather_slots = None
+
+        def dispatch_preprocess(self, *args, **kwargs):
+            mark = _GATHERING.set(self)
+            try:
+                return super().dispatch_preprocess(*args, **kwargs)
+            finally:
+                _GATHERING.reset(mark)
+
+        def combine_postprocess(self, *args, **kwargs):
+            mark = _GATHERING.set(self)
+            try:
+                return super().combine_postprocess(*args, **kwargs)
+            finally:
+                _GATHERING.reset(mark)
+
+    return GatherAlltoAllTokenDispatcher
+
+
+def why_not_alltoall_gather(layer) -> str | None:
+    """None when the gathers apply to this layer's all-to-all dispatcher (every token listed `topk` times)."""
+    config = layer.config
+    if config.moe_expert_capacity_factor is not None or getattr(config, "moe_router_padding_for_quantization", False):
+        return "token dropping or routing padding lists tokens a varying number of times"
+    if getattr(config, "moe_permute_fusion", False):
+        return "Transformer Engine's fused permutation is in use"
+    if getattr(config, "moe_latent_size", None):
+        return "latent projections"
+    return None
+
+
+def install_alltoall_gather(chunks: Iterable[torch.nn.Module]) -> tuple[int, list[str], Callable[[], None]]:
+    """The gathers on every MoE layer kept on megatron's all-to-all dispatcher where they apply: (layers changed,
+    reasons for the others, the function that undoes the module patch)."""
+    from megatron.core.transformer.moe import token_dispatcher as td
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    from .patches import replace
+
+    cls = _alltoall_gather_class()
+    changed, reasons = 0, []
+    for chunk in chunks:
+        for module in chunk.modules():
+            if not isinstance(module, MoELayer) or type(module.token_dispatcher) is not td.MoEAlltoAllTokenDispatcher:
+                continue
+            reason = why_not_alltoall_gather(module)
+            if reason is None:
+                module.token_dispatcher.__class__ = cls
+                changed += 1
+            elif reason not in reasons:
+                reasons.append(reason)
+    if not changed:
+        return 0, reasons, lambda: None
+    return changed, reasons, replace(td.__name__, {"permute": _gathering_permute(td.permute),
+                                                   "unpermute": _gathering_unpermute(td.unpermute)})
 
 
 def why_not_local(layer) -> str | None:

@@ -32,6 +32,10 @@ PATCHED = {
     ("megatron.core.optimizer.optimizer", "multi_tensor_scale_impl"): "as above",
     ("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32"):
         "gradient clipping as fused AdamW's grad_scale divisor instead of a scaling pass (clip_in_adam)",
+    ("megatron.core.transformer.moe.token_dispatcher", "permute"):
+        "gather_permute under expert parallelism: the all-to-all dispatcher's local permutation with a gathered "
+        "backward (only while a dispatcher switched to it runs; others get megatron's function)",
+    ("megatron.core.transformer.moe.token_dispatcher", "unpermute"): "as above, the combine as a gather",
     ("megatron.core.transformer.mlp", "bias_swiglu_impl"): "Triton SwiGLU for the dense MLP (no bias, no fp8)",
     ("megatron.core.transformer.moe.shared_experts", "bias_swiglu_impl"): "Triton SwiGLU for the shared expert",
     ("megatron.core.transformer.moe.moe_utils", "te_general_gemm"):
