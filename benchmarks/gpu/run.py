@@ -80,12 +80,21 @@ def _run_case(case, gpus, args, part, log):
             _launch(case, "megatron", [v], gpus, args, part, log)
 
 
+def curve_difference(losses: list[float], reference: list[float]) -> float:
+    """Largest relative difference between two runs' per-step losses over the steps both ran."""
+    steps = min(len(losses), len(reference))
+    return max(abs(a - b) / abs(b) for a, b in zip(losses[:steps], reference[:steps]))
+
+
 def summarise(rows: list[dict]) -> list[dict]:
     """Adds speedup over the baseline and data-parallel scaling efficiency."""
     base = {r["case"]: r for r in rows if r["impl"] == "hf" and r["variant"] == "baseline" and "error" not in r}
     eager = {r["case"]: r for r in rows if r["impl"] == "hf" and r["variant"] == "experts-eager" and "error" not in r}
     one_gpu = {r["case"]: r for r in rows if r["impl"] == "megatron" and r["variant"] == "best" and "error" not in r}
     for r in rows:
+        ref = one_gpu.get(r["case"])
+        if r["impl"] == "megatron" and ref is not None and r is not ref and r.get("losses") and ref.get("losses"):
+            r["loss_curve_vs_best"] = curve_difference(r["losses"], ref["losses"])
         b = base.get(r["case"])
         if r["impl"] == "megatron" and b and "error" not in r:
             r["speedup_vs_hf"] = round(r["tokens_per_s_per_gpu"] / b["tokens_per_s_per_gpu"], 3)
@@ -117,6 +126,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         note = r.get("experts") if r.get("experts") not in (None, "none") else ""
         if "speedup_vs_hf_experts_eager" in r:
             note += f"; {r['speedup_vs_hf_experts_eager']:.2f}x vs HF experts-eager"
+        if "loss_curve_vs_best" in r:
+            note += f"; {len(r['losses'])}-step losses within {r['loss_curve_vs_best']:.1e} of best"
         if r["impl"] == "hf":
             parts = [f"experts: {r.get('experts_implementation')}"] if "moe" in r["case"] else []
             parts += [r["parallel"].upper()] if r.get("parallel") in ("ddp", "fsdp") else []

@@ -83,6 +83,24 @@ def test_speedups_are_against_the_baseline_and_the_reference_variant_apart():
     assert out["moe-dp4", "best"]["scaling_efficiency"] == 0.95
 
 
+def test_each_variant_loss_curve_is_compared_with_best_of_its_case():
+    from run import markdown, summarise
+
+    def row(variant, losses, case="moe"):
+        return dict(case=case, impl="megatron", variant=variant, tokens_per_s_per_gpu=1.0, tflops_per_gpu=1.0,
+                    mfu=0.1, peak_mem_gib=1.0, losses=losses)
+
+    rows = summarise([row("best", [4.0, 2.0, 1.0]), row("moe-levers", [4.0, 2.002, 0.999, 0.5]),
+                      row("best", [3.0], case="dense"), row("no-overlap", [3.3], case="dense")])
+    out = {(r["case"], r["variant"]): r for r in rows}
+    assert out["moe", "moe-levers"]["loss_curve_vs_best"] == pytest.approx(1e-3)  # over the 3 steps both ran
+    assert out["dense", "no-overlap"]["loss_curve_vs_best"] == pytest.approx(0.1)
+    assert "loss_curve_vs_best" not in out["moe", "best"]
+    assert "4-step losses within 1.0e-03 of best" in markdown(rows, dict(device="x", gpus_visible=1, date="d",
+                                                                          torch="t", transformers="t",
+                                                                          megatron_core="m"))
+
+
 def test_profile_counts_kernels_not_the_annotations_around_them():
     pytest.importorskip("torch")
     from worker import kernel_summary, kernel_times
