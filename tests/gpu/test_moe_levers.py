@@ -6,7 +6,9 @@ each lever on against off, loss and held-out loss within 1e-3 relative.
 - clip_in_adam: clipping as fused AdamW's gradient divisor instead of megatron's scaling pass (a division against
   a multiplication);
 - gather_permute: the token combine and the permutation's backward as gathers summed in fp32 instead of atomic
-  bf16 scatter-adds (one rounding per token instead of one per add)."""
+  bf16 scatter-adds (one rounding per token instead of one per add);
+- embedding_grad_into_buffer: the word embedding's gradient rows added into the fp32 buffer instead of a dense
+  bf16 gradient and an add."""
 
 from __future__ import annotations
 
@@ -40,7 +42,8 @@ def _run(options: dict) -> dict:
     raise AssertionError(f"worker failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
 
 
-@pytest.mark.parametrize("lever", ["expert_wgrad_into_buffer", "clip_in_adam", "gather_permute"])
+@pytest.mark.parametrize("lever", ["expert_wgrad_into_buffer", "clip_in_adam", "gather_permute",
+                                   "embedding_grad_into_buffer"])
 def test_each_lever_trains_like_the_path_it_replaces(lever):
     on, off = _run({lever: True}), _run({lever: False})
     for a, b in zip(on["losses"] + on["evals"], off["losses"] + off["evals"]):
@@ -50,5 +53,7 @@ def test_each_lever_trains_like_the_path_it_replaces(lever):
         assert on["wgrad_into_buffer"] > 0 and off["wgrad_into_buffer"] == 0
     elif lever == "clip_in_adam":  # the clipping really happened in these steps (norms above the spec's clipGrad of 1)
         assert max(on["grad_norms"]) > 1.0, on["grad_norms"]
-    else:
+    elif lever == "gather_permute":
         assert on["gather_dispatch"] > 0 and off["gather_dispatch"] == 0
+    else:  # the embedding's weight is the one parameter marked
+        assert on["wgrad_into_buffer"] == 1 and off["wgrad_into_buffer"] == 0

@@ -9,7 +9,7 @@ argv: CASE ROOT OUT PHASE [key=value ...]
          resume  load the newest checkpoint, dump the gathered state, train EXTRA steps
   keys   tp, pp, ep (parallel sizes), dopt (distributed optimizer 0/1), reshard (0/1: checkpoint.reshardableOptimizer),
          steps, extra, async (0/1: save as `qwen_trainer run` does by default, in the background),
-         dispatcher (allgather | alltoall: the MoE token dispatcher), gather (0/1: EngineOptions.gather_permute)
+         dispatcher (allgather | alltoall: the MoE token dispatcher), opts (JSON: EngineOptions fields to change)
 
 OUT/<PHASE>.pt (rank 0) holds the losses of the steps after the checkpoint and the full tensors, in Hugging Face
 naming, of the bf16 weights, the fp32 master weights and Adam's exp_avg / exp_avg_sq, plus the Adam step counts:
@@ -24,6 +24,7 @@ one process per GPU.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import time
@@ -249,7 +250,7 @@ def main() -> int:
     use_async = kv.get("async", "0") == "1"
     spec = make_spec(case, tp, pp, ep, dopt, reshardable=kv.get("reshard", "0") == "1",
                      dispatcher=kv.get("dispatcher", "allgather"))
-    options = EngineOptions(**CPU_OPTIONS, gather_permute=kv.get("gather", "0") == "1")
+    options = EngineOptions(**dict(CPU_OPTIONS, **json.loads(kv.get("opts", "{}"))))
     env = read_env()
     started = time.time()
     say = print if env.rank == 0 else (lambda _m: None)
@@ -264,10 +265,15 @@ def main() -> int:
         engine.build(EngineContext(spec, arch, env, init_method_std(spec), spec.training.seed, say))
         dp, dp_rank = engine.data_parallel_size, engine.data_parallel_rank
         say(f"built in {time.time() - started:.1f}s")
-        dispatchers = [type(m.token_dispatcher).__name__ for c in engine.model.unwrapped() for m in c.modules()
-                       if hasattr(m, "token_dispatcher")]
+        from qwen_trainer.engines.megatron.triton_kernels import WGRAD_IN_MAIN_GRAD
+
+        chunks = engine.model.unwrapped()
+        built = {"dispatchers": [type(m.token_dispatcher).__name__ for c in chunks for m in c.modules()
+                                 if hasattr(m, "token_dispatcher")],
+                 "into_main_grad": sorted(n for c in chunks for n, p in c.named_parameters()
+                                          if getattr(p, WGRAD_IN_MAIN_GRAD, False))}
         if env.rank == 0:
-            torch.save({"dispatchers": dispatchers}, out / "dispatchers.pt")
+            torch.save(built, out / "built.pt")
 
         def train(it: int) -> float:
             return engine.train_step(step_batches(it, arch.vocab_size, dp, dp_rank), LR, "mean").loss

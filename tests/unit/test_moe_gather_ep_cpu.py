@@ -5,6 +5,8 @@ layer."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -19,10 +21,10 @@ def _losses(tmp_path, gather: bool) -> tuple[list[float], list[str]]:
     out = tmp_path / f"gather-{int(gather)}"
     log = tmp_path / f"gather-{int(gather)}.log"
     rc = _run(2, "moe", tmp_path / f"ckpt-{int(gather)}", out, "save", "ep=2", f"steps={STEPS}", "extra=0",
-              "save_at=999", "dispatcher=alltoall", f"gather={int(gather)}", log=log)
+              "save_at=999", "dispatcher=alltoall", f"opts={json.dumps({'gather_permute': gather})}", log=log)
     assert rc == 0, _tail(log)
     losses = torch.load(out / "losses.pt")
-    return [losses[i] for i in range(1, STEPS + 1)], torch.load(out / "dispatchers.pt")["dispatchers"]
+    return [losses[i] for i in range(1, STEPS + 1)], torch.load(out / "built.pt")["dispatchers"]
 
 
 def test_gathered_alltoall_permutation_trains_like_megatrons(tmp_path):

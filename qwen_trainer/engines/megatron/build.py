@@ -209,6 +209,12 @@ def build_model(spec, plan: ModelPlan, options: EngineOptions, transformer_engin
         from .expert_wgrad import mark_expert_weights
 
         mark_expert_weights(wrapped)
+    if options.embedding_grad_into_buffer:
+        from . import embedding_grad
+
+        _, reasons = embedding_grad.install([w.module for w in wrapped])
+        if reasons:
+            notes.append(f"embedding gradient through autograd: {'; '.join(reasons)}")
     # Without Transformer Engine only: TE's linear layers put their weight gradient into main_grad themselves under
     # names of their own, and the hook must never add their placeholder gradients.
     if options.triton_grad_accumulation and triton_available() and not plan.use_te:

@@ -117,6 +117,10 @@ class EngineOptions:
     """With torch-grouped experts: each expert's weight gradient accumulated in fp32 straight into the gradient
     buffer by one Triton grouped GEMM (expert_wgrad), instead of a bf16 gradient added in a separate pass. Off
     until it has run on a GPU (its arithmetic is checked on CPU by Triton's interpreter)."""
+    embedding_grad_into_buffer: bool = False
+    """Untied word embedding without tensor parallelism: each token's gradient row added straight into the fp32
+    gradient buffer (embedding_grad) instead of a vocabulary-sized bf16 gradient added in a separate pass. Off
+    until it has run on a GPU."""
     triton_grad_accumulation: bool = True
     """Every other gradient (embeddings, norms, biases, router, MoE experts) added into the fp32 buffer by a
     vectorised Triton kernel instead of torch's mixed-dtype add."""
