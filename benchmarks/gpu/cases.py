@@ -23,11 +23,12 @@ VARIANTS: dict[str, dict] = {
     "swiglu-compiled": {"triton_swiglu": False},  # megatron's compiled SwiGLU instead of the Triton kernels
     "grad-add-torch": {"triton_grad_accumulation": False},  # torch's mixed-dtype add into the fp32 buffer
     "expert-wgrad-fused": {"expert_wgrad_into_buffer": True},  # experts' weight gradients into the fp32 buffer
-    "clip-in-adam": {"clip_in_adam": True},  # clipping as fused AdamW's gradient divisor, no scaling pass
-    "gather-permute": {"gather_permute": True},  # token combine and permute's backward as gathers, no atomics
-    "embedding-grad-fused": {"embedding_grad_into_buffer": True},  # token rows straight into the fp32 buffer
-    "moe-levers": {"expert_wgrad_into_buffer": True, "clip_in_adam": True, "gather_permute": True,
-                   "embedding_grad_into_buffer": True},
+    "clip-pass": {"clip_in_adam": False},  # megatron's clipping pass instead of fused AdamW's gradient divisor
+    "permute-scatter": {"gather_permute": False},  # token combine and permute's backward by atomic scatter-adds
+    "embedding-grad-bf16": {"embedding_grad_into_buffer": False},  # vocabulary-sized bf16 gradient, then an add
+    "moe-levers-off": {"clip_in_adam": False, "gather_permute": False, "embedding_grad_into_buffer": False},
+    "graphs-moe-layer-levers-off": {"clip_in_adam": False, "gather_permute": False, "embedding_grad_into_buffer": False,
+                                    "cuda_graphs": True, "graph_moe_experts": True},
     "ce-unchunked": {"chunked_cross_entropy": False},  # megatron's output layer + fused vocab-parallel CE
     "ce-eager": {"fused_cross_entropy": False},  # chunked CE, each chunk's softmax and gradient as torch ops
     "ce-grad-bf16": {"output_grad_into_buffer": False},  # output weight gradient in bf16, then scaled and added
@@ -91,15 +92,15 @@ CASES: dict[str, Case] = {c.name: c for c in [
     Case("qwen2.5-1.5b", "qwen2.5", "1.5B", gpus=1, seq=4096, micro_batch=2, global_batch=8,
          variants=tuple(DENSE_ABLATIONS) + ("stock",)),
     Case("qwen1.5-moe-a2.7b-l3", "qwen1.5", "A2.7B", gpus=1, seq=4096, micro_batch=1, global_batch=4,
-         variants=("best", "expert-wgrad-fused", "clip-in-adam", "gather-permute", "embedding-grad-fused",
-                   "moe-levers", "cuda-graphs", "graphs-moe-layer", "ce-grad-bf16", "dispatch-megatron", "grad-add-torch", "swiglu-compiled",
-                   "experts-sequential", "dispatcher-allgather"),
+         variants=("best", "moe-levers-off", "clip-pass", "permute-scatter", "embedding-grad-bf16",
+                   "expert-wgrad-fused", "cuda-graphs", "graphs-moe-layer", "ce-grad-bf16", "dispatch-megatron",
+                   "grad-add-torch", "swiglu-compiled", "experts-sequential", "dispatcher-allgather"),
          hf_variants=("baseline", "experts-eager"), architecture={"numLayers": 3},
          note="3 of 24 layers: 14.3B parameters with fp32 gradients and Adam state (18 bytes each) do not fit one "
               "80 GB card; all layers are identical, so per-token cost scales with the layer count"),
     Case("qwen3-30b-a3b-l3", "qwen3", "A3B", gpus=1, seq=4096, micro_batch=1, global_batch=4,
-         variants=("best", "expert-wgrad-fused", "clip-in-adam", "gather-permute", "embedding-grad-fused",
-                   "moe-levers", "cuda-graphs", "graphs-moe-layer"),
+         variants=("best", "moe-levers-off", "clip-pass", "permute-scatter", "embedding-grad-bf16",
+                   "expert-wgrad-fused", "cuda-graphs", "graphs-moe-layer"),
          architecture={"numLayers": 3},
          note="3 of 48 layers of Qwen3-30B-A3B (128 experts, top-8) on one card"),
     Case("qwen2.5-1.5b-dp2", "qwen2.5", "1.5B", gpus=2, seq=4096, micro_batch=2, global_batch=16,

@@ -1,5 +1,6 @@
 """Run under torchrun with 1 process: trains a small model with the megatron engine, CUDA graphs
-on or off (argv: case, on|off[, more EngineOptions as JSON[, loss mode[, steps]]]), evaluating between steps, and prints
+on or off (argv: case, on|off[, more EngineOptions as JSON[, loss mode[, steps[, spec training fields as JSON]]]]),
+evaluating between steps, and prints
 one JSON line with every loss and gradient norm."""
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ def main() -> int:
 
     case, graphs = sys.argv[1], sys.argv[2] == "on"
     family, size, shape = CASES[case]
-    spec = job_spec(family, size, training={"seqLength": SEQ, "microBatchSize": MICRO, "globalBatchSize": GLOBAL,
-                                            "activationCheckpointing": {"mode": "none"}}, **shape)
+    training = {"seqLength": SEQ, "microBatchSize": MICRO, "globalBatchSize": GLOBAL,
+                "activationCheckpointing": {"mode": "none"}}
+    training.update(json.loads(sys.argv[6]) if len(sys.argv) > 6 else {})
+    spec = job_spec(family, size, training=training, **shape)
     vocab = resolve_architecture(spec).vocab_size
     extra = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
     loss_mode = sys.argv[4] if len(sys.argv) > 4 else "mean"

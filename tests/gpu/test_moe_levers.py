@@ -31,11 +31,15 @@ STEPS = 50
 RTOL = 1e-3
 
 
+# clipGrad below this model's gradient norms (0.36-0.72 on an H100), so that clipping happens in every step
+TRAINING = {"clipGrad": 0.2}
+
+
 def _run(options: dict) -> dict:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-                           str(WORKER), "moe", "off", json.dumps(options), "mean", str(STEPS)], env=env,
-                          capture_output=True, text=True, timeout=600)
+                           str(WORKER), "moe", "off", json.dumps(options), "mean", str(STEPS), json.dumps(TRAINING)],
+                          env=env, capture_output=True, text=True, timeout=600)
     for line in proc.stdout.splitlines():
         if line.startswith("GRAPHS "):
             return json.loads(line[len("GRAPHS "):])
@@ -51,8 +55,8 @@ def test_each_lever_trains_like_the_path_it_replaces(lever):
     assert on["losses"][-1] < on["losses"][0] - 0.1, on["losses"]
     if lever == "expert_wgrad_into_buffer":
         assert on["wgrad_into_buffer"] > 0 and off["wgrad_into_buffer"] == 0
-    elif lever == "clip_in_adam":  # the clipping really happened in these steps (norms above the spec's clipGrad of 1)
-        assert max(on["grad_norms"]) > 1.0, on["grad_norms"]
+    elif lever == "clip_in_adam":  # the clipping really happened in these steps (norms above clipGrad)
+        assert min(on["grad_norms"]) > TRAINING["clipGrad"], on["grad_norms"]
     elif lever == "gather_permute":
         assert on["gather_dispatch"] > 0 and off["gather_dispatch"] == 0
     else:  # the embedding's weight is the one parameter marked

@@ -90,10 +90,10 @@ def test_each_variant_loss_curve_is_compared_with_best_of_its_case():
         return dict(case=case, impl="megatron", variant=variant, tokens_per_s_per_gpu=1.0, tflops_per_gpu=1.0,
                     mfu=0.1, peak_mem_gib=1.0, losses=losses)
 
-    rows = summarise([row("best", [4.0, 2.0, 1.0]), row("moe-levers", [4.0, 2.002, 0.999, 0.5]),
+    rows = summarise([row("best", [4.0, 2.0, 1.0]), row("moe-levers-off", [4.0, 2.002, 0.999, 0.5]),
                       row("best", [3.0], case="dense"), row("no-overlap", [3.3], case="dense")])
     out = {(r["case"], r["variant"]): r for r in rows}
-    assert out["moe", "moe-levers"]["loss_curve_vs_best"] == pytest.approx(1e-3)  # over the 3 steps both ran
+    assert out["moe", "moe-levers-off"]["loss_curve_vs_best"] == pytest.approx(1e-3)  # over the 3 steps both ran
     assert out["dense", "no-overlap"]["loss_curve_vs_best"] == pytest.approx(0.1)
     assert "loss_curve_vs_best" not in out["moe", "best"]
     assert "4-step losses within 1.0e-03 of best" in markdown(rows, dict(device="x", gpus_visible=1, date="d",
