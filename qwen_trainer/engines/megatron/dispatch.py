@@ -23,6 +23,7 @@ every token `topk` times just as here.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 from typing import Callable, Iterable, Optional
 
@@ -153,6 +154,15 @@ _GATHERING: contextvars.ContextVar = contextvars.ContextVar("qwen_gather_dispatc
 """The all-to-all dispatcher whose permutation is running with gathers (set around its pre/post-processing)."""
 
 
+@contextlib.contextmanager
+def _gathering(dispatcher):
+    mark = _GATHERING.set(dispatcher)
+    try:
+        yield
+    finally:
+        _GATHERING.reset(mark)
+
+
 def _gathering_permute(original: Callable) -> Callable:
     def permute(tokens, routing_map, probs=None, num_out_tokens=None, fused=False, drop_and_pad=False):
         dispatcher = _GATHERING.get()
@@ -187,18 +197,12 @@ def _alltoall_gather_class():
         gather_slots = None
 
         def dispatch_preprocess(self, *args, **kwargs):
-            mark = _GATHERING.set(self)
-            try:
+            with _gathering(self):
                 return super().dispatch_preprocess(*args, **kwargs)
-            finally:
-                _GATHERING.reset(mark)
 
         def combine_postprocess(self, *args, **kwargs):
-            mark = _GATHERING.set(self)
-            try:
+            with _gathering(self):
                 return super().combine_postprocess(*args, **kwargs)
-            finally:
-                _GATHERING.reset(mark)
 
     return GatherAlltoAllTokenDispatcher
 
