@@ -68,3 +68,30 @@ def test_the_engine_trains_the_same_with_the_embedding_gradient_in_the_buffer(tm
     for a, b in zip(fused, plain):
         assert abs(a - b) <= 1e-3 * abs(b), (fused, plain)
     assert len(fused) == 4
+
+
+def test_which_embeddings_take_the_path_and_which_notes_are_worth_a_line():
+    from types import SimpleNamespace
+
+    from qwen_trainer.engines.megatron import embedding_grad
+
+    def model(tied=False, tp=1, buffer=True, stage_has_embedding=True):
+        weight = torch.nn.Parameter(torch.zeros(4, 2))
+        if buffer:
+            weight.main_grad = torch.zeros(4, 2)
+        words = SimpleNamespace(weight=weight, tp_group=SimpleNamespace(size=lambda: tp),
+                                reduce_scatter_embeddings=False)
+        m = SimpleNamespace(share_embeddings_and_output_weights=tied)
+        if stage_has_embedding:
+            m.embedding = SimpleNamespace(word_embeddings=words)
+        return m
+
+    assert embedding_grad.why_not(model()) is None
+    assert embedding_grad.why_not(model(tied=True)) == embedding_grad.TIED
+    assert "tensor parallelism" in embedding_grad.why_not(model(tp=2))
+    assert "buffer" in embedding_grad.why_not(model(buffer=False))
+    untied = model()
+    changed, reasons = embedding_grad.install([untied, model(tied=True), model(stage_has_embedding=False),
+                                               model(tp=2)])
+    assert changed == 1 and reasons == ["tensor parallelism splits the vocabulary"]
+    assert getattr(untied.embedding.word_embeddings.weight, embedding_grad.MARK)

@@ -51,13 +51,16 @@ def _forward(module, input_):
     return EmbeddingIntoMainGrad.apply(input_, module.weight)
 
 
+NO_EMBEDDING, TIED = "no word embedding on this pipeline stage", "the output layer shares the embedding's weight"
+
+
 def why_not(model) -> str | None:
     """None when the model's word embedding can take this path (call after DDP created main_grad)."""
     embedding = getattr(getattr(model, "embedding", None), "word_embeddings", None)
     if embedding is None:
-        return "no word embedding on this pipeline stage"
+        return NO_EMBEDDING
     if getattr(model, "share_embeddings_and_output_weights", False):
-        return "the output layer shares the embedding's weight"
+        return TIED
     if embedding.tp_group.size() > 1 or getattr(embedding, "reduce_scatter_embeddings", False):
         return "tensor parallelism splits the vocabulary"
     if not hasattr(embedding.weight, "main_grad"):
@@ -67,12 +70,13 @@ def why_not(model) -> str | None:
 
 def install(models: Iterable[torch.nn.Module]) -> tuple[int, list[str]]:
     """Route the word embedding's gradient of each (unwrapped) model into main_grad where it applies: (embeddings
-    changed, reasons for the others). Before install_grad_accumulation, whose hook must leave the weight alone."""
+    changed, reasons worth a note for the others: not a later pipeline stage or a tied embedding, which are the
+    design). Before install_grad_accumulation, whose hook must leave the weight alone."""
     changed, reasons = 0, []
     for model in models:
         reason = why_not(model)
         if reason is not None:
-            if reason not in reasons and "pipeline stage" not in reason:
+            if reason not in reasons and reason not in (NO_EMBEDDING, TIED):
                 reasons.append(reason)
             continue
         embedding = model.embedding.word_embeddings
