@@ -27,8 +27,6 @@ VARIANTS: dict[str, dict] = {
     "permute-scatter": {"gather_permute": False},  # token combine and permute's backward by atomic scatter-adds
     "embedding-grad-bf16": {"embedding_grad_into_buffer": False},  # vocabulary-sized bf16 gradient, then an add
     "moe-levers-off": {"clip_in_adam": False, "gather_permute": False, "embedding_grad_into_buffer": False},
-    "graphs-moe-layer-levers-off": {"clip_in_adam": False, "gather_permute": False, "embedding_grad_into_buffer": False,
-                                    "cuda_graphs": True, "graph_moe_experts": True},
     "ce-unchunked": {"chunked_cross_entropy": False},  # megatron's output layer + fused vocab-parallel CE
     "ce-eager": {"fused_cross_entropy": False},  # chunked CE, each chunk's softmax and gradient as torch ops
     "ce-grad-bf16": {"output_grad_into_buffer": False},  # output weight gradient in bf16, then scaled and added

@@ -279,21 +279,17 @@ def run_megatron(case, variants, steps, warmup, out):
             dp, dp_rank = data_parallel_info()
             n_micro = case.global_batch // (case.micro_batch * dp)
             batches = random_micro_batches(n_micro, case.micro_batch, case.seq, arch.vocab_size, seed=100 + dp_rank)
-            first, results = None, []
-            for _ in range(warmup):
-                r = engine.train_step(batches, lr, "mean")
-                first = first or r
-                results.append(r)
+            results = [engine.train_step(batches, lr, "mean") for _ in range(warmup)]
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             for _ in range(steps):
-                r = engine.train_step(batches, lr, "mean")
-                results.append(r)
+                results.append(engine.train_step(batches, lr, "mean"))
             torch.cuda.synchronize()
             row.update(_figures(case, arch, time.perf_counter() - t0, steps))
             # every step's loss (the result's floats, read after the timing): the loss curve the variants share
-            row.update(first_loss=round(first.loss, 4), last_loss=round(r.loss, 4), notes=engine.notes,
-                       losses=[float(x.loss) for x in results])
+            losses = [float(x.loss) for x in results]
+            row.update(first_loss=round(losses[0], 4), last_loss=round(losses[-1], 4), notes=engine.notes,
+                       losses=losses)
             profile_step(functools.partial(engine.train_step, batches, lr, "mean"), f"{case.name} megatron {variant}")
             gqa = {getattr(m, "_gqa_native", None) for c in engine.unwrapped() for m in c.modules()
                    if type(m).__name__ == "SDPAAttention"}

@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("megatron.core")
 
 from qwen_trainer.engines.megatron.embedding_grad import EmbeddingIntoMainGrad  # noqa: E402
-from tests.unit.test_megatron_resume_cpu import _run, _tail  # noqa: E402
+from tests.unit.test_megatron_resume_cpu import trained_losses  # noqa: E402
 
 VOCAB, HIDDEN = 97, 24
 
@@ -52,12 +52,8 @@ def test_rows_land_in_main_grad_like_autograd_and_an_add(deterministic):
 
 
 def _train(tmp_path, name: str, opts: dict):
-    out, log = tmp_path / name, tmp_path / f"{name}.log"
-    rc = _run(1, "moe", tmp_path / f"ckpt-{name}", out, "save", "steps=4", "extra=0", "save_at=999",
-              f"opts={json.dumps(opts)}", log=log)
-    assert rc == 0, _tail(log)
-    losses = torch.load(out / "losses.pt")
-    return [losses[i] for i in range(1, 5)], torch.load(out / "built.pt")["into_main_grad"]
+    losses, built = trained_losses(tmp_path, name, 1, 4, f"opts={json.dumps(opts)}")
+    return losses, built["into_main_grad"]
 
 
 def test_the_engine_trains_the_same_with_the_embedding_gradient_in_the_buffer(tmp_path):

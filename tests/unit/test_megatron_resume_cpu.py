@@ -88,6 +88,17 @@ def _tail(log: Path) -> str:
     return "\n".join(lines[-40:])
 
 
+def trained_losses(tmp_path: Path, name: str, procs: int, steps: int, *keys: str) -> tuple[list[float], dict]:
+    """The tiny MoE case trained `steps` steps under torchrun without a save (worker keys as `keys`): every step's
+    loss and what the engine built (the worker's built.pt: dispatcher classes, parameters marked into main_grad)."""
+    out, log = tmp_path / name, tmp_path / f"{name}.log"
+    rc = _run(procs, "moe", tmp_path / f"ckpt-{name}", out, "save", f"steps={steps}", "extra=0", "save_at=999",
+              *keys, log=log)
+    assert rc == 0, _tail(log)
+    losses = torch.load(out / "losses.pt")
+    return [losses[i] for i in range(1, steps + 1)], torch.load(out / "built.pt")
+
+
 def _same_state(saved: dict, resumed: dict) -> None:
     assert saved["steps"] == resumed["steps"] and len(saved["steps"]) == 1, (saved["steps"], resumed["steps"])
     for q in QUANTITIES:

@@ -8,23 +8,18 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 pytest.importorskip("megatron.core")
 
-from tests.unit.test_megatron_resume_cpu import _run, _tail  # noqa: E402
+from tests.unit.test_megatron_resume_cpu import trained_losses  # noqa: E402
 
 STEPS = 4
 
 
 def _losses(tmp_path, gather: bool) -> tuple[list[float], list[str]]:
-    out = tmp_path / f"gather-{int(gather)}"
-    log = tmp_path / f"gather-{int(gather)}.log"
-    rc = _run(2, "moe", tmp_path / f"ckpt-{int(gather)}", out, "save", "ep=2", f"steps={STEPS}", "extra=0",
-              "save_at=999", "dispatcher=alltoall", f"opts={json.dumps({'gather_permute': gather})}", log=log)
-    assert rc == 0, _tail(log)
-    losses = torch.load(out / "losses.pt")
-    return [losses[i] for i in range(1, STEPS + 1)], torch.load(out / "built.pt")["dispatchers"]
+    losses, built = trained_losses(tmp_path, f"gather-{int(gather)}", 2, STEPS, "ep=2", "dispatcher=alltoall",
+                                   f"opts={json.dumps({'gather_permute': gather})}")
+    return losses, built["dispatchers"]
 
 
 def test_gathered_alltoall_permutation_trains_like_megatrons(tmp_path):
