@@ -8,7 +8,9 @@ each lever on against off, loss and held-out loss within 1e-3 relative.
 - gather_permute: the token combine and the permutation's backward as gathers summed in fp32 instead of atomic
   bf16 scatter-adds (one rounding per token instead of one per add);
 - embedding_grad_into_buffer: the word embedding's gradient rows added into the fp32 buffer instead of a dense
-  bf16 gradient and an add."""
+  bf16 gradient and an add;
+- defer_expert_wgrad: the experts' weight gradients of every micro-batch summed by one grouped GEMM in the step's
+  last backward (one bf16 rounding of the sum instead of one per micro-batch)."""
 
 from __future__ import annotations
 
@@ -47,14 +49,16 @@ def _run(options: dict) -> dict:
 
 
 @pytest.mark.parametrize("lever", ["expert_wgrad_into_buffer", "clip_in_adam", "gather_permute",
-                                   "embedding_grad_into_buffer"])
+                                   "embedding_grad_into_buffer", "defer_expert_wgrad"])
 def test_each_lever_trains_like_the_path_it_replaces(lever):
     on, off = _run({lever: True}), _run({lever: False})
     for a, b in zip(on["losses"] + on["evals"], off["losses"] + off["evals"]):
         assert abs(a - b) <= RTOL * abs(b), (lever, on["losses"], off["losses"])
     assert on["losses"][-1] < on["losses"][0] - 0.1, on["losses"]
     if lever == "expert_wgrad_into_buffer":
-        assert on["wgrad_into_buffer"] > 0 and off["wgrad_into_buffer"] == 0
+        assert on["expert_wgrad_kernel"] > 0 and off["expert_wgrad_kernel"] == 0
+    elif lever == "defer_expert_wgrad":
+        assert on["expert_wgrad_deferred"] > 0 and off["expert_wgrad_deferred"] == 0
     elif lever == "clip_in_adam":  # the clipping really happened in these steps (norms above clipGrad)
         assert min(on["grad_norms"]) > TRAINING["clipGrad"], on["grad_norms"]
     elif lever == "gather_permute":

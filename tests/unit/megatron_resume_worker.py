@@ -259,19 +259,23 @@ def main() -> int:
     stand_ins = cpu_stand_ins() if not torch.cuda.is_available() else contextlib.nullcontext()
     with stand_ins:
         torch.manual_seed(spec.training.seed)  # megatron initialises weights on the CPU with torch's generator
-        engine = MegatronEngine(spec, options, env=env, capabilities=Capabilities(cuda=True))
+        # torch's grouped GEMM runs on the CPU too (bf16, sizes in multiples of 8), so its experts can be asked for
+        caps = Capabilities(cuda=True, torch_grouped_mm=options.experts == "torch-grouped")
+        engine = MegatronEngine(spec, options, env=env, capabilities=caps)
         init_process_group(env, "nccl" if torch.cuda.is_available() else "gloo")
         arch = resolve_architecture(spec)
         engine.build(EngineContext(spec, arch, env, init_method_std(spec), spec.training.seed, say))
         dp, dp_rank = engine.data_parallel_size, engine.data_parallel_rank
         say(f"built in {time.time() - started:.1f}s")
+        from qwen_trainer.engines.megatron.expert_wgrad import DEFER
         from qwen_trainer.engines.megatron.triton_kernels import WGRAD_IN_MAIN_GRAD
 
         chunks = engine.model.unwrapped()
         built = {"dispatchers": [type(m.token_dispatcher).__name__ for c in chunks for m in c.modules()
                                  if hasattr(m, "token_dispatcher")],
                  "into_main_grad": sorted(n for c in chunks for n, p in c.named_parameters()
-                                          if getattr(p, WGRAD_IN_MAIN_GRAD, False))}
+                                          if getattr(p, WGRAD_IN_MAIN_GRAD, False)),
+                 "deferring": sorted(n for c in chunks for n, p in c.named_parameters() if hasattr(p, DEFER))}
         if env.rank == 0:
             torch.save(built, out / "built.pt")
 

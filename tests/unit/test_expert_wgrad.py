@@ -49,6 +49,7 @@ def _expert_weight(experts: int, k: int, n: int, marked: bool) -> torch.nn.Param
     w.grad_added_to_main_grad = False
     if marked:
         setattr(w, expert_wgrad.MARK, True)
+        setattr(w, expert_wgrad.KERNEL, True)
     return w
 
 

@@ -204,11 +204,8 @@ def build_model(spec, plan: ModelPlan, options: EngineOptions, transformer_engin
     )
     wrapped = [DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0)
                for i, chunk in enumerate(chunks)]
-    if options.expert_wgrad_into_buffer and plan.experts == "torch-grouped" and triton_available() and \
-            (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
-        from .expert_wgrad import mark_expert_weights
-
-        mark_expert_weights(wrapped)
+    if plan.experts == "torch-grouped":
+        restore.append(_route_expert_wgrad(options, config, wrapped, notes))
     if options.embedding_grad_into_buffer:
         from . import embedding_grad
 
@@ -259,6 +256,23 @@ def build_model(spec, plan: ModelPlan, options: EngineOptions, transformer_engin
         psync = [m.start_param_sync for m in wrapped]
         config.param_sync_func = psync[0] if len(psync) == 1 else psync
     return Model(wrapped, optimizer, config, offsets, notes, restore)
+
+
+def _route_expert_wgrad(options: EngineOptions, config, wrapped, notes: list[str]) -> Callable[[], None]:
+    """The experts' weight gradients deferred and/or through the Triton kernel (expert_wgrad). Returns the undo."""
+    from . import expert_wgrad
+
+    kernel = options.expert_wgrad_into_buffer and triton_available() and \
+        (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+    defer = options.defer_expert_wgrad and options.expert_wgrad_stash_mib > 0
+    scope = getattr(config, "cuda_graph_scope", None) or []
+    if defer and getattr(config, "cuda_graph_impl", "none") == "local" and (not scope or "moe" in scope):
+        # a captured backward replays its kernels whatever the micro-batch: no place for a per-step decision
+        notes.append("expert weight gradients per micro-batch: whole MoE layers are captured as CUDA graphs")
+        defer = False
+    if kernel or defer:
+        expert_wgrad.install(wrapped, kernel, options.expert_wgrad_stash_mib << 20 if defer else 0)
+    return expert_wgrad.reset_deferred
 
 
 def release(model: Model) -> None:

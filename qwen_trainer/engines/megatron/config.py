@@ -118,6 +118,16 @@ class EngineOptions:
     buffer by one Triton grouped GEMM (expert_wgrad), instead of a bf16 gradient added in a separate pass. Off:
     on an H100 the kernel took 1.15-1.4x the time of torch's grouped GEMM plus the add it replaces
     (benchmarks/gpu/expert_wgrad_bench.py), exact to bf16's precision."""
+    defer_expert_wgrad: bool = True
+    """With torch-grouped experts: each expert weight's gradient operands (its tokens and their output gradient)
+    kept from micro-batch to micro-batch and multiplied once, in the step's last backward, by one grouped GEMM over
+    every micro-batch's tokens, then added into the fp32 gradient buffer once, instead of a bf16 gradient the size
+    of every expert's weights written and added per micro-batch. Costs the kept operands' memory, capped by
+    expert_wgrad_stash_mib (past it, the kept micro-batches are flushed early); off where whole MoE layers are
+    captured as CUDA graphs."""
+    expert_wgrad_stash_mib: int = 4096
+    """Memory the deferred expert operands may hold over all layers of this rank (MiB); the flush briefly needs
+    as much again for the regrouped copy."""
     embedding_grad_into_buffer: bool = True
     """Untied word embedding without tensor parallelism: each token's gradient row added straight into the fp32
     gradient buffer (embedding_grad) instead of a vocabulary-sized bf16 gradient added in a separate pass (about

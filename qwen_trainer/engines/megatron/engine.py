@@ -348,6 +348,8 @@ class MegatronEngine:
     def train_step(self, micro_batches: Sequence, lr: float, loss_mode: str) -> StepResult:
         from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
 
+        from .expert_wgrad import reset_deferred
+
         if loss_mode not in ("mean", "per_token"):
             raise ValueError(f"unknown loss mode {loss_mode!r}")
         model = self.model
@@ -362,6 +364,7 @@ class MegatronEngine:
                                     self.spec.parallelism.context)
         if self._moe:
             clear_aux_losses_tracker()
+            reset_deferred()  # operands a failed step may have left behind
         stores = self._run(micro_batches, forward_only=False)
         check_output_grad_scale()
         ok, grad_norm, _ = model.optimizer.step()

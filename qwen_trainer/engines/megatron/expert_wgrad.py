@@ -1,16 +1,25 @@
-"""The MoE experts' weight gradients accumulated into the fp32 gradient buffer by the grouped GEMM itself.
+"""The MoE experts' weight gradients: into the fp32 gradient buffer without autograd's bf16 gradient per micro-batch.
 
 megatron's GroupedMLP multiplies each expert's tokens by that expert's slice of one weight tensor (a view of
 `weight1` / `weight2`). Through autograd, the weight gradient of that grouped GEMM is a bf16 tensor the size of
 every expert's weights, which megatron's DDP hook then adds into the fp32 `main_grad` in a separate pass, once per
-micro-batch: for the Qwen1.5-MoE shapes most parameters are experts', and that add was the largest non-GEMM cost
-of the step (benchmarks/gpu/RESULTS.md). Here the backward computes `main_grad[e] += x_e^T @ dy_e` in one Triton
-kernel: the product accumulates in fp32 and lands in the buffer without the bf16 round trip, as megatron's own
-linear layers do with gradient-accumulation fusion; autograd gets a placeholder and the parameter is marked
-`grad_added_to_main_grad`, so neither megatron's hook nor the engine's accumulation hook adds it again.
+micro-batch: for the Qwen MoE shapes most parameters are experts', and that write and add were the largest
+non-GEMM cost of the step (benchmarks/gpu/RESULTS.md). Two ways around it, each an EngineOptions switch:
 
-Group boundaries stay on the device (the token counts of megatron's dispatcher or the engine's local dispatch), so
-no host synchronisation is added. On CPU tensors without TRITON_INTERPRET=1 the same sum runs in torch, per expert.
+- deferral (`defer_expert_wgrad`, on): the backward keeps each micro-batch's operands (the expert's tokens and
+  their output gradient) and, in the step's last micro-batch (megatron DDP's `is_last_microbatch`, before its hook
+  hands the gradient to the reduction), regroups all of them by expert (`merge_by_expert`) for one grouped GEMM
+  whose fp32 accumulation runs over every micro-batch's tokens, rounded to bf16 once and added once. The kept
+  operands cost memory, capped over all layers (`expert_wgrad_stash_mib`); past the cap the kept micro-batches are
+  added early, so the sum is the same, only less is saved.
+- the Triton kernel (`expert_wgrad_into_buffer`, off: slower than torch's CUTLASS grouped GEMM plus the add on an
+  H100): `main_grad[e] += x_e^T @ dy_e` accumulated in fp32 straight into the buffer, as megatron's own linear
+  layers do with gradient-accumulation fusion.
+
+Either way autograd gets a placeholder and the parameter is marked `grad_added_to_main_grad`, so neither megatron's
+hook nor the engine's accumulation hook adds it again. Group boundaries stay on the device (the token counts of
+megatron's dispatcher or the engine's local dispatch), so no host synchronisation is added. On CPU tensors without
+TRITON_INTERPRET=1 the kernel's sum runs in torch, per expert; torch's grouped GEMM runs on the CPU as it is.
 """
 
 from __future__ import annotations
@@ -99,6 +108,104 @@ def main_grad_param(b: torch.Tensor) -> Optional[torch.nn.Parameter]:
     return base
 
 
+def grouped_wgrad(x: torch.Tensor, dy: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """[E, K, N] in x's dtype: per expert e, x[rows of e]^T @ dy[rows of e] (torch's grouped GEMM, fp32 inside)."""
+    return torch._grouped_mm(x.t(), dy, offs=ends)
+
+
+def _add_into(main: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, ends: torch.Tensor, kernel: bool) -> None:
+    if kernel:
+        grouped_wgrad_(x, dy, ends, main)
+    else:
+        from .triton_kernels import accumulate_
+
+        accumulate_(main, grouped_wgrad(x, dy, ends))
+
+
+def merge_by_expert(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
+    """Several micro-batches' (x, dy, ends) as one: each expert's rows contiguous, micro-batches in order within
+    an expert, so one grouped GEMM sums every micro-batch's product. Rows past a part's last group (padding) go
+    after every group, where the GEMM does not read. Everything stays on the device (no host sync)."""
+    experts = parts[0][2].numel()
+    extended, counts = [], []
+    for x, _, ends in parts:
+        ext = torch.cat([ends, ends.new_full((1,), x.shape[0])])  # the padding as one more group
+        extended.append(ext)
+        counts.append(torch.diff(ext, prepend=ext.new_zeros(1)))
+    total = torch.stack(counts).sum(0)
+    merged_ends = torch.cumsum(total, 0, dtype=parts[0][2].dtype)
+    merged_starts = merged_ends - total
+    rows = sum(x.shape[0] for x, _, _ in parts)
+    x_all = parts[0][0].new_empty((rows, parts[0][0].shape[1]))
+    dy_all = parts[0][1].new_empty((rows, parts[0][1].shape[1]))
+    before = torch.zeros_like(total)
+    for (x, dy, _), ext, count in zip(parts, extended, counts):
+        row = torch.arange(x.shape[0], device=x.device, dtype=ext.dtype)
+        group = torch.searchsorted(ext, row, right=True)
+        dest = ((merged_starts + before - (ext - count)).index_select(0, group) + row).long()
+        x_all.index_copy_(0, dest, x)
+        dy_all.index_copy_(0, dest, dy)
+        before += count
+    return x_all, dy_all, merged_ends[:experts]
+
+
+class _Stash:
+    """Deferred operands of the experts' weight gradients, per parameter, within one optimizer step."""
+
+    def __init__(self) -> None:
+        self.parts: dict[int, list] = {}
+        self.bytes = 0
+        self.limit = 0
+
+    def take(self, param) -> list:
+        parts = self.parts.pop(id(param), [])
+        self.bytes -= sum(_nbytes(x, dy) for x, dy, _ in parts)
+        return parts
+
+    def keep(self, param, parts: list) -> bool:
+        size = sum(_nbytes(x, dy) for x, dy, _ in parts)
+        if self.bytes + size > self.limit:
+            return False
+        self.parts[id(param)] = parts
+        self.bytes += size
+        return True
+
+    def clear(self) -> None:
+        self.parts.clear()
+        self.bytes = 0
+
+
+def _nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+STASH = _Stash()
+DEFER = "expert_wgrad_deferred"
+"""On a marked expert weight: megatron's DDP bucket group holding it, whose `is_last_microbatch` says when the
+step's last backward runs (the gradient must be complete before DDP's hook hands it to the reduction)."""
+KERNEL = "expert_wgrad_kernel"
+"""On a marked expert weight: accumulate with the Triton kernel (expert_wgrad_into_buffer)."""
+
+
+def reset_deferred() -> None:
+    """Drop whatever an interrupted step left deferred (called as every training step starts)."""
+    STASH.clear()
+
+
+def accumulate_expert_wgrad(param, x: torch.Tensor, dy: torch.Tensor, ends: torch.Tensor, shape) -> None:
+    """main_grad of `param` (viewed as `shape`, [E, K, N]) += this micro-batch's per-expert x^T dy, now or, where
+    the parameter defers, together with later micro-batches' in one grouped GEMM and one add."""
+    parts = [(x, dy, ends)]
+    group = getattr(param, DEFER, None)
+    if group is not None:
+        parts = STASH.take(param) + parts
+        if not group.is_last_microbatch and STASH.keep(param, parts):
+            return
+        if len(parts) > 1:
+            parts = [merge_by_expert(parts)]
+    _add_into(param.main_grad.view(shape), *parts[0], kernel=getattr(param, KERNEL, False))
+
+
 class GroupedMMIntoMainGrad(torch.autograd.Function):
     """a @ b[e] for the rows of each group e (torch's grouped GEMM), whose weight gradient goes into the fp32
     main_grad of `param` (b's parameter) instead of autograd."""
@@ -115,22 +222,34 @@ class GroupedMMIntoMainGrad(torch.autograd.Function):
         dy = dy.contiguous()
         da = torch._grouped_mm(dy, b.transpose(-1, -2), offs=ends) if ctx.needs_input_grad[0] else None
         param = ctx.param
-        grouped_wgrad_(a, dy, ends, param.main_grad.view(b.shape))
+        accumulate_expert_wgrad(param, a, dy, ends, b.shape)
         param.grad_added_to_main_grad = True
         # a placeholder, as megatron's fused linear layers return: autograd still reaches the parameter's hooks
         # (DDP's bucket bookkeeping), which skip the add
         return da, torch.empty_like(b), None, None
 
 
-def mark_expert_weights(modules) -> int:
-    """Mark the grouped experts' weights of `modules` for this path; returns how many were marked."""
+def install(wrapped, kernel: bool, defer_bytes: int) -> tuple[int, int]:
+    """Route the weight gradients of the grouped experts in `wrapped` (megatron DDP modules) through this module:
+    with `kernel`, the Triton kernel adds each micro-batch's product into main_grad; with `defer_bytes` > 0,
+    micro-batches' operands (up to that many bytes over all experts) wait for the step's last backward and are
+    multiplied in one grouped GEMM. Returns (weights routed, weights deferring)."""
     from megatron.core.transformer.moe.experts import GroupedMLP
 
-    marked = 0
-    for root in modules:
-        for module in root.modules():
-            if isinstance(module, GroupedMLP):
-                for w in (module.weight1, module.weight2):
-                    setattr(w, MARK, True)
-                    marked += 1
-    return marked
+    routed = deferring = 0
+    STASH.limit = max(defer_bytes, 0)
+    for ddp in wrapped:
+        for module in ddp.module.modules():
+            if not isinstance(module, GroupedMLP):
+                continue
+            for w in (module.weight1, module.weight2):
+                group = ddp.param_to_bucket_group.get(w) if defer_bytes > 0 else None
+                if not kernel and group is None:
+                    continue
+                setattr(w, MARK, True)
+                setattr(w, KERNEL, kernel)
+                if group is not None:
+                    setattr(w, DEFER, group)
+                    deferring += 1
+                routed += 1
+    return routed, deferring

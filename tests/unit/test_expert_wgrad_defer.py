@@ -1,0 +1,140 @@
+"""Deferred expert weight gradients (EngineOptions.defer_expert_wgrad, qwen_trainer.engines.megatron.expert_wgrad):
+micro-batches' operands regrouped by expert so one grouped GEMM sums them all, and the backward that keeps them
+until the step's last micro-batch (megatron DDP's `is_last_microbatch`), or until the memory cap, then adds once.
+torch's grouped GEMM runs on CPU tensors (bf16, sizes in multiples of 8)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from qwen_trainer.engines.megatron import expert_wgrad  # noqa: E402
+from qwen_trainer.engines.megatron.kernels import grouped_mm  # noqa: E402
+
+EXPERTS, K, N = 4, 16, 24
+# per micro-batch: tokens per expert (empty experts included) and padding rows after the last group
+MICRO_BATCHES = [([3, 0, 9, 4], 0), ([0, 7, 2, 0], 3), ([5, 5, 0, 1], 0)]
+
+
+def _part(sizes, padding, seed):
+    g = torch.Generator().manual_seed(seed)
+    rows = sum(sizes) + padding
+    x = torch.randn(rows, K, generator=g).to(torch.bfloat16)
+    dy = torch.randn(rows, N, generator=g).to(torch.bfloat16)
+    ends = torch.cumsum(torch.tensor(sizes), 0).to(torch.int32)
+    return x, dy, ends
+
+
+def _exact_products(parts) -> torch.Tensor:
+    out = torch.zeros(EXPERTS, K, N, dtype=torch.float64)
+    for x, dy, ends in parts:
+        start = 0
+        for e, end in enumerate(ends.tolist()):
+            out[e] += x[start:end].double().t() @ dy[start:end].double()
+            start = end
+    return out
+
+
+def test_merged_micro_batches_list_each_experts_rows_in_order():
+    parts = [_part(sizes, pad, i) for i, (sizes, pad) in enumerate(MICRO_BATCHES)]
+    x_all, dy_all, ends = expert_wgrad.merge_by_expert(parts)
+    totals = [sum(s[e] for s, _ in MICRO_BATCHES) for e in range(EXPERTS)]
+    assert ends.tolist() == torch.cumsum(torch.tensor(totals), 0).tolist()
+    assert x_all.shape[0] == sum(x.shape[0] for x, _, _ in parts)
+    start = 0
+    for e in range(EXPERTS):
+        expected_x, expected_dy = [], []
+        for x, dy, part_ends in parts:
+            lo = 0 if e == 0 else int(part_ends[e - 1])
+            expected_x.append(x[lo:int(part_ends[e])])
+            expected_dy.append(dy[lo:int(part_ends[e])])
+        end = int(ends[e])
+        assert torch.equal(x_all[start:end], torch.cat(expected_x)), e
+        assert torch.equal(dy_all[start:end], torch.cat(expected_dy)), e
+        start = end
+    # the padding rows come last, where the grouped GEMM does not read
+    pads = torch.cat([x[int(ends_[-1]):] for x, _, ends_ in parts])
+    assert torch.equal(x_all[start:], pads)
+
+
+def test_one_grouped_gemm_over_the_merged_rows_is_the_sum_of_every_micro_batchs_product():
+    parts = [_part(sizes, pad, 10 + i) for i, (sizes, pad) in enumerate(MICRO_BATCHES)]
+    merged = expert_wgrad.grouped_wgrad(*expert_wgrad.merge_by_expert(parts))
+    exact = _exact_products(parts)
+    # one fp32 sum over all micro-batches, rounded to bf16 once
+    torch.testing.assert_close(merged.double(), exact, rtol=8e-3, atol=1e-2)
+    assert merged.abs().sum() > 0
+
+
+@pytest.fixture
+def stash():
+    saved = expert_wgrad.STASH.limit
+    expert_wgrad.STASH.limit = 1 << 30
+    yield expert_wgrad.STASH
+    expert_wgrad.reset_deferred()
+    expert_wgrad.STASH.limit = saved
+
+
+def _deferring_weight(group) -> torch.nn.Parameter:
+    w = torch.nn.Parameter(torch.randn(K, EXPERTS * N, dtype=torch.bfloat16))  # GroupedMLP's weight1 layout
+    w.main_grad = torch.full((K, EXPERTS * N), 0.5)  # what an earlier step's flush would not touch
+    w.grad_added_to_main_grad = False
+    setattr(w, expert_wgrad.MARK, True)
+    setattr(w, expert_wgrad.DEFER, group)
+    return w
+
+
+def _backward(w, part, sizes):
+    x, dy, _ = part
+    a = x.clone().requires_grad_()
+    grouped_mm(a, w.view(EXPERTS, K, -1), torch.tensor(sizes)).backward(dy)
+    return a.grad
+
+
+def test_the_backward_keeps_operands_until_the_last_micro_batch_then_adds_once(stash):
+    group = SimpleNamespace(is_last_microbatch=False)
+    w = _deferring_weight(group)
+    parts = [_part(sizes, 0, 20 + i) for i, (sizes, _) in enumerate(MICRO_BATCHES)]
+    for i, (part, (sizes, _)) in enumerate(zip(parts, MICRO_BATCHES)):
+        group.is_last_microbatch = i == len(parts) - 1  # what megatron's no_sync leaves set
+        da = _backward(w, part, sizes)
+        plain = torch._grouped_mm(part[1], w.detach().view(EXPERTS, K, N).transpose(-1, -2),
+                                  offs=part[2])
+        assert torch.equal(da, plain)  # the input gradient is never deferred
+        assert w.grad_added_to_main_grad
+        if not group.is_last_microbatch:
+            assert torch.equal(w.main_grad, torch.full_like(w.main_grad, 0.5)), i
+            assert stash.bytes > 0
+    assert stash.bytes == 0 and not stash.parts
+    expected = 0.5 + _exact_products(parts)
+    torch.testing.assert_close(w.main_grad.view(EXPERTS, K, N).double(), expected, rtol=8e-3, atol=1e-2)
+
+
+def test_past_the_memory_cap_each_micro_batch_is_added_at_once(stash):
+    stash.limit = 1  # nothing fits
+    group = SimpleNamespace(is_last_microbatch=False)
+    w = _deferring_weight(group)
+    sizes, _ = MICRO_BATCHES[0]
+    part = _part(sizes, 0, 30)
+    _backward(w, part, sizes)
+    assert stash.bytes == 0
+    torch.testing.assert_close(w.main_grad.view(EXPERTS, K, N).double(), 0.5 + _exact_products([part]),
+                               rtol=8e-3, atol=1e-2)
+
+
+def test_a_new_step_drops_what_an_interrupted_one_kept(stash):
+    group = SimpleNamespace(is_last_microbatch=False)
+    w = _deferring_weight(group)
+    sizes, _ = MICRO_BATCHES[0]
+    _backward(w, _part(sizes, 0, 40), sizes)
+    assert stash.bytes > 0
+    expert_wgrad.reset_deferred()
+    assert stash.bytes == 0 and not stash.parts
+    group.is_last_microbatch = True
+    part = _part(sizes, 0, 41)
+    _backward(w, part, sizes)
+    torch.testing.assert_close(w.main_grad.view(EXPERTS, K, N).double(), 0.5 + _exact_products([part]),
+                               rtol=8e-3, atol=1e-2)
