@@ -129,7 +129,7 @@ def cpu_stand_ins():
 
 
 def make_spec(case: str, tp: int, pp: int, ep: int, dopt: bool, reshardable: bool = False,
-              dispatcher: str = "allgather"):
+              dispatcher: str = "allgather", clip: float | None = None):
     from qwen_trainer.engines.megatron.testing import job_spec
 
     moe = dict(MOE, tokenDispatcher=dispatcher) if case == "moe" else None
@@ -138,7 +138,8 @@ def make_spec(case: str, tp: int, pp: int, ep: int, dopt: bool, reshardable: boo
                                  "sequenceParallel": tp > 1 and moe is not None},
                     training={"seqLength": SEQ, "precision": "bf16", "globalBatchSize": GLOBAL_BATCH,
                               "microBatchSize": 1, "lr": LR, "minLr": LR, "weightDecay": 0.1,
-                              "activationCheckpointing": {"mode": "none"}},
+                              "activationCheckpointing": {"mode": "none"},
+                              **({"clipGrad": clip} if clip is not None else {})},
                     checkpoint={"reshardableOptimizer": reshardable})
 
 
@@ -249,7 +250,8 @@ def main() -> int:
     save_at = [int(x) for x in kv.get("save_at", str(steps)).split(",")]
     use_async = kv.get("async", "0") == "1"
     spec = make_spec(case, tp, pp, ep, dopt, reshardable=kv.get("reshard", "0") == "1",
-                     dispatcher=kv.get("dispatcher", "allgather"))
+                     dispatcher=kv.get("dispatcher", "allgather"),
+                     clip=float(kv["clip"]) if "clip" in kv else None)
     options = EngineOptions(**dict(CPU_OPTIONS, **json.loads(kv.get("opts", "{}"))))
     env = read_env()
     started = time.time()
@@ -279,8 +281,12 @@ def main() -> int:
         if env.rank == 0:
             torch.save(built, out / "built.pt")
 
+        norms: dict[int, float] = {}
+
         def train(it: int) -> float:
-            return engine.train_step(step_batches(it, arch.vocab_size, dp, dp_rank), LR, "mean").loss
+            result = engine.train_step(step_batches(it, arch.vocab_size, dp, dp_rank), LR, "mean")
+            norms[it] = result.grad_norm
+            return result.loss
 
         state = store.TrainState()
         full = None
@@ -301,6 +307,7 @@ def main() -> int:
                 state.iteration, state.consumed_samples = it, it * GLOBAL_BATCH
                 if env.rank == 0:  # what a run killed later leaves behind
                     torch.save(losses, out / "losses.pt")
+                    torch.save(norms, out / "grad_norms.pt")
                 if it in save_at:
                     store.save(root, state, engine, fmt="mcore", layout={}, scheduler={}, fingerprint={},
                                keep_last=None, save_optimizer=True, rank=env.rank, world=env.world_size, log=say,

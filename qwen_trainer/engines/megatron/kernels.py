@@ -463,14 +463,21 @@ def inner_torch_optimizers(optimizer) -> list[torch.optim.Optimizer]:
 
 
 def use_fused_adam(optimizer) -> int:
-    """Switch torch Adam/AdamW groups whose parameters are all fp32 CUDA tensors to the fused kernel."""
+    """Switch torch Adam/AdamW groups whose parameters are all fp32 tensors on a device with torch's fused kernel
+    (CUDA; the CPU too, where the engine's CPU tests run it) to that kernel."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        devices = set(_get_fused_kernels_supported_devices())
+    except ImportError:
+        devices = {"cuda"}
     switched = 0
     for opt in inner_torch_optimizers(optimizer):
         if not isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)):
             continue
         for group in opt.param_groups:
             params = group["params"]
-            if params and all(p.is_cuda and p.dtype == torch.float32 for p in params):
+            if params and all(p.device.type in devices and p.dtype == torch.float32 for p in params):
                 group["fused"] = True
                 group["foreach"] = False
                 switched += 1
