@@ -52,19 +52,21 @@ def main() -> int:
             total, tokens = engine.eval_step(held_out)
             evals.append(total / tokens)
     graphed = engine.model.config.cuda_graph_impl == "local"
-    from qwen_trainer.engines.megatron.expert_wgrad import DEFER, KERNEL, MARK
+    from qwen_trainer.engines.megatron.expert_wgrad import DEFER, KERNEL, MARK, OVERWRITE
 
     params = [p for c in engine.model.chunks for p in c.parameters()]
     # marked into main_grad by its own backward, other than the experts' (the word embedding)
     wgrad_into_buffer = sum(bool(getattr(p, MARK, False)) and not hasattr(p, KERNEL) for p in params)
     expert_wgrad_kernel = sum(bool(getattr(p, KERNEL, False)) for p in params)
     expert_wgrad_deferred = sum(hasattr(p, DEFER) for p in params)
+    expert_wgrad_overwriting = sum(hasattr(p, OVERWRITE) for p in params)
     gather_dispatch = sum(bool(getattr(getattr(m, "token_dispatcher", None), "gather", False))
                           for c in engine.model.chunks for m in c.modules())
     engine.close()
     row = dict(case=case, graphs=graphs, options=extra, loss_mode=loss_mode, tied=tied, graphed=graphed, losses=losses,
                evals=evals, grad_norms=norms, wgrad_into_buffer=wgrad_into_buffer,
                expert_wgrad_kernel=expert_wgrad_kernel, expert_wgrad_deferred=expert_wgrad_deferred,
+               expert_wgrad_overwriting=expert_wgrad_overwriting,
                gather_dispatch=gather_dispatch)
     print("GRAPHS " + json.dumps(row), flush=True)
     return 0

@@ -10,7 +10,9 @@ each lever on against off, loss and held-out loss within 1e-3 relative.
 - embedding_grad_into_buffer: the word embedding's gradient rows added into the fp32 buffer instead of a dense
   bf16 gradient and an add;
 - defer_expert_wgrad: the experts' weight gradients of every micro-batch summed by one grouped GEMM in the step's
-  last backward (one bf16 rounding of the sum instead of one per micro-batch)."""
+  last backward (one bf16 rounding of the sum instead of one per micro-batch);
+- expert_grad_overwrite: that product written into the buffer's never-zeroed expert ranges instead of added into
+  zeros (the same bits)."""
 
 from __future__ import annotations
 
@@ -49,7 +51,7 @@ def _run(options: dict) -> dict:
 
 
 @pytest.mark.parametrize("lever", ["expert_wgrad_into_buffer", "clip_in_adam", "gather_permute",
-                                   "embedding_grad_into_buffer", "defer_expert_wgrad"])
+                                   "embedding_grad_into_buffer", "defer_expert_wgrad", "expert_grad_overwrite"])
 def test_each_lever_trains_like_the_path_it_replaces(lever):
     on, off = _run({lever: True}), _run({lever: False})
     for a, b in zip(on["losses"] + on["evals"], off["losses"] + off["evals"]):
@@ -59,6 +61,8 @@ def test_each_lever_trains_like_the_path_it_replaces(lever):
         assert on["expert_wgrad_kernel"] > 0 and off["expert_wgrad_kernel"] == 0
     elif lever == "defer_expert_wgrad":
         assert on["expert_wgrad_deferred"] > 0 and off["expert_wgrad_deferred"] == 0
+    elif lever == "expert_grad_overwrite":
+        assert on["expert_wgrad_overwriting"] > 0 and off["expert_wgrad_overwriting"] == 0
     elif lever == "clip_in_adam":  # the clipping really happened in these steps (norms above clipGrad)
         assert min(on["grad_norms"]) > TRAINING["clipGrad"], on["grad_norms"]
     elif lever == "gather_permute":

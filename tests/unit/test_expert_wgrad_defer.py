@@ -138,3 +138,36 @@ def test_a_new_step_drops_what_an_interrupted_one_kept(stash):
     _backward(w, part, sizes)
     torch.testing.assert_close(w.main_grad.view(EXPERTS, K, N).double(), 0.5 + _exact_products([part]),
                                rtol=8e-3, atol=1e-2)
+
+
+def test_the_ranges_left_to_zero_are_everything_outside_the_overwritten_ones():
+    assert expert_wgrad.complement([(10, 20), (0, 4), (20, 25)], 30) == [(4, 10), (25, 30)]
+    assert expert_wgrad.complement([], 7) == [(0, 7)]
+    assert expert_wgrad.complement([(0, 7)], 7) == []
+
+
+def test_an_overwriting_weight_writes_its_first_product_of_a_step_and_adds_the_rest(stash):
+    group = SimpleNamespace(is_last_microbatch=True)  # one flush per backward
+    w = _deferring_weight(group)
+    w.main_grad.fill_(float("nan"))  # a range the step's zeroing left out: whatever the last step put there
+    setattr(w, expert_wgrad.OVERWRITE, True)
+    stash.overwriting.add(w)
+    parts = [_part(sizes, 0, 50 + i) for i, (sizes, _) in enumerate(MICRO_BATCHES[:2])]
+    _backward(w, parts[0], MICRO_BATCHES[0][0])
+    first = expert_wgrad.grouped_wgrad(*parts[0]).float()
+    assert torch.equal(w.main_grad.view(EXPERTS, K, N), first)  # written: same bits as adding into zeros
+    _backward(w, parts[1], MICRO_BATCHES[1][0])
+    second = expert_wgrad.grouped_wgrad(*parts[1]).float()
+    assert torch.equal(w.main_grad.view(EXPERTS, K, N), first + second)
+    expert_wgrad.reset_deferred()  # the next step writes again
+    _backward(w, parts[1], MICRO_BATCHES[1][0])
+    assert torch.equal(w.main_grad.view(EXPERTS, K, N), second)
+
+
+def test_an_overwriting_weight_without_a_gradient_in_a_step_gets_zeros(stash):
+    w = _deferring_weight(SimpleNamespace(is_last_microbatch=True))
+    setattr(w, expert_wgrad.OVERWRITE, True)
+    stash.overwriting.add(w)
+    expert_wgrad.reset_deferred()
+    expert_wgrad.finish_backward()
+    assert torch.equal(w.main_grad, torch.zeros_like(w.main_grad))

@@ -4,7 +4,9 @@ process (4 micro-batches a step), under data parallelism with the gradient reduc
 (the flush must land before DDP's hook starts the reduction) and under expert parallelism with megatron's all-to-all
 dispatcher: the first step's gradients (Adam's first moment after it, gathered over ranks) agree to bf16's
 precision for every weight, the losses of the following steps within 1e-3 relative; and the switch reached every
-expert weight."""
+expert weight. With expert_grad_overwrite the step's first product is written into the never-zeroed buffer
+ranges: bit for bit what adding it into zeros gives.
+"""
 
 from __future__ import annotations
 
@@ -21,9 +23,9 @@ STEPS = 3
 LAYOUTS = {"one-process": (1, []), "dp2": (2, []), "ep2-alltoall": (2, ["ep=2", "dispatcher=alltoall"])}
 
 
-def _train(tmp_path, procs: int, keys: list[str], defer: bool):
-    name = f"defer-{int(defer)}"
-    opts = {"experts": "torch-grouped", "defer_expert_wgrad": defer}
+def _train(tmp_path, procs: int, keys: list[str], defer: bool, overwrite: bool = True):
+    name = f"defer-{int(defer)}-{int(overwrite)}"
+    opts = {"experts": "torch-grouped", "defer_expert_wgrad": defer, "expert_grad_overwrite": overwrite}
     losses, built = trained_losses(tmp_path, name, procs, STEPS, *keys, "save_at=1", f"opts={json.dumps(opts)}")
     first_moment = torch.load(tmp_path / name / "save-1.pt")["state"]["exp_avg"]
     return losses, built, first_moment
@@ -47,3 +49,8 @@ def test_deferred_expert_weight_gradients_train_like_per_micro_batch_ones(tmp_pa
     assert len(deferred) == len(plain) == STEPS
     for a, b in zip(deferred, plain):
         assert abs(a - b) <= 1e-3 * abs(b), (deferred, plain)
+    added, added_built, added_moment = _train(tmp_path, procs, keys, defer=True, overwrite=False)
+    assert added_built["overwriting"] == [] and deferred_built["overwriting"] == deferred_built["deferring"]
+    assert added == deferred
+    for key, b in added_moment.items():
+        assert torch.equal(deferred_moment[key], b), key

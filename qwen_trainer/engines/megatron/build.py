@@ -271,7 +271,8 @@ def _route_expert_wgrad(options: EngineOptions, config, wrapped, notes: list[str
         notes.append("expert weight gradients per micro-batch: whole MoE layers are captured as CUDA graphs")
         defer = False
     if kernel or defer:
-        expert_wgrad.install(wrapped, kernel, options.expert_wgrad_stash_mib << 20 if defer else 0)
+        expert_wgrad.install(wrapped, kernel, options.expert_wgrad_stash_mib << 20 if defer else 0,
+                             overwrite=options.expert_grad_overwrite)
     return expert_wgrad.reset_deferred
 
 

@@ -125,6 +125,10 @@ class EngineOptions:
     of every expert's weights written and added per micro-batch. Costs the kept operands' memory, capped by
     expert_wgrad_stash_mib (past it, the kept micro-batches are flushed early); off where whole MoE layers are
     captured as CUDA graphs."""
+    expert_grad_overwrite: bool = True
+    """With defer_expert_wgrad: each expert weight's first product of a step is written into the fp32 gradient
+    buffer (a cast copy) instead of added, and the buffer's zeroing as the step starts leaves those ranges out:
+    no read of the old gradient, no fill (exact: the same bits as adding into zeros)."""
     expert_wgrad_stash_mib: int = 4096
     """Memory the deferred expert operands may hold over all layers of this rank (MiB); the flush briefly needs
     as much again for the regrouped copy."""

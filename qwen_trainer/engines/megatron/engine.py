@@ -348,7 +348,7 @@ class MegatronEngine:
     def train_step(self, micro_batches: Sequence, lr: float, loss_mode: str) -> StepResult:
         from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
 
-        from .expert_wgrad import reset_deferred
+        from .expert_wgrad import finish_backward, reset_deferred
 
         if loss_mode not in ("mean", "per_token"):
             raise ValueError(f"unknown loss mode {loss_mode!r}")
@@ -366,6 +366,8 @@ class MegatronEngine:
             clear_aux_losses_tracker()
             reset_deferred()  # operands a failed step may have left behind
         stores = self._run(micro_batches, forward_only=False)
+        if self._moe:
+            finish_backward()
         check_output_grad_scale()
         ok, grad_norm, _ = model.optimizer.step()
         self._steps += 1

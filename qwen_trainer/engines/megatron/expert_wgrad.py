@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import os
+import weakref
 from typing import Any, Optional
 
 import torch
@@ -156,6 +157,8 @@ class _Stash:
         self.parts: dict[int, list] = {}
         self.bytes = 0
         self.limit = 0
+        self.written: set[int] = set()  # overwriting weights whose gradient this step has already written
+        self.overwriting: "weakref.WeakSet[torch.nn.Parameter]" = weakref.WeakSet()
 
     def take(self, param) -> list:
         parts = self.parts.pop(id(param), [])
@@ -173,6 +176,7 @@ class _Stash:
     def clear(self) -> None:
         self.parts.clear()
         self.bytes = 0
+        self.written.clear()
 
 
 def _nbytes(*tensors: torch.Tensor) -> int:
@@ -185,11 +189,44 @@ DEFER = "expert_wgrad_deferred"
 step's last backward runs (the gradient must be complete before DDP's hook hands it to the reduction)."""
 KERNEL = "expert_wgrad_kernel"
 """On a marked expert weight: accumulate with the Triton kernel (expert_wgrad_into_buffer)."""
+OVERWRITE = "expert_wgrad_overwrite"
+"""On a marked expert weight: its range of the gradient buffer is not zeroed as a step starts; the step's first
+product is written there instead of added (expert_grad_overwrite)."""
 
 
 def reset_deferred() -> None:
     """Drop whatever an interrupted step left deferred (called as every training step starts)."""
     STASH.clear()
+
+
+def finish_backward() -> None:
+    """After the step's backward: an overwriting weight that got no gradient in it (none is known to, but its
+    buffer range still holds the last step's) gets zeros, as a zeroed buffer would have given it."""
+    for param in list(STASH.overwriting):
+        if id(param) not in STASH.written:
+            param.main_grad.zero_()
+
+
+def complement(ranges: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+    """The parts of [0, size) outside every half-open range of `ranges` (which may touch but not overlap)."""
+    out, at = [], 0
+    for start, end in sorted(ranges):
+        if start > at:
+            out.append((at, start))
+        at = max(at, end)
+    if at < size:
+        out.append((at, size))
+    return out
+
+
+def _zero_outside(buffer, skipped: list[tuple[int, int]]):
+    keep = complement(skipped, buffer.grad_data.numel())
+
+    def reset() -> None:  # megatron's buffer.reset zeroes all of grad_data
+        for start, end in keep:
+            buffer.grad_data[start:end].zero_()
+
+    return reset
 
 
 def accumulate_expert_wgrad(param, x: torch.Tensor, dy: torch.Tensor, ends: torch.Tensor, shape) -> None:
@@ -203,7 +240,12 @@ def accumulate_expert_wgrad(param, x: torch.Tensor, dy: torch.Tensor, ends: torc
             return
         if len(parts) > 1:
             parts = [merge_by_expert(parts)]
-    _add_into(param.main_grad.view(shape), *parts[0], kernel=getattr(param, KERNEL, False))
+    main = param.main_grad.view(shape)
+    if getattr(param, OVERWRITE, False) and id(param) not in STASH.written:
+        STASH.written.add(id(param))
+        main.copy_(grouped_wgrad(*parts[0]))  # this step's first product: the range was not zeroed
+        return
+    _add_into(main, *parts[0], kernel=getattr(param, KERNEL, False))
 
 
 class GroupedMMIntoMainGrad(torch.autograd.Function):
@@ -229,15 +271,18 @@ class GroupedMMIntoMainGrad(torch.autograd.Function):
         return da, torch.empty_like(b), None, None
 
 
-def install(wrapped, kernel: bool, defer_bytes: int) -> tuple[int, int]:
+def install(wrapped, kernel: bool, defer_bytes: int, overwrite: bool = False) -> tuple[int, int]:
     """Route the weight gradients of the grouped experts in `wrapped` (megatron DDP modules) through this module:
     with `kernel`, the Triton kernel adds each micro-batch's product into main_grad; with `defer_bytes` > 0,
     micro-batches' operands (up to that many bytes over all experts) wait for the step's last backward and are
-    multiplied in one grouped GEMM. Returns (weights routed, weights deferring)."""
+    multiplied in one grouped GEMM; with `overwrite` (deferring, without the kernel), the step's first product
+    is written into the buffer, whose zeroing then leaves those ranges out. Returns (weights routed, weights
+    deferring)."""
     from megatron.core.transformer.moe.experts import GroupedMLP
 
     routed = deferring = 0
     STASH.limit = max(defer_bytes, 0)
+    STASH.overwriting = weakref.WeakSet()
     for ddp in wrapped:
         for module in ddp.module.modules():
             if not isinstance(module, GroupedMLP):
@@ -251,5 +296,13 @@ def install(wrapped, kernel: bool, defer_bytes: int) -> tuple[int, int]:
                 if group is not None:
                     setattr(w, DEFER, group)
                     deferring += 1
+                    if overwrite and not kernel:
+                        setattr(w, OVERWRITE, True)
+                        STASH.overwriting.add(w)
                 routed += 1
+        for buffer in ddp.buffers + ddp.expert_parallel_buffers:
+            index = buffer.param_index_map
+            skipped = [index[p][:2] for p in index if getattr(p, OVERWRITE, False)]
+            if skipped:
+                buffer.reset = _zero_outside(buffer, skipped)
     return routed, deferring
