@@ -26,9 +26,10 @@ VARIANTS: dict[str, dict] = {
     "clip-pass": {"clip_in_adam": False},  # megatron's clipping pass instead of fused AdamW's gradient divisor
     "permute-scatter": {"gather_permute": False},  # token combine and permute's backward by atomic scatter-adds
     "embedding-grad-bf16": {"embedding_grad_into_buffer": False},  # vocabulary-sized bf16 gradient, then an add
-    # the experts' bf16 weight gradient made and added in every micro-batch instead of once a step
-    "wgrad-per-micro-batch": {"defer_expert_wgrad": False},
-    "expert-grad-added": {"expert_grad_overwrite": False},  # the experts' buffer zeroed each step, products added
+    # the experts' weight gradients of all micro-batches by one grouped GEMM in the last backward, written into
+    # never-zeroed buffer ranges; then the same with the buffer zeroed and the product added
+    "expert-wgrad-deferred": {"defer_expert_wgrad": True},
+    "expert-grad-added": {"defer_expert_wgrad": True, "expert_grad_overwrite": False},
     "moe-levers-off": {"clip_in_adam": False, "gather_permute": False, "embedding_grad_into_buffer": False,
                        "defer_expert_wgrad": False},
     "ce-unchunked": {"chunked_cross_entropy": False},  # megatron's output layer + fused vocab-parallel CE
@@ -94,7 +95,7 @@ CASES: dict[str, Case] = {c.name: c for c in [
     Case("qwen2.5-1.5b", "qwen2.5", "1.5B", gpus=1, seq=4096, micro_batch=2, global_batch=8,
          variants=tuple(DENSE_ABLATIONS) + ("stock",)),
     Case("qwen1.5-moe-a2.7b-l3", "qwen1.5", "A2.7B", gpus=1, seq=4096, micro_batch=1, global_batch=4,
-         variants=("best", "moe-levers-off", "wgrad-per-micro-batch", "expert-grad-added", "clip-pass",
+         variants=("best", "moe-levers-off", "expert-wgrad-deferred", "expert-grad-added", "clip-pass",
                    "permute-scatter", "embedding-grad-bf16", "expert-wgrad-fused", "cuda-graphs", "graphs-moe-layer",
                    "ce-grad-bf16", "dispatch-megatron", "grad-add-torch", "swiglu-compiled", "experts-sequential",
                    "dispatcher-allgather"),
@@ -102,7 +103,7 @@ CASES: dict[str, Case] = {c.name: c for c in [
          note="3 of 24 layers: 14.3B parameters with fp32 gradients and Adam state (18 bytes each) do not fit one "
               "80 GB card; all layers are identical, so per-token cost scales with the layer count"),
     Case("qwen3-30b-a3b-l3", "qwen3", "A3B", gpus=1, seq=4096, micro_batch=1, global_batch=4,
-         variants=("best", "moe-levers-off", "wgrad-per-micro-batch", "expert-grad-added", "clip-pass",
+         variants=("best", "moe-levers-off", "expert-wgrad-deferred", "expert-grad-added", "clip-pass",
                    "permute-scatter", "embedding-grad-bf16", "expert-wgrad-fused", "cuda-graphs", "graphs-moe-layer"),
          architecture={"numLayers": 3},
          note="3 of 48 layers of Qwen3-30B-A3B (128 experts, top-8) on one card"),

@@ -118,13 +118,15 @@ class EngineOptions:
     buffer by one Triton grouped GEMM (expert_wgrad), instead of a bf16 gradient added in a separate pass. Off:
     on an H100 the kernel took 1.15-1.4x the time of torch's grouped GEMM plus the add it replaces
     (benchmarks/gpu/expert_wgrad_bench.py), exact to bf16's precision."""
-    defer_expert_wgrad: bool = True
+    defer_expert_wgrad: bool = False
     """With torch-grouped experts: each expert weight's gradient operands (its tokens and their output gradient)
     kept from micro-batch to micro-batch and multiplied once, in the step's last backward, by one grouped GEMM over
     every micro-batch's tokens, then added into the fp32 gradient buffer once, instead of a bf16 gradient the size
     of every expert's weights written and added per micro-batch. Costs the kept operands' memory, capped by
-    expert_wgrad_stash_mib (past it, the kept micro-batches are flushed early); off where whole MoE layers are
-    captured as CUDA graphs."""
+    expert_wgrad_stash_mib (past it, the kept micro-batches are flushed early); not applied where whole MoE layers
+    are captured as CUDA graphs. Off until measured on a GPU: its arithmetic and its place in megatron's schedule
+    are tested on CPU (one process, DP 2 with the overlapped reduction, EP 2), its speed is not yet measured
+    (benchmarks/gpu/expert_wgrad_defer_bench.py and the `expert-wgrad-deferred` benchmark variant measure it)."""
     expert_grad_overwrite: bool = True
     """With defer_expert_wgrad: each expert weight's first product of a step is written into the fp32 gradient
     buffer (a cast copy) instead of added, and the buffer's zeroing as the step starts leaves those ranges out:

@@ -6,7 +6,7 @@ every expert's weights, which megatron's DDP hook then adds into the fp32 `main_
 micro-batch: for the Qwen MoE shapes most parameters are experts', and that write and add were the largest
 non-GEMM cost of the step (benchmarks/gpu/RESULTS.md). Two ways around it, each an EngineOptions switch:
 
-- deferral (`defer_expert_wgrad`, on): the backward keeps each micro-batch's operands (the expert's tokens and
+- deferral (`defer_expert_wgrad`, off until measured on a GPU): the backward keeps each micro-batch's operands (the expert's tokens and
   their output gradient) and, in the step's last micro-batch (megatron DDP's `is_last_microbatch`, before its hook
   hands the gradient to the reduction), regroups all of them by expert (`merge_by_expert`) for one grouped GEMM
   whose fp32 accumulation runs over every micro-batch's tokens, rounded to bf16 once and added once. The kept
