@@ -25,7 +25,8 @@ TOKENS = 4096
 TILES = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 128, 32, 4, 4), (256, 128, 64, 8, 3)]
 
 
-def _time(fn, reps: int = 20) -> float:
+def cuda_time(fn, reps: int = 20) -> float:
+    """Milliseconds per call of `fn` on the GPU (one warm-up call, then `reps` timed by CUDA events)."""
     fn()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -63,13 +64,13 @@ def main() -> int:
             grouped_wgrad_(x, dy, ends, check)
             ref = torch._grouped_mm(x.t(), dy, offs=ends).float()
             err = float((check - ref).abs().max() / ref.abs().max())
-            t_before = _time(before)
+            t_before = cuda_time(before)
             gb = buffer.numel() * 4 * 2 / 1e9  # the buffer's read and write, the floor for either path
             default = dict(expert_wgrad.CONFIG)
             for bk, bn, bt, warps, stages in TILES:
                 expert_wgrad.CONFIG.update(BLOCK_K=bk, BLOCK_N=bn, BLOCK_T=bt, num_warps=warps, num_stages=stages)
                 try:
-                    t_after = _time(after)
+                    t_after = cuda_time(after)
                 except Exception as e:  # a tile this card's shared memory cannot hold
                     print(f"{name} {layer} tiles {bk}x{bn}x{bt}/{warps}w/{stages}s: {type(e).__name__}")
                     continue

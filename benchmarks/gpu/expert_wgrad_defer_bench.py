@@ -21,21 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from qwen_trainer.engines.megatron import expert_wgrad  # noqa: E402
 from qwen_trainer.engines.megatron.triton_kernels import accumulate_  # noqa: E402
 
+from expert_wgrad_bench import cuda_time  # noqa: E402  (this script's folder is on the path)
+
 # name: (experts, top-k, hidden, expert ffn), 4096 tokens per micro-batch, 4 micro-batches (the benchmark's cases)
 SHAPES = {"qwen1.5-a2.7b": (60, 4, 2048, 1408), "qwen3-30b-a3b": (128, 8, 2048, 768)}
 TOKENS, MICRO_BATCHES = 4096, 4
-
-
-def _time(fn, reps: int = 10) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
 
 
 def _ends(experts: int, rows: int, seed: int) -> torch.Tensor:
@@ -83,9 +73,9 @@ def main() -> int:
             for label, fn in (("deferred", deferred(False)), ("deferred+overwrite", deferred(True))):
                 fn()
                 results[label] = float((flat - reference).norm() / reference.norm())
-            t_base = _time(per_micro_batch)
-            t_defer = _time(deferred(False))
-            t_over = _time(deferred(True))
+            t_base = cuda_time(per_micro_batch, reps=10)
+            t_defer = cuda_time(deferred(False), reps=10)
+            t_over = cuda_time(deferred(True), reps=10)
             print(f"{name} {layer} [{experts} x {k} x {n}], {rows} rows a micro-batch: per micro-batch {t_base:.3f} ms, "
                   f"deferred {t_defer:.3f} ms ({t_base / t_defer:.2f}x), deferred+overwrite {t_over:.3f} ms "
                   f"({t_base / t_over:.2f}x); relative difference of the summed gradient "

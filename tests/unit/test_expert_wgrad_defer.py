@@ -171,3 +171,19 @@ def test_an_overwriting_weight_without_a_gradient_in_a_step_gets_zeros(stash):
     expert_wgrad.reset_deferred()
     expert_wgrad.finish_backward()
     assert torch.equal(w.main_grad, torch.zeros_like(w.main_grad))
+
+
+def test_the_deferral_is_refused_where_cuda_graphs_capture_the_experts():
+    pytest.importorskip("megatron.core")
+    from megatron.core.transformer.enums import CudaGraphScope
+
+    from qwen_trainer.engines.megatron.build import experts_in_cuda_graphs
+
+    def config(impl, scope):
+        return SimpleNamespace(cuda_graph_impl=impl, cuda_graph_scope=scope)
+
+    assert experts_in_cuda_graphs(config("local", []))  # whole layers (megatron's "full")
+    assert experts_in_cuda_graphs(config("local", [CudaGraphScope.moe]))
+    assert experts_in_cuda_graphs(config("local", [CudaGraphScope.full_iteration]))
+    assert not experts_in_cuda_graphs(config("local", [CudaGraphScope.moe_router, CudaGraphScope.moe_preprocess]))
+    assert not experts_in_cuda_graphs(config("none", []))

@@ -258,6 +258,15 @@ def build_model(spec, plan: ModelPlan, options: EngineOptions, transformer_engin
     return Model(wrapped, optimizer, config, offsets, notes, restore)
 
 
+def experts_in_cuda_graphs(config) -> bool:
+    """Whether megatron's CUDA graphs capture the MoE experts: local graphs over whole layers (an empty scope, what
+    megatron makes of "full"), or a scope naming MoE layers or the whole iteration."""
+    if getattr(config, "cuda_graph_impl", "none") != "local":
+        return False
+    names = {getattr(s, "name", s) for s in (getattr(config, "cuda_graph_scope", None) or [])}
+    return not names or bool(names & {"moe", "full_iteration", "full"})
+
+
 def _route_expert_wgrad(options: EngineOptions, config, wrapped, notes: list[str]) -> Callable[[], None]:
     """The experts' weight gradients deferred and/or through the Triton kernel (expert_wgrad). Returns the undo."""
     from . import expert_wgrad
@@ -265,8 +274,7 @@ def _route_expert_wgrad(options: EngineOptions, config, wrapped, notes: list[str
     kernel = options.expert_wgrad_into_buffer and triton_available() and \
         (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
     defer = options.defer_expert_wgrad and options.expert_wgrad_stash_mib > 0
-    scope = getattr(config, "cuda_graph_scope", None) or []
-    if defer and getattr(config, "cuda_graph_impl", "none") == "local" and (not scope or "moe" in scope):
+    if defer and experts_in_cuda_graphs(config):
         # a captured backward replays its kernels whatever the micro-batch: no place for a per-step decision
         notes.append("expert weight gradients per micro-batch: whole MoE layers are captured as CUDA graphs")
         defer = False
