@@ -1,12 +1,11 @@
 """EngineOptions.defer_expert_wgrad in the engine, in real processes (torchrun, gloo, CPU, bf16): torch's grouped
 GEMM experts whose weight gradients wait for the step's last micro-batch train like the per-micro-batch path on one
 process (4 micro-batches a step), under data parallelism with the gradient reduction overlapped with the backward
-(the flush must land before DDP's hook starts the reduction) and under expert parallelism with megatron's all-to-all
-dispatcher: the first step's gradients (Adam's first moment after it, gathered over ranks) agree to bf16's
-precision for every weight, the losses of the following steps within 1e-3 relative; and the switch reached every
-expert weight. With expert_grad_overwrite the step's first product is written into the never-zeroed buffer
-ranges: bit for bit what adding it into zeros gives.
-"""
+(the flush must land before DDP's hook starts the reduction), with the distributed optimizer, and under expert
+parallelism with megatron's all-to-all dispatcher: the first step's gradients (Adam's first moment after it,
+gathered over ranks) agree to bf16's precision for every weight, the losses of the following steps within 1e-3
+relative; and the switch reached every expert weight. With expert_grad_overwrite the step's first product is
+written into the never-zeroed buffer ranges: bit for bit what adding it into zeros gives."""
 
 from __future__ import annotations
 
@@ -20,7 +19,8 @@ pytest.importorskip("megatron.core")
 from tests.unit.test_megatron_resume_cpu import trained_losses  # noqa: E402
 
 STEPS = 3
-LAYOUTS = {"one-process": (1, []), "dp2": (2, []), "ep2-alltoall": (2, ["ep=2", "dispatcher=alltoall"])}
+LAYOUTS = {"one-process": (1, []), "dp2": (2, []), "ep2-alltoall": (2, ["ep=2", "dispatcher=alltoall"]),
+           "dp2-distributed-optimizer": (2, ["dopt=1"])}
 
 
 def _train(tmp_path, procs: int, keys: list[str], defer: bool, overwrite: bool = True):
