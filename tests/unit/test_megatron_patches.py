@@ -54,3 +54,28 @@ def test_installed_megatron_core_is_the_pinned_one():
     pins = open(importlib.import_module("pathlib").Path(__file__).parents[2] / "pyproject.toml").read()
     assert f'"megatron-core=={patches.PINNED_MEGATRON_CORE}"' in pins
     assert patches.installed_version() == patches.PINNED_MEGATRON_CORE and patches.version_note() is None
+
+
+@pytest.mark.parametrize("cls,name", sorted(patches.INSTANCE_ATTRIBUTES))
+def test_registered_instance_attributes_are_set_by_the_pinned_megatron_classes(cls, name):
+    import inspect
+    import re
+
+    from megatron.core.distributed import distributed_data_parallel, param_and_grad_buffer
+
+    klass = getattr(distributed_data_parallel, cls, None) or getattr(param_and_grad_buffer, cls)
+    source = inspect.getsource(klass)
+    assigned = re.search(rf"self\.{name}\b[\w\s,.]*=(?!=)", source)  # also within a tuple assignment
+    assert callable(getattr(klass, name, None)) or assigned, f"{cls}.{name}"
+
+
+def test_require_refuses_a_missing_or_unregistered_attribute():
+    class _ParamAndGradBuffer:  # named as megatron's class, lacking what the overwrite reads
+        grad_data = None
+
+    buffer = _ParamAndGradBuffer()
+    patches.require(buffer, ("grad_data",))
+    with pytest.raises(patches.PatchError, match="_ParamAndGradBuffer.reset does not exist.*expert_grad_overwrite"):
+        patches.require(buffer, ("reset",))
+    with pytest.raises(patches.PatchError, match="not a registered"):
+        patches.require(buffer, ("numel",))

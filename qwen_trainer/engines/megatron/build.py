@@ -279,8 +279,12 @@ def _route_expert_wgrad(options: EngineOptions, config, wrapped, notes: list[str
         notes.append("expert weight gradients per micro-batch: whole MoE layers are captured as CUDA graphs")
         defer = False
     if kernel or defer:
-        expert_wgrad.install(wrapped, kernel, options.expert_wgrad_stash_mib << 20 if defer else 0,
-                             overwrite=options.expert_grad_overwrite)
+        routed, deferring = expert_wgrad.install(wrapped, kernel, options.expert_wgrad_stash_mib << 20 if defer
+                                                 else 0, overwrite=options.expert_grad_overwrite)
+        if not routed:
+            notes.append("expert weight gradients through autograd: no grouped expert weights (GroupedMLP) found")
+        elif defer and not deferring:
+            notes.append("expert weight gradients per micro-batch: no expert weight is in a DDP bucket group")
     return expert_wgrad.reset_deferred
 
 

@@ -156,22 +156,22 @@ class _Stash:
     """Deferred operands of the experts' weight gradients, per parameter, within one optimizer step."""
 
     def __init__(self) -> None:
-        self.parts: dict[int, list] = {}
+        self.parts: dict[int, tuple[list, int]] = {}  # id(param) -> (its kept (x, dy, ends), their bytes)
         self.bytes = 0
         self.limit = 0
         self.written: set[int] = set()  # overwriting weights whose gradient this step has already written
         self.overwriting: "weakref.WeakSet[torch.nn.Parameter]" = weakref.WeakSet()
 
     def take(self, param) -> list:
-        parts = self.parts.pop(id(param), [])
-        self.bytes -= sum(_nbytes(x, dy) for x, dy, _ in parts)
+        parts, size = self.parts.pop(id(param), ([], 0))
+        self.bytes -= size
         return parts
 
     def keep(self, param, parts: list) -> bool:
         size = sum(_nbytes(x, dy) for x, dy, _ in parts)
         if self.bytes + size > self.limit:
             return False
-        self.parts[id(param)] = parts
+        self.parts[id(param)] = (parts, size)
         self.bytes += size
         return True
 
@@ -282,10 +282,14 @@ def install(wrapped, kernel: bool, defer_bytes: int, overwrite: bool = False) ->
     deferring)."""
     from megatron.core.transformer.moe.experts import GroupedMLP
 
+    from .patches import require
+
     routed = deferring = 0
     STASH.limit = max(defer_bytes, 0)
     STASH.overwriting = weakref.WeakSet()
     for ddp in wrapped:
+        if defer_bytes > 0:
+            require(ddp, ("param_to_bucket_group",))
         for module in ddp.module.modules():
             if not isinstance(module, GroupedMLP):
                 continue
@@ -296,13 +300,18 @@ def install(wrapped, kernel: bool, defer_bytes: int, overwrite: bool = False) ->
                 setattr(w, MARK, True)
                 setattr(w, KERNEL, kernel)
                 if group is not None:
+                    require(group, ("is_last_microbatch",))
                     setattr(w, DEFER, group)
                     deferring += 1
                     if overwrite and not kernel:
                         setattr(w, OVERWRITE, True)
                         STASH.overwriting.add(w)
                 routed += 1
+        if not STASH.overwriting:
+            continue
+        require(ddp, ("buffers", "expert_parallel_buffers"))
         for buffer in ddp.buffers + ddp.expert_parallel_buffers:
+            require(buffer, ("reset", "param_index_map", "grad_data"))
             index = buffer.param_index_map
             skipped = [index[p][:2] for p in index if getattr(p, OVERWRITE, False)]
             if skipped:

@@ -49,8 +49,37 @@ OPTIONAL = {("megatron.core.transformer.moe.moe_utils", "te_general_gemm"),
             ("megatron.core.tensor_parallel.layers", "fused_weight_gradient_mlp_cuda")}
 
 
+# (megatron-core class, attribute) -> why the engine reads or replaces it on that class's objects; `require`
+# checks them where they are used, since most are set in __init__ and a class cannot be asked for them
+INSTANCE_ATTRIBUTES = {
+    ("DistributedDataParallel", "param_to_bucket_group"):
+        "deferred expert weight gradients: each expert weight's bucket group says when the step's last backward runs",
+    ("DistributedDataParallel", "buffers"): "expert_grad_overwrite: the gradient buffers whose zeroing skips ranges",
+    ("DistributedDataParallel", "expert_parallel_buffers"): "as above, the expert-parallel gradient buffers",
+    ("_ParamAndGradBucketGroup", "is_last_microbatch"):
+        "deferred expert weight gradients: set by megatron DDP's no_sync / finish_grad_sync around the last backward",
+    ("_ParamAndGradBuffer", "reset"):
+        "expert_grad_overwrite: replaced per buffer by a zeroing that leaves the overwritten expert ranges out "
+        "(zero_grad_buffer calls it as every step starts)",
+    ("_ParamAndGradBuffer", "param_index_map"): "as above: each weight's range in grad_data",
+    ("_ParamAndGradBuffer", "grad_data"): "as above: the flat gradient buffer",
+}
+
+
 class PatchError(RuntimeError):
     pass
+
+
+def require(obj: Any, names: tuple[str, ...]) -> None:
+    """Refuse (PatchError) a megatron-core object that lacks a registered attribute the engine relies on."""
+    cls = type(obj).__name__
+    for name in names:
+        if (cls, name) not in INSTANCE_ATTRIBUTES:
+            raise PatchError(f"{cls}.{name} is not a registered megatron-core attribute")
+        if not hasattr(obj, name):
+            raise PatchError(f"{cls}.{name} does not exist in megatron-core {installed_version()} "
+                             f"(the engine was checked against {PINNED_MEGATRON_CORE}); needed for "
+                             f"{INSTANCE_ATTRIBUTES[(cls, name)]}")
 
 
 def replace(module_name: str, values: dict[str, Any]) -> Callable[[], None]:
