@@ -62,12 +62,15 @@ def main() -> int:
     expert_wgrad_overwriting = sum(hasattr(p, OVERWRITE) for p in params)
     gather_dispatch = sum(bool(getattr(getattr(m, "token_dispatcher", None), "gather", False))
                           for c in engine.model.chunks for m in c.modules())
+    from qwen_trainer.engines.megatron.kernels import megatron_optimizers
+
+    adamw_kernel = sum(hasattr(o, "adamw_stepper") for o in megatron_optimizers(engine.model.optimizer))
     engine.close()
     row = dict(case=case, graphs=graphs, options=extra, loss_mode=loss_mode, tied=tied, graphed=graphed, losses=losses,
                evals=evals, grad_norms=norms, wgrad_into_buffer=wgrad_into_buffer,
                expert_wgrad_kernel=expert_wgrad_kernel, expert_wgrad_deferred=expert_wgrad_deferred,
                expert_wgrad_overwriting=expert_wgrad_overwriting,
-               gather_dispatch=gather_dispatch)
+               gather_dispatch=gather_dispatch, adamw_kernel=adamw_kernel)
     print("GRAPHS " + json.dumps(row), flush=True)
     return 0
 

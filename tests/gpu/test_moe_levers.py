@@ -12,7 +12,9 @@ each lever on against off, loss and held-out loss within 1e-3 relative.
 - defer_expert_wgrad: the experts' weight gradients of every micro-batch summed by one grouped GEMM in the step's
   last backward (one bf16 rounding of the sum instead of one per micro-batch);
 - expert_grad_overwrite: that product written into the buffer's never-zeroed expert ranges instead of added into
-  zeros (the same bits)."""
+  zeros (the same bits);
+- adamw_writes_model_params: AdamW and the bf16 weight copy in one Triton pass instead of torch's fused AdamW and
+  megatron's copy (the same arithmetic in another kernel)."""
 
 from __future__ import annotations
 
@@ -55,7 +57,8 @@ REQUIRES = {"expert_grad_overwrite": {"defer_expert_wgrad": True}}
 
 
 @pytest.mark.parametrize("lever", ["expert_wgrad_into_buffer", "clip_in_adam", "gather_permute",
-                                   "embedding_grad_into_buffer", "defer_expert_wgrad", "expert_grad_overwrite"])
+                                   "embedding_grad_into_buffer", "defer_expert_wgrad", "expert_grad_overwrite",
+                                   "adamw_writes_model_params"])
 def test_each_lever_trains_like_the_path_it_replaces(lever):
     base = REQUIRES.get(lever, {})
     on, off = _run({**base, lever: True}), _run({**base, lever: False})
@@ -68,6 +71,8 @@ def test_each_lever_trains_like_the_path_it_replaces(lever):
         assert on["expert_wgrad_deferred"] > 0 and off["expert_wgrad_deferred"] == 0
     elif lever == "expert_grad_overwrite":
         assert on["expert_wgrad_overwriting"] > 0 and off["expert_wgrad_overwriting"] == 0
+    elif lever == "adamw_writes_model_params":
+        assert on["adamw_kernel"] > 0 and off["adamw_kernel"] == 0
     elif lever == "clip_in_adam":  # the clipping really happened in these steps (norms above clipGrad)
         assert min(on["grad_norms"]) > TRAINING["clipGrad"], on["grad_norms"]
     elif lever == "gather_permute":

@@ -270,6 +270,7 @@ def main() -> int:
         dp, dp_rank = engine.data_parallel_size, engine.data_parallel_rank
         say(f"built in {time.time() - started:.1f}s")
         from qwen_trainer.engines.megatron.expert_wgrad import DEFER, OVERWRITE
+        from qwen_trainer.engines.megatron.kernels import megatron_optimizers
         from qwen_trainer.engines.megatron.triton_kernels import WGRAD_IN_MAIN_GRAD
 
         chunks = engine.model.unwrapped()
@@ -278,7 +279,8 @@ def main() -> int:
                  "into_main_grad": sorted(n for c in chunks for n, p in c.named_parameters()
                                           if getattr(p, WGRAD_IN_MAIN_GRAD, False)),
                  "deferring": sorted(n for c in chunks for n, p in c.named_parameters() if hasattr(p, DEFER)),
-                 "overwriting": sorted(n for c in chunks for n, p in c.named_parameters() if hasattr(p, OVERWRITE))}
+                 "overwriting": sorted(n for c in chunks for n, p in c.named_parameters() if hasattr(p, OVERWRITE)),
+                 "adamw_kernel": sum(hasattr(o, "adamw_stepper") for o in megatron_optimizers(engine.model.optimizer))}
         if env.rank == 0:
             torch.save(built, out / "built.pt")
 

@@ -244,6 +244,13 @@ def build_model(spec, plan: ModelPlan, options: EngineOptions, transformer_engin
             from . import clip_in_adam
 
             restore.append(clip_in_adam.install(optimizer))
+        if options.adamw_writes_model_params:
+            from . import adamw_kernel
+
+            undo, reasons = adamw_kernel.install(optimizer)
+            restore.append(undo)
+            if reasons:
+                notes.append(f"megatron's optimizer step and weight copy kept: {'; '.join(sorted(set(reasons)))}")
 
     config.grad_scale_func = optimizer.scale_loss
     config.finalize_model_grads_func = finalize_model_grads

@@ -124,9 +124,9 @@ class EngineOptions:
     every micro-batch's tokens, then added into the fp32 gradient buffer once, instead of a bf16 gradient the size
     of every expert's weights written and added per micro-batch. Costs the kept operands' memory, capped by
     expert_wgrad_stash_mib (past it, the kept micro-batches are flushed early); not applied where whole MoE layers
-    are captured as CUDA graphs. Off until measured on a GPU: its arithmetic and its place in megatron's schedule
-    are tested on CPU (one process, DP 2 with the overlapped reduction, EP 2), its speed is not yet measured
-    (benchmarks/gpu/expert_wgrad_defer_bench.py and the `expert-wgrad-deferred` benchmark variant measure it)."""
+    are captured as CUDA graphs. +7.6% (A2.7B) / +8.2% (Qwen3-30B-A3B) tokens/s on an H100 (the
+    `expert-wgrad-deferred` benchmark variant); off because the 50-step GPU lever test's curves drift 1.04e-3
+    apart (one bf16 rounding of the sum against one per micro-batch), past the 1e-3 numerics rule."""
     expert_grad_overwrite: bool = True
     """With defer_expert_wgrad: each expert weight's first product of a step is written into the fp32 gradient
     buffer (a cast copy) instead of added, and the buffer's zeroing as the step starts leaves those ranges out:
@@ -147,6 +147,11 @@ class EngineOptions:
     """With fused_adam: gradient clipping applied by the fused AdamW kernel as it reads each gradient (its
     grad_scale divisor) instead of a separate scaling pass over the fp32 gradients (clip_in_adam). On an H100, a
     clipped step of the A2.7B benchmark shape: the 6.9 ms pass gone, fused AdamW 4.1 ms slower."""
+    adamw_writes_model_params: bool = False
+    """With fused_adam, bf16 weights and megatron's non-distributed optimizer: one Triton pass per parameter group
+    runs AdamW over the fp32 main weights and writes the bf16 model weights too (adamw_kernel), instead of torch's
+    fused AdamW (which, clipping, also writes the divided gradient back) and megatron's separate copy pass. The
+    same arithmetic and optimizer state as torch's fused AdamW."""
     foreach_grad_norm: bool = True
     """Gradient norm and clipping with torch._foreach ops (megatron's fallback syncs once per tensor)."""
     cuda_graphs: Optional[bool] = None

@@ -462,6 +462,11 @@ def inner_torch_optimizers(optimizer) -> list[torch.optim.Optimizer]:
     return found
 
 
+def megatron_optimizers(optimizer) -> list:
+    """The megatron optimizers a chained one holds (or the optimizer itself when it is not chained)."""
+    return list(getattr(optimizer, "chained_optimizers", None) or [optimizer])
+
+
 def use_fused_adam(optimizer) -> int:
     """Switch torch Adam/AdamW groups whose parameters are all fp32 tensors on a device with torch's fused kernel
     (CUDA; the CPU too, where the engine's CPU tests run it) to that kernel."""

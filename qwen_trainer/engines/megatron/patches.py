@@ -63,6 +63,11 @@ INSTANCE_ATTRIBUTES = {
         "(zero_grad_buffer calls it as every step starts)",
     ("_ParamAndGradBuffer", "param_index_map"): "as above: each weight's range in grad_data",
     ("_ParamAndGradBuffer", "grad_data"): "as above: the flat gradient buffer",
+    ("Float16OptimizerWithFloat16Params", "step_with_ready_grads"):
+        "adamw_writes_model_params: replaced per optimizer by one pass of AdamW and the bf16 weight copy",
+    ("Float16OptimizerWithFloat16Params", "float16_groups"): "as above: the bf16 model weights, group by group",
+    ("Float16OptimizerWithFloat16Params", "fp32_from_float16_groups"): "as above: their fp32 main weights",
+    ("Float16OptimizerWithFloat16Params", "optimizer"): "as above: the torch AdamW stepping the main weights",
 }
 
 

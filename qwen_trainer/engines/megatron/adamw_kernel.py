@@ -1,0 +1,237 @@
+"""AdamW over the fp32 main weights that also writes the bf16 model weights, in one pass (`adamw_writes_model_params`).
+
+megatron's mixed-precision optimizer steps torch's AdamW over fp32 copies of the bf16 weights and then copies every
+main weight back into its bf16 model weight in a pass of its own. With clipping folded into fused AdamW
+(clip_in_adam), torch's kernel also writes the divided gradient back to memory. For the MoE benchmark shapes, about
+2.3 billion parameters, that is 38 bytes moved per parameter a step where the update needs 30 (read weight,
+gradient, two moments; write weight, two moments, bf16 weight): the fused AdamW and the copy were 34 ms of a 165 ms
+step (benchmarks/gpu/RESULTS.md).
+
+This kernel runs torch's AdamW arithmetic (`_fused_adamw_`, ADAMW mode: decoupled weight decay, bias corrections,
+`sqrt(v) / sqrt(1 - beta2^t) + eps`) element by element in fp32, divides the gradient by the clip divisor as it
+loads it, and stores the weight both in fp32 and, rounded to nearest even, in bf16. Every tensor of a parameter
+group goes to one launch: a table of each tensor's addresses (cached while they stay put) and a table of fixed-size
+chunks, so large and small tensors share the GPU evenly. The optimizer state stays torch's (`step`, `exp_avg`,
+`exp_avg_sq` under the same keys), so checkpoints do not change and turning the switch off resumes the same run.
+
+It replaces `step_with_ready_grads` of megatron's `Float16OptimizerWithFloat16Params` (each one of a chained
+optimizer, so expert parallelism's expert optimizer too) only where every group is torch AdamW in its fused mode
+without amsgrad or maximize and bf16 weights are trained; megatron's distributed optimizer, fp16 with its loss
+scaler, and other optimizers keep megatron's path. On CPU tensors without TRITON_INTERPRET=1 the same arithmetic
+runs in torch, tensor by tensor.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import types
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+from .triton_kernels import _use_kernels
+
+CHUNK = 1 << 16
+"""Elements per program: about 35,000 programs for the MoE shapes, so no tensor's tail leaves the GPU idle."""
+BLOCK = 2048
+SLOTS = 5  # addresses per tensor in the table: weight, gradient, first moment, second moment, bf16 weight (or 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(interpret: bool) -> Any:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def adamw(table_ptr, numel_ptr, chunk_tensor_ptr, chunk_start_ptr, divisor_ptr, lr, lr_wd, beta1, beta2, eps,
+              step_size, bc2_sqrt, HAS_DIVISOR: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+        c = tl.program_id(0)
+        t = tl.load(chunk_tensor_ptr + c).to(tl.int64)
+        start = tl.load(chunk_start_ptr + c)
+        end = tl.minimum(start + CHUNK, tl.load(numel_ptr + t))
+        row = table_ptr + t * 5
+        w_ptr = tl.load(row).to(tl.pointer_type(tl.float32))
+        g_ptr = tl.load(row + 1).to(tl.pointer_type(tl.float32))
+        m_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
+        v_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
+        half = tl.load(row + 4)
+        divisor = 1.0
+        if HAS_DIVISOR:
+            divisor = tl.load(divisor_ptr)
+        at = start
+        while at < end:  # a while loop: Triton's interpreter cannot range() over loaded bounds
+            idx = at + tl.arange(0, BLOCK)
+            mask = idx < end
+            g = tl.load(g_ptr + idx, mask=mask, other=0.0)
+            if HAS_DIVISOR:
+                g = g / divisor
+            w = tl.load(w_ptr + idx, mask=mask, other=0.0)
+            m = tl.load(m_ptr + idx, mask=mask, other=0.0)
+            v = tl.load(v_ptr + idx, mask=mask, other=0.0)
+            w = w - lr_wd * w
+            m = beta1 * m + (1.0 - beta1) * g
+            v = beta2 * v + (1.0 - beta2) * g * g
+            w = w - step_size * m / (tl.sqrt(v) / bc2_sqrt + eps)
+            tl.store(w_ptr + idx, w, mask=mask)
+            tl.store(m_ptr + idx, m, mask=mask)
+            tl.store(v_ptr + idx, v, mask=mask)
+            if half != 0:
+                tl.store(half.to(tl.pointer_type(tl.bfloat16)) + idx, w.to(tl.bfloat16), mask=mask)
+            at += BLOCK
+
+    return adamw
+
+
+def adamw_reference(w, g, m, v, half, *, lr, weight_decay, beta1, beta2, eps, step, divisor=None) -> None:
+    """The same update in torch ops on one tensor (`step` already counts this step)."""
+    if divisor is not None:
+        g = g / divisor
+    w.sub_(lr * weight_decay * w)
+    m.mul_(beta1).add_((1.0 - beta1) * g)
+    v.mul_(beta2).add_((1.0 - beta2) * g * g)
+    bc1, bc2 = 1.0 - beta1 ** step, 1.0 - beta2 ** step
+    w.sub_((lr / bc1) * m / (v.sqrt() / bc2 ** 0.5 + eps))
+    if half is not None:
+        half.copy_(w)
+
+
+@dataclass
+class _Launch:
+    """One parameter group's tensors, laid out for the kernel (rebuilt when an address or the step changes)."""
+
+    key: tuple
+    params: list
+    steps: list
+    step: float  # the group's step count on the host, so no step tensor is read back
+    table: Optional[torch.Tensor] = None
+    numels: Optional[torch.Tensor] = None
+    chunk_tensor: Optional[torch.Tensor] = None
+    chunk_start: Optional[torch.Tensor] = None
+    halves: list = field(default_factory=list)
+
+
+class ParamGroupStepper:
+    """Steps the groups of one torch AdamW (megatron's inner optimizer) with the kernel."""
+
+    def __init__(self, opt: torch.optim.Optimizer, model_of: dict[int, torch.Tensor]) -> None:
+        self.opt = opt
+        self.model_of = model_of  # id(main fp32 weight) -> its bf16 model weight
+        self.launches: dict[int, _Launch] = {}
+
+    def _state(self, p: torch.Tensor) -> dict:
+        state = self.opt.state[p]
+        if not state:  # as torch's fused AdamW creates it on a parameter's first step
+            state["step"] = torch.tensor(0.0, dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    def _launch(self, index: int, params: list) -> _Launch:
+        states = [self._state(p) for p in params]
+        halves = [self.model_of.get(id(p)) for p in params]
+        key = tuple((p.data_ptr(), p.grad.data_ptr(), s["exp_avg"].data_ptr(), s["exp_avg_sq"].data_ptr(),
+                     h.data_ptr() if h is not None else 0, s["step"].data_ptr(), p.numel())
+                    for p, s, h in zip(params, states, halves))
+        old = self.launches.get(index)
+        if old is not None and old.key == key:
+            return old
+        steps = [s["step"] for s in states]
+        counts = {float(s) for s in steps}  # read back once per layout, not per step
+        if len(counts) != 1:
+            raise ValueError(f"AdamW step counts differ within a parameter group: {sorted(counts)}")
+        launch = _Launch(key=key, params=params, steps=steps, step=counts.pop(), halves=halves)
+        device = params[0].device
+        launch.table = torch.tensor([k[:SLOTS] for k in key], dtype=torch.int64).to(device)
+        numels = [p.numel() for p in params]
+        launch.numels = torch.tensor(numels, dtype=torch.int64).to(device)
+        chunks = [(t, s) for t, n in enumerate(numels) for s in range(0, n, CHUNK)]
+        launch.chunk_tensor = torch.tensor([t for t, _ in chunks], dtype=torch.int32).to(device)
+        launch.chunk_start = torch.tensor([s for _, s in chunks], dtype=torch.int64).to(device)
+        self.launches[index] = launch
+        return launch
+
+    def step(self) -> None:
+        divisor = getattr(self.opt, "grad_scale", None)  # clip_in_adam's divisor for this step
+        for index, group in enumerate(self.opt.param_groups):
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            launch = self._launch(index, params)
+            torch._foreach_add_(launch.steps, 1.0)
+            launch.step += 1.0
+            beta1, beta2 = group["betas"]
+            lr, wd, eps = float(group["lr"]), float(group["weight_decay"]), float(group["eps"])
+            bc1, bc2 = 1.0 - beta1 ** launch.step, 1.0 - beta2 ** launch.step
+            if _use_kernels(params[0]):
+                interpret = os.environ.get("TRITON_INTERPRET") == "1"
+                scale = divisor if divisor is not None else launch.numels  # an unread placeholder pointer
+                _kernel(interpret)[(launch.chunk_tensor.numel(),)](
+                    launch.table, launch.numels, launch.chunk_tensor, launch.chunk_start, scale, lr, lr * wd,
+                    beta1, beta2, eps, lr / bc1, bc2 ** 0.5, HAS_DIVISOR=divisor is not None, CHUNK=CHUNK,
+                    BLOCK=BLOCK)
+            else:
+                for p, half in zip(params, launch.halves):
+                    s = self.opt.state[p]
+                    adamw_reference(p.data, p.grad, s["exp_avg"], s["exp_avg_sq"], half, lr=lr, weight_decay=wd,
+                                    beta1=beta1, beta2=beta2, eps=eps, step=launch.step, divisor=divisor)
+        self.opt.grad_scale = None  # the divisor holds for one step (clip_in_adam sets it again if needed)
+
+
+def eligible(megatron_opt) -> Optional[str]:
+    """Why `megatron_opt` (one non-chained megatron optimizer) keeps megatron's step, or None if the kernel fits."""
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+
+    if type(megatron_opt) is not Float16OptimizerWithFloat16Params:
+        return f"{type(megatron_opt).__name__} (only megatron's non-distributed mixed-precision optimizer)"
+    if megatron_opt.grad_scaler is not None:
+        return "fp16 with a loss scaler"
+    opt = megatron_opt.optimizer
+    if not isinstance(opt, torch.optim.AdamW) and not (isinstance(opt, torch.optim.Adam)
+                                                      and opt.defaults.get("decoupled_weight_decay")):
+        return f"inner optimizer {type(opt).__name__}, not AdamW"
+    for group in opt.param_groups:
+        if not group.get("fused") or group.get("amsgrad") or group.get("maximize"):
+            return "a parameter group outside fused AdamW (or with amsgrad/maximize)"
+        if any(p.dtype != torch.float32 for p in group["params"]):
+            return "a parameter group with weights other than fp32"
+    for model_group in megatron_opt.float16_groups:
+        if any(p.dtype != torch.bfloat16 for p in model_group):
+            return "model weights other than bf16"
+    return None
+
+
+def install(megatron_optimizer) -> tuple[Callable[[], None], list[str]]:
+    """Step every eligible megatron optimizer inside `megatron_optimizer` with the kernel. Returns the undo and the
+    reasons the others keep megatron's step."""
+    from .kernels import megatron_optimizers
+    from .patches import require
+
+    undo, reasons = [], []
+    for megatron_opt in megatron_optimizers(megatron_optimizer):
+        why = eligible(megatron_opt)
+        if why:
+            reasons.append(why)
+            continue
+        require(megatron_opt, ("step_with_ready_grads", "float16_groups", "fp32_from_float16_groups", "optimizer"))
+        model_of = {id(main): model for models, mains in zip(megatron_opt.float16_groups,
+                                                            megatron_opt.fp32_from_float16_groups)
+                    for model, main in zip(models, mains)}
+        stepper = ParamGroupStepper(megatron_opt.optimizer, model_of)
+
+        def step_with_ready_grads(self, stepper=stepper) -> bool:
+            with torch.no_grad():
+                stepper.step()  # the inner step and the copy into the model weights, in one pass
+            return True
+
+        megatron_opt.step_with_ready_grads = types.MethodType(step_with_ready_grads, megatron_opt)
+        megatron_opt.adamw_stepper = stepper
+        undo.append(megatron_opt)
+
+    def restore() -> None:
+        for megatron_opt in undo:
+            del megatron_opt.step_with_ready_grads
+            del megatron_opt.adamw_stepper
+
+    return restore, reasons

@@ -1,0 +1,126 @@
+"""AdamW that writes the bf16 model weights in the same pass (qwen_trainer.engines.megatron.adamw_kernel): the
+Triton kernel (run by Triton's interpreter on CPU tensors) and its torch fallback against torch's own fused AdamW,
+step by step, with weight decay on one group and not the other, a changing learning rate, a clip divisor on some
+steps and a tensor spanning two of the kernel's chunks; the optimizer state stays torch's, so a run moves between
+the two steppers through a state dict."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+from qwen_trainer.engines.megatron import adamw_kernel  # noqa: E402
+
+SHAPES = [(30, 25), (7,), (adamw_kernel.CHUNK + 4464,)]
+
+
+@pytest.fixture(params=["kernel", "torch-fallback"])
+def path(request, monkeypatch):
+    if request.param == "kernel":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    else:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    return request.param
+
+
+def _optimizer(mains):
+    return torch.optim.AdamW([{"params": mains[:2], "weight_decay": 0.1}, {"params": mains[2:], "weight_decay": 0.0}],
+                             lr=1e-2, betas=(0.9, 0.95), eps=1e-8, fused=True)
+
+
+def _weights(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=gen) for s in SHAPES]
+
+
+def _grads(step):
+    gen = torch.Generator().manual_seed(100 + step)
+    return [torch.randn(s, generator=gen) * (step + 1) for s in SHAPES]
+
+
+def _step(opt, mains, step, divisor):
+    for p, g in zip(mains, _grads(step)):
+        p.grad = g
+    for group in opt.param_groups:
+        group["lr"] = 1e-2 / (step + 1)
+    opt.grad_scale = torch.tensor(divisor) if divisor else None
+
+
+DIVISORS = [None, 2.5, None, 4.0]
+
+
+def _as_bf16(w, path):
+    """The bf16 weight expected from `path`: torch rounds to nearest even, as the compiled kernel does
+    (tests/gpu/test_adamw_kernel.py); Triton's interpreter truncates."""
+    if path == "kernel":
+        return (w.view(torch.int32) >> 16).to(torch.int16).view(torch.bfloat16)
+    return w.to(torch.bfloat16)
+
+
+def _close(a, b, what):
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), (what, float((a - b).abs().max()))
+
+
+def test_the_kernel_steps_like_torchs_fused_adamw_and_writes_the_bf16_weights(path):
+    expected, got = _weights(), _weights()
+    halves = [w.to(torch.bfloat16) for w in got]
+    reference, mine = _optimizer(expected), _optimizer(got)
+    stepper = adamw_kernel.ParamGroupStepper(mine, {id(m): h for m, h in zip(got, halves)})
+    for step, divisor in enumerate(DIVISORS):
+        _step(reference, expected, step, divisor)
+        reference.step()
+        _step(mine, got, step, divisor)
+        stepper.step()
+        assert mine.grad_scale is None  # the divisor holds for its own step only
+        for i, (a, b) in enumerate(zip(got, expected)):
+            _close(a, b, f"weight {i} after step {step}")
+            assert torch.equal(halves[i], _as_bf16(a, path)), f"bf16 weight {i} after step {step}"
+    for a, b in zip(got, expected):
+        sa, sb = mine.state[a], reference.state[b]
+        assert sorted(sa) == sorted(sb) and float(sa["step"]) == float(sb["step"]) == len(DIVISORS)
+        assert sa["step"].dtype == sb["step"].dtype
+        _close(sa["exp_avg"], sb["exp_avg"], "exp_avg")
+        _close(sa["exp_avg_sq"], sb["exp_avg_sq"], "exp_avg_sq")
+
+
+def test_a_run_moves_between_torch_and_the_kernel_through_the_state_dict(path):
+    expected, got = _weights(), _weights()
+    reference, mine = _optimizer(expected), _optimizer(got)
+    for step in range(2):  # both start on torch's AdamW
+        for opt, mains in ((reference, expected), (mine, got)):
+            _step(opt, mains, step, None)
+            opt.step()
+    stepper = adamw_kernel.ParamGroupStepper(mine, {})  # fp32 weights only: no bf16 copies to write
+    for step in range(2, 4):
+        _step(reference, expected, step, 3.0)
+        reference.step()
+        _step(mine, got, step, 3.0)
+        stepper.step()
+    restored = _optimizer(got)  # a new torch AdamW takes the kernel's state and goes on like the reference
+    restored.load_state_dict(mine.state_dict())
+    _step(reference, expected, 4, None)
+    reference.step()
+    _step(restored, got, 4, None)
+    restored.step()
+    for i, (a, b) in enumerate(zip(got, expected)):
+        _close(a, b, f"weight {i}")
+    again = adamw_kernel.ParamGroupStepper(restored, {})  # and back: new state tensors, a new layout
+    _step(reference, expected, 5, None)
+    reference.step()
+    _step(restored, got, 5, None)
+    again.step()
+    for i, (a, b) in enumerate(zip(got, expected)):
+        _close(a, b, f"weight {i} after returning to the kernel")
+        assert float(restored.state[a]["step"]) == 6
+
+
+def test_step_counts_that_differ_within_a_group_are_refused():
+    mains = _weights()
+    opt = _optimizer(mains)
+    _step(opt, mains, 0, None)
+    opt.step()
+    opt.state[mains[0]]["step"] += 1
+    with pytest.raises(ValueError, match="step counts differ"):
+        adamw_kernel.ParamGroupStepper(opt, {}).step()
