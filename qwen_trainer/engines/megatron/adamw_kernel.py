@@ -65,15 +65,15 @@ def _kernel(interpret: bool) -> Any:
             idx = at + tl.arange(0, BLOCK)
             mask = idx < end
             g = tl.load(g_ptr + idx, mask=mask, other=0.0)
-            if HAS_DIVISOR:
-                g = g / divisor
+            if HAS_DIVISOR:  # IEEE division and square root, as torch's kernel (Triton's defaults approximate)
+                g = tl.div_rn(g, divisor)
             w = tl.load(w_ptr + idx, mask=mask, other=0.0)
             m = tl.load(m_ptr + idx, mask=mask, other=0.0)
             v = tl.load(v_ptr + idx, mask=mask, other=0.0)
             w = w - lr_wd * w
             m = beta1 * m + (1.0 - beta1) * g
             v = beta2 * v + (1.0 - beta2) * g * g
-            w = w - step_size * m / (tl.sqrt(v) / bc2_sqrt + eps)
+            w = w - tl.div_rn(step_size * m, tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps)
             tl.store(w_ptr + idx, w, mask=mask)
             tl.store(m_ptr + idx, m, mask=mask)
             tl.store(v_ptr + idx, v, mask=mask)
