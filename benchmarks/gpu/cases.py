@@ -32,6 +32,8 @@ VARIANTS: dict[str, dict] = {
     "expert-grad-added": {"defer_expert_wgrad": True, "expert_grad_overwrite": False},
     "adamw-model-params": {"adamw_writes_model_params": True},  # AdamW writes the bf16 weights in its one pass
     "deferred-adamw": {"defer_expert_wgrad": True, "adamw_writes_model_params": True},
+    # the MoE layers' attention, router and permutation as CUDA graphs (the experts eager, so the deferral applies)
+    "deferred-adamw-graphs": {"defer_expert_wgrad": True, "adamw_writes_model_params": True, "cuda_graphs": True},
     "moe-levers-off": {"clip_in_adam": False, "gather_permute": False, "embedding_grad_into_buffer": False,
                        "defer_expert_wgrad": False},
     "ce-unchunked": {"chunked_cross_entropy": False},  # megatron's output layer + fused vocab-parallel CE
