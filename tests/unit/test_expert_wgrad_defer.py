@@ -19,11 +19,11 @@ EXPERTS, K, N = 4, 16, 24
 MICRO_BATCHES = [([3, 0, 9, 4], 0), ([0, 7, 2, 0], 3), ([5, 5, 0, 1], 0)]
 
 
-def _part(sizes, padding, seed):
+def _part(sizes, padding, seed, k=K, n=N):
     g = torch.Generator().manual_seed(seed)
     rows = sum(sizes) + padding
-    x = torch.randn(rows, K, generator=g).to(torch.bfloat16)
-    dy = torch.randn(rows, N, generator=g).to(torch.bfloat16)
+    x = torch.randn(rows, k, generator=g).to(torch.bfloat16)
+    dy = torch.randn(rows, n, generator=g).to(torch.bfloat16)
     ends = torch.cumsum(torch.tensor(sizes), 0).to(torch.int32)
     return x, dy, ends
 
@@ -38,8 +38,10 @@ def _exact_products(parts) -> torch.Tensor:
     return out
 
 
-def test_merged_micro_batches_list_each_experts_rows_in_order():
-    parts = [_part(sizes, pad, i) for i, (sizes, pad) in enumerate(MICRO_BATCHES)]
+# rows of 32 / 48 bytes (copied as 16-byte elements), 8 / 12 (8 and 4), 6 / 2 (as bf16 itself)
+@pytest.mark.parametrize("k,n", [(K, N), (4, 6), (3, 1)])
+def test_merged_micro_batches_list_each_experts_rows_in_order(k, n):
+    parts = [_part(sizes, pad, i, k, n) for i, (sizes, pad) in enumerate(MICRO_BATCHES)]
     x_all, dy_all, ends = expert_wgrad.merge_by_expert(parts)
     totals = [sum(s[e] for s, _ in MICRO_BATCHES) for e in range(EXPERTS)]
     assert ends.tolist() == torch.cumsum(torch.tensor(totals), 0).tolist()
