@@ -27,7 +27,7 @@ def path(request, monkeypatch):
 
 def _optimizer(mains):
     return torch.optim.AdamW([{"params": mains[:2], "weight_decay": 0.1}, {"params": mains[2:], "weight_decay": 0.0}],
-                             lr=1e-2, betas=(0.9, 0.95), eps=1e-8, fused=True)
+                             lr=1e-2, betas=(0.9, 0.999), eps=1e-8, fused=True)
 
 
 def _weights(seed=0):

@@ -35,7 +35,8 @@ from .triton_kernels import _use_kernels
 
 CHUNK = 1 << 16
 """Elements per program: about 35,000 programs for the MoE shapes, so no tensor's tail leaves the GPU idle."""
-BLOCK = 2048
+BLOCK = 1024
+NUM_WARPS = 4
 SLOTS = 5  # addresses per tensor in the table: weight, gradient, first moment, second moment, bf16 weight (or 0)
 
 
@@ -45,8 +46,9 @@ def _kernel(interpret: bool) -> Any:
     import triton.language as tl
 
     @triton.jit
-    def adamw(table_ptr, numel_ptr, chunk_tensor_ptr, chunk_start_ptr, divisor_ptr, lr, lr_wd, beta1, beta2, eps,
-              step_size, bc2_sqrt, HAS_DIVISOR: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    def adamw(table_ptr, numel_ptr, chunk_tensor_ptr, chunk_start_ptr, divisor_ptr, lr_wd, beta1, rest1, beta2,
+              rest2, eps, step_size, bc2_sqrt, HAS_DIVISOR: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+        # rest1, rest2: 1 - beta1, 1 - beta2 from the host's doubles (in fp32 here, 1 - 0.999 loses 1e-5)
         c = tl.program_id(0)
         t = tl.load(chunk_tensor_ptr + c).to(tl.int64)
         start = tl.load(chunk_start_ptr + c)
@@ -60,9 +62,8 @@ def _kernel(interpret: bool) -> Any:
         divisor = 1.0
         if HAS_DIVISOR:
             divisor = tl.load(divisor_ptr)
-        at = start
-        while at < end:  # a while loop: Triton's interpreter cannot range() over loaded bounds
-            idx = at + tl.arange(0, BLOCK)
+        for offset in tl.range(0, CHUNK, BLOCK):  # a fixed trip count: the loads of the next block are issued early
+            idx = start + offset + tl.arange(0, BLOCK)
             mask = idx < end
             g = tl.load(g_ptr + idx, mask=mask, other=0.0)
             if HAS_DIVISOR:  # IEEE division and square root, as torch's kernel (Triton's defaults approximate)
@@ -71,15 +72,14 @@ def _kernel(interpret: bool) -> Any:
             m = tl.load(m_ptr + idx, mask=mask, other=0.0)
             v = tl.load(v_ptr + idx, mask=mask, other=0.0)
             w = w - lr_wd * w
-            m = beta1 * m + (1.0 - beta1) * g
-            v = beta2 * v + (1.0 - beta2) * g * g
+            m = beta1 * m + rest1 * g
+            v = beta2 * v + rest2 * g * g
             w = w - tl.div_rn(step_size * m, tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps)
             tl.store(w_ptr + idx, w, mask=mask)
             tl.store(m_ptr + idx, m, mask=mask)
             tl.store(v_ptr + idx, v, mask=mask)
             if half != 0:
                 tl.store(half.to(tl.pointer_type(tl.bfloat16)) + idx, w.to(tl.bfloat16), mask=mask)
-            at += BLOCK
 
     return adamw
 
@@ -168,9 +168,9 @@ class ParamGroupStepper:
                 interpret = os.environ.get("TRITON_INTERPRET") == "1"
                 scale = divisor if divisor is not None else launch.numels  # an unread placeholder pointer
                 _kernel(interpret)[(launch.chunk_tensor.numel(),)](
-                    launch.table, launch.numels, launch.chunk_tensor, launch.chunk_start, scale, lr, lr * wd,
-                    beta1, beta2, eps, lr / bc1, bc2 ** 0.5, HAS_DIVISOR=divisor is not None, CHUNK=CHUNK,
-                    BLOCK=BLOCK)
+                    launch.table, launch.numels, launch.chunk_tensor, launch.chunk_start, scale, lr * wd, beta1,
+                    1.0 - beta1, beta2, 1.0 - beta2, eps, lr / bc1, bc2 ** 0.5, HAS_DIVISOR=divisor is not None,
+                    CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS)
             else:
                 for p, half in zip(params, launch.halves):
                     s = self.opt.state[p]
