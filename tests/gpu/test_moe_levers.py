@@ -1,5 +1,10 @@
 """The MoE step's levers (issue: MoE throughput) train the same model as the paths they replace, over 50 steps:
-each lever on against off, loss and held-out loss within 1e-3 relative.
+each lever on against off, every loss and held-out loss within 1e-3 relative, or within 1.5 times the spread of
+three runs of the default configuration where that is larger. The spread is measured because the 50-step curve
+does not repeat itself to 1e-3: atomic adds in the backward (the word embedding's gradient rows) make two runs of
+one configuration differ, and the difference grows over the steps (on an H200: 8.8e-4 between two default runs,
+7.4e-4 between two runs with the expert-gradient deferral, 6.3e-4 between two with the one-pass AdamW;
+tests/gpu/curve_spread.py). The arithmetic of each lever is held much tighter by its CPU tests.
 
 - expert_wgrad_into_buffer: the experts' weight gradients accumulated in fp32 into the gradient buffer by the
   grouped GEMM's backward (one rounding fewer than the bf16 gradient and the add, so equal to the last digits only);
@@ -56,14 +61,26 @@ def _run(options: dict) -> dict:
 REQUIRES = {"expert_grad_overwrite": {"defer_expert_wgrad": True}}
 
 
+def _distance(a: dict, b: dict) -> float:
+    return max(abs(x - y) / abs(y) for x, y in zip(a["losses"] + a["evals"], b["losses"] + b["evals"]))
+
+
+@pytest.fixture(scope="module")
+def bound() -> float:
+    """The largest relative distance a lever may put between its curve and the path it replaces."""
+    runs = [_run({}) for _ in range(3)]
+    spread = max(_distance(a, b) for i, a in enumerate(runs) for b in runs[i + 1:])
+    print(f"same-configuration spread of the 50-step curve: {spread:.2e}")
+    return max(RTOL, 1.5 * spread)
+
+
 @pytest.mark.parametrize("lever", ["expert_wgrad_into_buffer", "clip_in_adam", "gather_permute",
                                    "embedding_grad_into_buffer", "defer_expert_wgrad", "expert_grad_overwrite",
                                    "adamw_writes_model_params"])
-def test_each_lever_trains_like_the_path_it_replaces(lever):
+def test_each_lever_trains_like_the_path_it_replaces(lever, bound):
     base = REQUIRES.get(lever, {})
     on, off = _run({**base, lever: True}), _run({**base, lever: False})
-    for a, b in zip(on["losses"] + on["evals"], off["losses"] + off["evals"]):
-        assert abs(a - b) <= RTOL * abs(b), (lever, on["losses"], off["losses"])
+    assert _distance(on, off) <= bound, (lever, _distance(on, off), bound, on["losses"], off["losses"])
     assert on["losses"][-1] < on["losses"][0] - 0.1, on["losses"]
     if lever == "expert_wgrad_into_buffer":
         assert on["expert_wgrad_kernel"] > 0 and off["expert_wgrad_kernel"] == 0
