@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from .config import EngineOptions, ModelPlan, gpt_model_kwargs, layer_spec, wants_cuda_graphs
+from .config import EngineOptions, ModelPlan, expert_stash_mib, gpt_model_kwargs, layer_spec, wants_cuda_graphs
 from .triton_kernels import install_grad_accumulation, install_swiglu, triton_available
 
 
@@ -205,7 +205,7 @@ def build_model(spec, plan: ModelPlan, options: EngineOptions, transformer_engin
     wrapped = [DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0)
                for i, chunk in enumerate(chunks)]
     if plan.experts == "torch-grouped":
-        restore.append(_route_expert_wgrad(options, config, wrapped, notes))
+        restore.append(_route_expert_wgrad(spec, options, config, wrapped, notes))
     if options.embedding_grad_into_buffer:
         from . import embedding_grad
 
@@ -274,23 +274,25 @@ def experts_in_cuda_graphs(config) -> bool:
     return not names or bool(names & {"moe", "full_iteration", "full"})
 
 
-def _route_expert_wgrad(options: EngineOptions, config, wrapped, notes: list[str]) -> Callable[[], None]:
+def _route_expert_wgrad(spec, options: EngineOptions, config, wrapped, notes: list[str]) -> Callable[[], None]:
     """The experts' weight gradients deferred and/or through the Triton kernel (expert_wgrad). Returns the undo."""
     from . import expert_wgrad
 
+    if not getattr(config, "num_moe_experts", None):
+        return expert_wgrad.reset_deferred
     kernel = options.expert_wgrad_into_buffer and triton_available() and \
         (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
-    defer = options.defer_expert_wgrad and options.expert_wgrad_stash_mib > 0
-    if defer and experts_in_cuda_graphs(config):
+    stash_mib = expert_stash_mib(spec, options)
+    if stash_mib and experts_in_cuda_graphs(config):
         # a captured backward replays its kernels whatever the micro-batch: no place for a per-step decision
         notes.append("expert weight gradients per micro-batch: whole MoE layers are captured as CUDA graphs")
-        defer = False
-    if kernel or defer:
-        routed, deferring = expert_wgrad.install(wrapped, kernel, options.expert_wgrad_stash_mib << 20 if defer
-                                                 else 0, overwrite=options.expert_grad_overwrite)
+        stash_mib = 0
+    if kernel or stash_mib:
+        routed, deferring = expert_wgrad.install(wrapped, kernel, stash_mib << 20,
+                                                 overwrite=options.expert_grad_overwrite)
         if not routed:
-            notes.append("expert weight gradients through autograd: no grouped expert weights (GroupedMLP) found")
-        elif defer and not deferring:
+            notes.append("expert weight gradients through autograd: no grouped expert weights (GroupedMLP)")
+        elif stash_mib and not deferring:
             notes.append("expert weight gradients per micro-batch: no expert weight is in a DDP bucket group")
     return expert_wgrad.reset_deferred
 

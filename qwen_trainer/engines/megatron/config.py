@@ -131,9 +131,10 @@ class EngineOptions:
     """With defer_expert_wgrad: each expert weight's first product of a step is written into the fp32 gradient
     buffer (a cast copy) instead of added, and the buffer's zeroing as the step starts leaves those ranges out:
     no read of the old gradient, no fill (exact: the same bits as adding into zeros)."""
-    expert_wgrad_stash_mib: int = 4096
+    expert_wgrad_stash_mib: Optional[int] = None
     """Memory the deferred expert operands may hold over all layers of this rank (MiB); the flush briefly needs
-    as much again for the regrouped copy."""
+    as much again for the regrouped copy. None follows the spec's training.expertGradientMemoryMiB (0 there or
+    here turns the deferral off)."""
     embedding_grad_into_buffer: bool = True
     """Untied word embedding without tensor parallelism: each token's gradient row added straight into the fp32
     gradient buffer (embedding_grad) instead of a vocabulary-sized bf16 gradient added in a separate pass (about
@@ -228,6 +229,15 @@ def recompute_mode(spec, opts: EngineOptions) -> str:
 
 def dtype_of(precision: str) -> torch.dtype:
     return torch.float16 if precision == "fp16" else torch.bfloat16
+
+
+def expert_stash_mib(spec, opts: EngineOptions) -> int:
+    """MiB the deferred expert weight-gradient operands may hold (0: no deferral)."""
+    if not opts.defer_expert_wgrad:
+        return 0
+    mib = spec.training.expert_gradient_memory_mib if opts.expert_wgrad_stash_mib is None \
+        else opts.expert_wgrad_stash_mib
+    return max(int(mib), 0)
 
 
 def wants_cuda_graphs(spec, opts: EngineOptions) -> bool:
