@@ -9,8 +9,8 @@ non-GEMM cost of the step (benchmarks/gpu/RESULTS.md). Two ways around it, each 
 - deferral (`defer_expert_wgrad`; its memory is the spec's training.expertGradientMemoryMiB): the backward keeps
   each micro-batch's operands (the expert's tokens and their output gradient) and, in the step's last micro-batch
   (megatron DDP's `is_last_microbatch`, before its hook hands the gradient to the reduction), regroups all of
-  them by expert (`merge_by_expert`) for one grouped GEMM whose fp32 accumulation runs over every micro-batch's tokens, rounded
-  to bf16 once and added once (with `expert_grad_overwrite`, the step's first product is written into buffer
+  them by expert (`merge_by_expert`) for one grouped GEMM whose fp32 accumulation runs over every micro-batch's
+  tokens, rounded to bf16 once and added once (with `expert_grad_overwrite`, the step's first product is written into buffer
   ranges the step's zeroing leaves out). The kept operands cost memory, capped over all layers
   (`expert_wgrad_stash_mib`); past the cap the kept micro-batches are added early, so the sum is the same, only
   less is saved.
