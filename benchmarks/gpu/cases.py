@@ -29,6 +29,7 @@ VARIANTS: dict[str, dict] = {
     # the experts' weight gradients of all micro-batches by one grouped GEMM in the last backward, written into
     # never-zeroed buffer ranges; then the same with the buffer zeroed and the product added
     "expert-wgrad-deferred": {"defer_expert_wgrad": True},
+    "expert-wgrad-per-micro-batch": {"defer_expert_wgrad": False},  # the default before 2026-12-07
     "expert-grad-added": {"defer_expert_wgrad": True, "expert_grad_overwrite": False},
     "adamw-model-params": {"adamw_writes_model_params": True},  # AdamW writes the bf16 weights in its one pass
     "deferred-adamw": {"defer_expert_wgrad": True, "adamw_writes_model_params": True},

@@ -1,6 +1,6 @@
 """The MoE step's levers (issue: MoE throughput) train the same model as the paths they replace, over 50 steps:
-each lever on against off, every loss and held-out loss within 1e-3 relative, or within 1.5 times the spread of
-three runs of the default configuration where that is larger. The spread is measured because the 50-step curve
+each lever on against off, every loss and held-out loss within 1e-3 relative, or within twice the largest distance
+between three runs of the default configuration where that is larger. The spread is measured because the 50-step curve
 does not repeat itself to 1e-3: atomic adds in the backward (the word embedding's gradient rows) make two runs of
 one configuration differ, and the difference grows over the steps (on an H200: 8.8e-4 between two default runs,
 7.4e-4 between two runs with the expert-gradient deferral, 6.3e-4 between two with the one-pass AdamW;
@@ -71,7 +71,7 @@ def bound() -> float:
     runs = [_run({}) for _ in range(3)]
     spread = max(_distance(a, b) for i, a in enumerate(runs) for b in runs[i + 1:])
     print(f"same-configuration spread of the 50-step curve: {spread:.2e}")
-    return max(RTOL, 1.5 * spread)
+    return max(RTOL, 2 * spread)
 
 
 @pytest.mark.parametrize("lever", ["expert_wgrad_into_buffer", "clip_in_adam", "gather_permute",

