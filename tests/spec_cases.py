@@ -103,6 +103,8 @@ CASES: tuple[Case, ...] = (
     Case("mlm-moe", "mlm-dense-pretrain.yaml", _set("model.size", "A2.7B"), "spec.model.backend", False),
     Case("fp8-te", MOE, _set("training.precision", "fp8"), "spec.training.precision", True),
     Case("tp-overlap", MOE, _set("parallelism.tpCommOverlap", True), "spec.parallelism.tpCommOverlap", True),
+    Case("expert-grad-memory", MOE, _set("training.expertGradientMemoryMiB", -1), "spec.training.expertGradientMemoryMiB",
+         True),
     Case("offload-moe", MOE, _set("training.optimizerOffloadFraction", 0.5), "spec.training.optimizerOffloadFraction", True),
     # valid for Megatron (TE, sequence parallel, distributed optimizer) but not carried out by this trainer yet
     Case("tp-overlap-unsupported", DENSE, _set("parallelism.tpCommOverlap", True), "spec.parallelism.tpCommOverlap", True),
