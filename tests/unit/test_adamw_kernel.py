@@ -85,35 +85,30 @@ def test_the_kernel_steps_like_torchs_fused_adamw_and_writes_the_bf16_weights(pa
         _close(sa["exp_avg_sq"], sb["exp_avg_sq"], "exp_avg_sq")
 
 
+def _step_both(reference, expected, opt, got, step, divisor, stepper=None):
+    """One step of the reference (torch) and of `opt` (by `stepper` if given, else torch), then the weights."""
+    _step(reference, expected, step, divisor)
+    reference.step()
+    _step(opt, got, step, divisor)
+    (stepper or opt).step()
+    for i, (a, b) in enumerate(zip(got, expected)):
+        _close(a, b, f"weight {i} after step {step}")
+
+
 def test_a_run_moves_between_torch_and_the_kernel_through_the_state_dict(path):
     expected, got = _weights(), _weights()
     reference, mine = _optimizer(expected), _optimizer(got)
     for step in range(2):  # both start on torch's AdamW
-        for opt, mains in ((reference, expected), (mine, got)):
-            _step(opt, mains, step, None)
-            opt.step()
+        _step_both(reference, expected, mine, got, step, None)
     stepper = adamw_kernel.ParamGroupStepper(mine, {})  # fp32 weights only: no bf16 copies to write
     for step in range(2, 4):
-        _step(reference, expected, step, 3.0)
-        reference.step()
-        _step(mine, got, step, 3.0)
-        stepper.step()
+        _step_both(reference, expected, mine, got, step, 3.0, stepper)
     restored = _optimizer(got)  # a new torch AdamW takes the kernel's state and goes on like the reference
     restored.load_state_dict(mine.state_dict())
-    _step(reference, expected, 4, None)
-    reference.step()
-    _step(restored, got, 4, None)
-    restored.step()
-    for i, (a, b) in enumerate(zip(got, expected)):
-        _close(a, b, f"weight {i}")
+    _step_both(reference, expected, restored, got, 4, None)
     again = adamw_kernel.ParamGroupStepper(restored, {})  # and back: new state tensors, a new layout
-    _step(reference, expected, 5, None)
-    reference.step()
-    _step(restored, got, 5, None)
-    again.step()
-    for i, (a, b) in enumerate(zip(got, expected)):
-        _close(a, b, f"weight {i} after returning to the kernel")
-        assert float(restored.state[a]["step"]) == 6
+    _step_both(reference, expected, restored, got, 5, None, again)
+    assert all(float(restored.state[a]["step"]) == 6 for a in got)
 
 
 def test_step_counts_that_differ_within_a_group_are_refused():
