@@ -115,6 +115,30 @@ def test_the_backward_keeps_operands_until_the_last_micro_batch_then_adds_once(s
     torch.testing.assert_close(w.main_grad.view(EXPERTS, K, N).double(), expected, rtol=8e-3, atol=1e-2)
 
 
+def test_starting_a_bucket_groups_reduction_adds_what_its_weights_kept_first(stash):
+    # megatron's pipeline schedule runs a later stage's last backward with the flag down and starts the reduction
+    # afterwards: the wrapped start adds that group's kept micro-batches, and only that group's, before it starts
+    started = []
+    groups = [SimpleNamespace(is_last_microbatch=False) for _ in range(2)]
+    for g in groups:
+        g.start_grad_sync = expert_wgrad._flushing_first(g, lambda g=g: started.append((g, stash.bytes)))
+    weights = [_deferring_weight(g) for g in groups]
+    parts = [_part(sizes, 0, 50 + i) for i, (sizes, _) in enumerate(MICRO_BATCHES)]
+    for w in weights:
+        for part, (sizes, _) in zip(parts, MICRO_BATCHES):
+            _backward(w, part, sizes)
+    kept = stash.bytes
+    groups[0].start_grad_sync()
+    assert started == [(groups[0], kept // 2)]  # the first group's operands added before its reduction began
+    torch.testing.assert_close(weights[0].main_grad.view(EXPERTS, K, N).double(), 0.5 + _exact_products(parts),
+                               rtol=8e-3, atol=1e-2)
+    assert torch.equal(weights[1].main_grad, torch.full_like(weights[1].main_grad, 0.5))
+    expert_wgrad.finish_backward()  # the safety net after the schedule adds whatever is left
+    assert stash.bytes == 0
+    torch.testing.assert_close(weights[1].main_grad.view(EXPERTS, K, N).double(), 0.5 + _exact_products(parts),
+                               rtol=8e-3, atol=1e-2)
+
+
 def test_past_the_memory_cap_each_micro_batch_is_added_at_once(stash):
     stash.limit = 1  # nothing fits
     group = SimpleNamespace(is_last_microbatch=False)

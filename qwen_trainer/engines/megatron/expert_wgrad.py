@@ -169,24 +169,29 @@ class _Stash:
     """Deferred operands of the experts' weight gradients, per parameter, within one optimizer step."""
 
     def __init__(self) -> None:
-        self.parts: dict[int, tuple[list, int]] = {}  # id(param) -> (its kept (x, dy, ends), their bytes)
+        # id(param) -> (param, its kept (x, dy, ends), their bytes, the [E, K, N] shape of its main_grad)
+        self.parts: dict[int, tuple] = {}
         self.bytes = 0
         self.limit = 0
         self.written: set[int] = set()  # overwriting weights whose gradient this step has already written
         self.overwriting: "weakref.WeakSet[torch.nn.Parameter]" = weakref.WeakSet()
 
     def take(self, param) -> list:
-        parts, size = self.parts.pop(id(param), ([], 0))
+        _, parts, size, _ = self.parts.pop(id(param), (None, [], 0, None))
         self.bytes -= size
         return parts
 
-    def keep(self, param, parts: list) -> bool:
+    def keep(self, param, parts: list, shape) -> bool:
         size = sum(_nbytes(x, dy) for x, dy, _ in parts)
         if self.bytes + size > self.limit:
             return False
-        self.parts[id(param)] = (parts, size)
+        self.parts[id(param)] = (param, parts, size, shape)
         self.bytes += size
         return True
+
+    def waiting(self, group=None) -> list:
+        """(param, shape) of every weight with kept operands (of DDP bucket group `group` only, if given)."""
+        return [(p, shape) for p, _, _, shape in self.parts.values() if group is None or getattr(p, DEFER) is group]
 
     def clear(self) -> None:
         self.parts.clear()
@@ -214,12 +219,31 @@ def reset_deferred() -> None:
     STASH.clear()
 
 
+def flush(group=None) -> None:
+    """Multiply and add every kept micro-batch now (of DDP bucket group `group` only, if given)."""
+    for param, shape in STASH.waiting(group):
+        _into_main_grad(param, STASH.take(param), shape)
+
+
 def finish_backward() -> None:
-    """After the step's backward: an overwriting weight that got no gradient in it (none is known to, but its
-    buffer range still holds the last step's) gets zeros, as a zeroed buffer would have given it."""
+    """After the step's backward: anything still kept is added (a schedule that never raised the last-micro-batch
+    flag and never started the reduction, which megatron's does not do), and an overwriting weight that got no
+    gradient in the step (none is known to, but its buffer range still holds the last step's) gets zeros, as a
+    zeroed buffer would have given it."""
+    flush()
     for param in list(STASH.overwriting):
         if id(param) not in STASH.written:
             param.main_grad.zero_()
+
+
+def _flushing_first(group, start_grad_sync):
+    def start(*args, **kwargs):
+        # megatron's pipeline schedule runs the last stages' last backward with the flag down and starts their
+        # reduction afterwards: the kept micro-batches must be in the buffer before it does
+        flush(group)
+        return start_grad_sync(*args, **kwargs)
+
+    return start
 
 
 def complement(ranges: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
@@ -246,15 +270,20 @@ def _zero_outside(buffer, skipped: list[tuple[int, int]]):
 
 def accumulate_expert_wgrad(param, x: torch.Tensor, dy: torch.Tensor, ends: torch.Tensor, shape) -> None:
     """main_grad of `param` (viewed as `shape`, [E, K, N]) += this micro-batch's per-expert x^T dy, now or, where
-    the parameter defers, together with later micro-batches' in one grouped GEMM and one add."""
+    the parameter defers, together with later micro-batches' in one grouped GEMM and one add (in the step's last
+    backward, or as megatron starts the gradient's reduction, whichever comes first)."""
     parts = [(x, dy, ends)]
     group = getattr(param, DEFER, None)
     if group is not None:
         parts = STASH.take(param) + parts
-        if not group.is_last_microbatch and STASH.keep(param, parts):
+        if not group.is_last_microbatch and STASH.keep(param, parts, shape):
             return
-        if len(parts) > 1:
-            parts = [merge_by_expert(parts)]
+    _into_main_grad(param, parts, shape)
+
+
+def _into_main_grad(param, parts: list, shape) -> None:
+    if len(parts) > 1:
+        parts = [merge_by_expert(parts)]
     main = param.main_grad.view(shape)
     if getattr(param, OVERWRITE, False) and id(param) not in STASH.written:
         STASH.written.add(id(param))
@@ -313,7 +342,10 @@ def install(wrapped, kernel: bool, defer_bytes: int, overwrite: bool = False) ->
                 setattr(w, MARK, True)
                 setattr(w, KERNEL, kernel)
                 if group is not None:
-                    require(group, ("is_last_microbatch",))
+                    require(group, ("is_last_microbatch", "start_grad_sync"))
+                    if not getattr(group.start_grad_sync, "flushes_expert_wgrad", False):
+                        group.start_grad_sync = _flushing_first(group, group.start_grad_sync)
+                        group.start_grad_sync.flushes_expert_wgrad = True
                     setattr(w, DEFER, group)
                     deferring += 1
                     if overwrite and not kernel:

@@ -58,6 +58,9 @@ INSTANCE_ATTRIBUTES = {
     ("DistributedDataParallel", "expert_parallel_buffers"): "as above, the expert-parallel gradient buffers",
     ("_ParamAndGradBucketGroup", "is_last_microbatch"):
         "deferred expert weight gradients: set by megatron DDP's no_sync / finish_grad_sync around the last backward",
+    ("_ParamAndGradBucketGroup", "start_grad_sync"):
+        "deferred expert weight gradients: wrapped per bucket group to add the kept micro-batches first (megatron's "
+        "pipeline schedule starts the last stages' reduction after a last backward run with the flag down)",
     ("_ParamAndGradBuffer", "reset"):
         "expert_grad_overwrite: replaced per buffer by a zeroing that leaves the overwritten expert ranges out "
         "(zero_grad_buffer calls it as every step starts)",
