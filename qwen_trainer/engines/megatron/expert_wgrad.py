@@ -10,10 +10,11 @@ non-GEMM cost of the step (benchmarks/gpu/RESULTS.md). Two ways around it, each 
   each micro-batch's operands (the expert's tokens and their output gradient) and, in the step's last micro-batch
   (megatron DDP's `is_last_microbatch`, before its hook hands the gradient to the reduction), regroups all of
   them by expert (`merge_by_expert`) for one grouped GEMM whose fp32 accumulation runs over every micro-batch's
-  tokens, rounded to bf16 once and added once (with `expert_grad_overwrite`, the step's first product is written into buffer
-  ranges the step's zeroing leaves out). The kept operands cost memory, capped over all layers
-  (`expert_wgrad_stash_mib`); past the cap the kept micro-batches are added early, so the sum is the same, only
-  less is saved.
+  tokens, rounded to bf16 once and added once (with `expert_grad_overwrite`, the step's first product is written
+  into buffer ranges the step's zeroing leaves out). Where megatron starts a bucket group's reduction before such
+  a last backward (a later pipeline stage), the kept micro-batches are added as it starts. The kept operands cost
+  memory, capped over all layers (`expert_wgrad_stash_mib`); past the cap the kept micro-batches are added early,
+  so the sum is the same, only less is saved.
 - the Triton kernel (`expert_wgrad_into_buffer`, off: slower than torch's CUTLASS grouped GEMM plus the add on an
   H100): `main_grad[e] += x_e^T @ dy_e` accumulated in fp32 straight into the buffer, as megatron's own linear
   layers do with gradient-accumulation fusion.
