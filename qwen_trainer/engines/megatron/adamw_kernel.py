@@ -102,7 +102,6 @@ class _Launch:
     """One parameter group's tensors, laid out for the kernel (rebuilt when an address or the step changes)."""
 
     key: tuple
-    params: list
     steps: list
     step: float  # the group's step count on the host, so no step tensor is read back
     table: Optional[torch.Tensor] = None
@@ -141,7 +140,7 @@ class ParamGroupStepper:
         counts = {float(s) for s in steps}  # read back once per layout, not per step
         if len(counts) != 1:
             raise ValueError(f"AdamW step counts differ within a parameter group: {sorted(counts)}")
-        launch = _Launch(key=key, params=params, steps=steps, step=counts.pop(), halves=halves)
+        launch = _Launch(key=key, steps=steps, step=counts.pop(), halves=halves)
         device = params[0].device
         launch.table = torch.tensor([k[:SLOTS] for k in key], dtype=torch.int64).to(device)
         numels = [p.numel() for p in params]

@@ -85,9 +85,12 @@ def require(obj: Any, names: tuple[str, ...]) -> None:
         if (cls, name) not in INSTANCE_ATTRIBUTES:
             raise PatchError(f"{cls}.{name} is not a registered megatron-core attribute")
         if not hasattr(obj, name):
-            raise PatchError(f"{cls}.{name} does not exist in megatron-core {installed_version()} "
-                             f"(the engine was checked against {PINNED_MEGATRON_CORE}); needed for "
-                             f"{INSTANCE_ATTRIBUTES[(cls, name)]}")
+            raise _missing(f"{cls}.{name}", INSTANCE_ATTRIBUTES[(cls, name)])
+
+
+def _missing(what: str, why: str) -> PatchError:
+    return PatchError(f"{what} does not exist in megatron-core {installed_version()} (the engine was checked "
+                      f"against {PINNED_MEGATRON_CORE}); needed for {why}")
 
 
 def replace(module_name: str, values: dict[str, Any]) -> Callable[[], None]:
@@ -99,8 +102,7 @@ def replace(module_name: str, values: dict[str, Any]) -> Callable[[], None]:
         if (module_name, name) not in PATCHED:
             raise PatchError(f"{module_name}.{name} is not a registered megatron-core patch")
         if not hasattr(module, name) and (module_name, name) not in OPTIONAL:
-            raise PatchError(f"{module_name}.{name} does not exist in megatron-core {installed_version()} "
-                             f"(patches checked against {PINNED_MEGATRON_CORE})")
+            raise _missing(f"{module_name}.{name}", PATCHED[(module_name, name)])
         saved[name] = getattr(module, name, missing)
     for name, value in values.items():
         setattr(module, name, value)
