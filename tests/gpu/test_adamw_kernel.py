@@ -1,5 +1,6 @@
 """The compiled AdamW kernel (adamw_kernel) on the GPU against torch's fused AdamW on the same tensors: the fp32
-weights and Adam's moments within float rounding after several steps with a clip divisor, and the bf16 model
+weights within float rounding and Adam's moments within two units in the last place (the kernel computes in torch's
+precisions: fp64 where torch's double hyperparameters promote) after several steps with a clip divisor, and the bf16 model
 weights exactly the fp32 weights rounded to nearest even (Triton's interpreter, which the CPU tests use,
 truncates instead)."""
 
@@ -44,4 +45,7 @@ def test_compiled_kernel_steps_like_torchs_fused_adamw_and_rounds_to_nearest_eve
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), float((a - b).abs().max())
         assert torch.equal(h, a.to(torch.bfloat16))
         for key in ("exp_avg", "exp_avg_sq"):
-            assert torch.allclose(mine.state[a][key], reference.state[b][key], rtol=1e-5, atol=1e-9), key
+            x, y = mine.state[a][key], reference.state[b][key]
+            ulp = 2 * torch.finfo(torch.float32).eps * torch.maximum(x.abs(), y.abs())
+            far = (x - y).abs() > ulp
+            assert not far.any(), (key, int(far.sum()), float((x - y).abs().max()))

@@ -23,6 +23,7 @@ tests/gpu/curve_spread.py). The arithmetic of each lever is held much tighter by
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import subprocess
@@ -57,6 +58,12 @@ def _run(options: dict) -> dict:
     raise AssertionError(f"worker failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
 
 
+def _run_together(*options: dict) -> list[dict]:
+    """Several workers at once on the one GPU (the model is small: they share it and the curves do not change)."""
+    with concurrent.futures.ThreadPoolExecutor(len(options)) as pool:
+        return list(pool.map(_run, options))
+
+
 # levers that act only on top of another
 REQUIRES = {"expert_grad_overwrite": {"defer_expert_wgrad": True}}
 
@@ -68,7 +75,7 @@ def _distance(a: dict, b: dict) -> float:
 @pytest.fixture(scope="module")
 def bound() -> float:
     """The largest relative distance a lever may put between its curve and the path it replaces."""
-    runs = [_run({}) for _ in range(3)]
+    runs = _run_together({}, {}, {})
     spread = max(_distance(a, b) for i, a in enumerate(runs) for b in runs[i + 1:])
     print(f"same-configuration spread of the 50-step curve: {spread:.2e}")
     return max(RTOL, 2 * spread)
@@ -79,7 +86,7 @@ def bound() -> float:
                                    "adamw_writes_model_params"])
 def test_each_lever_trains_like_the_path_it_replaces(lever, bound):
     base = REQUIRES.get(lever, {})
-    on, off = _run({**base, lever: True}), _run({**base, lever: False})
+    on, off = _run_together({**base, lever: True}, {**base, lever: False})
     assert _distance(on, off) <= bound, (lever, _distance(on, off), bound, on["losses"], off["losses"])
     assert on["losses"][-1] < on["losses"][0] - 0.1, on["losses"]
     if lever == "expert_wgrad_into_buffer":

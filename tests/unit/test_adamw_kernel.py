@@ -6,6 +6,8 @@ the two steppers through a state dict."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -119,3 +121,31 @@ def test_step_counts_that_differ_within_a_group_are_refused():
     opt.state[mains[0]]["step"] += 1
     with pytest.raises(ValueError, match="step counts differ"):
         adamw_kernel.ParamGroupStepper(opt, {}).step()
+
+
+def test_the_kernel_and_its_torch_fallback_compute_in_the_same_precisions(monkeypatch):
+    """Both mirror torch's CUDA kernel (fp64 moments and weight decay, fp32 step size): fp32 results agree exactly."""
+    results = []
+    for interpret in (True, False):
+        if interpret:
+            monkeypatch.setenv("TRITON_INTERPRET", "1")
+        else:
+            monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        mains = _weights()
+        opt = _optimizer(mains)
+        stepper = adamw_kernel.ParamGroupStepper(opt, {})
+        for step, divisor in enumerate(DIVISORS):
+            _step(opt, mains, step, divisor)
+            stepper.step()
+        results.append([(w, opt.state[w]["exp_avg"], opt.state[w]["exp_avg_sq"]) for w in mains])
+    for kernel_side, torch_side in zip(*results):
+        for a, b in zip(kernel_side, torch_side):
+            assert torch.equal(a, b), float((a - b).abs().max())
+
+
+def test_the_fp32_factors_are_rounded_as_torchs_kernel_holds_them():
+    step_size, bc2_sqrt = adamw_kernel.fp32_factors(1e-3, 0.9, 0.999, 3.0)
+    bc1 = torch.tensor(1 - 0.9 ** 3, dtype=torch.float32).item()
+    assert step_size == torch.tensor(1e-3 / bc1, dtype=torch.float32).item()
+    bc2 = torch.tensor(1 - 0.999 ** 3, dtype=torch.float32).item()
+    assert bc2_sqrt == torch.tensor(math.sqrt(bc2), dtype=torch.float32).item()  # sqrtf rounds correctly

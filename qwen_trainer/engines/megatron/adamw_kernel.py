@@ -8,7 +8,8 @@ gradient, two moments; write weight, two moments, bf16 weight): the fused AdamW 
 step (benchmarks/gpu/RESULTS.md).
 
 This kernel runs torch's AdamW arithmetic (`_fused_adamw_`, ADAMW mode: decoupled weight decay, bias corrections,
-`sqrt(v) / sqrt(1 - beta2^t) + eps`) element by element in fp32, divides the gradient by the clip divisor as it
+`sqrt(v) / sqrt(1 - beta2^t) + eps`) element by element in torch's precisions (the weight decay, the moments and
+eps's addition in fp64, as torch's double hyperparameters promote them; the rest in fp32), divides the gradient by the clip divisor as it
 loads it, and stores the weight both in fp32 and, rounded to nearest even, in bf16. Every tensor of a parameter
 group goes to one launch: a table of each tensor's addresses (cached while they stay put) and a table of fixed-size
 chunks, so large and small tensors share the GPU evenly. The optimizer state stays torch's (`step`, `exp_avg`,
@@ -29,12 +30,14 @@ import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+import numpy
 import torch
 
 from .triton_kernels import _use_kernels
 
-CHUNK = 1 << 16
-"""Elements per program: about 35,000 programs for the MoE shapes, so no tensor's tail leaves the GPU idle."""
+CHUNK = 1 << 14
+"""Elements per program: about 140,000 programs for the MoE shapes, so no tensor's tail leaves the GPU idle (the
+fastest of benchmarks/gpu/adamw_bench.py's tiles on an H100)."""
 BLOCK = 1024
 NUM_WARPS = 4
 SLOTS = 5  # addresses per tensor in the table: weight, gradient, first moment, second moment, bf16 weight (or 0)
@@ -46,9 +49,11 @@ def _kernel(interpret: bool) -> Any:
     import triton.language as tl
 
     @triton.jit
-    def adamw(table_ptr, numel_ptr, chunk_tensor_ptr, chunk_start_ptr, divisor_ptr, lr_wd, beta1, rest1, beta2,
-              rest2, eps, step_size, bc2_sqrt, HAS_DIVISOR: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-        # rest1, rest2: 1 - beta1, 1 - beta2 from the host's doubles (in fp32 here, 1 - 0.999 loses 1e-5)
+    def adamw(table_ptr, numel_ptr, chunk_tensor_ptr, chunk_start_ptr, divisor_ptr, hyper_ptr, step_size, bc2_sqrt,
+              HAS_DIVISOR: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+        # torch's kernel takes lr, the betas, weight decay and eps as doubles, so the weight decay, both moments and
+        # eps's addition are computed in fp64 and rounded to fp32; Triton would pass Python floats as fp32, so the
+        # doubles come from a tensor. step_size and bc2_sqrt are fp32 in torch's kernel too.
         c = tl.program_id(0)
         t = tl.load(chunk_tensor_ptr + c).to(tl.int64)
         start = tl.load(chunk_start_ptr + c)
@@ -59,6 +64,12 @@ def _kernel(interpret: bool) -> Any:
         m_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
         v_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
         half = tl.load(row + 4)
+        lr_wd = tl.load(hyper_ptr)
+        beta1 = tl.load(hyper_ptr + 1)
+        rest1 = tl.load(hyper_ptr + 2)
+        beta2 = tl.load(hyper_ptr + 3)
+        rest2 = tl.load(hyper_ptr + 4)
+        eps = tl.load(hyper_ptr + 5)
         divisor = 1.0
         if HAS_DIVISOR:
             divisor = tl.load(divisor_ptr)
@@ -68,13 +79,15 @@ def _kernel(interpret: bool) -> Any:
             g = tl.load(g_ptr + idx, mask=mask, other=0.0)
             if HAS_DIVISOR:  # IEEE division and square root, as torch's kernel (Triton's defaults approximate)
                 g = tl.div_rn(g, divisor)
-            w = tl.load(w_ptr + idx, mask=mask, other=0.0)
-            m = tl.load(m_ptr + idx, mask=mask, other=0.0)
-            v = tl.load(v_ptr + idx, mask=mask, other=0.0)
-            w = w - lr_wd * w
-            m = beta1 * m + rest1 * g
-            v = beta2 * v + rest2 * g * g
-            w = w - tl.div_rn(step_size * m, tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps)
+            w = tl.load(w_ptr + idx, mask=mask, other=0.0).to(tl.float64)
+            m = tl.load(m_ptr + idx, mask=mask, other=0.0).to(tl.float64)
+            v = tl.load(v_ptr + idx, mask=mask, other=0.0).to(tl.float64)
+            g64 = g.to(tl.float64)
+            w = (w - lr_wd * w).to(tl.float32)
+            m = (beta1 * m + rest1 * g64).to(tl.float32)
+            v = (beta2 * v + rest2 * g64 * g64).to(tl.float32)
+            denom = (tl.div_rn(tl.sqrt_rn(v), bc2_sqrt).to(tl.float64) + eps).to(tl.float32)
+            w = w - tl.div_rn(step_size * m, denom)
             tl.store(w_ptr + idx, w, mask=mask)
             tl.store(m_ptr + idx, m, mask=mask)
             tl.store(v_ptr + idx, v, mask=mask)
@@ -84,15 +97,25 @@ def _kernel(interpret: bool) -> Any:
     return adamw
 
 
+def fp32_factors(lr: float, beta1: float, beta2: float, step: float) -> tuple[float, float]:
+    """step_size and sqrt(1 - beta2^t) as torch's kernel holds them: fp32, from fp32 bias corrections."""
+    bc1, bc2 = numpy.float32(1.0 - beta1 ** step), numpy.float32(1.0 - beta2 ** step)
+    return float(numpy.float32(lr / float(bc1))), float(numpy.sqrt(bc2))
+
+
 def adamw_reference(w, g, m, v, half, *, lr, weight_decay, beta1, beta2, eps, step, divisor=None) -> None:
-    """The same update in torch ops on one tensor (`step` already counts this step)."""
+    """The same update in torch ops on one tensor (`step` already counts this step), in the same precisions."""
     if divisor is not None:
         g = g / divisor
-    w.sub_(lr * weight_decay * w)
-    m.mul_(beta1).add_((1.0 - beta1) * g)
-    v.mul_(beta2).add_((1.0 - beta2) * g * g)
-    bc1, bc2 = 1.0 - beta1 ** step, 1.0 - beta2 ** step
-    w.sub_((lr / bc1) * m / (v.sqrt() / bc2 ** 0.5 + eps))
+    g64 = g.double()
+    w.copy_(w.double() - (lr * weight_decay) * w.double())
+    m.copy_(beta1 * m.double() + (1.0 - beta1) * g64)
+    v.copy_(beta2 * v.double() + (1.0 - beta2) * g64 * g64)
+    step_size, bc2_sqrt = fp32_factors(lr, beta1, beta2, step)
+    # correctly rounded square root (torch's CPU one for fp32 is not) and a tensor divisor (torch multiplies by the
+    # reciprocal of a scalar one), so the last place agrees with the GPU kernel's
+    denom = ((v.double().sqrt().float() / torch.full_like(v, bc2_sqrt)).double() + eps).float()
+    w.sub_((step_size * m) / denom)
     if half is not None:
         half.copy_(w)
 
@@ -162,14 +185,15 @@ class ParamGroupStepper:
             launch.step += 1.0
             beta1, beta2 = group["betas"]
             lr, wd, eps = float(group["lr"]), float(group["weight_decay"]), float(group["eps"])
-            bc1, bc2 = 1.0 - beta1 ** launch.step, 1.0 - beta2 ** launch.step
             if _use_kernels(params[0]):
                 interpret = os.environ.get("TRITON_INTERPRET") == "1"
                 scale = divisor if divisor is not None else launch.numels  # an unread placeholder pointer
+                hyper = torch.tensor([lr * wd, beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps], dtype=torch.float64,
+                                     pin_memory=params[0].is_cuda).to(params[0].device, non_blocking=True)
+                step_size, bc2_sqrt = fp32_factors(lr, beta1, beta2, launch.step)
                 _kernel(interpret)[(launch.chunk_tensor.numel(),)](
-                    launch.table, launch.numels, launch.chunk_tensor, launch.chunk_start, scale, lr * wd, beta1,
-                    1.0 - beta1, beta2, 1.0 - beta2, eps, lr / bc1, bc2 ** 0.5, HAS_DIVISOR=divisor is not None,
-                    CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS)
+                    launch.table, launch.numels, launch.chunk_tensor, launch.chunk_start, scale, hyper, step_size,
+                    bc2_sqrt, HAS_DIVISOR=divisor is not None, CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS)
             else:
                 for p, half in zip(params, launch.halves):
                     s = self.opt.state[p]
