@@ -1,10 +1,10 @@
-"""The MoE step's levers (issue: MoE throughput) train the same model as the paths they replace, over 50 steps:
-each lever on against off, every loss and held-out loss within 1e-3 relative, or within twice the largest distance
-between three runs of the default configuration where that is larger. The spread is measured because the 50-step curve
-does not repeat itself to 1e-3: atomic adds in the backward (the word embedding's gradient rows) make two runs of
-one configuration differ, and the difference grows over the steps (on an H200: 8.8e-4 between two default runs,
-7.4e-4 between two runs with the expert-gradient deferral, 6.3e-4 between two with the one-pass AdamW;
-tests/gpu/curve_spread.py). The arithmetic of each lever is held much tighter by its CPU tests.
+"""The MoE step's levers (issue: MoE throughput) train the same model as the paths they replace, over 50 steps: each
+lever on against off, every loss and held-out loss within 1e-3 relative, or within twice the largest distance between
+three runs of the default configuration or between two runs of either side, where that is larger. The spread is
+measured because the 50-step curve does not repeat itself to 1e-3: atomic adds in the backward (the word embedding's
+gradient rows) make two runs of one configuration differ, and the difference grows over the steps (on an H200: 8.8e-4
+between two default runs, 7.4e-4 between two runs with the expert-gradient deferral, 6.3e-4 between two with the
+one-pass AdamW; tests/gpu/curve_spread.py). The arithmetic of each lever is held much tighter by its CPU tests.
 
 - expert_wgrad_into_buffer: the experts' weight gradients accumulated in fp32 into the gradient buffer by the
   grouped GEMM's backward (one rounding fewer than the bf16 gradient and the add, so equal to the last digits only);
@@ -86,8 +86,14 @@ def bound() -> float:
                                    "adamw_writes_model_params"])
 def test_each_lever_trains_like_the_path_it_replaces(lever, bound):
     base = REQUIRES.get(lever, {})
-    on, off = _run_together({**base, lever: True}, {**base, lever: False})
-    assert _distance(on, off) <= bound, (lever, _distance(on, off), bound, on["losses"], off["losses"])
+    # each side twice: a path with atomic adds of its own (the off side of gather_permute) repeats itself less
+    # closely than the default does, and the curves may differ by what each side differs from itself
+    on, on_again, off, off_again = _run_together({**base, lever: True}, {**base, lever: True},
+                                                 {**base, lever: False}, {**base, lever: False})
+    own = max(bound, 2 * _distance(on, on_again), 2 * _distance(off, off_again))
+    print(f"{lever}: on/off {_distance(on, off):.2e}, on/on {_distance(on, on_again):.2e}, "
+          f"off/off {_distance(off, off_again):.2e}, bound {own:.2e}")
+    assert _distance(on, off) <= own, (lever, _distance(on, off), own, on["losses"], off["losses"])
     assert on["losses"][-1] < on["losses"][0] - 0.1, on["losses"]
     if lever == "expert_wgrad_into_buffer":
         assert on["expert_wgrad_kernel"] > 0 and off["expert_wgrad_kernel"] == 0

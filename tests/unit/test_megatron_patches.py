@@ -62,12 +62,13 @@ def test_registered_instance_attributes_are_set_by_the_pinned_megatron_classes(c
     import re
 
     from megatron.core.distributed import distributed_data_parallel, param_and_grad_buffer
-    from megatron.core.optimizer import optimizer
+    from megatron.core.optimizer import distrib_optimizer, optimizer
 
-    klass = next(getattr(m, cls) for m in (distributed_data_parallel, param_and_grad_buffer, optimizer)
+    klass = next(getattr(m, cls) for m in (distributed_data_parallel, param_and_grad_buffer, optimizer,
+                                           distrib_optimizer)
                  if hasattr(m, cls))
     source = "".join(inspect.getsource(k) for k in klass.__mro__ if k.__module__.startswith("megatron."))
-    assigned = re.search(rf"self\.{name}\b[\w\s,.]*=(?!=)", source)  # also within a tuple assignment
+    assigned = re.search(rf"self\.{name}\b[\w\s,.)]*=(?!=)", source)  # also within a (parenthesised) tuple assignment
     assert callable(getattr(klass, name, None)) or assigned, f"{cls}.{name}"
 
 

@@ -8,18 +8,20 @@ gradient, two moments; write weight, two moments, bf16 weight): the fused AdamW 
 step (benchmarks/gpu/RESULTS.md).
 
 This kernel runs torch's AdamW arithmetic (`_fused_adamw_`, ADAMW mode: decoupled weight decay, bias corrections,
-`sqrt(v) / sqrt(1 - beta2^t) + eps`) element by element in torch's precisions (the weight decay, the moments and
-eps's addition in fp64, as torch's double hyperparameters promote them; the rest in fp32), divides the gradient by the clip divisor as it
-loads it, and stores the weight both in fp32 and, rounded to nearest even, in bf16. Every tensor of a parameter
-group goes to one launch: a table of each tensor's addresses (cached while they stay put) and a table of fixed-size
-chunks, so large and small tensors share the GPU evenly. The optimizer state stays torch's (`step`, `exp_avg`,
-`exp_avg_sq` under the same keys), so checkpoints do not change and turning the switch off resumes the same run.
+`sqrt(v) / sqrt(1 - beta2^t) + eps`) element by element in torch's precisions (the weight decay, the moments and eps's
+addition in fp64, as torch's double hyperparameters promote them; the rest in fp32), divides the gradient by the clip
+divisor as it loads it, and stores the weight both in fp32 and, rounded to nearest even, in bf16. Every tensor of a
+parameter group goes to one launch: a table of each tensor's addresses (cached while they stay put) and a table of
+fixed-size chunks, so large and small tensors share the GPU evenly. The optimizer state stays torch's (`step`,
+`exp_avg`, `exp_avg_sq` under the same keys), so checkpoints do not change and turning the switch off resumes the same
+run.
 
-It replaces `step_with_ready_grads` of megatron's `Float16OptimizerWithFloat16Params` (each one of a chained
-optimizer, so expert parallelism's expert optimizer too) only where every group is torch AdamW in its fused mode
-without amsgrad or maximize and bf16 weights are trained; megatron's distributed optimizer, fp16 with its loss
-scaler, and other optimizers keep megatron's path. On CPU tensors without TRITON_INTERPRET=1 the same arithmetic
-runs in torch, tensor by tensor.
+It steps the inner AdamW of megatron's `Float16OptimizerWithFloat16Params` and of its `DistributedOptimizer` (the
+default: there the bf16 destination is this rank's slice of the parameter buffer, which megatron's all-gather then
+sends), each one of a chained optimizer (expert parallelism's expert optimizer too), only where every group is torch
+AdamW in its fused mode without amsgrad or maximize and bf16 weights are trained; fp16 with its loss scaler, the
+precision-aware optimizer and other optimizers keep megatron's path. On CPU tensors without TRITON_INTERPRET=1 the
+same arithmetic runs in torch, tensor by tensor.
 """
 
 from __future__ import annotations
@@ -139,8 +141,9 @@ class ParamGroupStepper:
 
     def __init__(self, opt: torch.optim.Optimizer, model_of: dict[int, torch.Tensor]) -> None:
         self.opt = opt
-        self.model_of = model_of  # id(main fp32 weight) -> its bf16 model weight
+        self.model_of = model_of  # id(main fp32 weight) -> the bf16 tensor its values go to
         self.launches: dict[int, _Launch] = {}
+        self.wrote_model_params = False  # set by install's step: megatron's next copy is already done
 
     def _state(self, p: torch.Tensor) -> dict:
         state = self.opt.state[p]
@@ -204,12 +207,19 @@ class ParamGroupStepper:
 
 def eligible(megatron_opt) -> Optional[str]:
     """Why `megatron_opt` (one non-chained megatron optimizer) keeps megatron's step, or None if the kernel fits."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
     from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
 
-    if type(megatron_opt) is not Float16OptimizerWithFloat16Params:
-        return f"{type(megatron_opt).__name__} (only megatron's non-distributed mixed-precision optimizer)"
+    if type(megatron_opt) not in (Float16OptimizerWithFloat16Params, DistributedOptimizer):
+        return f"{type(megatron_opt).__name__} (only megatron's mixed-precision and distributed optimizers)"
     if megatron_opt.grad_scaler is not None:
         return "fp16 with a loss scaler"
+    config = megatron_opt.config
+    if getattr(config, "use_precision_aware_optimizer", False) or getattr(config, "reuse_grad_buf_for_mxfp8_param_ag",
+                                                                          False):
+        return "megatron's precision-aware optimizer or mxfp8 parameter buffers"
+    if getattr(megatron_opt, "is_stub_optimizer", False):
+        return "a stub optimizer (no parameters on this rank)"
     opt = megatron_opt.optimizer
     if not isinstance(opt, torch.optim.AdamW) and not (isinstance(opt, torch.optim.Adam)
                                                       and opt.defaults.get("decoupled_weight_decay")):
@@ -219,15 +229,54 @@ def eligible(megatron_opt) -> Optional[str]:
             return "a parameter group outside fused AdamW (or with amsgrad/maximize)"
         if any(p.dtype != torch.float32 for p in group["params"]):
             return "a parameter group with weights other than fp32"
-    for model_group in megatron_opt.float16_groups:
-        if any(p.dtype != torch.bfloat16 for p in model_group):
+    if isinstance(megatron_opt, DistributedOptimizer):
+        # fp32 model weights would need megatron's copy of their shards into the parameter buffer
+        if any(megatron_opt.shard_fp32_groups) or any(p.dtype != torch.bfloat16
+                                                      for group in megatron_opt.model_float16_groups for p in group):
             return "model weights other than bf16"
+        return None
+    if any(p.dtype != torch.bfloat16 for group in megatron_opt.float16_groups for p in group):
+        return "model weights other than bf16"
     return None
+
+
+def bf16_destinations(megatron_opt) -> dict[int, torch.Tensor]:
+    """id(each fp32 main weight the inner AdamW steps) -> the bf16 tensor megatron's copy writes it into: the model
+    weight itself, or, under the distributed optimizer, this rank's slice of the weight in the bucket's parameter
+    buffer (which the parameter all-gather then sends), as `_copy_main_params_to_model_params` finds them."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    from .patches import require
+
+    if not isinstance(megatron_opt, DistributedOptimizer):
+        require(megatron_opt, ("float16_groups", "fp32_from_float16_groups"))
+        return {id(main): model for models, mains in zip(megatron_opt.float16_groups,
+                                                         megatron_opt.fp32_from_float16_groups)
+                for model, main in zip(models, mains)}
+    require(megatron_opt, ("shard_fp32_from_float16_groups", "model_float16_groups", "model_param_gbuf_map",
+                           "buffers", "_get_model_param_range_map"))
+    out = {}
+    for mains, models in zip(megatron_opt.shard_fp32_from_float16_groups, megatron_opt.model_float16_groups):
+        for main, model in zip(mains, models):
+            world = megatron_opt._get_model_param_range_map(model)["gbuf_world_in_bucket"]
+            buffer_index, _, bucket_index = megatron_opt.model_param_gbuf_map[model]
+            buffer = megatron_opt.buffers[buffer_index]
+            require(buffer, ("buckets",))
+            bucket = buffer.buckets[bucket_index]
+            require(bucket, ("param_data",))
+            if world.size != main.numel():
+                raise ValueError(f"a main weight of {main.numel()} elements against a buffer range of {world.size}")
+            out[id(main)] = bucket.param_data.view(-1)[world.start:world.end]
+    return out
 
 
 def install(megatron_optimizer) -> tuple[Callable[[], None], list[str]]:
     """Step every eligible megatron optimizer inside `megatron_optimizer` with the kernel. Returns the undo and the
-    reasons the others keep megatron's step."""
+    reasons the others keep megatron's step.
+
+    megatron's `step_with_ready_grads` stays in charge (the distributed optimizer's parameter all-gather follows
+    it): the inner AdamW's `step` becomes the one pass, and the copy of the main weights into the bf16 ones that
+    megatron runs next is skipped once after each pass, so every other caller (a checkpoint's reload) still copies."""
     from .kernels import megatron_optimizers
     from .patches import require
 
@@ -237,24 +286,30 @@ def install(megatron_optimizer) -> tuple[Callable[[], None], list[str]]:
         if why:
             reasons.append(why)
             continue
-        require(megatron_opt, ("step_with_ready_grads", "float16_groups", "fp32_from_float16_groups", "optimizer"))
-        model_of = {id(main): model for models, mains in zip(megatron_opt.float16_groups,
-                                                            megatron_opt.fp32_from_float16_groups)
-                    for model, main in zip(models, mains)}
-        stepper = ParamGroupStepper(megatron_opt.optimizer, model_of)
+        require(megatron_opt, ("_copy_main_params_to_model_params", "optimizer"))
+        stepper = ParamGroupStepper(megatron_opt.optimizer, bf16_destinations(megatron_opt))
+        megatron_copy = megatron_opt._copy_main_params_to_model_params
 
-        def step_with_ready_grads(self, stepper=stepper) -> bool:
+        def one_pass(stepper=stepper) -> None:
             with torch.no_grad():
-                stepper.step()  # the inner step and the copy into the model weights, in one pass
-            return True
+                stepper.step()
+            stepper.wrote_model_params = True
 
-        megatron_opt.step_with_ready_grads = types.MethodType(step_with_ready_grads, megatron_opt)
+        def copy_unless_written(stepper=stepper, megatron_copy=megatron_copy) -> None:
+            if stepper.wrote_model_params:
+                stepper.wrote_model_params = False
+                return
+            megatron_copy()
+
+        megatron_opt.optimizer.step = one_pass
+        megatron_opt._copy_main_params_to_model_params = copy_unless_written
         megatron_opt.adamw_stepper = stepper
         undo.append(megatron_opt)
 
     def restore() -> None:
         for megatron_opt in undo:
-            del megatron_opt.step_with_ready_grads
+            del megatron_opt.optimizer.step
+            del megatron_opt._copy_main_params_to_model_params
             del megatron_opt.adamw_stepper
 
     return restore, reasons

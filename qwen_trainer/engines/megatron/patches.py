@@ -66,11 +66,21 @@ INSTANCE_ATTRIBUTES = {
         "(zero_grad_buffer calls it as every step starts)",
     ("_ParamAndGradBuffer", "param_index_map"): "as above: each weight's range in grad_data",
     ("_ParamAndGradBuffer", "grad_data"): "as above: the flat gradient buffer",
-    ("Float16OptimizerWithFloat16Params", "step_with_ready_grads"):
-        "adamw_writes_model_params: replaced per optimizer by one pass of AdamW and the bf16 weight copy",
+    ("Float16OptimizerWithFloat16Params", "_copy_main_params_to_model_params"):
+        "adamw_writes_model_params: skipped once after each one-pass AdamW step, which already wrote the bf16 weights",
     ("Float16OptimizerWithFloat16Params", "float16_groups"): "as above: the bf16 model weights, group by group",
     ("Float16OptimizerWithFloat16Params", "fp32_from_float16_groups"): "as above: their fp32 main weights",
-    ("Float16OptimizerWithFloat16Params", "optimizer"): "as above: the torch AdamW stepping the main weights",
+    ("Float16OptimizerWithFloat16Params", "optimizer"):
+        "as above: the torch AdamW whose step becomes the one pass",
+    ("DistributedOptimizer", "_copy_main_params_to_model_params"): "as above, for the distributed optimizer",
+    ("DistributedOptimizer", "optimizer"): "as above",
+    ("DistributedOptimizer", "shard_fp32_from_float16_groups"): "as above: this rank's fp32 main weight shards",
+    ("DistributedOptimizer", "model_float16_groups"): "as above: the bf16 model weights they belong to",
+    ("DistributedOptimizer", "model_param_gbuf_map"): "as above: each weight's buffer and bucket",
+    ("DistributedOptimizer", "buffers"): "as above: the parameter and gradient buffers",
+    ("DistributedOptimizer", "_get_model_param_range_map"): "as above: each shard's range in its bucket",
+    ("_ParamAndGradBuffer", "buckets"): "as above: a buffer's buckets",
+    ("_ParamAndGradBucket", "param_data"): "as above: a bucket's bf16 parameter buffer, which the all-gather sends",
 }
 
 
