@@ -31,12 +31,11 @@ VARIANTS: dict[str, dict] = {
     "expert-wgrad-deferred": {"defer_expert_wgrad": True},
     "expert-wgrad-per-micro-batch": {"defer_expert_wgrad": False},  # the default before 2026-12-07
     "expert-grad-added": {"defer_expert_wgrad": True, "expert_grad_overwrite": False},
-    "adamw-model-params": {"adamw_writes_model_params": True},  # AdamW writes the bf16 weights in its one pass
-    "deferred-adamw": {"defer_expert_wgrad": True, "adamw_writes_model_params": True},
-    # the MoE layers' attention, router and permutation as CUDA graphs (the experts eager, so the deferral applies)
-    "deferred-adamw-graphs": {"defer_expert_wgrad": True, "adamw_writes_model_params": True, "cuda_graphs": True},
+    # torch's fused AdamW and megatron's copy into the bf16 weights (the default before 2026-12-07 09:20 UTC)
+    "adamw-torch-copy": {"adamw_writes_model_params": False},
+    "moe-step-before-2026-12-07": {"defer_expert_wgrad": False, "adamw_writes_model_params": False},
     "moe-levers-off": {"clip_in_adam": False, "gather_permute": False, "embedding_grad_into_buffer": False,
-                       "defer_expert_wgrad": False},
+                       "defer_expert_wgrad": False, "adamw_writes_model_params": False},
     "ce-unchunked": {"chunked_cross_entropy": False},  # megatron's output layer + fused vocab-parallel CE
     "ce-eager": {"fused_cross_entropy": False},  # chunked CE, each chunk's softmax and gradient as torch ops
     "ce-grad-bf16": {"output_grad_into_buffer": False},  # output weight gradient in bf16, then scaled and added
@@ -100,7 +99,8 @@ CASES: dict[str, Case] = {c.name: c for c in [
     Case("qwen2.5-1.5b", "qwen2.5", "1.5B", gpus=1, seq=4096, micro_batch=2, global_batch=8,
          variants=tuple(DENSE_ABLATIONS) + ("stock",)),
     Case("qwen1.5-moe-a2.7b-l3", "qwen1.5", "A2.7B", gpus=1, seq=4096, micro_batch=1, global_batch=4,
-         variants=("best", "moe-levers-off", "expert-wgrad-deferred", "expert-grad-added", "clip-pass",
+         variants=("best", "moe-levers-off", "expert-wgrad-per-micro-batch", "expert-grad-added", "adamw-torch-copy",
+                   "clip-pass",
                    "permute-scatter", "embedding-grad-bf16", "expert-wgrad-fused", "cuda-graphs", "graphs-moe-layer",
                    "ce-grad-bf16", "dispatch-megatron", "grad-add-torch", "swiglu-compiled", "experts-sequential",
                    "dispatcher-allgather"),
@@ -108,7 +108,8 @@ CASES: dict[str, Case] = {c.name: c for c in [
          note="3 of 24 layers: 14.3B parameters with fp32 gradients and Adam state (18 bytes each) do not fit one "
               "80 GB card; all layers are identical, so per-token cost scales with the layer count"),
     Case("qwen3-30b-a3b-l3", "qwen3", "A3B", gpus=1, seq=4096, micro_batch=1, global_batch=4,
-         variants=("best", "moe-levers-off", "expert-wgrad-deferred", "expert-grad-added", "clip-pass",
+         variants=("best", "moe-levers-off", "expert-wgrad-per-micro-batch", "expert-grad-added", "adamw-torch-copy",
+                   "clip-pass",
                    "permute-scatter", "embedding-grad-bf16", "expert-wgrad-fused", "cuda-graphs", "graphs-moe-layer"),
          architecture={"numLayers": 3},
          note="3 of 48 layers of Qwen3-30B-A3B (128 experts, top-8) on one card"),

@@ -62,7 +62,12 @@ def _as_bf16(w, path):
 
 
 def _close(a, b, what):
-    assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), (what, float((a - b).abs().max()))
+    # The reference is torch's CPU fused AdamW, which forms 1 - beta2 in double. torch's CUDA kernel, which the
+    # compiled kernel reproduces bit for bit (tests/gpu/test_adamw_kernel.py), forms it inside fp32 fused
+    # multiply-adds: 1.3e-5 relative off for beta2 = 0.999, so the second moment differs by that much (the torch
+    # fallback, whose fused multiply-adds are exact) or by up to 7e-5 (Triton's interpreter rounds the product
+    # before the add), and the weight by that much of its update.
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), (what, float((a - b).abs().max()))
 
 
 def test_the_kernel_steps_like_torchs_fused_adamw_and_writes_the_bf16_weights(path):
@@ -123,29 +128,8 @@ def test_step_counts_that_differ_within_a_group_are_refused():
         adamw_kernel.ParamGroupStepper(opt, {}).step()
 
 
-def test_the_kernel_and_its_torch_fallback_compute_in_the_same_precisions(monkeypatch):
-    """Both mirror torch's CUDA kernel (fp64 moments and weight decay, fp32 step size): fp32 results agree exactly."""
-    results = []
-    for interpret in (True, False):
-        if interpret:
-            monkeypatch.setenv("TRITON_INTERPRET", "1")
-        else:
-            monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-        mains = _weights()
-        opt = _optimizer(mains)
-        stepper = adamw_kernel.ParamGroupStepper(opt, {})
-        for step, divisor in enumerate(DIVISORS):
-            _step(opt, mains, step, divisor)
-            stepper.step()
-        results.append([(w, opt.state[w]["exp_avg"], opt.state[w]["exp_avg_sq"]) for w in mains])
-    for kernel_side, torch_side in zip(*results):
-        for a, b in zip(kernel_side, torch_side):
-            assert torch.equal(a, b), float((a - b).abs().max())
-
-
-def test_the_fp32_factors_are_rounded_as_torchs_kernel_holds_them():
-    step_size, bc2_sqrt = adamw_kernel.fp32_factors(1e-3, 0.9, 0.999, 3.0)
-    bc1 = torch.tensor(1 - 0.9 ** 3, dtype=torch.float32).item()
-    assert step_size == torch.tensor(1e-3 / bc1, dtype=torch.float32).item()
-    bc2 = torch.tensor(1 - 0.999 ** 3, dtype=torch.float32).item()
-    assert bc2_sqrt == torch.tensor(math.sqrt(bc2), dtype=torch.float32).item()  # sqrtf rounds correctly
+def test_the_fp32_factors_are_rounded_as_torchs_kernel_gets_them():
+    step_size, bc2_rsqrt = adamw_kernel.fp32_factors(1e-3, 0.9, 0.999, 3.0)
+    lr32 = torch.tensor(1e-3, dtype=torch.float32).item()
+    assert step_size == torch.tensor(lr32 / (1 - 0.9 ** 3), dtype=torch.float32).item()
+    assert bc2_rsqrt == torch.tensor(1 / math.sqrt(1 - 0.999 ** 3), dtype=torch.float32).item()

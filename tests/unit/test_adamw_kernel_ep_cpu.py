@@ -2,8 +2,9 @@
 expert parallelism 2, so megatron chains a dense and an expert optimizer): with clipping in every step (clipGrad
 below the gradient norms, handed to the AdamW pass as its divisor), the one-pass AdamW that writes the bf16 model
 weights trains like torch's fused AdamW followed by megatron's copy: after the first step the fp32 main weights and
-Adam's moments of every parameter, dense and expert, agree to 1e-6 relative (float rounding), the bf16 weights to
-1e-4 (an element whose fp32 weight sits on a rounding boundary may round the other way), the model weights are the
+the first moments of every parameter, dense and expert, agree to 1e-6 relative (float rounding), the second moments
+to 3e-5 (torch's CPU and CUDA kernels round 1 - beta2 differently), the bf16 weights to 3e-4 (an element whose fp32
+weight sits on a rounding boundary may round the other way), the model weights are the
 main weights rounded, and three steps' losses agree to 1e-4. On CPU tensors the pass runs the kernel's arithmetic in
 torch (adamw_kernel), the class and the engine wiring are the ones a GPU runs."""
 
@@ -19,7 +20,9 @@ pytest.importorskip("megatron.core")
 from tests.unit.test_megatron_resume_cpu import trained_losses  # noqa: E402
 
 STEPS = 3
-TOLERANCE = {"weight": 1e-4, "main": 1e-6, "exp_avg": 1e-6, "exp_avg_sq": 1e-6}
+# the second moment: torch's CPU AdamW forms 1 - beta2 in double, its CUDA kernel (which the pass reproduces) in
+# fp32 inside a fused multiply-add, 1.3e-5 relative off for beta2 = 0.999 (tests/unit/test_adamw_kernel.py)
+TOLERANCE = {"weight": 3e-4, "main": 1e-6, "exp_avg": 1e-6, "exp_avg_sq": 3e-5}
 CLIP = 0.05
 
 

@@ -149,11 +149,13 @@ class EngineOptions:
     """With fused_adam: gradient clipping applied by the fused AdamW kernel as it reads each gradient (its
     grad_scale divisor) instead of a separate scaling pass over the fp32 gradients (clip_in_adam). On an H100, a
     clipped step of the A2.7B benchmark shape: the 6.9 ms pass gone, fused AdamW 4.1 ms slower."""
-    adamw_writes_model_params: bool = False
-    """With fused_adam, bf16 weights and megatron's non-distributed optimizer: one Triton pass per parameter group
-    runs AdamW over the fp32 main weights and writes the bf16 model weights too (adamw_kernel), instead of torch's
-    fused AdamW (which, clipping, also writes the divided gradient back) and megatron's separate copy pass. The
-    same arithmetic and optimizer state as torch's fused AdamW."""
+    adamw_writes_model_params: bool = True
+    """With fused_adam and bf16 weights, under megatron's distributed or mixed-precision optimizer: one Triton pass
+    per parameter group runs AdamW over the fp32 main weights and writes the bf16 weights too (adamw_kernel; under
+    the distributed optimizer, this rank's slice of the parameter buffer the all-gather sends), instead of torch's
+    fused AdamW (which, clipping, also writes the divided gradient back) and megatron's separate copy pass. The same
+    arithmetic, in the same precisions, and the same optimizer state as torch's fused AdamW. On an H100: +4.7%
+    (A2.7B) and +10.4% (Qwen3-30B-A3B) tokens/s on the 3-layer benchmark shapes."""
     foreach_grad_norm: bool = True
     """Gradient norm and clipping with torch._foreach ops (megatron's fallback syncs once per tensor)."""
     cuda_graphs: Optional[bool] = None
