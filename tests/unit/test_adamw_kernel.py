@@ -128,8 +128,11 @@ def test_step_counts_that_differ_within_a_group_are_refused():
         adamw_kernel.ParamGroupStepper(opt, {}).step()
 
 
-def test_the_fp32_factors_are_rounded_as_torchs_kernel_gets_them():
-    step_size, bc2_rsqrt = adamw_kernel.fp32_factors(1e-3, 0.9, 0.999, 3.0)
-    lr32 = torch.tensor(1e-3, dtype=torch.float32).item()
-    assert step_size == torch.tensor(lr32 / (1 - 0.9 ** 3), dtype=torch.float32).item()
-    assert bc2_rsqrt == torch.tensor(1 / math.sqrt(1 - 0.999 ** 3), dtype=torch.float32).item()
+def test_the_fp32_factors_are_computed_in_fp32_as_torchs_kernel_does():
+    step_size, bc2_sqrt = adamw_kernel.fp32_factors(1e-3, 0.9, 0.999, 3.0)
+    f = torch.float32
+    bc1 = 1 - torch.tensor(0.9, dtype=f) ** torch.tensor(3.0, dtype=f)
+    bc2 = 1 - torch.tensor(0.999, dtype=f) ** torch.tensor(3.0, dtype=f)
+    assert step_size == pytest.approx((torch.tensor(1e-3, dtype=f) / bc1).item(), rel=3e-7)
+    assert bc2_sqrt == pytest.approx(math.sqrt(bc2.item()), rel=3e-7)
+    assert step_size == torch.tensor(step_size, dtype=f).item() and bc2_sqrt == torch.tensor(bc2_sqrt, dtype=f).item()

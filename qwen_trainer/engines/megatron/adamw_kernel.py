@@ -8,13 +8,13 @@ gradient, two moments; write weight, two moments, bf16 weight): the fused AdamW 
 step (benchmarks/gpu/RESULTS.md).
 
 This kernel runs torch's AdamW arithmetic (torch 2.11's `_fused_adamw_`, ADAMW mode) element by element in the same
-precisions and order: the decoupled weight decay in fp64, both moments as fp32 fused multiply-adds in lerp form
-(`fma(beta, m, fma(-beta, g, g))`), the denominator `fma(sqrt(v), 1 / sqrt(1 - beta2^t), eps)`, step size and bias
-correction rounded to fp32 on the host; it divides the gradient by the clip divisor as it loads it, and stores the
-weight both in fp32 and, rounded to nearest even, in bf16. Every tensor of a parameter group goes to one launch: a
-table of each tensor's addresses (cached while they stay put) and a table of fixed-size chunks, so large and small
-tensors share the GPU evenly. The optimizer state stays torch's (`step`, `exp_avg`, `exp_avg_sq` under the same keys),
-so checkpoints do not change and turning the switch off resumes the same run.
+precisions and order: every hyperparameter cast to fp32, the bias corrections in fp32 (from the host), the
+decoupled weight decay and both moments (in lerp form, `fma(beta, m, fma(-beta, g, g))`) as fp32 fused
+multiply-adds, IEEE division and square root; it divides the gradient by the clip divisor as it loads it, and stores
+the weight both in fp32 and, rounded to nearest even, in bf16. Every tensor of a parameter group goes to one launch:
+a table of each tensor's addresses (cached while they stay put) and a table of fixed-size chunks, so large and small
+tensors share the GPU evenly. The optimizer state stays torch's (`step`, `exp_avg`, `exp_avg_sq` under the same
+keys), so checkpoints do not change and turning the switch off resumes the same run.
 
 It steps the inner AdamW of megatron's `Float16OptimizerWithFloat16Params` and of its `DistributedOptimizer` (the
 default: there the bf16 destination is this rank's slice of the parameter buffer, which megatron's all-gather then
@@ -52,11 +52,10 @@ def _kernel(interpret: bool) -> Any:
     import triton.language as tl
 
     @triton.jit
-    def adamw(table_ptr, numel_ptr, chunk_tensor_ptr, chunk_start_ptr, divisor_ptr, lr_wd_ptr, beta1, beta2, eps,
-              step_size, bc2_rsqrt, HAS_DIVISOR: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-        # torch's kernel: the decoupled weight decay in fp64 (lr and weight decay are doubles there; Triton would
-        # pass a Python float as fp32, so their product comes from a tensor), the moments as fp32 fused
-        # multiply-adds in lerp form, the denominator sqrt(v) * rsqrt(1 - beta2^t) + eps as one more
+    def adamw(table_ptr, numel_ptr, chunk_tensor_ptr, chunk_start_ptr, divisor_ptr, lr_wd, beta1, beta2, eps,
+              step_size, bc2_sqrt, HAS_DIVISOR: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+        # torch's kernel: every hyperparameter cast to fp32, the decoupled weight decay and both moments (in lerp
+        # form) as fp32 fused multiply-adds; the step size and bias correction come from the host (fp32_factors)
         c = tl.program_id(0)
         t = tl.load(chunk_tensor_ptr + c).to(tl.int64)
         start = tl.load(chunk_start_ptr + c)
@@ -67,7 +66,6 @@ def _kernel(interpret: bool) -> Any:
         m_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
         v_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
         half = tl.load(row + 4)
-        lr_wd = tl.load(lr_wd_ptr)
         divisor = 1.0
         if HAS_DIVISOR:
             divisor = tl.load(divisor_ptr)
@@ -77,14 +75,14 @@ def _kernel(interpret: bool) -> Any:
             g = tl.load(g_ptr + idx, mask=mask, other=0.0)
             if HAS_DIVISOR:  # IEEE division and square root, as torch's kernel (Triton's defaults approximate)
                 g = tl.div_rn(g, divisor)
-            w = tl.load(w_ptr + idx, mask=mask, other=0.0).to(tl.float64)
+            w = tl.load(w_ptr + idx, mask=mask, other=0.0)
             m = tl.load(m_ptr + idx, mask=mask, other=0.0)
             v = tl.load(v_ptr + idx, mask=mask, other=0.0)
-            w = (w - lr_wd * w).to(tl.float32)
+            w = tl.fma(-lr_wd, w, w)
             m = tl.fma(beta1, m, tl.fma(-beta1, g, g))
             g2 = g * g
             v = tl.fma(beta2, v, tl.fma(-beta2, g2, g2))
-            denom = tl.fma(tl.sqrt_rn(v), bc2_rsqrt, eps)
+            denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
             w = w - tl.div_rn(step_size * m, denom)
             tl.store(w_ptr + idx, w, mask=mask)
             tl.store(m_ptr + idx, m, mask=mask)
@@ -100,8 +98,12 @@ def _f32(x: float) -> float:
 
 
 def fp32_factors(lr: float, beta1: float, beta2: float, step: float) -> tuple[float, float]:
-    """step_size and 1 / sqrt(1 - beta2^t) as torch's kernel gets them from the host: fp32, from lr in fp32."""
-    return _f32(_f32(lr) / (1.0 - beta1 ** step)), _f32(1.0 / math.sqrt(1.0 - beta2 ** step))
+    """step_size = lr / (1 - beta1^t) and sqrt(1 - beta2^t) as torch's kernel computes them, each operation in fp32
+    from the fp32 hyperparameters, rounded correctly (torch's kernel calls CUDA's powf, which may round the power
+    the other way in rare steps: an ulp of the step size)."""
+    b1, b2 = _f32(beta1), _f32(beta2)
+    bc1, bc2 = _f32(1.0 - _f32(b1 ** step)), _f32(1.0 - _f32(b2 ** step))
+    return _f32(_f32(lr) / bc1), _f32(math.sqrt(bc2))
 
 
 def _fma(a, b, c: torch.Tensor) -> torch.Tensor:
@@ -115,14 +117,16 @@ def adamw_reference(w, g, m, v, half, *, lr, weight_decay, beta1, beta2, eps, st
     """The same update in torch ops on one tensor (`step` already counts this step), in the same precisions."""
     if divisor is not None:
         g = g / divisor
-    w.copy_(w.double() - (lr * weight_decay) * w.double())
+    lr_wd = _f32(_f32(lr) * _f32(weight_decay))
+    w.copy_(_fma(-lr_wd, w, w))
     b1, b2 = _f32(beta1), _f32(beta2)
     m.copy_(_fma(b1, m, _fma(-b1, g, g)))
     g2 = g * g
     v.copy_(_fma(b2, v, _fma(-b2, g2, g2)))
-    step_size, bc2_rsqrt = fp32_factors(lr, beta1, beta2, step)
-    # a correctly rounded square root (torch's CPU one for fp32 is not), so the last place agrees with the GPU's
-    denom = _fma(v.double().sqrt().float(), bc2_rsqrt, torch.full_like(v, _f32(eps)))
+    step_size, bc2_sqrt = fp32_factors(lr, beta1, beta2, step)
+    # a correctly rounded square root (torch's CPU one for fp32 is not) and a tensor divisor (torch multiplies by
+    # the reciprocal of a scalar one), as on the GPU
+    denom = v.double().sqrt().float() / torch.full_like(v, bc2_sqrt) + _f32(eps)
     w.sub_((step_size * m) / denom)
     if half is not None:
         half.copy_(w)
@@ -197,13 +201,11 @@ class ParamGroupStepper:
             if _use_kernels(params[0]):
                 interpret = os.environ.get("TRITON_INTERPRET") == "1"
                 scale = divisor if divisor is not None else launch.numels  # an unread placeholder pointer
-                lr_wd = torch.tensor([lr * wd], dtype=torch.float64, pin_memory=params[0].is_cuda).to(
-                    params[0].device, non_blocking=True)
-                step_size, bc2_rsqrt = fp32_factors(lr, beta1, beta2, launch.step)
+                step_size, bc2_sqrt = fp32_factors(lr, beta1, beta2, launch.step)
                 _kernel(interpret)[(launch.chunk_tensor.numel(),)](
-                    launch.table, launch.numels, launch.chunk_tensor, launch.chunk_start, scale, lr_wd, _f32(beta1),
-                    _f32(beta2), _f32(eps), step_size, bc2_rsqrt, HAS_DIVISOR=divisor is not None, CHUNK=CHUNK,
-                    BLOCK=BLOCK, num_warps=NUM_WARPS)
+                    launch.table, launch.numels, launch.chunk_tensor, launch.chunk_start, scale,
+                    _f32(_f32(lr) * _f32(wd)), _f32(beta1), _f32(beta2), _f32(eps), step_size, bc2_sqrt,
+                    HAS_DIVISOR=divisor is not None, CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS)
             else:
                 for p, half in zip(params, launch.halves):
                     s = self.opt.state[p]
