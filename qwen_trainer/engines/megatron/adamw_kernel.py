@@ -29,7 +29,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 

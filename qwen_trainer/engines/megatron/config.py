@@ -153,9 +153,9 @@ class EngineOptions:
     """With fused_adam and bf16 weights, under megatron's distributed or mixed-precision optimizer: one Triton pass
     per parameter group runs AdamW over the fp32 main weights and writes the bf16 weights too (adamw_kernel; under
     the distributed optimizer, this rank's slice of the parameter buffer the all-gather sends), instead of torch's
-    fused AdamW (which, clipping, also writes the divided gradient back) and megatron's separate copy pass. The same
-    arithmetic, in the same precisions, and the same optimizer state as torch's fused AdamW. On an H100: +4.7%
-    (A2.7B) and +10.4% (Qwen3-30B-A3B) tokens/s on the 3-layer benchmark shapes."""
+    fused AdamW (which, clipping, also writes the divided gradient back) and megatron's separate copy pass. torch
+    2.11's fused-AdamW arithmetic in its precisions, and its optimizer state. On an H100, the 3-layer benchmark
+    shapes: +4.7% and +8.4% tokens/s (A2.7B), +1.4% and +10.4% (Qwen3-30B-A3B, whose runs vary as much)."""
     foreach_grad_norm: bool = True
     """Gradient norm and clipping with torch._foreach ops (megatron's fallback syncs once per tensor)."""
     cuda_graphs: Optional[bool] = None
