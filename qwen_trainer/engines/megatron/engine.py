@@ -72,6 +72,7 @@ class MegatronEngine:
         self.model: Optional[Model] = None
         self.ctx: Optional[EngineContext] = None
         self.notes: list[str] = []
+        self._late_expert_grads_reported = False
         self._hf_config = None
         self._gloo = None
         self._scaling: Optional[LossScaling] = None
@@ -367,7 +368,13 @@ class MegatronEngine:
             reset_deferred()  # operands a failed step may have left behind
         stores = self._run(micro_batches, forward_only=False)
         if self._moe:
-            finish_backward()
+            late = finish_backward()
+            if late and not self._late_expert_grads_reported:
+                self._late_expert_grads_reported = True
+                self.ctx.log(f"deferred expert weight gradients of {late} weights were added after the backward, not "
+                             "as their bucket's reduction started (a pipeline schedule this engine does not know); "
+                             f"with data parallelism {self.data_parallel_size} they may have missed the reduction: "
+                             "set training.expertGradientMemoryMiB: 0 if the loss goes astray")
         check_output_grad_scale()
         ok, grad_norm, _ = model.optimizer.step()
         self._steps += 1

@@ -226,15 +226,18 @@ def flush(group=None) -> None:
         _into_main_grad(param, STASH.take(param), shape)
 
 
-def finish_backward() -> None:
+def finish_backward() -> int:
     """After the step's backward: anything still kept is added (a schedule that never raised the last-micro-batch
     flag and never started the reduction, which megatron's does not do), and an overwriting weight that got no
     gradient in the step (none is known to, but its buffer range still holds the last step's) gets zeros, as a
-    zeroed buffer would have given it."""
+    zeroed buffer would have given it. Returns how many weights were added this late (the engine reports it: with
+    data parallelism their reduction may already have run)."""
+    late = len(STASH.waiting())
     flush()
     for param in list(STASH.overwriting):
         if id(param) not in STASH.written:
             param.main_grad.zero_()
+    return late
 
 
 def _flushing_first(group, start_grad_sync):
