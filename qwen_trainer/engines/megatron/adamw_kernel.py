@@ -96,6 +96,11 @@ def _f32(x: float) -> float:
     return float(numpy.float32(x))
 
 
+def fp32_scalars(lr: float, weight_decay: float, beta1: float, beta2: float, eps: float) -> tuple[float, ...]:
+    """lr * weight_decay, beta1, beta2 and eps as torch's kernel holds them: fp32 (the product of the fp32 two)."""
+    return _f32(_f32(lr) * _f32(weight_decay)), _f32(beta1), _f32(beta2), _f32(eps)
+
+
 def fp32_factors(lr: float, beta1: float, beta2: float, step: float) -> tuple[float, float]:
     """step_size = lr / (1 - beta1^t) and sqrt(1 - beta2^t) as torch's kernel computes them, each operation in fp32
     from the fp32 hyperparameters, rounded correctly (torch's kernel calls CUDA's powf, which may round the power
@@ -116,16 +121,15 @@ def adamw_reference(w, g, m, v, half, *, lr, weight_decay, beta1, beta2, eps, st
     """The same update in torch ops on one tensor (`step` already counts this step), in the same precisions."""
     if divisor is not None:
         g = g / divisor
-    lr_wd = _f32(_f32(lr) * _f32(weight_decay))
+    lr_wd, b1, b2, eps = fp32_scalars(lr, weight_decay, beta1, beta2, eps)
     w.copy_(_fma(-lr_wd, w, w))
-    b1, b2 = _f32(beta1), _f32(beta2)
     m.copy_(_fma(b1, m, _fma(-b1, g, g)))
     g2 = g * g
     v.copy_(_fma(b2, v, _fma(-b2, g2, g2)))
     step_size, bc2_sqrt = fp32_factors(lr, beta1, beta2, step)
     # a correctly rounded square root (torch's CPU one for fp32 is not) and a tensor divisor (torch multiplies by
     # the reciprocal of a scalar one), as on the GPU
-    denom = v.double().sqrt().float() / torch.full_like(v, bc2_sqrt) + _f32(eps)
+    denom = v.double().sqrt().float() / torch.full_like(v, bc2_sqrt) + eps
     w.sub_((step_size * m) / denom)
     if half is not None:
         half.copy_(w)
@@ -203,8 +207,8 @@ class ParamGroupStepper:
                 step_size, bc2_sqrt = fp32_factors(lr, beta1, beta2, launch.step)
                 _kernel(interpret)[(launch.chunk_tensor.numel(),)](
                     launch.table, launch.numels, launch.chunk_tensor, launch.chunk_start, scale,
-                    _f32(_f32(lr) * _f32(wd)), _f32(beta1), _f32(beta2), _f32(eps), step_size, bc2_sqrt,
-                    HAS_DIVISOR=divisor is not None, CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS)
+                    *fp32_scalars(lr, wd, beta1, beta2, eps), step_size, bc2_sqrt, HAS_DIVISOR=divisor is not None,
+                    CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS)
             else:
                 for p, half in zip(params, launch.halves):
                     s = self.opt.state[p]
@@ -237,13 +241,11 @@ def eligible(megatron_opt) -> Optional[str]:
             return "a parameter group outside fused AdamW (or with amsgrad/maximize)"
         if any(p.dtype != torch.float32 for p in group["params"]):
             return "a parameter group with weights other than fp32"
-    if isinstance(megatron_opt, DistributedOptimizer):
-        # fp32 model weights would need megatron's copy of their shards into the parameter buffer
-        if any(megatron_opt.shard_fp32_groups) or any(p.dtype != torch.bfloat16
-                                                      for group in megatron_opt.model_float16_groups for p in group):
-            return "model weights other than bf16"
-        return None
-    if any(p.dtype != torch.bfloat16 for group in megatron_opt.float16_groups for p in group):
+    distributed = isinstance(megatron_opt, DistributedOptimizer)
+    models = megatron_opt.model_float16_groups if distributed else megatron_opt.float16_groups
+    # under the distributed optimizer, fp32 model weights would need megatron's copy of their shards
+    if (distributed and any(megatron_opt.shard_fp32_groups)) or any(p.dtype != torch.bfloat16
+                                                                   for group in models for p in group):
         return "model weights other than bf16"
     return None
 
