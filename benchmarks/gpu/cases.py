@@ -39,6 +39,7 @@ VARIANTS: dict[str, dict] = {
     "ce-unchunked": {"chunked_cross_entropy": False},  # megatron's output layer + fused vocab-parallel CE
     "ce-eager": {"fused_cross_entropy": False},  # chunked CE, each chunk's softmax and gradient as torch ops
     "ce-grad-bf16": {"output_grad_into_buffer": False},  # output weight gradient in bf16, then scaled and added
+    "ce-chunk-4096": {"cross_entropy_chunk_tokens": 4096},  # half the passes over the fp32 output-weight gradient
     "sdpa-flash": {"sdpa_backend": "flash"},  # SDPA pinned to torch's flash kernels instead of cuDNN
     "no-wgrad-fusion": {"grad_accum_fusion": False},
     "adam-foreach": {"fused_adam": False, "foreach_grad_norm": False},  # megatron's own Apex-less fallbacks

@@ -58,10 +58,10 @@ def main() -> int:
                 accumulate_(buffer, grad)
 
             def after():
-                grouped_wgrad_(x, dy, ends, buffer)
+                grouped_wgrad_([(x, dy, ends)], buffer)
 
             check = torch.zeros_like(buffer)
-            grouped_wgrad_(x, dy, ends, check)
+            grouped_wgrad_([(x, dy, ends)], check)
             ref = torch._grouped_mm(x.t(), dy, offs=ends).float()
             err = float((check - ref).abs().max() / ref.abs().max())
             t_before = cuda_time(before)

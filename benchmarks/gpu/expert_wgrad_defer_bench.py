@@ -3,7 +3,9 @@ path (for each micro-batch torch's grouped GEMM into a bf16 gradient, then the e
 buffer: what autograd and the accumulation hook do) against the engine's deferral (`expert_wgrad`:
 `accumulate_expert_wgrad`, the function the grouped GEMM's backward calls, with megatron's last-micro-batch flag
 set as the schedule sets it): operands kept, regrouped by expert, one grouped GEMM and one add, and with
-`expert_grad_overwrite` one cast copy into the never-zeroed buffer. Prints times per step and layer, and ratios.
+`expert_grad_overwrite` one cast copy into the never-zeroed buffer; and with `expert_wgrad_into_buffer`, the Triton
+kernel summing the kept micro-batches straight into the buffer (no regrouping, no bf16 product), in several tiles.
+Prints times per step and layer, and ratios.
 
     python benchmarks/gpu/expert_wgrad_defer_bench.py      # the A2.7B and Qwen3-30B-A3B expert shapes
 """
@@ -21,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from qwen_trainer.engines.megatron import expert_wgrad  # noqa: E402
 from qwen_trainer.engines.megatron.triton_kernels import accumulate_  # noqa: E402
 
-from expert_wgrad_bench import cuda_time  # noqa: E402  (this script's folder is on the path)
+from expert_wgrad_bench import TILES, cuda_time  # noqa: E402  (this script's folder is on the path)
 
 # name: (experts, top-k, hidden, expert ffn), 4096 tokens per micro-batch, 4 micro-batches (the benchmark's cases)
 SHAPES = {"qwen1.5-a2.7b": (60, 4, 2048, 1408), "qwen3-30b-a3b": (128, 8, 2048, 768)}
@@ -55,10 +57,11 @@ def main() -> int:
                 for x, dy, ends in parts:
                     accumulate_(flat, torch._grouped_mm(x.t(), dy, offs=ends))
 
-            def deferred(overwrite: bool):
+            def deferred(overwrite: bool, kernel: bool = False):
                 def step():
                     setattr(param, expert_wgrad.DEFER, group)
                     setattr(param, expert_wgrad.OVERWRITE, overwrite)
+                    setattr(param, expert_wgrad.KERNEL, kernel)
                     expert_wgrad.reset_deferred()
                     if not overwrite:
                         flat.zero_()
@@ -70,7 +73,8 @@ def main() -> int:
             per_micro_batch()
             reference = flat.clone()
             results = {}
-            for label, fn in (("deferred", deferred(False)), ("deferred+overwrite", deferred(True))):
+            for label, fn in (("deferred", deferred(False)), ("deferred+overwrite", deferred(True)),
+                              ("kernel", deferred(True, kernel=True))):
                 fn()
                 results[label] = float((flat - reference).norm() / reference.norm())
             t_base = cuda_time(per_micro_batch, reps=10)
@@ -80,6 +84,17 @@ def main() -> int:
                   f"deferred {t_defer:.3f} ms ({t_base / t_defer:.2f}x), deferred+overwrite {t_over:.3f} ms "
                   f"({t_base / t_over:.2f}x); relative difference of the summed gradient "
                   f"{results['deferred']:.1e} / {results['deferred+overwrite']:.1e}")
+            default = dict(expert_wgrad.CONFIG)
+            for bk, bn, bt, warps, stages in TILES:
+                expert_wgrad.CONFIG.update(BLOCK_K=bk, BLOCK_N=bn, BLOCK_T=bt, num_warps=warps, num_stages=stages)
+                try:
+                    t_kernel = cuda_time(deferred(True, kernel=True), reps=10)
+                except Exception as e:  # a tile this card's shared memory cannot hold
+                    print(f"  kernel tiles {bk}x{bn}x{bt}/{warps}w/{stages}s: {type(e).__name__}")
+                    continue
+                print(f"  kernel into the buffer, tiles {bk}x{bn}x{bt}/{warps}w/{stages}s: {t_kernel:.3f} ms, "
+                      f"{t_over / t_kernel:.2f}x deferred+overwrite; relative difference {results['kernel']:.1e}")
+            expert_wgrad.CONFIG.update(default)
     return 0
 
 

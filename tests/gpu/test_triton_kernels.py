@@ -31,6 +31,14 @@ def test_accumulate_on_gpu():
     torch.testing.assert_close(acc, expected)
 
 
+def test_assign_on_gpu_is_exact():
+    torch.manual_seed(3)
+    x = torch.randn(60 * 2048 * 2816 + 5, device="cuda", dtype=torch.bfloat16)
+    out = torch.full(x.shape, float("nan"), device="cuda")
+    mt.assign_(out, x)
+    assert torch.equal(out, x.float())
+
+
 @pytest.mark.parametrize("s,b,g,r,d", [(4096, 2, 2, 6, 128), (33, 3, 4, 1, 64)])
 def test_qkv_rope_on_gpu_matches_reference(s, b, g, r, d):
     from qwen_trainer.engines.megatron.kernels import rope_tables

@@ -26,20 +26,57 @@ def _bounds(sizes):
     return torch.cumsum(torch.tensor(sizes, dtype=torch.int32), 0, dtype=torch.int32)
 
 
+def _exact_products(parts, experts, k, n):
+    out = torch.zeros(experts, k, n, dtype=torch.float64)
+    for x, dy, sizes in parts:
+        start = 0
+        for e, size in enumerate(sizes):
+            out[e] += x[start:start + size].double().t().matmul(dy[start:start + size].double())
+            start += size
+    return out
+
+
+def _parts(count, k, n, seed):
+    torch.manual_seed(seed)
+    out = []
+    for i in range(count):
+        sizes = SIZES[i % 2:] + SIZES[:i % 2]  # each micro-batch routes differently
+        rows = sum(sizes) + 3  # rows past the last group (padding) are never read
+        out.append((torch.randn(rows, k, dtype=torch.bfloat16), torch.randn(rows, n, dtype=torch.bfloat16), sizes))
+    return out
+
+
 def test_the_kernel_adds_each_experts_product_into_the_buffer(interpret):
-    torch.manual_seed(0)
     k, n = 40, 136  # not multiples of the kernel's column blocks
-    x = torch.randn(sum(SIZES), k, dtype=torch.bfloat16)
-    dy = torch.randn(sum(SIZES), n, dtype=torch.bfloat16)
+    parts = _parts(1, k, n, seed=0)
     acc = torch.randn(len(SIZES), k, n)
-    expected = acc.clone()
-    start = 0
-    for e, size in enumerate(SIZES):
-        expected[e] += x[start:start + size].double().t().matmul(dy[start:start + size].double()).float()
-        start += size
-    expert_wgrad.grouped_wgrad_(x, dy, _bounds(SIZES), acc)
-    torch.testing.assert_close(acc, expected, rtol=1e-5, atol=1e-4)
-    assert torch.equal(acc[1], expected[1])  # an expert without tokens keeps its buffer
+    expected = acc.double() + _exact_products(parts, len(SIZES), k, n)
+    expert_wgrad.grouped_wgrad_([(x, dy, _bounds(sizes)) for x, dy, sizes in parts], acc)
+    torch.testing.assert_close(acc, expected.float(), rtol=1e-5, atol=1e-4)
+    assert torch.equal(acc[1], expected[1].float())  # an expert without tokens keeps its buffer
+
+
+@pytest.mark.parametrize("accumulate", [True, False])
+@pytest.mark.parametrize("count", [3, expert_wgrad.MAX_PARTS + 2])  # one launch; more parts than one launch reads
+def test_the_kernel_sums_several_micro_batches_without_regrouping(interpret, accumulate, count):
+    k, n = 24, 40
+    parts = _parts(count, k, n, seed=count)
+    acc = torch.full((len(SIZES), k, n), 0.25)
+    expected = _exact_products(parts, len(SIZES), k, n) + (0.25 if accumulate else 0.0)
+    expert_wgrad.grouped_wgrad_([(x, dy, _bounds(sizes)) for x, dy, sizes in parts], acc, accumulate=accumulate)
+    torch.testing.assert_close(acc, expected.float(), rtol=1e-5, atol=1e-4)
+
+
+def test_the_torch_fallback_matches_the_kernel(monkeypatch):
+    k, n = 24, 40
+    parts = [(x, dy, _bounds(sizes)) for x, dy, sizes in _parts(3, k, n, seed=7)]
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    fallback = torch.ones(len(SIZES), k, n)
+    expert_wgrad.grouped_wgrad_(parts, fallback, accumulate=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    kernel = torch.ones(len(SIZES), k, n)
+    expert_wgrad.grouped_wgrad_(parts, kernel, accumulate=False)
+    torch.testing.assert_close(fallback, kernel, rtol=1e-5, atol=1e-4)
 
 
 def _expert_weight(experts: int, k: int, n: int, marked: bool) -> torch.nn.Parameter:

@@ -213,3 +213,26 @@ def test_the_deferral_is_refused_where_cuda_graphs_capture_the_experts():
     assert experts_in_cuda_graphs(config("local", [CudaGraphScope.full_iteration]))
     assert not experts_in_cuda_graphs(config("local", [CudaGraphScope.moe_router, CudaGraphScope.moe_preprocess]))
     assert not experts_in_cuda_graphs(config("none", []))
+
+
+@pytest.mark.parametrize("overwrite", [True, False])
+def test_with_the_kernel_the_kept_micro_batches_go_into_the_buffer_unrounded(stash, monkeypatch, overwrite):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    group = SimpleNamespace(is_last_microbatch=False)
+    w = _deferring_weight(group)
+    setattr(w, expert_wgrad.KERNEL, True)
+    if overwrite:
+        w.main_grad.fill_(float("nan"))  # never zeroed: the step's one kernel launch writes it
+        setattr(w, expert_wgrad.OVERWRITE, True)
+        stash.overwriting.add(w)
+    parts = [_part(sizes, pad, 60 + i) for i, (sizes, pad) in enumerate(MICRO_BATCHES)]
+    for i, (part, (sizes, _)) in enumerate(zip(parts, MICRO_BATCHES)):
+        group.is_last_microbatch = i == len(parts) - 1
+        _backward(w, part, sizes)
+        if not group.is_last_microbatch:
+            assert stash.bytes > 0
+    assert stash.bytes == 0
+    expected = _exact_products(parts) + (0.0 if overwrite else 0.5)
+    # fp32 sums of bf16 products, never rounded to bf16: far inside bf16's precision
+    torch.testing.assert_close(w.main_grad.view(EXPERTS, K, N).double(), expected, rtol=1e-5, atol=1e-4)

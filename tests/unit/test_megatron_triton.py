@@ -54,9 +54,19 @@ def test_accumulate_adds_low_precision_into_fp32(interpret):
     torch.testing.assert_close(acc, expected)
 
 
+def test_assign_widens_low_precision_into_fp32(interpret):
+    torch.manual_seed(3)
+    out = torch.randn(2 * 4096 + 5)
+    x = torch.randn(2 * 4096 + 5, dtype=torch.bfloat16)
+    assert mt.assign_(out, x) is out
+    assert torch.equal(out, x.float())  # widening is exact
+
+
 def test_accumulate_refuses_mismatched_sizes():
     with pytest.raises(ValueError, match="cannot accumulate"):
         mt.accumulate_(torch.zeros(4), torch.zeros(5))
+    with pytest.raises(ValueError, match="cannot assign"):
+        mt.assign_(torch.zeros(4), torch.zeros(5))
 
 
 class _FusedLinear(torch.nn.Module):

@@ -41,63 +41,83 @@ CONFIG = dict(BLOCK_K=128, BLOCK_N=128, BLOCK_T=64, num_warps=8, num_stages=3)
 """The kernel's tiles (benchmarks/gpu/expert_wgrad_bench.py compares others)."""
 
 
+MAX_PARTS = 8
+"""Micro-batches one kernel launch reads (more are summed by further launches)."""
+
+
 @functools.lru_cache(maxsize=None)
 def _kernel(interpret: bool) -> Any:
     import triton
     import triton.language as tl
 
     @triton.jit
-    def grouped_wgrad(x_ptr, dy_ptr, acc_ptr, bounds_ptr, K, N, stride_x, stride_dy,
+    def grouped_wgrad(xs, dys, acc_ptr, bounds_ptr, experts, K, N, PARTS: tl.constexpr, ACCUMULATE: tl.constexpr,
                       BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, UPCAST: tl.constexpr):
-        # acc[e] ([K, N] fp32, experts one after another) += x[rows of e]^T @ dy[rows of e]
+        # acc[e] ([K, N] fp32, experts one after another) (+)= sum over parts m of xs[m][rows of e]^T @ dys[m][rows
+        # of e]; bounds holds each part's group starts and its end, PARTS rows of experts + 1
         e = tl.program_id(0)
         rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         rn = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
-        start = tl.load(bounds_ptr + e).to(tl.int64)
-        end = tl.load(bounds_ptr + e + 1).to(tl.int64)
         acc = tl.full((BLOCK_K, BLOCK_N), 0.0, tl.float32)  # tl.zeros is a jit helper the interpreter cannot call
-        t0 = start
-        while t0 < end:  # a while loop: Triton's interpreter cannot range() over loaded bounds
-            rt = t0 + tl.arange(0, BLOCK_T)
-            rows = rt < end
-            x = tl.load(x_ptr + rt[:, None] * stride_x + rk[None, :], mask=rows[:, None] & (rk[None, :] < K),
-                        other=0.0)
-            dy = tl.load(dy_ptr + rt[:, None] * stride_dy + rn[None, :], mask=rows[:, None] & (rn[None, :] < N),
-                         other=0.0)
-            if UPCAST:  # Triton's interpreter multiplies bf16 as raw bits
-                x, dy = x.to(tl.float32), dy.to(tl.float32)
-            acc += tl.dot(tl.trans(x), dy)
-            t0 += BLOCK_T
+        for m in tl.static_range(PARTS):
+            x_ptr = xs[m]
+            dy_ptr = dys[m]
+            start = tl.load(bounds_ptr + m * (experts + 1) + e).to(tl.int64)
+            end = tl.load(bounds_ptr + m * (experts + 1) + e + 1).to(tl.int64)
+            t0 = start
+            while t0 < end:  # a while loop: Triton's interpreter cannot range() over loaded bounds
+                rt = t0 + tl.arange(0, BLOCK_T)
+                rows = rt < end
+                x = tl.load(x_ptr + rt[:, None] * K + rk[None, :], mask=rows[:, None] & (rk[None, :] < K),
+                            other=0.0)
+                dy = tl.load(dy_ptr + rt[:, None] * N + rn[None, :], mask=rows[:, None] & (rn[None, :] < N),
+                             other=0.0)
+                if UPCAST:  # Triton's interpreter multiplies bf16 as raw bits
+                    x, dy = x.to(tl.float32), dy.to(tl.float32)
+                acc += tl.dot(tl.trans(x), dy)
+                t0 += BLOCK_T
         out = acc_ptr + e.to(tl.int64) * K * N + rk[:, None].to(tl.int64) * N + rn[None, :]
         inside = (rk[:, None] < K) & (rn[None, :] < N)
-        tl.store(out, tl.load(out, mask=inside, other=0.0) + acc, mask=inside)
+        if ACCUMULATE:
+            acc += tl.load(out, mask=inside, other=0.0)
+        tl.store(out, acc, mask=inside)
 
     return grouped_wgrad
 
 
-def grouped_wgrad_reference(x: torch.Tensor, dy: torch.Tensor, ends: torch.Tensor, acc: torch.Tensor) -> None:
-    """acc[e] += x[rows of e]^T @ dy[rows of e] in fp32, expert by expert (reads the boundaries on the host)."""
-    start = 0
-    for e, end in enumerate(ends.tolist()):
-        if end > start:
-            acc[e].addmm_(x[start:end].float().t(), dy[start:end].float())
-        start = end
+def grouped_wgrad_reference(parts: list, acc: torch.Tensor, accumulate: bool = True) -> None:
+    """grouped_wgrad_ in torch, expert by expert in fp32 (reads the group boundaries on the host)."""
+    if not accumulate:
+        acc.zero_()
+    for x, dy, ends in parts:
+        start = 0
+        for e, end in enumerate(ends.tolist()):
+            if end > start:
+                acc[e].addmm_(x[start:end].float().t(), dy[start:end].float())
+            start = end
 
 
-def grouped_wgrad_(x: torch.Tensor, dy: torch.Tensor, ends: torch.Tensor, acc: torch.Tensor) -> None:
-    """acc ([E, K, N] fp32, contiguous) += per expert e: x[rows of e]^T @ dy[rows of e], rows of e being
-    ends[e-1]:ends[e] of x ([T, K]) and dy ([T, N])."""
+def grouped_wgrad_(parts: list, acc: torch.Tensor, accumulate: bool = True) -> None:
+    """acc ([E, K, N] fp32, contiguous) += (or with `accumulate` False, =) the sum over the micro-batches `parts`
+    ((x [T, K], dy [T, N], ends [E]) each) of x[rows of e]^T @ dy[rows of e] per expert e, rows of e being
+    ends[e-1]:ends[e]; the products are summed in fp32 and never rounded, whichever micro-batch they come from,
+    so kept micro-batches need no regrouping by expert."""
     if not acc.is_contiguous() or acc.dtype != torch.float32:
         raise ValueError("the gradient buffer must be a contiguous fp32 tensor")
-    x, dy = x.contiguous(), dy.contiguous()
-    if not _use_kernels(x, dy, acc):
-        grouped_wgrad_reference(x, dy, ends, acc)
+    parts = [(x.contiguous(), dy.contiguous(), ends) for x, dy, ends in parts]
+    if not _use_kernels(acc, *(t for x, dy, _ in parts for t in (x, dy))):
+        grouped_wgrad_reference(parts, acc, accumulate)
         return
     experts, k, n = acc.shape
-    bounds = torch.cat([ends.new_zeros(1), ends])  # each group's first row, then its end
-    grid = (experts, -(-k // CONFIG["BLOCK_K"]), -(-n // CONFIG["BLOCK_N"]))
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    _kernel(interpret)[grid](x, dy, acc, bounds, k, n, x.stride(0), dy.stride(0), UPCAST=interpret, **CONFIG)
+    grid = (experts, -(-k // CONFIG["BLOCK_K"]), -(-n // CONFIG["BLOCK_N"]))
+    for first in range(0, len(parts), MAX_PARTS):
+        chunk = parts[first:first + MAX_PARTS]
+        zero = chunk[0][2].new_zeros(1)
+        bounds = torch.cat([torch.cat([zero, ends]) for _, _, ends in chunk])  # each part's group starts, its end
+        _kernel(interpret)[grid](tuple(x for x, _, _ in chunk), tuple(dy for _, dy, _ in chunk), acc, bounds,
+                                 experts, k, n, PARTS=len(chunk), ACCUMULATE=accumulate or first > 0,
+                                 UPCAST=interpret, **CONFIG)
 
 
 def main_grad_param(b: torch.Tensor) -> Optional[torch.nn.Parameter]:
@@ -115,15 +135,6 @@ def main_grad_param(b: torch.Tensor) -> Optional[torch.nn.Parameter]:
 def grouped_wgrad(x: torch.Tensor, dy: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     """[E, K, N] in x's dtype: per expert e, x[rows of e]^T @ dy[rows of e] (torch's grouped GEMM, fp32 inside)."""
     return torch._grouped_mm(x.t(), dy, offs=ends)
-
-
-def _add_into(main: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, ends: torch.Tensor, kernel: bool) -> None:
-    if kernel:
-        grouped_wgrad_(x, dy, ends, main)
-    else:
-        from .triton_kernels import accumulate_
-
-        accumulate_(main, grouped_wgrad(x, dy, ends))
 
 
 def merge_by_expert(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
@@ -286,14 +297,18 @@ def accumulate_expert_wgrad(param, x: torch.Tensor, dy: torch.Tensor, ends: torc
 
 
 def _into_main_grad(param, parts: list, shape) -> None:
+    from .triton_kernels import accumulate_, assign_
+
+    main = param.main_grad.view(shape)
+    first = getattr(param, OVERWRITE, False) and id(param) not in STASH.written
+    if first:  # this step's first product: the range was not zeroed
+        STASH.written.add(id(param))
+    if getattr(param, KERNEL, False):
+        grouped_wgrad_(parts, main, accumulate=not first)
+        return
     if len(parts) > 1:
         parts = [merge_by_expert(parts)]
-    main = param.main_grad.view(shape)
-    if getattr(param, OVERWRITE, False) and id(param) not in STASH.written:
-        STASH.written.add(id(param))
-        main.copy_(grouped_wgrad(*parts[0]))  # this step's first product: the range was not zeroed
-        return
-    _add_into(main, *parts[0], kernel=getattr(param, KERNEL, False))
+    (assign_ if first else accumulate_)(main, grouped_wgrad(*parts[0]))
 
 
 class GroupedMMIntoMainGrad(torch.autograd.Function):
@@ -352,7 +367,7 @@ def install(wrapped, kernel: bool, defer_bytes: int, overwrite: bool = False) ->
                         group.start_grad_sync.flushes_expert_wgrad = True
                     setattr(w, DEFER, group)
                     deferring += 1
-                    if overwrite and not kernel:
+                    if overwrite:
                         setattr(w, OVERWRITE, True)
                         STASH.overwriting.add(w)
                 routed += 1
