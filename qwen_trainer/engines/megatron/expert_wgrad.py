@@ -15,9 +15,10 @@ non-GEMM cost of the step (benchmarks/gpu/RESULTS.md). Two ways around it, each 
   a last backward (a later pipeline stage), the kept micro-batches are added as it starts. The kept operands cost
   memory, capped over all layers (`expert_wgrad_stash_mib`); past the cap the kept micro-batches are added early,
   so the sum is the same, only less is saved.
-- the Triton kernel (`expert_wgrad_into_buffer`, off: slower than torch's CUTLASS grouped GEMM plus the add on an
-  H100): `main_grad[e] += x_e^T @ dy_e` accumulated in fp32 straight into the buffer, as megatron's own linear
-  layers do with gradient-accumulation fusion.
+- the Triton kernel (`expert_wgrad_into_buffer`): `main_grad[e] (+)= sum over micro-batches of x_e^T @ dy_e`,
+  accumulated in fp32 straight into the buffer, as megatron's own linear layers do with gradient-accumulation
+  fusion. With the deferral it reads every kept micro-batch where it lies (no regrouping copy, no bf16 product, no
+  separate add or cast copy); alone, it adds each micro-batch's product as the backward runs.
 
 Either way autograd gets a placeholder and the parameter is marked `grad_added_to_main_grad`, so neither megatron's
 hook nor the engine's accumulation hook adds it again. Group boundaries stay on the device (the token counts of
@@ -338,7 +339,7 @@ def install(wrapped, kernel: bool, defer_bytes: int, overwrite: bool = False) ->
     """Route the weight gradients of the grouped experts in `wrapped` (megatron DDP modules) through this module:
     with `kernel`, the Triton kernel adds each micro-batch's product into main_grad; with `defer_bytes` > 0,
     micro-batches' operands (up to that many bytes over all experts) wait for the step's last backward and are
-    multiplied in one grouped GEMM; with `overwrite` (deferring, without the kernel), the step's first product
+    multiplied in one grouped GEMM (or one kernel launch); with `overwrite` (deferring), the step's first product
     is written into the buffer, whose zeroing then leaves those ranges out. Returns (weights routed, weights
     deferring)."""
     from megatron.core.transformer.moe.experts import GroupedMLP
