@@ -269,7 +269,7 @@ def main() -> int:
         engine.build(EngineContext(spec, arch, env, init_method_std(spec), spec.training.seed, say))
         dp, dp_rank = engine.data_parallel_size, engine.data_parallel_rank
         say(f"built in {time.time() - started:.1f}s")
-        from qwen_trainer.engines.megatron.expert_wgrad import DEFER, OVERWRITE
+        from qwen_trainer.engines.megatron.expert_wgrad import DEFER, KERNEL, OVERWRITE
         from qwen_trainer.engines.megatron.kernels import megatron_optimizers
         from qwen_trainer.engines.megatron.triton_kernels import WGRAD_IN_MAIN_GRAD
 
@@ -280,6 +280,7 @@ def main() -> int:
                                           if getattr(p, WGRAD_IN_MAIN_GRAD, False)),
                  "deferring": sorted(n for c in chunks for n, p in c.named_parameters() if hasattr(p, DEFER)),
                  "overwriting": sorted(n for c in chunks for n, p in c.named_parameters() if hasattr(p, OVERWRITE)),
+                 "kernel": sorted(n for c in chunks for n, p in c.named_parameters() if getattr(p, KERNEL, False)),
                  "adamw_kernel": sum(hasattr(o, "adamw_stepper") for o in megatron_optimizers(engine.model.optimizer))}
         if env.rank == 0:
             torch.save(built, out / "built.pt")

@@ -58,3 +58,22 @@ def test_deferred_expert_weight_gradients_train_like_per_micro_batch_ones(tmp_pa
     assert added == deferred
     for key, b in added_moment.items():
         assert torch.equal(deferred_moment[key], b), key
+
+
+@pytest.mark.parametrize("layout", ["one-process", "ep2-alltoall", "dp2-distributed-optimizer"])
+def test_the_kernel_route_sums_kept_micro_batches_like_the_grouped_gemm(tmp_path, layout):
+    # expert_wgrad_into_buffer with the deferral: every kept micro-batch summed in fp32 into the buffer (on CPU
+    # tensors the kernel's torch form), the first product of a step written; against the per-micro-batch path
+    procs, keys = LAYOUTS[layout]
+    plain, _, plain_moment = _train(tmp_path, procs, keys, defer=False)
+    opts = {"experts": "torch-grouped", "defer_expert_wgrad": True, "expert_wgrad_into_buffer": True}
+    fused, built = trained_losses(tmp_path, "kernel", procs, STEPS, *keys, "save_at=1", f"opts={json.dumps(opts)}")
+    fused_moment = torch.load(tmp_path / "kernel" / "save-1.pt")["state"]["exp_avg"]
+    # both grouped weights of both MoE layers
+    experts = [n for n in built["into_main_grad"] if ".experts." in n]
+    assert experts == built["kernel"] == built["deferring"] == built["overwriting"] and len(experts) == 4
+    for key, b in plain_moment.items():
+        a = fused_moment[key]
+        assert float((a - b).norm() / b.norm()) < 1e-2, (key, float((a - b).norm() / b.norm()))
+    for a, b in zip(fused, plain):
+        assert abs(a - b) <= 1e-3 * abs(b), (fused, plain)

@@ -280,8 +280,8 @@ def _route_expert_wgrad(spec, options: EngineOptions, config, wrapped, notes: li
 
     if not getattr(config, "num_moe_experts", None):
         return expert_wgrad.reset_deferred
-    kernel = options.expert_wgrad_into_buffer and triton_available() and \
-        (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+    # on CPU tensors the kernel's sum runs in torch (expert by expert, in fp32), as exact, only slower
+    kernel = options.expert_wgrad_into_buffer and (triton_available() or not torch.cuda.is_available())
     stash_mib = expert_stash_mib(spec, options)
     if stash_mib and experts_in_cuda_graphs(config):
         # a captured backward replays its kernels whatever the micro-batch: no place for a per-step decision
