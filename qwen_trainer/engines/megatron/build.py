@@ -283,10 +283,11 @@ def _route_expert_wgrad(spec, options: EngineOptions, config, wrapped, notes: li
     # on CPU tensors the kernel's sum runs in torch (expert by expert, in fp32), as exact, only slower
     kernel = options.expert_wgrad_into_buffer and (triton_available() or not torch.cuda.is_available())
     stash_mib = expert_stash_mib(spec, options)
-    if stash_mib and experts_in_cuda_graphs(config):
-        # a captured backward replays its kernels whatever the micro-batch: no place for a per-step decision
-        notes.append("expert weight gradients per micro-batch: whole MoE layers are captured as CUDA graphs")
-        stash_mib = 0
+    if (stash_mib or kernel) and experts_in_cuda_graphs(config):
+        # a captured backward replays its kernels whatever the micro-batch: no place for a per-step decision, and
+        # the parameter's mark that its gradient is already in the buffer would be set at capture only
+        notes.append("expert weight gradients through autograd: whole MoE layers are captured as CUDA graphs")
+        stash_mib, kernel = 0, False
     if kernel or stash_mib:
         routed, deferring = expert_wgrad.install(wrapped, kernel, stash_mib << 20,
                                                  overwrite=options.expert_grad_overwrite)
