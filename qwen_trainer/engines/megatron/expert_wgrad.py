@@ -56,9 +56,11 @@ def _kernel(interpret: bool) -> Any:
                       BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, UPCAST: tl.constexpr):
         # acc[e] ([K, N] fp32, experts one after another) (+)= sum over parts m of xs[m][rows of e]^T @ dys[m][rows
         # of e]; bounds holds each part's group starts and its end, PARTS rows of experts + 1
-        e = tl.program_id(0)
-        rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-        rn = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+        # one expert's tiles are launched together, so the CTAs running at once read the same rows (from L2)
+        e = tl.program_id(1)
+        n_tiles = (N + BLOCK_N - 1) // BLOCK_N  # tl.cdiv is a jit helper too
+        rk = (tl.program_id(0) // n_tiles) * BLOCK_K + tl.arange(0, BLOCK_K)
+        rn = (tl.program_id(0) % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = tl.full((BLOCK_K, BLOCK_N), 0.0, tl.float32)  # tl.zeros is a jit helper the interpreter cannot call
         for m in tl.static_range(PARTS):
             x_ptr = xs[m]
@@ -111,7 +113,7 @@ def grouped_wgrad_(parts: list, acc: torch.Tensor, accumulate: bool = True) -> N
         return
     experts, k, n = acc.shape
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    grid = (experts, -(-k // CONFIG["BLOCK_K"]), -(-n // CONFIG["BLOCK_N"]))
+    grid = (-(-k // CONFIG["BLOCK_K"]) * -(-n // CONFIG["BLOCK_N"]), experts)
     for first in range(0, len(parts), MAX_PARTS):
         chunk = parts[first:first + MAX_PARTS]
         zero = chunk[0][2].new_zeros(1)
