@@ -167,7 +167,8 @@ class EngineOptions:
     """With CUDA graphs on MoE layers: capture the whole layer, the experts' grouped GEMMs and the combine
     included (with the local dispatcher nothing in it waits for the host or changes shape), instead of the
     router and permutation only. Trains like eager on an H100 (tests/gpu/test_cuda_graphs.py); off until it is
-    measured against the router-only capture in one run."""
+    measured against the router-only capture in one run. The experts' weight gradients then go through autograd
+    (neither defer_expert_wgrad nor expert_wgrad_into_buffer: a replayed backward runs no Python)."""
     overlap_grad_reduce: Optional[bool] = None
     """None: take spec.parallelism.overlapGradReduce."""
     recompute: Optional[str] = None
