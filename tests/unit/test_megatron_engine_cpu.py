@@ -22,6 +22,8 @@ from qwen_trainer.engines.megatron.config import (  # noqa: E402
 )
 from qwen_trainer.engines.megatron.loss import (  # noqa: E402
     check_output_grad_scale,
+    take_output_grad_scales,
+    verify_output_grad_scales,
     linear_cross_entropy,
     loss_sum_from_output,
     make_model_class,
@@ -257,6 +259,21 @@ def test_output_gradient_scale_other_than_assumed_is_an_error():
     with pytest.raises(RuntimeError, match="scaled by 0.25 in the forward, but the backward brought 0.5"):
         check_output_grad_scale()
     check_output_grad_scale()  # reported once, then cleared
+
+
+def test_output_gradient_scales_are_taken_as_a_tensor_and_verified_after_reading_back():
+    assert take_output_grad_scales() == (None, [])
+    weight = torch.randn(10, 4, requires_grad=True)
+    weight.main_grad = torch.zeros(10, 4)
+    for got in (0.25, 0.5):
+        hidden = torch.randn(6, 4, requires_grad=True)
+        (got * linear_cross_entropy(hidden, weight, torch.arange(6), torch.ones(6), main_grad_alpha=0.25)).backward()
+    scales, assumed = take_output_grad_scales()
+    assert scales.tolist() == [0.25, 0.5] and assumed == [0.25, 0.25]
+    assert take_output_grad_scales() == (None, [])  # taken once
+    verify_output_grad_scales([0.25], [0.25])
+    with pytest.raises(RuntimeError, match="scaled by 0.25 in the forward, but the backward brought 0.5"):
+        verify_output_grad_scales(scales.tolist(), assumed)
 
 
 def test_output_gradient_into_the_buffer_needs_an_fp32_buffer():

@@ -36,7 +36,8 @@ from . import state
 from .build import Model, build_model, init_model_parallel, pin_communication_order, release
 from .config import Capabilities, EngineOptions, plan_model
 from .layout import FULLY_RESHARDABLE, data_parallel_layout, layout_record, optimizer_sharding
-from .loss import LossScaling, check_output_grad_scale, load_balancing_loss, loss_sum_from_output
+from .loss import (LossScaling, load_balancing_loss, loss_sum_from_output, take_output_grad_scales,
+                   verify_output_grad_scales)
 
 
 class MegatronEngine:
@@ -318,7 +319,9 @@ class MegatronEngine:
             forward_only=forward_only,
         ) or []
 
-    def _reduce_report(self, stores: list[dict]) -> tuple[float, float]:
+    def _reduce_report(self, stores: list[dict], along: Optional[torch.Tensor] = None) -> tuple[float, float, list]:
+        """The summed loss and token count over the data-parallel ranks (and pipeline stages), and the values of
+        `along` (this rank's own), read back from the device in one transfer."""
         from megatron.core import parallel_state as ps
 
         total = torch.zeros(2, dtype=torch.float64, device=torch.cuda.current_device())
@@ -328,14 +331,18 @@ class MegatronEngine:
             torch.distributed.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
         if ps.get_pipeline_model_parallel_world_size() > 1:  # only the last stage holds losses
             torch.distributed.all_reduce(total, group=ps.get_pipeline_model_parallel_group())
-        a, b = total.tolist()
-        return a, b
+        if along is not None:
+            total = torch.cat([total, along.to(total.device, torch.float64)])
+        a, b, *rest = total.tolist()
+        return a, b, rest
 
     def _global_tokens(self, micro_batches: Sequence) -> int:
         from megatron.core import parallel_state as ps
 
-        n = torch.tensor([sum(mb.loss_tokens for mb in micro_batches)], dtype=torch.int64,
-                         device=torch.cuda.current_device())
+        local = sum(mb.loss_tokens for mb in micro_batches)
+        if ps.get_data_parallel_world_size() == 1:
+            return local  # no device round trip: the step's first kernels queue at once
+        n = torch.tensor([local], dtype=torch.int64, device=torch.cuda.current_device())
         torch.distributed.all_reduce(n, group=ps.get_data_parallel_group())
         return int(n.item())
 
@@ -375,10 +382,13 @@ class MegatronEngine:
                              "as their bucket's reduction started (a pipeline schedule this engine does not know); "
                              f"with data parallelism {self.data_parallel_size} they may have missed the reduction: "
                              "set training.expertGradientMemoryMiB: 0 if the loss goes astray")
-        check_output_grad_scale()
         ok, grad_norm, _ = model.optimizer.step()
         self._steps += 1
-        num, den = self._reduce_report(stores)
+        # read back with the loss, not before the optimizer (a device sync there leaves the GPU idle while the
+        # host prepares the step); a wrong scale stops the run before this step's weights can be saved
+        scales, assumed = take_output_grad_scales()
+        num, den, got = self._reduce_report(stores, scales)
+        verify_output_grad_scales(got, assumed)
         loss = num / max(den, 1e-12)
         aux = load_balancing_loss(len(micro_batches), self.arch.num_layers) if self._moe else None
         norm = float(grad_norm) if grad_norm is not None else float("nan")
@@ -400,7 +410,7 @@ class MegatronEngine:
         stores = self._run(micro_batches, forward_only=True)
         if self._moe:
             clear_aux_losses_tracker()
-        total, tokens = self._reduce_report(stores)
+        total, tokens, _ = self._reduce_report(stores)
         return total, int(round(tokens))
 
     def close(self) -> None:

@@ -17,8 +17,8 @@ schedule's loss normalisation, bf16 without loss scaling), the output weight's g
 fp32 `main_grad` (megatron DDP's buffer), scaled by that value in the GEMM's epilogue, as megatron's own layers do
 with gradient-accumulation fusion. That saves, per micro-batch, a bf16 weight-sized gradient, its zeroing and
 scaling and the mixed-precision add into the buffer, and accumulates the chunks in fp32 instead of bf16. The
-backward records the gradient it actually got; `check_output_grad_scale()` (once per step, before the optimizer)
-raises if it ever differed from the assumed one.
+backward records the gradient it actually got; the engine reads those back with the step's loss and stops the run
+if one ever differed from the assumed value (`take_output_grad_scales`, `verify_output_grad_scales`).
 """
 
 from __future__ import annotations
@@ -35,18 +35,32 @@ from .kernels import maybe_compile, wgrad_accumulate
 _ASSUMED_SCALES: list[tuple[torch.Tensor, float]] = []
 
 
-def check_output_grad_scale(rtol: float = 1e-4) -> None:
-    """Raise if a backward since the last call brought another gradient than its forward put into main_grad
-    (the weight gradient in the buffer would then be wrong). One device sync; a no-op when nothing is pending."""
+def take_output_grad_scales() -> tuple[Optional[torch.Tensor], list[float]]:
+    """The gradients the output layer's backwards brought since the last call (a device tensor, None if there were
+    none) and the values their forwards assumed; clears them. The caller reads the tensor back with whatever it
+    reads anyway (the engine: with the step's loss), so the check adds no device sync of its own."""
     if not _ASSUMED_SCALES:
-        return
-    got = torch.stack([g.reshape(()).float() for g, _ in _ASSUMED_SCALES]).cpu().tolist()
+        return None, []
+    got = torch.stack([g.reshape(()).float() for g, _ in _ASSUMED_SCALES])
     assumed = [a for _, a in _ASSUMED_SCALES]
     _ASSUMED_SCALES.clear()
+    return got, assumed
+
+
+def verify_output_grad_scales(got: list[float], assumed: list[float], rtol: float = 1e-4) -> None:
+    """Raise if a backward brought another gradient than its forward put into main_grad (the output weight's
+    gradient in the buffer, and so the step taken with it, would be wrong)."""
     for g, a in zip(got, assumed):
         if abs(g - a) > rtol * abs(a):
             raise RuntimeError(f"output-layer gradient scaled by {a!r} in the forward, but the backward brought {g!r}")
 
+
+def check_output_grad_scale(rtol: float = 1e-4) -> None:
+    """take_output_grad_scales and verify_output_grad_scales in one (one device sync; a no-op when nothing is
+    pending)."""
+    got, assumed = take_output_grad_scales()
+    if got is not None:
+        verify_output_grad_scales(got.cpu().tolist(), assumed, rtol)
 
 
 def _chunk_loss_and_grad(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor):
