@@ -22,7 +22,7 @@ from qwen_trainer.engines.megatron.triton_kernels import accumulate_  # noqa: E4
 SHAPES = {"qwen1.5-a2.7b": (60, 4, 2048, 1408), "qwen3-30b-a3b": (128, 8, 2048, 768)}
 TOKENS = 4096
 # the kernel's tiles: (BLOCK_K, BLOCK_N, BLOCK_T, warps, stages); the first is expert_wgrad.CONFIG's
-TILES = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 128, 32, 4, 4), (256, 128, 64, 8, 3),
+TILES = [(64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 32, 4, 4), (256, 128, 64, 8, 3),
          (128, 128, 128, 8, 3), (128, 256, 32, 8, 4)]
 
 

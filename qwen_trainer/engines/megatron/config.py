@@ -115,9 +115,12 @@ class EngineOptions:
     """Accumulate weight gradients straight into the fp32 gradient buffer (one GEMM with fp32 output)."""
     expert_wgrad_into_buffer: bool = False
     """With torch-grouped experts: each expert's weight gradient accumulated in fp32 straight into the gradient
-    buffer by one Triton grouped GEMM (expert_wgrad), instead of a bf16 gradient added in a separate pass. Off:
-    on an H100 the kernel took 1.15-1.4x the time of torch's grouped GEMM plus the add it replaces
-    (benchmarks/gpu/expert_wgrad_bench.py), exact to bf16's precision."""
+    buffer by one Triton grouped GEMM (expert_wgrad), instead of a bf16 gradient added in a separate pass; with
+    defer_expert_wgrad, one launch reads every kept micro-batch where it lies (no regrouping, no bf16 product).
+    Off: on an H100 the kernel alone (per micro-batch) took 1.15-1.4x the time of torch's grouped GEMM plus the
+    add; over the deferred micro-batches it took 0.92-1.21x the time of the deferral's regrouping, grouped GEMM
+    and cast copy (benchmarks/gpu/expert_wgrad_defer_bench.py), and whole steps moved by -1.0% to +0.6%
+    (benchmarks/gpu/RESULTS.md). Its 50-step GPU loss curve stays within the lever test's bound."""
     defer_expert_wgrad: bool = True
     """With torch-grouped experts: each expert weight's gradient operands (its tokens and their output gradient)
     kept from micro-batch to micro-batch and multiplied once, in the step's last backward, by one grouped GEMM over
