@@ -187,17 +187,23 @@ def install_swiglu() -> Callable[[], None]:
 # ----------------------------------------------------------------------------------- gradient accumulation
 
 
+def _into_fp32(kernel: str, out: torch.Tensor, x: torch.Tensor, torch_op) -> torch.Tensor:
+    """One elementwise pass from `x` (any float dtype) into the fp32 `out` of the same number of elements: the
+    Triton `kernel` where it runs, else `torch_op(out, x viewed as out)`."""
+    if out.dtype != torch.float32 or not out.is_contiguous() or not _use_kernels(out, x):
+        return torch_op(out, x.view_as(out))
+    x = x.contiguous()
+    n = out.numel()
+    if n:
+        _k(kernel)[((n + _BLOCK_1D - 1) // _BLOCK_1D,)](out, x, n, BLOCK=_BLOCK_1D)
+    return out
+
+
 def accumulate_(acc: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """acc += x in place, acc fp32 and x of any float dtype, both of the same number of elements."""
     if acc.numel() != x.numel():
         raise ValueError(f"cannot accumulate {tuple(x.shape)} into {tuple(acc.shape)}")
-    if acc.dtype != torch.float32 or not acc.is_contiguous() or not _use_kernels(acc, x):
-        return acc.add_(x.view_as(acc))
-    x = x.contiguous()
-    n = acc.numel()
-    if n:
-        _k("accumulate")[((n + _BLOCK_1D - 1) // _BLOCK_1D,)](acc, x, n, BLOCK=_BLOCK_1D)
-    return acc
+    return _into_fp32("accumulate", acc, x, torch.Tensor.add_)
 
 
 def assign_(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -206,13 +212,7 @@ def assign_(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     went from 0.87x to 0.75x the time of the adding one on an H100 (benchmarks/gpu/RESULTS.md)."""
     if out.numel() != x.numel():
         raise ValueError(f"cannot assign {tuple(x.shape)} to {tuple(out.shape)}")
-    if out.dtype != torch.float32 or not out.is_contiguous() or not _use_kernels(out, x):
-        return out.copy_(x.view_as(out))
-    x = x.contiguous()
-    n = out.numel()
-    if n:
-        _k("widen")[((n + _BLOCK_1D - 1) // _BLOCK_1D,)](out, x, n, BLOCK=_BLOCK_1D)
-    return out
+    return _into_fp32("widen", out, x, torch.Tensor.copy_)
 
 
 def fused_wgrad_params(modules: Iterable[torch.nn.Module]) -> set[int]:
