@@ -53,6 +53,8 @@ def _launch(case, impl: str, variants: list[str], gpus: list[int], args, part: P
     env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(map(str, gpus)), PYTHONUNBUFFERED="1")
     if args.profile:
         env["BENCH_PROFILE"] = str(part.parent / "profiles.txt")
+    if args.syncs:
+        env["BENCH_SYNCS"] = str(part.parent / "syncs.txt")
     if case.parallelism.get("tensor", 1) > 1:
         env["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
     start = time.time()
@@ -179,6 +181,9 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true",
                     help="after the timed steps, profile one more step and write the kernel-time breakdown to "
                          "DIR/profiles.txt")
+    ap.add_argument("--syncs", action="store_true",
+                    help="after the timed steps, run one more step with torch's CUDA sync debug mode and write "
+                         "where the host waited for the GPU (Python call sites, counted) to DIR/syncs.txt")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--report-only", action="store_true", help="rebuild results.* from DIR/rows.jsonl")
     args = ap.parse_args(argv)

@@ -145,6 +145,44 @@ def profile_step(step, label: str) -> None:
         print(f"profile of {label} failed: {type(err).__name__}: {err}", flush=True)
 
 
+def sync_sites(step, label: str, frames: int = 4) -> None:
+    """One more step under torch's CUDA sync debug mode: every operation that made the host wait for the GPU,
+    counted by its Python call site (the innermost frames outside torch), appended to $BENCH_SYNCS. A wait inside
+    the backward is reported where backward() was called (autograd hands its warnings to the calling thread)."""
+    import collections
+    import traceback as tb
+
+    path = os.environ.get("BENCH_SYNCS")
+    if not path:
+        return
+    sites: collections.Counter = collections.Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchronizing" not in str(message):
+            return
+        stack = [f for f in tb.extract_stack()[:-1] if "/torch/" not in f.filename and "warnings" not in f.filename]
+        where = " < ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(stack[-frames:]))
+        sites[f"{str(message).split(',')[0][:60]} @ {where}"] += 1
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    except Exception as err:  # a diagnostic: never lose the measured row over it
+        sites[f"sync listing failed: {type(err).__name__}: {err}"] += 1
+    if _rank() == 0:
+        lines = [f"== {label}: {sum(sites.values())} host waits in one step"]
+        lines += [f"   {n:4d}x  {site}" for site, n in sites.most_common()]
+        with open(path, "a") as f:
+            f.write("\n".join(lines) + "\n")
+
+
 class _Trace:
     """A chrome trace's GPU kernels in time order, and for each the host op stack that launched it."""
 
@@ -291,6 +329,7 @@ def run_megatron(case, variants, steps, warmup, out):
             row.update(first_loss=round(losses[0], 4), last_loss=round(losses[-1], 4), notes=engine.notes,
                        losses=losses)
             profile_step(functools.partial(engine.train_step, batches, lr, "mean"), f"{case.name} megatron {variant}")
+            sync_sites(functools.partial(engine.train_step, batches, lr, "mean"), f"{case.name} megatron {variant}")
             gqa = {getattr(m, "_gqa_native", None) for c in engine.unwrapped() for m in c.modules()
                    if type(m).__name__ == "SDPAAttention"}
             if gqa - {None}:

@@ -19,7 +19,11 @@ one-pass AdamW; tests/gpu/curve_spread.py). The arithmetic of each lever is held
 - expert_grad_overwrite: that product written into the buffer's never-zeroed expert ranges instead of added into
   zeros (the same bits);
 - adamw_writes_model_params: AdamW and the bf16 weight copy in one Triton pass instead of torch's fused AdamW and
-  megatron's copy (the same arithmetic in another kernel)."""
+  megatron's copy (the same arithmetic in another kernel);
+- grad_norm_on_device: the gradient norm and the clip divisor computed on the GPU instead of read back by the host
+  before the optimizer step (the same divisor);
+- stage_batches: the step's micro-batches copied to the GPU at once from pinned memory instead of one pageable copy
+  per tensor in each forward (the same tokens)."""
 
 from __future__ import annotations
 
@@ -83,7 +87,7 @@ def bound() -> float:
 
 @pytest.mark.parametrize("lever", ["expert_wgrad_into_buffer", "clip_in_adam", "gather_permute",
                                    "embedding_grad_into_buffer", "defer_expert_wgrad", "expert_grad_overwrite",
-                                   "adamw_writes_model_params"])
+                                   "adamw_writes_model_params", "grad_norm_on_device", "stage_batches"])
 def test_each_lever_trains_like_the_path_it_replaces(lever, bound):
     base = REQUIRES.get(lever, {})
     # each side twice: a path with atomic adds of its own (the off side of gather_permute) repeats itself less
@@ -103,8 +107,12 @@ def test_each_lever_trains_like_the_path_it_replaces(lever, bound):
         assert on["expert_wgrad_overwriting"] > 0 and off["expert_wgrad_overwriting"] == 0
     elif lever == "adamw_writes_model_params":
         assert on["adamw_kernel"] > 0 and off["adamw_kernel"] == 0
-    elif lever == "clip_in_adam":  # the clipping really happened in these steps (norms above clipGrad)
-        assert min(on["grad_norms"]) > TRAINING["clipGrad"], on["grad_norms"]
+    elif lever in ("clip_in_adam", "grad_norm_on_device"):  # clipping happened in these steps (norms > clipGrad)
+        assert min(on["grad_norms"] + off["grad_norms"]) > TRAINING["clipGrad"], (on["grad_norms"], off["grad_norms"])
+        if lever == "grad_norm_on_device":
+            assert on["norm_on_device"] and not off["norm_on_device"]
+    elif lever == "stage_batches":
+        assert on["staged_batches"] and not off["staged_batches"]
     elif lever == "gather_permute":
         assert on["gather_dispatch"] > 0 and off["gather_dispatch"] == 0
     else:  # the embedding's weight is the one parameter marked

@@ -243,7 +243,7 @@ def build_model(spec, plan: ModelPlan, options: EngineOptions, transformer_engin
         if options.clip_in_adam and t.clip_grad > 0:
             from . import clip_in_adam
 
-            restore.append(clip_in_adam.install(optimizer))
+            restore.append(clip_in_adam.install(optimizer, norm_on_device_too=options.grad_norm_on_device))
         if options.adamw_writes_model_params:
             from . import adamw_kernel
 

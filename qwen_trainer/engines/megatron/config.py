@@ -152,6 +152,11 @@ class EngineOptions:
     """With fused_adam: gradient clipping applied by the fused AdamW kernel as it reads each gradient (its
     grad_scale divisor) instead of a separate scaling pass over the fp32 gradients (clip_in_adam). On an H100, a
     clipped step of the A2.7B benchmark shape: the 6.9 ms pass gone, fused AdamW 4.1 ms slower."""
+    grad_norm_on_device: bool = True
+    """With clip_in_adam: the gradient norm and the clip divisor computed on the GPU and read back with the loss,
+    instead of megatron's read of the norm between the backward and the optimizer step (the host waited there for
+    the whole backward, then the GPU waited for the host to launch the step). The same divisor: the norm's square
+    root in float64, as megatron takes it on the host."""
     adamw_writes_model_params: bool = True
     """With fused_adam and bf16 weights, under megatron's distributed or mixed-precision optimizer: one Triton pass
     per parameter group runs AdamW over the fp32 main weights and writes the bf16 weights too (adamw_kernel; under
@@ -159,6 +164,10 @@ class EngineOptions:
     fused AdamW (which, clipping, also writes the divided gradient back) and megatron's separate copy pass. torch
     2.11's fused-AdamW arithmetic in its precisions, and its optimizer state. On an H100, the 3-layer benchmark
     shapes: +4.7% and +8.4% tokens/s (A2.7B), +1.4% and +10.4% (Qwen3-30B-A3B, whose runs vary as much)."""
+    stage_batches: bool = True
+    """The step's micro-batches (tokens, targets, positions) copied to the GPU in one non-blocking copy from a
+    pinned buffer before the first forward (batch_upload), instead of three copies from pageable memory in each
+    micro-batch's forward, each of which waits for the GPU to finish the work queued before it."""
     foreach_grad_norm: bool = True
     """Gradient norm and clipping with torch._foreach ops (megatron's fallback syncs once per tensor)."""
     cuda_graphs: Optional[bool] = None

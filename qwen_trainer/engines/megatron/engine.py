@@ -33,6 +33,7 @@ from qwen_trainer.spec.resolve import resolve_architecture
 
 from ..base import EngineContext, StepResult
 from . import state
+from .batch_upload import BatchUploader
 from .build import Model, build_model, init_model_parallel, pin_communication_order, release
 from .config import Capabilities, EngineOptions, plan_model
 from .layout import FULLY_RESHARDABLE, data_parallel_layout, layout_record, optimizer_sharding
@@ -82,6 +83,7 @@ class MegatronEngine:
         self._pending_optimizer: Optional[dict] = None
         self._pending_for: Optional[int] = None
         self._steps = 0
+        self._uploader = BatchUploader()
 
     # ---- construction -------------------------------------------------------------------------------------------
     def build(self, ctx: EngineContext) -> None:
@@ -300,9 +302,15 @@ class MegatronEngine:
             out.append(torch.cat([chunks[:, rank], chunks[:, 2 * cp - 1 - rank]], dim=1))
         return tuple(out)
 
+    def _staged(self, micro_batches: Sequence) -> Sequence:
+        if not self.options.stage_batches:
+            return micro_batches
+        return self._uploader.upload(micro_batches, torch.cuda.current_device())
+
     def _run(self, micro_batches: Sequence, forward_only: bool) -> list[dict]:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        micro_batches = self._staged(micro_batches)
         cp = self.spec.parallelism.context
         mbs, seq = micro_batches[0].tokens.shape[:2]
         chunks = self.model.chunks
@@ -387,7 +395,10 @@ class MegatronEngine:
         # read back with the loss, not before the optimizer (a device sync there leaves the GPU idle while the
         # host prepares the step); a wrong scale stops the run before this step's weights can be saved
         scales, assumed = take_output_grad_scales()
-        num, den, got = self._reduce_report(stores, scales)
+        along = [t.reshape(-1) for t in (scales, grad_norm) if isinstance(t, torch.Tensor)]
+        num, den, got = self._reduce_report(stores, torch.cat(along) if along else None)
+        if isinstance(grad_norm, torch.Tensor):  # grad_norm_on_device: read back here, with the loss
+            grad_norm = got.pop()
         verify_output_grad_scales(got, assumed)
         loss = num / max(den, 1e-12)
         aux = load_balancing_loss(len(micro_batches), self.arch.num_layers) if self._moe else None

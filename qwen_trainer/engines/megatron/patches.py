@@ -32,6 +32,8 @@ PATCHED = {
     ("megatron.core.optimizer.optimizer", "multi_tensor_scale_impl"): "as above",
     ("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32"):
         "gradient clipping as fused AdamW's grad_scale divisor instead of a scaling pass (clip_in_adam)",
+    ("megatron.core.optimizer.optimizer", "get_grad_norm_fp32"):
+        "the gradient norm kept on the device, the clip divisor computed there (clip_in_adam, grad_norm_on_device)",
     ("megatron.core.transformer.moe.token_dispatcher", "permute"):
         "gather_permute under expert parallelism: the all-to-all dispatcher's local permutation with a gathered "
         "backward (only while a dispatcher switched to it runs; others get megatron's function)",
