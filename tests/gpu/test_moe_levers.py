@@ -21,9 +21,7 @@ one-pass AdamW; tests/gpu/curve_spread.py). The arithmetic of each lever is held
 - adamw_writes_model_params: AdamW and the bf16 weight copy in one Triton pass instead of torch's fused AdamW and
   megatron's copy (the same arithmetic in another kernel);
 - grad_norm_on_device: the gradient norm and the clip divisor computed on the GPU instead of read back by the host
-  before the optimizer step (the same divisor);
-- stage_batches: the step's micro-batches copied to the GPU at once from pinned memory instead of one pageable copy
-  per tensor in each forward (the same tokens)."""
+  before the optimizer step (the same divisor)."""
 
 from __future__ import annotations
 
@@ -87,7 +85,7 @@ def bound() -> float:
 
 @pytest.mark.parametrize("lever", ["expert_wgrad_into_buffer", "clip_in_adam", "gather_permute",
                                    "embedding_grad_into_buffer", "defer_expert_wgrad", "expert_grad_overwrite",
-                                   "adamw_writes_model_params", "grad_norm_on_device", "stage_batches"])
+                                   "adamw_writes_model_params", "grad_norm_on_device"])
 def test_each_lever_trains_like_the_path_it_replaces(lever, bound):
     base = REQUIRES.get(lever, {})
     # each side twice: a path with atomic adds of its own (the off side of gather_permute) repeats itself less
@@ -111,8 +109,6 @@ def test_each_lever_trains_like_the_path_it_replaces(lever, bound):
         assert min(on["grad_norms"] + off["grad_norms"]) > TRAINING["clipGrad"], (on["grad_norms"], off["grad_norms"])
         if lever == "grad_norm_on_device":
             assert on["norm_on_device"] and not off["norm_on_device"]
-    elif lever == "stage_batches":
-        assert on["staged_batches"] and not off["staged_batches"]
     elif lever == "gather_permute":
         assert on["gather_dispatch"] > 0 and off["gather_dispatch"] == 0
     else:  # the embedding's weight is the one parameter marked

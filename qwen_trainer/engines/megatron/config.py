@@ -164,10 +164,6 @@ class EngineOptions:
     fused AdamW (which, clipping, also writes the divided gradient back) and megatron's separate copy pass. torch
     2.11's fused-AdamW arithmetic in its precisions, and its optimizer state. On an H100, the 3-layer benchmark
     shapes: +4.7% and +8.4% tokens/s (A2.7B), +1.4% and +10.4% (Qwen3-30B-A3B, whose runs vary as much)."""
-    stage_batches: bool = True
-    """The step's micro-batches (tokens, targets, positions) copied to the GPU in one non-blocking copy from a
-    pinned buffer before the first forward (batch_upload), instead of three copies from pageable memory in each
-    micro-batch's forward, each of which waits for the GPU to finish the work queued before it."""
     foreach_grad_norm: bool = True
     """Gradient norm and clipping with torch._foreach ops (megatron's fallback syncs once per tensor)."""
     cuda_graphs: Optional[bool] = None

@@ -33,7 +33,6 @@ from qwen_trainer.spec.resolve import resolve_architecture
 
 from ..base import EngineContext, StepResult
 from . import state
-from .batch_upload import BatchUploader
 from .build import Model, build_model, init_model_parallel, pin_communication_order, release
 from .config import Capabilities, EngineOptions, plan_model
 from .layout import FULLY_RESHARDABLE, data_parallel_layout, layout_record, optimizer_sharding
@@ -83,7 +82,6 @@ class MegatronEngine:
         self._pending_optimizer: Optional[dict] = None
         self._pending_for: Optional[int] = None
         self._steps = 0
-        self._uploader = BatchUploader()
 
     # ---- construction -------------------------------------------------------------------------------------------
     def build(self, ctx: EngineContext) -> None:
@@ -302,15 +300,8 @@ class MegatronEngine:
             out.append(torch.cat([chunks[:, rank], chunks[:, 2 * cp - 1 - rank]], dim=1))
         return tuple(out)
 
-    def _staged(self, micro_batches: Sequence) -> Sequence:
-        if not self.options.stage_batches:
-            return micro_batches
-        return self._uploader.upload(micro_batches, torch.cuda.current_device())
-
     def _run(self, micro_batches: Sequence, forward_only: bool) -> list[dict]:
         from megatron.core.pipeline_parallel import get_forward_backward_func
-
-        micro_batches = self._staged(micro_batches)
         cp = self.spec.parallelism.context
         mbs, seq = micro_batches[0].tokens.shape[:2]
         chunks = self.model.chunks
