@@ -21,6 +21,7 @@ from qwen_trainer.data.prefetch import StepPrefetcher
 from qwen_trainer.data.tokenizer import has_tokenizer
 from qwen_trainer.distenv import DistEnv, init_process_group
 from qwen_trainer.engines import EngineContext, select_engine
+from qwen_trainer.engines.base import launch_step
 from qwen_trainer.spec.layout import megatron_layout
 from qwen_trainer.errors import UserError, UserErrors
 from qwen_trainer.metrics import Metrics
@@ -214,44 +215,63 @@ def run_training(spec: JobSpec, d: DistEnv, log: Callable[[str], None]) -> int:
                    **save_kwargs)
 
     window = {"loss": 0.0, "aux": 0.0, "n": 0, "tokens": 0, "loss_tokens": 0, "t": time.time()}
-    last = None
     end = state.consumed_samples + (plan.train_iters - state.iteration) * t.global_batch_size
     feeder = StepPrefetcher(train_src, t.global_batch_size, t.micro_batch_size, dp, dp_rank, t.num_workers, end=end)
     loop_started, loop_start_iteration = time.time(), state.iteration
+
+    def account(it: int, lr: float, step) -> None:
+        """Step `it`'s figures into the logging window (reading them back if still on the device); logs at the
+        interval."""
+        nonlocal window
+        result = step.result()
+        window["loss"] += result.loss
+        window["aux"] += result.aux_loss or 0.0
+        window["n"] += 1
+        window["tokens"] += plan.tokens_per_step
+        window["loss_tokens"] += result.loss_tokens
+        if it % t.log_interval == 0 or it == plan.train_iters:
+            elapsed = time.time() - window["t"]
+            n = window["n"]
+            last = metrics.train(it, plan.train_iters, state.consumed_samples, window["loss"] / n,
+                                 window["aux"] / n if result.aux_loss is not None else None, lr,
+                                 result.grad_norm, elapsed / n, window["tokens"] / n, window["loss_tokens"])
+            if status is not None:
+                mfu = {"mfu": round(last["mfu"], 4)} if last.get("mfu") is not None else {}
+                how_far = progress.progress_fields(it, plan.train_iters, loop_started, time.time(),
+                                                   loop_start_iteration)
+                status.report(iteration=it, trainIters=plan.train_iters, loss=last["loss"],
+                              tokensPerSecond=round(last["tokens_per_second"], 1), engine=engine.name, **mfu,
+                              **how_far, summary=progress.summary(it, plan.train_iters, last["loss"], how_far))
+            window = {"loss": 0.0, "aux": 0.0, "n": 0, "tokens": 0, "loss_tokens": 0, "t": time.time()}
+
+    # A launched step is read back once the next one is launched (the engine may leave its figures on the device
+    # until then, so the host does not wait for the optimizer before it launches the next step), and at once where
+    # this iteration logs, evaluates or saves.
+    pending = None
     try:
         while state.iteration < plan.train_iters:
             it = state.iteration + 1
             lr = sched.lr_for_iteration(it)
             mbs = feeder.get(state.consumed_samples)
             faults.hit("step", it, d.rank)
-            result = engine.train_step(mbs, lr, loss_mode)
+            step = launch_step(engine, mbs, lr, loss_mode)
+            if pending is not None:
+                account(*pending)
+            pending = (it, lr, step)
             if async_saves is not None:
                 async_saves.poll()  # commits a background checkpoint once every rank's writer is done
             state.iteration = it
             state.consumed_samples += t.global_batch_size
             state.flops_so_far += fpt * plan.tokens_per_step
-            window["loss"] += result.loss
-            window["aux"] += result.aux_loss or 0.0
-            window["n"] += 1
-            window["tokens"] += plan.tokens_per_step
-            window["loss_tokens"] += result.loss_tokens
-            if it % t.log_interval == 0 or it == plan.train_iters:
-                elapsed = time.time() - window["t"]
-                n = window["n"]
-                last = metrics.train(it, plan.train_iters, state.consumed_samples, window["loss"] / n,
-                                     window["aux"] / n if result.aux_loss is not None else None, lr,
-                                     result.grad_norm, elapsed / n, window["tokens"] / n, window["loss_tokens"])
-                if status is not None:
-                    mfu = {"mfu": round(last["mfu"], 4)} if last.get("mfu") is not None else {}
-                    how_far = progress.progress_fields(it, plan.train_iters, loop_started, time.time(),
-                                                       loop_start_iteration)
-                    status.report(iteration=it, trainIters=plan.train_iters, loss=last["loss"],
-                                  tokensPerSecond=round(last["tokens_per_second"], 1), engine=engine.name, **mfu,
-                                  **how_far, summary=progress.summary(it, plan.train_iters, last["loss"], how_far))
-                window = {"loss": 0.0, "aux": 0.0, "n": 0, "tokens": 0, "loss_tokens": 0, "t": time.time()}
-            if valid_src is not None and t.eval_iters > 0 and (it % t.eval_interval == 0 or it == plan.train_iters):
+            evaluating = valid_src is not None and t.eval_iters > 0 and (it % t.eval_interval == 0
+                                                                         or it == plan.train_iters)
+            saving = it % t.save_interval == 0 or it == plan.train_iters
+            if it % t.log_interval == 0 or evaluating or saving:
+                account(*pending)
+                pending = None
+            if evaluating:
                 evaluate(engine, valid_src, t, dp, dp_rank, it, metrics)
-            if it % t.save_interval == 0 or it == plan.train_iters:
+            if saving:
                 save_checkpoint()
                 last_saved = it
                 window["t"] = time.time()  # keep save time out of the throughput

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from cases import CASES, VARIANTS  # noqa: E402
+from worker import consecutive_steps  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -44,14 +45,12 @@ def main(argv=None) -> int:
     batches = random_micro_batches(case.global_batch // case.micro_batch, case.micro_batch, case.seq,
                                    arch.vocab_size, seed=100)
     lr = spec.training.lr
-    for _ in range(a.warmup):
-        engine.train_step(batches, lr, "mean")
+    consecutive_steps(engine, batches, lr, a.warmup)
     torch.cuda.synchronize()
     profiler = cProfile.Profile()
     t0 = time.perf_counter()
     profiler.enable()
-    for _ in range(a.steps):
-        engine.train_step(batches, lr, "mean")
+    consecutive_steps(engine, batches, lr, a.steps)
     torch.cuda.synchronize()
     profiler.disable()
     wall = (time.perf_counter() - t0) / a.steps

@@ -296,6 +296,22 @@ def _figures(case, arch, seconds: float, steps: int) -> dict:
                 reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2))
 
 
+def consecutive_steps(engine, batches, lr, n: int) -> list:
+    """`n` steps as the training loop runs them (qwen_trainer.train): each step's figures read back once the next
+    step is launched, the last one's at the end."""
+    from qwen_trainer.engines.base import launch_step
+
+    results, pending = [], None
+    for _ in range(n):
+        step = launch_step(engine, batches, lr, "mean")
+        if pending is not None:
+            results.append(pending.result())
+        pending = step
+    if pending is not None:
+        results.append(pending.result())
+    return results
+
+
 def run_megatron(case, variants, steps, warmup, out):
     from qwen_trainer.engines.megatron import EngineOptions, MegatronEngine, data_parallel_info
     from qwen_trainer.engines.megatron.testing import built_engine, job_spec, random_micro_batches
@@ -317,11 +333,10 @@ def run_megatron(case, variants, steps, warmup, out):
             dp, dp_rank = data_parallel_info()
             n_micro = case.global_batch // (case.micro_batch * dp)
             batches = random_micro_batches(n_micro, case.micro_batch, case.seq, arch.vocab_size, seed=100 + dp_rank)
-            results = [engine.train_step(batches, lr, "mean") for _ in range(warmup)]
+            results = consecutive_steps(engine, batches, lr, warmup)
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            for _ in range(steps):
-                results.append(engine.train_step(batches, lr, "mean"))
+            results += consecutive_steps(engine, batches, lr, steps)
             torch.cuda.synchronize()
             row.update(_figures(case, arch, time.perf_counter() - t0, steps))
             # every step's loss (the result's floats, read after the timing): the loss curve the variants share

@@ -80,8 +80,30 @@ class Engine(Protocol):
     def eval_step(self, micro_batches: Sequence[MicroBatch]) -> tuple[float, int]:
         """(summed loss, loss tokens) over the global batch, no gradients."""
 
+    # Optional: `launch_step(micro_batches, lr, loss_mode)` queues the step and returns an object whose `result()`
+    # gives its StepResult later (the megatron engine: read back once the next step is launched; launch_step below).
+
     def optimizer_state_dict(self) -> dict:
         ...
 
     def load_optimizer_state_dict(self, state: dict) -> None:
         ...
+
+
+class ReadyStep:
+    """A step whose result is on the host already (engines without `launch_step`)."""
+
+    def __init__(self, result: StepResult):
+        self._result = result
+
+    def result(self) -> StepResult:
+        return self._result
+
+
+def launch_step(engine, micro_batches: Sequence[MicroBatch], lr: float, loss_mode: LossMode):
+    """The engine's step, launched: an object whose `result()` returns the StepResult, where the engine can leave
+    it on the device until then (launch_step), else at once."""
+    launch = getattr(engine, "launch_step", None)
+    if launch is not None:
+        return launch(micro_batches, lr, loss_mode)
+    return ReadyStep(engine.train_step(micro_batches, lr, loss_mode))

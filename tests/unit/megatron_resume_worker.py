@@ -286,11 +286,20 @@ def main() -> int:
             torch.save(built, out / "built.pt")
 
         norms: dict[int, float] = {}
+        losses: dict[int, float] = {}
+        # readback=next: each step's figures read back once the next step is launched, as the training loop does
+        read_next = kv.get("readback") == "next"
+
+        def launch(it: int):
+            return engine.launch_step(step_batches(it, arch.vocab_size, dp, dp_rank), LR, "mean")
+
+        def record(it: int, step) -> float:
+            result = step.result()
+            norms[it], losses[it] = result.grad_norm, result.loss
+            return result.loss
 
         def train(it: int) -> float:
-            result = engine.train_step(step_batches(it, arch.vocab_size, dp, dp_rank), LR, "mean")
-            norms[it] = result.grad_norm
-            return result.loss
+            return record(it, launch(it))
 
         state = store.TrainState()
         full = None
@@ -305,9 +314,15 @@ def main() -> int:
             full = gathered_state(engine)
         else:
             saves = AsyncSaves() if use_async else None
-            losses: dict[int, float] = {}
+            pending = None
             for it in range(1, steps + 1):
-                losses[it] = train(it)
+                step = launch(it)
+                if pending is not None:
+                    record(*pending)
+                pending = (it, step)
+                if not read_next:
+                    record(*pending)
+                    pending = None
                 state.iteration, state.consumed_samples = it, it * GLOBAL_BATCH
                 if env.rank == 0:  # what a run killed later leaves behind
                     torch.save(losses, out / "losses.pt")
@@ -321,6 +336,11 @@ def main() -> int:
                     full = gathered_state(engine)
                     if env.rank == 0:
                         torch.save({"iteration": it, "state": full}, out / f"save-{it}.pt")
+            if pending is not None:
+                record(*pending)
+            if env.rank == 0:
+                torch.save(losses, out / "losses.pt")
+                torch.save(norms, out / "grad_norms.pt")
         say(f"{phase} done at {time.time() - started:.1f}s")
         after = [train(it) for it in range(state.iteration + 1, state.iteration + extra + 1)]
         if env.rank == 0:

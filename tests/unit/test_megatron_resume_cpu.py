@@ -9,6 +9,7 @@ run's within 1e-3 relative (the first checks the weights, the second the optimiz
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -200,3 +201,17 @@ def test_a_rank_killed_mid_save_leaves_the_previous_checkpoint(how, tmp_path):
     assert resumed["iteration"] == 1
     _same_state(torch.load(out / "save-1.pt", weights_only=False)["state"], resumed["state"])
     assert _close(resumed["losses"], [killed_losses[2]]), (resumed["losses"], killed_losses)
+
+
+@pytest.mark.parametrize("layout", [["dopt=1"], ["ep=2", "dispatcher=alltoall"]], ids=["dp2-distopt", "ep2"])
+def test_steps_read_back_after_the_next_launch_train_alike(tmp_path, layout):
+    """EngineOptions.read_back_next_step, as the training loop drives it (each step read back once the next one is
+    launched, a save in between settling the step before it writes): the same losses and gradient norms, bit for
+    bit, as reading every step back as it ends; the data-parallel token count is summed on the host."""
+    now = json.dumps({"read_back_next_step": False})
+    at_once, _ = trained_losses(tmp_path, "now", 2, 4, *layout, f"opts={now}")
+    later, _ = trained_losses(tmp_path, "next", 2, 4, *layout, "readback=next", "save_at=2")
+    assert at_once == later, (at_once, later)
+    norms = [torch.load(tmp_path / name / "grad_norms.pt") for name in ("now", "next")]
+    assert norms[0] == norms[1] and len(norms[0]) == 4
+    assert (tmp_path / "next" / "save-2.pt").exists()

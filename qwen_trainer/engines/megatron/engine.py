@@ -20,7 +20,6 @@ The loop (qwen_trainer.train) owns the schedule, the data and the checkpoint cad
 
 from __future__ import annotations
 
-import math
 import os
 from functools import partial
 from typing import Optional, Sequence
@@ -36,8 +35,8 @@ from . import state
 from .build import Model, build_model, init_model_parallel, pin_communication_order, release
 from .config import Capabilities, EngineOptions, plan_model
 from .layout import FULLY_RESHARDABLE, data_parallel_layout, layout_record, optimizer_sharding
-from .loss import (LossScaling, load_balancing_loss, loss_sum_from_output, take_output_grad_scales,
-                   verify_output_grad_scales)
+from .loss import LossScaling, loss_sum_from_output, take_load_balancing_loss, take_output_grad_scales
+from .readback import PendingStep
 
 
 class MegatronEngine:
@@ -82,6 +81,7 @@ class MegatronEngine:
         self._pending_optimizer: Optional[dict] = None
         self._pending_for: Optional[int] = None
         self._steps = 0
+        self._unread: Optional[PendingStep] = None
 
     # ---- construction -------------------------------------------------------------------------------------------
     def build(self, ctx: EngineContext) -> None:
@@ -146,6 +146,7 @@ class MegatronEngine:
 
     def prepare_checkpoint(self, save_optimizer: bool = True) -> None:
         """Collective (every rank): gather what rank 0 writes in the gathered checkpoint save that follows."""
+        self._settle()
         state.sync_params(self.model.chunks)
         torch.cuda.synchronize()
         self._pending_weights = state.gather_hf_weights(self.model, self.arch, self._gloo)
@@ -190,6 +191,7 @@ class MegatronEngine:
         request that writes them (qwen_trainer.checkpoint.sharded.AsyncSaves)."""
         from qwen_trainer.checkpoint import sharded
 
+        self._settle()
         state.sync_params(self.model.chunks)
         return sharded.save(state.sharded_state_dict(self.model, save_optimizer, is_loading=False,
                                                      optimizer_sharding=optimizer_sharding(self.layout())),
@@ -318,9 +320,9 @@ class MegatronEngine:
             forward_only=forward_only,
         ) or []
 
-    def _reduce_report(self, stores: list[dict], along: Optional[torch.Tensor] = None) -> tuple[float, float, list]:
-        """The summed loss and token count over the data-parallel ranks (and pipeline stages), and the values of
-        `along` (this rank's own), read back from the device in one transfer."""
+    def _reduced_figures(self, stores: list[dict], along: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+        """Collective, no read-back: [loss numerator, denominator] summed over the data-parallel ranks (and
+        pipeline stages), then the values of `along` (this rank's own), as one float64 device tensor."""
         from megatron.core import parallel_state as ps
 
         total = torch.zeros(2, dtype=torch.float64, device=torch.cuda.current_device())
@@ -330,20 +332,25 @@ class MegatronEngine:
             torch.distributed.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
         if ps.get_pipeline_model_parallel_world_size() > 1:  # only the last stage holds losses
             torch.distributed.all_reduce(total, group=ps.get_pipeline_model_parallel_group())
-        if along is not None:
-            total = torch.cat([total, along.to(total.device, torch.float64)])
-        a, b, *rest = total.tolist()
-        return a, b, rest
+        return torch.cat([total, *(t.reshape(-1).to(total.device, torch.float64) for t in along)])
+
+    def _reduce_report(self, stores: list[dict]) -> tuple[float, float]:
+        """The summed loss and token count, read back now."""
+        a, b = self._reduced_figures(stores).tolist()
+        return a, b
 
     def _global_tokens(self, micro_batches: Sequence) -> int:
         from megatron.core import parallel_state as ps
 
         local = sum(mb.loss_tokens for mb in micro_batches)
         if ps.get_data_parallel_world_size() == 1:
-            return local  # no device round trip: the step's first kernels queue at once
-        n = torch.tensor([local], dtype=torch.int64, device=torch.cuda.current_device())
-        torch.distributed.all_reduce(n, group=ps.get_data_parallel_group())
-        return int(n.item())
+            return local
+        # summed on the host (gloo): a device all-reduce read back here would wait for the previous step's
+        # optimizer, which the loop no longer waits for (read_back_next_step)
+        counts = torch.zeros(self.env.world_size, dtype=torch.int64)
+        counts[self.env.rank] = local
+        torch.distributed.all_reduce(counts, group=self._gloo)
+        return int(counts[torch.distributed.get_process_group_ranks(ps.get_data_parallel_group())].sum())
 
     def _set_lr(self, lr: float) -> None:
         wd = self.spec.training.weight_decay
@@ -353,6 +360,11 @@ class MegatronEngine:
 
     # ---- steps --------------------------------------------------------------------------------------------------
     def train_step(self, micro_batches: Sequence, lr: float, loss_mode: str) -> StepResult:
+        return self.launch_step(micro_batches, lr, loss_mode).result()
+
+    def launch_step(self, micro_batches: Sequence, lr: float, loss_mode: str) -> PendingStep:
+        """The step's work queued on the device (forward, backward, reduction, clipping, optimizer); its figures
+        are read back by the returned step's `result()` (at once unless options.read_back_next_step)."""
         from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
 
         from .expert_wgrad import finish_backward, reset_deferred
@@ -383,27 +395,33 @@ class MegatronEngine:
                              "set training.expertGradientMemoryMiB: 0 if the loss goes astray")
         ok, grad_norm, _ = model.optimizer.step()
         self._steps += 1
-        # read back with the loss, not before the optimizer (a device sync there leaves the GPU idle while the
-        # host prepares the step); a wrong scale stops the run before this step's weights can be saved
+        # read back with the loss (a wrong output-layer scale stops the run before this step's weights can be
+        # saved), not before the optimizer: a device sync there leaves the GPU idle while the host prepares the step
         scales, assumed = take_output_grad_scales()
-        along = [t.reshape(-1) for t in (scales, grad_norm) if isinstance(t, torch.Tensor)]
-        num, den, got = self._reduce_report(stores, torch.cat(along) if along else None)
-        if isinstance(grad_norm, torch.Tensor):  # grad_norm_on_device: read back here, with the loss
-            grad_norm = got.pop()
-        verify_output_grad_scales(got, assumed)
-        loss = num / max(den, 1e-12)
-        aux = load_balancing_loss(len(micro_batches), self.arch.num_layers) if self._moe else None
-        norm = float(grad_norm) if grad_norm is not None else float("nan")
-        if not ok:
-            self.ctx.log("fp16 loss-scale overflow: the optimizer step was skipped")
-        elif not math.isfinite(norm) or not math.isfinite(loss):
-            raise FloatingPointError(f"loss {loss} / grad norm {norm} is not finite")
-        return StepResult(loss, aux, norm, global_tokens)
+        aux = take_load_balancing_loss(len(micro_batches), self.arch.num_layers) if self._moe else None
+        norm_on_device = isinstance(grad_norm, torch.Tensor)  # grad_norm_on_device
+        along = [t for t in (scales, grad_norm if norm_on_device else None, aux) if t is not None]
+        step = PendingStep(self._reduced_figures(stores, along), assumed=assumed,
+                           norm=None if norm_on_device else grad_norm, norm_on_device=norm_on_device,
+                           aux_on_device=aux is not None, moe=self._moe, stepped=ok, global_tokens=global_tokens,
+                           log=self.ctx.log)
+        self._unread = step
+        if not self.options.read_back_next_step:
+            self._settle()
+        return step
+
+    def _settle(self) -> None:
+        """Read back the last launched step if nobody has: before anything saves, evaluates or reads weights, so
+        that a step that must stop the run stops it first."""
+        step, self._unread = self._unread, None
+        if step is not None and not step.read:
+            step.result()
 
     @torch.no_grad()
     def eval_step(self, micro_batches: Sequence) -> tuple[float, int]:
         from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
 
+        self._settle()
         state.sync_params(self.model.chunks)
         for m in self.model.chunks:
             m.eval()
@@ -412,7 +430,7 @@ class MegatronEngine:
         stores = self._run(micro_batches, forward_only=True)
         if self._moe:
             clear_aux_losses_tracker()
-        total, tokens, _ = self._reduce_report(stores)
+        total, tokens = self._reduce_report(stores)
         return total, int(round(tokens))
 
     def close(self) -> None:

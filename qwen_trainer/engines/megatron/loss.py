@@ -310,9 +310,10 @@ class LossScaling:
 AUX_LOSS_NAMES = ("load_balancing_loss", "seq_load_balancing_loss", "global_load_balancing_loss")
 
 
-def load_balancing_loss(local_micro: int, num_layers: int) -> float:
+def take_load_balancing_loss(local_micro: int, num_layers: int) -> Optional[torch.Tensor]:
     """Collective: the unweighted load-balancing loss of the last step, averaged over MoE layers, micro-batches and
-    data-parallel ranks (as Megatron-LM logs it), from megatron's tracker, which is then cleared."""
+    data-parallel ranks (as Megatron-LM logs it), from megatron's tracker, which is then cleared: a 0-dim device
+    tensor, for the caller to read back with what it reads anyway (None where the tracker holds none)."""
     from megatron.core.transformer.moe.moe_utils import (
         clear_aux_losses_tracker,
         get_moe_layer_wise_logging_tracker,
@@ -322,8 +323,14 @@ def load_balancing_loss(local_micro: int, num_layers: int) -> float:
     tracker = get_moe_layer_wise_logging_tracker()
     names = [n for n in AUX_LOSS_NAMES if n in tracker]
     if not names:
-        return 0.0
+        return None
     reduce_aux_losses_tracker_across_ranks(names)
-    total = sum(float(tracker[n]["values"].sum()) for n in names)
+    total = sum(tracker[n]["values"].sum().double() for n in names)  # new tensors: the clearing zeroes in place
     clear_aux_losses_tracker()
     return total / max(local_micro, 1) / max(num_layers, 1)
+
+
+def load_balancing_loss(local_micro: int, num_layers: int) -> float:
+    """take_load_balancing_loss read back at once (0.0 where the tracker holds none)."""
+    total = take_load_balancing_loss(local_micro, num_layers)
+    return 0.0 if total is None else float(total)
