@@ -25,6 +25,7 @@ from qwen_trainer.engines.base import launch_step
 from qwen_trainer.spec.layout import megatron_layout
 from qwen_trainer.errors import UserError, UserErrors
 from qwen_trainer.metrics import Metrics
+from qwen_trainer.readback import StepReader
 from qwen_trainer.schedule import plan as plan_steps
 from qwen_trainer.spec import JobSpec, derive, resolve_architecture
 from qwen_trainer.spec.estimate import flops_per_token
@@ -244,20 +245,14 @@ def run_training(spec: JobSpec, d: DistEnv, log: Callable[[str], None]) -> int:
                               **how_far, summary=progress.summary(it, plan.train_iters, last["loss"], how_far))
             window = {"loss": 0.0, "aux": 0.0, "n": 0, "tokens": 0, "loss_tokens": 0, "t": time.time()}
 
-    # A launched step is read back once the next one is launched (the engine may leave its figures on the device
-    # until then, so the host does not wait for the optimizer before it launches the next step), and at once where
-    # this iteration logs, evaluates or saves.
-    pending = None
+    reader = StepReader(account)
     try:
         while state.iteration < plan.train_iters:
             it = state.iteration + 1
             lr = sched.lr_for_iteration(it)
             mbs = feeder.get(state.consumed_samples)
             faults.hit("step", it, d.rank)
-            step = launch_step(engine, mbs, lr, loss_mode)
-            if pending is not None:
-                account(*pending)
-            pending = (it, lr, step)
+            reader.launched(it, lr, launch_step(engine, mbs, lr, loss_mode))
             if async_saves is not None:
                 async_saves.poll()  # commits a background checkpoint once every rank's writer is done
             state.iteration = it
@@ -267,8 +262,7 @@ def run_training(spec: JobSpec, d: DistEnv, log: Callable[[str], None]) -> int:
                                                                          or it == plan.train_iters)
             saving = it % t.save_interval == 0 or it == plan.train_iters
             if it % t.log_interval == 0 or evaluating or saving:
-                account(*pending)
-                pending = None
+                reader.flush()
             if evaluating:
                 evaluate(engine, valid_src, t, dp, dp_rank, it, metrics)
             if saving:

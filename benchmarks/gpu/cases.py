@@ -24,7 +24,7 @@ VARIANTS: dict[str, dict] = {
     "grad-add-torch": {"triton_grad_accumulation": False},  # torch's mixed-dtype add into the fp32 buffer
     "expert-wgrad-fused": {"expert_wgrad_into_buffer": True},  # experts' weight gradients into the fp32 buffer
     "grad-norm-host": {"grad_norm_on_device": False},  # megatron's read of the norm before the optimizer step
-    "readback-each-step": {"read_back_next_step": False},  # the host waits for each step's end before the next
+    "readback-next-step": {"read_back_next_step": True},  # each step read back after the next one is launched
     "clip-pass": {"clip_in_adam": False},  # megatron's clipping pass instead of fused AdamW's gradient divisor
     "permute-scatter": {"gather_permute": False},  # token combine and permute's backward by atomic scatter-adds
     "embedding-grad-bf16": {"embedding_grad_into_buffer": False},  # vocabulary-sized bf16 gradient, then an add

@@ -1,4 +1,4 @@
-"""A launched step's figures read back later (qwen_trainer.engines.megatron.readback.PendingStep): the one device
+"""A launched step's figures read back later (qwen_trainer.engines.megatron.pending_step.PendingStep): the one device
 tensor is split into loss, output-layer scales, gradient norm and load-balancing loss as the engine packed it, and a
 step that must stop the run raises when read, every time it is read."""
 
@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("megatron.core")
 
 from qwen_trainer.engines.base import ReadyStep, StepResult, launch_step  # noqa: E402
-from qwen_trainer.engines.megatron.readback import PendingStep  # noqa: E402
+from qwen_trainer.engines.megatron.pending_step import PendingStep  # noqa: E402
 
 
 def _pending(values, *, assumed=(), norm=None, norm_on_device=True, aux_on_device=True, moe=True, stepped=True,

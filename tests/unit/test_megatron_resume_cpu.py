@@ -208,9 +208,9 @@ def test_steps_read_back_after_the_next_launch_train_alike(tmp_path, layout):
     """EngineOptions.read_back_next_step, as the training loop drives it (each step read back once the next one is
     launched, a save in between settling the step before it writes): the same losses and gradient norms, bit for
     bit, as reading every step back as it ends; the data-parallel token count is summed on the host."""
-    now = json.dumps({"read_back_next_step": False})
-    at_once, _ = trained_losses(tmp_path, "now", 2, 4, *layout, f"opts={now}")
-    later, _ = trained_losses(tmp_path, "next", 2, 4, *layout, "readback=next", "save_at=2")
+    at_once, _ = trained_losses(tmp_path, "now", 2, 4, *layout)
+    later, _ = trained_losses(tmp_path, "next", 2, 4, *layout, "readback=next", "save_at=2",
+                             f"opts={json.dumps({'read_back_next_step': True})}")
     assert at_once == later, (at_once, later)
     norms = [torch.load(tmp_path / name / "grad_norms.pt") for name in ("now", "next")]
     assert norms[0] == norms[1] and len(norms[0]) == 4

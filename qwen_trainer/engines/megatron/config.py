@@ -152,11 +152,12 @@ class EngineOptions:
     """With fused_adam: gradient clipping applied by the fused AdamW kernel as it reads each gradient (its
     grad_scale divisor) instead of a separate scaling pass over the fp32 gradients (clip_in_adam). On an H100, a
     clipped step of the A2.7B benchmark shape: the 6.9 ms pass gone, fused AdamW 4.1 ms slower."""
-    read_back_next_step: bool = True
+    read_back_next_step: bool = False
     """`launch_step` leaves the step's loss, gradient norm and checks on the device for the caller to read after
-    it has launched the next step (the training loop does; readback.PendingStep), instead of reading them back as
+    it has launched the next step (the training loop does; pending_step.PendingStep), instead of reading them back as
     the step ends: the host no longer waits for the optimizer before it launches the next step's first kernels.
-    An unread step is read back before anything saves, evaluates or gathers weights."""
+    An unread step is read back before anything saves, evaluates or gathers weights. The same figures bit for bit
+    (CPU tests at DP 2 and EP 2); off until it is measured on a GPU (benchmark variant `readback-next-step`)."""
     grad_norm_on_device: bool = True
     """With clip_in_adam: the gradient norm and the clip divisor computed on the GPU and read back with the loss,
     instead of megatron's read of the norm between the backward and the optimizer step (the host waited there for

@@ -36,7 +36,7 @@ from .build import Model, build_model, init_model_parallel, pin_communication_or
 from .config import Capabilities, EngineOptions, plan_model
 from .layout import FULLY_RESHARDABLE, data_parallel_layout, layout_record, optimizer_sharding
 from .loss import LossScaling, loss_sum_from_output, take_load_balancing_loss, take_output_grad_scales
-from .readback import PendingStep
+from .pending_step import PendingStep
 
 
 class MegatronEngine:

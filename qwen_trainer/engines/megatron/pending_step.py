@@ -2,10 +2,10 @@
 
 Reading the step's loss back makes the host wait for the whole step, the optimizer included, before it can start
 launching the next one: the GPU then idles through the next step's first launches, the stretch where the host
-is slowest (the MoE layers' forward costs the host more than the GPU). A `PendingStep` holds the step's figures
-as one device tensor; `result()` reads it back, checks it and returns the `StepResult`. The training loop asks for
-it after it has launched the next step (qwen_trainer.train), so that read waits for nothing. Nothing is lost by
-the delay: the engine settles an unread step before anything that saves, evaluates or reads the weights, so a
+is furthest behind (the forward's many small launches; benchmarks/gpu/host_profile.py). A `PendingStep` holds
+the step's figures as one device tensor; `result()` reads it back, checks it and returns the `StepResult`. The
+training loop asks for it after it has launched the next step (qwen_trainer.readback), so that read waits for
+nothing. Nothing is lost by the delay: the engine settles an unread step before anything that saves, evaluates or reads the weights, so a
 step whose loss or gradient norm is not finite, or whose output-layer gradient scale was wrong, still stops the
 run before its weights can be written.
 """
