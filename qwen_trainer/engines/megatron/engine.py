@@ -304,6 +304,7 @@ class MegatronEngine:
 
     def _run(self, micro_batches: Sequence, forward_only: bool) -> list[dict]:
         from megatron.core.pipeline_parallel import get_forward_backward_func
+
         cp = self.spec.parallelism.context
         mbs, seq = micro_batches[0].tokens.shape[:2]
         chunks = self.model.chunks
