@@ -25,6 +25,13 @@ from cases import CASES, VARIANTS  # noqa: E402
 from worker import consecutive_steps  # noqa: E402
 
 
+def _module_paths(report: str) -> str:
+    """File names relative to the import path they were found on (no install or checkout directories)."""
+    for entry in sorted({str(Path(e).resolve()) for e in sys.path if e}, key=len, reverse=True):
+        report = report.replace(entry.rstrip("/") + "/", "")
+    return report
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--case", default="qwen1.5-moe-a2.7b-l3", choices=sorted(CASES))
@@ -62,8 +69,9 @@ def main(argv=None) -> int:
     for key in ("tottime", "cumtime"):
         text.write(f"\n== by {key}\n")
         pstats.Stats(profiler, stream=text).sort_stats(key).print_stats(a.top)
-    (out / f"host-{a.case}-{a.variant}.txt").write_text(text.getvalue())
-    print(text.getvalue()[:20000])
+    report = _module_paths(text.getvalue())
+    (out / f"host-{a.case}-{a.variant}.txt").write_text(report)
+    print(report[:20000])
     engine.close()
     return 0
 
