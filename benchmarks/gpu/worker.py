@@ -297,18 +297,16 @@ def _figures(case, arch, seconds: float, steps: int) -> dict:
 
 
 def consecutive_steps(engine, batches, lr, n: int) -> list:
-    """`n` steps as the training loop runs them (qwen_trainer.train): each step's figures read back once the next
-    step is launched, the last one's at the end."""
+    """`n` steps as the training loop runs them (qwen_trainer.train, through its StepReader): each step's figures
+    read back once the next step is launched, the last one's at the end."""
     from qwen_trainer.engines.base import launch_step
+    from qwen_trainer.readback import StepReader
 
-    results, pending = [], None
-    for _ in range(n):
-        step = launch_step(engine, batches, lr, "mean")
-        if pending is not None:
-            results.append(pending.result())
-        pending = step
-    if pending is not None:
-        results.append(pending.result())
+    results: list = []
+    reader = StepReader(lambda _it, _lr, step: results.append(step.result()))
+    for it in range(n):
+        reader.launched(it, lr, launch_step(engine, batches, lr, "mean"))
+    reader.flush()
     return results
 
 

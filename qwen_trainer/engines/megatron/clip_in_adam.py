@@ -44,21 +44,25 @@ def _clear_grad_scale(opt, args, kwargs) -> None:
     opt.grad_scale = None
 
 
-def _set_grad_scale(opt: torch.optim.Optimizer, divisor: float) -> None:
+def _divisor(opt: torch.optim.Optimizer) -> torch.Tensor:
+    """The optimizer's one fp32 divisor tensor (made once), set as its grad_scale for the next step."""
     scale = getattr(opt, "_clip_divisor", None)
     if scale is None:
         device = opt.param_groups[0]["params"][0].device
         scale = opt._clip_divisor = torch.ones((), dtype=torch.float32, device=device)
-    scale.fill_(divisor)
     opt.grad_scale = scale
+    return scale
+
+
+def _set_grad_scale(opt: torch.optim.Optimizer, divisor: float) -> None:
+    _divisor(opt).fill_(divisor)
 
 
 def _set_grad_scale_on_device(owners, max_norm: float, norm: torch.Tensor) -> None:
     coeff = max_norm / (norm + 1.0e-6)
     divisor = torch.where(coeff < 1.0, 1.0 / coeff, torch.ones_like(coeff))
     for opt in owners:
-        _set_grad_scale(opt, 1.0)
-        opt.grad_scale.copy_(divisor)  # float64 -> float32, rounded as the host's fill_ rounds a Python float
+        _divisor(opt).copy_(divisor)  # float64 -> float32, rounded as the host's fill_ rounds a Python float
 
 
 def norm_on_device(megatron_norm: Callable) -> Callable:
