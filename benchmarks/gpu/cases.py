@@ -25,6 +25,7 @@ VARIANTS: dict[str, dict] = {
     "expert-wgrad-fused": {"expert_wgrad_into_buffer": True},  # experts' weight gradients into the fp32 buffer
     "grad-norm-host": {"grad_norm_on_device": False},  # megatron's read of the norm before the optimizer step
     "readback-next-step": {"read_back_next_step": True},  # each step read back after the next one is launched
+    "whole-step-graph": {"whole_step_graph": True},  # forward + backward of the step replayed from one CUDA graph
     "clip-pass": {"clip_in_adam": False},  # megatron's clipping pass instead of fused AdamW's gradient divisor
     "permute-scatter": {"gather_permute": False},  # token combine and permute's backward by atomic scatter-adds
     "embedding-grad-bf16": {"embedding_grad_into_buffer": False},  # vocabulary-sized bf16 gradient, then an add

@@ -341,6 +341,8 @@ def run_megatron(case, variants, steps, warmup, out):
             losses = [float(x.loss) for x in results]
             row.update(first_loss=round(losses[0], 4), last_loss=round(losses[-1], 4), notes=engine.notes,
                        losses=losses)
+            if engine.whole_step_graph_replays:  # the timed steps' forward and backward came from the graph
+                row["graph_replays"] = engine.whole_step_graph_replays
             profile_step(functools.partial(engine.train_step, batches, lr, "mean"), f"{case.name} megatron {variant}")
             sync_sites(functools.partial(engine.train_step, batches, lr, "mean"), f"{case.name} megatron {variant}")
             gqa = {getattr(m, "_gqa_native", None) for c in engine.unwrapped() for m in c.modules()

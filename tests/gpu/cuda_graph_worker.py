@@ -68,12 +68,14 @@ def main() -> int:
     from megatron.core.optimizer import optimizer as optimizer_module
 
     norm_on_device = optimizer_module.get_grad_norm_fp32.__module__.endswith("clip_in_adam")
+    step_graph_replays = engine.whole_step_graph_replays
     engine.close()
     row = dict(case=case, graphs=graphs, options=extra, loss_mode=loss_mode, tied=tied, graphed=graphed, losses=losses,
                evals=evals, grad_norms=norms, wgrad_into_buffer=wgrad_into_buffer,
                expert_wgrad_kernel=expert_wgrad_kernel, expert_wgrad_deferred=expert_wgrad_deferred,
                expert_wgrad_overwriting=expert_wgrad_overwriting,
-               gather_dispatch=gather_dispatch, adamw_kernel=adamw_kernel, norm_on_device=norm_on_device)
+               gather_dispatch=gather_dispatch, adamw_kernel=adamw_kernel, norm_on_device=norm_on_device,
+               step_graph_replays=step_graph_replays)
     print("GRAPHS " + json.dumps(row), flush=True)
     return 0
 

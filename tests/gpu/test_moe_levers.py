@@ -21,7 +21,9 @@ one-pass AdamW; tests/gpu/curve_spread.py). The arithmetic of each lever is held
 - adamw_writes_model_params: AdamW and the bf16 weight copy in one Triton pass instead of torch's fused AdamW and
   megatron's copy (the same arithmetic in another kernel);
 - grad_norm_on_device: the gradient norm and the clip divisor computed on the GPU instead of read back by the host
-  before the optimizer step (the same divisor)."""
+  before the optimizer step (the same divisor);
+- whole_step_graph: the step's forward and backward replayed from one CUDA graph from the third step on (the same
+  kernels, launched by the graph), with held-out evaluations between replays."""
 
 from __future__ import annotations
 
@@ -85,7 +87,7 @@ def bound() -> float:
 
 @pytest.mark.parametrize("lever", ["expert_wgrad_into_buffer", "clip_in_adam", "gather_permute",
                                    "embedding_grad_into_buffer", "defer_expert_wgrad", "expert_grad_overwrite",
-                                   "adamw_writes_model_params", "grad_norm_on_device"])
+                                   "adamw_writes_model_params", "grad_norm_on_device", "whole_step_graph"])
 def test_each_lever_trains_like_the_path_it_replaces(lever, bound):
     base = REQUIRES.get(lever, {})
     # each side twice: a path with atomic adds of its own (the off side of gather_permute) repeats itself less
@@ -109,6 +111,8 @@ def test_each_lever_trains_like_the_path_it_replaces(lever, bound):
         assert min(on["grad_norms"] + off["grad_norms"]) > TRAINING["clipGrad"], (on["grad_norms"], off["grad_norms"])
         if lever == "grad_norm_on_device":
             assert on["norm_on_device"] and not off["norm_on_device"]
+    elif lever == "whole_step_graph":  # captured in step 2, replayed in every later step
+        assert on["step_graph_replays"] == STEPS - 1 and off["step_graph_replays"] == 0, on["step_graph_replays"]
     elif lever == "gather_permute":
         assert on["gather_dispatch"] > 0 and off["gather_dispatch"] == 0
     else:  # the embedding's weight is the one parameter marked

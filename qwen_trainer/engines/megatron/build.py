@@ -62,7 +62,7 @@ def init_model_parallel(spec, plan: ModelPlan, env) -> None:
         expert_tensor_parallel_size=p.expert_tensor,
     )
     # CUDA graph capture needs an RNG tracker whose state lives on the device
-    graphs = plan.config_kwargs.get("cuda_graph_impl") == "local"
+    graphs = plan.config_kwargs.get("cuda_graph_impl") == "local" or plan.options.whole_step_graph
     model_parallel_cuda_manual_seed(spec.training.seed, use_cudagraphable_rng=graphs)
 
 

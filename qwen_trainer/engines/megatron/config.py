@@ -183,6 +183,11 @@ class EngineOptions:
     router and permutation only. Trains like eager on an H100 (tests/gpu/test_cuda_graphs.py); off until it is
     measured against the router-only capture in one run. The experts' weight gradients then go through autograd
     (neither defer_expert_wgrad nor expert_wgrad_into_buffer: a replayed backward runs no Python)."""
+    whole_step_graph: bool = False
+    """On one GPU: the forward and backward of all the step's micro-batches captured as one CUDA graph in the
+    second step and replayed in later steps whose shapes and loss-token counts are the captured step's (others run
+    eagerly); the optimizer step stays eager (step_graph). Replaces the host's launch of every kernel, which on the
+    MoE benchmark shapes takes as long as the GPU's work. whole_step_graph_blocker lists where it is refused."""
     overlap_grad_reduce: Optional[bool] = None
     """None: take spec.parallelism.overlapGradReduce."""
     recompute: Optional[str] = None
@@ -290,6 +295,32 @@ def cuda_graph_blocker(spec, opts: EngineOptions, kw: dict, attention: str, expe
         return "megatron's SwiGLU is a compiled function"
     if kw.get("num_moe_experts") and not moe_graphable(spec, opts, experts):
         return "MoE token permutation waits for the host here (megatron's dispatcher)"
+    return None
+
+
+def whole_step_graph_blocker(spec, opts: EngineOptions, kw: dict, attention: str, experts: str,
+                             world_size: int) -> Optional[str]:
+    """Why the step's forward and backward cannot be captured whole here (None: they can). Nothing in them may
+    wait for the host or change a host-side value between steps that the kernels read (fp16's loss scale is a new
+    tensor after each change); what is captured must have been checked on the GPU: SDPA attention, one process (no
+    collective inside the graph), selective recompute or none (tests/gpu/test_whole_step_graph.py). Compiled functions are captured after the eager first
+    step has compiled them for the step's shapes, so they are not traced again inside the capture (megatron's
+    per-layer graphs hand each layer new input tensors, which is why cuda_graph_blocker refuses some)."""
+    p = spec.parallelism
+    if world_size != 1:
+        return "the whole-step graph runs on one GPU only (collectives inside the captured step are not checked)"
+    if kw.get("cuda_graph_impl") == "local":
+        return "the whole-step graph and megatron's per-layer graphs (cuda_graphs) exclude each other"
+    if spec.training.precision != "bf16":
+        return "bf16 only (fp16's dynamic loss scale changes between steps)"
+    if attention != "sdpa":
+        return "only the SDPA attention path is checked inside the graph"
+    if kw.get("recompute_granularity") == "full":
+        return "full activation recompute inside the captured step is not checked (selective is)"
+    if kw.get("num_moe_experts") and not moe_graphable(spec, opts, experts):
+        return "MoE token permutation waits for the host here (megatron's dispatcher)"
+    if p.tensor > 1 or p.pipeline > 1 or p.context > 1 or p.expert > 1:
+        return "model parallelism inside the captured step is not checked"
     return None
 
 

@@ -33,10 +33,11 @@ from qwen_trainer.spec.resolve import resolve_architecture
 from ..base import EngineContext, StepResult
 from . import state
 from .build import Model, build_model, init_model_parallel, pin_communication_order, release
-from .config import Capabilities, EngineOptions, plan_model
+from .config import Capabilities, EngineOptions, plan_model, whole_step_graph_blocker
 from .layout import FULLY_RESHARDABLE, data_parallel_layout, layout_record, optimizer_sharding
 from .loss import LossScaling, loss_sum_from_output, take_load_balancing_loss, take_output_grad_scales
 from .pending_step import PendingStep
+from .step_graph import StepGraph, graph_safe_generators, step_key
 
 
 class MegatronEngine:
@@ -82,6 +83,8 @@ class MegatronEngine:
         self._pending_for: Optional[int] = None
         self._steps = 0
         self._unread: Optional[PendingStep] = None
+        self._step_graph: Optional[StepGraph] = None
+        self._eager_steps_reported = False
 
     # ---- construction -------------------------------------------------------------------------------------------
     def build(self, ctx: EngineContext) -> None:
@@ -96,8 +99,22 @@ class MegatronEngine:
         if (dp, dp_rank) != (self.data_parallel_size, self.data_parallel_rank):
             raise RuntimeError(f"data-parallel layout {(self.data_parallel_size, self.data_parallel_rank)} differs "
                                f"from megatron's {(dp, dp_rank)}")
+        graph_blocker = None
+        if self.options.whole_step_graph:
+            graph_blocker = whole_step_graph_blocker(self.spec, self.plan.options, self.plan.config_kwargs,
+                                                     self.plan.attention, self.plan.experts, self.env.world_size)
+            if graph_blocker is None:
+                # off the legacy default stream before the model exists: megatron DDP keeps each parameter's
+                # gradient-accumulation node, which runs the backward's last op on the stream it was made on, and
+                # a captured backward may not make the legacy stream wait for the capture (megatron's per-layer
+                # graphs move to a side stream likewise)
+                torch.cuda.set_stream(torch.cuda.Stream())
         self.model = build_model(self.spec, self.plan, self.options, self.caps.transformer_engine)
         self.notes = list(self.model.notes)
+        if graph_blocker:
+            self.notes.append(f"whole-step graph off: {graph_blocker}")
+        elif self.options.whole_step_graph:
+            self._step_graph = StepGraph(graph_safe_generators())
         self._gloo = dist.new_group(backend="gloo")
         self._hf_config = hf_model.hf_config(ctx.arch, init_std=ctx.init_std,
                                              dropout=self.spec.training.attention_dropout)
@@ -109,6 +126,7 @@ class MegatronEngine:
         ctx.log(f"engine=megatron tp={p.tensor} pp={p.pipeline} ep={p.expert} cp={p.context} dp={dp} "
                 f"precision={self.spec.training.precision} attention={attention} experts={self.plan.experts} "
                 f"distributed-optimizer={p.distributed_optimizer} cuda-graphs={'on' if graphs else 'off'} "
+                f"whole-step-graph={'on' if self._step_graph is not None else 'off'} "
                 f"device={torch.cuda.get_device_name()}" + (f" ({'; '.join(self.notes)})" if self.notes else ""))
 
     def hf_config(self):
@@ -143,6 +161,7 @@ class MegatronEngine:
             raise WeightsMismatch([str(err)]) from None
         self.model.optimizer.reload_model_params()  # fp32 master weights follow the new weights
         self._pending_weights = None
+        self._recapture()
 
     def prepare_checkpoint(self, save_optimizer: bool = True) -> None:
         """Collective (every rank): gather what rank 0 writes in the gathered checkpoint save that follows."""
@@ -248,6 +267,7 @@ class MegatronEngine:
         if with_optimizer and self.options.fused_adam:
             use_fused_adam(self.model.optimizer)  # a restored step sits on the host
         self._pending_weights = None
+        self._recapture()
         return with_optimizer
 
     # ---- one micro-batch through megatron's schedule -------------------------------------------------------------
@@ -368,7 +388,7 @@ class MegatronEngine:
         are read back by the returned step's `result()` (at once unless options.read_back_next_step)."""
         from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
 
-        from .expert_wgrad import finish_backward, reset_deferred
+        from .expert_wgrad import reset_deferred
 
         if loss_mode not in ("mean", "per_token"):
             raise ValueError(f"unknown loss mode {loss_mode!r}")
@@ -385,9 +405,8 @@ class MegatronEngine:
         if self._moe:
             clear_aux_losses_tracker()
             reset_deferred()  # operands a failed step may have left behind
-        stores = self._run(micro_batches, forward_only=False)
+        stores, late, (scales, assumed) = self._forward_backward_step(micro_batches, loss_mode, global_tokens)
         if self._moe:
-            late = finish_backward()
             if late and not self._late_expert_grads_reported:
                 self._late_expert_grads_reported = True
                 self.ctx.log(f"deferred expert weight gradients of {late} weights were added after the backward, not "
@@ -396,9 +415,9 @@ class MegatronEngine:
                              "set training.expertGradientMemoryMiB: 0 if the loss goes astray")
         ok, grad_norm, _ = model.optimizer.step()
         self._steps += 1
-        # read back with the loss (a wrong output-layer scale stops the run before this step's weights can be
-        # saved), not before the optimizer: a device sync there leaves the GPU idle while the host prepares the step
-        scales, assumed = take_output_grad_scales()
+        # the output-layer scales are read back with the loss (a wrong one stops the run before this step's weights
+        # can be saved), not before the optimizer: a device sync there leaves the GPU idle while the host prepares
+        # the step
         aux = take_load_balancing_loss(len(micro_batches), self.arch.num_layers) if self._moe else None
         norm_on_device = isinstance(grad_norm, torch.Tensor)  # grad_norm_on_device
         along = [t for t in (scales, grad_norm if norm_on_device else None, aux) if t is not None]
@@ -410,6 +429,44 @@ class MegatronEngine:
         if not self.options.read_back_next_step:
             self._settle()
         return step
+
+    def _forward_backward(self, micro_batches: Sequence) -> tuple:
+        """Every micro-batch's forward and backward, the deferred expert gradients added, the output layer's scales
+        taken: (megatron's loss stores, deferred gradients added late, (scales, assumed))."""
+        from .expert_wgrad import finish_backward
+
+        stores = self._run(micro_batches, forward_only=False)
+        late = finish_backward() if self._moe else 0
+        return stores, late, take_output_grad_scales()
+
+    def _forward_backward_step(self, micro_batches: Sequence, loss_mode: str, global_tokens: int) -> tuple:
+        """_forward_backward, replayed from the whole-step graph where one is captured for this step's key; the
+        first step runs eagerly (it compiles, tunes and creates what the model makes lazily), the second is
+        captured."""
+        graph = self._step_graph
+        if graph is None:
+            return self._forward_backward(micro_batches)
+        key = step_key(micro_batches, loss_mode, global_tokens)
+        if graph.matches(key):
+            return graph.replay(micro_batches)
+        if not graph.captured and self._steps >= 1:
+            return graph.capture(self._forward_backward, micro_batches, key)
+        if graph.captured and not self._eager_steps_reported:
+            self._eager_steps_reported = True
+            self.ctx.log("a step whose shapes or loss-token counts differ from the captured step's ran without the "
+                         "whole-step graph (such steps run eagerly; this is said once)")
+        return self._forward_backward(micro_batches)
+
+    @property
+    def whole_step_graph_replays(self) -> int:
+        """Steps whose forward and backward ran from the whole-step graph (0 without one)."""
+        return self._step_graph.replays if self._step_graph is not None else 0
+
+    def _recapture(self) -> None:
+        """Weights or state were replaced: capture the step again rather than replay kernels that may read the old
+        tensors."""
+        if self._step_graph is not None:
+            self._step_graph.release()
 
     def _settle(self) -> None:
         """Read back the last launched step if nobody has: before anything saves, evaluates or reads weights, so
@@ -437,6 +494,7 @@ class MegatronEngine:
     def close(self) -> None:
         from qwen_trainer.checkpoint import staging
 
+        self._recapture()  # the graph's memory holds the last step's activations
         if self.model is not None:
             release(self.model)
             self.model = None
