@@ -2,6 +2,7 @@
 
     python benchmarks/gpu/run.py --cases qwen2.5-1.5b,qwen1.5-moe-a2.7b-l4 --out DIR [--steps 6 --warmup 3]
     python benchmarks/gpu/run.py --list
+    python benchmarks/gpu/run.py --cases qwen1.5-moe-a2.7b-l3 --variants best,whole-step-graph --repeat 3 --no-baseline
 
 Every case runs the baseline and the engine variants on the same card(s) in this one invocation. With several GPUs,
 one-GPU cases are spread over the cards (a case and its baseline always share one card); cases needing more GPUs
@@ -75,11 +76,41 @@ def _run_case(case, gpus, args, part, log):
     variants = list(args.variants or case.variants)  # --variants may name any variant, listed by the case or not
     if args.only_best:
         variants = ["best"]
-    if variants and args.shared_process:
-        _launch(case, "megatron", variants, gpus, args, part, log)
-    else:  # a fresh process per variant: no compiled-kernel or allocator state carried between measurements
-        for v in variants:
-            _launch(case, "megatron", [v], gpus, args, part, log)
+    for order in rounds(variants, args.repeat):
+        if args.shared_process:
+            _launch(case, "megatron", order, gpus, args, part, log)
+        else:  # a fresh process per variant: no compiled-kernel or allocator state carried between measurements
+            for v in order:
+                _launch(case, "megatron", [v], gpus, args, part, log)
+
+
+def rounds(variants: list[str], repeat: int) -> list[list[str]]:
+    """The variants' order in each of `repeat` rounds: forwards, then backwards, alternately, so that no variant
+    always runs first on a cold card or last after the others have warmed it."""
+    return [list(variants) if i % 2 == 0 else list(reversed(variants)) for i in range(repeat)] if variants else []
+
+
+def repeat_summary(rows: list[dict]) -> list[dict]:
+    """Per case and engine variant measured more than once (--repeat): the runs' median tokens/s, their range, the
+    median MFU, and the median's ratio to the median of the case's "best" runs."""
+    import statistics
+
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        if r["impl"] == "megatron" and "error" not in r:
+            groups.setdefault((r["case"], r["variant"]), []).append(r)
+    out = []
+    for (case, variant), runs in groups.items():
+        if len(runs) < 2:
+            continue
+        speeds = [r["tokens_per_s_per_gpu"] for r in runs]
+        out.append(dict(case=case, variant=variant, runs=len(runs), median=statistics.median(speeds),
+                        low=min(speeds), high=max(speeds), mfu=statistics.median(r["mfu"] for r in runs)))
+    best = {s["case"]: s["median"] for s in out if s["variant"] == "best"}
+    for s in out:
+        if s["case"] in best:
+            s["vs_best"] = round(s["median"] / best[s["case"]], 3)
+    return out
 
 
 def curve_difference(losses: list[float], reference: list[float]) -> float:
@@ -137,6 +168,15 @@ def markdown(rows: list[dict], meta: dict) -> str:
         lines.append(
             f"| {r['case']} | {r['impl']} | {r['variant']} | {r['tokens_per_s_per_gpu']:,.0f} | {r['tflops_per_gpu']:.0f} "
             f"| {100 * r['mfu']:.1f}% | {speed} | {scale} | {r['peak_mem_gib']:.1f} | {note or ''} |")
+    summary = repeat_summary(rows)
+    if summary:
+        lines += ["", "Repeated runs (rounds in alternating order): median tokens/s per GPU, range, median MFU, "
+                  "median against the median of best:", "",
+                  "| case | variant | runs | median | range | MFU | vs best |", "|---|---|---:|---:|---:|---:|---:|"]
+        for s in summary:
+            vs = f"{s['vs_best']:.3f}x" if "vs_best" in s else ""
+            lines.append(f"| {s['case']} | {s['variant']} | {s['runs']} | {s['median']:,.0f} | "
+                         f"{s['low']:,.0f}-{s['high']:,.0f} | {100 * s['mfu']:.1f}% | {vs} |")
     if meta.get("not_run"):
         lines += ["", "Not run here: " + "; ".join(meta["not_run"])]
     return "\n".join(lines) + "\n"
@@ -177,6 +217,9 @@ def main(argv=None) -> int:
                     help="run all engine variants of a case in one process (faster, but memory of one run can "
                          "linger into the next)")
     ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run the engine variants this many rounds, alternating their order, and print each "
+                         "variant's median against best's (runs of one variant vary by 3-15%% on one card)")
     ap.add_argument("--case-timeout", type=int, default=900)
     ap.add_argument("--profile", action="store_true",
                     help="after the timed steps, profile one more step and write the kernel-time breakdown to "
@@ -187,6 +230,8 @@ def main(argv=None) -> int:
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--report-only", action="store_true", help="rebuild results.* from DIR/rows.jsonl")
     args = ap.parse_args(argv)
+    if args.repeat < 1:
+        ap.error("--repeat must be at least 1")
     args.variants = [v for v in args.variants.split(",") if v]
     if [v for v in args.variants if v not in VARIANTS]:
         ap.error(f"unknown variants: {', '.join(v for v in args.variants if v not in VARIANTS)}")

@@ -83,6 +83,36 @@ def test_speedups_are_against_the_baseline_and_the_reference_variant_apart():
     assert out["moe-dp4", "best"]["scaling_efficiency"] == 0.95
 
 
+def test_repeated_rounds_alternate_the_order():
+    from run import rounds
+
+    assert rounds(["best", "a", "b"], 3) == [["best", "a", "b"], ["b", "a", "best"], ["best", "a", "b"]]
+    assert rounds(["best"], 2) == [["best"], ["best"]]
+    assert rounds([], 4) == []
+
+
+def test_repeated_runs_are_summarised_by_their_median_against_best():
+    from run import markdown, repeat_summary
+
+    def row(variant, speed, case="moe", **extra):
+        return dict(case=case, impl="megatron", variant=variant, tokens_per_s_per_gpu=speed, tflops_per_gpu=1.0,
+                    mfu=speed / 1000, peak_mem_gib=1.0, **extra)
+
+    rows = [row("best", 90.0), row("graph", 110.0), row("graph", 99.0), row("best", 100.0), row("best", 95.0),
+            row("graph", 130.0), row("graph", 1.0, error="boom"), row("once", 50.0),
+            dict(case="moe", impl="hf", variant="baseline", tokens_per_s_per_gpu=70.0),
+            dict(case="moe", impl="hf", variant="baseline", tokens_per_s_per_gpu=71.0)]
+    out = {(s["case"], s["variant"]): s for s in repeat_summary(rows)}
+    assert set(out) == {("moe", "best"), ("moe", "graph")}  # one run is no spread; errors and transformers left out
+    assert out["moe", "best"] == dict(case="moe", variant="best", runs=3, median=95.0, low=90.0, high=100.0,
+                                      mfu=0.095, vs_best=1.0)
+    assert out["moe", "graph"]["runs"] == 3 and out["moe", "graph"]["median"] == 110.0
+    assert out["moe", "graph"]["vs_best"] == pytest.approx(1.158, abs=1e-3)
+    text = markdown([r for r in rows if r["impl"] == "megatron"],
+                    dict(device="x", gpus_visible=1, date="d", torch="t", transformers="t", megatron_core="m"))
+    assert "| moe | graph | 3 | 110 | 99-130 | 11.0% | 1.158x |" in text
+
+
 def test_each_variant_loss_curve_is_compared_with_best_of_its_case():
     from run import markdown, summarise
 
