@@ -157,7 +157,8 @@ class EngineOptions:
     it has launched the next step (the training loop does; pending_step.PendingStep), instead of reading them back as
     the step ends: the host no longer waits for the optimizer before it launches the next step's first kernels.
     An unread step is read back before anything saves, evaluates or gathers weights. The same figures bit for bit
-    (CPU tests at DP 2 and EP 2); off until it is measured on a GPU (benchmark variant `readback-next-step`)."""
+    (CPU tests at DP 2 and EP 2). Off: on an H100 the MoE benchmark shapes ran no faster with it (+0.1% / -0.5%
+    on a warm card, variant `readback-next-step`): the host launches the step as slowly as the GPU runs it."""
     grad_norm_on_device: bool = True
     """With clip_in_adam: the gradient norm and the clip divisor computed on the GPU and read back with the loss,
     instead of megatron's read of the norm between the backward and the optimizer step (the host waited there for
@@ -187,7 +188,9 @@ class EngineOptions:
     """On one GPU: the forward and backward of all the step's micro-batches captured as one CUDA graph in the
     second step and replayed in later steps whose shapes and loss-token counts are the captured step's (others run
     eagerly); the optimizer step stays eager (step_graph). Replaces the host's launch of every kernel, which on the
-    MoE benchmark shapes takes as long as the GPU's work. whole_step_graph_blocker lists where it is refused."""
+    MoE benchmark shapes takes as long as the GPU's work. whole_step_graph_blocker lists where it is refused. Off
+    until it has run on a GPU: its first capture failed (the gradient hooks' stream, since fixed) and the rerun
+    is pending (tests/gpu/test_whole_step_graph.py, variant `whole-step-graph`)."""
     overlap_grad_reduce: Optional[bool] = None
     """None: take spec.parallelism.overlapGradReduce."""
     recompute: Optional[str] = None
