@@ -24,6 +24,24 @@ CASES = {
 SEQ, MICRO, GLOBAL, STEPS = 512, 2, 8, 5
 
 
+def run_worker(case: str, graphs: str = "off", options: dict | None = None, loss_mode: str = "mean",
+               steps: int = STEPS, training: dict | None = None) -> dict:
+    """This worker under torchrun (one process): its JSON line, or an AssertionError with its output's tail (the
+    GPU tests' way to train a small model)."""
+    import os
+    import subprocess
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+                           str(Path(__file__).resolve()), case, graphs, json.dumps(options or {}), loss_mode,
+                           str(steps), json.dumps(training or {})],
+                          env=env, capture_output=True, text=True, timeout=600)
+    for line in proc.stdout.splitlines():
+        if line.startswith("GRAPHS "):
+            return json.loads(line[len("GRAPHS "):])
+    raise AssertionError(f"worker failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+
+
 def main() -> int:
     from qwen_trainer.engines.megatron import EngineOptions
     from qwen_trainer.engines.megatron.testing import built_engine, job_spec, random_micro_batches

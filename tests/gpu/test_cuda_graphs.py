@@ -6,13 +6,8 @@ within three steps; see RMSNorm.copy_input), and training must keep lowering the
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+from cuda_graph_worker import run_worker
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("megatron.core")
@@ -20,18 +15,9 @@ pytest.importorskip("megatron.core")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
                                 reason="needs a Hopper GPU")
 
-WORKER = Path(__file__).with_name("cuda_graph_worker.py")
-
 
 def _run(case: str, graphs: str, options: dict | None = None) -> dict:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-                           str(WORKER), case, graphs, json.dumps(options or {})], env=env, capture_output=True,
-                          text=True, timeout=600)
-    for line in proc.stdout.splitlines():
-        if line.startswith("GRAPHS "):
-            return json.loads(line[len("GRAPHS "):])
-    raise AssertionError(f"worker failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return run_worker(case, graphs, options)
 
 
 def test_dense_losses_match_with_cuda_graphs():

@@ -28,13 +28,9 @@ one-pass AdamW; tests/gpu/curve_spread.py). The arithmetic of each lever is held
 from __future__ import annotations
 
 import concurrent.futures
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from cuda_graph_worker import run_worker
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("megatron.core")
@@ -42,7 +38,6 @@ pytest.importorskip("megatron.core")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
                                 reason="needs a Hopper GPU")
 
-WORKER = Path(__file__).with_name("cuda_graph_worker.py")
 STEPS = 50
 RTOL = 1e-3
 
@@ -52,14 +47,7 @@ TRAINING = {"clipGrad": 0.2}
 
 
 def _run(options: dict) -> dict:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-                           str(WORKER), "moe", "off", json.dumps(options), "mean", str(STEPS), json.dumps(TRAINING)],
-                          env=env, capture_output=True, text=True, timeout=600)
-    for line in proc.stdout.splitlines():
-        if line.startswith("GRAPHS "):
-            return json.loads(line[len("GRAPHS "):])
-    raise AssertionError(f"worker failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return run_worker("moe", "off", options, "mean", STEPS, TRAINING)
 
 
 def _run_together(*options: dict) -> list[dict]:

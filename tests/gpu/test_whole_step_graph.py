@@ -8,13 +8,9 @@ atomic gradient adds (tests/gpu/test_moe_levers.py measures that spread; over th
 from __future__ import annotations
 
 import concurrent.futures
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from cuda_graph_worker import run_worker
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("megatron.core")
@@ -22,19 +18,11 @@ pytest.importorskip("megatron.core")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
                                 reason="needs a Hopper GPU")
 
-WORKER = Path(__file__).with_name("cuda_graph_worker.py")
 STEPS = 12
 
 
 def _run(case: str, options: dict, training: dict) -> dict:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-                           str(WORKER), case, "off", json.dumps(options), "mean", str(STEPS), json.dumps(training)],
-                          env=env, capture_output=True, text=True, timeout=600)
-    for line in proc.stdout.splitlines():
-        if line.startswith("GRAPHS "):
-            return json.loads(line[len("GRAPHS "):])
-    raise AssertionError(f"worker failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return run_worker(case, "off", options, "mean", STEPS, training)
 
 
 @pytest.mark.parametrize("case,recompute", [("dense", "none"), ("moe", "selective")])
