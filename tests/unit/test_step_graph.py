@@ -19,7 +19,12 @@ from qwen_trainer.engines.megatron.config import (  # noqa: E402
     plan_model,
     whole_step_graph_blocker,
 )
-from qwen_trainer.engines.megatron.step_graph import DeviceMicroBatch, StepGraph, step_key  # noqa: E402
+from qwen_trainer.engines.megatron.step_graph import (  # noqa: E402
+    DeviceMicroBatch,
+    StepGraph,
+    graph_action,
+    step_key,
+)
 from qwen_trainer.engines.megatron.testing import job_spec  # noqa: E402
 from qwen_trainer.spec import resolve_architecture  # noqa: E402
 
@@ -55,6 +60,14 @@ def test_device_batch_is_filled_in_place_and_keeps_the_host_count():
         assert torch.equal(dev.tokens, mb.tokens) and torch.equal(dev.targets, mb.targets)
         assert torch.equal(dev.position_ids, mb.position_ids)
     assert (dev.tokens.data_ptr(), dev.targets.data_ptr(), dev.position_ids.data_ptr()) == addresses
+
+
+def test_first_step_eager_second_captured_then_replayed_while_the_key_matches():
+    assert graph_action(captured=False, matches=False, steps_done=0) == "eager"  # compiles and tunes first
+    assert graph_action(captured=False, matches=False, steps_done=1) == "capture"
+    assert graph_action(captured=False, matches=False, steps_done=7) == "capture"  # e.g. after a reload
+    assert graph_action(captured=True, matches=True, steps_done=2) == "replay"
+    assert graph_action(captured=True, matches=False, steps_done=9) == "eager"  # another key keeps the graph
 
 
 def test_nothing_matches_before_a_capture():

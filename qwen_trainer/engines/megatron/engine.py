@@ -37,7 +37,7 @@ from .config import Capabilities, EngineOptions, plan_model, whole_step_graph_bl
 from .layout import FULLY_RESHARDABLE, data_parallel_layout, layout_record, optimizer_sharding
 from .loss import LossScaling, loss_sum_from_output, take_load_balancing_loss, take_output_grad_scales
 from .pending_step import PendingStep
-from .step_graph import StepGraph, graph_safe_generators, step_key
+from .step_graph import StepGraph, graph_action, graph_safe_generators, step_key
 
 
 class MegatronEngine:
@@ -447,9 +447,10 @@ class MegatronEngine:
         if graph is None:
             return self._forward_backward(micro_batches)
         key = step_key(micro_batches, loss_mode, global_tokens)
-        if graph.matches(key):
+        action = graph_action(graph.captured, graph.matches(key), self._steps)
+        if action == "replay":
             return graph.replay(micro_batches)
-        if not graph.captured and self._steps >= 1:
+        if action == "capture":
             return graph.capture(self._forward_backward, micro_batches, key)
         if graph.captured and not self._eager_steps_reported:
             self._eager_steps_reported = True

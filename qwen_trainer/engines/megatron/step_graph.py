@@ -38,6 +38,18 @@ def step_key(micro_batches: Sequence, loss_mode: str, global_tokens: int) -> Ste
                    tuple(int(mb.loss_tokens) for mb in micro_batches))
 
 
+def graph_action(captured: bool, matches: bool, steps_done: int) -> str:
+    """What a training step does with the whole-step graph: "replay" it (captured for this step's key), "capture"
+    it (none yet, and an eager step has already compiled, tuned and created what the model makes lazily), or run
+    "eager" (the first step; or another key than the captured one's, which keeps the graph for the steps that
+    match it)."""
+    if captured and matches:
+        return "replay"
+    if not captured and steps_done >= 1:
+        return "capture"
+    return "eager"
+
+
 def graph_safe_generators() -> list[torch.Generator]:
     """The states of megatron's RNG tracker, where they are generators (model_parallel_cuda_manual_seed with
     use_cudagraphable_rng): registered with the graph, each replay draws new numbers."""
