@@ -305,10 +305,12 @@ def whole_step_graph_blocker(spec, opts: EngineOptions, kw: dict, attention: str
                              world_size: int) -> Optional[str]:
     """Why the step's forward and backward cannot be captured whole here (None: they can). Nothing in them may
     wait for the host or change a host-side value between steps that the kernels read (fp16's loss scale is a new
-    tensor after each change); what is captured must have been checked on the GPU: SDPA attention, one process (no
-    collective inside the graph), selective recompute or none (tests/gpu/test_whole_step_graph.py). Compiled functions are captured after the eager first
-    step has compiled them for the step's shapes, so they are not traced again inside the capture (megatron's
-    per-layer graphs hand each layer new input tensors, which is why cuda_graph_blocker refuses some)."""
+    tensor after each change); what is captured must be what the GPU tests run: SDPA attention, one process (no
+    collective but megatron's one-rank gradient reduction inside the graph), selective recompute or none
+    (tests/gpu/test_whole_step_graph.py). Compiled functions are captured after the eager first step has compiled
+    them for the step's shapes, so they are not traced again inside the capture (megatron's per-layer graphs hand
+    each layer new input tensors, which is why cuda_graph_blocker refuses some). Expert parallelism is refused for
+    good: megatron's all-to-all dispatch sizes its exchange on the host."""
     p = spec.parallelism
     if world_size != 1:
         return "the whole-step graph runs on one GPU only (collectives inside the captured step are not checked)"

@@ -451,11 +451,29 @@ class MegatronEngine:
         if action == "replay":
             return graph.replay(micro_batches)
         if action == "capture":
-            return graph.capture(self._forward_backward, micro_batches, key)
+            try:
+                return graph.capture(self._forward_backward, micro_batches, key)
+            except RuntimeError as err:  # torch.AcceleratorError too: the capture records, it runs nothing
+                return self._eager_after_failed_capture(micro_batches, err)
         if graph.captured and not self._eager_steps_reported:
             self._eager_steps_reported = True
             self.ctx.log("a step whose shapes or loss-token counts differ from the captured step's ran without the "
                          "whole-step graph (such steps run eagerly; this is said once)")
+        return self._forward_backward(micro_batches)
+
+    def _eager_after_failed_capture(self, micro_batches: Sequence, err: Exception) -> tuple:
+        """A capture that failed ran none of its kernels: forget the graph and the host-side state the captured
+        Python left (deferred expert operands, output-layer scales), then run the step eagerly, said once in the
+        log, so that the job goes on as it would without the graph."""
+        from .expert_wgrad import reset_deferred
+
+        self._step_graph = None
+        if self._moe:
+            reset_deferred()
+        take_output_grad_scales()
+        self.notes.append("whole-step graph off: its capture failed")
+        self.ctx.log(f"whole-step CUDA graph capture failed ({type(err).__name__}: {str(err).splitlines()[0][:300]}); "
+                     "training goes on without it")
         return self._forward_backward(micro_batches)
 
     @property
