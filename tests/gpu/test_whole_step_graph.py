@@ -1,9 +1,9 @@
 """The whole-step CUDA graph (EngineOptions.whole_step_graph) trains like the eager step: the step's forward and
 backward captured in step 2 and replayed after it, held-out evaluations between replays, with and without the
-selective recompute of attention (megatron's checkpointing inside the graph, its RNG states graph-safe). The first
-step runs eagerly on both sides, so its loss is the same bits; later losses may differ by the word embedding's
-atomic gradient adds (tests/gpu/test_moe_levers.py measures that spread; over these few steps it stays far below
-1e-3). test_moe_levers.py checks the MoE case over 50 steps against the measured spread."""
+selective recompute of attention (megatron's checkpointing inside the graph, its RNG states graph-safe, which the
+graph side also initialises its weights from: megatron seeds both kinds of state alike). Losses may differ by the
+word embedding's atomic gradient adds (tests/gpu/test_moe_levers.py measures that spread; over these few steps it
+stays far below 1e-3). test_moe_levers.py checks the MoE case over 50 steps against the measured spread."""
 
 from __future__ import annotations
 
@@ -31,7 +31,6 @@ def test_whole_step_graph_trains_like_eager(case, recompute):
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         on, off = pool.map(lambda opts: _run(case, opts, training), [{"whole_step_graph": True}, {}])
     assert on["step_graph_replays"] == STEPS - 1 and off["step_graph_replays"] == 0, on["step_graph_replays"]
-    assert on["losses"][0] == off["losses"][0]  # the eager first step on both sides
     distance = max(abs(a - b) / abs(b) for a, b in zip(on["losses"] + on["evals"], off["losses"] + off["evals"]))
     print(f"{case} recompute={recompute}: graph/eager {distance:.2e}; losses {on['losses']}")
     assert distance <= 1e-3, (on["losses"], off["losses"], on["evals"], off["evals"])
