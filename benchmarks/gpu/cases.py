@@ -25,7 +25,7 @@ VARIANTS: dict[str, dict] = {
     "expert-wgrad-fused": {"expert_wgrad_into_buffer": True},  # experts' weight gradients into the fp32 buffer
     "grad-norm-host": {"grad_norm_on_device": False},  # megatron's read of the norm before the optimizer step
     "readback-next-step": {"read_back_next_step": True},  # each step read back after the next one is launched
-    "whole-step-graph": {"whole_step_graph": True},  # forward + backward of the step replayed from one CUDA graph
+    "no-whole-step-graph": {"whole_step_graph": False},  # each kernel of the forward and backward launched by the host
     "clip-pass": {"clip_in_adam": False},  # megatron's clipping pass instead of fused AdamW's gradient divisor
     "permute-scatter": {"gather_permute": False},  # token combine and permute's backward by atomic scatter-adds
     "embedding-grad-bf16": {"embedding_grad_into_buffer": False},  # vocabulary-sized bf16 gradient, then an add
@@ -38,7 +38,7 @@ VARIANTS: dict[str, dict] = {
     "adamw-torch-copy": {"adamw_writes_model_params": False},
     "moe-step-before-2026-12-07": {"defer_expert_wgrad": False, "adamw_writes_model_params": False},
     "moe-levers-off": {"clip_in_adam": False, "gather_permute": False, "embedding_grad_into_buffer": False,
-                       "defer_expert_wgrad": False, "adamw_writes_model_params": False},
+                       "defer_expert_wgrad": False, "adamw_writes_model_params": False, "whole_step_graph": False},
     "ce-unchunked": {"chunked_cross_entropy": False},  # megatron's output layer + fused vocab-parallel CE
     "ce-eager": {"fused_cross_entropy": False},  # chunked CE, each chunk's softmax and gradient as torch ops
     "ce-grad-bf16": {"output_grad_into_buffer": False},  # output weight gradient in bf16, then scaled and added
@@ -56,7 +56,7 @@ VARIANTS: dict[str, dict] = {
     "dispatch-megatron": {"local_dispatch": False},  # megatron's alltoall dispatcher (host copies, syncs)
     "stock": {"attention": "local", "fused_rope": False, "fused_rmsnorm": False, "fused_swiglu": False,
               "chunked_cross_entropy": False, "grad_accum_fusion": False, "fused_adam": False,
-              "foreach_grad_norm": False, "recompute": "selective"},
+              "foreach_grad_norm": False, "recompute": "selective", "whole_step_graph": False},
 }
 
 # name -> keyword arguments of transformers' from_config for the Hugging Face runs. "baseline" is what a user
@@ -99,11 +99,11 @@ class Case:
 
 CASES: dict[str, Case] = {c.name: c for c in [
     Case("qwen2.5-0.5b", "qwen2.5", "0.5B", gpus=1, seq=4096, micro_batch=4, global_batch=16,
-         variants=("best", "cuda-graphs")),
+         variants=("best", "cuda-graphs", "no-whole-step-graph")),
     Case("qwen2.5-1.5b", "qwen2.5", "1.5B", gpus=1, seq=4096, micro_batch=2, global_batch=8,
          variants=tuple(DENSE_ABLATIONS) + ("stock",)),
     Case("qwen1.5-moe-a2.7b-l3", "qwen1.5", "A2.7B", gpus=1, seq=4096, micro_batch=1, global_batch=4,
-         variants=("best", "moe-levers-off", "expert-wgrad-per-micro-batch", "expert-grad-added", "adamw-torch-copy",
+         variants=("best", "no-whole-step-graph", "moe-levers-off", "expert-wgrad-per-micro-batch", "expert-grad-added", "adamw-torch-copy",
                    "clip-pass",
                    "permute-scatter", "embedding-grad-bf16", "expert-wgrad-fused", "cuda-graphs", "graphs-moe-layer",
                    "ce-grad-bf16", "dispatch-megatron", "grad-add-torch", "swiglu-compiled", "experts-sequential",
@@ -112,7 +112,7 @@ CASES: dict[str, Case] = {c.name: c for c in [
          note="3 of 24 layers: 14.3B parameters with fp32 gradients and Adam state (18 bytes each) do not fit one "
               "80 GB card; all layers are identical, so per-token cost scales with the layer count"),
     Case("qwen3-30b-a3b-l3", "qwen3", "A3B", gpus=1, seq=4096, micro_batch=1, global_batch=4,
-         variants=("best", "moe-levers-off", "expert-wgrad-per-micro-batch", "expert-grad-added", "adamw-torch-copy",
+         variants=("best", "no-whole-step-graph", "moe-levers-off", "expert-wgrad-per-micro-batch", "expert-grad-added", "adamw-torch-copy",
                    "clip-pass",
                    "permute-scatter", "embedding-grad-bf16", "expert-wgrad-fused", "cuda-graphs", "graphs-moe-layer"),
          architecture={"numLayers": 3},

@@ -2,7 +2,7 @@
 
     python benchmarks/gpu/run.py --cases qwen2.5-1.5b,qwen1.5-moe-a2.7b-l4 --out DIR [--steps 6 --warmup 3]
     python benchmarks/gpu/run.py --list
-    python benchmarks/gpu/run.py --cases qwen1.5-moe-a2.7b-l3 --variants best,whole-step-graph --repeat 3 --no-baseline
+    python benchmarks/gpu/run.py --cases qwen1.5-moe-a2.7b-l3 --variants best,no-whole-step-graph --repeat 3 --no-baseline
 
 Every case runs the baseline and the engine variants on the same card(s) in this one invocation. With several GPUs,
 one-GPU cases are spread over the cards (a case and its baseline always share one card); cases needing more GPUs

@@ -184,13 +184,14 @@ class EngineOptions:
     router and permutation only. Trains like eager on an H100 (tests/gpu/test_cuda_graphs.py); off until it is
     measured against the router-only capture in one run. The experts' weight gradients then go through autograd
     (neither defer_expert_wgrad nor expert_wgrad_into_buffer: a replayed backward runs no Python)."""
-    whole_step_graph: bool = False
+    whole_step_graph: bool = True
     """On one GPU: the forward and backward of all the step's micro-batches captured as one CUDA graph in the
     second step and replayed in later steps whose shapes and loss-token counts are the captured step's (others run
     eagerly); the optimizer step stays eager (step_graph). Replaces the host's launch of every kernel, which on the
-    MoE benchmark shapes takes as long as the GPU's work. whole_step_graph_blocker lists where it is refused. Off
-    until it has run on a GPU: its first capture failed (the gradient hooks' stream, since fixed) and the rerun
-    is pending (tests/gpu/test_whole_step_graph.py, variant `whole-step-graph`)."""
+    MoE benchmark shapes takes as long as the GPU's work: on an H100 +3.4% (A2.7B) and +5.3% (Qwen3-30B-A3B) tokens/s
+    over the eager step, medians of two runs each (benchmarks/gpu/RESULTS.md); trains like eager
+    (tests/gpu/test_whole_step_graph.py, test_moe_levers.py). Refused by itself where whole_step_graph_blocker says
+    so (the engine's log line names the reason), and a capture that fails falls back to eager steps."""
     overlap_grad_reduce: Optional[bool] = None
     """None: take spec.parallelism.overlapGradReduce."""
     recompute: Optional[str] = None

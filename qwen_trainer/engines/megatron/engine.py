@@ -100,7 +100,9 @@ class MegatronEngine:
             raise RuntimeError(f"data-parallel layout {(self.data_parallel_size, self.data_parallel_rank)} differs "
                                f"from megatron's {(dp, dp_rank)}")
         graph_blocker = None
-        if self.options.whole_step_graph:
+        if self.options.whole_step_graph and not torch.cuda.is_available():
+            graph_blocker = "no CUDA device"
+        elif self.options.whole_step_graph:
             graph_blocker = whole_step_graph_blocker(self.spec, self.plan.options, self.plan.config_kwargs,
                                                      self.plan.attention, self.plan.experts, self.env.world_size)
             if graph_blocker is None:

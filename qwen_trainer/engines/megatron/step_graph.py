@@ -98,7 +98,7 @@ class StepGraph:
         return self._graph is not None
 
     def matches(self, key: StepKey) -> bool:
-        return self._graph is not None and key == self.key
+        return key == self.key  # None until captured
 
     def capture(self, fn: Callable[[list], Any], micro_batches: Sequence, key: StepKey) -> Any:
         """Capture `fn` over device copies of `micro_batches`, then run it once by replaying it."""
@@ -112,6 +112,9 @@ class StepGraph:
             raise RuntimeError("the whole-step graph is captured on the side stream the engine moved to before "
                                "building the model; this process still runs on the default stream")
         torch.cuda.synchronize()
+        # the capture draws its memory from a pool of its own: hand the eager steps' cached blocks back first, so
+        # that a model near the card's memory can still capture (the allocator cannot release them mid-capture)
+        torch.cuda.empty_cache()
         # captured on the stream the model was built on: the gradient-accumulation nodes run there (engine.build);
         # thread_local: the autograd engine's device thread launches the backward into the capturing stream
         with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
