@@ -102,3 +102,14 @@ def test_where_the_whole_step_graph_is_refused():
     assert "host" in _why(_spec("qwen1.5", "A2.7B"), EngineOptions(whole_step_graph=True, local_dispatch=False))
     assert "host" in _why(_spec("qwen1.5", "A2.7B", moe={"capacityFactor": 1.5}))
     assert "parallelism" in _why(_spec("qwen2.5", "0.5B", parallelism={"tensor": 2}))
+
+
+def test_the_spec_turns_the_whole_step_graph_on_and_off_unless_the_options_say():
+    def wanted(training: dict, opts: EngineOptions = EngineOptions()):
+        spec = _spec("qwen1.5", "A2.7B", {**NO_RECOMPUTE, **training})
+        return plan_model(resolve_architecture(spec), spec, opts, HOPPER).options.whole_step_graph
+
+    assert wanted({}) is True  # on by default
+    assert wanted({"wholeStepGraph": False}) is False
+    assert wanted({"wholeStepGraph": False}, EngineOptions(whole_step_graph=True)) is True  # the benchmark's variants
+    assert wanted({}, EngineOptions(whole_step_graph=False)) is False

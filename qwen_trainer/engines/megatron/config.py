@@ -184,8 +184,8 @@ class EngineOptions:
     router and permutation only. Trains like eager on an H100 (tests/gpu/test_cuda_graphs.py); off until it is
     measured against the router-only capture in one run. The experts' weight gradients then go through autograd
     (neither defer_expert_wgrad nor expert_wgrad_into_buffer: a replayed backward runs no Python)."""
-    whole_step_graph: bool = True
-    """On one GPU: the forward and backward of all the step's micro-batches captured as one CUDA graph in the
+    whole_step_graph: Optional[bool] = None
+    """None: take spec.training.wholeStepGraph (on by default). On one GPU: the forward and backward of all the step's micro-batches captured as one CUDA graph in the
     second step and replayed in later steps whose shapes and loss-token counts are the captured step's (others run
     eagerly); the optimizer step stays eager (step_graph). Replaces the host's launch of every kernel, which on the
     MoE benchmark shapes takes as long as the GPU's work: on an H100 +3.4% (A2.7B) and +5.3% (Qwen3-30B-A3B) tokens/s
@@ -472,6 +472,8 @@ def attention_kernels_from_spec(spec, opts: EngineOptions) -> EngineOptions:
 
 def plan_model(arch: ResolvedArchitecture, spec, opts: EngineOptions, caps: Capabilities) -> ModelPlan:
     opts = attention_kernels_from_spec(spec, opts)
+    if opts.whole_step_graph is None:
+        opts = opts.replace(whole_step_graph=spec.training.whole_step_graph)
     if spec.training.transformer_engine and not caps.transformer_engine:
         raise UserError("transformerEngine is set but Transformer Engine is not installed",
                         path="spec.training.transformerEngine")

@@ -100,9 +100,10 @@ class MegatronEngine:
             raise RuntimeError(f"data-parallel layout {(self.data_parallel_size, self.data_parallel_rank)} differs "
                                f"from megatron's {(dp, dp_rank)}")
         graph_blocker = None
-        if self.options.whole_step_graph and not torch.cuda.is_available():
+        wanted = self.plan.options.whole_step_graph
+        if wanted and not torch.cuda.is_available():
             graph_blocker = "no CUDA device"
-        elif self.options.whole_step_graph:
+        elif wanted:
             graph_blocker = whole_step_graph_blocker(self.spec, self.plan.options, self.plan.config_kwargs,
                                                      self.plan.attention, self.plan.experts, self.env.world_size)
             if graph_blocker is None:
@@ -115,7 +116,7 @@ class MegatronEngine:
         self.notes = list(self.model.notes)
         if graph_blocker:
             self.notes.append(f"whole-step graph off: {graph_blocker}")
-        elif self.options.whole_step_graph:
+        elif wanted:
             self._step_graph = StepGraph(graph_safe_generators())
         self._gloo = dist.new_group(backend="gloo")
         self._hf_config = hf_model.hf_config(ctx.arch, init_std=ctx.init_std,
