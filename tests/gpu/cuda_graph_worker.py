@@ -1,6 +1,7 @@
 """Run under torchrun with 1 process: trains a small model with the megatron engine, CUDA graphs
-on or off (argv: case, on|off[, more EngineOptions as JSON[, loss mode[, steps[, spec training fields as JSON]]]]),
-evaluating between steps, and prints
+on or off (argv: case, on|off[, more EngineOptions as JSON[, loss mode[, steps[, spec training fields as JSON[,
+"varying": each step's batches carry another number of loss tokens, as SFT batches do]]]]]), evaluating between
+steps, and prints
 one JSON line with every loss and gradient norm."""
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ SEQ, MICRO, GLOBAL, STEPS = 512, 2, 8, 5
 
 
 def run_worker(case: str, graphs: str = "off", options: dict | None = None, loss_mode: str = "mean",
-               steps: int = STEPS, training: dict | None = None) -> dict:
+               steps: int = STEPS, training: dict | None = None, varying: bool = False) -> dict:
     """This worker under torchrun (one process): its JSON line, or an AssertionError with its output's tail (the
     GPU tests' way to train a small model)."""
     import os
@@ -34,7 +35,7 @@ def run_worker(case: str, graphs: str = "off", options: dict | None = None, loss
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
                            str(Path(__file__).resolve()), case, graphs, json.dumps(options or {}), loss_mode,
-                           str(steps), json.dumps(training or {})],
+                           str(steps), json.dumps(training or {}), "varying" if varying else "fixed"],
                           env=env, capture_output=True, text=True, timeout=600)
     for line in proc.stdout.splitlines():
         if line.startswith("GRAPHS "):
@@ -57,12 +58,15 @@ def main() -> int:
     extra = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
     loss_mode = sys.argv[4] if len(sys.argv) > 4 else "mean"
     steps = int(sys.argv[5]) if len(sys.argv) > 5 else STEPS
+    varying = len(sys.argv) > 7 and sys.argv[7] == "varying"
     engine = built_engine(spec, EngineOptions(cuda_graphs=graphs, **extra))
     tied = engine.unwrapped()[-1].share_embeddings_and_output_weights
     train = random_micro_batches(GLOBAL // MICRO, MICRO, SEQ, vocab, seed=1)
     held_out = random_micro_batches(2, MICRO, SEQ, vocab, seed=2)
     losses, evals, norms = [], [], []
     for step in range(steps):
+        if varying:  # the same tokens, 3 more positions without loss each step
+            train = random_micro_batches(GLOBAL // MICRO, MICRO, SEQ, vocab, seed=1, ignore_first=3 * step)
         result = engine.train_step(train, spec.training.lr, loss_mode)
         losses.append(result.loss)
         norms.append(result.grad_norm)
@@ -87,13 +91,14 @@ def main() -> int:
 
     norm_on_device = optimizer_module.get_grad_norm_fp32.__module__.endswith("clip_in_adam")
     step_graph_replays = engine.whole_step_graph_replays
+    step_graph_given_up = engine._step_graph is not None and engine._step_graph.given_up
     engine.close()
     row = dict(case=case, graphs=graphs, options=extra, loss_mode=loss_mode, tied=tied, graphed=graphed, losses=losses,
                evals=evals, grad_norms=norms, wgrad_into_buffer=wgrad_into_buffer,
                expert_wgrad_kernel=expert_wgrad_kernel, expert_wgrad_deferred=expert_wgrad_deferred,
                expert_wgrad_overwriting=expert_wgrad_overwriting,
                gather_dispatch=gather_dispatch, adamw_kernel=adamw_kernel, norm_on_device=norm_on_device,
-               step_graph_replays=step_graph_replays)
+               step_graph_replays=step_graph_replays, step_graph_given_up=step_graph_given_up)
     print("GRAPHS " + json.dumps(row), flush=True)
     return 0
 

@@ -35,3 +35,14 @@ def test_whole_step_graph_trains_like_eager(case, recompute):
     print(f"{case} recompute={recompute}: graph/eager {distance:.2e}; losses {on['losses']}")
     assert distance <= 1e-3, (on["losses"], off["losses"], on["evals"], off["evals"])
     assert on["losses"][-1] < on["losses"][0] - 0.1, on["losses"]
+
+
+def test_steps_whose_loss_tokens_keep_changing_stop_the_capturing_and_train_like_eager():
+    """SFT-like batches: each step another loss-token count, so no capture is ever replayed; after two wasted
+    captures (steps 2 and 4, each run once by its capture) the run goes on eagerly with the graph released."""
+    runs = [run_worker("moe", "off", {"whole_step_graph": flag}, "mean", 8, {}, varying=True) for flag in (True, False)]
+    on, off = runs
+    assert on["step_graph_given_up"] and on["step_graph_replays"] == 2, (on["step_graph_replays"], on)
+    distance = max(abs(a - b) / abs(b) for a, b in zip(on["losses"] + on["evals"], off["losses"] + off["evals"]))
+    print(f"varying loss tokens: graph/eager {distance:.2e}")
+    assert distance <= 1e-3, (on["losses"], off["losses"])

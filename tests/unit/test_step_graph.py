@@ -20,8 +20,10 @@ from qwen_trainer.engines.megatron.config import (  # noqa: E402
     whole_step_graph_blocker,
 )
 from qwen_trainer.engines.megatron.step_graph import (  # noqa: E402
+    WASTED_CAPTURES_BEFORE_GIVING_UP,
     DeviceMicroBatch,
     StepGraph,
+    after_mismatch,
     graph_action,
     step_key,
 )
@@ -67,7 +69,7 @@ def test_first_step_eager_second_captured_then_replayed_while_the_key_matches():
     assert graph_action(captured=False, matches=False, steps_done=1) == "capture"
     assert graph_action(captured=False, matches=False, steps_done=7) == "capture"  # e.g. after a reload
     assert graph_action(captured=True, matches=True, steps_done=2) == "replay"
-    assert graph_action(captured=True, matches=False, steps_done=9) == "eager"  # another key keeps the graph
+    assert graph_action(captured=True, matches=False, steps_done=9) == "eager"
 
 
 def test_nothing_matches_before_a_capture():
@@ -113,3 +115,22 @@ def test_the_spec_turns_the_whole_step_graph_on_and_off_unless_the_options_say()
     assert wanted({"wholeStepGraph": False}) is False
     assert wanted({"wholeStepGraph": False}, EngineOptions(whole_step_graph=True)) is True  # the benchmark's variants
     assert wanted({}, EngineOptions(whole_step_graph=False)) is False
+
+
+def test_a_graph_of_another_key_is_dropped_and_capturing_stops_once_captures_go_unused():
+    # pretraining: an odd step after replays drops the graph, the next step captures again, nothing is wasted
+    assert after_mismatch(replays_since_capture=30, wasted=0) == (0, False)
+    # SFT-like batches: every capture meets another key at once
+    wasted, give_up = after_mismatch(replays_since_capture=0, wasted=0)
+    assert (wasted, give_up) == (1, False)
+    assert after_mismatch(replays_since_capture=0, wasted=wasted) == (WASTED_CAPTURES_BEFORE_GIVING_UP, True)
+    # a used capture in between does not reset the count of wasted ones, but does not add to it
+    assert after_mismatch(replays_since_capture=5, wasted=1) == (1, False)
+
+
+def test_dropping_for_a_mismatch_releases_the_graph_and_counts_wasted_captures():
+    graph = StepGraph()
+    graph.key, graph._graph = "captured key", object()  # as after a capture, whose own run is not a reuse
+    assert not graph.drop_for_mismatch() and not graph.captured and graph.key is None
+    graph.key, graph._graph = "captured key", object()
+    assert graph.drop_for_mismatch() and graph.given_up

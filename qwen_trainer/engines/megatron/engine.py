@@ -447,9 +447,19 @@ class MegatronEngine:
         first step runs eagerly (it compiles, tunes and creates what the model makes lazily), the second is
         captured."""
         graph = self._step_graph
-        if graph is None:
+        if graph is None or graph.given_up:
             return self._forward_backward(micro_batches)
         key = step_key(micro_batches, loss_mode, global_tokens)
+        if graph.captured and not graph.matches(key):
+            if graph.drop_for_mismatch():
+                self.notes.append("whole-step graph off: the steps' shapes or loss-token counts keep changing")
+                self.ctx.log("whole-step CUDA graph off for this run: the steps' shapes or loss-token counts keep "
+                             "changing (as SFT batches' do), so no capture gets replayed")
+            elif not self._eager_steps_reported:
+                self._eager_steps_reported = True
+                self.ctx.log("a step whose shapes or loss-token counts differ from the captured step's ran without "
+                             "the whole-step graph, which is captured again by the next step (said once)")
+            return self._forward_backward(micro_batches)
         action = graph_action(graph.captured, graph.matches(key), self._steps)
         if action == "replay":
             return graph.replay(micro_batches)
@@ -458,11 +468,7 @@ class MegatronEngine:
                 return graph.capture(self._forward_backward, micro_batches, key)
             except RuntimeError as err:  # torch.AcceleratorError too: the capture records, it runs nothing
                 return self._eager_after_failed_capture(micro_batches, err)
-        if graph.captured and not self._eager_steps_reported:
-            self._eager_steps_reported = True
-            self.ctx.log("a step whose shapes or loss-token counts differ from the captured step's ran without the "
-                         "whole-step graph (such steps run eagerly; this is said once)")
-        return self._forward_backward(micro_batches)
+        return self._forward_backward(micro_batches)  # the first step
 
     def _eager_after_failed_capture(self, micro_batches: Sequence, err: Exception) -> tuple:
         """A capture that failed ran none of its kernels: forget the graph and the host-side state the captured

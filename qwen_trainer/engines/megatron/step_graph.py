@@ -7,7 +7,8 @@ behind. Captured once, the step's forward and backward are replayed by one launc
 What a replay cannot change is fixed at capture: the host-side numbers the step bakes into its kernels (each
 micro-batch's loss-token count, the global count, the loss mode: the loss normalisation of loss.LossScaling and the
 output layer's gradient scale) and every shape. A step is replayed only when these equal the captured step's
-(`StepKey`); any other step runs eagerly, exactly as without the graph. The batches are copied into device buffers
+(`StepKey`); any other step runs eagerly, exactly as without the graph, and the graph is released (captured again by
+the next step) unless captures keep going unused, when capturing stops for the run (`after_mismatch`). The batches are copied into device buffers
 the graph reads. The optimizer step stays eager (it is two kernels and its learning rate changes every step).
 
 megatron-core has a whole-iteration graph of its own (full_cuda_graph.FullCudaGraphWrapper); it keeps one graph per
@@ -41,13 +42,24 @@ def step_key(micro_batches: Sequence, loss_mode: str, global_tokens: int) -> Ste
 def graph_action(captured: bool, matches: bool, steps_done: int) -> str:
     """What a training step does with the whole-step graph: "replay" it (captured for this step's key), "capture"
     it (none yet, and an eager step has already compiled, tuned and created what the model makes lazily), or run
-    "eager" (the first step; or another key than the captured one's, which keeps the graph for the steps that
-    match it)."""
+    "eager" (the first step; a graph of another key than the step's is dropped first, StepGraph.drop_for_mismatch)."""
     if captured and matches:
         return "replay"
     if not captured and steps_done >= 1:
         return "capture"
     return "eager"
+
+
+WASTED_CAPTURES_BEFORE_GIVING_UP = 2
+
+
+def after_mismatch(replays_since_capture: int, wasted: int) -> tuple[int, bool]:
+    """A captured graph met a step of another key and is dropped (its memory pool holds the step's activations,
+    which the eager step would need a second time). A capture that was never replayed was wasted; after
+    WASTED_CAPTURES_BEFORE_GIVING_UP of them the steps' keys keep changing (SFT batches' loss-token counts do) and
+    capturing stops for the run. Returns (wasted captures so far, give up)."""
+    wasted += replays_since_capture == 0
+    return wasted, wasted >= WASTED_CAPTURES_BEFORE_GIVING_UP
 
 
 def graph_safe_generators() -> list[torch.Generator]:
@@ -88,6 +100,9 @@ class StepGraph:
     def __init__(self, generators: Sequence[torch.Generator] = ()):
         self.key: Optional[StepKey] = None
         self.replays = 0
+        self.given_up = False
+        self._replays_since_capture = 0
+        self._wasted = 0
         self._generators = list(generators)
         self._graph: Optional[torch.cuda.CUDAGraph] = None
         self._batches: list[DeviceMicroBatch] = []
@@ -120,14 +135,23 @@ class StepGraph:
         with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
             result = fn(self._batches)
         self._graph, self._result, self.key = graph, result, key
-        return self.replay(micro_batches)
+        out = self.replay(micro_batches)
+        self._replays_since_capture = 0  # the capture's own run is not a reuse
+        return out
 
     def replay(self, micro_batches: Sequence) -> Any:
         for dst, src in zip(self._batches, micro_batches):
             dst.fill(src)
         self._graph.replay()
         self.replays += 1
+        self._replays_since_capture += 1
         return self._result
+
+    def drop_for_mismatch(self) -> bool:
+        """A step of another key came: release the graph (after_mismatch); True when capturing stops for good."""
+        self._wasted, self.given_up = after_mismatch(self._replays_since_capture, self._wasted)
+        self.release()
+        return self.given_up
 
     def release(self) -> None:
         """Forget the graph (its memory goes back to the allocator once its results are dropped)."""
