@@ -20,6 +20,7 @@ The loop (qwen_trainer.train) owns the schedule, the data and the checkpoint cad
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from functools import partial
 from typing import Optional, Sequence
@@ -94,29 +95,28 @@ class MegatronEngine:
         from .. import hf_model
 
         self.ctx = ctx
+        wanted = self.plan.options.whole_step_graph
+        graph_blocker = self._whole_step_graph_blocker() if wanted else None
+        step_graph = wanted and graph_blocker is None
+        if not step_graph:
+            # the plan says what runs: megatron's graph-safe RNG (init_model_parallel) only where a graph will be
+            self.plan = dataclasses.replace(self.plan, options=self.plan.options.replace(whole_step_graph=False))
         init_model_parallel(self.spec, self.plan, self.env)
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         if (dp, dp_rank) != (self.data_parallel_size, self.data_parallel_rank):
             raise RuntimeError(f"data-parallel layout {(self.data_parallel_size, self.data_parallel_rank)} differs "
                                f"from megatron's {(dp, dp_rank)}")
-        graph_blocker = None
-        wanted = self.plan.options.whole_step_graph
-        if wanted and not torch.cuda.is_available():
-            graph_blocker = "no CUDA device"
-        elif wanted:
-            graph_blocker = whole_step_graph_blocker(self.spec, self.plan.options, self.plan.config_kwargs,
-                                                     self.plan.attention, self.plan.experts, self.env.world_size)
-            if graph_blocker is None:
-                # off the legacy default stream before the model exists: megatron DDP keeps each parameter's
-                # gradient-accumulation node, which runs the backward's last op on the stream it was made on, and
-                # a captured backward may not make the legacy stream wait for the capture (megatron's per-layer
-                # graphs move to a side stream likewise)
-                torch.cuda.set_stream(torch.cuda.Stream())
+        if step_graph:
+            # off the legacy default stream before the model exists: megatron DDP keeps each parameter's
+            # gradient-accumulation node, which runs the backward's last op on the stream it was made on, and
+            # a captured backward may not make the legacy stream wait for the capture (megatron's per-layer
+            # graphs move to a side stream likewise)
+            torch.cuda.set_stream(torch.cuda.Stream())
         self.model = build_model(self.spec, self.plan, self.options, self.caps.transformer_engine)
         self.notes = list(self.model.notes)
         if graph_blocker:
             self.notes.append(f"whole-step graph off: {graph_blocker}")
-        elif wanted:
+        elif step_graph:
             self._step_graph = StepGraph(graph_safe_generators())
         self._gloo = dist.new_group(backend="gloo")
         self._hf_config = hf_model.hf_config(ctx.arch, init_std=ctx.init_std,
@@ -131,6 +131,13 @@ class MegatronEngine:
                 f"distributed-optimizer={p.distributed_optimizer} cuda-graphs={'on' if graphs else 'off'} "
                 f"whole-step-graph={'on' if self._step_graph is not None else 'off'} "
                 f"device={torch.cuda.get_device_name()}" + (f" ({'; '.join(self.notes)})" if self.notes else ""))
+
+    def _whole_step_graph_blocker(self) -> Optional[str]:
+        """Why the whole-step graph cannot run here (None: it can)."""
+        if not torch.cuda.is_available():
+            return "no CUDA device"
+        return whole_step_graph_blocker(self.spec, self.plan.options, self.plan.config_kwargs, self.plan.attention,
+                                        self.plan.experts, self.env.world_size)
 
     def hf_config(self):
         return self._hf_config
