@@ -29,7 +29,8 @@ def _run(case: str, options: dict, training: dict) -> dict:
 def test_whole_step_graph_trains_like_eager(case, recompute):
     training = {"activationCheckpointing": {"mode": recompute}}
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        on, off = pool.map(lambda opts: _run(case, opts, training), [{"whole_step_graph": True}, {"whole_step_graph": False}])
+        on, off = pool.map(lambda opts: _run(case, opts, training),
+                           [{"whole_step_graph": True}, {"whole_step_graph": False}])
     assert on["step_graph_replays"] == STEPS - 1 and off["step_graph_replays"] == 0, on["step_graph_replays"]
     distance = max(abs(a - b) / abs(b) for a, b in zip(on["losses"] + on["evals"], off["losses"] + off["evals"]))
     print(f"{case} recompute={recompute}: graph/eager {distance:.2e}; losses {on['losses']}")

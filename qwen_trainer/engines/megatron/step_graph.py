@@ -8,8 +8,8 @@ What a replay cannot change is fixed at capture: the host-side numbers the step 
 micro-batch's loss-token count, the global count, the loss mode: the loss normalisation of loss.LossScaling and the
 output layer's gradient scale) and every shape. A step is replayed only when these equal the captured step's
 (`StepKey`); any other step runs eagerly, exactly as without the graph, and the graph is released (captured again by
-the next step) unless captures keep going unused, when capturing stops for the run (`after_mismatch`). The batches are copied into device buffers
-the graph reads. The optimizer step stays eager (it is two kernels and its learning rate changes every step).
+the next step) unless captures keep going unused, when capturing stops for the run (`after_mismatch`). The batches
+are copied into device buffers the graph reads. The optimizer step stays eager (it is two kernels and its learning rate changes every step).
 
 megatron-core has a whole-iteration graph of its own (full_cuda_graph.FullCudaGraphWrapper); it keeps one graph per
 process in class attributes (a second engine in the process would find the first one's), reads batches as dicts,
