@@ -11,6 +11,7 @@ consecutive samples, and data-parallel rank r takes the r-th `micro` of each mic
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Protocol
 
 import numpy as np
@@ -33,7 +34,7 @@ class MicroBatch:
     targets: torch.Tensor  # [b, s] int64, IGNORE_INDEX where no loss
     position_ids: torch.Tensor  # [b, s] int64
 
-    @property
+    @cached_property  # read several times a step (loss normalisation, the whole-step graph's key); targets never change
     def loss_tokens(self) -> int:
         return int((self.targets != IGNORE_INDEX).sum())
 

@@ -91,7 +91,7 @@ def main() -> int:
 
     norm_on_device = optimizer_module.get_grad_norm_fp32.__module__.endswith("clip_in_adam")
     step_graph_replays = engine.whole_step_graph_replays
-    step_graph_given_up = engine._step_graph is not None and engine._step_graph.given_up
+    step_graph_given_up = engine.whole_step_graph_given_up
     engine.close()
     row = dict(case=case, graphs=graphs, options=extra, loss_mode=loss_mode, tied=tied, graphed=graphed, losses=losses,
                evals=evals, grad_norms=norms, wgrad_into_buffer=wgrad_into_buffer,

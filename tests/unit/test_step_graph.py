@@ -69,7 +69,7 @@ def test_first_step_eager_second_captured_then_replayed_while_the_key_matches():
     assert graph_action(captured=False, matches=False, steps_done=1) == "capture"
     assert graph_action(captured=False, matches=False, steps_done=7) == "capture"  # e.g. after a reload
     assert graph_action(captured=True, matches=True, steps_done=2) == "replay"
-    assert graph_action(captured=True, matches=False, steps_done=9) == "eager"
+    assert graph_action(captured=True, matches=False, steps_done=9) == "drop"  # then eager, captured again next
 
 
 def test_nothing_matches_before_a_capture():

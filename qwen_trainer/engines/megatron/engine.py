@@ -457,25 +457,29 @@ class MegatronEngine:
         if graph is None or graph.given_up:
             return self._forward_backward(micro_batches)
         key = step_key(micro_batches, loss_mode, global_tokens)
-        if graph.captured and not graph.matches(key):
-            if graph.drop_for_mismatch():
-                self.notes.append("whole-step graph off: the steps' shapes or loss-token counts keep changing")
-                self.ctx.log("whole-step CUDA graph off for this run: the steps' shapes or loss-token counts keep "
-                             "changing (as SFT batches' do), so no capture gets replayed")
-            elif not self._eager_steps_reported:
-                self._eager_steps_reported = True
-                self.ctx.log("a step whose shapes or loss-token counts differ from the captured step's ran without "
-                             "the whole-step graph, which is captured again by the next step (said once)")
-            return self._forward_backward(micro_batches)
         action = graph_action(graph.captured, graph.matches(key), self._steps)
         if action == "replay":
             return graph.replay(micro_batches)
+        if action == "drop":
+            self._drop_mismatched_graph(graph)
         if action == "capture":
             try:
                 return graph.capture(self._forward_backward, micro_batches, key)
             except RuntimeError as err:  # torch.AcceleratorError too: the capture records, it runs nothing
                 return self._eager_after_failed_capture(micro_batches, err)
-        return self._forward_backward(micro_batches)  # the first step
+        return self._forward_backward(micro_batches)  # the first step, or one whose graph was dropped
+
+    def _drop_mismatched_graph(self, graph: StepGraph) -> None:
+        """This step's key differs from the captured step's: release the graph, and say once in the log what
+        follows (captured again by the next step, or capturing stops for the run)."""
+        if graph.drop_for_mismatch():
+            self.notes.append("whole-step graph off: the steps' shapes or loss-token counts keep changing")
+            self.ctx.log("whole-step CUDA graph off for this run: the steps' shapes or loss-token counts keep "
+                         "changing (as SFT batches' do), so no capture gets replayed")
+        elif not self._eager_steps_reported:
+            self._eager_steps_reported = True
+            self.ctx.log("a step whose shapes or loss-token counts differ from the captured step's ran without "
+                         "the whole-step graph, which is captured again by the next step (said once)")
 
     def _eager_after_failed_capture(self, micro_batches: Sequence, err: Exception) -> tuple:
         """A capture that failed ran none of its kernels: forget the graph and the host-side state the captured
@@ -496,6 +500,11 @@ class MegatronEngine:
     def whole_step_graph_replays(self) -> int:
         """Steps whose forward and backward ran from the whole-step graph (0 without one)."""
         return self._step_graph.replays if self._step_graph is not None else 0
+
+    @property
+    def whole_step_graph_given_up(self) -> bool:
+        """Capturing stopped for the run because the steps' keys kept changing (StepGraph.drop_for_mismatch)."""
+        return self._step_graph is not None and self._step_graph.given_up
 
     def _recapture(self) -> None:
         """Weights or state were replaced: capture the step again rather than replay kernels that may read the old

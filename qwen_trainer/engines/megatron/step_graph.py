@@ -40,14 +40,12 @@ def step_key(micro_batches: Sequence, loss_mode: str, global_tokens: int) -> Ste
 
 
 def graph_action(captured: bool, matches: bool, steps_done: int) -> str:
-    """What a training step does with the whole-step graph: "replay" it (captured for this step's key), "capture"
-    it (none yet, and an eager step has already compiled, tuned and created what the model makes lazily), or run
-    "eager" (the first step; a graph of another key than the step's is dropped first, StepGraph.drop_for_mismatch)."""
-    if captured and matches:
-        return "replay"
-    if not captured and steps_done >= 1:
-        return "capture"
-    return "eager"
+    """What a training step does with the whole-step graph: "replay" it (captured for this step's key), "drop" it
+    and run eagerly (captured for another key: StepGraph.drop_for_mismatch), "capture" it (none yet, and an eager
+    step has already compiled, tuned and created what the model makes lazily), or run "eager" (the first step)."""
+    if captured:
+        return "replay" if matches else "drop"
+    return "capture" if steps_done >= 1 else "eager"
 
 
 WASTED_CAPTURES_BEFORE_GIVING_UP = 2
