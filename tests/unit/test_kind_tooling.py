@@ -1,5 +1,6 @@
 """The pure parts of tools/qwen_kind: the runc capability shim's rewrite, the kind config, the per-node CNI
-config, and the one-line refusals (no disk, no Docker where none can be installed)."""
+config, the one-line refusals (no disk, no Docker where none can be installed), and the image stream fed to
+every node at once."""
 
 from __future__ import annotations
 
@@ -125,3 +126,19 @@ def test_stock_kind_config_keeps_kinds_own_networking_and_images(tmp_path):
     cfg = cluster.kind_config(tmp_path, workers=2, stock=True)
     assert "networking" not in cfg and "kubeadmConfigPatches" not in cfg
     assert len(cfg["nodes"]) == 3 and all(n["extraMounts"] for n in cfg["nodes"])
+
+
+def test_one_image_stream_reaches_every_node_and_a_node_that_stops_reading_is_named():
+    import io
+    import os
+    import subprocess
+
+    data = os.urandom(3 * (1 << 20) + 12345)  # several chunks and a partial one
+    first, second = io.BytesIO(), io.BytesIO()
+    gone = subprocess.Popen(["head", "-c", "100"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    try:
+        failed = cluster.fan_out(io.BytesIO(data), {"worker": first, "worker2": second, "gone": gone.stdin})
+    finally:
+        gone.wait(timeout=30)
+    assert failed == {"gone"}
+    assert first.getvalue() == data and second.getvalue() == data

@@ -152,30 +152,53 @@ class KindCluster:
                      timeout=timeout + 30)
 
     def load(self, ref: str, nodes: list[str]) -> None:
-        """What `kind load` does, node by node, but streamed: `docker save` straight into the node's containerd,
-        with no archive on the host disk (the trainer image would need its size once more there). Then the
-        image's layer blobs are dropped on the node once unpacked, as containerd's CRI does for pulled images
-        (discard_unpacked_layers): otherwise it would take twice its size on every node."""
+        """What `kind load` does, but streamed: one `docker save` fed into every node's containerd at once, with
+        no archive on the host disk (the trainer image would need its size once more there) and the image read
+        out of Docker once rather than once a node. Then the image's layer blobs are dropped on each node once
+        unpacked, as containerd's CRI does for pulled images (discard_unpacked_layers): otherwise it would take
+        twice its size on every node."""
         env = {**os.environ, **self.docker.env}
+        with tempfile.TemporaryFile() as save_errors:
+            save = subprocess.Popen([self.docker.cli, "save", ref], stdout=subprocess.PIPE, stderr=save_errors,
+                                    env=env)
+            imports = {node: self._start_import(node, env) for node in nodes}
+            try:
+                failed = fan_out(save.stdout, {node: proc.stdin for node, (proc, _) in imports.items()})
+            finally:
+                save.stdout.close()
+                save.wait(timeout=60)
+                for proc, _ in imports.values():
+                    if proc.stdin and not proc.stdin.closed:
+                        try:
+                            proc.stdin.close()
+                        except BrokenPipeError:
+                            pass
+            errors = {}
+            for node, (proc, output) in imports.items():
+                rc = proc.wait(timeout=1800)
+                output.seek(0)
+                if rc != 0 or node in failed:
+                    errors[node] = output.read().decode(errors="replace").strip()[-300:]
+                output.close()
+            save_errors.seek(0)
+            # a node that stopped reading mid-stream is the cause (docker save then dies of the closed pipe);
+            # otherwise a failed save is (the nodes then got a truncated archive)
+            if save.returncode != 0 and not failed:
+                raise KindSetupError(f"docker save {ref} failed: {save_errors.read().decode().strip()[-300:]}")
+        if errors:
+            raise KindSetupError(f"loading {ref} failed on " + "; ".join(f"{n}: {why}" for n, why in errors.items()))
         for node in nodes:
-            command = ["ctr", "--namespace=k8s.io", "images", "import", "--all-platforms", "--digests",
-                       f"--snapshotter={self.snapshotter(node)}", "-"]
-            with tempfile.TemporaryFile() as save_errors:
-                save = subprocess.Popen([self.docker.cli, "save", ref], stdout=subprocess.PIPE, stderr=save_errors,
-                                        env=env)
-                try:
-                    imported = subprocess.run([self.docker.cli, "exec", "-i", node, *command], stdin=save.stdout,
-                                              capture_output=True, text=True, env=env, timeout=1800)
-                finally:
-                    save.stdout.close()
-                    save.wait(timeout=60)
-                save_errors.seek(0)
-                if save.returncode != 0:
-                    raise KindSetupError(f"docker save {ref} failed: {save_errors.read().decode().strip()[-300:]}")
-            if imported.returncode != 0:
-                raise KindSetupError(f"loading {ref} onto {node} failed: "
-                                     f"{(imported.stderr or imported.stdout).strip()[-300:]}")
             self.node_exec(node, "sh", "-euc", DISCARD_LAYERS, "discard", ref)
+
+    def _start_import(self, node: str, env: dict) -> tuple[subprocess.Popen, object]:
+        """`ctr images import` in the node, reading an image archive from its stdin; its output into a file (a
+        pipe nobody reads while the archive streams could fill and stop it)."""
+        command = ["ctr", "--namespace=k8s.io", "images", "import", "--all-platforms", "--digests",
+                   f"--snapshotter={self.snapshotter(node)}", "-"]
+        output = tempfile.TemporaryFile()
+        proc = subprocess.Popen([self.docker.cli, "exec", "-i", node, *command], stdin=subprocess.PIPE,
+                                stdout=output, stderr=subprocess.STDOUT, env=env)
+        return proc, output
 
     def snapshotter(self, node: str) -> str:
         """The snapshotter the node's CRI unpacks images with (an import must use the same one); read once a node."""
@@ -310,6 +333,25 @@ class KindCluster:
             log(f"deleted kind cluster {self.name}")
         except (KindSetupError, subprocess.TimeoutExpired) as err:
             log(f"could not delete kind cluster {self.name}: {err}")
+
+
+def fan_out(source, sinks: dict, chunk: int = 1 << 20) -> set:
+    """Copy the byte stream `source` into every writable of `sinks` (name -> file); a sink whose reader went away
+    is dropped and the others go on. Returns the names of the dropped ones."""
+    failed = set()
+    while True:
+        block = source.read(chunk)
+        if not block:
+            return failed
+        for name, sink in sinks.items():
+            if name in failed:
+                continue
+            try:
+                sink.write(block)
+            except (BrokenPipeError, ValueError):  # ValueError: the sink was closed
+                failed.add(name)
+        if len(failed) == len(sinks):
+            return failed
 
 
 def timed(timings: dict, key: str):
