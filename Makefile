@@ -26,8 +26,8 @@ extras:
 # extras and kind's node parts.
 test: python
 	QWEN_CONTROLPLANE_EXTRAS=$(EXTRAS) tools/build-controlplane.sh --with-kind
-	QWEN_REQUIRE_CLUSTER=1 QWEN_CONTROLPLANE_EXTRAS=$(EXTRAS) $(PY) -m pytest -ra $(PYTEST_ARGS) tests/unit tests/integration
-	QWEN_REQUIRE_CLUSTER=1 QWEN_KIND_TRAINJOB=1 $(PY) -m pytest -ra $(PYTEST_ARGS) tests/kind
+	QWEN_REQUIRE_CLUSTER=1 QWEN_CONTROLPLANE_EXTRAS=$(EXTRAS) $(PY) -m pytest -ra --durations=25 $(PYTEST_ARGS) tests/unit tests/integration
+	QWEN_REQUIRE_CLUSTER=1 QWEN_KIND_TRAINJOB=1 $(PY) -m pytest -ra --durations=10 $(PYTEST_ARGS) tests/kind
 
 unit: python
 	$(PY) -m pytest -ra $(PYTEST_ARGS) tests/unit

@@ -30,6 +30,17 @@ NAMESPACE = "qwen-kind"
 TRAINJOB_NAMESPACE = "qwen-kind-trainjob"
 
 
+# How long each part of the cluster's setup took, for the run's summary (CI logs show where the minutes went).
+SETUP_TIMINGS: dict[str, float] = {}
+
+
+def pytest_terminal_summary(terminalreporter):
+    if SETUP_TIMINGS:
+        terminalreporter.write_sep("-", "kind cluster setup")
+        for part, seconds in SETUP_TIMINGS.items():
+            terminalreporter.write_line(f"{seconds:8.1f} s  {part}")
+
+
 def pytest_collection_modifyitems(config, items):
     here = Path(__file__).parent
     for item in items:
@@ -55,7 +66,7 @@ def kind(tmp_path_factory):
         if _required():
             pytest.fail(f"the kind cluster could not be set up: {err}", pytrace=False)
         pytest.skip(f"no kind cluster here: {err}")
-    print("\n[kind] " + ", ".join(f"{k} {v} s" for k, v in cluster.timings.items()))
+    SETUP_TIMINGS.update(cluster.timings)
     try:
         yield cluster
     finally:

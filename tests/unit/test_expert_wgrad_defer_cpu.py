@@ -33,10 +33,24 @@ def _train(tmp_path, procs: int, keys: list[str], defer: bool, overwrite: bool =
     return losses, built, first_moment
 
 
+@pytest.fixture(scope="module")
+def per_micro_batch(tmp_path_factory):
+    """The per-micro-batch runs both tests compare against, trained once a layout."""
+    runs = {}
+
+    def get(layout: str):
+        if layout not in runs:
+            procs, keys = LAYOUTS[layout]
+            runs[layout] = _train(tmp_path_factory.mktemp(f"plain-{layout}"), procs, keys, defer=False)
+        return runs[layout]
+
+    return get
+
+
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_deferred_expert_weight_gradients_train_like_per_micro_batch_ones(tmp_path, layout):
+def test_deferred_expert_weight_gradients_train_like_per_micro_batch_ones(tmp_path, layout, per_micro_batch):
     procs, keys = LAYOUTS[layout]
-    plain, plain_built, plain_moment = _train(tmp_path, procs, keys, defer=False)
+    plain, plain_built, plain_moment = per_micro_batch(layout)
     deferred, deferred_built, deferred_moment = _train(tmp_path, procs, keys, defer=True)
     assert plain_built["deferring"] == []
     # both grouped weights of both MoE layers (of rank 0's one layer under pipeline parallelism)
@@ -61,11 +75,11 @@ def test_deferred_expert_weight_gradients_train_like_per_micro_batch_ones(tmp_pa
 
 
 @pytest.mark.parametrize("layout", ["one-process", "ep2-alltoall", "dp2-distributed-optimizer"])
-def test_the_kernel_route_sums_kept_micro_batches_like_the_grouped_gemm(tmp_path, layout):
+def test_the_kernel_route_sums_kept_micro_batches_like_the_grouped_gemm(tmp_path, layout, per_micro_batch):
     # expert_wgrad_into_buffer with the deferral: every kept micro-batch summed in fp32 into the buffer (on CPU
     # tensors the kernel's torch form), the first product of a step written; against the per-micro-batch path
     procs, keys = LAYOUTS[layout]
-    plain, _, plain_moment = _train(tmp_path, procs, keys, defer=False)
+    plain, _, plain_moment = per_micro_batch(layout)
     opts = {"experts": "torch-grouped", "defer_expert_wgrad": True, "expert_wgrad_into_buffer": True}
     fused, built = trained_losses(tmp_path, "kernel", procs, STEPS, *keys, "save_at=1", f"opts={json.dumps(opts)}")
     fused_moment = torch.load(tmp_path / "kernel" / "save-1.pt")["state"]["exp_avg"]
