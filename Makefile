@@ -1,7 +1,8 @@
 # The two commands a newcomer needs:
 #   make demo   set everything up and run the tiny Qwen-MoE job end to end on this machine
 #   make test   set everything up and run the whole test suite (what CI runs): unit and integration
-#               tests on the local control plane, then real pods in kind (tests/kind)
+#               tests on the local control plane while the kind cluster comes up beside them, then real pods
+#               in kind (tests/kind; tools/run-tests.sh)
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -26,8 +27,7 @@ extras:
 # extras and kind's node parts.
 test: python
 	QWEN_CONTROLPLANE_EXTRAS=$(EXTRAS) tools/build-controlplane.sh --with-kind
-	QWEN_REQUIRE_CLUSTER=1 QWEN_CONTROLPLANE_EXTRAS=$(EXTRAS) $(PY) -m pytest -ra --durations=25 $(PYTEST_ARGS) tests/unit tests/integration
-	QWEN_REQUIRE_CLUSTER=1 QWEN_KIND_TRAINJOB=1 $(PY) -m pytest -ra --durations=10 $(PYTEST_ARGS) tests/kind
+	QWEN_CONTROLPLANE_EXTRAS=$(EXTRAS) PY=$(PY) tools/run-tests.sh $(PYTEST_ARGS)
 
 unit: python
 	$(PY) -m pytest -ra $(PYTEST_ARGS) tests/unit

@@ -1,19 +1,20 @@
 """`python tools/qwen_kind images|up|down`: build the images, start or delete the kind cluster.
 
-`up` leaves the cluster running and prints its kubeconfig (`down` deletes it); the tests in tests/kind
-start and stop their own.
+`up` leaves the cluster running and prints its kubeconfig; `down` deletes it and stops a dockerd `up` started.
+The tests in tests/kind start and stop their own, or run on one `up` left (QWEN_KIND_ATTACH, tools/run-tests.sh).
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qwen_kind import cluster as kind_cluster, images  # noqa: E402
-from qwen_kind.docker import ensure_docker  # noqa: E402
+from qwen_kind.docker import ensure_docker, stop_daemon_we_started  # noqa: E402
 from qwen_kind.errors import KindSetupError  # noqa: E402
 
 
@@ -45,18 +46,22 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 docker.stop()
         elif args.command == "up":
+            # stopped from outside (tools/run-tests.sh, whose background job ignores SIGINT): unwind, so that
+            # `up` deletes the part of the cluster it made, as it does on any failure
+            signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
             c = kind_cluster.up(args.name, args.workers, args.work, tuple(args.namespace),
                                 trainjob_namespace=args.trainjob)
             print(f"KUBECONFIG={c.kubeconfig}")
             print(f"shared volume folder: {c.shared}")
             if c.docker.started is not None:
                 print(f"dockerd started by this command keeps running (pid {c.docker.started.pid}); "
-                      "`python tools/qwen_kind down` deletes the cluster")
+                      "`python tools/qwen_kind down` deletes the cluster and stops it")
         else:
             cache = kind_cluster.cache_dir()
             docker = ensure_docker(cache)
             bin_dir = kind_cluster.controlplane_bin_dir()
             kind_cluster.KindCluster(args.name, Path("/dev/null"), Path("/dev/null"), docker, bin_dir / "kind").delete()
+            stop_daemon_we_started(cache)
     except KindSetupError as err:
         print(f"qwen_kind: {err}", file=sys.stderr)
         return 1

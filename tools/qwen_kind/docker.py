@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -135,6 +136,25 @@ def write_daemon_config(cache: Path) -> Path | None:
     config = cache / "daemon.json"
     config.write_text(json.dumps({"runtimes": {"qwen-runc": {"path": str(shim)}}, "default-runtime": "qwen-runc"}))
     return config
+
+
+def stop_daemon_we_started(cache: Path) -> None:
+    """Stop the dockerd an earlier `up` started and left running (its pid file is in our cache; a daemon started
+    any other way has none there), as the tests' own fixture stops the one it started."""
+    pidfile = cache / "dockerd.pid"
+    try:
+        pid = int(pidfile.read_text().strip())
+        if Path(f"/proc/{pid}/comm").read_text().strip() != "dockerd":
+            return
+    except (OSError, ValueError):
+        return
+    log(f"stopping the dockerd an earlier `up` started (pid {pid})")
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if Path(f"/proc/{pid}").exists():
+        os.kill(pid, signal.SIGKILL)
 
 
 def ensure_docker(cache: Path) -> Docker:
